@@ -1,0 +1,265 @@
+"""Typed configuration, loaded from YAML or TOML, with KVBM_... environment overrides.
+
+    load_config(path=None, env=os.environ) -> KVBMConfig
+    KVBMConfig.from_dict(data)            validate a plain dict (every error names the key)
+    parse_capacity("4GiB", layout)        blocks from "10000", 10000, "4GiB", "512MB"
+
+Example (kvbm.yaml):
+
+    namespace: {model: meta-llama/Llama-3.1-8B, salt: ""}
+    layout: {num_layers: 32, num_kv_heads: 8, head_dim: 128, block_size: 16, dtype: bfloat16}
+    mode: exclusive          # or inclusive
+    promote_on_hit: true
+    tiers:
+      - {name: g2, capacity: 8GiB, eviction: lru}
+      - {name: g3, capacity: 200GiB, eviction: {name: frequency, half_life: 600}, admission: {name: n_hit, n: 2}}
+
+Environment overrides use double underscores for nesting and tier names as keys:
+KVBM_MODE=inclusive, KVBM_TIERS__G2__CAPACITY=16GiB, KVBM_TIERS__G3__EVICTION=arc.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .blocks import KVLayout
+from .tiers.base import TIER_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what to write instead."""
+
+
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_capacity(value: Any, layout: KVLayout | None, where: str = "capacity") -> int:
+    """Capacity in blocks: an integer (blocks) or a string with a byte unit (needs a layout)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number of blocks or a size like '4GiB', got {value!r}")
+    if isinstance(value, int):
+        blocks = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConfigError(f"{where}: cannot read {value!r}; write blocks (10000) or bytes ('4GiB', '512MB')")
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit in ("", "blocks", "block"):
+            if number != int(number):
+                raise ConfigError(f"{where}: {value!r} is a fractional number of blocks")
+            blocks = int(number)
+        elif unit in _UNITS:
+            if layout is None:
+                raise ConfigError(
+                    f"{where}: {value!r} is in bytes; give a `layout` (or --layout) so kvbm can "
+                    f"convert bytes to blocks, or write the capacity in blocks"
+                )
+            blocks = int(number * _UNITS[unit]) // layout.block_nbytes
+        else:
+            raise ConfigError(f"{where}: unknown unit {m.group(2)!r} in {value!r}; use one of {', '.join(_UNITS)} or blocks")
+    if blocks <= 0:
+        raise ConfigError(f"{where} must be at least one block, got {value!r} (= {blocks} blocks)")
+    return blocks
+
+
+@dataclass
+class PolicySpec:
+    """A policy by registered name (or dotted path) plus its keyword options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "PolicySpec":
+        if isinstance(value, PolicySpec):
+            return value
+        if isinstance(value, str) and value:
+            return cls(value)
+        if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+            opts = {k: v for k, v in value.items() if k != "name"}
+            return cls(value["name"], opts)
+        raise ConfigError(f"{where} must be a policy name or a mapping with 'name' and options, got {value!r}")
+
+
+@dataclass
+class TierConfig:
+    name: str
+    capacity: int  # blocks
+    eviction: PolicySpec = field(default_factory=lambda: PolicySpec("lru"))
+    admission: PolicySpec = field(default_factory=lambda: PolicySpec("always"))
+    storage: PolicySpec = field(default_factory=lambda: PolicySpec("null"))
+
+
+@dataclass
+class NamespaceConfig:
+    model: str = "default"
+    salt: str = ""
+
+
+@dataclass
+class KVBMConfig:
+    tiers: list[TierConfig]
+    layout: KVLayout | None = None
+    namespace: NamespaceConfig = field(default_factory=NamespaceConfig)
+    mode: str = "exclusive"
+    promote_on_hit: bool = True
+    events: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KVBMConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+        _check_keys(data, ("tiers", "layout", "namespace", "mode", "promote_on_hit", "events"), "")
+        layout = None
+        if data.get("layout") is not None:
+            lay = data["layout"]
+            if not isinstance(lay, Mapping):
+                raise ConfigError(f"layout must be a mapping, got {lay!r}")
+            _check_keys(lay, [f.name for f in fields(KVLayout)], "layout.")
+            try:
+                layout = KVLayout(**lay)
+            except TypeError as exc:
+                raise ConfigError(f"layout: {exc}") from exc
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        ns = data.get("namespace") or {}
+        if not isinstance(ns, Mapping):
+            raise ConfigError(f"namespace must be a mapping with model and salt, got {ns!r}")
+        _check_keys(ns, ("model", "salt"), "namespace.")
+        mode = data.get("mode", "exclusive")
+        if mode not in ("exclusive", "inclusive"):
+            raise ConfigError(f"mode must be 'exclusive' or 'inclusive', got {mode!r}")
+        for flag in ("promote_on_hit", "events"):
+            if flag in data and not isinstance(data[flag], bool):
+                raise ConfigError(f"{flag} must be true or false, got {data[flag]!r}")
+        raw_tiers = data.get("tiers")
+        if not raw_tiers or not isinstance(raw_tiers, (list, tuple)):
+            raise ConfigError("tiers must be a non-empty list, e.g. [{name: g2, capacity: 10000, eviction: lru}]")
+        tiers = [_parse_tier(t, i, layout) for i, t in enumerate(raw_tiers)]
+        _check_order(tiers)
+        return cls(
+            tiers=tiers,
+            layout=layout,
+            namespace=NamespaceConfig(**ns),
+            mode=mode,
+            promote_on_hit=data.get("promote_on_hit", True),
+            events=data.get("events", True),
+        )
+
+
+def _parse_tier(raw: Any, i: int, layout: KVLayout | None) -> TierConfig:
+    where = f"tiers[{i}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping like {{name: g2, capacity: 10000}}, got {raw!r}")
+    _check_keys(raw, ("name", "capacity", "eviction", "admission", "storage"), f"{where}.")
+    name = raw.get("name")
+    if name not in TIER_NAMES:
+        raise ConfigError(f"{where}.name must be one of {', '.join(TIER_NAMES)}, got {name!r}")
+    where = f"tiers.{name}"
+    if "capacity" not in raw:
+        raise ConfigError(f"{where}.capacity is missing: give blocks (10000) or bytes ('4GiB')")
+    return TierConfig(
+        name=name,
+        capacity=parse_capacity(raw["capacity"], layout, f"{where}.capacity"),
+        eviction=PolicySpec.parse(raw.get("eviction", "lru"), f"{where}.eviction"),
+        admission=PolicySpec.parse(raw.get("admission", "always"), f"{where}.admission"),
+        storage=PolicySpec.parse(raw.get("storage", "null"), f"{where}.storage"),
+    )
+
+
+def _check_order(tiers: list[TierConfig]) -> None:
+    seen = [t.name for t in tiers]
+    for a, b in zip(seen, seen[1:]):
+        if a == b:
+            raise ConfigError(f"tier {a} appears twice; each of {', '.join(TIER_NAMES)} at most once")
+        if TIER_NAMES.index(a) > TIER_NAMES.index(b):
+            raise ConfigError(
+                f"tiers are out of order: {b} comes after {a}; list them fastest first "
+                f"({' -> '.join(TIER_NAMES)})"
+            )
+
+
+def _check_keys(data: Mapping[str, Any], allowed, prefix: str) -> None:
+    allowed = list(allowed)
+    for key in data:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay KVBM_A__B__C=value onto data (values parsed as YAML scalars)."""
+    for var, raw in sorted(env.items()):
+        if not var.startswith("KVBM_") or var in ("KVBM_CONFIG",):
+            continue
+        path = [p.lower() for p in var[len("KVBM_"):].split("__")]
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if path[0] == "tiers":
+            if len(path) < 3:
+                raise ConfigError(f"{var}: write KVBM_TIERS__<TIER>__<KEY>, e.g. KVBM_TIERS__G2__CAPACITY=4GiB")
+            tiers = data.setdefault("tiers", [])
+            tier = next((t for t in tiers if isinstance(t, dict) and t.get("name") == path[1]), None)
+            if tier is None:
+                tier = {"name": path[1]}
+                tiers.append(tier)
+                tiers.sort(key=lambda t: TIER_NAMES.index(t["name"]) if t.get("name") in TIER_NAMES else 99)
+            _set_path(tier, path[2:], value)
+        else:
+            _set_path(data, path, value)
+    return data
+
+
+def _set_path(node: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else {"name": child}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"{p}: cannot parse: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> KVBMConfig:
+    """Read `path` (or $KVBM_CONFIG), overlay KVBM_... variables, validate."""
+    env = os.environ if env is None else env
+    path = path or env.get("KVBM_CONFIG")
+    data = read_file(path) if path else {}
+    data = apply_env(data, env)
+    where = f" (in {path})" if path else ""
+    try:
+        return KVBMConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from None

@@ -1,0 +1,652 @@
+"""BlockManager: the tiered block pool. It owns every invariant; policies and storages stay dumb.
+
+    lookup(keys) -> (n_hit, where)          longest ready prefix, fastest tier per block
+    locate(keys) -> [tier index or -1]      per-block presence (block hits beyond the prefix)
+    prepare_store / complete_store          two-phase, all-or-nothing reservation, rollback on failure
+    prepare_load / complete_load            pins sources until the copy lands; optional promotion
+    store(keys) / load(keys)                both phases at once (metadata-only storages)
+    pin / unpin / remove                    explicit pins, invalidation
+    take_events() / stats()                 stored / removed / moved events; per-tier counters
+
+Invariants:
+- a block is served (lookup, load) only while *ready*: never while pending or after a failure;
+- a pending or pinned block is *busy* and is never chosen as a victim;
+- each tier holds at most `capacity` blocks (ready + pending), always;
+- a victim of tier k is offered to tier k+1 (cascade); that tier's admission policy decides.
+
+Modes: `exclusive` (default) keeps a block in one tier: promotion moves it up and eviction
+moves it down. `inclusive` keeps lower copies: promotion copies up, and a block evicted from
+tier k is dropped there if tier k+1 already holds it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+from .config import ConfigError, KVBMConfig
+from .policies.base import DEFAULT_HINTS, AdmissionPolicy, EvictionPolicy, Hints
+from .registry import ADMISSION, EVICTION, STORAGE, UnknownName
+from .tiers.base import Storage
+
+
+class Event(NamedTuple):
+    kind: str  # "stored" | "removed" | "moved"
+    key: Any
+    tier: str  # where the block is now (moved) or was (removed)
+    source: str | None = None  # tier a moved block came from
+
+
+@dataclass(slots=True)
+class TierStats:
+    hits: int = 0  # blocks served to a load from this tier
+    stores: int = 0  # blocks written into this tier from a source (engine)
+    demotions_in: int = 0  # blocks that arrived from the tier above
+    promotions_out: int = 0  # blocks moved or copied to the top tier on a hit
+    evictions: int = 0  # victims chosen by this tier's policy
+    drops: int = 0  # victims that left the hierarchy from this tier
+    rejected: int = 0  # offers refused by this tier's admission policy
+    failed: int = 0  # writes rolled back
+
+
+class Tier:
+    """Capacity + eviction policy + admission policy + storage, and the block states."""
+
+    __slots__ = ("name", "index", "capacity", "policy", "admission", "storage",
+                 "ready", "pending", "busy", "pins", "stats")
+
+    def __init__(self, name: str, capacity: int, policy: EvictionPolicy,
+                 admission: AdmissionPolicy, storage: Storage) -> None:
+        self.name = name
+        self.index = 0
+        self.capacity = capacity
+        self.policy = policy
+        self.admission = admission
+        self.storage = storage
+        self.ready: dict[Any, Any] = {}  # key -> slot, servable
+        self.pending: dict[Any, Any] = {}  # key -> slot, being written
+        self.busy: set = set()  # pending or pinned: protected from eviction
+        self.pins: dict[Any, int] = {}  # key -> reader count
+        self.stats = TierStats()
+
+    @property
+    def used(self) -> int:
+        return len(self.ready) + len(self.pending)
+
+    def __repr__(self) -> str:
+        return f"Tier({self.name}, {self.used}/{self.capacity}, {self.policy.name})"
+
+
+@dataclass
+class StoreJob:
+    """Reserved, not-ready blocks awaiting their bytes. `rejected` jobs reserved nothing."""
+
+    entries: list = field(default_factory=list)  # (key, tier, slot) in sequence order
+    source: Any = None
+    rejected: str | None = None
+
+    @property
+    def keys(self) -> list:
+        return [e[0] for e in self.entries]
+
+
+@dataclass
+class LoadJob:
+    """Pinned source blocks; `keys[:n]` are being loaded, `promotions` reserved in the top tier."""
+
+    keys: list = field(default_factory=list)
+    tiers: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+    promotions: list = field(default_factory=list)  # (key, source tier, top slot)
+    destination: Any = None
+
+
+class BlockManager:
+    def __init__(self, tiers: Sequence[Tier], *, mode: str = "exclusive",
+                 promote_on_hit: bool = True, events: bool = True) -> None:
+        if not tiers:
+            raise ValueError("BlockManager needs at least one tier")
+        if mode not in ("exclusive", "inclusive"):
+            raise ValueError(f"mode must be 'exclusive' or 'inclusive', got {mode!r}")
+        self.tiers = list(tiers)
+        for i, t in enumerate(self.tiers):
+            t.index = i
+        self.mode = mode
+        self.exclusive = mode == "exclusive"
+        self.promote_on_hit = promote_on_hit
+        self.record_events = events
+        self._events: list[Event] = []
+        self._hints: dict[Any, Hints] = {}  # only non-default hints
+        self._structured = any(t.policy.wants_structure for t in self.tiers)
+        self._parents: dict[Any, Any] = {}  # key -> parent key, kept only when a policy wants it
+        self._observers = [t.admission for t in self.tiers if t.admission.observes]
+        self._readies = [t.ready for t in self.tiers]
+        self._admit_all = self.tiers[0].admission.admits_all
+        self._forgetters = [t.admission for t in self.tiers
+                            if type(t.admission).forget is not AdmissionPolicy.forget]
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config(cls, config: KVBMConfig, *, clock: Callable[[], float] = time.monotonic,
+                    simulation: dict[str, Any] | None = None) -> "BlockManager":
+        """Build tiers from config. `simulation` carries the future for simulation-only policies."""
+        nbytes = config.layout.block_nbytes if config.layout else 0
+        tiers = []
+        for tc in config.tiers:
+            where = f"tiers.{tc.name}"
+            pcls = _resolve(EVICTION, tc.eviction.name, f"{where}.eviction")
+            kwargs = dict(tc.eviction.options)
+            if pcls.simulation_only:
+                if simulation is None:
+                    raise ConfigError(
+                        f"{where}.eviction: {tc.eviction.name!r} needs the future and runs only "
+                        f"inside `kvbm simulate`; choose an online policy ({', '.join(EVICTION.names())})"
+                    )
+                kwargs.update(simulation)
+            policy = _build(pcls, f"{where}.eviction", tc.capacity, clock=clock, **kwargs)
+            acls = _resolve(ADMISSION, tc.admission.name, f"{where}.admission")
+            admission = _build(acls, f"{where}.admission", clock=clock, **tc.admission.options)
+            scls = _resolve(STORAGE, tc.storage.name, f"{where}.storage")
+            storage = _build(scls, f"{where}.storage", tc.capacity, nbytes, **tc.storage.options)
+            tiers.append(Tier(tc.name, tc.capacity, policy, admission, storage))
+        return cls(tiers, mode=config.mode, promote_on_hit=config.promote_on_hit, events=config.events)
+
+    # ---------------------------------------------------------------- queries
+
+    def locate(self, keys: Iterable[Any]) -> list[int]:
+        """Index of the fastest tier where each key is ready, or -1."""
+        readies = self._readies
+        if len(readies) == 1:
+            r = readies[0]
+            return [0 if k in r else -1 for k in keys]
+        out = []
+        for k in keys:
+            for i, r in enumerate(readies):
+                if k in r:
+                    out.append(i)
+                    break
+            else:
+                out.append(-1)
+        return out
+
+    def lookup(self, keys: Iterable[Any]) -> tuple[int, list[str]]:
+        """Longest prefix of keys ready in some tier, and the fastest tier name per block."""
+        where = []
+        for k in keys:
+            for t in self.tiers:
+                if k in t.ready:
+                    where.append(t.name)
+                    break
+            else:
+                break
+        return len(where), where
+
+    def __contains__(self, key: Any) -> bool:
+        return any(key in r for r in self._readies)
+
+    # ---------------------------------------------------------------- store
+
+    def prepare_store(self, keys: Sequence[Any], hints: Hints | Sequence[Hints] | None = None,
+                      parent: Any = None, source: Any = None) -> StoreJob:
+        """Reserve room for every key not yet stored; all or nothing.
+
+        Keys already ready are touched (an access) and, below the top tier with promotion on,
+        moved up since the source holds fresh bytes. Keys pending elsewhere are skipped.
+        `parent` is the key before keys[0] in its sequence (for prefix-aware policies).
+        """
+        per_key = hints is not None and not isinstance(hints, Hints)
+        if per_key and len(hints) != len(keys):
+            raise ValueError(f"hints has {len(hints)} entries for {len(keys)} keys")
+        job = StoreJob(source=source)
+        plan = self._plan_store(keys, hints, per_key)
+        if isinstance(plan, str):
+            job.rejected = plan
+            return job
+        top = self.tiers[0]
+        touches: list = []  # consecutive accesses to top-tier blocks
+        run: list = []  # consecutive new blocks for one tier (indices into keys)
+        run_tier = top
+        for i, key in enumerate(keys):
+            action = plan[i]
+            # The plan may be stale: a victim of this very job can be a later key of it,
+            # which then is new again (as when an engine re-inserts a block it just lost).
+            if action == "touch":
+                if run:  # make the run's room first: it may evict this very key
+                    self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
+                    run = []
+                if key in top.ready:
+                    touches.append(key)
+                    continue
+                action = 0
+            elif action is None:
+                continue
+            elif action.__class__ is Tier:
+                if run:
+                    self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
+                    run = []
+                if key in action.ready:
+                    if self.exclusive:
+                        self._drop(action, key, moved=True)
+                    else:
+                        action.policy.touch((key,))
+                    action.stats.promotions_out += 1
+                action = 0
+            if touches:
+                top.policy.touch(touches)
+                touches = []
+            target = self.tiers[action]
+            if target is not run_tier and run:
+                self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
+                run = []
+            run_tier = target
+            run.append(i)
+        if run:
+            self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
+        if touches:
+            top.policy.touch(touches)
+        return job
+
+    def _reserve_run(self, job, t, run, keys, hints, per_key, parent) -> None:
+        """Make room for a run of new blocks in t (one evict call), then insert them pending."""
+        free = t.capacity - len(t.ready) - len(t.pending)
+        if len(run) > free:
+            victims = t.policy.evict(len(run) - free, t.busy)
+            if victims is None:  # only stale-plan keys can lack room: take what fits
+                victims = self._evict_upto(t, len(run) - free)
+                run = run[:free + len(victims)]
+            self._evicted_all(t, victims)
+        insert, pending, busy, entries = t.policy.insert, t.pending, t.busy, job.entries
+        allocate = None if t.storage.instant else t.storage.allocate
+        structured = t.policy.wants_structure
+        remember = hints is not None or self._structured
+        for i in run:
+            key = keys[i]
+            h = hints[i] if per_key else hints
+            if remember:
+                prev = keys[i - 1] if i else parent
+                self._remember(key, h, prev)
+                if structured:
+                    h = self._hints_for(t, key, h, prev, i)
+            slot = allocate() if allocate is not None else None
+            insert(key, h)
+            pending[key] = slot
+            busy.add(key)
+            entries.append((key, t, slot))
+
+    def _evict_upto(self, t: Tier, n: int) -> list:
+        victims: list = []
+        while n > 0:
+            v = t.policy.evict(1, t.busy)
+            if not v:
+                break
+            victims += v
+            n -= 1
+        return victims
+
+    def _plan_store(self, keys, hints, per_key):
+        """Per key: "touch", a lower Tier to promote from, a target tier index, or None."""
+        top = self.tiers[0]
+        plan: list = []
+        need = [0] * len(self.tiers)
+        seen = set()
+        for i, key in enumerate(keys):
+            if key in top.ready or key in seen:
+                plan.append("touch" if key in top.ready else None)
+                continue
+            seen.add(key)
+            lower = None
+            pending = False
+            for t in self.tiers:
+                if key in t.pending:
+                    pending = True
+                    break
+                if t is not top and key in t.ready:
+                    lower = t
+                    break
+            if pending:
+                plan.append(None)
+            elif lower is not None:
+                if self.promote_on_hit and not (self.exclusive and key in lower.busy):
+                    plan.append(lower)
+                    need[0] += 1
+                else:
+                    lower.policy.touch((key,))
+                    plan.append(None)
+            else:
+                if self._admit_all:
+                    plan.append(0)
+                    need[0] += 1
+                    continue
+                h = hints[i] if per_key else hints
+                for t in self.tiers:
+                    if t.admission.admit(key, h):
+                        plan.append(t.index)
+                        need[t.index] += 1
+                        break
+                    t.stats.rejected += 1
+                else:
+                    plan.append(None)
+        for t, n in zip(self.tiers, need):
+            if n and n > t.capacity - len(t.busy):
+                return (f"{t.name} cannot make room for {n} blocks: capacity {t.capacity}, "
+                        f"{len(t.busy)} busy (pinned or in flight)")
+        return plan
+
+    def complete_store(self, job: StoreJob, failed: Iterable[Any] = ()) -> None:
+        """Mark written blocks ready; roll back the `failed` ones (never served)."""
+        failed = set(failed) if failed else None
+        ev = self._events if self.record_events else None
+        for key, tier, slot in job.entries:
+            del tier.pending[key]
+            tier.busy.discard(key)
+            if failed is not None and key in failed:
+                tier.policy.remove(key)
+                tier.storage.free(slot)
+                tier.stats.failed += 1
+                self._forget_if_gone(key)
+                continue
+            tier.ready[key] = slot
+            if ev is not None:
+                ev.append(Event("stored", key, tier.name))
+        for tier in {e[1] for e in job.entries} if len(self.tiers) > 1 else (self.tiers[0],):
+            tier.stats.stores += sum(1 for e in job.entries if e[1] is tier) - (
+                sum(1 for e in job.entries if e[1] is tier and e[0] in failed) if failed else 0)
+
+    def store(self, keys: Sequence[Any], hints: Hints | Sequence[Hints] | None = None,
+              parent: Any = None, source: Any = None) -> StoreJob:
+        job = self.prepare_store(keys, hints, parent, source)
+        self._copy_in(job)
+        self.complete_store(job)
+        return job
+
+    # ---------------------------------------------------------------- load
+
+    def prepare_load(self, keys: Sequence[Any], destination: Any = None) -> LoadJob:
+        """Pin the ready prefix of `keys` (an access), reserve promotions into the top tier.
+
+        Stops at the first key that is no longer ready (evicted since lookup): only a prefix
+        is useful to an engine.
+        """
+        job = LoadJob(destination=destination)
+        sources = []
+        for key in keys:
+            for t in self.tiers:
+                if key in t.ready:
+                    break
+            else:
+                break
+            sources.append(t)
+            self._pin(t, key)
+        top = self.tiers[0]
+        run: list = []
+        run_tier = None
+        for key, t in zip(keys, sources):
+            t.stats.hits += 1
+            job.keys.append(key)
+            job.tiers.append(t)
+            job.slots.append(t.ready[key])
+            if t is top or not self.promote_on_hit:
+                if t is not run_tier and run:
+                    run_tier.policy.touch(run)
+                    run = []
+                run_tier = t
+                run.append(key)
+                continue
+            if run:
+                run_tier.policy.touch(run)
+                run = []
+            self._promote(job, key, t)
+        if run:
+            run_tier.policy.touch(run)
+        if self._observers:
+            for adm in self._observers:
+                adm.observe(job.keys)
+        return job
+
+    def _promote(self, job: LoadJob, key: Any, src: Tier) -> None:
+        top = self.tiers[0]
+        if top.capacity - len(top.busy) < 1 or not top.admission.admit(key, self._hints.get(key)):
+            src.policy.touch((key,))
+            return
+        if self.exclusive and src.storage.instant and src.pins.get(key) == 1:
+            # Metadata only: the move is instantaneous, so the source slot is free before the
+            # top tier makes room (and its victim may land in exactly that slot).
+            self._unpin(src, key)
+            job.tiers[-1] = None
+            self._drop(src, key, moved=True)
+        else:
+            src.policy.touch((key,))
+        slot = self._reserve(top, key, self._hints_for(top, key, self._hints.get(key), self._parents.get(key), 0))
+        src.stats.promotions_out += 1
+        job.promotions.append((key, src, slot))
+
+    def complete_load(self, job: LoadJob, failed: Iterable[Any] = ()) -> None:
+        """Unpin sources; promotions become ready (or roll back for `failed` keys)."""
+        failed = set(failed)
+        for key, t in zip(job.keys, job.tiers):
+            if t is not None:  # None: an instant move already released it
+                self._unpin(t, key)
+        top = self.tiers[0]
+        ev = self._events if self.record_events else None
+        for key, src, slot in job.promotions:
+            del top.pending[key]
+            top.busy.discard(key)
+            if key in failed:
+                top.policy.remove(key)
+                top.storage.free(slot)
+                top.stats.failed += 1
+                continue
+            top.ready[key] = slot
+            if self.exclusive and key in src.ready and key not in src.busy:
+                self._drop(src, key, moved=True)
+            if ev is not None:
+                ev.append(Event("moved", key, top.name, src.name))
+
+    def load(self, keys: Sequence[Any], destination: Any = None) -> LoadJob:
+        job = self.prepare_load(keys, destination)
+        self._copy_out(job)
+        self.complete_load(job)
+        return job
+
+    # ---------------------------------------------------------------- pins, removal, events
+
+    def pin(self, keys: Iterable[Any]) -> int:
+        """Pin the ready prefix of keys where it is (protects it from eviction); returns count."""
+        n = 0
+        for key in keys:
+            for t in self.tiers:
+                if key in t.ready:
+                    self._pin(t, key)
+                    n += 1
+                    break
+            else:
+                break
+        return n
+
+    def unpin(self, keys: Iterable[Any]) -> None:
+        for key in keys:
+            for t in self.tiers:
+                if key in t.pins:
+                    self._unpin(t, key)
+                    break
+
+    def remove(self, keys: Iterable[Any]) -> int:
+        """Invalidate keys in every tier; busy (pinned, in-flight) blocks raise."""
+        n = 0
+        for key in keys:
+            for t in self.tiers:
+                if key in t.busy:
+                    raise RuntimeError(f"cannot remove {key!r} from {t.name}: it is pinned or in flight")
+            for t in self.tiers:
+                if key in t.ready:
+                    self._drop(t, key)
+                    n += 1
+        return n
+
+    def take_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "tiers": {
+                t.name: {"capacity": t.capacity, "used": t.used, "policy": t.policy.name,
+                         **{k: getattr(t.stats, k) for k in TierStats.__slots__}}
+                for t in self.tiers
+            },
+        }
+
+    # ---------------------------------------------------------------- internals
+
+    def _pin(self, t: Tier, key: Any) -> None:
+        t.pins[key] = t.pins.get(key, 0) + 1
+        t.busy.add(key)
+
+    def _unpin(self, t: Tier, key: Any) -> None:
+        n = t.pins.get(key, 0) - 1
+        if n > 0:
+            t.pins[key] = n
+            return
+        t.pins.pop(key, None)
+        if key not in t.pending:
+            t.busy.discard(key)
+
+    def _reserve(self, t: Tier, key: Any, hints: Hints | None) -> Any:
+        """Make room for one block in t (cascading victims down), insert it as pending."""
+        if len(t.ready) + len(t.pending) >= t.capacity:
+            victims = t.policy.evict(len(t.ready) + len(t.pending) - t.capacity + 1, t.busy)
+            if victims is None:  # cannot happen after _plan_store's room check
+                raise RuntimeError(f"{t.name}: policy {t.policy.name} found no victim")
+            for v in victims:
+                self._evicted(t, v)
+        slot = t.storage.allocate()
+        t.policy.insert(key, hints)
+        t.pending[key] = slot
+        t.busy.add(key)
+        return slot
+
+    def _evicted_all(self, t: Tier, victims: list) -> None:
+        if t.index + 1 < len(self.tiers) or self.record_events or self._stateful or not t.storage.instant:
+            for v in victims:
+                self._evicted(t, v)
+            return
+        # Last tier, metadata only, nothing to forget: the victims just leave (the replay hot path).
+        ready = t.ready
+        for v in victims:
+            del ready[v]
+        t.stats.evictions += len(victims)
+        t.stats.drops += len(victims)
+
+    @property
+    def _stateful(self) -> bool:
+        """True when dropping a key must clear per-key state (hints, parents, admission)."""
+        return bool(self._hints or self._parents or self._forgetters)
+
+    def _evicted(self, t: Tier, key: Any) -> None:
+        """A policy victim leaves t: offer it to the next tier, else it leaves the hierarchy."""
+        t.stats.evictions += 1
+        slot = t.ready.pop(key)
+        nxt = self.tiers[t.index + 1] if t.index + 1 < len(self.tiers) else None
+        if nxt is not None:
+            if not self.exclusive and key in nxt.ready:
+                t.storage.free(slot)
+                self._event("removed", key, t.name)
+                return
+            if key in nxt.pending:
+                pass  # someone is writing it there already
+            elif not nxt.admission.admit(key, self._hints.get(key)):
+                nxt.stats.rejected += 1
+            elif self._room(nxt):
+                dst = nxt.storage.allocate()
+                h = self._hints.get(key)
+                nxt.policy.insert(key, self._hints_for(nxt, key, h, self._parents.get(key), 0))
+                self._move(t, slot, nxt, dst, key)
+                nxt.ready[key] = dst
+                nxt.stats.demotions_in += 1
+                t.storage.free(slot)
+                self._event("moved", key, nxt.name, t.name)
+                return
+        t.storage.free(slot)
+        t.stats.drops += 1
+        self._event("removed", key, t.name)
+        self._forget_if_gone(key)
+
+    def _room(self, t: Tier) -> bool:
+        """One free slot in t, evicting (and cascading) if needed; False if all are busy."""
+        if len(t.ready) + len(t.pending) < t.capacity:
+            return True
+        victims = t.policy.evict(1, t.busy)
+        if victims is None:
+            return False
+        for v in victims:
+            self._evicted(t, v)
+        return True
+
+    def _drop(self, t: Tier, key: Any, moved: bool = False) -> None:
+        slot = t.ready.pop(key)
+        t.policy.remove(key)
+        t.storage.free(slot)
+        if not moved:
+            self._event("removed", key, t.name)
+            self._forget_if_gone(key)
+
+    def _event(self, kind: str, key: Any, tier: str, source: str | None = None) -> None:
+        if self.record_events:
+            self._events.append(Event(kind, key, tier, source))
+
+    def _remember(self, key: Any, hints: Hints | None, parent: Any) -> None:
+        if hints is not None and hints is not DEFAULT_HINTS:
+            self._hints[key] = hints
+        if self._structured and parent is not None:
+            self._parents[key] = parent
+
+    def _hints_for(self, t: Tier, key: Any, hints: Hints | None, parent: Any, position: int) -> Hints | None:
+        if not t.policy.wants_structure:
+            return hints
+        base = hints or DEFAULT_HINTS
+        return Hints(base.priority, base.duration, parent, position or base.position, base.size)
+
+    def _forget_if_gone(self, key: Any) -> None:
+        if not (self._hints or self._parents or self._forgetters):
+            return
+        for t in self.tiers:
+            if key in t.ready or key in t.pending:
+                return
+        self._hints.pop(key, None)
+        self._parents.pop(key, None)
+        for adm in self._forgetters:
+            adm.forget(key)
+
+    # Data movement. Only metadata-only (instant) storages exist so far; real media register
+    # transfer handlers per (source medium, destination medium) with the data plane.
+
+    def _move(self, src: Tier, src_slot: Any, dst: Tier, dst_slot: Any, key: Any) -> None:
+        if not (src.storage.instant and dst.storage.instant):
+            raise NotImplementedError(f"no transfer handler for {src.storage.medium} -> {dst.storage.medium}")
+
+    def _copy_in(self, job: StoreJob) -> None:
+        for _, t, _ in job.entries:
+            if not t.storage.instant:
+                raise NotImplementedError(f"no transfer handler for source -> {t.storage.medium}")
+
+    def _copy_out(self, job: LoadJob) -> None:
+        for t in job.tiers:
+            if t is not None and not t.storage.instant:
+                raise NotImplementedError(f"no transfer handler for {t.storage.medium} -> destination")
+
+
+def _resolve(registry, name: str, where: str):
+    try:
+        return registry.get(name)
+    except UnknownName as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _build(cls, where: str, *args, **kwargs):
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,6 @@
+"""Storages, one per medium: device (G1), host (G2), disk (G3), object (G4), null."""
+
+from .base import MEDIUM_OF_TIER, TIER_NAMES, Region, Storage
+from .null import NullStorage
+
+__all__ = ["MEDIUM_OF_TIER", "TIER_NAMES", "NullStorage", "Region", "Storage"]
