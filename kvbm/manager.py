@@ -219,19 +219,24 @@ class BlockManager:
                 if key in top.ready:
                     touches.append(key)
                     continue
-                action = 0
+                action = self._find_lower(key)  # demoted by this job's own evictions
             elif action is None:
                 continue
             elif action.__class__ is Tier:
                 if run:
                     self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
                     run = []
-                if key in action.ready:
-                    if self.exclusive:
-                        self._drop(action, key, moved=True)
-                    else:
-                        action.policy.touch((key,))
-                    action.stats.promotions_out += 1
+                if key not in action.ready:
+                    action = self._find_lower(key)
+            if action.__class__ is Tier:
+                if self.exclusive and key in action.busy:
+                    action.policy.touch((key,))  # a reader holds it there; keep that copy
+                    continue
+                if self.exclusive:
+                    self._drop(action, key, moved=True)
+                else:
+                    action.policy.touch((key,))
+                action.stats.promotions_out += 1
                 action = 0
             if touches:
                 top.policy.touch(touches)
@@ -247,6 +252,12 @@ class BlockManager:
         if touches:
             top.policy.touch(touches)
         return job
+
+    def _find_lower(self, key: Any) -> "Tier | int":
+        for t in self.tiers[1:]:
+            if key in t.ready:
+                return t
+        return 0
 
     def _reserve_run(self, job, t, run, keys, hints, per_key, parent) -> None:
         """Make room for a run of new blocks in t (one evict call), then insert them pending."""

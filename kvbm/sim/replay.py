@@ -88,10 +88,14 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResu
         n = where.index(-1) if misses else nkeys
         block_hits += nkeys - misses
         prefix_hits += n
-        if misses != nkeys:
+        if ntiers == 1:
+            found[0] += nkeys - misses
+            served[0] += n
+        elif misses != nkeys:
+            prefix = where[:n]
             for ti in range(ntiers):
                 found[ti] += where.count(ti)
-                served[ti] += where.count(ti, 0, n)
+                served[ti] += prefix.count(ti)
         if n:
             load(keys[:n])
         if n < nkeys:

@@ -1,0 +1,262 @@
+"""The `kvbm` command.
+
+    kvbm simulate TRACE [--tier g2=10000:lru ...] [--json] [--sweep CAPS --policy NAMES] [--plot PNG]
+    kvbm policies            list registered eviction and admission policies
+    kvbm config check FILE   validate a config file (and KVBM_... overrides)
+
+TRACE is a path (Mooncake/Bailian JSONL, Parquet) or `mooncake` for the bundled trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+BUNDLED = {"mooncake": Path(__file__).parent / "sim" / "data" / "mooncake_conversation.jsonl"}
+
+# Layouts of common models (per rank, tp=1); the block size comes from the trace.
+LAYOUT_PRESETS = {
+    "llama3-8b": dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16"),
+    "llama3-70b": dict(num_layers=80, num_kv_heads=8, head_dim=128, dtype="bfloat16"),
+    "qwen2.5-7b": dict(num_layers=28, num_kv_heads=4, head_dim=128, dtype="bfloat16"),
+    "deepseek-v3": dict(num_layers=61, num_kv_heads=1, head_dim=576, dtype="bfloat16", kv_factor=1),
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_tier(spec: str, layout) -> Any:
+    """'g2=10000:lru[:admission]' -> TierConfig (capacity in blocks or bytes with a unit)."""
+    from .config import ConfigError, PolicySpec, TierConfig, parse_capacity
+    from .tiers.base import TIER_NAMES
+
+    name, eq, rest = spec.partition("=")
+    if not eq or not rest:
+        raise UsageError(f"--tier {spec!r}: write NAME=CAPACITY[:EVICTION[:ADMISSION]], e.g. g2=10000:lru")
+    name = name.strip().lower()
+    if name not in TIER_NAMES:
+        raise UsageError(f"--tier {spec!r}: tier must be one of {', '.join(TIER_NAMES)}, got {name!r}")
+    parts = rest.split(":")
+    if len(parts) > 3:
+        raise UsageError(f"--tier {spec!r}: too many ':' fields; NAME=CAPACITY[:EVICTION[:ADMISSION]]")
+    try:
+        capacity = parse_capacity(parts[0], layout, f"--tier {name} capacity")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    eviction = parts[1] if len(parts) > 1 and parts[1] else "lru"
+    admission = parts[2] if len(parts) > 2 and parts[2] else "always"
+    return TierConfig(name, capacity, PolicySpec(eviction), PolicySpec(admission))
+
+
+def parse_layout(spec: str | None, block_size: int):
+    from .blocks import KVLayout
+
+    if spec is None:
+        return None
+    if spec in LAYOUT_PRESETS:
+        return KVLayout(block_size=block_size, **LAYOUT_PRESETS[spec])
+    fields: dict[str, Any] = {}
+    aliases = {"layers": "num_layers", "kv_heads": "num_kv_heads", "heads": "num_kv_heads"}
+    for item in spec.split(","):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise UsageError(
+                f"--layout {spec!r}: use a preset ({', '.join(LAYOUT_PRESETS)}) or "
+                f"layers=32,kv_heads=8,head_dim=128,dtype=bfloat16"
+            )
+        k = aliases.get(k.strip(), k.strip())
+        fields[k] = v.strip() if k == "dtype" else _int(v, f"--layout {k}")
+    fields.setdefault("block_size", block_size)
+    try:
+        return KVLayout(**fields)
+    except TypeError as exc:
+        raise UsageError(f"--layout: {exc}") from None
+
+
+def _int(v: str, where: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise UsageError(f"{where}: expected an integer, got {v!r}") from None
+
+
+def _capacities(text: str) -> list[int]:
+    caps = []
+    for item in text.split(","):
+        item = item.strip().replace("_", "")
+        if item.lower().endswith("k"):
+            item = str(int(float(item[:-1]) * 1000))
+        c = _int(item, "--sweep")
+        if c <= 0:
+            raise UsageError(f"--sweep: capacities must be positive block counts, got {c}")
+        caps.append(c)
+    return caps
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .config import KVBMConfig, load_config
+    from .registry import EVICTION
+    from .sim.replay import simulate, sweep
+    from .sim.traces import load_trace
+
+    path = BUNDLED.get(args.trace, args.trace)
+    trace = load_trace(path, format=args.format, limit=args.limit)
+    layout = parse_layout(args.layout, trace.block_size)
+    base = load_config(args.config) if args.config else None
+    layout = layout or (base.layout if base else None)
+    if args.tier:
+        tiers = [_tier_dict(parse_tier(spec, layout)) for spec in args.tier]
+    elif base is not None:
+        tiers = [_tier_dict(t) for t in base.tiers]
+    else:
+        tiers = [{"name": "g2", "capacity": 10000, "eviction": "lru"}]
+    # Order, duplicates and names are validated by the same code as config files.
+    config = KVBMConfig.from_dict({
+        "tiers": tiers,
+        "mode": args.mode or (base.mode if base else "exclusive"),
+        "promote_on_hit": args.promote if args.promote is not None else (base.promote_on_hit if base else True),
+    })
+    config.layout = layout
+
+    if args.sweep or args.policy:
+        caps = _capacities(args.sweep) if args.sweep else [config.tiers[0].capacity]
+        policies = [p.strip() for p in (args.policy or config.tiers[0].eviction.name).split(",") if p.strip()]
+        for p in policies:
+            EVICTION.get(p)  # fail before forking workers, with the list of names
+        rows = sweep(trace, policies, caps, base=config, jobs=args.jobs, progress=not args.quiet)
+        if args.json:
+            print(json.dumps({"trace": str(path), "requests": len(trace.requests),
+                              "block_accesses": trace.block_accesses, "sweep": rows}, indent=2))
+        else:
+            _print_sweep(rows, policies, caps, trace)
+        if args.plot:
+            from .sim.plot import plot_sweep
+
+            plot_sweep(rows, args.plot, title=f"{Path(str(path)).name}: prefix hit ratio vs capacity")
+            print(f"wrote {args.plot}", file=sys.stderr)
+        return 0
+
+    result = simulate(trace, config, progress=not args.quiet)
+    out = result.to_dict()
+    out["trace"] = str(path)
+    if config.layout is not None:
+        out["block_nbytes"] = config.layout.block_nbytes
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_result(out)
+    return 0
+
+
+def _tier_dict(t) -> dict[str, Any]:
+    return {"name": t.name, "capacity": t.capacity,
+            "eviction": {"name": t.eviction.name, **t.eviction.options},
+            "admission": {"name": t.admission.name, **t.admission.options},
+            "storage": {"name": t.storage.name, **t.storage.options}}
+
+
+def _print_result(out: dict[str, Any]) -> None:
+    print(f"trace            {out['trace']}")
+    print(f"requests         {out['requests']:,}")
+    print(f"block accesses   {out['block_accesses']:,}")
+    print(f"block hit ratio  {out['block_hit_ratio']:.4f}")
+    print(f"prefix hit ratio {out['prefix_hit_ratio']:.4f}")
+    print(f"replay           {out['seconds']:.2f} s ({out['accesses_per_second']:,.0f} accesses/s)")
+    cols = ["capacity", "used", "policy", "block_hits", "prefix_hits", "stores", "evictions",
+            "demotions_in", "promotions_out", "drops", "rejected"]
+    print()
+    print("tier " + " ".join(f"{c:>14}" for c in cols))
+    for name, st in out["tiers"].items():
+        print(f"{name:<4} " + " ".join(f"{st[c]:>14,}" if isinstance(st[c], int) else f"{st[c]:>14}" for c in cols))
+
+
+def _print_sweep(rows, policies, caps, trace) -> None:
+    by = {(r["policy"], r["capacity"]): r for r in rows}
+    for metric in ("prefix_hit_ratio", "block_hit_ratio"):
+        print(f"\n{metric} ({len(trace.requests):,} requests, {trace.block_accesses:,} block accesses)")
+        print(f"{'policy':<12}" + "".join(f"{c:>10,}" for c in caps))
+        for p in policies:
+            print(f"{p:<12}" + "".join(f"{by[(p, c)][metric]:>10.4f}" for c in caps))
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from .registry import ADMISSION, EVICTION
+
+    for title, reg in (("eviction", EVICTION), ("admission", ADMISSION)):
+        print(f"{title}:")
+        for name in reg.names():
+            try:
+                cls = reg.get(name)
+                doc = (cls.__module__ and (sys.modules[cls.__module__].__doc__ or "")).strip().splitlines()
+                line = doc[0] if doc else ""
+                if getattr(cls, "simulation_only", False):
+                    line += " [simulation only]"
+            except Exception as exc:  # a broken third-party plugin must not hide the others
+                line = f"(cannot load: {exc})"
+            print(f"  {name:<16} {line}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.file)
+    print(f"{args.file}: ok ({cfg.mode}, " + ", ".join(f"{t.name}={t.capacity} blocks:{t.eviction.name}" for t in cfg.tiers) + ")")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvbm", description="Tiered KV-cache block manager")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="replay a trace through the BlockManager (metadata only)")
+    s.add_argument("trace", help="trace file (Mooncake/Bailian JSONL, Parquet) or 'mooncake' for the bundled one")
+    s.add_argument("--format", choices=["mooncake", "bailian", "parquet"], help="override format autodetection")
+    s.add_argument("--tier", action="append", metavar="NAME=CAP[:EVICT[:ADMIT]]",
+                   help="a tier, fastest first, e.g. --tier g2=10000:lru --tier g3=100000:frequency")
+    s.add_argument("--config", help="a kvbm.yaml/.toml config (tiers from --tier replace its tiers)")
+    s.add_argument("--layout", help=f"KV layout for byte capacities: {', '.join(LAYOUT_PRESETS)} or "
+                                    "layers=32,kv_heads=8,head_dim=128,dtype=bfloat16")
+    s.add_argument("--mode", choices=["exclusive", "inclusive"])
+    s.add_argument("--promote", dest="promote", action="store_true", default=None, help="promote hits to the top tier (default)")
+    s.add_argument("--no-promote", dest="promote", action="store_false")
+    s.add_argument("--sweep", metavar="CAPS", help="comma-separated top-tier capacities, e.g. 1000,10000,30000")
+    s.add_argument("--policy", metavar="NAMES", help="comma-separated policies for the sweep, e.g. lru,fifo,arc")
+    s.add_argument("--plot", metavar="PNG", help="with --sweep: draw prefix hit ratio vs capacity")
+    s.add_argument("--jobs", type=int, help="parallel processes for --sweep (default: cores)")
+    s.add_argument("--limit", type=int, help="replay only the first N requests")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_simulate)
+
+    pl = sub.add_parser("policies", help="list registered policies")
+    pl.set_defaults(func=cmd_policies)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config file")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import ConfigError
+    from .registry import UnknownName
+    from .sim.traces import TraceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, TraceError, UnknownName, FileNotFoundError) as exc:
+        print(f"kvbm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
