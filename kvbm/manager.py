@@ -82,13 +82,18 @@ class Tier:
 class StoreJob:
     """Reserved, not-ready blocks awaiting their bytes. `rejected` jobs reserved nothing."""
 
-    entries: list = field(default_factory=list)  # (key, tier, slot) in sequence order
+    runs: list = field(default_factory=list)  # (tier, keys, slots or None), in sequence order
     source: Any = None
     rejected: str | None = None
 
     @property
     def keys(self) -> list:
-        return [e[0] for e in self.entries]
+        return [k for _, keys, _ in self.runs for k in keys]
+
+    def targets(self):
+        """(key, tier, slot) per reserved block, for the data plane."""
+        for t, keys, slots in self.runs:
+            yield from zip(keys, [t] * len(keys), slots if slots is not None else [None] * len(keys))
 
 
 @dataclass
@@ -123,6 +128,7 @@ class BlockManager:
         self._observers = [t.admission for t in self.tiers if t.admission.observes]
         self._readies = [t.ready for t in self.tiers]
         self._admit_all = self.tiers[0].admission.admits_all
+        self._instant = all(t.storage.instant for t in self.tiers)
         self._forgetters = [t.admission for t in self.tiers
                             if type(t.admission).forget is not AdmissionPolicy.forget]
 
@@ -200,22 +206,29 @@ class BlockManager:
         if per_key and len(hints) != len(keys):
             raise ValueError(f"hints has {len(hints)} entries for {len(keys)} keys")
         job = StoreJob(source=source)
+        if self._all_new(keys):  # the common case: one run of new blocks for the top tier
+            top = self.tiers[0]
+            if len(keys) > top.capacity - len(top.busy):
+                job.rejected = self._no_room(top, len(keys))
+            else:
+                self._reserve_run(job, top, keys, 0, len(keys), hints, per_key, parent)
+            return job
         plan = self._plan_store(keys, hints, per_key)
         if isinstance(plan, str):
             job.rejected = plan
             return job
         top = self.tiers[0]
         touches: list = []  # consecutive accesses to top-tier blocks
-        run: list = []  # consecutive new blocks for one tier (indices into keys)
+        start = end = 0  # keys[start:end] is a run of new blocks for run_tier
         run_tier = top
         for i, key in enumerate(keys):
             action = plan[i]
             # The plan may be stale: a victim of this very job can be a later key of it,
             # which then is new again (as when an engine re-inserts a block it just lost).
             if action == "touch":
-                if run:  # make the run's room first: it may evict this very key
-                    self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
-                    run = []
+                if end > start:  # make the run's room first: it may evict this very key
+                    self._reserve_run(job, run_tier, keys, start, end, hints, per_key, parent)
+                    start = end
                 if key in top.ready:
                     touches.append(key)
                     continue
@@ -223,9 +236,9 @@ class BlockManager:
             elif action is None:
                 continue
             elif action.__class__ is Tier:
-                if run:
-                    self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
-                    run = []
+                if end > start:
+                    self._reserve_run(job, run_tier, keys, start, end, hints, per_key, parent)
+                    start = end
                 if key not in action.ready:
                     action = self._find_lower(key)
             if action.__class__ is Tier:
@@ -242,16 +255,32 @@ class BlockManager:
                 top.policy.touch(touches)
                 touches = []
             target = self.tiers[action]
-            if target is not run_tier and run:
-                self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
-                run = []
+            if end > start and (target is not run_tier or end != i):
+                self._reserve_run(job, run_tier, keys, start, end, hints, per_key, parent)
+                start = end
+            if end == start:
+                start = i
             run_tier = target
-            run.append(i)
-        if run:
-            self._reserve_run(job, run_tier, run, keys, hints, per_key, parent)
+            end = i + 1
+        if end > start:
+            self._reserve_run(job, run_tier, keys, start, end, hints, per_key, parent)
         if touches:
             top.policy.touch(touches)
         return job
+
+    def _all_new(self, keys: Sequence[Any]) -> bool:
+        """No key is ready or pending anywhere, none repeats, and the top tier admits all."""
+        if not self._admit_all:
+            return False
+        for t in self.tiers:
+            if not (t.ready.keys().isdisjoint(keys) and t.pending.keys().isdisjoint(keys)):
+                return False
+        return len(set(keys)) == len(keys)
+
+    @staticmethod
+    def _no_room(t: "Tier", n: int) -> str:
+        return (f"{t.name} cannot make room for {n} blocks: capacity {t.capacity}, "
+                f"{len(t.busy)} busy (pinned or in flight)")
 
     def _find_lower(self, key: Any) -> "Tier | int":
         for t in self.tiers[1:]:
@@ -259,32 +288,37 @@ class BlockManager:
                 return t
         return 0
 
-    def _reserve_run(self, job, t, run, keys, hints, per_key, parent) -> None:
-        """Make room for a run of new blocks in t (one evict call), then insert them pending."""
+    def _reserve_run(self, job, t, keys, start, end, hints, per_key, parent) -> None:
+        """Make room for keys[start:end], all new to t (one evict call), and insert them pending."""
+        n = end - start
         free = t.capacity - len(t.ready) - len(t.pending)
-        if len(run) > free:
-            victims = t.policy.evict(len(run) - free, t.busy)
+        if n > free:
+            victims = t.policy.evict(n - free, t.busy)
             if victims is None:  # only stale-plan keys can lack room: take what fits
-                victims = self._evict_upto(t, len(run) - free)
-                run = run[:free + len(victims)]
+                victims = self._evict_upto(t, n - free)
+                end = start + free + len(victims)
             self._evicted_all(t, victims)
-        insert, pending, busy, entries = t.policy.insert, t.pending, t.busy, job.entries
-        allocate = None if t.storage.instant else t.storage.allocate
-        structured = t.policy.wants_structure
-        remember = hints is not None or self._structured
-        for i in run:
-            key = keys[i]
-            h = hints[i] if per_key else hints
-            if remember:
+        run = keys[start:end]
+        if not isinstance(run, list):
+            run = list(run)
+        if hints is None and not self._structured:
+            t.policy.insert_many(run, None)
+        else:
+            insert, structured = t.policy.insert, t.policy.wants_structure
+            for i in range(start, end):
+                key = keys[i]
+                h = hints[i] if per_key else hints
                 prev = keys[i - 1] if i else parent
                 self._remember(key, h, prev)
-                if structured:
-                    h = self._hints_for(t, key, h, prev, i)
-            slot = allocate() if allocate is not None else None
-            insert(key, h)
-            pending[key] = slot
-            busy.add(key)
-            entries.append((key, t, slot))
+                insert(key, self._hints_for(t, key, h, prev, i) if structured else h)
+        if t.storage.instant:
+            slots = None
+            t.pending.update(dict.fromkeys(run))
+        else:
+            slots = [t.storage.allocate() for _ in run]
+            t.pending.update(zip(run, slots))
+        t.busy.update(run)
+        job.runs.append((t, run, slots))
 
     def _evict_upto(self, t: Tier, n: int) -> list:
         victims: list = []
@@ -341,32 +375,50 @@ class BlockManager:
                     plan.append(None)
         for t, n in zip(self.tiers, need):
             if n and n > t.capacity - len(t.busy):
-                return (f"{t.name} cannot make room for {n} blocks: capacity {t.capacity}, "
-                        f"{len(t.busy)} busy (pinned or in flight)")
+                return self._no_room(t, n)
         return plan
 
     def complete_store(self, job: StoreJob, failed: Iterable[Any] = ()) -> None:
         """Mark written blocks ready; roll back the `failed` ones (never served)."""
         failed = set(failed) if failed else None
         ev = self._events if self.record_events else None
-        for key, tier, slot in job.entries:
-            del tier.pending[key]
-            tier.busy.discard(key)
-            if failed is not None and key in failed:
-                tier.policy.remove(key)
-                tier.storage.free(slot)
-                tier.stats.failed += 1
-                self._forget_if_gone(key)
-                continue
-            tier.ready[key] = slot
+        for t, keys, slots in job.runs:
+            pending = t.pending
+            for k in keys:
+                del pending[k]
+            t.busy.difference_update(keys)
+            if failed is not None and not failed.isdisjoint(keys):
+                ok = [k for k in keys if k not in failed]
+                for k in keys:
+                    if k in failed:
+                        t.policy.remove(k)
+                        t.stats.failed += 1
+                        if slots is not None:
+                            t.storage.free(slots[keys.index(k)])
+                        self._forget_if_gone(k)
+                if slots is not None:
+                    slots = [s for k, s in zip(keys, slots) if k not in failed]
+                keys = ok
+            t.ready.update(zip(keys, slots) if slots is not None else dict.fromkeys(keys))
+            t.stats.stores += len(keys)
             if ev is not None:
-                ev.append(Event("stored", key, tier.name))
-        for tier in {e[1] for e in job.entries} if len(self.tiers) > 1 else (self.tiers[0],):
-            tier.stats.stores += sum(1 for e in job.entries if e[1] is tier) - (
-                sum(1 for e in job.entries if e[1] is tier and e[0] in failed) if failed else 0)
+                ev.extend(Event("stored", k, t.name) for k in keys)
 
     def store(self, keys: Sequence[Any], hints: Hints | Sequence[Hints] | None = None,
               parent: Any = None, source: Any = None) -> StoreJob:
+        top = self.tiers[0]
+        if (self._instant and hints is None and not self._structured and not self.record_events
+                and self._all_new(keys) and len(keys) <= top.capacity - len(top.busy)):
+            # Metadata only, all new, one run: prepare and complete collapse into one step with
+            # the same policy calls, since nothing can observe the pending state in between.
+            run = keys if isinstance(keys, list) else list(keys)
+            free = top.capacity - len(top.ready) - len(top.pending)
+            if len(run) > free:
+                self._evicted_all(top, top.policy.evict(len(run) - free, top.busy))
+            top.policy.insert_many(run, None)
+            top.ready.update(dict.fromkeys(run))
+            top.stats.stores += len(run)
+            return StoreJob(runs=[(top, run, None)], source=source)
         job = self.prepare_store(keys, hints, parent, source)
         self._copy_in(job)
         self.complete_store(job)
@@ -456,6 +508,16 @@ class BlockManager:
                 ev.append(Event("moved", key, top.name, src.name))
 
     def load(self, keys: Sequence[Any], destination: Any = None) -> LoadJob:
+        top = self.tiers[0]
+        if self._instant and all(map(top.ready.__contains__, keys)):
+            # Metadata only and all in the top tier: the access is the whole load, no pins needed.
+            keys = list(keys)
+            top.policy.touch(keys)
+            top.stats.hits += len(keys)
+            for adm in self._observers:
+                adm.observe(keys)
+            return LoadJob(keys=keys, tiers=[top] * len(keys), slots=[top.ready[k] for k in keys] if keys else [],
+                           destination=destination)
         job = self.prepare_load(keys, destination)
         self._copy_out(job)
         self.complete_load(job)
@@ -639,7 +701,7 @@ class BlockManager:
             raise NotImplementedError(f"no transfer handler for {src.storage.medium} -> {dst.storage.medium}")
 
     def _copy_in(self, job: StoreJob) -> None:
-        for _, t, _ in job.entries:
+        for t, _, _ in job.runs:
             if not t.storage.instant:
                 raise NotImplementedError(f"no transfer handler for source -> {t.storage.medium}")
 

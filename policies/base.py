@@ -3,7 +3,7 @@
 A policy sees keys and small per-key hints only; it never sees bytes, tiers or transfers.
 The BlockManager owns pins, in-flight state, capacity and events, so a policy stays short.
 
-    EvictionPolicy.insert(key, hints)       a key was added to the tier
+    EvictionPolicy.insert(key, hints)       a key was added to the tier (insert_many: several)
     EvictionPolicy.touch(keys)              the keys were accessed, in this order
     EvictionPolicy.remove(key)              the key left the tier for a reason other than evict
     EvictionPolicy.evict(n, protected)      choose and forget n victims, or return None (no change)
@@ -82,6 +82,11 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def insert(self, key: Key, hints: Hints | None = None) -> None:
         """Track a key that was just added to the tier."""
+
+    def insert_many(self, keys: Iterable[Key], hints: Hints | None = None) -> None:
+        """Insert keys in order, none of them tracked yet (override for a faster bulk path)."""
+        for key in keys:
+            self.insert(key, hints)
 
     @abstractmethod
     def touch(self, keys: Iterable[Key]) -> None:

@@ -20,6 +20,9 @@ class FIFOPolicy(EvictionPolicy):
     def insert(self, key, hints=None):
         self._order[key] = None
 
+    def insert_many(self, keys, hints=None):
+        self._order.update(dict.fromkeys(keys))
+
     def touch(self, keys):
         pass
 
@@ -30,6 +33,9 @@ class FIFOPolicy(EvictionPolicy):
         victims = []
         if n <= 0:
             return victims
+        order = self._order
+        if not protected and n <= len(order):
+            return [order.popitem(last=False)[0] for _ in range(n)]
         for key in self._order:
             if key not in protected:
                 victims.append(key)

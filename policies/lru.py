@@ -5,7 +5,7 @@ The classic baseline (Mattson et al., 1970). One OrderedDict: the front is the o
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .base import EvictionPolicy
 
@@ -21,11 +21,19 @@ class LRUPolicy(EvictionPolicy):
         self._order[key] = None
         self._order.move_to_end(key)
 
+    def insert_many(self, keys, hints=None):
+        self._order.update(dict.fromkeys(keys))  # new keys land at the MRU end, in order
+
     def touch(self, keys):
-        order = self._order
-        for key in keys:
-            if key in order:
-                order.move_to_end(key)
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        try:  # the usual case, every key known: one C-level pass
+            deque(map(self._order.move_to_end, keys), maxlen=0)
+        except KeyError:  # redo in order, skipping unknown keys: the final order is the same
+            order = self._order
+            for key in keys:
+                if key in order:
+                    order.move_to_end(key)
 
     def remove(self, key):
         self._order.pop(key, None)
@@ -34,6 +42,9 @@ class LRUPolicy(EvictionPolicy):
         victims = []
         if n <= 0:
             return victims
+        order = self._order
+        if not protected and n <= len(order):
+            return [order.popitem(last=False)[0] for _ in range(n)]
         for key in self._order:
             if key not in protected:
                 victims.append(key)
