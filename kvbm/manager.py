@@ -290,6 +290,9 @@ class BlockManager:
 
     def _reserve_run(self, job, t, keys, start, end, hints, per_key, parent) -> None:
         """Make room for keys[start:end], all new to t (one evict call), and insert them pending."""
+        if t.policy.filters_inserts:
+            self._reserve_each(job, t, keys, start, end, hints, per_key, parent)
+            return
         n = end - start
         free = t.capacity - len(t.ready) - len(t.pending)
         if n > free:
@@ -319,6 +322,30 @@ class BlockManager:
             t.pending.update(zip(run, slots))
         t.busy.update(run)
         job.runs.append((t, run, slots))
+
+    def _reserve_each(self, job, t, keys, start, end, hints, per_key, parent) -> None:
+        """Key by key, for policies that may refuse a new key (accepts): ask, evict one, insert."""
+        policy, structured = t.policy, t.policy.wants_structure
+        instant = t.storage.instant
+        for i in range(start, end):
+            key = keys[i]
+            h = hints[i] if per_key else hints
+            prev = keys[i - 1] if i else parent
+            ph = self._hints_for(t, key, h, prev, i) if structured else h
+            if not policy.accepts(key, ph):
+                t.stats.rejected += 1
+                continue
+            if len(t.ready) + len(t.pending) >= t.capacity:
+                victims = policy.evict(1, t.busy)
+                if victims is None:
+                    continue
+                self._evicted_all(t, victims)
+            self._remember(key, h, prev)
+            slot = None if instant else t.storage.allocate()
+            policy.insert(key, ph)
+            t.pending[key] = slot
+            t.busy.add(key)
+            job.runs.append((t, [key], None if instant else [slot]))
 
     def _evict_upto(self, t: Tier, n: int) -> list:
         victims: list = []
@@ -408,6 +435,7 @@ class BlockManager:
               parent: Any = None, source: Any = None) -> StoreJob:
         top = self.tiers[0]
         if (self._instant and hints is None and not self._structured and not self.record_events
+                and not top.policy.filters_inserts
                 and self._all_new(keys) and len(keys) <= top.capacity - len(top.busy)):
             # Metadata only, all new, one run: prepare and complete collapse into one step with
             # the same policy calls, since nothing can observe the pending state in between.
@@ -630,7 +658,8 @@ class BlockManager:
                 return
             if key in nxt.pending:
                 pass  # someone is writing it there already
-            elif not nxt.admission.admit(key, self._hints.get(key)):
+            elif not nxt.admission.admit(key, self._hints.get(key)) or (
+                    nxt.policy.filters_inserts and not nxt.policy.accepts(key, self._hints.get(key))):
                 nxt.stats.rejected += 1
             elif self._room(nxt):
                 dst = nxt.storage.allocate()

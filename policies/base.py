@@ -7,6 +7,7 @@ The BlockManager owns pins, in-flight state, capacity and events, so a policy st
     EvictionPolicy.touch(keys)              the keys were accessed, in this order
     EvictionPolicy.remove(key)              the key left the tier for a reason other than evict
     EvictionPolicy.evict(n, protected)      choose and forget n victims, or return None (no change)
+    EvictionPolicy.accepts(key, hints)      optional bypass: is a new key worth a slot at all?
     AdmissionPolicy.admit(key, hints)       may this key enter the tier?
     AdmissionPolicy.observe(keys)           the keys were accessed somewhere (for N-hit counters)
 """
@@ -69,6 +70,8 @@ class EvictionPolicy(ABC):
     simulation_only: ClassVar[bool] = False
     #: True when insert() needs Hints.parent/position; the manager builds per-block hints then.
     wants_structure: ClassVar[bool] = False
+    #: True when accepts() may refuse a new key (a bypass); the manager then asks before inserts.
+    filters_inserts: ClassVar[bool] = False
 
     def __init__(self, capacity: int, *, clock: Clock = time.monotonic, **options: Any) -> None:
         if options:
@@ -91,6 +94,14 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def touch(self, keys: Iterable[Key]) -> None:
         """Record an access to each key, in order; unknown keys are ignored."""
+
+    def accepts(self, key: Key, hints: Hints | None = None) -> bool:
+        """May a new key take a slot at all, given what the tier holds? False is a bypass.
+
+        Asked only when `filters_inserts` is True, just before the key would be inserted
+        (after earlier keys of the same store). Must not change state.
+        """
+        return True
 
     @abstractmethod
     def remove(self, key: Key) -> None:

@@ -1,0 +1,111 @@
+"""S3-FIFO: a small probationary FIFO, a main FIFO with reinsertion, and a ghost FIFO.
+
+Yang, Zhang, Qiu, Yue and Vinayak, "FIFO queues are all you need for cache eviction", SOSP'23.
+Most keys are one-hit wonders; the small queue lets them go quickly without disturbing the
+main queue, where keys with a history stay.
+
+    S        small FIFO, ~10% of capacity (small_ratio); new keys enter here
+    M        main FIFO, the rest; keys enter from S (accessed while in S) or from G
+    G        ghost FIFO of keys evicted from S, as many as M holds (ghost_ratio of capacity)
+    freq     2 bits per resident key: a hit adds 1, capped at 3
+    insert   into M if the key is a ghost in G, else into S
+    evict    while |S| >= its target (or M is empty) take S's oldest: freq >= move_to_main_threshold
+             moves it to M with freq 0, else it is the victim and its key joins G; otherwise
+             take M's oldest: freq > 0 reinserts it with freq - 1, else it is the victim
+
+Protected keys are set aside while searching and put back at the old end in their order.
+evict() first checks that enough unprotected keys exist; after that it cannot fail, so a
+None leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .base import EvictionPolicy
+
+
+class S3FIFOPolicy(EvictionPolicy):
+    name = "s3fifo"
+
+    def __init__(self, capacity, *, small_ratio=0.1, ghost_ratio=0.9, move_to_main_threshold=1, **kw):
+        super().__init__(capacity, **kw)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"s3fifo policy: capacity={capacity!r} must be an int >= 0 (it sizes the queues)")
+        if not 0 < small_ratio < 1:
+            raise ValueError(f"s3fifo policy: small_ratio={small_ratio!r} must be in (0, 1); the paper uses 0.1")
+        if not 0 <= ghost_ratio <= 4:
+            raise ValueError(f"s3fifo policy: ghost_ratio={ghost_ratio!r} must be in [0, 4]; the paper uses 0.9")
+        if move_to_main_threshold not in (1, 2, 3):
+            raise ValueError(f"s3fifo policy: move_to_main_threshold={move_to_main_threshold!r} must be 1, 2 or 3")
+        self.small_target = max(1, round(capacity * small_ratio))
+        self.ghost_size = round(capacity * ghost_ratio)
+        self.threshold = move_to_main_threshold
+        self._small: OrderedDict = OrderedDict()  # key -> freq, oldest first
+        self._main: OrderedDict = OrderedDict()
+        self._ghost: OrderedDict = OrderedDict()
+
+    def insert(self, key, hints=None):
+        if key in self._small or key in self._main:
+            self.touch((key,))
+        elif self._ghost.pop(key, _NONE) is not _NONE:
+            self._main[key] = 0
+        else:
+            self._small[key] = 0
+
+    def touch(self, keys):
+        small, main = self._small, self._main
+        for key in keys:
+            queue = small if key in small else main if key in main else None
+            if queue is not None and queue[key] < 3:
+                queue[key] += 1
+
+    def remove(self, key):
+        self._small.pop(key, None)
+        self._main.pop(key, None)
+        self._ghost.pop(key, None)
+
+    def evict(self, n, protected=()):
+        if n <= 0:
+            return []
+        if protected and not isinstance(protected, (set, frozenset, dict)):
+            protected = set(protected)
+        if len(self) - len(protected) < n:  # rarely: count only the protected keys held here
+            if len(self) - sum(1 for key in protected if key in self) < n:
+                return None
+        small, main, ghost = self._small, self._main, self._ghost
+        victims, aside_small, aside_main = [], [], []
+        while len(victims) < n:
+            if small and (len(small) >= self.small_target or not main):
+                key, freq = small.popitem(last=False)
+                if key in protected:
+                    aside_small.append((key, freq))
+                elif freq >= self.threshold:
+                    main[key] = 0
+                else:
+                    victims.append(key)
+                    ghost[key] = None
+                    if len(ghost) > self.ghost_size:
+                        ghost.popitem(last=False)
+            else:
+                key, freq = main.popitem(last=False)
+                if key in protected:
+                    aside_main.append((key, freq))
+                elif freq > 0:
+                    main[key] = freq - 1
+                else:
+                    victims.append(key)
+        for queue, aside in ((small, aside_small), (main, aside_main)):
+            for key, freq in reversed(aside):
+                queue[key] = freq
+                queue.move_to_end(key, last=False)
+        return victims
+
+    def __len__(self):
+        return len(self._small) + len(self._main)
+
+    def __contains__(self, key):
+        return key in self._small or key in self._main
+
+
+_NONE = object()
