@@ -199,10 +199,14 @@ def _check_keys(data: Mapping[str, Any], allowed, prefix: str) -> None:
             raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; allowed: {', '.join(allowed)}")
 
 
+# KVBM_ variables that steer the build, the extension or CI rather than the config.
+NON_CONFIG_ENV = ("KVBM_CONFIG", "KVBM_NATIVE", "KVBM_CUDA", "KVBM_EXPECT_CUDA", "KVBM_REQUIRE_NATIVE", "KVBM_CI_")
+
+
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """Overlay KVBM_A__B__C=value onto data (values parsed as YAML scalars)."""
     for var, raw in sorted(env.items()):
-        if not var.startswith("KVBM_") or var in ("KVBM_CONFIG",):
+        if not var.startswith("KVBM_") or var.startswith(NON_CONFIG_ENV):
             continue
         path = [p.lower() for p in var[len("KVBM_"):].split("__")]
         value = yaml.safe_load(raw) if raw != "" else ""
