@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 from .config import ConfigError, KVBMConfig
 from .policies.base import DEFAULT_HINTS, AdmissionPolicy, EvictionPolicy, Hints
 from .registry import ADMISSION, EVICTION, STORAGE, UnknownName
-from .tiers.base import Storage
+from .tiers.base import Storage, namespace_id
+from .transfer import BufferSet, TransferEngine, transfer
 
 
 class Event(NamedTuple):
@@ -47,7 +48,9 @@ class TierStats:
     evictions: int = 0  # victims chosen by this tier's policy
     drops: int = 0  # victims that left the hierarchy from this tier
     rejected: int = 0  # offers refused by this tier's admission policy
-    failed: int = 0  # writes rolled back
+    failed: int = 0  # writes rolled back (a medium error, or the caller said so)
+    load_failures: int = 0  # reads that did not return intact bytes (the block was dropped)
+    recovered: int = 0  # blocks found again at start (persistent media)
 
 
 class Tier:
@@ -82,18 +85,25 @@ class Tier:
 class StoreJob:
     """Reserved, not-ready blocks awaiting their bytes. `rejected` jobs reserved nothing."""
 
-    runs: list = field(default_factory=list)  # (tier, keys, slots or None), in sequence order
+    runs: list = field(default_factory=list)  # (tier, keys, slots or None, index of keys[0])
     source: Any = None
     rejected: str | None = None
+    failed: list = field(default_factory=list)  # keys whose bytes did not land (rolled back)
 
     @property
     def keys(self) -> list:
-        return [k for _, keys, _ in self.runs for k in keys]
+        return [k for _, keys, _, _ in self.runs for k in keys]
 
-    def targets(self):
-        """(key, tier, slot) per reserved block, for the data plane."""
-        for t, keys, slots in self.runs:
-            yield from zip(keys, [t] * len(keys), slots if slots is not None else [None] * len(keys))
+
+@dataclass
+class Ticket:
+    """An asynchronous store or load: `done` once poll()/wait() completed it."""
+
+    kind: str
+    job: Any
+    future: Any
+    done: bool = False
+    error: BaseException | None = None
 
 
 @dataclass
@@ -103,8 +113,10 @@ class LoadJob:
     keys: list = field(default_factory=list)
     tiers: list = field(default_factory=list)
     slots: list = field(default_factory=list)
-    promotions: list = field(default_factory=list)  # (key, source tier, top slot)
+    promotions: list = field(default_factory=list)  # (key, source tier, top slot, index in keys)
     destination: Any = None
+    loaded: int = 0  # keys[:loaded] landed intact: the usable prefix
+    failed: list = field(default_factory=list)  # keys that could not be read (miss, checksum)
 
 
 class BlockManager:
@@ -131,6 +143,43 @@ class BlockManager:
         self._instant = all(t.storage.instant for t in self.tiers)
         self._forgetters = [t.admission for t in self.tiers
                             if type(t.admission).forget is not AdmissionPolicy.forget]
+        if not self._instant and any(t.storage.instant for t in self.tiers):
+            names = ", ".join(f"{t.name}={t.storage.medium}" for t in self.tiers)
+            raise ValueError(f"tiers mix metadata-only and real storages ({names}); use one kind for all")
+        self.block_nbytes = self.tiers[0].storage.block_nbytes
+        self._engine: TransferEngine | None = None
+        self._tickets: list[Ticket] = []
+        self._recover()
+
+    def _recover(self) -> None:
+        """Blocks that persistent media kept across a restart become ready again (exclusive:
+        a block recovered in a faster tier wins). Their bytes are verified when read."""
+        for t in self.tiers:
+            if not t.storage.persistent:
+                continue
+            for key, slot in t.storage.recover():
+                dup = key in t.ready or (self.exclusive and any(key in u.ready for u in self.tiers[:t.index]))
+                if dup or len(t.ready) >= t.capacity:
+                    t.storage.free(slot)
+                    continue
+                t.ready[key] = slot
+                t.policy.insert(key, None)
+                t.stats.recovered += 1
+
+    def close(self) -> None:
+        """Finish in-flight transfers, then flush and release every storage."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        self.poll()
+        for t in self.tiers:
+            t.storage.close()
+
+    def __enter__(self) -> "BlockManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ---------------------------------------------------------------- construction
 
@@ -139,6 +188,8 @@ class BlockManager:
                     simulation: dict[str, Any] | None = None) -> "BlockManager":
         """Build tiers from config. `simulation` carries the future for simulation-only policies."""
         nbytes = config.layout.block_nbytes if config.layout else 0
+        ns = namespace_id(config.namespace.model, config.layout.fingerprint if config.layout else "-",
+                          config.namespace.salt)
         tiers = []
         for tc in config.tiers:
             where = f"tiers.{tc.name}"
@@ -155,7 +206,10 @@ class BlockManager:
             acls = _resolve(ADMISSION, tc.admission.name, f"{where}.admission")
             admission = _build(acls, f"{where}.admission", clock=clock, **tc.admission.options)
             scls = _resolve(STORAGE, tc.storage.name, f"{where}.storage")
-            storage = _build(scls, f"{where}.storage", tc.capacity, nbytes, **tc.storage.options)
+            if not scls.instant and not nbytes:
+                raise ConfigError(f"{where}.storage: {tc.storage.name!r} holds real bytes; give a `layout` "
+                                  f"so kvbm knows the block size")
+            storage = _build(scls, f"{where}.storage", tc.capacity, nbytes, namespace=ns, **tc.storage.options)
             tiers.append(Tier(tc.name, tc.capacity, policy, admission, storage))
         return cls(tiers, mode=config.mode, promote_on_hit=config.promote_on_hit, events=config.events)
 
@@ -321,7 +375,7 @@ class BlockManager:
             slots = [t.storage.allocate() for _ in run]
             t.pending.update(zip(run, slots))
         t.busy.update(run)
-        job.runs.append((t, run, slots))
+        job.runs.append((t, run, slots, start))
 
     def _reserve_each(self, job, t, keys, start, end, hints, per_key, parent) -> None:
         """Key by key, for policies that may refuse a new key (accepts): ask, evict one, insert."""
@@ -345,7 +399,7 @@ class BlockManager:
             policy.insert(key, ph)
             t.pending[key] = slot
             t.busy.add(key)
-            job.runs.append((t, [key], None if instant else [slot]))
+            job.runs.append((t, [key], None if instant else [slot], i))
 
     def _evict_upto(self, t: Tier, n: int) -> list:
         victims: list = []
@@ -409,7 +463,8 @@ class BlockManager:
         """Mark written blocks ready; roll back the `failed` ones (never served)."""
         failed = set(failed) if failed else None
         ev = self._events if self.record_events else None
-        for t, keys, slots in job.runs:
+        job.failed = [k for _, keys, _, _ in job.runs for k in keys if k in failed] if failed else []
+        for t, keys, slots, _ in job.runs:
             pending = t.pending
             for k in keys:
                 del pending[k]
@@ -446,11 +501,130 @@ class BlockManager:
             top.policy.insert_many(run, None)
             top.ready.update(dict.fromkeys(run))
             top.stats.stores += len(run)
-            return StoreJob(runs=[(top, run, None)], source=source)
+            return StoreJob(runs=[(top, run, None, 0)], source=source)
+        if not self._instant and source is None:
+            raise ValueError(f"store into {top.name} ({top.storage.medium}) needs `source`: "
+                             f"one buffer of {self.block_nbytes} bytes per key")
         job = self.prepare_store(keys, hints, parent, source)
-        self._copy_in(job)
-        self.complete_store(job)
+        if self._instant:
+            self.complete_store(job)
+            return job
+        try:
+            failed = self._write_job(job)
+        except BaseException:
+            self.complete_store(job, failed=job.keys)
+            raise
+        self.complete_store(job, failed)
         return job
+
+    # ---------------------------------------------------------------- asynchronous
+
+    def submit_store(self, keys: Sequence[Any], source: Sequence[Any], hints: Any = None,
+                     parent: Any = None) -> "Ticket":
+        """prepare_store now, the bytes on a worker thread; poll() completes it."""
+        job = self.prepare_store(keys, hints, parent, source)
+        return self._submit("store", job, self._write_job)
+
+    def submit_load(self, keys: Sequence[Any], destination: Sequence[Any]) -> "Ticket":
+        """prepare_load now (pins), the bytes on a worker thread; poll() completes it."""
+        job = self.prepare_load(keys, destination)
+        return self._submit("load", job, self._read_job)
+
+    def poll(self) -> list["Ticket"]:
+        """Complete every finished transfer (on the caller's thread); return those tickets."""
+        done = [t for t in self._tickets if t.future is None or t.future.done()]
+        if not done:
+            return []
+        self._tickets = [t for t in self._tickets if not (t.future is None or t.future.done())]
+        for ticket in done:
+            self._finish(ticket)
+        return done
+
+    def wait(self, ticket: "Ticket", timeout: float | None = None) -> Any:
+        """Block until ticket's transfer finished and is completed; returns its job."""
+        if ticket.future is not None:
+            try:
+                ticket.future.result(timeout)
+            except BaseException:  # reported by _finish
+                pass
+        if ticket in self._tickets:
+            self._tickets.remove(ticket)
+            self._finish(ticket)
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.job
+
+    def _submit(self, kind: str, job: Any, work: Callable[[Any], Any]) -> "Ticket":
+        busy = bool(job.runs) if kind == "store" else bool(job.keys)
+        future = None
+        if busy and not self._instant:
+            if self._engine is None:
+                self._engine = TransferEngine()
+            future = self._engine.submit(work, job)
+        ticket = Ticket(kind, job, future)
+        self._tickets.append(ticket)
+        return ticket
+
+    def _finish(self, ticket: "Ticket") -> None:
+        job, fut = ticket.job, ticket.future
+        result: Any = ([], []) if ticket.kind == "load" else []
+        if fut is not None:
+            try:
+                result = fut.result()
+            except BaseException as exc:  # a bad buffer, a bug: nothing is served from it
+                ticket.error = exc
+                result = (list(job.keys), []) if ticket.kind == "load" else list(job.keys)
+        if ticket.kind == "store":
+            self.complete_store(job, result)
+        else:
+            self.complete_load(job, *result)
+        ticket.done = True
+
+    # ---------------------------------------------------------------- bytes
+
+    def _write_job(self, job: StoreJob) -> list:
+        """Copy each reserved block from the caller's buffers; returns keys that did not land."""
+        if not job.runs:
+            return []
+        if job.source is None:
+            raise ValueError("this store reserved blocks but has no `source` buffers to copy from")
+        src = BufferSet(job.source, self.block_nbytes)
+        failed: list = []
+        for t, run, slots, start in job.runs:
+            ok = transfer(src, range(start, start + len(run)), t.storage, slots, run)
+            failed += [k for k, good in zip(run, ok) if not good]
+        return failed
+
+    def _read_job(self, job: LoadJob) -> tuple[list, list]:
+        """Copy each pinned block to the caller's buffers, then promotions into the top tier."""
+        dst = BufferSet(job.destination, self.block_nbytes) if job.destination is not None else None
+        failed: list = []
+        if dst is not None:
+            by_tier: dict[int, list[int]] = {}
+            for i, t in enumerate(job.tiers):
+                if t is not None:
+                    by_tier.setdefault(t.index, []).append(i)
+            for ti, idx in by_tier.items():
+                t = self.tiers[ti]
+                keys = [job.keys[i] for i in idx]
+                ok = transfer(t.storage, [job.slots[i] for i in idx], dst, idx, keys)
+                failed += [k for k, good in zip(keys, ok) if not good]
+        bad = set(failed)
+        promo_failed: list = []
+        top = self.tiers[0].storage
+        for key, src, slot, i in job.promotions:
+            if key in bad:
+                continue
+            if dst is not None:
+                ok = transfer(dst, [i], top, [slot], [key])
+            else:
+                ok = transfer(src.storage, [job.slots[i]], top, [slot], [key])
+                if not ok[0]:
+                    failed.append(key)  # the source itself is unreadable
+                    continue
+            if not ok[0]:
+                promo_failed.append(key)
+        return failed, promo_failed
 
     # ---------------------------------------------------------------- load
 
@@ -511,20 +685,35 @@ class BlockManager:
             src.policy.touch((key,))
         slot = self._reserve(top, key, self._hints_for(top, key, self._hints.get(key), self._parents.get(key), 0))
         src.stats.promotions_out += 1
-        job.promotions.append((key, src, slot))
+        job.promotions.append((key, src, slot, len(job.keys) - 1))
 
-    def complete_load(self, job: LoadJob, failed: Iterable[Any] = ()) -> None:
-        """Unpin sources; promotions become ready (or roll back for `failed` keys)."""
+    def complete_load(self, job: LoadJob, failed: Iterable[Any] = (),
+                      promotion_failed: Iterable[Any] = ()) -> None:
+        """Unpin sources; promotions become ready.
+
+        `failed` keys could not be read intact (missing, I/O or checksum error): they are
+        dropped from their tier, never served again, and cut the usable prefix (`loaded`).
+        `promotion_failed` keys loaded fine but their copy into the top tier did not land.
+        """
         failed = set(failed)
-        for key, t in zip(job.keys, job.tiers):
-            if t is not None:  # None: an instant move already released it
-                self._unpin(t, key)
+        job.failed = [k for k in job.keys if k in failed]
+        job.loaded = len(job.keys)
+        for i, (key, t) in enumerate(zip(job.keys, job.tiers)):
+            if t is None:  # an instant move already released it
+                continue
+            self._unpin(t, key)
+            if key in failed:
+                job.loaded = min(job.loaded, i)
+                t.stats.load_failures += 1
+                if key in t.ready and key not in t.busy:
+                    self._drop(t, key)
         top = self.tiers[0]
         ev = self._events if self.record_events else None
-        for key, src, slot in job.promotions:
+        undo = failed | set(promotion_failed)
+        for key, src, slot, _ in job.promotions:
             del top.pending[key]
             top.busy.discard(key)
-            if key in failed:
+            if key in undo:
                 top.policy.remove(key)
                 top.storage.free(slot)
                 top.stats.failed += 1
@@ -544,11 +733,18 @@ class BlockManager:
             top.stats.hits += len(keys)
             for adm in self._observers:
                 adm.observe(keys)
-            return LoadJob(keys=keys, tiers=[top] * len(keys), slots=[top.ready[k] for k in keys] if keys else [],
-                           destination=destination)
+            return LoadJob(keys=keys, tiers=[top] * len(keys), slots=None, destination=destination,
+                           loaded=len(keys))
         job = self.prepare_load(keys, destination)
-        self._copy_out(job)
-        self.complete_load(job)
+        if self._instant:
+            self.complete_load(job)
+            return job
+        try:
+            failed, promo_failed = self._read_job(job)
+        except BaseException:
+            self.complete_load(job, failed=job.keys)
+            raise
+        self.complete_load(job, failed, promo_failed)
         return job
 
     # ---------------------------------------------------------------- pins, removal, events
@@ -663,14 +859,16 @@ class BlockManager:
                 nxt.stats.rejected += 1
             elif self._room(nxt):
                 dst = nxt.storage.allocate()
-                h = self._hints.get(key)
-                nxt.policy.insert(key, self._hints_for(nxt, key, h, self._parents.get(key), 0))
-                self._move(t, slot, nxt, dst, key)
-                nxt.ready[key] = dst
-                nxt.stats.demotions_in += 1
-                t.storage.free(slot)
-                self._event("moved", key, nxt.name, t.name)
-                return
+                if self._move(t, slot, nxt, dst, key):
+                    h = self._hints.get(key)
+                    nxt.policy.insert(key, self._hints_for(nxt, key, h, self._parents.get(key), 0))
+                    nxt.ready[key] = dst
+                    nxt.stats.demotions_in += 1
+                    t.storage.free(slot)
+                    self._event("moved", key, nxt.name, t.name)
+                    return
+                nxt.storage.free(dst)  # the medium failed (full, I/O error): the block drops
+                nxt.stats.failed += 1
         t.storage.free(slot)
         t.stats.drops += 1
         self._event("removed", key, t.name)
@@ -725,19 +923,11 @@ class BlockManager:
     # Data movement. Only metadata-only (instant) storages exist so far; real media register
     # transfer handlers per (source medium, destination medium) with the data plane.
 
-    def _move(self, src: Tier, src_slot: Any, dst: Tier, dst_slot: Any, key: Any) -> None:
-        if not (src.storage.instant and dst.storage.instant):
-            raise NotImplementedError(f"no transfer handler for {src.storage.medium} -> {dst.storage.medium}")
-
-    def _copy_in(self, job: StoreJob) -> None:
-        for t, _, _ in job.runs:
-            if not t.storage.instant:
-                raise NotImplementedError(f"no transfer handler for source -> {t.storage.medium}")
-
-    def _copy_out(self, job: LoadJob) -> None:
-        for t in job.tiers:
-            if t is not None and not t.storage.instant:
-                raise NotImplementedError(f"no transfer handler for {t.storage.medium} -> destination")
+    def _move(self, src: Tier, src_slot: Any, dst: Tier, dst_slot: Any, key: Any) -> bool:
+        """Copy one block down the hierarchy (a demotion); False if it did not land."""
+        if self._instant:
+            return True
+        return transfer(src.storage, [src_slot], dst.storage, [dst_slot], [key])[0]
 
 
 def _resolve(registry, name: str, where: str):

@@ -106,6 +106,10 @@ STORAGE = Registry(
     "kvbm.storages",
     {
         "null": "kvbm.tiers.null:NullStorage",
+        "host": "kvbm.tiers.host:HostStorage",
+        "disk": "kvbm.tiers.disk:DiskStorage",
+        "object": "kvbm.tiers.object:ObjectStorage",
+        "device": "kvbm.tiers.device:DeviceStorage",
     },
 )
 
