@@ -1,5 +1,6 @@
 """The `kvbm` command.
 
+    kvbm demo [--requests N] [--json]   real bytes over G2/G3/G4, every onboarded block verified
     kvbm simulate TRACE [--tier g2=10000:lru ...] [--json] [--sweep CAPS --policy NAMES] [--plot PNG]
     kvbm policies            list registered eviction and admission policies
     kvbm config check FILE   validate a config file (and KVBM_... overrides)
@@ -210,6 +211,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import print_report, run_demo
+
+    for name in ("requests", "g2", "g3", "g4"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    report = run_demo(BUNDLED.get(args.trace, args.trace), requests=args.requests, g2=args.g2, g3=args.g3,
+                      g4=args.g4, workdir=args.workdir, keep=args.keep, eviction=args.policy,
+                      progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 1 if report["mismatched_blocks"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvbm", description="Tiered KV-cache block manager")
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="real bytes over G2 host, G3 disk, G4 file:// objects, verified")
+    d.add_argument("trace", nargs="?", default="mooncake", help="trace (default: the bundled Mooncake trace)")
+    d.add_argument("--requests", type=int, default=1000, help="replay the first N requests (default 1000)")
+    d.add_argument("--g2", type=int, default=500, help="G2 host capacity in blocks (default 500)")
+    d.add_argument("--g3", type=int, default=2000, help="G3 disk capacity in blocks (default 2000)")
+    d.add_argument("--g4", type=int, default=8000, help="G4 object-store capacity in blocks (default 8000)")
+    d.add_argument("--policy", default="lru", help="eviction policy of every tier (default lru)")
+    d.add_argument("--workdir", help="directory for G3 and G4 (default: a temporary one, removed after)")
+    d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
 
     pl = sub.add_parser("policies", help="list registered policies")
     pl.set_defaults(func=cmd_policies)

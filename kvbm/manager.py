@@ -29,7 +29,7 @@ from .config import ConfigError, KVBMConfig
 from .policies.base import DEFAULT_HINTS, AdmissionPolicy, EvictionPolicy, Hints
 from .registry import ADMISSION, EVICTION, STORAGE, UnknownName
 from .tiers.base import Storage, namespace_id
-from .transfer import BufferSet, TransferEngine, transfer
+from .transfer import BufferSet, PathStats, TransferEngine, transfer
 
 
 class Event(NamedTuple):
@@ -149,6 +149,7 @@ class BlockManager:
         self.block_nbytes = self.tiers[0].storage.block_nbytes
         self._engine: TransferEngine | None = None
         self._tickets: list[Ticket] = []
+        self.paths = PathStats()
         self._recover()
 
     def _recover(self) -> None:
@@ -591,7 +592,7 @@ class BlockManager:
         src = BufferSet(job.source, self.block_nbytes)
         failed: list = []
         for t, run, slots, start in job.runs:
-            ok = transfer(src, range(start, start + len(run)), t.storage, slots, run)
+            ok = transfer(src, range(start, start + len(run)), t.storage, slots, run, self.paths)
             failed += [k for k, good in zip(run, ok) if not good]
         return failed
 
@@ -607,7 +608,7 @@ class BlockManager:
             for ti, idx in by_tier.items():
                 t = self.tiers[ti]
                 keys = [job.keys[i] for i in idx]
-                ok = transfer(t.storage, [job.slots[i] for i in idx], dst, idx, keys)
+                ok = transfer(t.storage, [job.slots[i] for i in idx], dst, idx, keys, self.paths)
                 failed += [k for k, good in zip(keys, ok) if not good]
         bad = set(failed)
         promo_failed: list = []
@@ -616,9 +617,9 @@ class BlockManager:
             if key in bad:
                 continue
             if dst is not None:
-                ok = transfer(dst, [i], top, [slot], [key])
+                ok = transfer(dst, [i], top, [slot], [key], self.paths)
             else:
-                ok = transfer(src.storage, [job.slots[i]], top, [slot], [key])
+                ok = transfer(src.storage, [job.slots[i]], top, [slot], [key], self.paths)
                 if not ok[0]:
                     failed.append(key)  # the source itself is unreadable
                     continue
@@ -789,9 +790,13 @@ class BlockManager:
     def stats(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "transfers": self.paths.report(),
             "tiers": {
                 t.name: {"capacity": t.capacity, "used": t.used, "policy": t.policy.name,
-                         **{k: getattr(t.stats, k) for k in TierStats.__slots__}}
+                         "medium": t.storage.medium,
+                         **{k: getattr(t.stats, k) for k in TierStats.__slots__},
+                         "io_errors": t.storage.errors.io_errors,
+                         "checksum_errors": t.storage.errors.checksum_errors}
                 for t in self.tiers
             },
         }
@@ -817,8 +822,7 @@ class BlockManager:
             victims = t.policy.evict(len(t.ready) + len(t.pending) - t.capacity + 1, t.busy)
             if victims is None:  # cannot happen after _plan_store's room check
                 raise RuntimeError(f"{t.name}: policy {t.policy.name} found no victim")
-            for v in victims:
-                self._evicted(t, v)
+            self._evicted_all(t, victims)
         slot = t.storage.allocate()
         t.policy.insert(key, hints)
         t.pending[key] = slot
@@ -826,53 +830,74 @@ class BlockManager:
         return slot
 
     def _evicted_all(self, t: Tier, victims: list) -> None:
-        if t.index + 1 < len(self.tiers) or self.record_events or self._stateful or not t.storage.instant:
-            for v in victims:
-                self._evicted(t, v)
+        """Policy victims leave t. Each is offered to the next tier (one batched copy for all
+        that are admitted); the rest leave the hierarchy."""
+        if not victims:
             return
-        # Last tier, metadata only, nothing to forget: the victims just leave (the replay hot path).
-        ready = t.ready
-        for v in victims:
-            del ready[v]
+        nxt = self.tiers[t.index + 1] if t.index + 1 < len(self.tiers) else None
         t.stats.evictions += len(victims)
-        t.stats.drops += len(victims)
+        if nxt is None and t.storage.instant and not self.record_events and not self._stateful:
+            ready = t.ready  # last tier, metadata only, nothing to forget: the replay hot path
+            for v in victims:
+                del ready[v]
+            t.stats.drops += len(victims)
+            return
+        movers: list = []  # (key, slot in t)
+        for v in victims:
+            slot = t.ready.pop(v)
+            if nxt is not None:
+                if not self.exclusive and v in nxt.ready:
+                    t.storage.free(slot)  # the lower tier already holds a copy
+                    self._event("removed", v, t.name)
+                    continue
+                h = self._hints.get(v)
+                if v not in nxt.pending:
+                    if nxt.admission.admit(v, h) and not (
+                            nxt.policy.filters_inserts and not nxt.policy.accepts(v, h)):
+                        movers.append((v, slot))
+                        continue
+                    nxt.stats.rejected += 1
+            self._dropped(t, v, slot)
+        if not movers:
+            return
+        # Room for all movers in one go; nxt's own victims cascade further down first.
+        need = len(movers) - (nxt.capacity - len(nxt.ready) - len(nxt.pending))
+        if need > 0:
+            extra = nxt.policy.evict(need, nxt.busy)
+            if extra is None:
+                extra = self._evict_upto(nxt, need)
+            self._evicted_all(nxt, extra)
+            short = len(movers) - (nxt.capacity - len(nxt.ready) - len(nxt.pending))
+            if short > 0:  # everything else in nxt is busy: the oldest victims drop
+                for v, slot in movers[:short]:
+                    self._dropped(t, v, slot)
+                movers = movers[short:]
+        keys = [v for v, _ in movers]
+        src_slots = [slot for _, slot in movers]
+        dst_slots = [nxt.storage.allocate() for _ in movers]
+        ok = self._move(t, src_slots, nxt, dst_slots, keys)
+        for v, slot, dst, good in zip(keys, src_slots, dst_slots, ok):
+            if not good:  # the medium failed (full, I/O error): the block drops
+                nxt.storage.free(dst)
+                nxt.stats.failed += 1
+                self._dropped(t, v, slot)
+                continue
+            nxt.policy.insert(v, self._hints_for(nxt, v, self._hints.get(v), self._parents.get(v), 0))
+            nxt.ready[v] = dst
+            nxt.stats.demotions_in += 1
+            t.storage.free(slot)
+            self._event("moved", v, nxt.name, t.name)
+
+    def _dropped(self, t: Tier, key: Any, slot: Any) -> None:
+        t.storage.free(slot)
+        t.stats.drops += 1
+        self._event("removed", key, t.name)
+        self._forget_if_gone(key)
 
     @property
     def _stateful(self) -> bool:
         """True when dropping a key must clear per-key state (hints, parents, admission)."""
         return bool(self._hints or self._parents or self._forgetters)
-
-    def _evicted(self, t: Tier, key: Any) -> None:
-        """A policy victim leaves t: offer it to the next tier, else it leaves the hierarchy."""
-        t.stats.evictions += 1
-        slot = t.ready.pop(key)
-        nxt = self.tiers[t.index + 1] if t.index + 1 < len(self.tiers) else None
-        if nxt is not None:
-            if not self.exclusive and key in nxt.ready:
-                t.storage.free(slot)
-                self._event("removed", key, t.name)
-                return
-            if key in nxt.pending:
-                pass  # someone is writing it there already
-            elif not nxt.admission.admit(key, self._hints.get(key)) or (
-                    nxt.policy.filters_inserts and not nxt.policy.accepts(key, self._hints.get(key))):
-                nxt.stats.rejected += 1
-            elif self._room(nxt):
-                dst = nxt.storage.allocate()
-                if self._move(t, slot, nxt, dst, key):
-                    h = self._hints.get(key)
-                    nxt.policy.insert(key, self._hints_for(nxt, key, h, self._parents.get(key), 0))
-                    nxt.ready[key] = dst
-                    nxt.stats.demotions_in += 1
-                    t.storage.free(slot)
-                    self._event("moved", key, nxt.name, t.name)
-                    return
-                nxt.storage.free(dst)  # the medium failed (full, I/O error): the block drops
-                nxt.stats.failed += 1
-        t.storage.free(slot)
-        t.stats.drops += 1
-        self._event("removed", key, t.name)
-        self._forget_if_gone(key)
 
     def _room(self, t: Tier) -> bool:
         """One free slot in t, evicting (and cascading) if needed; False if all are busy."""
@@ -881,8 +906,7 @@ class BlockManager:
         victims = t.policy.evict(1, t.busy)
         if victims is None:
             return False
-        for v in victims:
-            self._evicted(t, v)
+        self._evicted_all(t, victims)
         return True
 
     def _drop(self, t: Tier, key: Any, moved: bool = False) -> None:
@@ -923,11 +947,11 @@ class BlockManager:
     # Data movement. Only metadata-only (instant) storages exist so far; real media register
     # transfer handlers per (source medium, destination medium) with the data plane.
 
-    def _move(self, src: Tier, src_slot: Any, dst: Tier, dst_slot: Any, key: Any) -> bool:
-        """Copy one block down the hierarchy (a demotion); False if it did not land."""
+    def _move(self, src: Tier, src_slots: list, dst: Tier, dst_slots: list, keys: list) -> list[bool]:
+        """Copy blocks down the hierarchy (demotions) in one batch; per block: did it land."""
         if self._instant:
-            return True
-        return transfer(src.storage, [src_slot], dst.storage, [dst_slot], [key])[0]
+            return [True] * len(keys)
+        return transfer(src.storage, src_slots, dst.storage, dst_slots, keys, self.paths)
 
 
 def _resolve(registry, name: str, where: str):

@@ -88,6 +88,7 @@ EVICTION = Registry(
         "s3fifo": "kvbm.policies.s3fifo:S3FIFOPolicy",
         "prefix": "kvbm.policies.prefix:PrefixPolicy",
         "belady": "kvbm.policies.belady:BeladyPolicy",
+        "hitdensity": "kvbm.policies.hitdensity:HitDensityPolicy",
     },
 )
 

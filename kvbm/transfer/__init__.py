@@ -19,6 +19,7 @@ Generic handlers by capability: storages with `view(slot)` (host, device, buffer
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
@@ -79,8 +80,32 @@ def route(src: Any, dst: Any) -> Handler:
     return via_bounce
 
 
+class PathStats:
+    """Blocks, bytes and seconds moved per (source medium, destination medium)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.paths: dict[tuple[str, str], list] = {}  # -> [blocks, bytes, seconds, failed]
+
+    def add(self, src: str, dst: str, blocks: int, nbytes: int, seconds: float, failed: int) -> None:
+        with self._lock:
+            row = self.paths.setdefault((src, dst), [0, 0, 0.0, 0])
+            row[0] += blocks
+            row[1] += nbytes
+            row[2] += seconds
+            row[3] += failed
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {
+                f"{s}->{d}": {"blocks": b, "bytes": n, "seconds": round(t, 6), "failed": f,
+                              "gb_per_s": round(n / t / 1e9, 3) if t > 0 else None}
+                for (s, d), (b, n, t, f) in sorted(self.paths.items())
+            }
+
+
 def transfer(src: Any, src_slots: Sequence[Any], dst: Any, dst_slots: Sequence[Any],
-             keys: Sequence[Any]) -> list[bool]:
+             keys: Sequence[Any], stats: PathStats | None = None) -> list[bool]:
     """Move blocks with the pair's handler, holding both storages' locks."""
     if not keys:
         return []
@@ -89,7 +114,13 @@ def transfer(src: Any, src_slots: Sequence[Any], dst: Any, dst_slots: Sequence[A
             lock = getattr(s, "lock", None)
             if lock is not None:
                 stack.enter_context(lock)
-        return route(src, dst)(src, src_slots, dst, dst_slots, keys)
+        t0 = time.perf_counter()
+        ok = route(src, dst)(src, src_slots, dst, dst_slots, keys)
+        if stats is not None:
+            good = sum(ok)
+            stats.add(src.medium, dst.medium, good, good * src.block_nbytes, time.perf_counter() - t0,
+                      len(ok) - good)
+        return ok
 
 
 # ---------------------------------------------------------------- generic handlers
