@@ -89,6 +89,7 @@ class StoreJob:
     source: Any = None
     rejected: str | None = None
     failed: list = field(default_factory=list)  # keys whose bytes did not land (rolled back)
+    position: int = 0  # index of the stored keys' first block in its sequence
 
     @property
     def keys(self) -> list:
@@ -136,7 +137,7 @@ class BlockManager:
         self._events: list[Event] = []
         self._hints: dict[Any, Hints] = {}  # only non-default hints
         self._structured = any(t.policy.wants_structure for t in self.tiers)
-        self._parents: dict[Any, Any] = {}  # key -> parent key, kept only when a policy wants it
+        self._parents: dict[Any, Any] = {}  # key -> (parent, position), only when a policy wants it
         self._observers = [t.admission for t in self.tiers if t.admission.observes]
         self._readies = [t.ready for t in self.tiers]
         self._admit_all = self.tiers[0].admission.admits_all
@@ -250,17 +251,18 @@ class BlockManager:
     # ---------------------------------------------------------------- store
 
     def prepare_store(self, keys: Sequence[Any], hints: Hints | Sequence[Hints] | None = None,
-                      parent: Any = None, source: Any = None) -> StoreJob:
+                      parent: Any = None, source: Any = None, position: int = 0) -> StoreJob:
         """Reserve room for every key not yet stored; all or nothing.
 
         Keys already ready are touched (an access) and, below the top tier with promotion on,
         moved up since the source holds fresh bytes. Keys pending elsewhere are skipped.
-        `parent` is the key before keys[0] in its sequence (for prefix-aware policies).
+        `parent` is the key before keys[0] in its sequence and `position` the index of keys[0]
+        in it (for structure-aware policies).
         """
         per_key = hints is not None and not isinstance(hints, Hints)
         if per_key and len(hints) != len(keys):
             raise ValueError(f"hints has {len(hints)} entries for {len(keys)} keys")
-        job = StoreJob(source=source)
+        job = StoreJob(source=source, position=position)
         if self._all_new(keys):  # the common case: one run of new blocks for the top tier
             top = self.tiers[0]
             if len(keys) > top.capacity - len(top.busy):
@@ -362,13 +364,14 @@ class BlockManager:
         if hints is None and not self._structured:
             t.policy.insert_many(run, None)
         else:
-            insert, structured = t.policy.insert, t.policy.wants_structure
+            structured, per_block = t.policy.wants_structure, []
             for i in range(start, end):
                 key = keys[i]
                 h = hints[i] if per_key else hints
                 prev = keys[i - 1] if i else parent
-                self._remember(key, h, prev)
-                insert(key, self._hints_for(t, key, h, prev, i) if structured else h)
+                self._remember(key, h, prev, job.position + i)
+                per_block.append(self._hints_for(t, key, h, prev, job.position + i) if structured else h)
+            t.policy.insert_many(run, per_block)
         if t.storage.instant:
             slots = None
             t.pending.update(dict.fromkeys(run))
@@ -386,7 +389,7 @@ class BlockManager:
             key = keys[i]
             h = hints[i] if per_key else hints
             prev = keys[i - 1] if i else parent
-            ph = self._hints_for(t, key, h, prev, i) if structured else h
+            ph = self._hints_for(t, key, h, prev, job.position + i) if structured else h
             if not policy.accepts(key, ph):
                 t.stats.rejected += 1
                 continue
@@ -395,7 +398,7 @@ class BlockManager:
                 if victims is None:
                     continue
                 self._evicted_all(t, victims)
-            self._remember(key, h, prev)
+            self._remember(key, h, prev, job.position + i)
             slot = None if instant else t.storage.allocate()
             policy.insert(key, ph)
             t.pending[key] = slot
@@ -488,7 +491,7 @@ class BlockManager:
                 ev.extend(Event("stored", k, t.name) for k in keys)
 
     def store(self, keys: Sequence[Any], hints: Hints | Sequence[Hints] | None = None,
-              parent: Any = None, source: Any = None) -> StoreJob:
+              parent: Any = None, source: Any = None, position: int = 0) -> StoreJob:
         top = self.tiers[0]
         if (self._instant and hints is None and not self._structured and not self.record_events
                 and not top.policy.filters_inserts
@@ -506,7 +509,7 @@ class BlockManager:
         if not self._instant and source is None:
             raise ValueError(f"store into {top.name} ({top.storage.medium}) needs `source`: "
                              f"one buffer of {self.block_nbytes} bytes per key")
-        job = self.prepare_store(keys, hints, parent, source)
+        job = self.prepare_store(keys, hints, parent, source, position)
         if self._instant:
             self.complete_store(job)
             return job
@@ -521,9 +524,9 @@ class BlockManager:
     # ---------------------------------------------------------------- asynchronous
 
     def submit_store(self, keys: Sequence[Any], source: Sequence[Any], hints: Any = None,
-                     parent: Any = None) -> "Ticket":
+                     parent: Any = None, position: int = 0) -> "Ticket":
         """prepare_store now, the bytes on a worker thread; poll() completes it."""
-        job = self.prepare_store(keys, hints, parent, source)
+        job = self.prepare_store(keys, hints, parent, source, position)
         return self._submit("store", job, self._write_job)
 
     def submit_load(self, keys: Sequence[Any], destination: Sequence[Any]) -> "Ticket":
@@ -684,7 +687,7 @@ class BlockManager:
             self._drop(src, key, moved=True)
         else:
             src.policy.touch((key,))
-        slot = self._reserve(top, key, self._hints_for(top, key, self._hints.get(key), self._parents.get(key), 0))
+        slot = self._reserve(top, key, self._hints_for(top, key, self._hints.get(key), *self._structure(key)))
         src.stats.promotions_out += 1
         job.promotions.append((key, src, slot, len(job.keys) - 1))
 
@@ -882,7 +885,7 @@ class BlockManager:
                 nxt.stats.failed += 1
                 self._dropped(t, v, slot)
                 continue
-            nxt.policy.insert(v, self._hints_for(nxt, v, self._hints.get(v), self._parents.get(v), 0))
+            nxt.policy.insert(v, self._hints_for(nxt, v, self._hints.get(v), *self._structure(v)))
             nxt.ready[v] = dst
             nxt.stats.demotions_in += 1
             t.storage.free(slot)
@@ -921,17 +924,20 @@ class BlockManager:
         if self.record_events:
             self._events.append(Event(kind, key, tier, source))
 
-    def _remember(self, key: Any, hints: Hints | None, parent: Any) -> None:
+    def _structure(self, key: Any) -> tuple[Any, int]:
+        return self._parents.get(key, (None, 0))
+
+    def _remember(self, key: Any, hints: Hints | None, parent: Any, position: int = 0) -> None:
         if hints is not None and hints is not DEFAULT_HINTS:
             self._hints[key] = hints
         if self._structured and parent is not None:
-            self._parents[key] = parent
+            self._parents[key] = (parent, position)
 
     def _hints_for(self, t: Tier, key: Any, hints: Hints | None, parent: Any, position: int) -> Hints | None:
         if not t.policy.wants_structure:
             return hints
         base = hints or DEFAULT_HINTS
-        return Hints(base.priority, base.duration, parent, position or base.position, base.size)
+        return Hints(base.priority, base.duration, parent, position, base.size)
 
     def _forget_if_gone(self, key: Any) -> None:
         if not (self._hints or self._parents or self._forgetters):

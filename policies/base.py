@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Collection, Hashable, Iterable
+from typing import Any, Callable, ClassVar, Collection, Hashable, Iterable, Sequence
 
 Key = Hashable
 Clock = Callable[[], float]
@@ -86,10 +86,18 @@ class EvictionPolicy(ABC):
     def insert(self, key: Key, hints: Hints | None = None) -> None:
         """Track a key that was just added to the tier."""
 
-    def insert_many(self, keys: Iterable[Key], hints: Hints | None = None) -> None:
-        """Insert keys in order, none of them tracked yet (override for a faster bulk path)."""
-        for key in keys:
-            self.insert(key, hints)
+    def insert_many(self, keys: Sequence[Key], hints: Hints | Sequence[Hints | None] | None = None) -> None:
+        """Insert a run of new keys of one stored sequence, in order (none tracked yet).
+
+        hints: one Hints for all, or one per key. Override for a bulk path, or to treat the
+        run's last block specially (it ends what the engine stored).
+        """
+        if isinstance(hints, (list, tuple)):
+            for key, h in zip(keys, hints):
+                self.insert(key, h)
+        else:
+            for key in keys:
+                self.insert(key, hints)
 
     @abstractmethod
     def touch(self, keys: Iterable[Key]) -> None:

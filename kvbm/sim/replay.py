@@ -99,7 +99,7 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResu
         if n:
             load(keys[:n])
         if n < nkeys:
-            store(keys[n:], parent=keys[n - 1] if n else None)
+            store(keys[n:], parent=keys[n - 1] if n else None, position=n)
     seconds = time.perf_counter() - t0
     tiers = {}
     for ti, (name, st) in enumerate(mgr.stats()["tiers"].items()):

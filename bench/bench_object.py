@@ -1,0 +1,204 @@
+"""G2 <-> G4 throughput: ObjectStorage against raw fsspec puts/gets of the same objects.
+
+    python bench/bench_object.py                      # 64 x 16 MiB through moto on loopback, and file://
+    python bench/bench_object.py --blocks 16 --repeat 1   # a quick look
+
+The S3 endpoint is moto's server in a subprocess on 127.0.0.1 (so it has its own GIL).
+Blocks live in a G2 host pool. "raw" is s3fs's own batch API (`pipe` / `cat`, batch_size =
+the same concurrency) moving the bare payloads over the same S3FileSystem instance, with no
+header, no CRC-32C and no copy into G2: the limit ObjectStorage is measured against. Each
+timing is the median of --repeat runs, raw and kvbm alternating so drift hits both alike.
+Reports, never asserts; every block read back is compared with what was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from kvbm import ops
+from kvbm.tiers.host import HostStorage
+from kvbm.tiers.object import ObjectStorage
+
+MiB = 1 << 20
+BUCKET = "kvbm-bench"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = []
+    for mod in ("numpy", "fsspec", "s3fs", "aiobotocore", "botocore", "moto"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    return (f"{platform.node()}: {cpu}, {len(os.sched_getaffinity(0))} cpus, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+            f"Python {platform.python_version()}, kvbm crc32c={ops.CRC32C_IMPL}\n  " + ", ".join(versions))
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Case:
+    """One medium: ObjectStorage and raw fsspec batches over the same filesystem instance."""
+
+    def __init__(self, name: str, g4: ObjectStorage, src: HostStorage, dst: HostStorage, conc: int) -> None:
+        self.name, self.g4, self.src, self.dst, self.conc = name, g4, src, dst, conc
+        n = src.capacity_blocks
+        self.keys = [i.to_bytes(16, "little") for i in range(1, n + 1)]
+        self.slots = [g4.allocate() for _ in range(n)]
+        self.raw_paths = [f"{g4.prefix}-raw/{k.hex()}" for k in self.keys]
+        if not g4._async:
+            g4.fs.makedirs(f"{g4.prefix}-raw", exist_ok=True)
+        # botocore takes bytes, not a memoryview: made here, outside the timings, so the raw
+        # baseline is the strict limit (kvbm pays its header copy and CRC inside its time)
+        self.raw_data = {p: src.view(i).tobytes() for i, p in enumerate(self.raw_paths)}
+        self.ops = {"raw write": self.raw_write, "kvbm write": self.kvbm_write,
+                    "raw read": self.raw_read, "kvbm read": self.kvbm_read}
+        if g4._async:  # s3fs sends a HEAD before each plain GET; a ranged GET does not
+            self.ops["raw read, ranged"] = self.raw_read_ranged
+        self.wall: dict[str, list[float]] = {k: [] for k in self.ops}
+        self.cpu: dict[str, list[float]] = {k: [] for k in self.ops}
+
+    def kvbm_write(self) -> None:
+        items = [(k, s, self.src.view(i)) for i, (k, s) in enumerate(zip(self.keys, self.slots))]
+        assert all(self.g4.write(items)), f"{self.name}: a write failed ({self.g4.errors})"
+
+    def kvbm_read(self) -> None:
+        items = [(k, s, self.dst.view(i)) for i, (k, s) in enumerate(zip(self.keys, self.slots))]
+        assert all(self.g4.read(items)), f"{self.name}: a read failed ({self.g4.errors})"
+
+    def raw_write(self) -> None:
+        fs = self.g4.fs
+        if self.g4._async:
+            fs.pipe(self.raw_data, batch_size=self.conc)
+        else:  # synchronous filesystems have no batch API: a thread pool of the same size
+            with ThreadPoolExecutor(self.conc) as pool:
+                list(pool.map(lambda kv: fs.pipe_file(*kv), self.raw_data.items()))
+
+    def raw_read(self) -> None:
+        fs = self.g4.fs
+        if self.g4._async:
+            out = fs.cat(self.raw_paths, batch_size=self.conc)
+        else:
+            with ThreadPoolExecutor(self.conc) as pool:
+                out = dict(zip(self.raw_paths, pool.map(fs.cat_file, self.raw_paths)))
+        assert len(out) == len(self.raw_paths)
+
+    def raw_read_ranged(self) -> None:
+        n = len(self.raw_paths)
+        out = self.g4.fs.cat_ranges(self.raw_paths, [0] * n, [None] * n, batch_size=self.conc)
+        assert len(out) == n
+
+    def run(self, repeat: int, sync: bool) -> None:
+        for fn in self.ops.values():  # warm-up: connections, first-touch pages, new objects
+            fn()
+        for _ in range(repeat):
+            for label, fn in self.ops.items():
+                if sync:
+                    os.sync()  # the last run's dirty pages must not be written back in this one
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                self.wall[label].append(time.perf_counter() - t0)
+                self.cpu[label].append(time.process_time() - c0)
+            self.dst.pool[:] = 0  # every run must land its bytes again
+        self.kvbm_read()
+        assert np.array_equal(self.dst.pool, self.src.pool), f"{self.name}: bytes differ after the round trip"
+
+    def report(self) -> dict:
+        gib = self.src.capacity_blocks * self.src.block_nbytes / 2**30
+        med = {k: statistics.median(v) for k, v in self.wall.items()}
+        cpu = {k: statistics.median(v) for k, v in self.cpu.items()}
+        out = {}
+        for op in ("write", "read"):
+            raws = [k for k in med if k.startswith(f"raw {op}")]
+            limit = min(raws, key=med.get)  # the faster raw way is the limit
+            ratio = med[limit] / med[f"kvbm {op}"]
+            out[op] = ratio
+            for label in [f"kvbm {op}", *raws]:
+                print(f"  {self.name:<8} {label:<17} {gib / med[label]:6.3f} GiB/s  "
+                      f"client cpu {cpu[label] / gib:5.2f} s/GiB  runs {_runs(self.wall[label])}")
+            print(f"  {self.name:<8} {op:<5} ratio kvbm / {limit}: {ratio:.2f}")
+        return out
+
+
+def _runs(ts: list[float]) -> str:
+    return "/".join(f"{t:.2f}" for t in ts) + " s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=64)
+    ap.add_argument("--block-mib", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="parent folder for the file:// case (default: $TMPDIR)")
+    ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--skip-file", action="store_true")
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    n, nbytes, conc = args.blocks, args.block_mib * MiB, args.concurrency
+    print(machine())
+    print(f"{n} blocks x {args.block_mib} MiB = {n * nbytes / 2**30:.2f} GiB, concurrency {conc}, "
+          f"median of {args.repeat} after a warm-up; ratio = raw time / kvbm time (1.0 = no overhead)")
+
+    src = HostStorage(n, nbytes, pin="never")
+    dst = HostStorage(n, nbytes, pin="never")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        src.view(i)[:] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+
+    if not args.skip_s3:  # first, before file:// leaves dirty pages for moto's spill files to queue behind
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from s3server import FAKE_CREDENTIALS, MotoServer
+
+        os.environ.update(FAKE_CREDENTIALS)
+        with MotoServer() as server:
+            opts = {"endpoint_url": server.endpoint}
+            g4 = ObjectStorage(n, nbytes, namespace="bench", url=f"s3://{BUCKET}/g4",
+                               max_concurrency=conc, storage_options=opts, timeout=120)
+            g4.fs.mkdir(BUCKET)
+            case = Case("s3/moto", g4, src, dst, conc)
+            case.run(args.repeat, sync=False)
+            case.report()
+            print(f"  s3/moto  errors {g4.errors}")
+            g4.close()
+
+    if not args.skip_file:
+        tmp = tempfile.mkdtemp(prefix="kvbm-bench-g4-", dir=args.dir)
+        try:
+            g4 = ObjectStorage(n, nbytes, namespace="bench", url=f"file://{tmp}", max_concurrency=conc)
+            case = Case("file://", g4, src, dst, conc)
+            case.run(args.repeat, sync=True)
+            print(f"  file://  in {tmp} (page cache; os.sync() before each timed run)")
+            case.report()
+            g4.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""G4 object storage: one object per block on any fsspec URL, bounded, checksummed, concurrent.
+
+    ObjectStorage(capacity_blocks, block_nbytes, namespace=, url=, max_concurrency=, ...)
+    allocate() -> handle         an int below capacity_blocks, or None: capacity is a hard bound
+    free(handle)                 the handle comes back at once; the object is deleted in the background
+    write([(key, handle, buf)])  put objects concurrently -> per block True/False (never raises)
+    read([(key, handle, buf)])   get, verify header + length + key + CRC-32C, copy into buf
+    recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first
+
+An object is `<url>/<namespace>/<encode_key(key)>`: a 64-byte header (magic, version,
+block_nbytes, CRC-32C of the payload, key) and then the payload. The name carries the
+namespace and the header repeats the key, so neither a renamed object nor another layout's
+block is ever served.
+
+Async filesystems (s3fs, gcsfs, ...) run each put/get as a coroutine on fsspec's IO loop
+under a semaphore of max_concurrency, each cancelled after `timeout` seconds (botocore's
+read timeout does not end a PUT that an endpoint accepted and never answers; this bound
+always holds). CRCs are computed and checked in the calling thread, so the IO loop only
+moves bytes. Synchronous filesystems (local, memory) use a thread pool that reads straight
+into the caller's buffers; a thread cannot be cancelled, so there `timeout` does not apply. `file://`, the embedded default, writes a temporary name and
+renames it: a reader or a restart sees the whole object or none of it.
+
+`s3://` gets small timeouts by default (S3_CONFIG, merged under the user's config_kwargs;
+`retries` in storage_options sets s3fs's own loop). A connection failure marks the endpoint
+down for `retry_after` seconds: meanwhile every put/get fails at once, a counted miss,
+instead of each waiting out its own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from .base import Region, Storage, decode_key, encode_key
+
+MAGIC = b"KVB4"
+VERSION = 1
+# magic, version, key length, CRC-32C of the payload, block_nbytes; then the key's name,
+# zero-padded so that every object of a layout has one size (HEADER_MIN + block_nbytes for
+# keys up to 44 characters: 16-byte hashes and trace integers alike) and the payload starts
+# 64 bytes in. One size lets puts reuse their bodies and lets recover() spot torn objects.
+HEADER = struct.Struct("<4sHHIQ")
+HEADER_MIN = 64
+TMP_PREFIX = ".tmp-"
+STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
+
+# s3fs defaults are 5 s connect, 15 s read and 5 (s3fs) x 5 (botocore legacy) attempts with
+# backoff: minutes against a dead endpoint. A cache would rather miss: 2 s to connect, 5 s
+# between response bytes, one retry (botocore's), none from s3fs's loop around it.
+S3_CONFIG = {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
+S3_RETRIES = 1
+
+
+def default_url() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return "file://" + os.path.join(cache, "kvbm", "g4")
+
+
+class Corrupt(Exception):
+    """The object exists but is not this block (header, key, length or CRC mismatch)."""
+
+
+class ObjectStorage(Storage):
+    medium = "object"
+    persistent = True
+
+    def __init__(self, capacity_blocks: int, block_nbytes: int, *, namespace: str = "default",
+                 url: str | None = None, max_concurrency: int = 16,
+                 storage_options: dict[str, Any] | None = None, timeout: float = 10.0,
+                 retry_after: float = 2.0) -> None:
+        super().__init__(capacity_blocks, block_nbytes, namespace=namespace)
+        if block_nbytes <= 0:
+            raise ValueError("object storage needs a layout: block_nbytes must be > 0")
+        if not namespace or "/" in namespace or namespace.startswith("."):
+            raise ValueError(f"object storage namespace must be a path-safe name, got {namespace!r}")
+        if max_concurrency < 1:
+            raise ValueError(f"object storage max_concurrency must be >= 1, got {max_concurrency}")
+        import fsspec
+
+        self.url = url or default_url()
+        protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+        opts = _with_defaults(protocol, storage_options or {}, max_concurrency)
+        retries = opts.pop("retries", S3_RETRIES) if protocol in ("s3", "s3a") else None
+        # our own instance: the timeouts and retries set here must not leak to other users
+        opts.setdefault("skip_instance_cache", True)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **opts)
+        if retries is not None:
+            self.fs.retries = retries
+        self.prefix = f"{root.rstrip('/')}/{namespace}"
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self._async = bool(getattr(self.fs, "async_impl", False))
+        self._local = "file" in _protocols(self.fs)
+        if self._local:
+            self.fs.makedirs(self.prefix, exist_ok=True)
+        self._mu = threading.Lock()
+        self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out 0 first
+        self._names: dict[int, str] = {}  # handle -> object path, once written or recovered
+        self._deleting: dict[str, Future] = {}  # path -> background delete (free)
+        self._down_until = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._bodies: dict[int, list[bytearray]] = {}  # spare put bodies by size (async fs)
+
+    # ------------------------------------------------------------------ handles
+
+    def allocate(self) -> int | None:
+        with self._mu:
+            return self._free.pop() if self._free else None
+
+    def free(self, slot: int) -> None:
+        with self._mu:
+            path = self._names.pop(slot, None)
+            self._free.append(slot)
+        if path is not None:
+            fut = self._submit("delete", path)
+            with self._mu:
+                self._deleting[path] = fut
+            fut.add_done_callback(lambda f, p=path: self._deleted(p, f))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def path_of(self, key: Any) -> str:
+        return f"{self.prefix}/{encode_key(key)}"
+
+    def describe(self, slot: int) -> list[Region]:
+        path = self._names.get(slot)
+        if path is None:
+            raise ValueError(f"object slot {slot} holds no block")
+        # the payload follows the header inside the object
+        return [Region("object", self.fs.unstrip_protocol(path), _header_len(path), self.block_nbytes)]
+
+    # ------------------------------------------------------------------ data
+
+    def write(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
+        jobs = [(slot, self.path_of(key), _bytes(buf, self.block_nbytes)) for key, slot, buf in items]
+        with self._mu:
+            for slot, path, _ in jobs:
+                self._names[slot] = path  # before the put: free() must delete even a failed one
+        pending = [f for _, p, _ in jobs if (f := self._deleting.get(p)) is not None]
+        if pending:  # a block freed and stored again: its delete must land before the new put
+            wait(pending, timeout=self.timeout)
+        # CRC each block just before its put is queued: the first puts overlap the later CRCs.
+        futures = [self._submit("put", path, _header(path, len(data), ops.crc32c(data)), data)
+                   for _, path, data in jobs]
+        return self._collect(futures)
+
+    def read(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
+        jobs = [(self.path_of(key), _bytes(buf, self.block_nbytes, writable=True)) for key, _, buf in items]
+        if not self._async:  # worker threads read straight into the buffers and verify there
+            return self._collect([self._submit("get", path, dst) for path, dst in jobs])
+        # the IO loop only fetches; this thread verifies each object as it arrives and copies it
+        futures = [self._submit("get", path) for path, _ in jobs]
+        return self._collect(futures, lambda i, data: self._unpack(jobs[i][0], data, jobs[i][1]))
+
+    def recover(self) -> list[tuple[Any, int]]:
+        """The newest objects of this namespace, up to the free handles; verified when read."""
+        try:
+            self.fs.invalidate_cache(self.prefix)
+            listing = self.fs.ls(self.prefix, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception:
+            self._count(io_errors=1)
+            return []
+        with self._mu:
+            known = set(self._names.values())
+        found = []
+        now = time.time()
+        for info in listing:
+            path = info["name"].rstrip("/")
+            name = path.rsplit("/", 1)[-1]
+            if info.get("type") != "file" or path in known:
+                continue
+            if name.startswith(TMP_PREFIX):
+                if self._local and now - _mtime(info) > STALE_TMP_S:
+                    _quietly(self.fs.rm_file, path)
+                continue
+            try:
+                key = decode_key(name)
+            except ValueError:
+                continue
+            if info.get("size") not in (None, _header_len(path) + self.block_nbytes):
+                continue  # torn or foreign: it could never be served
+            found.append((_mtime(info), name, key, path))
+        found.sort(reverse=True)
+        out = []
+        with self._mu:
+            for _, _, key, path in found[:len(self._free)]:
+                slot = self._free.pop()
+                self._names[slot] = path
+                out.append((key, slot))
+        out.reverse()  # oldest first: a recency policy fed in this order ranks them right
+        return out
+
+    def close(self) -> None:
+        pending = list(self._deleting.values())
+        if pending:
+            wait(pending, timeout=self.timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._bodies = {}
+
+    # ------------------------------------------------------------------ one object, synchronous fs
+
+    def _put(self, path: str, header: bytes, data: memoryview) -> None:
+        self.fs.pipe_file(path, b"".join((header, data)))
+
+    def _put_local(self, path: str, header: bytes, data: memoryview) -> None:
+        head, name = path.rsplit("/", 1)
+        tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(data)
+            # A rename that replaces a file makes ext4 (auto_da_alloc) flush the new one at
+            # once: 3-4x slower rewrites. Unlinking first skips that; a reader in between
+            # sees no object (a miss), never half of one.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.rename(tmp, path)  # readers and restarts see the whole object or none of it
+        except BaseException:
+            _quietly(os.unlink, tmp)
+            raise
+
+    def _get_into(self, path: str, dst: np.ndarray) -> None:
+        hlen = _header_len(path)
+        with (open(path, "rb") if self._local else self.fs.open(path, "rb")) as f:
+            crc = self._check_header(path, f.read(hlen))
+            view, got = memoryview(dst), 0
+            while got < self.block_nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise Corrupt(f"{path}: short payload")
+                got += n
+            if f.read(1):
+                raise Corrupt(f"{path}: longer than one block")
+        if ops.crc32c(dst) != crc:
+            raise Corrupt(f"{path}: CRC-32C mismatch")
+
+    def _delete(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ one object, async fs
+
+    async def _aput(self, path: str, header: bytes, data: memoryview) -> None:
+        # botocore takes bytes or bytearray, not a view of G2: the object is assembled in a
+        # body reused across puts. A fresh 16 MiB buffer per put costs more in page faults
+        # than the copy itself. Only the IO loop touches the spares; at most max_concurrency
+        # bodies exist, as at most that many puts run.
+        size = len(header) + data.nbytes
+        spare = self._bodies.get(size)
+        body = spare.pop() if spare else bytearray(size)
+        body[:len(header)] = header
+        body[len(header):] = data
+        await self.fs._pipe_file(path, body)
+        # back to the spares only after success: a cancelled put's writer may still hold it
+        self._bodies.setdefault(size, []).append(body)
+
+    async def _aget(self, path: str) -> bytes:
+        # start=0 makes it one ranged GET: without a range s3fs sends a HEAD first for the size
+        return await self.fs._cat_file(path, start=0)
+
+    async def _adelete(self, path: str) -> None:
+        try:
+            await self.fs._rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ verification
+
+    def _unpack(self, path: str, data: bytes, dst: np.ndarray) -> None:
+        hlen = _header_len(path)
+        view = memoryview(data)
+        crc = self._check_header(path, view[:hlen])
+        if len(view) != hlen + self.block_nbytes:
+            raise Corrupt(f"{path}: {len(view) - hlen} payload bytes, expected {self.block_nbytes}")
+        payload = view[hlen:]
+        if ops.crc32c(payload) != crc:
+            raise Corrupt(f"{path}: CRC-32C mismatch")
+        dst[:] = np.frombuffer(payload, dtype=np.uint8)
+
+    def _check_header(self, path: str, head: bytes | memoryview) -> int:
+        """The payload's CRC, once the header proves the object is this block of this layout."""
+        name = path.rsplit("/", 1)[1].encode()
+        if len(head) != _header_len(path):
+            raise Corrupt(f"{path}: short header")
+        magic, version, klen, crc, nbytes = HEADER.unpack_from(head)
+        if magic != MAGIC or version != VERSION:
+            raise Corrupt(f"{path}: not a kvbm object (magic {bytes(magic)!r}, version {version})")
+        key = bytes(head[HEADER.size:]).rstrip(b"\0")
+        if nbytes != self.block_nbytes or klen != len(name) or key != name:
+            raise Corrupt(f"{path}: the header names another block ({nbytes} bytes, key {key!r})")
+        return crc
+
+    # ------------------------------------------------------------------ running jobs
+
+    def _submit(self, op: str, *args: Any) -> Future:
+        if self._async:
+            coro = {"put": self._aput, "get": self._aget, "delete": self._adelete}[op]
+            return asyncio.run_coroutine_threadsafe(self._bounded(coro, *args), self.fs.loop)
+        fn = {"put": self._put_local if self._local else self._put,
+              "get": self._get_into, "delete": self._delete}[op]
+        if self._pool is None:
+            with self._mu:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="kvbm-g4")
+        return self._pool.submit(self._guarded, fn, *args)
+
+    def _collect(self, futures: list[Future], finish: Callable[[int, Any], None] | None = None) -> list[bool]:
+        """Per job True when it (and `finish` on its result) succeeded; failures are counted."""
+        index = {f: i for i, f in enumerate(futures)}
+        ok = [False] * len(futures)
+        io = bad = 0
+        for fut in as_completed(index):  # every job carries its own timeout, so this ends
+            i = index[fut]
+            try:
+                result = fut.result()
+                if finish is not None:
+                    finish(i, result)
+                ok[i] = True
+            except Corrupt:
+                bad += 1
+            except Exception:
+                io += 1
+        if io or bad:
+            self._count(io_errors=io, checksum_errors=bad)
+        return ok
+
+    async def _bounded(self, coro: Callable, *args: Any) -> Any:
+        if self._sem is None:  # created on the IO loop, the only place it is used
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        async with self._sem:
+            self._raise_if_down()
+            try:
+                return await asyncio.wait_for(coro(*args), self.timeout)
+            except Exception as exc:
+                self._note(exc)
+                raise
+
+    def _guarded(self, fn: Callable, *args: Any) -> Any:
+        self._raise_if_down()
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._note(exc)
+            raise
+
+    def _raise_if_down(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise ConnectionError(f"object store {self.url} is down; retrying after {self.retry_after} s")
+
+    def _note(self, exc: Exception) -> None:
+        if self.retry_after > 0 and _unreachable(exc):
+            self._down_until = time.monotonic() + self.retry_after
+
+    def _deleted(self, path: str, fut: Future) -> None:
+        with self._mu:
+            if self._deleting.get(path) is fut:
+                del self._deleting[path]
+        if not fut.cancelled() and fut.exception() is not None:
+            self._count(io_errors=1)
+
+    def _count(self, io_errors: int = 0, checksum_errors: int = 0) -> None:
+        with self._mu:
+            self.errors.io_errors += io_errors
+            self.errors.checksum_errors += checksum_errors
+
+
+def _header(path: str, nbytes: int, crc: int) -> bytes:
+    name = path.rsplit("/", 1)[1].encode()
+    return HEADER.pack(MAGIC, VERSION, len(name), crc, nbytes) + name.ljust(_header_len(path) - HEADER.size, b"\0")
+
+
+def _header_len(path: str) -> int:
+    return max(HEADER_MIN, HEADER.size + len(path) - path.rindex("/") - 1)
+
+
+def _bytes(buf: Any, nbytes: int, writable: bool = False) -> Any:
+    """A block buffer as flat bytes without a copy (memoryview to write, uint8 array to fill)."""
+    if isinstance(buf, np.ndarray):
+        arr = buf.reshape(-1).view(np.uint8) if buf.flags.c_contiguous else None
+    else:
+        arr = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+    if arr is None or arr.nbytes != nbytes or (writable and not arr.flags.writeable):
+        need = "a writable" if writable else "a"
+        raise ValueError(f"object storage: a block needs {need} contiguous {nbytes}-byte buffer")
+    return arr if writable else memoryview(arr)
+
+
+def _quietly(fn: Callable, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
+
+def _with_defaults(protocol: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    opts = dict(options)
+    if protocol in ("s3", "s3a"):
+        # botocore pools 10 connections by default: more puts than that would queue for one
+        pool = {"max_pool_connections": max(10, concurrency)}
+        opts["config_kwargs"] = {**S3_CONFIG, **pool, **(opts.get("config_kwargs") or {})}
+    return opts
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The endpoint (not the object) failed: refused, reset, timed out."""
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
