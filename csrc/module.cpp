@@ -3,15 +3,19 @@
 // releases the GIL for the work.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "copy_blocks.hpp"
 #include "crc32c.hpp"
+#include "file_io.hpp"
 #include "thread_pool.hpp"
 
 namespace nb = nanobind;
@@ -97,6 +101,61 @@ void copy_blocks_py(nb::handle src, Offsets src_offsets, nb::handle dst, Offsets
                     threads);
 }
 
+using Crcs = nb::ndarray<uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Statuses = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
+
+// pwrite_blocks / pread_blocks: block i is nbytes at bufs[i] (a list of buffers), or at
+// bufs + buf_offsets[i] (one buffer). Bad arguments raise; I/O errors are statuses.
+Statuses file_io_py(bool write, int fd, nb::handle bufs, std::optional<Offsets> buf_offsets,
+                    Offsets file_offsets, int64_t nbytes, unsigned threads, std::optional<Crcs> crcs) {
+  const char* op = write ? "pwrite_blocks" : "pread_blocks";
+  const std::string name = write ? "src" : "dst";
+  const size_t n = file_offsets.shape(0);
+  check_batch(op, n, nbytes);
+  kvbm::check_file_offsets(op, file_offsets.data(), n, nbytes);
+  auto mismatch = [&](const std::string& what, size_t len) {
+    return std::invalid_argument(std::string(op) + ": len(" + what + ") = " + std::to_string(len) +
+                                 " but len(file_offsets) = " + std::to_string(n));
+  };
+  if (crcs && crcs->shape(0) != n) throw mismatch("crcs", crcs->shape(0));
+  std::vector<std::unique_ptr<Buffer>> held;
+  std::vector<uint8_t*> ptrs(n);
+  if (buf_offsets) {
+    if (buf_offsets->shape(0) != n) throw mismatch(name + "_offsets", buf_offsets->shape(0));
+    held.emplace_back(new Buffer(bufs, !write, op, name.c_str()));
+    kvbm::check_ranges(op, (name + "_offsets").c_str(), buf_offsets->data(), n, nbytes,
+                       held[0]->size());
+    for (size_t i = 0; i < n; ++i) ptrs[i] = held[0]->data() + buf_offsets->data()[i];
+  } else {
+    if (!nb::isinstance<nb::list>(bufs))
+      throw nb::type_error((std::string(op) + ": " + name + " must be a list of buffers when " +
+                            name + "_offsets is None").c_str());
+    nb::list list = nb::borrow<nb::list>(bufs);
+    if (list.size() != n) throw mismatch(name, list.size());
+    for (size_t i = 0; i < n; ++i) {
+      const std::string item = name + "[" + std::to_string(i) + "]";
+      held.emplace_back(new Buffer(list[i], !write, op, item.c_str()));
+      if (static_cast<int64_t>(held.back()->size()) < nbytes)
+        throw std::invalid_argument(std::string(op) + ": " + item + " holds " +
+                                    std::to_string(held.back()->size()) + " bytes, fewer than nbytes " +
+                                    std::to_string(nbytes));
+      ptrs[i] = held.back()->data();
+    }
+  }
+  std::unique_ptr<int32_t[]> status(new int32_t[n]);
+  {
+    nb::gil_scoped_release release;
+    threads = kvbm::pick_threads(threads, uint64_t(n) * uint64_t(nbytes));
+    uint32_t* crc_out = crcs ? crcs->data() : nullptr;
+    if (write)
+      kvbm::pwrite_blocks(fd, ptrs.data(), file_offsets.data(), n, nbytes, threads, status.get(), crc_out);
+    else
+      kvbm::pread_blocks(fd, ptrs.data(), file_offsets.data(), n, nbytes, threads, status.get(), crc_out);
+  }
+  nb::capsule owner(status.get(), [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+  return Statuses(status.release(), {n}, owner);
+}
+
 }  // namespace
 
 #ifdef KVBM_WITH_CUDA
@@ -116,6 +175,25 @@ NB_MODULE(_native, m) {
   m.def("copy_blocks", &copy_blocks_py, "src"_a, "src_offsets"_a, "dst"_a, "dst_offsets"_a,
         "nbytes"_a, "threads"_a = 0,
         "dst[dst_offsets[i]:][:nbytes] = src[src_offsets[i]:][:nbytes] for every i.");
+
+  m.def(
+      "pwrite_blocks",
+      [](int fd, nb::handle src, std::optional<Offsets> src_offsets, Offsets file_offsets,
+         int64_t nbytes, unsigned threads, std::optional<Crcs> crcs) {
+        return file_io_py(true, fd, src, src_offsets, file_offsets, nbytes, threads, crcs);
+      },
+      "fd"_a, "src"_a, "src_offsets"_a.none(), "file_offsets"_a, "nbytes"_a, "threads"_a = 0,
+      "crcs"_a.none() = nb::none(),
+      "Write block i to the file at file_offsets[i]; int32 status per block (0 or errno).");
+  m.def(
+      "pread_blocks",
+      [](int fd, nb::handle dst, std::optional<Offsets> dst_offsets, Offsets file_offsets,
+         int64_t nbytes, unsigned threads, std::optional<Crcs> crcs) {
+        return file_io_py(false, fd, dst, dst_offsets, file_offsets, nbytes, threads, crcs);
+      },
+      "fd"_a, "dst"_a, "dst_offsets"_a.none(), "file_offsets"_a, "nbytes"_a, "threads"_a = 0,
+      "crcs"_a.none() = nb::none(),
+      "Read block i from the file at file_offsets[i]; int32 status per block (0 or errno).");
 
 #ifdef KVBM_WITH_CUDA
   m.attr("built_with_cuda") = true;

@@ -1,0 +1,480 @@
+"""G3 disk storage: one preallocated slot file on local NVMe, O_DIRECT, and a crash-safe index.
+
+    DiskStorage(capacity_blocks, block_nbytes, namespace=, path=, direct=True, threads=0)
+    allocate() -> slot             a free slot, or None: capacity is a hard bound
+    free(slot)                     appends a delete record, so the block is never resurrected
+    write([(key, slot, buf)])      batched pwrite, then put records -> per block True/False
+    read([(key, slot, buf)])       batched pread, CRC-32C checked -> per block True/False
+    recover() -> [(key, slot)]     the blocks the index kept, oldest write first
+    describe(slot)                 the block's file extent (for NIXL)
+
+Files live in `<path>/<namespace>/`:
+
+    slots.bin   capacity_blocks slots `stride` bytes apart (block_nbytes rounded up to 4 KiB,
+                so every slot is aligned for O_DIRECT), preallocated at open
+    index.log   a header (block size, capacity), then put records (key, slot, crc32c and
+                sequence for each block of one write call) and delete records (slot), each
+                framed with its own length and checksum
+
+A write lands the bytes first and appends their put record after, and syncs neither (the
+files are synced at close and when the index is compacted). After a crash a record may
+therefore name bytes that never fully landed: the record's CRC-32C catches that at read,
+which is a miss and a counted checksum error. Bytes whose record never came are simply not
+found. Either way a torn block is a miss, never wrong bytes, so open does not read the slots.
+
+Open replays the index (a torn tail record ends it; per slot and per key the latest record
+wins, a delete removes) and rewrites it compacted: temporary file, fsync, rename, fsync of
+the folder. An index written for another block size or capacity is dropped with a warning
+and the store starts empty: old slots are never read with the wrong layout.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import shutil
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from .base import Region, Storage, decode_key, encode_key
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+MAGIC = b"KVBM-G3\0"
+VERSION = 1
+SLOTS_FILE = "slots.bin"
+INDEX_FILE = "index.log"
+
+# Every record: payload length and its checksum (zlib's crc32: framing, not block data), then
+# the payload: its kind and sequence number, then a body. A put record holds one entry per
+# block of a write call (entry j has sequence seq + j), so a batch costs one frame.
+FRAME = struct.Struct("<II")
+HEAD = struct.Struct("<BQ")
+HEADER, PUT, DELETE = 0, 1, 2
+HEADER_BODY = struct.Struct("<8sIQQ")  # magic, version, block_nbytes, capacity_blocks
+PUT_ENTRY = struct.Struct("<IIH")  # slot, crc32c of the block, key length; the key's name follows
+DELETE_BODY = struct.Struct("<I")  # slot
+MAX_RECORD = 1 << 30  # a garbled length beyond this ends the replay
+COMPACT_ENTRIES = 65536  # put entries per frame when the index is rewritten
+
+
+def align_up(n: int, a: int = PAGE) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(slots=True)
+class Entry:
+    key: Any
+    crc: int
+    seq: int
+
+
+def _frame(kind: int, seq: int, body: bytes) -> bytes:
+    payload = HEAD.pack(kind, seq) + body
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _put_record(seq: int, entries: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """One frame for [(slot, crc, key name)], sequences seq, seq + 1, ..."""
+    pack = PUT_ENTRY.pack
+    return _frame(PUT, seq, b"".join([pack(slot, crc, len(name)) + name for slot, crc, name in entries]))
+
+
+def _put_entries(body: bytes):
+    pos = 0
+    while pos < len(body):
+        slot, crc, n = PUT_ENTRY.unpack_from(body, pos)
+        pos += PUT_ENTRY.size + n
+        yield slot, crc, body[pos - n : pos]
+
+
+def _records(data: bytes):
+    """(kind, seq, body) for each intact record; returns at the first torn or garbled one."""
+    pos = 0
+    while pos + FRAME.size <= len(data):
+        length, crc = FRAME.unpack_from(data, pos)
+        end = pos + FRAME.size + length
+        if not HEAD.size <= length <= MAX_RECORD or end > len(data):
+            break
+        payload = data[pos + FRAME.size : end]
+        if zlib.crc32(payload) != crc:
+            break
+        kind, seq = HEAD.unpack_from(payload)
+        yield kind, seq, payload[HEAD.size :]
+        pos = end
+    if pos < len(data):
+        log.warning("disk storage: ignoring %d bytes of torn or garbled index records at the end",
+                    len(data) - pos)
+
+
+class DiskStorage(Storage):
+    medium = "disk"
+    persistent = True
+
+    def __init__(self, capacity_blocks: int, block_nbytes: int, *, path: str | os.PathLike | None = None,
+                 direct: bool = True, threads: int = 0, **options: Any) -> None:
+        super().__init__(capacity_blocks, block_nbytes, **options)
+        if path is None:
+            raise ValueError("disk storage needs `path`, a folder on a local disk (NVMe)")
+        if block_nbytes <= 0:
+            raise ValueError("disk storage needs a layout: block_nbytes must be > 0")
+        if not 0 < capacity_blocks < 2**32:
+            raise ValueError(f"disk storage capacity_blocks must be in [1, 2**32), got {capacity_blocks}")
+        self.stride = align_up(block_nbytes)
+        self.threads = threads
+        self.folder = Path(path) / self.namespace
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.slots_path = self.folder / SLOTS_FILE
+        self.index_path = self.folder / INDEX_FILE
+        self._lock = threading.Lock()
+        self._index: dict[int, Entry] = {}  # slot -> the block it holds
+        self._slot_of: dict[Any, int] = {}  # key -> slot
+        self._seq = 0
+        self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out slot 0 first
+        self._used: set[int] = set()
+        self._fd = self._log_fd = -1
+        self._replay()
+        self._fd, self.direct = self._open_slots(direct)
+        try:
+            self._compact()
+        except OSError as exc:
+            os.close(self._fd)
+            raise OSError(exc.errno, f"disk storage: cannot write the index {self.index_path}: "
+                                     f"{exc.strerror}") from exc
+        self._compact_after = max(4096, 4 * capacity_blocks)  # appended records before a rewrite
+
+    # ---------------------------------------------------------------- open
+
+    def _replay(self) -> None:
+        try:
+            data = self.index_path.read_bytes()
+        except FileNotFoundError:
+            return
+        records = _records(data)
+        first = next(records, None)
+        if first is None or first[0] != HEADER or HEADER_BODY.unpack_from(first[2])[:2] != (MAGIC, VERSION):
+            log.warning("disk storage: %s has no readable header; starting empty", self.index_path)
+            return
+        nbytes, capacity = HEADER_BODY.unpack_from(first[2])[2:]
+        if (nbytes, capacity) != (self.block_nbytes, self.capacity_blocks):
+            log.warning("disk storage: %s was written for block_nbytes=%d, capacity_blocks=%d, but this "
+                        "store has block_nbytes=%d, capacity_blocks=%d; starting empty (the old blocks are "
+                        "dropped, never read with the wrong layout)", self.index_path, nbytes, capacity,
+                        self.block_nbytes, self.capacity_blocks)
+            return
+        for kind, seq, body in records:
+            try:  # the frame's checksum held, so this only fails for bytes we did not write
+                if kind == PUT:
+                    entries = [(slot, crc, decode_key(name.decode())) for slot, crc, name in _put_entries(body)]
+                elif kind == DELETE:
+                    deleted = DELETE_BODY.unpack(body)[0]
+            except (struct.error, ValueError) as exc:
+                log.warning("disk storage: %s has a malformed record (%s); ignoring it and all after it",
+                            self.index_path, exc)
+                break
+            self._seq = max(self._seq, seq)
+            if kind == PUT:
+                for j, (slot, crc, key) in enumerate(entries):
+                    if slot < self.capacity_blocks:
+                        self._map(slot, key, crc, seq + j)
+                self._seq = max(self._seq, seq + len(entries) - 1)
+            elif kind == DELETE:
+                self._unmap(deleted)
+
+    def _open_slots(self, direct: bool) -> tuple[int, bool]:
+        path, need = self.slots_path, self.capacity_blocks * self.stride
+        created = not path.exists()
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd, is_direct = -1, False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd, is_direct = os.open(path, flags | os.O_DIRECT, 0o644), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._warn_buffered(exc)
+        if fd < 0:
+            fd = os.open(path, flags, 0o644)
+        try:
+            if os.fstat(fd).st_size > need:
+                os.ftruncate(fd, need)
+            os.posix_fallocate(fd, 0, need)
+        except OSError as exc:
+            os.close(fd)
+            if created:
+                path.unlink(missing_ok=True)
+            free = shutil.disk_usage(self.folder).free
+            raise OSError(exc.errno, f"disk storage: cannot preallocate {need} bytes ({self.capacity_blocks} "
+                                     f"slots x {self.stride} bytes) for {path}: {exc.strerror}; {free} bytes "
+                                     f"are free there") from exc
+        if is_direct and not self._direct_reads_work(fd):
+            os.close(fd)
+            fd, is_direct = os.open(path, flags, 0o644), False
+        return fd, is_direct
+
+    def _direct_reads_work(self, fd: int) -> bool:
+        # Some filesystems accept O_DIRECT at open and refuse it at the first I/O.
+        probe = np.frombuffer(mmap.mmap(-1, PAGE), dtype=np.uint8)
+        status = ops.pread_blocks(fd, [probe], [0], PAGE)[0]
+        if status == errno.EINVAL:
+            self._warn_buffered(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+            return False
+        return True
+
+    def _warn_buffered(self, exc: OSError) -> None:
+        log.warning("disk storage: the filesystem under %s refuses O_DIRECT (%s); using buffered I/O, "
+                    "so blocks also pass through the page cache", self.folder, exc.strerror)
+
+    def _compact(self) -> None:
+        """Rewrite the index as header + one put per live block (atomic: temp, fsync, rename)."""
+        header = _frame(HEADER, 0, HEADER_BODY.pack(MAGIC, VERSION, self.block_nbytes, self.capacity_blocks))
+        live = sorted(self._index.items(), key=lambda item: item[1].seq)
+        # Sequences stay as they were (gaps and all); a frame holds consecutive ones only.
+        frames, run, run_seq = [header], [], 0
+        for slot, e in live:
+            if run and (len(run) == COMPACT_ENTRIES or e.seq != run_seq + len(run)):
+                frames.append(_put_record(run_seq, run))
+                run = []
+            if not run:
+                run_seq = e.seq
+            run.append((slot, e.crc, encode_key(e.key).encode()))
+        if run:
+            frames.append(_put_record(run_seq, run))
+        data = b"".join(frames)
+        tmp = self.index_path.with_name(INDEX_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.index_path)
+        _fsync_folder(self.folder)
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+        self._log_fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        self._log_size = len(data)
+        self._appended = 0
+
+    # ---------------------------------------------------------------- index
+
+    def _map(self, slot: int, key: Any, crc: int, seq: int) -> None:
+        """slot now holds key: whatever the slot held, and wherever the key was, is gone."""
+        self._unmap(slot)
+        old = self._slot_of.pop(key, None)
+        if old is not None:
+            self._index.pop(old, None)
+        self._index[slot] = Entry(key, crc, seq)
+        self._slot_of[key] = slot
+
+    def _unmap(self, slot: int) -> Entry | None:
+        entry = self._index.pop(slot, None)
+        if entry is not None and self._slot_of.get(entry.key) == slot:
+            del self._slot_of[entry.key]
+        return entry
+
+    def _append(self, data: bytes, records: int = 1) -> bool:
+        """Append records (not synced). On failure cut the log back, so a partial record
+        cannot hide the ones appended after it, and return False."""
+        try:
+            if os.write(self._log_fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            log.warning("disk storage: cannot append to %s: %s", self.index_path, exc.strerror)
+            try:
+                os.ftruncate(self._log_fd, self._log_size)
+            except OSError:
+                pass
+            return False
+        self._log_size += len(data)
+        self._appended += records
+        if self._appended > self._compact_after:
+            try:
+                self._compact()
+            except OSError as exc:  # the log as it is stays valid
+                log.warning("disk storage: cannot compact %s: %s", self.index_path, exc.strerror)
+        return True
+
+    # ---------------------------------------------------------------- slots
+
+    def allocate(self) -> int | None:
+        with self._lock:
+            if not self._free:
+                return None
+            slot = self._free.pop()
+            self._used.add(slot)
+            return slot
+
+    def free(self, slot: int) -> None:
+        with self._lock:
+            if slot not in self._used:
+                raise ValueError(f"disk storage: slot {slot} is not allocated")
+            self._used.remove(slot)
+            self._free.append(slot)
+            if self._unmap(slot) is not None:
+                self._seq += 1
+                if not self._append(_frame(DELETE, self._seq, DELETE_BODY.pack(slot))):
+                    self.errors.io_errors += 1  # it may come back after a restart; its crc still holds
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def fd(self) -> int:
+        """The slot file's descriptor (O_DIRECT when `direct`), e.g. for NIXL registration."""
+        return self._fd
+
+    def offset(self, slot: int) -> int:
+        return slot * self.stride
+
+    def describe(self, slot: int) -> list[Region]:
+        return [Region("file", str(self.slots_path), slot * self.stride, self.block_nbytes)]
+
+    def recover(self) -> list[tuple[Any, int]]:
+        """The indexed blocks, oldest write first; their slots become allocated. Bytes are
+        verified when read, not here (that would read the whole disk)."""
+        with self._lock:
+            live = sorted(self._index.items(), key=lambda item: item[1].seq)
+            slots = {slot for slot, _ in live}
+            self._used |= slots
+            self._free = [s for s in self._free if s not in slots]
+            return [(e.key, slot) for slot, e in live]
+
+    # ---------------------------------------------------------------- bytes
+
+    def _check(self, items: Sequence[tuple[Any, Any, Any]], writable: bool) -> tuple[list, list[int]]:
+        """(buffers, slots), each buffer checked to be one C-contiguous block (ValueError)."""
+        nbytes, capacity = self.block_nbytes, self.capacity_blocks
+        views, slots = [], []
+        for _, slot, buf in items:
+            if type(slot) is not int:
+                if not isinstance(slot, np.integer):
+                    raise ValueError(f"disk storage: slot {slot!r} is not an integer")
+                slot = int(slot)
+            if not 0 <= slot < capacity:
+                raise ValueError(f"disk storage: slot {slot} is outside [0, {capacity})")
+            # numpy blocks (host slot views) pass as they are: the common case, kept cheap
+            if not (type(buf) is np.ndarray and buf.nbytes == nbytes and buf.flags.c_contiguous
+                    and (buf.flags.writeable or not writable)):
+                buf = memoryview(buf).cast("B")
+                if buf.nbytes != nbytes:
+                    raise ValueError(f"disk storage: a {buf.nbytes}-byte buffer for a {nbytes}-byte block")
+                if writable and buf.readonly:
+                    raise TypeError("disk storage: read() needs writable buffers")
+            views.append(buf)
+            slots.append(slot)
+        return views, slots
+
+    def write(self, items: Sequence[tuple[Any, Any, Any]]) -> list[bool]:
+        items = list(items)
+        views, slots = self._check(items, writable=False)
+        names = [encode_key(key).encode() for key, _, _ in items]  # TypeError before any I/O
+        if len(set(slots)) != len(slots):
+            raise ValueError("disk storage: a write batch names the same slot twice")
+        if not items:
+            return []
+        with self._lock:
+            for slot in slots:  # its bytes are about to change: the old block is gone
+                self._unmap(slot)
+        crcs = np.zeros(len(items), dtype=np.uint32)
+        stride = self.stride
+        status = ops.pwrite_blocks(self._fd, views, [s * stride for s in slots], self.block_nbytes,
+                                   threads=self.threads, crcs=crcs)
+        ok = np.flatnonzero(status == 0).tolist()
+        crc_list = crcs.tolist()
+        result = [False] * len(items)
+        with self._lock:
+            first = self._seq + 1
+            record = _put_record(first, [(slots[i], crc_list[i], names[i]) for i in ok])
+            if ok and self._append(record, len(ok)):
+                self._seq += len(ok)
+                for j, i in enumerate(ok):
+                    self._map(slots[i], items[i][0], crc_list[i], first + j)
+                    result[i] = True
+            self.errors.io_errors += len(items) - result.count(True)  # write or record failed
+        if len(ok) < len(items):
+            log.warning("disk storage: %d of %d block writes to %s failed (%s)", len(items) - len(ok),
+                        len(items), self.slots_path, _errnames(status))
+        return result
+
+    def read(self, items: Sequence[tuple[Any, Any, Any]]) -> list[bool]:
+        items = list(items)
+        views, slots = self._check(items, writable=True)
+        with self._lock:
+            index = self._index
+            entries = [index.get(slot) for slot in slots]
+        todo = [i for i, e in enumerate(entries) if e is not None and e.key == items[i][0]]
+        result = [False] * len(items)
+        if not todo:
+            return result
+        crcs = np.zeros(len(todo), dtype=np.uint32)
+        stride = self.stride
+        status = ops.pread_blocks(self._fd, [views[i] for i in todo], [slots[i] * stride for i in todo],
+                                  self.block_nbytes, threads=self.threads, crcs=crcs)
+        bad_io = bad_crc = 0
+        for i, st, crc in zip(todo, status.tolist(), crcs.tolist()):
+            if st:
+                bad_io += 1
+            elif crc != entries[i].crc:
+                bad_crc += 1
+                log.warning("disk storage: block in slot %d of %s fails its checksum; not served",
+                            slots[i], self.slots_path)
+            else:
+                result[i] = True
+        if bad_io or bad_crc:
+            with self._lock:
+                self.errors.io_errors += bad_io
+                self.errors.checksum_errors += bad_crc
+        if bad_io:
+            log.warning("disk storage: %d block reads from %s failed (%s)", bad_io, self.slots_path,
+                        _errnames(status))
+        return result
+
+    # ---------------------------------------------------------------- close
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self._fd, self._log_fd):
+                if fd < 0:
+                    continue
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    log.warning("disk storage: fsync failed under %s: %s", self.folder, exc.strerror)
+                os.close(fd)
+            self._fd = self._log_fd = -1
+
+    def __enter__(self) -> DiskStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _errnames(status: np.ndarray) -> str:
+    return ", ".join(sorted({errno.errorcode.get(s, str(s)) for s in status.tolist() if s}))
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
