@@ -22,6 +22,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from heapq import heapify, heappop, heappush
 
+from ._lazyheap import pop_victims
 from .base import EvictionPolicy
 
 
@@ -115,24 +116,11 @@ class BeladyPolicy(EvictionPolicy):
     def evict(self, n, protected=()):
         if n <= 0:
             return []
-        if protected and not isinstance(protected, (set, frozenset, dict)):
-            protected = set(protected)
-        r, tracked = self.now(), self._next
-        self._refresh(r)
-        heap = self._heap
-        victims, skipped, seen = [], [], set()
-        while heap and len(victims) < n:
-            item = heappop(heap)
-            request, position, seq, key = item
-            if key in seen or tracked.get(key) != (-request, -position, seq):
-                continue
-            seen.add(key)
-            (skipped if key in protected else victims).append(item)
-        for item in skipped:
-            heappush(heap, item)
-        if len(victims) < n:
-            for item in victims:
-                heappush(heap, item)
+        tracked = self._next
+        self._refresh(self.now())
+        victims = pop_victims(self._heap, n, protected,
+                              lambda it: tracked.get(it[3]) == (-it[0], -it[1], it[2]))
+        if victims is None:
             return None
         for item in victims:
             del tracked[item[3]]

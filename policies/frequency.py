@@ -19,8 +19,9 @@ stale entries outnumber live ones, so every operation is O(log n) amortized.
 from __future__ import annotations
 
 import math
-from heapq import heapify, heappop, heappush
+from heapq import heapify, heappush
 
+from ._lazyheap import pop_victims
 from .base import EvictionPolicy
 
 
@@ -76,22 +77,9 @@ class FrequencyPolicy(EvictionPolicy):
     def evict(self, n, protected=()):
         if n <= 0:
             return []
-        if protected and not isinstance(protected, (set, frozenset, dict)):
-            protected = set(protected)
-        heap, entries = self._heap, self._entry
-        victims, skipped, seen = [], [], set()
-        while heap and len(victims) < n:
-            item = heappop(heap)
-            weight, seq, key = item
-            if key in seen or entries.get(key) != (weight, seq):
-                continue  # stale: the key was accessed, removed or evicted since
-            seen.add(key)
-            (skipped if key in protected else victims).append(item)
-        for item in skipped:
-            heappush(heap, item)
-        if len(victims) < n:
-            for item in victims:
-                heappush(heap, item)
+        entries = self._entry
+        victims = pop_victims(self._heap, n, protected, lambda it: entries.get(it[2]) == (it[0], it[1]))
+        if victims is None:
             return None
         for _, _, key in victims:
             del entries[key]

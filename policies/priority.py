@@ -19,6 +19,7 @@ from bisect import bisect_right
 from datetime import timedelta
 from heapq import heapify, heappop, heappush
 
+from ._lazyheap import pop_victims
 from .base import DEFAULT_HINTS, DEFAULT_PRIORITY, EvictionPolicy, Hints
 
 
@@ -77,24 +78,15 @@ class PriorityPolicy(EvictionPolicy):
     def evict(self, n, protected=()):
         if n <= 0:
             return []
-        if protected and not isinstance(protected, (set, frozenset, dict)):
-            protected = set(protected)
         self._expire()
-        heap, states = self._heap, self._state
-        victims, skipped, seen = [], [], set()
-        while heap and len(victims) < n:
-            item = heappop(heap)
-            prio, seq, key = item
-            state = states.get(key)
-            if key in seen or state is None or state[0] != prio or state[1] != seq:
-                continue
-            seen.add(key)
-            (skipped if key in protected else victims).append(item)
-        for item in skipped:
-            heappush(heap, item)
-        if len(victims) < n:
-            for item in victims:
-                heappush(heap, item)
+        states = self._state
+
+        def live(item):
+            state = states.get(item[2])
+            return state is not None and state[0] == item[0] and state[1] == item[1]
+
+        victims = pop_victims(self._heap, n, protected, live)
+        if victims is None:
             return None
         for _, _, key in victims:
             del states[key]
