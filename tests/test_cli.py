@@ -94,3 +94,22 @@ def test_policies_lists_every_builtin(capsys):
     for name in ("lru", "fifo", "frequency", "priority", "arc", "s3fifo", "prefix", "belady",
                  "always", "n_hit", "priority_floor"):
         assert f"  {name} " in out
+
+
+def test_demo_moves_real_bytes_and_verifies_them(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--requests", "120", "--g2", "40", "--g3", "80", "--g4", "400",
+                       "--workdir", str(tmp_path), "--json", "--quiet")
+    res = json.loads(out)
+    assert code == 0
+    assert res["mismatched_blocks"] == 0 and res["failed_loads"] == 0
+    assert res["verified_blocks"] > 0
+    # blocks travelled every path: stored into G2, demoted to G3 and G4, and loaded back
+    for path in ("buffer->host", "host->disk", "disk->object", "host->buffer"):
+        assert res["transfers"][path]["blocks"] > 0, path
+    assert res["tiers"]["g4"]["demotions_in"] > 0
+    assert (tmp_path / "g3").exists() and (tmp_path / "g4").exists()
+
+
+def test_demo_rejects_a_zero_capacity(capsys):
+    code, _, err = run(capsys, "demo", "--g3", "0", "--quiet")
+    assert code == 2 and "--g3 must be positive" in err
