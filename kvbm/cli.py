@@ -105,6 +105,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .sim.replay import simulate, sweep
     from .sim.traces import load_trace
 
+    if args.plot:
+        try:  # fail before a long sweep, not after it
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'kvbm-tiered[plot]'") from None
     path = BUNDLED.get(args.trace, args.trace)
     trace = load_trace(path, format=args.format, limit=args.limit)
     layout = parse_layout(args.layout, trace.block_size)

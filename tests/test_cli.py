@@ -113,3 +113,9 @@ def test_demo_moves_real_bytes_and_verifies_them(capsys, tmp_path):
 def test_demo_rejects_a_zero_capacity(capsys):
     code, _, err = run(capsys, "demo", "--g3", "0", "--quiet")
     assert code == 2 and "--g3 must be positive" in err
+
+
+def test_plot_without_matplotlib_says_what_to_install_before_replaying(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import now fails
+    code, _, err = run(capsys, "simulate", "mooncake", "--sweep", "100", "--plot", str(tmp_path / "p.png"), "--quiet")
+    assert code == 2 and "pip install 'kvbm-tiered[plot]'" in err
