@@ -146,7 +146,8 @@ class BlockManager:
                             if type(t.admission).forget is not AdmissionPolicy.forget]
         if not self._instant and any(t.storage.instant for t in self.tiers):
             names = ", ".join(f"{t.name}={t.storage.medium}" for t in self.tiers)
-            raise ValueError(f"tiers mix metadata-only and real storages ({names}); use one kind for all")
+            raise ConfigError(f"tiers mix metadata-only and real storages ({names}); give every tier a "
+                              f"storage that holds bytes (device, host, disk, object) or none at all")
         self.block_nbytes = self.tiers[0].storage.block_nbytes
         self._engine: TransferEngine | None = None
         self._tickets: list[Ticket] = []
