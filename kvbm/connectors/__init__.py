@@ -1,0 +1,10 @@
+"""Engine connectors: thin, version-checked adapters between an engine and a BlockManager.
+
+    core          engine-independent logic: shared manager per config, prefix match, load and
+                  store plans, paged-KV gather/scatter (used by every adapter and tested alone)
+    vllm          KVBMConnector, a vLLM KVConnectorBase_V1 (scheduler and worker halves)
+    vllm_policy   KVBMCachePolicy: any kvbm EvictionPolicy as a vLLM offloading CachePolicy
+    trtllm        TensorRT-LLM KvCacheConnectorScheduler / KvCacheConnectorWorker adapters
+
+Only the engine modules import their engine; importing this package imports none.
+"""

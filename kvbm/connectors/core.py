@@ -1,0 +1,377 @@
+"""Engine-independent connector logic, shared by the vLLM and TensorRT-LLM adapters.
+
+    shared_manager(config)        one BlockManager per config in this process (scheduler and
+                                  worker halves of one engine share it)
+    SchedulerSide                 engine block hashes -> keys, prefix match, load/store plans
+    WorkerSide                    runs the plans: gather/scatter paged KV, async store/load
+    PagedKV                       an engine's per-layer paged tensors; one kvbm block = one
+                                  engine block id across all layers, staged contiguously
+
+A kvbm block is the bytes of one engine block (all layers), so the block keys are the engine's
+own chained block hashes adopted into the kvbm namespace (model + layout + salt + cache salt).
+Scheduler and worker meet only through plain plans (lists of keys and block ids), which is
+what an engine ships from its scheduler to its workers.
+
+One process, one manager: multi-process deployments (tensor parallel workers in other
+processes) need the cache daemon, where every process talks to one manager.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..blocks import KVLayout, Namespace
+from ..config import ConfigError, KVBMConfig, load_config
+from ..manager import BlockManager
+from ..policies.base import Hints
+
+_MANAGERS: dict[str, tuple[BlockManager, threading.RLock]] = {}
+_MANAGERS_LOCK = threading.Lock()
+
+
+def resolve_config(spec: str | Mapping[str, Any] | None, layout: KVLayout, model: str) -> dict[str, Any]:
+    """The kvbm config as a plain dict, from a file path or an inline dict, with the engine's layout.
+
+    A config without `layout` takes the engine's; a config with one must match it exactly
+    (a block of another shape would be served as garbage). A default namespace takes the model.
+    """
+    if spec is None:
+        raise ConfigError("kv_connector_extra_config.kvbm_config is missing: give a path to kvbm.yaml "
+                          "or an inline config dict")
+    if isinstance(spec, str):
+        data = _as_dict(load_config(spec))
+    elif isinstance(spec, Mapping):
+        data = json.loads(json.dumps(dict(spec)))  # a private deep copy
+    else:
+        raise ConfigError(f"kvbm_config must be a path or a mapping, got {type(spec).__name__}")
+    engine = {f: getattr(layout, f) for f in layout.__dataclass_fields__}
+    if data.get("layout") is None:
+        data["layout"] = engine
+    else:
+        given = KVBMConfig.from_dict({"tiers": [{"name": "g2", "capacity": 1}], "layout": data["layout"]}).layout
+        if given != layout:
+            raise ConfigError(f"layout in the kvbm config {given} does not match the engine's KV cache {layout}; "
+                              f"remove `layout` from the config (the connector fills it) or fix it")
+    ns = dict(data.get("namespace") or {})
+    if ns.get("model", "default") == "default":
+        ns["model"] = model
+    data["namespace"] = ns
+    KVBMConfig.from_dict(data)  # validate now: errors name the key
+    return data
+
+
+def _as_dict(config: KVBMConfig) -> dict[str, Any]:
+    return {
+        "layout": None if config.layout is None else
+        {f: getattr(config.layout, f) for f in config.layout.__dataclass_fields__},
+        "namespace": {"model": config.namespace.model, "salt": config.namespace.salt},
+        "mode": config.mode, "promote_on_hit": config.promote_on_hit, "events": config.events,
+        "tiers": [{"name": t.name, "capacity": t.capacity,
+                   "eviction": {"name": t.eviction.name, **t.eviction.options},
+                   "admission": {"name": t.admission.name, **t.admission.options},
+                   "storage": {"name": t.storage.name, **t.storage.options}} for t in config.tiers],
+    }
+
+
+def shared_manager(config: Mapping[str, Any]) -> tuple[BlockManager, threading.RLock]:
+    """The process's BlockManager for this config (built on first use) and its lock."""
+    key = json.dumps(config, sort_keys=True)
+    with _MANAGERS_LOCK:
+        entry = _MANAGERS.get(key)
+        if entry is None:
+            entry = (BlockManager.from_config(KVBMConfig.from_dict(config)), threading.RLock())
+            _MANAGERS[key] = entry
+        return entry
+
+
+def release_managers() -> None:
+    """Close every shared manager (tests, engine shutdown)."""
+    with _MANAGERS_LOCK:
+        entries = list(_MANAGERS.values())
+        _MANAGERS.clear()
+    for manager, lock in entries:
+        with lock:
+            manager.close()
+
+
+# ---------------------------------------------------------------- plans
+
+
+@dataclass
+class LoadPlan:
+    """Copy keys (from kvbm) into the engine's block ids, for one request."""
+
+    req_id: str
+    keys: list
+    block_ids: list[int]
+
+
+@dataclass
+class StorePlan:
+    """Copy the engine's block ids into kvbm under keys, for one request."""
+
+    req_id: str
+    keys: list
+    block_ids: list[int]
+    parent: Any = None  # key of the block before keys[0]
+    position: int = 0  # index of keys[0] in its sequence
+    hints: list | None = None  # per-key Hints (TensorRT-LLM priorities), or None
+
+
+@dataclass
+class _Request:
+    salt: str = ""
+    keys: list = field(default_factory=list)
+    hashes_seen: int = 0
+    match_start: int = 0  # first block of the planned load
+    match_blocks: int = 0  # blocks matched by the last get-matched call
+    stored: int = 0  # blocks already planned for store
+    priorities: list | None = None  # per-block Hints
+
+
+class SchedulerSide:
+    """Scheduler-half logic: which blocks to load, which to store; never touches bytes."""
+
+    def __init__(self, manager: BlockManager, lock: threading.RLock, namespace: Namespace,
+                 block_size: int) -> None:
+        self.manager = manager
+        self.lock = lock
+        self.namespace = namespace
+        self.block_size = block_size
+        self._spaces: dict[str, Namespace] = {"": namespace}
+        self._reqs: dict[str, _Request] = {}
+        self.loads: list[LoadPlan] = []
+        self.stores: list[StorePlan] = []
+
+    def keys(self, req_id: str, engine_hashes: Sequence[Any], salt: str | None = None) -> list:
+        """kvbm keys of the request's full blocks; adopted incrementally as hashes appear."""
+        r = self._reqs.get(req_id)
+        if r is None:
+            r = self._reqs[req_id] = _Request(salt=salt or "")
+        if len(engine_hashes) > r.hashes_seen:
+            r.keys += self._space(r.salt).adopt(engine_hashes[r.hashes_seen:])
+            r.hashes_seen = len(engine_hashes)
+        return r.keys
+
+    def _space(self, salt: str) -> Namespace:
+        ns = self._spaces.get(salt)
+        if ns is None:  # a tenant's cache salt: its blocks never meet another tenant's
+            base = self.namespace
+            ns = self._spaces[salt] = Namespace(base.model, base.layout, f"{base.salt}\0{salt}")
+        return ns
+
+    def set_priorities(self, req_id: str, hints: list[Hints] | None) -> None:
+        self._reqs.setdefault(req_id, _Request()).priorities = hints
+
+    def match(self, req_id: str, keys: Sequence[Any], num_tokens: int, num_computed: int,
+              must_compute_one: bool) -> int:
+        """Tokens beyond `num_computed` that kvbm can supply: whole blocks of the ready prefix.
+
+        must_compute_one: the engine must compute at least one prompt token itself (a sync
+        load), so the block holding the last token is never counted.
+        """
+        limit = (num_tokens - 1 if must_compute_one else num_tokens) // self.block_size
+        with self.lock:
+            self.manager.poll()  # stores that landed since the last step are servable now
+            n_hit, _ = self.manager.lookup(keys[:limit])
+        start = num_computed // self.block_size
+        r = self._reqs.setdefault(req_id, _Request())
+        if n_hit <= start or num_computed % self.block_size:
+            r.match_blocks = 0
+            return 0
+        r.match_start, r.match_blocks = start, n_hit - start
+        return r.match_blocks * self.block_size
+
+    def plan_load(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int) -> LoadPlan | None:
+        """After the engine allocated blocks: load the matched keys into block_ids[start:end]."""
+        r = self._reqs.get(req_id)
+        if r is None or num_external_tokens <= 0 or not r.match_blocks:
+            return None
+        n = num_external_tokens // self.block_size
+        start = r.match_start
+        plan = LoadPlan(req_id, list(r.keys[start:start + n]), list(block_ids[start:start + n]))
+        r.match_blocks = 0
+        r.stored = max(r.stored, start + n)  # loaded blocks are in kvbm already
+        self.loads.append(plan)
+        return plan
+
+    def plan_store(self, req_id: str, block_ids: Sequence[int], num_computed_tokens: int) -> StorePlan | None:
+        """Blocks that are full once `num_computed_tokens` are computed and not yet stored."""
+        r = self._reqs.get(req_id)
+        if r is None:
+            return None
+        full = min(num_computed_tokens // self.block_size, len(r.keys), len(block_ids))
+        if full <= r.stored:
+            return None
+        start = r.stored
+        hints = r.priorities[start:full] if r.priorities else None
+        if hints is not None and len(hints) < full - start:
+            hints = None
+        plan = StorePlan(req_id, list(r.keys[start:full]), list(block_ids[start:full]),
+                         parent=r.keys[start - 1] if start else None, position=start, hints=hints)
+        r.stored = full
+        self.stores.append(plan)
+        return plan
+
+    def preempted(self, req_id: str) -> None:
+        """The engine freed the request's blocks: its planned stores already ran (they gather
+        in the same step), so only the match state resets; stored blocks stay stored."""
+        r = self._reqs.get(req_id)
+        if r is not None:
+            r.match_blocks = 0
+
+    def finished(self, req_id: str) -> None:
+        self._reqs.pop(req_id, None)
+
+    def take_plans(self) -> tuple[list[LoadPlan], list[StorePlan]]:
+        loads, stores = self.loads, self.stores
+        self.loads, self.stores = [], []
+        return loads, stores
+
+
+# ---------------------------------------------------------------- worker
+
+
+class PagedKV:
+    """An engine's paged KV tensors (one per layer); a block id names one page in each.
+
+    The block dimension is found per tensor: dim 1 for vLLM's `[2, num_blocks, ...]` layouts,
+    else dim 0 (vLLM's CPU `[num_blocks, heads, block_size, 2*head]`, TRT-LLM's pools).
+    """
+
+    def __init__(self, tensors: Sequence[Any], block_dim: int | None = None) -> None:
+        import torch
+
+        self.torch = torch
+        self.views = []
+        self.sizes = []
+        for t in tensors:
+            dim = block_dim if block_dim is not None else (1 if t.dim() >= 5 and t.shape[0] == 2 else 0)
+            v = t.movedim(dim, 0) if dim else t
+            self.views.append(v)
+            self.sizes.append(v[0].numel() * v.element_size())
+        if not self.views:
+            raise ValueError("no KV cache tensors were registered")
+        self.num_blocks = self.views[0].shape[0]
+        self.block_nbytes = sum(self.sizes)
+        self.device = self.views[0].device
+
+    def staging(self, n: int) -> Any:
+        pin = self.device.type == "cuda"
+        return self.torch.empty((n, self.block_nbytes), dtype=self.torch.uint8, pin_memory=pin)
+
+    def _parts(self, staging: Any, n: int):
+        off = 0
+        for v, size in zip(self.views, self.sizes):
+            yield v, staging[:n, off:off + size].view(v.dtype).view(n, *v.shape[1:])
+            off += size
+
+    def gather(self, block_ids: Sequence[int], staging: Any = None) -> Any:
+        """Copy the blocks' pages of every layer into contiguous staging rows."""
+        n = len(block_ids)
+        staging = self.staging(n) if staging is None else staging
+        ids = self.torch.as_tensor(list(block_ids), dtype=self.torch.long, device=self.device)
+        for v, part in self._parts(staging, n):
+            part.copy_(v.index_select(0, ids))
+        return staging
+
+    def scatter(self, staging: Any, block_ids: Sequence[int]) -> None:
+        """Copy staging rows back into the blocks' pages of every layer."""
+        n = len(block_ids)
+        if not n:
+            return
+        ids = self.torch.as_tensor(list(block_ids), dtype=self.torch.long, device=self.device)
+        for v, part in self._parts(staging, n):
+            v.index_copy_(0, ids, part.to(v.device))
+
+
+@dataclass
+class _Transfer:
+    req_id: str
+    ticket: Any
+    block_ids: list[int]
+    staging: Any
+
+
+class WorkerSide:
+    """Worker-half logic: run load and store plans against the registered paged KV.
+
+    Stores gather synchronously (the engine may reuse the blocks right after the step) and
+    write to kvbm on a transfer thread. Loads read on a transfer thread into staging and are
+    scattered when `poll` sees them complete; a block that did not arrive intact is reported
+    as failed, never scattered.
+    """
+
+    def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
+        self.manager = manager
+        self.lock = lock
+        self.kv: PagedKV | None = None
+        self._loads: list[_Transfer] = []
+        self._stores: list[_Transfer] = []
+        self.corrupt_hook = None  # tests only: called with (staging, block_ids) before scatter
+
+    def register(self, tensors: Sequence[Any], block_dim: int | None = None) -> PagedKV:
+        kv = PagedKV(tensors, block_dim)
+        if kv.block_nbytes != self.manager.block_nbytes:
+            raise ConfigError(
+                f"the engine's KV cache holds {kv.block_nbytes} bytes per block (all layers) but the "
+                f"kvbm layout says {self.manager.block_nbytes}; check layout (dtype, heads, head_dim, block_size)"
+            )
+        self.kv = kv
+        return kv
+
+    def start_load(self, plan: LoadPlan) -> None:
+        staging = self.kv.staging(len(plan.keys))
+        with self.lock:
+            ticket = self.manager.submit_load(plan.keys, list(staging))
+        self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
+
+    def start_store(self, plan: StorePlan) -> None:
+        staging = self.kv.gather(plan.block_ids)
+        with self.lock:
+            ticket = self.manager.submit_store(plan.keys, list(staging), hints=plan.hints,
+                                               parent=plan.parent, position=plan.position)
+        if ticket.job.rejected:
+            ticket = None  # no room (everything busy): a future miss, not an error
+        self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
+
+    def poll(self, wait: bool = False) -> tuple[dict[str, list[int]], set[str]]:
+        """Complete transfers: ({req_id: failed block ids} of finished loads, finished store req ids)."""
+        with self.lock:
+            if wait:
+                for t in self._loads + self._stores:
+                    if t.ticket is not None and not t.ticket.done:
+                        try:
+                            self.manager.wait(t.ticket)
+                        except Exception:  # reported through the job's failed keys
+                            pass
+            self.manager.poll()
+        loads: dict[str, list[int]] = {}
+        pending = []
+        for t in self._loads:
+            if not t.ticket.done:
+                pending.append(t)
+                continue
+            n = t.ticket.job.loaded if t.ticket.error is None else 0
+            if self.corrupt_hook is not None:
+                self.corrupt_hook(t.staging, t.block_ids[:n])
+            self.kv.scatter(t.staging, t.block_ids[:n])
+            loads.setdefault(t.req_id, []).extend(t.block_ids[n:])
+        self._loads = pending
+        stores: set[str] = set()
+        pending = []
+        for t in self._stores:
+            if t.ticket is not None and not t.ticket.done:
+                pending.append(t)
+            else:
+                stores.add(t.req_id)
+        self._stores = pending
+        return loads, stores - {t.req_id for t in pending}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._loads or self._stores)
+

