@@ -903,16 +903,6 @@ class BlockManager:
         """True when dropping a key must clear per-key state (hints, parents, admission)."""
         return bool(self._hints or self._parents or self._forgetters)
 
-    def _room(self, t: Tier) -> bool:
-        """One free slot in t, evicting (and cascading) if needed; False if all are busy."""
-        if len(t.ready) + len(t.pending) < t.capacity:
-            return True
-        victims = t.policy.evict(1, t.busy)
-        if victims is None:
-            return False
-        self._evicted_all(t, victims)
-        return True
-
     def _drop(self, t: Tier, key: Any, moved: bool = False) -> None:
         slot = t.ready.pop(key)
         t.policy.remove(key)
