@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, for a session that is lent a GPU machine: build the CUDA part, run the GPU
-# correctness tests and the G1 <-> G2 bandwidth benchmark. Fits in 10 minutes.
+# correctness tests, the G1 <-> G2 bandwidth benchmark and the vLLM TTFT comparison.
 #
 #   bash bench/gpu_check.sh            # results in $OUT (or ./gpu-check-out)
 set -uo pipefail
@@ -28,3 +28,12 @@ KVBM_EXPECT_CUDA=1 timeout 300 python3 -m pytest -q tests/test_ops.py tests/test
 log "G1 <-> G2 bandwidth"
 timeout 180 python3 bench/bench_device.py --json > "$out/bench_device.json" 2>&1
 timeout 180 python3 bench/bench_device.py 2>&1 | tee -a "$out/gpu_check.log"
+
+log "vLLM TTFT: recompute vs kvbm (G2) vs vLLM OffloadingConnector"
+python3 -c "import vllm" 2>/dev/null || timeout 240 python3 -m pip install -q "vllm==0.32.0" 2>&1 | tail -2
+if python3 -c "import vllm, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 420 python3 bench/vllm_ttft.py --reps 5 --timeout 130 \
+    --json "$out/vllm_ttft.json" 2>&1 | tail -8 | tee -a "$out/gpu_check.log"
+else
+  echo "vllm (CUDA) not importable: TTFT comparison skipped" | tee -a "$out/gpu_check.log"
+fi

@@ -501,12 +501,13 @@ class BlockManager:
             # the same policy calls, since nothing can observe the pending state in between.
             run = keys if isinstance(keys, list) else list(keys)
             free = top.capacity - len(top.ready) - len(top.pending)
-            if len(run) > free:
-                self._evicted_all(top, top.policy.evict(len(run) - free, top.busy))
-            top.policy.insert_many(run, None)
-            top.ready.update(dict.fromkeys(run))
-            top.stats.stores += len(run)
-            return StoreJob(runs=[(top, run, None, 0)], source=source)
+            victims = top.policy.evict(len(run) - free, top.busy) if len(run) > free else []
+            if victims is not None:  # else: the general path below handles a refusing policy
+                self._evicted_all(top, victims)
+                top.policy.insert_many(run, None)
+                top.ready.update(dict.fromkeys(run))
+                top.stats.stores += len(run)
+                return StoreJob(runs=[(top, run, None, 0)], source=source)
         if not self._instant and source is None:
             raise ValueError(f"store into {top.name} ({top.storage.medium}) needs `source`: "
                              f"one buffer of {self.block_nbytes} bytes per key")
@@ -680,17 +681,27 @@ class BlockManager:
         if top.capacity - len(top.busy) < 1 or not top.admission.admit(key, self._hints.get(key)):
             src.policy.touch((key,))
             return
+        hints = self._hints_for(top, key, self._hints.get(key), *self._structure(key))
         if self.exclusive and src.storage.instant and src.pins.get(key) == 1:
             # Metadata only: the move is instantaneous, so the source slot is free before the
             # top tier makes room (and its victim may land in exactly that slot).
+            slot = src.ready[key]
             self._unpin(src, key)
-            job.tiers[-1] = None
             self._drop(src, key, moved=True)
+            ok, top_slot = self._reserve(top, key, hints)
+            if not ok:  # the top tier's policy refused: the block stays where it was
+                src.ready[key] = slot
+                src.policy.insert(key, self._hints_for(src, key, self._hints.get(key), *self._structure(key)))
+                self._pin(src, key)
+                return
+            job.tiers[-1] = None
         else:
             src.policy.touch((key,))
-        slot = self._reserve(top, key, self._hints_for(top, key, self._hints.get(key), *self._structure(key)))
+            ok, top_slot = self._reserve(top, key, hints)
+            if not ok:
+                return
         src.stats.promotions_out += 1
-        job.promotions.append((key, src, slot, len(job.keys) - 1))
+        job.promotions.append((key, src, top_slot, len(job.keys) - 1))
 
     def complete_load(self, job: LoadJob, failed: Iterable[Any] = (),
                       promotion_failed: Iterable[Any] = ()) -> None:
@@ -820,18 +831,22 @@ class BlockManager:
         if key not in t.pending:
             t.busy.discard(key)
 
-    def _reserve(self, t: Tier, key: Any, hints: Hints | None) -> Any:
-        """Make room for one block in t (cascading victims down), insert it as pending."""
+    def _reserve(self, t: Tier, key: Any, hints: Hints | None) -> tuple[bool, Any]:
+        """Make room for one block in t (cascading victims down) and insert it as pending.
+
+        (False, None), with nothing changed, when the policy finds no victim: a policy may
+        refuse while unpinned blocks remain (prefix keeps every ancestor of a pinned block).
+        """
         if len(t.ready) + len(t.pending) >= t.capacity:
             victims = t.policy.evict(len(t.ready) + len(t.pending) - t.capacity + 1, t.busy)
-            if victims is None:  # cannot happen after _plan_store's room check
-                raise RuntimeError(f"{t.name}: policy {t.policy.name} found no victim")
+            if victims is None:
+                return False, None
             self._evicted_all(t, victims)
         slot = t.storage.allocate()
         t.policy.insert(key, hints)
         t.pending[key] = slot
         t.busy.add(key)
-        return slot
+        return True, slot
 
     def _evicted_all(self, t: Tier, victims: list) -> None:
         """Policy victims leave t. Each is offered to the next tier (one batched copy for all

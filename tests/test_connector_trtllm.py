@@ -1,14 +1,19 @@
-"""Engine-independent connector logic (kvbm.connectors.core), the part a TensorRT-LLM adapter
-shares with the vLLM one; runs without any engine. The TensorRT-LLM adapter itself is not
-written yet (see the issue note); its engine test is marked and skipped."""
+"""The TensorRT-LLM connector (kvbm.connectors.trtllm) without TensorRT-LLM.
+
+Its engine-independent logic (TrtllmPlanner, TrtllmTransfers, retention_hints, over
+kvbm.connectors.core) runs the vLLM connector's scheduler scenarios and the priority ones:
+a high-priority system prompt survives a small `priority` tier, and reverts after its
+duration (fake clock). Tests that need tensorrt_llm are marked `trtllm` and skip here."""
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvbm.blocks import KVLayout, Namespace  # noqa: E402
-from kvbm.connectors import core  # noqa: E402
-from kvbm.policies.priority import block_priorities  # noqa: E402
+from kvbm.policies.base import Hints
+from kvbm.policies.priority import block_priorities
+
+from kvbm.blocks import KVLayout, Namespace
+from kvbm.connectors import core
 
 BS, LAYERS, HEADS, HEAD = 32, 2, 2, 16
 LAYOUT = KVLayout(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD, block_size=BS, dtype="bfloat16")
@@ -57,7 +62,240 @@ def test_config_layout_must_match_engine():
                              "tiers": [{"name": "g2", "capacity": 4}]}, LAYOUT, "tiny")
 
 
+# ---------------------------------------------------------------- the TRT-LLM planner and transfers
+# The same scenarios as the vLLM connector's scheduler tests, driven by TRT-LLM's plain data
+# (token lists, RequestData-shaped records, one block-major pool tensor), plus priorities.
+
+import threading
+from datetime import timedelta
+from types import SimpleNamespace
+
+from kvbm.config import KVBMConfig
+from kvbm.connectors import trtllm
+from kvbm.manager import BlockManager
+
+
+def tokens(seed, n):
+    return [(seed * 7919 + i * 104729) % 1000 + 3 for i in range(n)]
+
+
+def data(req_id, toks, block_ids, computed=0, scheduled=None, **extra):
+    """A TRT-LLM RequestData: new tokens and block ids since the last step, positions."""
+    return SimpleNamespace(request_id=req_id, new_tokens=list(toks), new_block_ids=list(block_ids),
+                           computed_position=computed,
+                           num_scheduled_tokens=len(toks) - computed if scheduled is None else scheduled, **extra)
+
+
+def retention(ranges, decode=35, decode_s=None):
+    return SimpleNamespace(token_range_retention_configs=ranges, decode_retention_priority=decode,
+                           decode_duration_ms=decode_s)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def pool(num_blocks=24, seed=0):
+    # TRT-LLM's pool: one tensor, block-major: [num_blocks, layers, kv, heads * block_size * head]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_blocks, LAYERS, 2, HEADS * BS * HEAD, generator=g).to(torch.bfloat16)
+
+
+def engine(tiers, clock=None):
+    """(planner, transfers, pool) over one manager built from `tiers` (with a fake clock if given)."""
+    cfg = core.resolve_config({"tiers": tiers}, LAYOUT, "tiny")
+    manager = BlockManager.from_config(KVBMConfig.from_dict(cfg), clock=clock or Clock())
+    lock = threading.RLock()
+    planner = trtllm.TrtllmPlanner(manager, lock, Namespace("tiny", LAYOUT), BS)
+    transfers = trtllm.TrtllmTransfers(manager, lock)
+    kv = pool()
+    transfers.register(kv)
+    return planner, transfers, kv
+
+
+def g2(capacity=8, eviction="lru"):
+    return {"name": "g2", "capacity": capacity, "eviction": eviction, "storage": {"name": "host", "pin": "never"}}
+
+
+def run(planner, transfers, req_id, toks, block_ids, computed=0, salt=None, ret=None):
+    """One request through match -> step (load + store) -> finish; returns (matched, failed loads)."""
+    n = planner.match(req_id, toks, computed, salt=salt, retention=ret)
+    meta = planner.step([data(req_id, toks, block_ids, computed=computed)], [])
+    failed = transfers.load(meta)
+    transfers.save(meta)
+    transfers.worker.poll(wait=True)
+    planner.finished(req_id)
+    assert transfers.finished([req_id]) == [req_id]
+    return n, failed
+
+
+def test_trtllm_nothing_matches_cold():
+    planner, _, _ = engine([g2()])
+    assert planner.match("a", tokens(1, 3 * BS + 5), 0) == 0
+
+
+def test_trtllm_store_then_match_whole_blocks():
+    planner, transfers, _ = engine([g2()])
+    toks = tokens(1, 3 * BS + 5)
+    run(planner, transfers, "a", toks, [0, 1, 2, 3])
+    # the same prefix: 3 whole blocks; the partial block is never counted
+    assert planner.match("b", toks, 0) == 3 * BS
+    # a device hit of the first block leaves two for kvbm; a partial device block, none
+    assert planner.match("c", toks, BS) == 2 * BS
+    assert planner.match("d", toks, BS + 3) == 0
+    # exactly 3 blocks of prompt: the engine must compute the last token, so 2 blocks
+    assert planner.match("e", toks[:3 * BS], 0) == 2 * BS
+    # another cache salt (tenant) shares nothing; a different prefix shares nothing
+    assert planner.match("f", toks, 0, salt="tenant-2") == 0
+    assert planner.match("g", tokens(2, 3 * BS + 5), 0) == 0
+
+
+def test_trtllm_salted_blocks_stay_in_their_namespace():
+    planner, transfers, _ = engine([g2()])
+    toks = tokens(3, 2 * BS + 1)
+    run(planner, transfers, "a", toks, [0, 1, 2], salt="t1")
+    assert planner.match("b", toks, 0, salt="t1") == 2 * BS
+    assert planner.match("c", toks, 0) == 0
+
+
+def test_trtllm_decode_blocks_are_stored_as_they_fill():
+    planner, transfers, _ = engine([g2()])
+    toks = tokens(4, 2 * BS - 1)
+    planner.match("a", toks, 0)
+    meta = planner.step([data("a", toks, [5, 6])], [])
+    assert [p.block_ids for p in meta.stores] == [[5]]
+    transfers.save(meta)
+    # one decode token completes block 2 (TRT-LLM: computed_position = len(tokens) - 1)
+    meta = planner.step([], [data("a", [7], [], computed=2 * BS - 1, scheduled=1)])
+    assert [p.block_ids for p in meta.stores] == [[6]]
+    transfers.save(meta)
+    transfers.worker.poll(wait=True)
+    assert planner.match("b", toks + [7, 8], 0) == 2 * BS
+
+
+def test_trtllm_load_moves_real_bytes_into_the_pool():
+    planner, transfers, kv = engine([g2()])
+    before = kv.clone()
+    toks = tokens(5, 3 * BS + 2)
+    run(planner, transfers, "a", toks, [1, 2, 3, 4])
+    n, failed = run(planner, transfers, "b", toks, [10, 11, 12, 13])
+    assert n == 3 * BS and not failed
+    assert torch.equal(kv[[10, 11, 12]], before[[1, 2, 3]])
+
+
+def test_trtllm_load_errors_are_reported_never_served(tmp_path):
+    planner, transfers, kv = engine([g2(capacity=2), {"name": "g3", "capacity": 16,
+                                                      "storage": {"name": "disk", "path": str(tmp_path)}}])
+    toks = tokens(8, 2 * BS + 1)
+    run(planner, transfers, "x", toks, [0, 1, 2])
+    run(planner, transfers, "f", tokens(9, 2 * BS + 1), [3, 4, 5])  # demotes x's blocks to G3
+    g3 = planner.manager.tiers[1]
+    keys = planner.side.keys("probe", trtllm.token_hashes(toks, BS))
+    assert all(k in g3.ready for k in keys)
+    with open(g3.storage.slots_path, "r+b") as f:  # flip bytes of x's second block on disk
+        f.seek(g3.storage.offset(g3.ready[keys[1]]) + 100)
+        f.write(b"\xff" * 64)
+    marker = kv[11].clone()
+    n, failed = run(planner, transfers, "y", toks, [10, 11, 12])
+    assert n == 2 * BS and failed == {"y": [11]}
+    assert torch.equal(kv[11], marker)  # never scattered
+    assert keys[1] not in g3.ready  # dropped: never served again
+
+
+def test_retention_hints_follow_trtllm_rules():
+    rc = retention([(0, 2 * BS, 90, timedelta(seconds=30)), (2 * BS, None, 10, None)], decode=5, decode_s=60)
+    hints = trtllm.retention_hints(rc, 3 * BS + 4, BS, 6)  # 4 prompt blocks, 2 decode blocks
+    assert [h.priority for h in hints] == [90, 90, 10, 10, 5, 5]
+    assert [h.duration for h in hints] == [30.0, 30.0, None, None, 60.0, 60.0]
+    assert trtllm.retention_hints(None, 10, BS, 1) is None
+    # TRT-LLM's TokenRangeRetentionConfig-shaped objects work too (duration_ms is a timedelta)
+    obj = SimpleNamespace(token_start=0, token_end=BS, priority=80, duration_ms=timedelta(milliseconds=1500))
+    assert trtllm.retention_hints(retention([obj]), 2 * BS, BS, 2)[0] == Hints(80, 1.5, position=0)
+
+
+def _system_prompt_then_fill(clock, duration):
+    """A 4-slot priority tier: A = 2 high-priority system-prompt blocks + 2 low; then B, C push in."""
+    planner, transfers, _ = engine([g2(capacity=4, eviction="priority")], clock)
+    sys_prompt = tokens(11, 2 * BS)
+    a = sys_prompt + tokens(12, 2 * BS + 1)
+    rc = retention([(0, 2 * BS, 90, duration), (2 * BS, None, 10, None)])
+    run(planner, transfers, "a", a, [0, 1, 2, 3, 4], ret=rc)
+    top = planner.manager.tiers[0]
+    a_keys = planner.side.keys("probe-a", trtllm.token_hashes(a, BS))
+    assert all(k in top.ready for k in a_keys)
+    return planner, transfers, top, a_keys
+
+
+def test_high_priority_system_prompt_survives_eviction():
+    planner, transfers, top, a_keys = _system_prompt_then_fill(Clock(), None)
+    # B (2 default-priority blocks) evicts A's two low-priority blocks, not the system prompt
+    run(planner, transfers, "b", tokens(13, 2 * BS + 1), [5, 6, 7])
+    assert [k in top.ready for k in a_keys] == [True, True, False, False]
+    # C (2 more) evicts B (35) before the system prompt (90)
+    run(planner, transfers, "c", tokens(14, 2 * BS + 1), [8, 9, 10])
+    assert [k in top.ready for k in a_keys] == [True, True, False, False]
+    assert planner.match("a2", tokens(11, 2 * BS) + tokens(99, 5), 0) == 2 * BS  # still served
+    assert planner.match("b2", tokens(13, 2 * BS + 1), 0) == 0
+
+
+def test_priority_reverts_after_its_duration():
+    clock = Clock()
+    planner, transfers, top, a_keys = _system_prompt_then_fill(clock, timedelta(seconds=10))
+    run(planner, transfers, "b", tokens(13, 2 * BS + 1), [5, 6, 7])
+    assert [k in top.ready for k in a_keys] == [True, True, False, False]
+    clock.now = 11.0  # the system prompt's retention lapsed: ordinary (35), and older than B
+    run(planner, transfers, "c", tokens(14, 2 * BS + 1), [8, 9, 10])
+    assert not any(k in top.ready for k in a_keys)
+    assert planner.match("b2", tokens(13, 2 * BS + 1), 0) == 2 * BS
+
+
+def test_request_data_priorities_are_used_without_a_retention_config():
+    planner, _, _ = engine([g2()])
+    toks = tokens(15, 2 * BS + 1)
+    planner.match("a", toks, 0)
+    meta = planner.step([data("a", toks, [0, 1, 2], priorities=[80, 20, 20])], [])
+    assert [h.priority for h in meta.stores[0].hints] == [80, 20]
+
+
+def test_trtllm_api_check_names_what_differs():
+    class Scheduler:
+        def build_connector_meta(self, scheduler_output): ...
+        def get_num_new_matched_tokens(self, req, computed): ...  # renamed parameters
+        def request_finished(self, request, cache_block_ids): ...
+        def update_state_after_alloc(self, request, block_ids): ...
+
+    with pytest.raises(ImportError, match=r"get_num_new_matched_tokens.*KvCacheConnectorWorker is missing"):
+        trtllm.check_trtllm_api(SimpleNamespace(KvCacheConnectorScheduler=Scheduler))
+
+
+def test_adapters_say_tensorrt_llm_is_missing():
+    pytest.importorskip("torch")
+    try:
+        import tensorrt_llm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs TensorRT-LLM"):
+            trtllm.KVBMConnectorScheduler  # noqa: B018
+    else:
+        pytest.skip("tensorrt_llm is installed")
+
+
+def test_layout_from_hf_config(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,'
+        ' "torch_dtype": "bfloat16"}')
+    assert trtllm.layout_from_hf(str(tmp_path), BS) == KVLayout(num_layers=2, num_kv_heads=2, head_dim=16,
+                                                                block_size=BS, dtype="bfloat16")
+
+
 @pytest.mark.trtllm
-def test_trtllm_adapter():
+def test_trtllm_adapter_against_the_real_api():
     pytest.importorskip("tensorrt_llm", reason="TensorRT-LLM cannot be installed here")
-    pytest.skip("kvbm.connectors.trtllm is not written yet")
+    from tensorrt_llm._torch.pyexecutor import kv_cache_connector
+
+    trtllm.check_trtllm_api(kv_cache_connector)
+    assert issubclass(trtllm.KVBMConnectorScheduler, kv_cache_connector.KvCacheConnectorScheduler)
+    assert issubclass(trtllm.KVBMConnectorWorker, kv_cache_connector.KvCacheConnectorWorker)

@@ -1,7 +1,7 @@
 """BlockManager behaviour, narrated step by step, plus property tests of its invariants."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvbm import BlockManager, KVBMConfig
@@ -192,6 +192,7 @@ ops = st.lists(
 
 
 @settings(max_examples=400, deadline=None)
+@example(ops=[("store", [22, 20]), ("store", [0, 15]), ("load", [15, 20, 22])], policy="prefix", mode="exclusive")
 @given(ops=ops, policy=st.sampled_from(["lru", "fifo", "arc", "s3fifo", "frequency", "priority", "prefix"]),
        mode=st.sampled_from(["exclusive", "inclusive"]))
 def test_invariants_under_random_workloads(ops, policy, mode):

@@ -25,17 +25,14 @@ BAILIAN = DATA / "bailian_small.jsonl"
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="shared Mooncake trace not present")
-def test_shared_mooncake_trace_loads_fast_with_known_counts():
-    start = time.perf_counter()
+def test_shared_mooncake_trace_loads_with_known_counts():
     trace = load_trace(SHARED)
-    elapsed = time.perf_counter() - start
     assert trace.format == "mooncake" and trace.block_size == 512
     assert len(trace.requests) == 12_031
     assert trace.block_accesses == 288_500
     assert trace.distinct_blocks == 182_790
     # ms in the file, seconds in memory: the last request arrives at 3,536,999 ms.
     assert trace.requests[-1].timestamp == pytest.approx(3536.999)
-    assert elapsed < 2.0, f"loading took {elapsed:.2f}s"
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="shared Mooncake trace not present")

@@ -1,0 +1,408 @@
+"""kvbm as a TensorRT-LLM KV cache connector (KvCacheConnectorScheduler / KvCacheConnectorWorker).
+
+    from tensorrt_llm.llmapi.llm_args import KvCacheConnectorConfig
+    LLM(model, backend="pytorch", kv_connector_config=KvCacheConnectorConfig(
+        connector_module="kvbm.connectors.trtllm",
+        connector_scheduler_class="KVBMConnectorScheduler",
+        connector_worker_class="KVBMConnectorWorker"))
+    # the kvbm config: $KVBM_CONFIG (a kvbm.yaml path); KVBM_... overrides apply
+
+Engine-independent parts (plain Python, tested without tensorrt_llm):
+    token_hashes         chained hashes of a request's full token blocks (TRT-LLM's connector
+                         API hands tokens, not block hashes, to get_num_new_matched_tokens)
+    retention_hints      KvCacheRetentionConfig -> per-block kvbm Hints (priority 0-100 and
+                         duration), so a tier with the `priority` policy evicts low first
+    layout_from_hf       KVLayout of one TRT-LLM block from the model's HF config.json
+    TrtllmPlanner        the scheduler half: match, load plans, store plans with Hints
+    TrtllmTransfers      the worker half: runs the plans against the registered KV pool
+Adapters (need tensorrt_llm, built on first attribute access, API-checked):
+    KVBMConnectorScheduler, KVBMConnectorWorker
+
+TensorRT-LLM's pool is one tensor, block-major (`kv_cache_tensor[block_id]` is one block of
+every layer), so a kvbm block is exactly one row of it. Loads are synchronous (TRT-LLM has
+no per-block load-error path: a block that does not arrive intact fails the step loudly
+rather than being computed on garbage). Stores gather in wait_for_save and write on a
+transfer thread; a finished request holds its blocks until its writes are done.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..blocks import KVLayout, Namespace
+from ..manager import BlockManager
+from ..policies.base import DEFAULT_PRIORITY, Hints
+from ..policies.priority import block_priorities
+from .core import (
+    LoadPlan,
+    SchedulerSide,
+    StorePlan,
+    WorkerSide,
+    resolve_config,
+    shared_manager,
+)
+
+log = logging.getLogger(__name__)
+
+TESTED_TRTLLM = "1.1"
+_TOKENS = Namespace("kvbm-trtllm-tokens")  # roots the token chain; salts are mixed in on adoption
+
+
+# ---------------------------------------------------------------- plain functions
+
+
+def token_hashes(tokens: Sequence[int], block_size: int, parent: bytes | None = None) -> list[bytes]:
+    """Chained hashes of each full block of `tokens` (after `parent`, the previous block's hash)."""
+    return _TOKENS.chain(list(tokens), block_size, parent=parent)
+
+
+def _field(obj: Any, *names: str, default: Any = None) -> Any:
+    for name in names:  # pybind properties or plain attributes, across TRT-LLM versions
+        if obj is not None and hasattr(obj, name):
+            return getattr(obj, name)
+    return default
+
+
+def _seconds(duration: Any) -> float | None:
+    if duration is None:
+        return None
+    return duration.total_seconds() if hasattr(duration, "total_seconds") else float(duration)
+
+
+def retention_hints(retention: Any, prompt_len: int, block_size: int, num_blocks: int) -> list[Hints] | None:
+    """Per-block Hints from a TensorRT-LLM KvCacheRetentionConfig (None: all default).
+
+    Prompt blocks take the token range holding their first token (TensorRT-LLM's rule);
+    blocks that start at or after `prompt_len` are decode blocks and take
+    decode_retention_priority / decode_duration_ms. Durations become seconds.
+    """
+    if retention is None:
+        return None
+    ranges = _field(retention, "token_range_retention_configs", default=None) or []
+    n_prompt = min(num_blocks, -(-prompt_len // block_size))  # blocks holding a prompt token
+    hints = block_priorities(ranges, block_size, n_prompt)
+    decode = _field(retention, "decode_retention_priority", default=DEFAULT_PRIORITY)
+    decode_s = _seconds(_field(retention, "decode_duration_ms", default=None))
+    for i in range(n_prompt, num_blocks):
+        hints.append(Hints(decode, decode_s if decode != DEFAULT_PRIORITY else None, position=i))
+    return hints
+
+
+def layout_from_hf(model_dir: str, block_size: int, dtype: str | None = None, tp_size: int = 1) -> KVLayout:
+    """The KVLayout of one TensorRT-LLM block (all layers) from the model's HF config.json."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    dtype = dtype if dtype not in (None, "auto") else str(cfg.get("torch_dtype", "bfloat16"))
+    return KVLayout(num_layers=cfg["num_hidden_layers"], num_kv_heads=max(1, kv_heads // tp_size),
+                    head_dim=head_dim, block_size=block_size, dtype=dtype.removeprefix("torch."),
+                    tp_size=tp_size)
+
+
+# ---------------------------------------------------------------- scheduler half
+
+
+@dataclass
+class TrtllmMetadata:
+    """One step's plans, scheduler -> workers (picklable: TRT-LLM broadcasts it over MPI)."""
+
+    loads: list[LoadPlan] = field(default_factory=list)
+    stores: list[StorePlan] = field(default_factory=list)
+
+
+@dataclass
+class _Seq:
+    tokens: list = field(default_factory=list)
+    hashes: list = field(default_factory=list)
+    block_ids: list = field(default_factory=list)
+    prompt_len: int = 0
+    retention: Any = None
+    priorities: list | None = None  # RequestData.priorities (ints, no durations), newer TRT-LLM
+    matched: int = 0  # tokens the last match promised, loaded once the blocks are allocated
+
+
+class TrtllmPlanner:
+    """Scheduler-half logic over TensorRT-LLM's plain data (tokens, block ids, positions).
+
+    match()    get_num_new_matched_tokens: whole ready blocks beyond the device hit, leaving
+               the engine at least one prompt token to compute
+    step()     build_connector_meta: RequestData of new and cached requests -> load and store
+               plans; stores carry per-block Hints from the request's retention config
+    finished() request_finished
+    """
+
+    def __init__(self, manager: BlockManager, lock: threading.RLock, namespace: Namespace,
+                 block_size: int) -> None:
+        self.side = SchedulerSide(manager, lock, namespace, block_size)
+        self.block_size = block_size
+        self._seqs: dict[Any, _Seq] = {}
+
+    @property
+    def manager(self) -> BlockManager:
+        return self.side.manager
+
+    def _sync_keys(self, req_id: Any, seq: _Seq, salt: str | None = None) -> list:
+        full = len(seq.tokens) // self.block_size
+        if full > len(seq.hashes):
+            start = len(seq.hashes) * self.block_size
+            parent = seq.hashes[-1] if seq.hashes else None
+            seq.hashes += token_hashes(seq.tokens[start:full * self.block_size], self.block_size, parent)
+        return self.side.keys(req_id, seq.hashes, salt)
+
+    def match(self, req_id: Any, tokens: Sequence[int], num_computed: int, salt: str | None = None,
+              retention: Any = None) -> int:
+        """Tokens beyond the device's `num_computed` that kvbm supplies (whole blocks)."""
+        seq = self._seqs.setdefault(req_id, _Seq())
+        seq.tokens = list(tokens)
+        seq.prompt_len = len(seq.tokens)
+        seq.retention = retention
+        keys = self._sync_keys(req_id, seq, salt)
+        n = self.side.match(req_id, keys, len(seq.tokens), num_computed, must_compute_one=True)
+        seq.matched = n
+        return n
+
+    def step(self, new: Sequence[Any], cached: Sequence[Any]) -> TrtllmMetadata:
+        """Plans for one forward pass from TRT-LLM's RequestData lists."""
+        for data in new:
+            seq = self._seqs.setdefault(data.request_id, _Seq())
+            seq.block_ids = list(data.new_block_ids)
+            if len(data.new_tokens) >= len(seq.tokens):
+                seq.tokens = list(data.new_tokens)
+                seq.prompt_len = seq.prompt_len or len(seq.tokens)
+            self._take_priorities(seq, data, reset=True)
+            keys = self._sync_keys(data.request_id, seq, _field(data, "cache_salt"))
+            if seq.matched:
+                self.side.plan_load(data.request_id, seq.block_ids, seq.matched)
+                seq.matched = 0
+            self._plan_store(data, seq, keys)
+        for data in cached:
+            seq = self._seqs.get(data.request_id)
+            if seq is None:
+                continue
+            seq.block_ids += list(data.new_block_ids)
+            seq.tokens += list(data.new_tokens)
+            self._take_priorities(seq, data, reset=False)
+            self._plan_store(data, seq, self._sync_keys(data.request_id, seq))
+        loads, stores = self.side.take_plans()
+        return TrtllmMetadata(loads, stores)
+
+    def _take_priorities(self, seq: _Seq, data: Any, reset: bool) -> None:
+        prios = _field(data, "priorities")
+        if prios is None:
+            return
+        seq.priorities = list(prios) if reset or seq.priorities is None else seq.priorities + list(prios)
+
+    def _hints(self, seq: _Seq, n_blocks: int) -> list[Hints] | None:
+        if seq.retention is not None:  # ranges and durations: the full retention config
+            return retention_hints(seq.retention, seq.prompt_len, self.block_size, n_blocks)
+        if seq.priorities is not None and len(seq.priorities) >= n_blocks:
+            return [Hints(int(p), position=i) for i, p in enumerate(seq.priorities[:n_blocks])]
+        return None
+
+    def _plan_store(self, data: Any, seq: _Seq, keys: list) -> None:
+        # Newer TRT-LLM leaves the connector's tokens out of computed_position, so `done` may
+        # fall short by the loaded blocks for one step: a block is stored a step late, never early.
+        done = data.computed_position + data.num_scheduled_tokens
+        self.side.set_priorities(data.request_id, self._hints(seq, len(keys)))
+        self.side.plan_store(data.request_id, seq.block_ids, done)
+
+    def finished(self, req_id: Any) -> None:
+        self.side.finished(req_id)
+        self._seqs.pop(req_id, None)
+
+
+# ---------------------------------------------------------------- worker half
+
+
+class TrtllmTransfers:
+    """Worker-half logic: sync loads, async stores, completion per request."""
+
+    def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
+        self.worker = WorkerSide(manager, lock)
+        self._saving: set = set()  # finished requests whose writes may still run
+
+    def register(self, kv_cache_tensor: Any) -> None:
+        self.worker.register([kv_cache_tensor], block_dim=0)
+
+    def load(self, meta: TrtllmMetadata) -> dict[Any, list[int]]:
+        """Run the step's loads to completion; {req_id: block ids that did not arrive intact}."""
+        for plan in meta.loads:
+            self.worker.start_load(plan)
+        if not meta.loads:
+            return {}
+        loads, _ = self.worker.poll(wait=True)
+        return {r: ids for r, ids in loads.items() if ids}
+
+    def save(self, meta: TrtllmMetadata) -> None:
+        for plan in meta.stores:
+            self.worker.start_store(plan)
+
+    def finished(self, finished_gen_req_ids: Sequence[Any]) -> list:
+        """The finished requests whose stores have all landed (their blocks may be freed)."""
+        self._saving.update(finished_gen_req_ids)
+        self.worker.poll()
+        busy = {t.req_id for t in self.worker._stores}
+        done = [r for r in self._saving if r not in busy]
+        self._saving.difference_update(done)
+        return done
+
+
+# ---------------------------------------------------------------- adapters (need tensorrt_llm)
+
+_API = {  # class -> method -> the parameter names this adapter relies on
+    "KvCacheConnectorScheduler": {
+        "build_connector_meta": ("scheduler_output",),
+        "get_num_new_matched_tokens": ("request", "num_computed_tokens"),
+        "request_finished": ("request", "cache_block_ids"),
+        "update_state_after_alloc": ("request", "block_ids"),
+    },
+    "KvCacheConnectorWorker": {
+        "register_kv_caches": ("kv_cache_tensor",),
+        "start_load_kv": ("stream",),
+        "wait_for_layer_load": ("layer_idx", "stream"),
+        "save_kv_layer": ("layer_idx", "stream"),
+        "wait_for_save": ("stream",),
+        "get_finished": ("finished_gen_req_ids", "started_loading_req_ids"),
+    },
+}
+
+
+def check_trtllm_api(module: Any) -> None:
+    """Raise ImportError naming what differs when TRT-LLM's connector API is not the one we use."""
+    problems = []
+    for cls_name, methods in _API.items():
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            problems.append(f"{cls_name} is missing")
+            continue
+        for name, params in methods.items():
+            fn = getattr(cls, name, None)
+            if fn is None:
+                problems.append(f"{cls_name}.{name} is missing")
+                continue
+            have = list(inspect.signature(fn).parameters)[1:]
+            if list(params) != have[:len(params)]:
+                problems.append(f"{cls_name}.{name}{tuple(have)} (expected {params})")
+    if problems:
+        raise ImportError(f"kvbm.connectors.trtllm supports TensorRT-LLM's KV cache connector API as of "
+                          f"{TESTED_TRTLLM}; this one differs: {'; '.join(problems)}")
+
+
+def _import_trtllm() -> Any:
+    try:
+        import tensorrt_llm
+        from tensorrt_llm._torch.pyexecutor import kv_cache_connector
+    except ImportError as exc:
+        raise ImportError(
+            f"kvbm.connectors.trtllm needs TensorRT-LLM with the PyTorch backend's KV cache connector "
+            f"(tested with {TESTED_TRTLLM}.x): pip install tensorrt_llm; import failed with: {exc}"
+        ) from exc
+    check_trtllm_api(kv_cache_connector)
+    version = getattr(tensorrt_llm, "__version__", "")
+    if not version.startswith(TESTED_TRTLLM):
+        log.warning("kvbm connector tested with TensorRT-LLM %s.x, running on %s (API check passed)",
+                    TESTED_TRTLLM, version)
+    return kv_cache_connector
+
+
+def _setup(llm_args: Any) -> tuple[BlockManager, threading.RLock, Namespace, int]:
+    """The shared manager for this engine: kvbm config from $KVBM_CONFIG, layout from the model."""
+    path = os.environ.get("KVBM_CONFIG")
+    if not path:
+        raise ImportError("kvbm.connectors.trtllm: set KVBM_CONFIG to a kvbm.yaml path (the tiers to use)")
+    kv = _field(llm_args, "kv_cache_config")
+    block_size = _field(kv, "tokens_per_block", default=None) or 32
+    tp = _field(llm_args, "tensor_parallel_size", default=1) or 1
+    model = str(_field(llm_args, "model"))
+    model_dir = str(_field(llm_args, "checkpoint_dir", "model"))
+    layout = layout_from_hf(model_dir, block_size, _field(kv, "dtype", default=None), tp)
+    config = resolve_config(path, layout, model)
+    manager, lock = shared_manager(config)
+    ns = config["namespace"]
+    return manager, lock, Namespace(ns["model"], layout, ns.get("salt", "")), block_size
+
+
+def _build_adapters() -> dict[str, type]:
+    kvc = _import_trtllm()
+
+    class KVBMConnectorScheduler(kvc.KvCacheConnectorScheduler):
+        """kvbm tiers behind TensorRT-LLM's connector scheduler (rank 0)."""
+
+        def __init__(self, llm_args: Any) -> None:
+            super().__init__(llm_args)
+            manager, lock, ns, block_size = _setup(llm_args)
+            self.planner = TrtllmPlanner(manager, lock, ns, block_size)
+
+        def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+            n = self.planner.match(request.request_id, request.get_tokens(0), num_computed_tokens,
+                                   salt=_field(request, "cache_salt"),
+                                   retention=_field(request, "kv_cache_retention_config"))
+            return n, False  # synchronous load in start_load_kv
+
+        def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+            return  # loads are planned from the step's RequestData (all block ids of a new request)
+
+        def build_connector_meta(self, scheduler_output: Any) -> TrtllmMetadata:
+            return self.planner.step(scheduler_output.new_requests, scheduler_output.cached_requests)
+
+        def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+            self.planner.finished(request.request_id)
+            return True  # hold the blocks until get_finished reports the writes landed
+
+    class KVBMConnectorWorker(kvc.KvCacheConnectorWorker):
+        """kvbm tiers behind TensorRT-LLM's connector worker."""
+
+        def __init__(self, llm_args: Any) -> None:
+            super().__init__(llm_args)
+            manager, lock, _, _ = _setup(llm_args)
+            self.transfers = TrtllmTransfers(manager, lock)
+
+        def register_kv_caches(self, kv_cache_tensor: Any) -> None:
+            self.transfers.register(kv_cache_tensor)
+
+        def start_load_kv(self, stream: Any) -> None:
+            meta = self.get_connector_meta()
+            if isinstance(meta, TrtllmMetadata) and meta.loads:
+                failed = self.transfers.load(meta)
+                if failed:
+                    raise RuntimeError(f"kvbm: blocks did not arrive intact (request: block ids) {failed}; "
+                                       f"TensorRT-LLM's connector API cannot recompute them")
+
+        def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
+            return  # loads land whole before the forward pass
+
+        def save_kv_layer(self, layer_idx: int, stream: Any) -> None:
+            return  # a kvbm block spans all layers: saved once per step in wait_for_save
+
+        def wait_for_save(self, stream: Any) -> None:
+            meta = self.get_connector_meta()
+            if isinstance(meta, TrtllmMetadata) and meta.stores:
+                stream.synchronize()  # the forward pass wrote the blocks we gather
+                self.transfers.save(meta)
+
+        def get_finished(self, finished_gen_req_ids: list[int],
+                         started_loading_req_ids: list[int]) -> tuple[list[int], list[int]]:
+            return self.transfers.finished(finished_gen_req_ids), []
+
+    return {"KVBMConnectorScheduler": KVBMConnectorScheduler, "KVBMConnectorWorker": KVBMConnectorWorker}
+
+
+_ADAPTERS: dict[str, type] = {}
+
+
+def __getattr__(attr: str) -> type:
+    if attr not in ("KVBMConnectorScheduler", "KVBMConnectorWorker"):
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    if not _ADAPTERS:
+        _ADAPTERS.update(_build_adapters())
+    return _ADAPTERS[attr]
