@@ -4,6 +4,8 @@
     kvbm simulate TRACE [--tier g2=10000:lru ...] [--json] [--sweep CAPS --policy NAMES] [--plot PNG]
     kvbm policies            list registered eviction and admission policies
     kvbm config check FILE   validate a config file (and KVBM_... overrides)
+    kvbm serve --config kvbm.yaml        the node's cache daemon (G2 shared with its clients)
+    kvbm stats [--address A] [--json]    ask a running daemon for its counters
 
 TRACE is a path (Mooncake/Bailian JSONL, Parquet) or `mooncake` for the bundled trace.
 """
@@ -232,6 +234,77 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if report["mismatched_blocks"] else 0
 
 
+def _need_daemon_deps(command: str, *modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pips = {"zmq": "pyzmq", "prometheus_client": "prometheus-client"}
+        raise UsageError(f"kvbm {command} needs {', '.join(missing)}: pip install "
+                         + " ".join(pips.get(m, m) for m in missing))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    _need_daemon_deps("serve", "zmq", "msgpack", "prometheus_client")
+    from .daemon.config import load_daemon_config
+    from .daemon.server import serve
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s kvbm %(levelname)s %(message)s")
+    cfg, dcfg = load_daemon_config(args.config)
+    return serve(cfg, dcfg)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import os
+
+    _need_daemon_deps("stats", "zmq", "msgpack")
+    import zmq
+
+    from .daemon.protocol import pack, unpack
+
+    address, token = args.address, args.token or os.environ.get("KVBM_DAEMON__TOKEN", "")
+    if args.config:
+        from .daemon.config import load_daemon_config
+
+        _, dcfg = load_daemon_config(args.config)
+        address, token = address or dcfg.address, token or dcfg.token
+    address = address or "tcp://127.0.0.1:5557"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send(pack({"op": "stats", "id": 1, **({"auth": token} if token else {})}))
+        if not sock.poll(int(args.timeout * 1000)):
+            raise UsageError(f"no kvbm daemon answered at {address} within {args.timeout}s")
+        reply = unpack(sock.recv(), 1 << 22)
+    finally:
+        sock.close(0)
+        ctx.term()
+    if not reply.get("ok"):
+        raise UsageError(f"daemon at {address} refused: {reply.get('message')}")
+    st = reply["stats"]
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    d = st["daemon"]
+    print(f"kvbm daemon at {address}: {d['clients']} clients, up {d['uptime_seconds']:.0f}s, "
+          f"prefix hit ratio {d['prefix_hit_ratio']:.3f} ({d['prefix_hit_blocks']}/{d['lookup_blocks']} blocks)")
+    for name, t in st["tiers"].items():
+        print(f"  {name:3} {t['medium']:6} {t['used']:>9}/{t['capacity']:<9} hits {t['hits']:<9} stores "
+              f"{t['stores']:<9} evictions {t['evictions']:<8} io_errors {t['io_errors']} "
+              f"checksum_errors {t['checksum_errors']}")
+    for path, p in st["transfers"].items():
+        rate = f"{p['gb_per_s']:.2f} GB/s" if p["gb_per_s"] else "-"
+        print(f"  {path:14} {p['blocks']:>9} blocks {p['bytes'] / 1e9:10.3f} GB  {rate}")
+    print(f"  requests {d['requests']}, bad {d['bad_requests']}, unauthorized {d['unauthorized']}, "
+          f"lease expiries {d['lease_expiries']}, nixl {d['nixl'] or 'off'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvbm", description="Tiered KV-cache block manager")
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate a config file")
     cc.add_argument("file")
     cc.set_defaults(func=cmd_config)
+
+    sv = sub.add_parser("serve", help="run the node's cache daemon (G2 in shared memory, G3/G4, peers)")
+    sv.add_argument("--config", help="kvbm.yaml with tiers, layout and a `daemon:` section (or $KVBM_CONFIG)")
+    sv.add_argument("--verbose", action="store_true", help="log at INFO")
+    sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("stats", help="print a running daemon's counters")
+    st.add_argument("--address", help="daemon address (default: from --config, else tcp://127.0.0.1:5557)")
+    st.add_argument("--config", help="read the address and token from this kvbm.yaml")
+    st.add_argument("--token", help="auth token (default: $KVBM_DAEMON__TOKEN)")
+    st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the daemon")
+    st.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    st.set_defaults(func=cmd_stats)
     return p
 
 

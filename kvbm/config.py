@@ -201,7 +201,7 @@ def _check_keys(data: Mapping[str, Any], allowed, prefix: str) -> None:
 
 # KVBM_ variables that steer the build, the extension or CI rather than the config.
 NON_CONFIG_ENV = ("KVBM_CONFIG", "KVBM_NATIVE", "KVBM_CUDA", "KVBM_EXPECT_CUDA", "KVBM_REQUIRE_NATIVE",
-                  "KVBM_REQUIRE_VLLM", "KVBM_CI_", "KVBM_NB_")
+                  "KVBM_REQUIRE_VLLM", "KVBM_REQUIRE_NIXL", "KVBM_CI_", "KVBM_NB_")
 
 
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:

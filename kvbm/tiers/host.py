@@ -3,13 +3,17 @@
 The pool is pinned (page-locked, cudaHostAlloc through torch) when CUDA is present, so
 device copies run at full PCIe/NVLink-C2C speed; otherwise it is an anonymous page-aligned
 mmap whose pages are faulted in at start (first touch of fresh pages costs more than the copy).
+With `shm_name` the pool is a named shared-memory file (/dev/shm/<shm_name>, mode 0600) that
+other processes of the same user map: the cache daemon's clients read and write slots there.
 Slots are `stride` bytes apart, `block_nbytes` rounded up to 4 KiB, so every slot is aligned
 for O_DIRECT and DMA.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,7 @@ import numpy as np
 from .base import Region, Storage
 
 PAGE = 4096
+SHM_DIR = "/dev/shm"
 
 
 def align_up(n: int, a: int = PAGE) -> int:
@@ -27,7 +32,8 @@ class HostStorage(Storage):
     medium = "host"
     instant = False
 
-    def __init__(self, capacity_blocks: int, block_nbytes: int, *, pin: str = "auto", **options: Any) -> None:
+    def __init__(self, capacity_blocks: int, block_nbytes: int, *, pin: str = "auto",
+                 shm_name: str | None = None, **options: Any) -> None:
         super().__init__(capacity_blocks, block_nbytes, **options)
         if block_nbytes <= 0:
             raise ValueError("host storage needs a layout: block_nbytes must be > 0")
@@ -37,7 +43,14 @@ class HostStorage(Storage):
         self.nbytes = self.stride * capacity_blocks
         self.pinned = False
         self._keepalive: Any = None
-        self.pool = self._allocate(pin)
+        self.shm_path: str | None = None
+        self._shm_fd = -1
+        if shm_name is not None:
+            if pin == "always":
+                raise ValueError("host storage: pin=always cannot be combined with shm_name")
+            self.pool = self._allocate_shared(shm_name)
+        else:
+            self.pool = self._allocate(pin)
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out slot 0 first
 
     def _allocate(self, pin: str) -> np.ndarray:
@@ -49,6 +62,43 @@ class HostStorage(Storage):
             if pin == "always":
                 raise RuntimeError("host storage pin=always, but no CUDA runtime is available to pin memory")
         buf = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._keepalive = buf
+        pool = np.frombuffer(buf, dtype=np.uint8)
+        _prefault(buf, pool)
+        return pool
+
+    def _allocate_shared(self, name: str) -> np.ndarray:
+        """A named /dev/shm file, held under an exclusive flock while this storage lives.
+
+        A stale file left by a killed process is replaced; one locked by a live process is not.
+        """
+        if not name or "/" in name or name.startswith(".") or len(name) > 200:
+            raise ValueError(f"host storage shm_name must be a plain file name, got {name!r}")
+        path = os.path.join(SHM_DIR, name)
+        try:
+            old = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"host storage shm_name {name!r}: {path} is in use by a running "
+                                 f"process (another daemon?); choose another shm_name") from None
+            finally:
+                os.close(old)
+            os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, self.nbytes)
+            buf = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self._shm_fd = fd
+        self.shm_path = path
         self._keepalive = buf
         pool = np.frombuffer(buf, dtype=np.uint8)
         _prefault(buf, pool)
@@ -87,6 +137,13 @@ class HostStorage(Storage):
             except BufferError:  # a caller still holds a view; the GC frees it later
                 pass
         self._keepalive = None
+        if self.shm_path is not None:
+            try:
+                os.unlink(self.shm_path)  # still ours: the flock kept others from replacing it
+            except FileNotFoundError:
+                pass
+            os.close(self._shm_fd)
+            self.shm_path = None
 
 
 def _prefault(buf: mmap.mmap, pool: np.ndarray) -> None:

@@ -1,0 +1,319 @@
+"""Cache-daemon benchmarks.
+
+    python bench/bench_daemon.py load   [--clients 8 --ops 10000]   mixed ops from N processes: errors,
+                                                                    wrong bytes, throughput, p50/p99
+    python bench/bench_daemon.py local  [--blocks 256 --mib 1]      same-node client path vs in-process
+                                                                    manager (store and load GB/s, ratio)
+    python bench/bench_daemon.py nixl   [--blocks 256 --mib 1]      cross-daemon pull GB/s vs a bare
+                                                                    two-agent NIXL READ of the same bytes
+    python bench/bench_daemon.py all
+
+Every block's bytes derive from its key (shake_128), so every reader verifies what it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from kvbm.blocks import KVLayout
+
+
+def layout_of(mib: float) -> KVLayout:
+    # num_layers scales the block: 2 KV x 8 heads x 128 dim x 16 tokens x 2 bytes = 64 KiB per layer
+    return KVLayout(num_layers=max(1, int(mib * 16)), num_kv_heads=8, head_dim=128, block_size=16)
+
+
+def block(key: bytes, nbytes: int) -> np.ndarray:
+    return np.frombuffer(hashlib.shake_128(key).digest(nbytes), dtype=np.uint8)
+
+
+def keys_of(tag: str, n: int) -> list[bytes]:
+    return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest() for i in range(n)]
+
+
+class Daemon:
+    def __init__(self, work: Path, name: str, layout: KVLayout, g2: int, nixl: bool = False,
+                 peers: list | None = None) -> None:
+        self.dir = work / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shm = f"kvbm-bench-{uuid.uuid4().hex[:10]}"
+        lay = {k: getattr(layout, k) for k in ("num_layers", "num_kv_heads", "head_dim", "block_size")}
+        cfg = {"namespace": {"model": "bench"}, "layout": lay,
+               "tiers": [{"name": "g2", "capacity": g2, "eviction": "lru", "storage": "host"}],
+               "daemon": {"address": "tcp://127.0.0.1:*", "events": "", "metrics": "", "shm_name": self.shm,
+                          "lease_s": 10.0, "nixl": nixl, "peers": peers or [], "peer_timeout_s": 10.0,
+                          "max_keys": 4096}}
+        (self.dir / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
+        out = self.dir / "stdout.txt"
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(self.dir / "kvbm.yaml")],
+                                     stdout=out.open("w"), stderr=(self.dir / "stderr.txt").open("w"))
+        deadline = time.monotonic() + 60
+        self.info: dict = {}
+        while not self.info:
+            for line in out.read_text().splitlines():
+                if line.startswith('{"ready"'):
+                    self.info = json.loads(line)
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.dir / "stderr.txt").read_text()[-2000:])
+            time.sleep(0.05)
+        self.address = self.info["address"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ---------------------------------------------------------------- load
+
+def _load_worker(address: str, idx: int, ops: int, nbytes_mib: float, seed: int, q) -> None:
+    from kvbm.client import Client
+
+    layout = layout_of(nbytes_mib)
+    nb = layout.block_nbytes
+    rng = np.random.default_rng(seed + idx)
+    own = keys_of(f"own{idx}", 512)
+    shared = keys_of("shared", 512)
+    lat: dict[str, list] = {}
+    errors, wrong, loaded = [], 0, 0
+    c = Client(address, model="bench", layout=layout)
+    out = [np.zeros(nb, np.uint8) for _ in range(4)]
+    for _ in range(ops):
+        pool = own if rng.random() < 0.5 else shared
+        lo = int(rng.integers(0, len(pool) - 4))
+        ks = pool[lo:lo + 4]
+        r = rng.random()
+        op = "lookup" if r < 0.4 else "store" if r < 0.65 else "load" if r < 0.9 else "pin" if r < 0.95 else "events"
+        t0 = time.perf_counter()
+        try:
+            if op == "lookup":
+                c.lookup(ks)
+            elif op == "store":
+                c.store(ks, [block(k, nb) for k in ks])
+            elif op == "load":
+                n = c.load(ks, out)
+                loaded += n
+                wrong += sum(not np.array_equal(o, block(k, nb)) for o, k in zip(out[:n], ks))
+            elif op == "pin":
+                c.pin(ks)
+                c.unpin(ks)
+            else:
+                c.events()
+        except Exception as exc:
+            errors.append(repr(exc))
+        lat.setdefault(op, []).append(time.perf_counter() - t0)
+    c.close()
+    q.put({"lat": lat, "errors": errors, "wrong": wrong, "loaded": loaded})
+
+
+def bench_load(work: Path, clients: int, ops: int) -> dict:
+    d = Daemon(work, "load", layout_of(1 / 16), g2=8192)
+    try:
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_load_worker, args=(d.address, i, ops, 1 / 16, 7, q)) for i in range(clients)]
+        t0 = time.perf_counter()
+        for p in procs:
+            p.start()
+        results = [q.get(timeout=900) for _ in procs]
+        wall = time.perf_counter() - t0
+        for p in procs:
+            p.join()
+    finally:
+        d.stop()
+    all_lat = np.concatenate([np.array(v) for r in results for v in r["lat"].values()])
+    per_op = {}
+    for op in ("lookup", "store", "load", "pin", "events"):
+        arr = np.concatenate([np.array(r["lat"].get(op, [])) for r in results])
+        if arr.size:
+            per_op[op] = {"n": int(arr.size), "p50_us": round(float(np.percentile(arr, 50)) * 1e6, 1),
+                          "p99_us": round(float(np.percentile(arr, 99)) * 1e6, 1)}
+    return {"clients": clients, "ops_per_client": ops, "block_bytes": layout_of(1 / 16).block_nbytes,
+            "errors": sum(len(r["errors"]) for r in results), "first_errors": [e for r in results for e in r["errors"]][:3],
+            "wrong_bytes_blocks": sum(r["wrong"] for r in results), "blocks_loaded": sum(r["loaded"] for r in results),
+            "ops_per_s": round(clients * ops / wall, 1), "wall_s": round(wall, 2),
+            "p50_us": round(float(np.percentile(all_lat, 50)) * 1e6, 1),
+            "p99_us": round(float(np.percentile(all_lat, 99)) * 1e6, 1), "per_op": per_op,
+            "cpus": os.cpu_count()}
+
+
+# ---------------------------------------------------------------- same-node client vs in-process
+
+def bench_local(work: Path, blocks: int, mib: float, rounds: int = 3) -> dict:
+    from kvbm.client import Client
+    from kvbm.config import KVBMConfig
+    from kvbm.manager import BlockManager
+
+    layout = layout_of(mib)
+    nb = layout.block_nbytes
+    ks = keys_of("local", blocks)
+    src = [block(k, nb) for k in ks]
+    dst = [np.empty(nb, np.uint8) for _ in ks]
+    cfg = KVBMConfig.from_dict({"namespace": {"model": "bench"},
+                                "layout": {k: getattr(layout, k) for k in ("num_layers", "num_kv_heads", "head_dim",
+                                                                           "block_size")},
+                                "tiers": [{"name": "g2", "capacity": blocks * 2, "storage": "host"}]})
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    m = BlockManager.from_config(cfg)
+    m.store(ks, source=src)
+
+    def m_store():
+        m.remove(ks)
+        m.store(ks, source=src)
+
+    inproc_store = best(m_store)
+    inproc_load = best(lambda: m.load(ks, destination=dst))
+    assert all(np.array_equal(a, b) for a, b in zip(src, dst))
+    m.close()
+
+    d = Daemon(work, "local", layout, g2=blocks * 2)
+    try:
+        c = Client(d.address, model="bench", layout=layout)
+        salt = [0]
+
+        def c_store():  # new keys each round (a daemon client cannot remove): same bytes moved
+            salt[0] += 1
+            c.store(keys_of(f"local{salt[0]}", blocks), src)
+
+        client_store = best(c_store)
+        c.store(ks, src)
+        client_load = best(lambda: c.load(ks, dst))
+        assert all(np.array_equal(a, b) for a, b in zip(src, dst))
+        c.close()
+    finally:
+        d.stop()
+    gb = blocks * nb / 1e9
+    return {"blocks": blocks, "block_bytes": nb,
+            "inproc_store_gbps": round(gb / inproc_store, 2), "client_store_gbps": round(gb / client_store, 2),
+            "store_ratio": round(inproc_store / client_store, 3),
+            "inproc_load_gbps": round(gb / inproc_load, 2), "client_load_gbps": round(gb / client_load, 2),
+            "load_ratio": round(inproc_load / client_load, 3)}
+
+
+# ---------------------------------------------------------------- NIXL
+
+def bench_nixl(work: Path, blocks: int, mib: float) -> dict:
+    from kvbm.client import Client
+
+    layout = layout_of(mib)
+    nb = layout.block_nbytes
+    a = Daemon(work, "a", layout, g2=blocks * 2, nixl=True)
+    b = Daemon(work, "b", layout, g2=blocks * 2, nixl=True, peers=[a.address])
+    try:
+        ca = Client(a.address, model="bench", layout=layout)
+        cb = Client(b.address, model="bench", layout=layout)
+        warm = keys_of("warm", 1)  # connect peers and UCX endpoints outside the timing
+        ca.store(warm, [block(warm[0], nb)])
+        cb.lookup(warm)
+        pull = float("inf")
+        for r in range(3):  # fresh keys each round, so each is a miss at b; the best round counts
+            ks = keys_of(f"nixl{r}", blocks)
+            assert ca.store(ks, [block(k, nb) for k in ks]) == blocks
+            t0 = time.perf_counter()
+            n, _ = cb.lookup(ks)  # miss at b -> peer_lookup at a -> NIXL READ -> crc32c -> commit
+            pull = min(pull, time.perf_counter() - t0)
+            assert n == blocks, n
+        out = [np.empty(nb, np.uint8) for _ in ks]
+        assert cb.load(ks, out) == blocks
+        wrong = sum(not np.array_equal(o, block(k, nb)) for o, k in zip(out, ks))
+        read_gbps = cb.stats()["transfers"].get("peer->host", {}).get("gb_per_s")
+        ca.close()
+        cb.close()
+    finally:
+        b.stop()
+        a.stop()
+    bare = _bare_nixl(blocks, nb)
+    gb = blocks * nb / 1e9
+    return {"blocks": blocks, "block_bytes": nb, "wrong_blocks": wrong,
+            "daemon_pull_gbps_end_to_end": round(gb / pull, 3),
+            "daemon_read_only_gbps": read_gbps,
+            "bare_two_agent_read_gbps": round(gb / bare, 3), "ratio_end_to_end_vs_bare": round(bare / pull, 3)}
+
+
+def _bare_agent_target(nbytes: int, conn) -> None:
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    a = nixl_agent("bare-target", nixl_agent_config(backends=["UCX"]))
+    buf = np.frombuffer(hashlib.shake_128(b"bare").digest(1 << 20) * (nbytes // (1 << 20) + 1), np.uint8)[:nbytes].copy()
+    a.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+    conn.send((a.get_agent_metadata(), buf.ctypes.data))
+    conn.recv()  # hold until the reader is done
+
+
+def _bare_nixl(blocks: int, nb: int) -> float:
+    """Two agents in two processes: one READ of `blocks` descriptors, timed like the daemon's."""
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_bare_agent_target, args=(blocks * nb, child))
+    p.start()
+    meta, base = parent.recv()
+    r = nixl_agent("bare-reader", nixl_agent_config(backends=["UCX"]))
+    dst = np.zeros(blocks * nb, np.uint8)
+    r.register_memory([(dst.ctypes.data, dst.nbytes, 0, "")], "DRAM")
+    r.add_remote_agent(meta)
+    best = float("inf")
+    for _ in range(3):
+        local = r.get_xfer_descs([(dst.ctypes.data + i * nb, nb, 0) for i in range(blocks)], "DRAM")
+        remote = r.get_xfer_descs([(base + i * nb, nb, 0) for i in range(blocks)], "DRAM")
+        t0 = time.perf_counter()
+        h = r.initialize_xfer("READ", local, remote, "bare-target")
+        state = r.transfer(h)
+        while state not in ("DONE", "ERR"):
+            state = r.check_xfer_state(h)
+        best = min(best, time.perf_counter() - t0)
+        r.release_xfer_handle(h)
+        assert state == "DONE"
+    parent.send("done")
+    p.join(10)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["load", "local", "nixl", "all"])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--ops", type=int, default=10_000)
+    ap.add_argument("--blocks", type=int, default=256)
+    ap.add_argument("--mib", type=float, default=1.0, help="block size in MiB (via num_layers)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kvbm-bench-") as tmp:
+        work = Path(tmp)
+        out = {}
+        if args.what in ("load", "all"):
+            out["load"] = bench_load(work, args.clients, args.ops)
+        if args.what in ("local", "all"):
+            out["local"] = bench_local(work, args.blocks, args.mib)
+        if args.what in ("nixl", "all"):
+            out["nixl"] = bench_nixl(work, args.blocks, args.mib)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""DaemonConfig: the `daemon:` section of kvbm.yaml, beside the manager's own keys.
+
+    daemon:
+      address: tcp://127.0.0.1:5557       # or ipc:///run/kvbm/kvbm.sock
+      events: tcp://127.0.0.1:5558        # KV-event PUB stream for routers ("" = off)
+      metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
+      token: ""                           # or token_file; required for a non-loopback address
+      shm_name: kvbm-g2                   # /dev/shm file that holds the G2 pool
+      lease_s: 10                         # a client silent this long loses its pins
+      peers: [tcp://10.0.0.2:5557]        # other nodes' daemons, asked on a local miss
+      peer_timeout_s: 0.5
+      nixl: auto                          # auto | true | false
+      max_session_blocks: 0               # busy blocks per client (a quota against hogging G2); 0 = off
+
+Overrides: KVBM_DAEMON__TOKEN=..., KVBM_DAEMON__ADDRESS=... (as for every kvbm key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import ConfigError, KVBMConfig, _check_keys, apply_env, read_file
+
+
+@dataclass
+class DaemonConfig:
+    address: str = "tcp://127.0.0.1:5557"
+    events: str = "tcp://127.0.0.1:5558"
+    metrics: str = "127.0.0.1:9400"
+    token: str = ""
+    token_file: str = ""
+    shm_name: str = "kvbm-g2"
+    lease_s: float = 10.0
+    peers: list = field(default_factory=list)
+    peer_timeout_s: float = 0.5
+    nixl: Any = "auto"
+    max_message_bytes: int = 1 << 20
+    max_keys: int = 4096
+    max_clients: int = 1024
+    max_session_blocks: int = 0  # blocks one client may keep busy (pins, loads, reservations); 0 = no limit
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "DaemonConfig":
+        data = dict(data or {})
+        _check_keys(data, [f.name for f in fields(cls)], "daemon.")
+        cfg = cls(**data)
+        cfg.validate()
+        if cfg.token_file and not cfg.token:
+            try:
+                cfg.token = Path(cfg.token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"daemon.token_file: cannot read {cfg.token_file}: {exc.strerror}") from None
+        for name in ("address", "events"):
+            addr = getattr(cfg, name)
+            if addr and not cfg.token and not is_local(addr):
+                raise ConfigError(
+                    f"daemon.{name} {addr!r} is reachable from other hosts; bind 127.0.0.1 or an ipc:// "
+                    f"path, or set daemon.token (or KVBM_DAEMON__TOKEN) so every request is authenticated")
+        if cfg.metrics and not is_local("tcp://" + cfg.metrics) and not cfg.token:
+            raise ConfigError(f"daemon.metrics {cfg.metrics!r} is not loopback; set daemon.token to expose it")
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("address", "events", "metrics", "token", "token_file", "shm_name"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"daemon.{name} must be a string, got {getattr(self, name)!r}")
+        if not self.address.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"daemon.address must be tcp://HOST:PORT or ipc://PATH, got {self.address!r}")
+        if self.events and not self.events.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"daemon.events must be tcp://HOST:PORT, ipc://PATH or '', got {self.events!r}")
+        if self.metrics and ":" not in self.metrics:
+            raise ConfigError(f"daemon.metrics must be HOST:PORT or '', got {self.metrics!r}")
+        for name in ("lease_s", "peer_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"daemon.{name} must be a positive number of seconds, got {v!r}")
+        for name in ("max_message_bytes", "max_keys", "max_clients", "max_session_blocks"):
+            v = getattr(self, name)
+            least = 0 if name == "max_session_blocks" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ConfigError(f"daemon.{name} must be an integer >= {least}, got {v!r}")
+        if not isinstance(self.peers, list) or not all(
+                isinstance(p, str) and p.startswith(("tcp://", "ipc://")) for p in self.peers):
+            raise ConfigError(f"daemon.peers must be a list of tcp://HOST:PORT addresses, got {self.peers!r}")
+        if self.nixl not in ("auto", True, False):
+            raise ConfigError(f"daemon.nixl must be auto, true or false, got {self.nixl!r}")
+
+
+def is_local(address: str) -> bool:
+    """True for ipc:// paths and loopback tcp:// hosts (127.0.0.0/8, ::1, localhost)."""
+    if address.startswith("ipc://"):
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name or `*`: reachable from elsewhere
+        return False
+
+
+def load_daemon_config(path: str | os.PathLike | None = None,
+                       env: Mapping[str, str] | None = None) -> tuple[KVBMConfig, DaemonConfig]:
+    """kvbm.yaml -> (manager config, daemon config); KVBM_... overrides apply to both."""
+    env = os.environ if env is None else env
+    path = path or env.get("KVBM_CONFIG")
+    data = read_file(path) if path else {}
+    data = apply_env(data, env)
+    where = f" (in {path})" if path else ""
+    daemon = data.pop("daemon", None)
+    if daemon is not None and not isinstance(daemon, Mapping):
+        raise ConfigError(f"daemon must be a mapping, got {daemon!r}{where}")
+    try:
+        return KVBMConfig.from_dict(data), DaemonConfig.from_dict(daemon)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from None

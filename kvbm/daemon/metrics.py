@@ -1,0 +1,131 @@
+"""Prometheus metrics and the health endpoint of the daemon.
+
+    Metrics(daemon_stats)          a registry: request latencies + a collector over a snapshot
+    Metrics.observe(op, seconds)   one request's latency (the loop thread)
+    Metrics.publish(snapshot)      the loop thread hands over fresh counters (every ~0.5 s)
+    Metrics.serve("127.0.0.1:9400") -> (host, port)    GET /metrics, GET /health
+
+The HTTP thread never touches the manager: it reads the last snapshot, so a scrape cannot
+race the request loop.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_TIER_COUNTERS = ("hits", "stores", "evictions", "drops", "demotions_in", "promotions_out",
+                  "rejected", "failed", "load_failures", "recovered", "io_errors", "checksum_errors")
+
+
+class _Collector:
+    def __init__(self, owner: "Metrics") -> None:
+        self.owner = owner
+
+    def collect(self):
+        snap = self.owner.snapshot
+        if not snap:
+            return
+        tiers = snap.get("tiers", {})
+        for name in _TIER_COUNTERS:
+            c = CounterMetricFamily(f"kvbm_tier_{name}", f"blocks: {name.replace('_', ' ')} per tier",
+                                    labels=["tier"])
+            for tier, row in tiers.items():
+                c.add_metric([tier], row.get(name, 0))
+            yield c
+        used = GaugeMetricFamily("kvbm_tier_used_blocks", "blocks held (ready + in flight)", labels=["tier"])
+        cap = GaugeMetricFamily("kvbm_tier_capacity_blocks", "capacity in blocks", labels=["tier"])
+        for tier, row in tiers.items():
+            used.add_metric([tier], row.get("used", 0))
+            cap.add_metric([tier], row.get("capacity", 0))
+        yield used
+        yield cap
+        nbytes = CounterMetricFamily("kvbm_transfer_bytes", "bytes moved per path", labels=["path"])
+        secs = CounterMetricFamily("kvbm_transfer_seconds", "seconds spent moving bytes per path", labels=["path"])
+        rate = GaugeMetricFamily("kvbm_transfer_gb_per_second", "average GB/s per path", labels=["path"])
+        for path, row in snap.get("transfers", {}).items():
+            nbytes.add_metric([path], row["bytes"])
+            secs.add_metric([path], row["seconds"])
+            rate.add_metric([path], row["gb_per_s"] or 0.0)
+        yield nbytes
+        yield secs
+        yield rate
+        d = snap.get("daemon", {})
+        lk = CounterMetricFamily("kvbm_lookup_blocks", "blocks asked for in lookups")
+        lk.add_metric([], d.get("lookup_blocks", 0))
+        yield lk
+        ph = CounterMetricFamily("kvbm_prefix_hit_blocks", "blocks found in the ready prefix of lookups")
+        ph.add_metric([], d.get("prefix_hit_blocks", 0))
+        yield ph
+        ratio = GaugeMetricFamily("kvbm_prefix_hit_ratio", "prefix hit blocks / lookup blocks")
+        ratio.add_metric([], d.get("prefix_hit_ratio", 0.0))
+        yield ratio
+        for name, doc in (("clients", "open client sessions"), ("uptime_seconds", "seconds since start")):
+            g = GaugeMetricFamily(f"kvbm_{name}", doc)
+            g.add_metric([], d.get(name, 0))
+            yield g
+        for name in ("lease_expiries", "peer_pull_blocks", "peer_pull_bytes", "peer_errors",
+                     "bad_requests", "unauthorized"):
+            c = CounterMetricFamily(f"kvbm_{name}", name.replace("_", " "))
+            c.add_metric([], d.get(name, 0))
+            yield c
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("kvbm_request_seconds", "daemon request latency", ["op"],
+                                 registry=self.registry,
+                                 buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0))
+        self.registry.register(_Collector(self))
+        self.snapshot: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self._server: ThreadingHTTPServer | None = None
+
+    def observe(self, op: str, seconds: float) -> None:
+        self.latency.labels(op).observe(seconds)
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot  # one reference swap: readers see an old or a new one
+
+    def serve(self, address: str) -> tuple[str, int]:
+        host, _, port = address.rpartition(":")
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path.startswith("/metrics"):
+                    body, ctype = generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+                elif self.path.startswith("/health"):
+                    d = metrics.snapshot.get("daemon", {})
+                    body = json.dumps({"status": "ok", "clients": d.get("clients", 0),
+                                       "uptime_s": round(time.monotonic() - metrics.started, 1)}).encode()
+                    ctype = "application/json"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="kvbm-metrics", daemon=True).start()
+        return self._server.server_address[:2]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

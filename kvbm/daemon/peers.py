@@ -1,0 +1,187 @@
+"""Cross-node pulls: a NIXL agent over the shared G2 pool, and requests to peer daemons.
+
+    Agent.create(pool, name) -> Agent | None      None (with the reason) when nixl is missing
+    Agent.metadata                                 bytes a peer adds to read from this pool
+    Agent.read(peer, meta, local, remote, timeout) NIXL READ of (address, length) pairs
+    Agent.finished(handle)                         a READ that outlived its timeout has ended
+    Peers(addresses, token, timeout)               one DEALER per peer, with a short timeout
+    Peers.ask(peer, op, **fields) -> reply | None  None when the peer is down or slow
+
+A pull: ask a peer `peer_lookup(keys)` -> it pins the prefix it holds in its G2 and answers
+addresses and crc32c per block; reserve local G2 slots; READ; verify; commit; `peer_release`.
+A peer that does not answer within `timeout` is skipped for a back-off period, so a dead peer
+costs one short wait, not one per lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from .protocol import pack, unpack
+
+log = logging.getLogger("kvbm.daemon")
+BACKOFF_S = 5.0
+
+
+class Agent:
+    """A NIXL agent with the daemon's G2 pool registered (UCX backend)."""
+
+    def __init__(self, nixl_agent: Any, reg: Any, name: str) -> None:
+        self._agent = nixl_agent
+        self._reg = reg
+        self.name = name
+        self.metadata: bytes = nixl_agent.get_agent_metadata()
+        self._known: dict[str, str] = {}  # peer agent name -> added
+
+    @classmethod
+    def create(cls, pool: Any, name: str) -> tuple["Agent | None", str]:
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+        except ImportError as exc:
+            return None, f"cross-node pulls are off: nixl is not importable ({exc}); pip install nixl"
+        try:
+            agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+            reg = agent.register_memory([(int(pool.ctypes.data), int(pool.nbytes), 0, "")], "DRAM")
+        except Exception as exc:  # a plugin or UCX failure: run without peers
+            return None, f"cross-node pulls are off: NIXL agent failed to start: {exc}"
+        return cls(agent, reg, name), f"NIXL agent {name} (UCX) with the G2 pool registered"
+
+    def read(self, peer_name: str, peer_meta: bytes, local: list, remote: list,
+             timeout: float) -> tuple[str, Any]:
+        """READ remote (address, length) pairs into local ones -> ("DONE" | "ERR" | "LATE", handle).
+
+        LATE: still running at the timeout. Its handle stays in `late` until it finishes,
+        because until then the local slots may still be written and must not be reused.
+        """
+        a = self._agent
+        if peer_name not in self._known:
+            a.add_remote_agent(peer_meta)
+            self._known[peer_name] = peer_name
+        ldescs = a.get_xfer_descs([(addr, n, 0) for addr, n in local], "DRAM")
+        rdescs = a.get_xfer_descs([(addr, n, 0) for addr, n in remote], "DRAM")
+        handle = a.initialize_xfer("READ", ldescs, rdescs, peer_name)
+        state = a.transfer(handle)
+        deadline = time.monotonic() + timeout
+        while state not in ("DONE", "ERR"):
+            if time.monotonic() > deadline:
+                log.warning("NIXL READ from %s timed out after %.1fs", peer_name, timeout)
+                return "LATE", handle
+            state = a.check_xfer_state(handle)
+        self._release(handle)
+        return state, None
+
+    def finished(self, handle: Any) -> bool:
+        """A LATE transfer has ended (either way) and its handle is released."""
+        if self._agent.check_xfer_state(handle) == "PROC":
+            return False
+        self._release(handle)
+        return True
+
+    def _release(self, handle: Any) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception as exc:  # nothing more can be done with it; the slots are safe anyway
+            log.warning("NIXL: cannot release a transfer handle: %s", exc)
+
+    def forget(self, peer_name: str) -> None:
+        if self._known.pop(peer_name, None) is not None:
+            try:
+                self._agent.remove_remote_agent(peer_name)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        try:
+            self._agent.deregister_memory(self._reg)
+        except Exception:
+            pass
+
+
+class Peer:
+    __slots__ = ("address", "sock", "down_until", "session", "agent", "meta", "next_id")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock: zmq.Socket | None = None
+        self.down_until = 0.0
+        self.session: bytes | None = None
+        self.agent = ""
+        self.meta = b""
+        self.next_id = 1
+
+
+class Peers:
+    def __init__(self, ctx: zmq.Context, addresses: list[str], token: str, timeout: float) -> None:
+        self.ctx = ctx
+        self.peers = [Peer(a) for a in addresses]
+        self.token = token
+        self.timeout = timeout
+
+    def live(self) -> list[Peer]:
+        now = time.monotonic()
+        return [p for p in self.peers if p.down_until <= now]
+
+    def ask(self, peer: Peer, op: str, **fields: Any) -> dict | None:
+        """One request; None (and the peer backs off) when it is down, slow or refuses."""
+        if peer.sock is None:
+            peer.sock = self.ctx.socket(zmq.DEALER)
+            peer.sock.setsockopt(zmq.LINGER, 0)
+            peer.sock.connect(peer.address)
+        rid = peer.next_id
+        peer.next_id += 1
+        msg = {"op": op, "id": rid, **fields}
+        if self.token:
+            msg["auth"] = self.token
+        if peer.session is not None:
+            msg["session"] = peer.session
+        try:
+            peer.sock.send(pack(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            return self._down(peer, "send queue full")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not peer.sock.poll(int(left * 1000) + 1):
+                return self._down(peer, f"no answer in {self.timeout}s")
+            try:
+                reply = unpack(peer.sock.recv(), 1 << 20)
+            except Exception:
+                return self._down(peer, "garbled reply")
+            if reply.get("id") != rid:
+                continue  # a late answer to a request that timed out
+            if not reply.get("ok"):
+                if reply.get("error") == "no_session":
+                    peer.session = None  # idle past the lease, or the peer restarted: hello again
+                    return None
+                log.warning("peer %s refused %s: %s", peer.address, op, reply.get("message"))
+                return None
+            return reply
+
+    def connect(self, peer: Peer) -> bool:
+        """peer_hello once per peer (and after its restart): its agent name and metadata."""
+        if peer.session is not None:
+            return True
+        reply = self.ask(peer, "peer_hello")
+        if reply is None:
+            return False
+        peer.session, peer.agent, peer.meta = reply["session"], reply["agent"], reply["metadata"]
+        return True
+
+    def _down(self, peer: Peer, why: str) -> None:
+        log.warning("peer %s is down (%s); local only for %.0fs", peer.address, why, BACKOFF_S)
+        peer.down_until = time.monotonic() + BACKOFF_S
+        peer.session = None
+        if peer.sock is not None:
+            peer.sock.close(0)
+            peer.sock = None
+        return None
+
+    def close(self) -> None:
+        for p in self.peers:
+            if p.sock is not None:
+                p.sock.close(0)
+                p.sock = None

@@ -1,0 +1,130 @@
+"""Wire protocol: one msgpack map per zmq message, client DEALER -> daemon ROUTER.
+
+    request   {"op": str, "id": int, "auth": str?, "session": bytes?, ...fields}
+    reply     {"id": int, "ok": true, ...fields} | {"id": int, "ok": false, "error": code, "message": str}
+
+Ops (fields beyond op/id/auth/session):
+    hello         model: str, layout: map, salt: str     -> session, shm_name, shm_bytes, stride, ...
+    heartbeat                                            -> {}
+    lookup        keys: [bin16], remote: bool?           -> n, where: [tier]
+    store_prepare keys: [bin16], parent: bin16?, position: int? -> handle, slots: [int] (-1: skip)
+    store_commit  handle: int, failed: [int]             -> stored
+    load_prepare  keys: [bin16]                          -> handle, slots: [int]
+    load_release  handle: int                            -> {}
+    pin / unpin   keys: [bin16]                          -> n
+    events        max: int?                              -> events: [[kind, key, tier]]
+    stats                                                -> stats
+    bye                                                  -> {}
+    peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py)
+
+KV-event stream for routers (zmq PUB at daemon.events), one message per request that changed
+blocks: [topic, msgpack [[kind, key, tier], ...]] with kind stored / removed / moved, `key` the
+client's own key and `topic` the namespace id in hex (`Client.topic`; subscribe to it to see
+one namespace only).
+
+Every field is checked for type, length and count before use; a bad message gets an error
+reply (or, if it cannot even be parsed, a reply with id 0) and never reaches the manager.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+KEY_BYTES = 16
+MAX_STR = 256
+
+
+class ProtocolError(Exception):
+    """A request the daemon refuses; `code` is a stable machine-readable word."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(RuntimeError):
+    """A daemon's error reply, raised on the client side."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, max_items: int) -> dict:
+    """Decode one request; containers and strings are bounded before they are built."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=64 * 1024,
+                              max_bin_len=len(data), max_array_len=max_items, max_map_len=64,
+                              max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types for garbage; all are a bad request
+        raise ProtocolError("bad_message", f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", "a request must be a msgpack map")
+    return obj
+
+
+def field(msg: dict, name: str, kind: type | tuple, *, required: bool = True, default: Any = None) -> Any:
+    v = msg.get(name, None)
+    if v is None:
+        if required:
+            raise ProtocolError("bad_field", f"missing field {name!r}")
+        return default
+    if isinstance(v, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+        raise ProtocolError("bad_field", f"field {name!r} must be {_names(kind)}, got bool")
+    if not isinstance(v, kind):
+        raise ProtocolError("bad_field", f"field {name!r} must be {_names(kind)}, got {type(v).__name__}")
+    return v
+
+
+def string(msg: dict, name: str, *, required: bool = True, default: str = "", limit: int = MAX_STR) -> str:
+    v = field(msg, name, str, required=required, default=default)
+    if len(v) > limit:
+        raise ProtocolError("bad_field", f"field {name!r} is longer than {limit} characters")
+    return v
+
+
+def integer(msg: dict, name: str, *, required: bool = True, default: int = 0, lo: int = 0,
+            hi: int = 2**62) -> int:
+    v = field(msg, name, int, required=required, default=default)
+    if not lo <= v <= hi:
+        raise ProtocolError("bad_field", f"field {name!r} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def keys(msg: dict, name: str, limit: int, *, unique: bool = False) -> list[bytes]:
+    """A list of 16-byte block keys, at most `limit` of them."""
+    v = field(msg, name, list)
+    if len(v) > limit:
+        raise ProtocolError("too_many", f"field {name!r} has {len(v)} keys; at most {limit} per request")
+    for k in v:
+        if not isinstance(k, bytes) or len(k) != KEY_BYTES:
+            raise ProtocolError("bad_field", f"field {name!r}: every key must be {KEY_BYTES} bytes (bin)")
+    if unique and len(set(v)) != len(v):
+        raise ProtocolError("bad_field", f"field {name!r} repeats a key")
+    return v
+
+
+def indices(msg: dict, name: str, below: int) -> list[int]:
+    v = field(msg, name, list, required=False, default=[])
+    if len(v) > below:
+        raise ProtocolError("too_many", f"field {name!r} has more entries than the request")
+    for i in v:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < below:
+            raise ProtocolError("bad_field", f"field {name!r}: indices must be integers in [0, {below})")
+    return v
+
+
+def error_reply(rid: Any, code: str, message: str) -> bytes:
+    rid = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else 0
+    return pack({"id": rid, "ok": False, "error": code, "message": message[:500]})
+
+
+def _names(kind: type | tuple) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
