@@ -23,7 +23,11 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-import zmq
+
+try:
+    import zmq
+except ImportError as exc:  # the daemon extra
+    raise ImportError("kvbm.client needs pyzmq and msgpack: pip install 'kvbm-tiered[daemon]'") from exc
 
 from .blocks import KVLayout
 from .daemon.leases import namespace_of
