@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from kvbm.cli import BUNDLED
 from kvbm.manager import BlockManager
 from kvbm.config import KVBMConfig
 from kvbm.sim.traces import load_trace
+from timing import best_of  # bench/timing.py
 
 
 def replay_kvbm(requests, capacity):
@@ -63,15 +63,6 @@ def replay_vllm(requests, capacity, policy="lru", module=None):
         prefix += n
         total += len(keys)
     return prefix / total
-
-
-def best_of(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:

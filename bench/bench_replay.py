@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from collections import OrderedDict
 
 from kvbm.cli import BUNDLED
 from kvbm.sim.replay import simulate, single_tier
 from kvbm.sim.traces import load_trace
+from timing import best_of  # bench/timing.py
 
 
 def plain_lru(requests, capacity):
@@ -39,15 +39,6 @@ def plain_lru(requests, capacity):
                 if len(od) > capacity:
                     od.popitem(last=False)
     return block, prefix
-
-
-def best_of(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:
