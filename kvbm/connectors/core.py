@@ -14,12 +14,22 @@ what an engine ships from its scheduler to its workers.
 
 One process, one manager: multi-process deployments (tensor parallel workers in other
 processes) need the cache daemon, where every process talks to one manager.
+
+Both halves reach kvbm through a backend with the few operations they need (lookup; store
+from and load into staging rows; poll for completion):
+    ManagerBackend   the process's BlockManager (the default)
+    DaemonBackend    a `kvbm serve` daemon through kvbm.client.Client, chosen with
+                     extra config {"kvbm_daemon": "tcp://127.0.0.1:5557", "kvbm_token": ...}
+SchedulerSide and WorkerSide take either a backend or (manager, lock) as before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +38,10 @@ from ..config import ConfigError, KVBMConfig, load_config
 from ..manager import BlockManager
 from ..policies.base import Hints
 
+log = logging.getLogger(__name__)
+
 _MANAGERS: dict[str, tuple[BlockManager, threading.RLock]] = {}
+_BACKENDS: dict[str, DaemonBackend] = {}
 _MANAGERS_LOCK = threading.Lock()
 
 
@@ -88,13 +101,170 @@ def shared_manager(config: Mapping[str, Any]) -> tuple[BlockManager, threading.R
 
 
 def release_managers() -> None:
-    """Close every shared manager (tests, engine shutdown)."""
+    """Close every shared manager and daemon backend (tests, engine shutdown)."""
     with _MANAGERS_LOCK:
         entries = list(_MANAGERS.values())
         _MANAGERS.clear()
+        backends = list(_BACKENDS.values())
+        _BACKENDS.clear()
     for manager, lock in entries:
         with lock:
             manager.close()
+    for backend in backends:
+        backend.close()
+
+
+# ---------------------------------------------------------------- backends
+
+
+class ManagerBackend:
+    """The in-process path: a BlockManager behind its lock; tickets are the manager's."""
+
+    def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
+        self.manager = manager
+        self.lock = lock
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.manager.block_nbytes
+
+    def lookup(self, keys: Sequence[Any]) -> tuple[int, list[str]]:
+        with self.lock:
+            self.manager.poll()  # stores that landed since the last step are servable now
+            return self.manager.lookup(keys)
+
+    def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
+                    position: int = 0) -> Any:
+        """A ticket, or None when the store was rejected (no room: a future miss, not an error)."""
+        with self.lock:
+            ticket = self.manager.submit_store(keys, list(staging), hints=hints, parent=parent,
+                                               position=position)
+        return None if ticket.job.rejected else ticket
+
+    def start_load(self, keys: Sequence[Any], staging: Any) -> Any:
+        with self.lock:
+            return self.manager.submit_load(keys, list(staging))
+
+    def poll(self, tickets: Sequence[Any], wait: bool = False) -> None:
+        with self.lock:
+            if wait:
+                for t in tickets:
+                    if t is not None and not t.done:
+                        try:
+                            self.manager.wait(t)
+                        except Exception:  # reported through the job's failed keys
+                            pass
+            self.manager.poll()
+
+    def done(self, ticket: Any) -> bool:
+        return ticket.done
+
+    def loaded(self, ticket: Any) -> int:
+        """Blocks of a finished load that arrived intact (a prefix of its keys)."""
+        return ticket.job.loaded if ticket.error is None else 0
+
+    def close(self) -> None:
+        with self.lock:
+            self.manager.close()
+
+
+class DaemonBackend:
+    """The daemon path: a kvbm.client.Client; transfers run on one thread, tickets are futures.
+
+    The daemon owns the tiers and their policies: per-block Hints (priorities) are not sent.
+    A store that fails (daemon gone, timeout) is a future miss; a load that fails reports its
+    blocks as not arrived, never scattered.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.block_nbytes = client.block_nbytes
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon")
+
+    @classmethod
+    def connect(cls, address: str, layout: KVLayout, model: str, salt: str = "",
+                token: str | None = None, timeout: float = 10.0) -> DaemonBackend:
+        from ..client import Client
+
+        return cls(Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout))
+
+    def lookup(self, keys: Sequence[Any]) -> tuple[int, list[str]]:
+        keys = list(keys)
+        n, where, step = 0, [], max(1, self.client.max_keys)
+        while n < len(keys):  # the daemon caps keys per request
+            part = keys[n:n + step]
+            hit, w = self.client.lookup(part)
+            n += hit
+            where += list(w)[:hit]
+            if hit < len(part):
+                break
+        return n, where
+
+    def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
+                    position: int = 0) -> Future:
+        ticket = self._pool.submit(self.client.store, list(keys), list(staging), parent, position)
+        ticket.add_done_callback(_log_store_error)
+        return ticket
+
+    def start_load(self, keys: Sequence[Any], staging: Any) -> Future:
+        return self._pool.submit(self.client.load, list(keys), list(staging))
+
+    def poll(self, tickets: Sequence[Any], wait: bool = False) -> None:
+        if wait:
+            _wait_futures([t for t in tickets if t is not None])
+
+    def done(self, ticket: Future) -> bool:
+        return ticket.done()
+
+    def loaded(self, ticket: Future) -> int:
+        exc = ticket.exception()
+        if exc is not None:
+            log.warning("kvbm daemon load failed: %s", exc)
+            return 0
+        return ticket.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()
+
+
+def _log_store_error(ticket: Future) -> None:
+    exc = ticket.exception()
+    if exc is not None:  # a future miss, not an error for the engine
+        log.warning("kvbm daemon store failed: %s", exc)
+
+
+def daemon_spec(extra: Mapping[str, Any], layout: KVLayout, model: str) -> dict[str, Any] | None:
+    """The daemon to use from the connector's extra config, or None for the in-process manager.
+
+    extra: kvbm_daemon (address), kvbm_token (else $KVBM_DAEMON__TOKEN), kvbm_salt (namespace salt).
+    """
+    address = extra.get("kvbm_daemon")
+    if not address:
+        return None
+    if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"kvbm_daemon must be tcp://HOST:PORT or ipc://PATH, got {address!r}")
+    return {"address": address, "token": extra.get("kvbm_token"), "salt": str(extra.get("kvbm_salt") or ""),
+            "model": model, "layout": {f: getattr(layout, f) for f in layout.__dataclass_fields__}}
+
+
+def shared_backend(spec: Mapping[str, Any]) -> DaemonBackend:
+    """The process's daemon backend for this spec (one client, shared by both halves)."""
+    key = json.dumps(spec, sort_keys=True)
+    with _MANAGERS_LOCK:
+        backend = _BACKENDS.get(key)
+        if backend is None:
+            backend = _BACKENDS[key] = DaemonBackend.connect(
+                spec["address"], KVLayout(**spec["layout"]), spec["model"], spec.get("salt", ""),
+                spec.get("token"))
+        return backend
+
+
+def as_backend(manager: Any, lock: threading.RLock | None = None) -> Any:
+    """A backend as given, or a BlockManager (with its lock) wrapped as one."""
+    if isinstance(manager, (ManagerBackend, DaemonBackend)):
+        return manager
+    return ManagerBackend(manager, lock if lock is not None else threading.RLock())
 
 
 # ---------------------------------------------------------------- plans
@@ -135,10 +305,11 @@ class _Request:
 class SchedulerSide:
     """Scheduler-half logic: which blocks to load, which to store; never touches bytes."""
 
-    def __init__(self, manager: BlockManager, lock: threading.RLock, namespace: Namespace,
+    def __init__(self, manager: Any, lock: threading.RLock | None, namespace: Namespace,
                  block_size: int) -> None:
-        self.manager = manager
+        self.manager = manager  # a BlockManager or a backend
         self.lock = lock
+        self.backend = as_backend(manager, lock)
         self.namespace = namespace
         self.block_size = block_size
         self._spaces: dict[str, Namespace] = {"": namespace}
@@ -174,9 +345,7 @@ class SchedulerSide:
         load), so the block holding the last token is never counted.
         """
         limit = (num_tokens - 1 if must_compute_one else num_tokens) // self.block_size
-        with self.lock:
-            self.manager.poll()  # stores that landed since the last step are servable now
-            n_hit, _ = self.manager.lookup(keys[:limit])
+        n_hit, _ = self.backend.lookup(keys[:limit])
         start = num_computed // self.block_size
         r = self._reqs.setdefault(req_id, _Request())
         if n_hit <= start or num_computed % self.block_size:
@@ -305,9 +474,10 @@ class WorkerSide:
     as failed, never scattered.
     """
 
-    def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
-        self.manager = manager
+    def __init__(self, manager: Any, lock: threading.RLock | None = None) -> None:
+        self.manager = manager  # a BlockManager or a backend
         self.lock = lock
+        self.backend = as_backend(manager, lock)
         self.kv: PagedKV | None = None
         self._loads: list[_Transfer] = []
         self._stores: list[_Transfer] = []
@@ -315,47 +485,36 @@ class WorkerSide:
 
     def register(self, tensors: Sequence[Any], block_dim: int | None = None) -> PagedKV:
         kv = PagedKV(tensors, block_dim)
-        if kv.block_nbytes != self.manager.block_nbytes:
+        if kv.block_nbytes != self.backend.block_nbytes:
             raise ConfigError(
                 f"the engine's KV cache holds {kv.block_nbytes} bytes per block (all layers) but the "
-                f"kvbm layout says {self.manager.block_nbytes}; check layout (dtype, heads, head_dim, block_size)"
+                f"kvbm layout says {self.backend.block_nbytes}; check layout (dtype, heads, head_dim, block_size)"
             )
         self.kv = kv
         return kv
 
     def start_load(self, plan: LoadPlan) -> None:
         staging = self.kv.staging(len(plan.keys))
-        with self.lock:
-            ticket = self.manager.submit_load(plan.keys, list(staging))
+        ticket = self.backend.start_load(plan.keys, staging)
         self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
     def start_store(self, plan: StorePlan) -> None:
         staging = self.kv.gather(plan.block_ids)
-        with self.lock:
-            ticket = self.manager.submit_store(plan.keys, list(staging), hints=plan.hints,
-                                               parent=plan.parent, position=plan.position)
-        if ticket.job.rejected:
-            ticket = None  # no room (everything busy): a future miss, not an error
+        # None: rejected, no room (everything busy): a future miss, not an error
+        ticket = self.backend.start_store(plan.keys, staging, hints=plan.hints, parent=plan.parent,
+                                          position=plan.position)
         self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
     def poll(self, wait: bool = False) -> tuple[dict[str, list[int]], set[str]]:
         """Complete transfers: ({req_id: failed block ids} of finished loads, finished store req ids)."""
-        with self.lock:
-            if wait:
-                for t in self._loads + self._stores:
-                    if t.ticket is not None and not t.ticket.done:
-                        try:
-                            self.manager.wait(t.ticket)
-                        except Exception:  # reported through the job's failed keys
-                            pass
-            self.manager.poll()
+        self.backend.poll([t.ticket for t in self._loads + self._stores], wait=wait)
         loads: dict[str, list[int]] = {}
         pending = []
         for t in self._loads:
-            if not t.ticket.done:
+            if not self.backend.done(t.ticket):
                 pending.append(t)
                 continue
-            n = t.ticket.job.loaded if t.ticket.error is None else 0
+            n = self.backend.loaded(t.ticket)
             if self.corrupt_hook is not None:
                 self.corrupt_hook(t.staging, t.block_ids[:n])
             self.kv.scatter(t.staging, t.block_ids[:n])
@@ -364,7 +523,7 @@ class WorkerSide:
         stores: set[str] = set()
         pending = []
         for t in self._stores:
-            if t.ticket is not None and not t.ticket.done:
+            if t.ticket is not None and not self.backend.done(t.ticket):
                 pending.append(t)
             else:
                 stores.add(t.req_id)

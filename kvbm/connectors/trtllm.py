@@ -6,6 +6,7 @@
         connector_scheduler_class="KVBMConnectorScheduler",
         connector_worker_class="KVBMConnectorWorker"))
     # the kvbm config: $KVBM_CONFIG (a kvbm.yaml path); KVBM_... overrides apply
+    # or a `kvbm serve` daemon: $KVBM_DAEMON__ADDRESS (and $KVBM_DAEMON__TOKEN)
 
 Engine-independent parts (plain Python, tested without tensorrt_llm):
     token_hashes         chained hashes of a request's full token blocks (TRT-LLM's connector
@@ -45,7 +46,9 @@ from .core import (
     SchedulerSide,
     StorePlan,
     WorkerSide,
+    daemon_spec,
     resolve_config,
+    shared_backend,
     shared_manager,
 )
 
@@ -316,9 +319,13 @@ def _import_trtllm() -> Any:
 
 
 def _setup(llm_args: Any) -> tuple[BlockManager, threading.RLock, Namespace, int]:
-    """The shared manager for this engine: kvbm config from $KVBM_CONFIG, layout from the model."""
+    """The shared manager for this engine: kvbm config from $KVBM_CONFIG, layout from the model.
+
+    With $KVBM_DAEMON__ADDRESS (and $KVBM_DAEMON__TOKEN) set, a `kvbm serve` daemon's backend instead.
+    """
     path = os.environ.get("KVBM_CONFIG")
-    if not path:
+    daemon = os.environ.get("KVBM_DAEMON__ADDRESS")
+    if not path and not daemon:
         raise ImportError("kvbm.connectors.trtllm: set KVBM_CONFIG to a kvbm.yaml path (the tiers to use)")
     kv = _field(llm_args, "kv_cache_config")
     block_size = _field(kv, "tokens_per_block", default=None) or 32
@@ -326,6 +333,10 @@ def _setup(llm_args: Any) -> tuple[BlockManager, threading.RLock, Namespace, int
     model = str(_field(llm_args, "model"))
     model_dir = str(_field(llm_args, "checkpoint_dir", "model"))
     layout = layout_from_hf(model_dir, block_size, _field(kv, "dtype", default=None), tp)
+    if daemon:
+        spec = daemon_spec({"kvbm_daemon": daemon, "kvbm_token": os.environ.get("KVBM_DAEMON__TOKEN")},
+                           layout, model)
+        return shared_backend(spec), None, Namespace(model, layout, spec["salt"]), block_size
     config = resolve_config(path, layout, model)
     manager, lock = shared_manager(config)
     ns = config["namespace"]

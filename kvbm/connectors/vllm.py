@@ -21,7 +21,9 @@ Worker half (model runner):
     get_block_ids_with_load_errors  blocks that did not arrive intact: vLLM recomputes them
 
 Scheduler and worker share one BlockManager per process (keyed by the config). Deployments
-whose workers live in other processes (tensor parallel > 1) need the kvbm daemon.
+whose workers live in other processes (tensor parallel > 1) need the kvbm daemon: extra config
+{"kvbm_daemon": "tcp://127.0.0.1:5557", "kvbm_token": "..."} (optional "kvbm_salt") talks to a
+`kvbm serve` daemon through kvbm.client instead (the daemon's tiers; kvbm_config is not used).
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .core import LoadPlan, SchedulerSide, StorePlan, WorkerSide, resolve_config, shared_manager
+from .core import (
+    LoadPlan,
+    SchedulerSide,
+    StorePlan,
+    WorkerSide,
+    daemon_spec,
+    resolve_config,
+    shared_backend,
+    shared_manager,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +154,13 @@ class KVBMConnector(KVConnectorBase_V1):
         if hash_bs not in (None, layout.block_size):
             raise ValueError(f"kvbm connector needs vLLM's hash block size ({hash_bs}) equal to "
                              f"its block_size ({layout.block_size})")
-        self.config = resolve_config(extra.get("kvbm_config"), layout, vllm_config.model_config.model)
-        self.manager, self.lock = shared_manager(self.config)
+        daemon = daemon_spec(extra, layout, vllm_config.model_config.model)
+        if daemon is not None:  # the node's kvbm daemon owns the tiers; kvbm_config is not used
+            self.config = {"namespace": {"model": daemon["model"], "salt": daemon["salt"]}, "daemon": daemon}
+            self.manager, self.lock = shared_backend(daemon), None
+        else:
+            self.config = resolve_config(extra.get("kvbm_config"), layout, vllm_config.model_config.model)
+            self.manager, self.lock = shared_manager(self.config)
         ns = self.config["namespace"]
         self.namespace = Namespace(ns["model"], layout, ns.get("salt", ""))
         self.block_size = layout.block_size
