@@ -534,3 +534,19 @@ class WorkerSide:
     def busy(self) -> bool:
         return bool(self._loads or self._stores)
 
+
+def api_differences(cls: Any, methods: dict, prefix: str = "") -> list[str]:
+    """What differs between an engine class and the methods (and leading parameters) an
+    adapter calls: one line per missing method or changed signature."""
+    import inspect
+
+    problems = []
+    for name, params in methods.items():
+        fn = getattr(cls, name, None)
+        if fn is None:
+            problems.append(f"{prefix}{name} is missing")
+            continue
+        have = list(inspect.signature(fn).parameters)[1:]
+        if list(params) != have[:len(params)]:
+            problems.append(f"{prefix}{name}{tuple(have)} (expected {params})")
+    return problems

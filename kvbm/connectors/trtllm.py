@@ -28,7 +28,6 @@ transfer thread; a finished request holds its blocks until its writes are done.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from .core import (
     SchedulerSide,
     StorePlan,
     WorkerSide,
+    api_differences,
     daemon_spec,
     resolve_config,
     shared_backend,
@@ -288,14 +288,7 @@ def check_trtllm_api(module: Any) -> None:
         if cls is None:
             problems.append(f"{cls_name} is missing")
             continue
-        for name, params in methods.items():
-            fn = getattr(cls, name, None)
-            if fn is None:
-                problems.append(f"{cls_name}.{name} is missing")
-                continue
-            have = list(inspect.signature(fn).parameters)[1:]
-            if list(params) != have[:len(params)]:
-                problems.append(f"{cls_name}.{name}{tuple(have)} (expected {params})")
+        problems += api_differences(cls, methods, f"{cls_name}.")
     if problems:
         raise ImportError(f"kvbm.connectors.trtllm supports TensorRT-LLM's KV cache connector API as of "
                           f"{TESTED_TRTLLM}; this one differs: {'; '.join(problems)}")

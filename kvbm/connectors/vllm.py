@@ -28,7 +28,6 @@ whose workers live in other processes (tensor parallel > 1) need the kvbm daemon
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ from .core import (
     SchedulerSide,
     StorePlan,
     WorkerSide,
+    api_differences,
     daemon_spec,
     resolve_config,
     shared_backend,
@@ -86,15 +86,7 @@ _API = {
 
 def check_vllm_api(base: type = KVConnectorBase_V1) -> None:
     """Raise ImportError naming what differs when vLLM's connector API is not the one we use."""
-    problems = []
-    for name, params in _API.items():
-        fn = getattr(base, name, None)
-        if fn is None:
-            problems.append(f"{name} is missing")
-            continue
-        have = list(inspect.signature(fn).parameters)[1:]
-        if list(params) != have[:len(params)]:
-            problems.append(f"{name}{tuple(have)} (expected {params})")
+    problems = api_differences(base, _API)
     if problems:
         raise ImportError(
             f"kvbm.connectors.vllm supports vLLM's KVConnectorBase_V1 as of {TESTED_VLLM}; "
