@@ -88,7 +88,7 @@ class StoreJob:
     runs: list = field(default_factory=list)  # (tier, keys, slots or None, index of keys[0])
     source: Any = None
     rejected: str | None = None
-    failed: list = field(default_factory=list)  # keys whose bytes did not land (rolled back)
+    failed: Sequence[Any] = ()  # keys whose bytes did not land (rolled back)
     position: int = 0  # index of the stored keys' first block in its sequence
 
     @property
@@ -117,7 +117,7 @@ class LoadJob:
     promotions: list = field(default_factory=list)  # (key, source tier, top slot, index in keys)
     destination: Any = None
     loaded: int = 0  # keys[:loaded] landed intact: the usable prefix
-    failed: list = field(default_factory=list)  # keys that could not be read (miss, checksum)
+    failed: Sequence[Any] = ()  # keys that could not be read (miss, checksum)
 
 
 class BlockManager:
@@ -133,7 +133,6 @@ class BlockManager:
         self.mode = mode
         self.exclusive = mode == "exclusive"
         self.promote_on_hit = promote_on_hit
-        self.record_events = events
         self._events: list[Event] = []
         self._hints: dict[Any, Hints] = {}  # only non-default hints
         self._structured = any(t.policy.wants_structure for t in self.tiers)
@@ -149,10 +148,21 @@ class BlockManager:
             raise ConfigError(f"tiers mix metadata-only and real storages ({names}); give every tier a "
                               f"storage that holds bytes (device, host, disk, object) or none at all")
         self.block_nbytes = self.tiers[0].storage.block_nbytes
+        self.record_events = events  # also decides whether store() may fold its two phases
         self._engine: TransferEngine | None = None
         self._tickets: list[Ticket] = []
         self.paths = PathStats()
         self._recover()
+
+    @property
+    def record_events(self) -> bool:
+        return self._record_events
+
+    @record_events.setter
+    def record_events(self, on: bool) -> None:
+        self._record_events = on
+        self._plain_store = (self._instant and not self._structured and not on
+                             and not self.tiers[0].policy.filters_inserts)
 
     def _recover(self) -> None:
         """Blocks that persistent media kept across a restart become ready again (exclusive:
@@ -467,7 +477,7 @@ class BlockManager:
     def complete_store(self, job: StoreJob, failed: Iterable[Any] = ()) -> None:
         """Mark written blocks ready; roll back the `failed` ones (never served)."""
         failed = set(failed) if failed else None
-        ev = self._events if self.record_events else None
+        ev = self._events if self._record_events else None
         job.failed = [k for _, keys, _, _ in job.runs for k in keys if k in failed] if failed else []
         for t, keys, slots, _ in job.runs:
             pending = t.pending
@@ -494,8 +504,7 @@ class BlockManager:
     def store(self, keys: Sequence[Any], hints: Hints | Sequence[Hints] | None = None,
               parent: Any = None, source: Any = None, position: int = 0) -> StoreJob:
         top = self.tiers[0]
-        if (self._instant and hints is None and not self._structured and not self.record_events
-                and not top.policy.filters_inserts
+        if (self._plain_store and hints is None
                 and self._all_new(keys) and len(keys) <= top.capacity - len(top.busy)):
             # Metadata only, all new, one run: prepare and complete collapse into one step with
             # the same policy calls, since nothing can observe the pending state in between.
@@ -724,7 +733,7 @@ class BlockManager:
                 if key in t.ready and key not in t.busy:
                     self._drop(t, key)
         top = self.tiers[0]
-        ev = self._events if self.record_events else None
+        ev = self._events if self._record_events else None
         undo = failed | set(promotion_failed)
         for key, src, slot, _ in job.promotions:
             del top.pending[key]
@@ -749,8 +758,7 @@ class BlockManager:
             top.stats.hits += len(keys)
             for adm in self._observers:
                 adm.observe(keys)
-            return LoadJob(keys=keys, tiers=[top] * len(keys), slots=None, destination=destination,
-                           loaded=len(keys))
+            return LoadJob(keys, [top] * len(keys), None, (), destination, len(keys))
         job = self.prepare_load(keys, destination)
         if self._instant:
             self.complete_load(job)
@@ -855,7 +863,7 @@ class BlockManager:
             return
         nxt = self.tiers[t.index + 1] if t.index + 1 < len(self.tiers) else None
         t.stats.evictions += len(victims)
-        if nxt is None and t.storage.instant and not self.record_events and not self._stateful:
+        if nxt is None and t.storage.instant and not self._record_events and not self._stateful:
             ready = t.ready  # last tier, metadata only, nothing to forget: the replay hot path
             for v in victims:
                 del ready[v]
@@ -927,7 +935,7 @@ class BlockManager:
             self._forget_if_gone(key)
 
     def _event(self, kind: str, key: Any, tier: str, source: str | None = None) -> None:
-        if self.record_events:
+        if self._record_events:
             self._events.append(Event(kind, key, tier, source))
 
     def _structure(self, key: Any) -> tuple[Any, int]:
