@@ -22,7 +22,7 @@ from kvbm.cli import BUNDLED
 from kvbm.manager import BlockManager
 from kvbm.config import KVBMConfig
 from kvbm.sim.traces import load_trace
-from timing import best_of  # bench/timing.py
+from common import best_of  # bench/common.py
 
 
 def replay_kvbm(requests, capacity):

@@ -29,20 +29,14 @@ import numpy as np
 from kvbm import ops
 from kvbm.tiers.host import HostStorage
 from kvbm.tiers.object import ObjectStorage
+from common import cpu_model  # bench/common.py
 
 MiB = 1 << 20
 BUCKET = "kvbm-bench"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = []
     for mod in ("numpy", "fsspec", "s3fs", "aiobotocore", "botocore", "moto"):
         try:

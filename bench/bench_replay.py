@@ -17,7 +17,7 @@ from collections import OrderedDict
 from kvbm.cli import BUNDLED
 from kvbm.sim.replay import simulate, single_tier
 from kvbm.sim.traces import load_trace
-from timing import best_of  # bench/timing.py
+from common import best_of  # bench/common.py
 
 
 def plain_lru(requests, capacity):

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from common import cpu_model  # bench/common.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -93,14 +94,7 @@ def kvbm_cli(*args: str) -> list[str]:
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:

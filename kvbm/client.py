@@ -31,7 +31,7 @@ except ImportError as exc:  # the daemon extra
 
 from .blocks import KVLayout
 from .daemon.leases import namespace_of
-from .daemon.protocol import RemoteError, pack, unpack
+from .daemon.protocol import RemoteError, pack, request, unpack
 
 __all__ = ["Client", "RemoteError", "StoreReservation", "LoadPins"]
 
@@ -93,12 +93,7 @@ class Client:
         with self._lock:
             rid = self._next
             self._next += 1
-            msg = {"op": op, "id": rid, **fields}
-            if self.token:
-                msg["auth"] = self.token
-            if self.session is not None:
-                msg["session"] = self.session
-            self._sock.send(pack(msg))
+            self._sock.send(request(op, rid, self.token, self.session, **fields))
             deadline = time.monotonic() + self.timeout
             while True:
                 left = deadline - time.monotonic()

@@ -27,6 +27,7 @@ from kvbm.blocks import KVLayout
 from kvbm.client import Client, RemoteError
 from kvbm.config import ConfigError
 from kvbm.daemon.config import DaemonConfig, is_local
+from daemonproc import wait_ready
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)  # 16 KiB blocks
 NB = LAYOUT.block_nbytes
@@ -78,15 +79,9 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
         self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(self.config)],
                                      stdout=out.open("w"), stderr=(self.dir / "stderr.txt").open("w"), env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in out.read_text().splitlines():
-                if line.startswith('{"ready"'):
-                    self.info = json.loads(line)
-                    return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
+        self.info = wait_ready(self.proc, out, timeout)
+        if self.info is not None:
+            return self
         self.kill()
         raise RuntimeError(f"daemon did not start: {(self.dir / 'stderr.txt').read_text()[-2000:]}")
 

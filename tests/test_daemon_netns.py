@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pytest
 import yaml
 
 from kvbm.blocks import KVLayout
+from daemonproc import wait_ready
 
 try:
     import nixl._api  # noqa: F401
@@ -138,16 +138,9 @@ class NsDaemon:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> NsDaemon:
-        out = self.dir / "stdout.txt"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in out.read_text().splitlines():
-                if line.startswith('{"ready"'):
-                    self.info = json.loads(line)
-                    return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
+        self.info = wait_ready(self.proc, self.dir / "stdout.txt", timeout)
+        if self.info is not None:
+            return self
         raise RuntimeError(f"daemon {self.dir.name} did not start:\n{self.log()}")
 
     def log(self) -> str:

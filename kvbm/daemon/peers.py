@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from .protocol import pack, unpack
+from .protocol import request, unpack
 
 log = logging.getLogger("kvbm.daemon")
 BACKOFF_S = 5.0
@@ -133,13 +133,8 @@ class Peers:
             peer.sock.connect(peer.address)
         rid = peer.next_id
         peer.next_id += 1
-        msg = {"op": op, "id": rid, **fields}
-        if self.token:
-            msg["auth"] = self.token
-        if peer.session is not None:
-            msg["session"] = peer.session
         try:
-            peer.sock.send(pack(msg), zmq.NOBLOCK)
+            peer.sock.send(request(op, rid, self.token, peer.session, **fields), zmq.NOBLOCK)
         except zmq.Again:
             return self._down(peer, "send queue full")
         deadline = time.monotonic() + self.timeout

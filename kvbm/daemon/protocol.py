@@ -56,6 +56,16 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def request(op: str, rid: int, token: str = "", session: Any = None, **fields: Any) -> bytes:
+    """One encoded request: op, id, the token when one is set, the session once opened."""
+    msg = {"op": op, "id": rid, **fields}
+    if token:
+        msg["auth"] = token
+    if session is not None:
+        msg["session"] = session
+    return pack(msg)
+
+
 def unpack(data: bytes, max_items: int) -> dict:
     """Decode one request; containers and strings are bounded before they are built."""
     try:

@@ -32,7 +32,9 @@ class DeviceStorage(Storage):
         nbytes = self.capacity_blocks * self.block_nbytes
         if tensor is not None:
             flat = tensor.reshape(-1)
-            raw = flat.view(_uint8_of(flat))
+            import torch
+
+            raw = flat.view(torch.uint8)
             if raw.numel() < nbytes:
                 raise ValueError(f"device tensor holds {raw.numel()} bytes, fewer than {nbytes} for "
                                  f"{self.capacity_blocks} blocks of {self.block_nbytes}")
@@ -73,11 +75,6 @@ class DeviceStorage(Storage):
         base = self.pool.ctypes.data if isinstance(self.pool, np.ndarray) else self.pool.data_ptr()
         return [Region("memory", base + slot * self.block_nbytes, 0, self.block_nbytes, self.device_id)]
 
-
-def _uint8_of(t: Any) -> Any:
-    import torch
-
-    return torch.uint8
 
 
 def _device_index(t: Any) -> int:
