@@ -120,13 +120,13 @@ class KVBMConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "KVBMConfig":
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
-        _check_keys(data, ("tiers", "layout", "namespace", "mode", "promote_on_hit", "events"), "")
+        check_keys(data, ("tiers", "layout", "namespace", "mode", "promote_on_hit", "events"), "")
         layout = None
         if data.get("layout") is not None:
             lay = data["layout"]
             if not isinstance(lay, Mapping):
                 raise ConfigError(f"layout must be a mapping, got {lay!r}")
-            _check_keys(lay, [f.name for f in fields(KVLayout)], "layout.")
+            check_keys(lay, [f.name for f in fields(KVLayout)], "layout.")
             try:
                 layout = KVLayout(**lay)
             except TypeError as exc:
@@ -136,7 +136,7 @@ class KVBMConfig:
         ns = data.get("namespace") or {}
         if not isinstance(ns, Mapping):
             raise ConfigError(f"namespace must be a mapping with model and salt, got {ns!r}")
-        _check_keys(ns, ("model", "salt"), "namespace.")
+        check_keys(ns, ("model", "salt"), "namespace.")
         mode = data.get("mode", "exclusive")
         if mode not in ("exclusive", "inclusive"):
             raise ConfigError(f"mode must be 'exclusive' or 'inclusive', got {mode!r}")
@@ -162,7 +162,7 @@ def _parse_tier(raw: Any, i: int, layout: KVLayout | None) -> TierConfig:
     where = f"tiers[{i}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping like {{name: g2, capacity: 10000}}, got {raw!r}")
-    _check_keys(raw, ("name", "capacity", "eviction", "admission", "storage"), f"{where}.")
+    check_keys(raw, ("name", "capacity", "eviction", "admission", "storage"), f"{where}.")
     name = raw.get("name")
     if name not in TIER_NAMES:
         raise ConfigError(f"{where}.name must be one of {', '.join(TIER_NAMES)}, got {name!r}")
@@ -190,7 +190,7 @@ def _check_order(tiers: list[TierConfig]) -> None:
             )
 
 
-def _check_keys(data: Mapping[str, Any], allowed, prefix: str) -> None:
+def check_keys(data: Mapping[str, Any], allowed, prefix: str) -> None:
     allowed = list(allowed)
     for key in data:
         if key not in allowed:

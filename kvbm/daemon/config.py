@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import ConfigError, KVBMConfig, _check_keys, apply_env, read_file
+from ..config import ConfigError, KVBMConfig, check_keys, apply_env, read_file
 
 
 @dataclass
@@ -46,7 +46,7 @@ class DaemonConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "DaemonConfig":
         data = dict(data or {})
-        _check_keys(data, [f.name for f in fields(cls)], "daemon.")
+        check_keys(data, [f.name for f in fields(cls)], "daemon.")
         cfg = cls(**data)
         cfg.validate()
         if cfg.token_file and not cfg.token:
