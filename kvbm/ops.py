@@ -7,6 +7,7 @@
     scatter_blocks(paged, staging, block_ids, block_nbytes)   staging -> paged pool (onboard)
     pwrite_blocks(fd, src, file_offsets, nbytes)              batched block writes -> errno per block
     pread_blocks(fd, dst, file_offsets, nbytes)               batched block reads -> errno per block
+    cuda_copy_blocks(src, src_offsets, dst, dst_offsets, nbytes)  the same on a GPU: device or pinned host
     cuda_available()                                          kernels built, a driver and a device
 
 Buffers are anything with the C-contiguous buffer protocol (bytes, bytearray, mmap,
@@ -53,6 +54,7 @@ __all__ = [
     "crc32c",
     "crc32c_blocks",
     "cuda_available",
+    "cuda_copy_blocks",
     "fallback",
     "gather_blocks",
     "pread_blocks",
@@ -415,6 +417,34 @@ def _paged_copy(op: str, gather: bool, paged, staging, block_ids, block_nbytes: 
         copy_blocks(paged, paged_offsets, staging, staging_offsets, block_nbytes, use_native=use_native)
     else:
         copy_blocks(staging, staging_offsets, paged, paged_offsets, block_nbytes, use_native=use_native)
+
+
+def _any_region(arr, name: str) -> tuple[int, int]:
+    """(pointer, nbytes) of a CUDA array or a C-contiguous host buffer."""
+    dev = _cuda_region(arr, name)
+    if dev is not None:
+        return dev
+    view = _bytes_view(arr, name)
+    return view.ctypes.data, view.size
+
+
+def cuda_copy_blocks(src, src_offsets, dst, dst_offsets, nbytes: int, *, stream=None, max_ctas: int = 0,
+                     sync: bool = False) -> None:
+    """copy_blocks on the GPU: one kernel moves every block, slot to slot.
+
+    src and dst are CUDA arrays or page-locked host buffers (a pinned G2 pool), in any mix, so
+    G1 <-> G2 needs no staging hop. Offsets are checked before anything is launched; pageable
+    host memory is refused (ValueError). stream=None runs on the calling thread's own
+    non-blocking stream, never serialized with an engine's default stream; sync=True waits.
+    The byte-for-byte reference is copy_blocks on host copies of the same buffers.
+    """
+    if not CUDA_BUILT:
+        raise RuntimeError("cuda_copy_blocks needs kvbm._native built with CUDA (CUDA_BUILT is False)")
+    nbytes = _check_nbytes("cuda_copy_blocks", nbytes)
+    (sp, sn), (dp, dn) = _any_region(src, "src"), _any_region(dst, "dst")
+    _native.cuda_copy_blocks(sp, sn, _offsets(src_offsets, "src_offsets"), dp, dn,
+                             _offsets(dst_offsets, "dst_offsets"), nbytes, _stream_handle(stream), max_ctas,
+                             sync, stream is None)
 
 
 def gather_blocks(paged, staging, block_ids, block_nbytes: int, *, stream=None, max_ctas: int = 0,

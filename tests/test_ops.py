@@ -292,6 +292,17 @@ def test_cuda_ops_check_bounds_before_touching_the_device():
         ops._native.cuda_scatter_blocks(0, 480, 0, 95, np.array([0, 1]), 48)
 
 
+@pytest.mark.skipif(not ops.CUDA_BUILT, reason="kvbm._native was built without CUDA")
+def test_cuda_copy_blocks_checks_offsets_before_touching_the_device():
+    src, dst = np.zeros(8192, np.uint8), np.zeros(4096, np.uint8)
+    with pytest.raises(ValueError, match=r"dst_offsets\[1\] = 2048: 4096 bytes there do not fit the 4096-byte"):
+        ops.cuda_copy_blocks(src, [0, 4096], dst, [0, 2048], 4096)
+    with pytest.raises(ValueError, match="2 src_offsets but 1 dst_offsets"):
+        ops.cuda_copy_blocks(src, [0, 4096], dst, [0], 4096)
+    with pytest.raises(ValueError, match=r"src_offsets\[0\] = -1"):
+        ops.cuda_copy_blocks(src, [-1], dst, [0], 4096)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ops.cuda_available(), reason="no CUDA driver or device")
 @pytest.mark.parametrize("block_nbytes", [4096, 4095])  # 16-byte vector path and byte path

@@ -35,6 +35,32 @@ void paged_copy_py(kvbm::cuda::Direction dir, const char* op, uintptr_t paged,
   kvbm::cuda::paged_copy(dir, paged, staging, ids, n, block_nbytes, stream, max_ctas);
 }
 
+using Offsets = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+void copy_blocks_py(uintptr_t src, int64_t src_nbytes, Offsets src_offsets, uintptr_t dst,
+                    int64_t dst_nbytes, Offsets dst_offsets, int64_t block_nbytes, uintptr_t stream,
+                    int max_ctas, bool sync, bool own_stream) {
+  auto fail = [](const std::string& why) { throw std::invalid_argument("cuda_copy_blocks: " + why); };
+  if (block_nbytes <= 0) fail("block_nbytes must be > 0, got " + std::to_string(block_nbytes));
+  const size_t n = src_offsets.shape(0);
+  if (dst_offsets.shape(0) != n)
+    fail(std::to_string(n) + " src_offsets but " + std::to_string(dst_offsets.shape(0)) + " dst_offsets");
+  auto in_bounds = [&](const char* name, const int64_t* off, int64_t size) {
+    for (size_t i = 0; i < n; ++i)
+      if (off[i] < 0 || off[i] > size - block_nbytes)
+        fail(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(off[i]) + ": " +
+             std::to_string(block_nbytes) + " bytes there do not fit the " + std::to_string(size) +
+             "-byte buffer");
+  };
+  in_bounds("src_offsets", src_offsets.data(), src_nbytes);
+  in_bounds("dst_offsets", dst_offsets.data(), dst_nbytes);
+  nb::gil_scoped_release release;
+  if (own_stream) stream = kvbm::cuda::thread_stream();
+  kvbm::cuda::copy_blocks(src, src_offsets.data(), dst, dst_offsets.data(), n, block_nbytes, stream,
+                          max_ctas);
+  if (sync) kvbm::cuda::synchronize(stream);
+}
+
 }  // namespace
 
 void bind_cuda(nb::module_& m) {
@@ -61,4 +87,9 @@ void bind_cuda(nb::module_& m) {
       "paged"_a, "paged_nbytes"_a, "staging"_a, "staging_nbytes"_a, "block_ids"_a,
       "block_nbytes"_a, "stream"_a = 0, "max_ctas"_a = 0,
       "paged block block_ids[i] = staging block i (device pointers; async on stream).");
+  m.def("cuda_copy_blocks", &copy_blocks_py, "src"_a, "src_nbytes"_a, "src_offsets"_a, "dst"_a,
+        "dst_nbytes"_a, "dst_offsets"_a, "block_nbytes"_a, "stream"_a, "max_ctas"_a = 0,
+        "sync"_a = false, "own_stream"_a = false,
+        "dst[dst_offsets[i]:][:block_nbytes] = src[src_offsets[i]:][:block_nbytes]; device or pinned host "
+        "pointers; on stream (own_stream: the calling thread's own), waited for when sync.");
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "paged_copy.hpp"
 
@@ -27,6 +28,38 @@ __global__ void paged_copy_kernel(uint8_t* paged, uint8_t* staging, const int64_
     T* to = kGather ? s : p;
     for (int64_t w = threadIdx.x; w < words; w += blockDim.x) to[w] = from[w];
   }
+}
+
+// Two-sided variant: offs holds (src offset, dst offset) pairs.
+template <typename T>
+__global__ void indexed_copy_kernel(const uint8_t* src, uint8_t* dst, const int64_t* offs,
+                                    int64_t n, int64_t words) {
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const T* from = reinterpret_cast<const T*>(src + offs[2 * i]);
+    T* to = reinterpret_cast<T*>(dst + offs[2 * i + 1]);
+    for (int64_t w = threadIdx.x; w < words; w += blockDim.x) to[w] = from[w];
+  }
+}
+
+// The address a kernel uses for p: device and managed memory as is, page-locked host memory
+// through its mapping (the same address under unified addressing). Pageable memory fails.
+uint8_t* kernel_address(uintptr_t p, const char* name) {
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(p)) != cudaSuccess) {
+    cudaGetLastError();
+    attr.type = cudaMemoryTypeUnregistered;
+  }
+  if (attr.type == cudaMemoryTypeUnregistered || attr.devicePointer == nullptr)
+    throw std::invalid_argument(
+        std::string("cuda copy_blocks: ") + name +
+        " is pageable host memory, which a kernel cannot reach: allocate it pinned "
+        "(torch pin_memory=True, cudaHostAlloc) or register it (cudaHostRegister)");
+  return static_cast<uint8_t*>(attr.devicePointer);
+}
+
+int grid_for(int64_t n, int max_ctas) {
+  const int64_t cap = max_ctas > 0 ? max_ctas : int64_t(1) << 30;
+  return static_cast<int>(std::min<int64_t>(n, cap));
 }
 
 template <typename T>
@@ -64,8 +97,7 @@ void paged_copy(Direction dir, uintptr_t paged, uintptr_t staging, const int64_t
   check(cudaMemcpyAsync(ids, block_ids, ids_bytes, cudaMemcpyHostToDevice, stream),
         "upload block ids");
 
-  const int64_t cap = max_ctas > 0 ? max_ctas : int64_t(1) << 30;
-  const int ctas = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(n), cap));
+  const int ctas = grid_for(static_cast<int64_t>(n), max_ctas);
   auto* p = reinterpret_cast<uint8_t*>(paged);
   auto* s = reinterpret_cast<uint8_t*>(staging);
   const bool vec16 = ((paged | staging | static_cast<uintptr_t>(block_nbytes)) % 16) == 0;
@@ -75,6 +107,54 @@ void paged_copy(Direction dir, uintptr_t paged, uintptr_t staging, const int64_t
     launch<uint8_t>(dir, p, s, ids, static_cast<int64_t>(n), block_nbytes, stream, ctas);
   check(cudaGetLastError(), "paged_copy kernel launch");
   check(cudaFreeAsync(ids, stream), "cudaFreeAsync");
+}
+
+void copy_blocks(uintptr_t src, const int64_t* src_offsets, uintptr_t dst, const int64_t* dst_offsets,
+                 size_t n, int64_t block_nbytes, uintptr_t stream_handle, int max_ctas) {
+  if (n == 0 || block_nbytes == 0) return;
+  const uint8_t* s = kernel_address(src, "src");
+  uint8_t* d = kernel_address(dst, "dst");
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+
+  // Interleave the offsets so each thread block reads one pair; upload stream-ordered.
+  std::vector<int64_t> pairs(2 * n);
+  bool vec16 = ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) |
+                 static_cast<uintptr_t>(block_nbytes)) % 16) == 0;
+  for (size_t i = 0; i < n; ++i) {
+    pairs[2 * i] = src_offsets[i];
+    pairs[2 * i + 1] = dst_offsets[i];
+    vec16 = vec16 && ((src_offsets[i] | dst_offsets[i]) % 16) == 0;
+  }
+  int64_t* offs = nullptr;
+  const size_t bytes = pairs.size() * sizeof(int64_t);
+  check(cudaMallocAsync(reinterpret_cast<void**>(&offs), bytes, stream), "cudaMallocAsync");
+  check(cudaMemcpyAsync(offs, pairs.data(), bytes, cudaMemcpyHostToDevice, stream), "upload offsets");
+  // pairs is pageable: that copy is staged before cudaMemcpyAsync returns, so it may go now.
+  const int ctas = grid_for(static_cast<int64_t>(n), max_ctas);
+  if (vec16)
+    indexed_copy_kernel<uint4><<<ctas, 256, 0, stream>>>(s, d, offs, static_cast<int64_t>(n),
+                                                         block_nbytes / 16);
+  else
+    indexed_copy_kernel<uint8_t><<<ctas, 256, 0, stream>>>(s, d, offs, static_cast<int64_t>(n),
+                                                           block_nbytes);
+  check(cudaGetLastError(), "copy_blocks kernel launch");
+  check(cudaFreeAsync(offs, stream), "cudaFreeAsync");
+}
+
+uintptr_t thread_stream() {
+  struct Owned {
+    cudaStream_t s = nullptr;
+    ~Owned() {
+      if (s) cudaStreamDestroy(s);
+    }
+  };
+  thread_local Owned owned;
+  if (!owned.s) check(cudaStreamCreateWithFlags(&owned.s, cudaStreamNonBlocking), "cudaStreamCreate");
+  return reinterpret_cast<uintptr_t>(owned.s);
+}
+
+void synchronize(uintptr_t stream) {
+  check(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
 }
 
 }  // namespace kvbm::cuda

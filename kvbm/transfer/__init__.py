@@ -10,7 +10,9 @@ It never raises for a medium failure: a False block is a miss, and storages coun
 
 Generic handlers by capability: storages with `view(slot)` (host, device, buffers) are
 *addressable*; the others (disk, object) move bytes with `read`/`write`:
-    addressable -> addressable    memcpy (batched native gather when both are single pools)
+    addressable -> addressable    memcpy (batched native gather when both are single host pools;
+                                  one CUDA kernel, slot to slot, between a GPU pool and a GPU or
+                                  pinned host pool)
     addressable -> persistent     dst.write from the source views
     persistent  -> addressable    src.read into the destination views (checksums verified there)
     persistent  -> persistent     through a bounce buffer
@@ -132,6 +134,10 @@ def copy_views(src, src_slots, dst, dst_slots, keys) -> list[bool]:
         ops.copy_blocks(src.pool, [src.offset(s) for s in src_slots],
                         dst.pool, [dst.offset(d) for d in dst_slots], src.block_nbytes)
         return [True] * n
+    if _cuda_pools(src, dst):
+        ops.cuda_copy_blocks(src.pool, [src.offset(s) for s in src_slots],
+                             dst.pool, [dst.offset(d) for d in dst_slots], src.block_nbytes, sync=True)
+        return [True] * n
     for s, d in zip(src_slots, dst_slots):
         _assign(dst.view(d), src.view(s))
     return [True] * n
@@ -183,6 +189,32 @@ class TransferEngine:
 
 def _pooled(s: Any) -> bool:
     return isinstance(getattr(s, "pool", None), np.ndarray) and hasattr(s, "offset")
+
+
+def _cuda_pools(src: Any, dst: Any) -> bool:
+    """Single pools, one on a GPU, the other on a GPU or pinned: a kernel reaches both."""
+    if not (hasattr(src, "offset") and hasattr(dst, "offset")):
+        return False
+    a, b = _on_gpu(getattr(src, "pool", None)), _on_gpu(getattr(dst, "pool", None))
+    if not (a or b) or not _cuda_ready():
+        return False
+    return (a or getattr(src, "pinned", False)) and (b or getattr(dst, "pinned", False))
+
+
+def _on_gpu(x: Any) -> bool:
+    try:
+        return x is not None and hasattr(x, "__cuda_array_interface__")
+    except Exception:  # torch raises (not AttributeError) for CPU tensors in some versions
+        return False
+
+
+_CUDA_READY: list = []
+
+
+def _cuda_ready() -> bool:
+    if not _CUDA_READY:
+        _CUDA_READY.append(ops.cuda_available())
+    return _CUDA_READY[0]
 
 
 def _is_torch(x: Any) -> bool:
