@@ -149,7 +149,8 @@ def interference(torch, ops, nb: int = 256 * 1024, n: int = 2048, matmuls: int =
         ops.cuda_copy_blocks(pool, ids, host, hids, nb, stream=copy, max_ctas=ctas)
 
     paths = {"memcpy": memcpy, "direct": lambda: direct(0), "direct8": lambda: direct(8),
-             "direct32": lambda: direct(32)}
+             "direct16": lambda: direct(16), "direct32": lambda: direct(32),
+             "direct8_h2d": lambda: ops.cuda_copy_blocks(host, hids, pool, ids, nb, stream=copy, max_ctas=8)}
     run_matmuls()
     torch.cuda.synchronize()
     s0, e0 = run_matmuls()
@@ -212,7 +213,7 @@ def main() -> int:
         if not args.json:
             print(f"interference: {inter['blocks']} x {inter['block_bytes'] // 1024} KiB blocks G1 -> pinned G2 "
                   f"beside bf16 8192^3 matmuls ({inter['matmul_ms_alone']:.1f} ms alone)")
-            for name in ("memcpy", "direct", "direct8", "direct32"):
+            for name in ("memcpy", "direct", "direct8", "direct16", "direct32", "direct8_h2d"):
                 r = inter[name]
                 print(f"  {name:9s} matmul slowdown {100 * r['matmul_slowdown']:5.1f} %  "
                       f"copy {r['copy_gb_per_s']:6.1f} GB/s under load ({r['rounds']} rounds)")

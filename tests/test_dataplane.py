@@ -121,3 +121,11 @@ def test_byte_capacities_hold_under_a_random_workload():
             assert t.used <= t.capacity
             assert t.storage.capacity_blocks - t.storage.free_slots == t.used if hasattr(t.storage, "free_slots") else True
     m.close()
+
+
+def test_device_storage_rejects_a_bad_copy_ctas():
+    from kvbm.tiers.device import DeviceStorage
+
+    with pytest.raises(ValueError, match="copy_ctas must be an int >= 0"):
+        DeviceStorage(4, 64, device="cpu", copy_ctas=-1)
+    assert DeviceStorage(4, 64, device="cpu").copy_ctas == 8

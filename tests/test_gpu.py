@@ -118,7 +118,8 @@ def test_g1_cuda_g2_pinned_g3_disk_round_trip(tmp_path, monkeypatch, layout):
     n = layout.block_nbytes
     calls = []
     real = ops.cuda_copy_blocks
-    monkeypatch.setattr(ops, "cuda_copy_blocks", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k)))
+    monkeypatch.setattr(ops, "cuda_copy_blocks",
+                        lambda *a, **k: (calls.append((len(a[1]), k.get("max_ctas"))), real(*a, **k)))
     cfg = KVBMConfig.from_dict({"tiers": [
         {"name": "g1", "capacity": 4, "storage": {"name": "device", "device": "cuda"}},
         {"name": "g2", "capacity": 6, "storage": "host"},
@@ -134,7 +135,8 @@ def test_g1_cuda_g2_pinned_g3_disk_round_trip(tmp_path, monkeypatch, layout):
         assert job.rejected is None and not job.failed and job.keys == keys[i:i + 2]
     where = [m.tiers[i].name for i in m.locate(keys)]
     assert where == ["g3"] * 10 + ["g2"] * 6 + ["g1"] * 4
-    assert sum(calls) >= 10  # G1 -> G2 demotions went through the kernel, slot to slot
+    # G1 -> G2 demotions went through the kernel, slot to slot, on the device tier's 8 thread blocks
+    assert sum(n for n, _ in calls) >= 10 and {c for _, c in calls} == {8}
     # load everything into host buffers and into CUDA tensors: identical bytes from each tier
     out = [np.zeros(n, np.uint8) for _ in keys]
     assert m.load(keys, destination=out).loaded == 20

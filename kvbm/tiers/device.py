@@ -4,6 +4,12 @@ Standalone, kvbm allocates `capacity_blocks * block_nbytes` bytes on `device` wi
 (cupy when torch is absent). With `device="cpu"` a host tensor stands in for HBM, so the
 G1 paths are tested on machines without a GPU. An engine connector passes its own KV tensor
 (`tensor=`, any contiguous tensor whose bytes are whole blocks) instead.
+
+`copy_ctas` caps the thread blocks of kvbm's copy kernel between this pool and a pinned host
+pool (G1 <-> G2): the kernel runs on the SMs, so an uncapped grid starves a model running
+beside it. Measured on an H200 (bench/RESULTS.md): beside a bf16 matmul loop, an uncapped copy
+slowed the matmuls 7x, 32 thread blocks 2x, 8 not measurably, while 8 still moved ~0.9x of
+the copy-engine limit device -> host. 0 means uncapped (a pool no model shares).
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ class DeviceStorage(Storage):
     instant = False
 
     def __init__(self, capacity_blocks: int, block_nbytes: int, *, device: str = "cuda",
-                 tensor: Any = None, **options: Any) -> None:
+                 tensor: Any = None, copy_ctas: int = 8, **options: Any) -> None:
         super().__init__(capacity_blocks, block_nbytes, **options)
         if block_nbytes <= 0:
             raise ValueError("device storage needs a layout: block_nbytes must be > 0")
+        if isinstance(copy_ctas, bool) or not isinstance(copy_ctas, int) or copy_ctas < 0:
+            raise ValueError(f"device storage option copy_ctas must be an int >= 0 (0: uncapped), got {copy_ctas!r}")
         self.device = device
+        self.copy_ctas = copy_ctas
         self.pool, self.device_id = self._allocate(tensor)
         self._free = list(range(capacity_blocks - 1, -1, -1))
 
@@ -66,6 +75,9 @@ class DeviceStorage(Storage):
 
     def offset(self, slot: int) -> int:
         return slot * self.block_nbytes
+
+    def offsets(self, slots) -> np.ndarray:
+        return np.asarray(slots, dtype=np.int64) * self.block_nbytes
 
     def view(self, slot: int) -> Any:
         off = slot * self.block_nbytes

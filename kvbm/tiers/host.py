@@ -126,6 +126,10 @@ class HostStorage(Storage):
     def offset(self, slot: int) -> int:
         return slot * self.stride
 
+    def offsets(self, slots) -> np.ndarray:
+        """offset() of many slots at once (a batched copy's argument)."""
+        return np.asarray(slots, dtype=np.int64) * self.stride
+
     def describe(self, slot: int) -> list[Region]:
         return [Region("memory", self.address + slot * self.stride, 0, self.block_nbytes)]
 

@@ -131,12 +131,12 @@ def transfer(src: Any, src_slots: Sequence[Any], dst: Any, dst_slots: Sequence[A
 def copy_views(src, src_slots, dst, dst_slots, keys) -> list[bool]:
     n = len(keys)
     if _pooled(src) and _pooled(dst):
-        ops.copy_blocks(src.pool, [src.offset(s) for s in src_slots],
-                        dst.pool, [dst.offset(d) for d in dst_slots], src.block_nbytes)
+        ops.copy_blocks(src.pool, _offsets(src, src_slots), dst.pool, _offsets(dst, dst_slots), src.block_nbytes)
         return [True] * n
     if _cuda_pools(src, dst):
-        ops.cuda_copy_blocks(src.pool, [src.offset(s) for s in src_slots],
-                             dst.pool, [dst.offset(d) for d in dst_slots], src.block_nbytes, sync=True)
+        ctas = getattr(src, "copy_ctas", None) or getattr(dst, "copy_ctas", 0)
+        ops.cuda_copy_blocks(src.pool, _offsets(src, src_slots), dst.pool, _offsets(dst, dst_slots),
+                             src.block_nbytes, max_ctas=ctas, sync=True)
         return [True] * n
     for s, d in zip(src_slots, dst_slots):
         _assign(dst.view(d), src.view(s))
@@ -189,6 +189,11 @@ class TransferEngine:
 
 def _pooled(s: Any) -> bool:
     return isinstance(getattr(s, "pool", None), np.ndarray) and hasattr(s, "offset")
+
+
+def _offsets(s: Any, slots: Sequence[Any]) -> Any:
+    batch = getattr(s, "offsets", None)
+    return batch(slots) if batch is not None else [s.offset(x) for x in slots]
 
 
 def _cuda_pools(src: Any, dst: Any) -> bool:
