@@ -169,44 +169,107 @@ def test_transfer_stats_name_the_device_host_path():
 # ---------------------------------------------------------------- the connector's worker half
 
 
-def test_worker_side_over_vllm_cuda_layout(tmp_path):
+@pytest.fixture
+def halves(tmp_path):
+    """(scheduler, manager, make_worker) over G2 pinned host (4) + G3 disk (32)."""
     from kvbm.blocks import Namespace
     from kvbm.connectors import core
 
-    BS, LAYERS, HEADS, HEAD = 16, 3, 2, 64
-    layout = KVLayout(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD, block_size=BS, dtype="bfloat16")
     cfg = core.resolve_config({"tiers": [
         {"name": "g2", "capacity": 4, "storage": "host"},
         {"name": "g3", "capacity": 32, "storage": {"name": "disk", "path": str(tmp_path)}},
-    ]}, layout, "tiny-gpu")
+    ]}, WORKER_LAYOUT, "tiny-gpu")
     manager, lock = core.shared_manager(cfg)
-    try:
-        sched = core.SchedulerSide(manager, lock, Namespace("tiny-gpu", layout), BS)
-        worker = core.WorkerSide(manager, lock)
-        # vLLM's CUDA (flash-attention) layout per layer: [2, num_blocks, block_size, heads, head_dim]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        kv = [torch.randn(2, 24, BS, HEADS, HEAD, device="cuda", generator=g).to(torch.bfloat16)
-              for _ in range(LAYERS)]
-        worker.register(kv)
-        before = [t.clone() for t in kv]
-        hashes = [11, 12, 13, 14, 15, 16]
-        keys = sched.keys("r1", hashes)
-        ids = [3, 9, 1, 20, 7, 5]
-        # chunked prefill: 3 blocks, then 3 more; G2 (4) overflows into G3 on the second
-        worker.start_store(sched.plan_store("r1", ids[:3], 3 * BS))
-        worker.poll(wait=True)
-        worker.start_store(sched.plan_store("r1", ids, 6 * BS + 1))
-        worker.poll(wait=True)
-        n_hit, where = manager.lookup(keys)
-        assert n_hit == 6 and sorted(where) == ["g2"] * 4 + ["g3"] * 2
-        for t in kv:
-            t.zero_()
-        assert sched.match("r2", sched.keys("r2", hashes), 6 * BS + 1, 0, must_compute_one=True) == 6 * BS
-        worker.start_load(sched.plan_load("r2", [0, 2, 4, 6, 8, 10], 6 * BS))
-        loads, _ = worker.poll(wait=True)
-        assert loads == {"r2": []}
-        for t, b in zip(kv, before):
-            assert torch.equal(t[:, [0, 2, 4, 6, 8, 10]], b[:, [3, 9, 1, 20, 7, 5]])
-            assert not t[:, [1, 3, 5]].any()  # nothing else written
-    finally:
-        core.release_managers()
+    sched = core.SchedulerSide(manager, lock, Namespace("tiny-gpu", WORKER_LAYOUT), WORKER_LAYOUT.block_size)
+    yield sched, manager, lambda async_save: core.WorkerSide(manager, lock, async_save=async_save)
+    core.release_managers()
+
+
+WORKER_LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
+
+
+def vllm_cuda_kv(num_blocks=24, seed=0):
+    """vLLM's CUDA (flash-attention) layout per layer: [2, num_blocks, block_size, heads, head_dim]."""
+    L = WORKER_LAYOUT
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(2, num_blocks, L.block_size, L.num_kv_heads, L.head_dim, device="cuda",
+                        generator=g).to(torch.bfloat16) for _ in range(L.num_layers)]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync-gather", "kernel-gather"])
+def test_worker_side_over_vllm_cuda_layout(halves, async_save):
+    sched, manager, make_worker = halves
+    BS = WORKER_LAYOUT.block_size
+    worker = make_worker(async_save)
+    kv = vllm_cuda_kv()
+    assert worker.register(kv).direct  # the GPU copy kernel applies to this layout
+    before = [t.clone() for t in kv]
+    hashes = [11, 12, 13, 14, 15, 16]
+    keys = sched.keys("r1", hashes)
+    ids = [3, 9, 1, 20, 7, 5]
+    # chunked prefill: 3 blocks, then 3 more; G2 (4) overflows into G3 on the second
+    worker.start_store(sched.plan_store("r1", ids[:3], 3 * BS))
+    worker.poll(wait=True)
+    worker.start_store(sched.plan_store("r1", ids, 6 * BS + 1))
+    worker.poll(wait=True)
+    n_hit, where = manager.lookup(keys)
+    assert n_hit == 6 and sorted(where) == ["g2"] * 4 + ["g3"] * 2
+    for t in kv:
+        t.zero_()
+    assert sched.match("r2", sched.keys("r2", hashes), 6 * BS + 1, 0, must_compute_one=True) == 6 * BS
+    worker.start_load(sched.plan_load("r2", [0, 2, 4, 6, 8, 10], 6 * BS))
+    loads, _ = worker.poll(wait=True)
+    assert loads == {"r2": []}
+    for t, b in zip(kv, before):
+        assert torch.equal(t[:, [0, 2, 4, 6, 8, 10]], b[:, [3, 9, 1, 20, 7, 5]])
+        assert not t[:, [1, 3, 5]].any()  # nothing else written
+
+
+def test_kernel_gather_is_ordered_after_the_step_and_fenced_before_the_next(halves):
+    """The gather must read what this step wrote, and the next step may overwrite the pages
+    (a finished request's blocks, reused) only after it: both orderings are stream waits."""
+    sched, _, make_worker = halves
+    BS = WORKER_LAYOUT.block_size
+    worker = make_worker(True)
+    kv = [t.zero_() for t in vllm_cuda_kv()]
+    worker.register(kv)
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(30):  # a slow step: the page writes below queue behind it
+        a = torch.tanh(a @ a)
+    for t in kv:
+        t[:, [2, 5]] = 1
+    sched.keys("r1", [1, 2])
+    worker.start_store(sched.plan_store("r1", [2, 5], 2 * BS + 1))
+    assert worker._gathers  # in flight: the kernel waits behind the slow step
+    worker.fence()  # the next step begins: its kernels wait for the gather
+    for t in kv:
+        t.fill_(2)  # the pages are reused at once
+    worker.poll(wait=True)
+    for t in kv:
+        t.zero_()
+    assert sched.match("r2", sched.keys("r2", [1, 2]), 2 * BS + 1, 0, must_compute_one=True) == 2 * BS
+    worker.start_load(sched.plan_load("r2", [0, 1], 2 * BS))
+    assert worker.poll(wait=True)[0] == {"r2": []}
+    for t in kv:
+        assert (t[:, [0, 1]] == 1).all()  # exactly what the step wrote: not 0, not 2
+
+
+@pytest.mark.parametrize("layout", ["vllm-cuda", "trtllm"])
+def test_paged_kernel_copies_equal_torch_indexing(layout):
+    from kvbm.connectors.paged import PagedKV
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    if layout == "vllm-cuda":
+        kv = [torch.randn(2, 12, 16, 2, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2)]
+        paged = PagedKV(kv)
+    else:  # TRT-LLM's one block-major pool
+        kv = [torch.randn(12, 2, 2, 1000, device="cuda", generator=g).to(torch.float16)]
+        paged = PagedKV(kv, block_dim=0)
+    assert paged.direct
+    ids = [11, 0, 6, 3]
+    staging, event = paged.gather_async(ids)
+    event.synchronize()
+    assert torch.equal(staging, paged.gather(ids))
+    event = paged.scatter_async(staging, [1, 2, 4, 5])
+    event.synchronize()
+    assert torch.equal(paged.gather([1, 2, 4, 5]), staging)

@@ -4,7 +4,7 @@
                                   worker halves of one engine share it)
     SchedulerSide                 engine block hashes -> keys, prefix match, load/store plans
     WorkerSide                    runs the plans: gather/scatter paged KV, async store/load
-    PagedKV                       an engine's per-layer paged tensors; one kvbm block = one
+    PagedKV (paged.py)            an engine's per-layer paged tensors; one kvbm block = one
                                   engine block id across all layers, staged contiguously
 
 A kvbm block is the bytes of one engine block (all layers), so the block keys are the engine's
@@ -37,6 +37,7 @@ from ..blocks import KVLayout, Namespace
 from ..config import ConfigError, KVBMConfig, load_config
 from ..manager import BlockManager
 from ..policies.base import Hints
+from .paged import PagedKV
 
 log = logging.getLogger(__name__)
 
@@ -404,82 +405,38 @@ class SchedulerSide:
 # ---------------------------------------------------------------- worker
 
 
-class PagedKV:
-    """An engine's paged KV tensors (one per layer); a block id names one page in each.
-
-    The block dimension is found per tensor: dim 1 for vLLM's `[2, num_blocks, ...]` layouts,
-    else dim 0 (vLLM's CPU `[num_blocks, heads, block_size, 2*head]`, TRT-LLM's pools).
-    """
-
-    def __init__(self, tensors: Sequence[Any], block_dim: int | None = None) -> None:
-        import torch
-
-        self.torch = torch
-        self.views = []
-        self.sizes = []
-        for t in tensors:
-            dim = block_dim if block_dim is not None else (1 if t.dim() >= 5 and t.shape[0] == 2 else 0)
-            v = t.movedim(dim, 0) if dim else t
-            self.views.append(v)
-            self.sizes.append(v[0].numel() * v.element_size())
-        if not self.views:
-            raise ValueError("no KV cache tensors were registered")
-        self.num_blocks = self.views[0].shape[0]
-        self.block_nbytes = sum(self.sizes)
-        self.device = self.views[0].device
-
-    def staging(self, n: int) -> Any:
-        pin = self.device.type == "cuda"
-        return self.torch.empty((n, self.block_nbytes), dtype=self.torch.uint8, pin_memory=pin)
-
-    def _parts(self, staging: Any, n: int):
-        off = 0
-        for v, size in zip(self.views, self.sizes):
-            yield v, staging[:n, off:off + size].view(v.dtype).view(n, *v.shape[1:])
-            off += size
-
-    def gather(self, block_ids: Sequence[int], staging: Any = None) -> Any:
-        """Copy the blocks' pages of every layer into contiguous staging rows."""
-        n = len(block_ids)
-        staging = self.staging(n) if staging is None else staging
-        ids = self.torch.as_tensor(list(block_ids), dtype=self.torch.long, device=self.device)
-        for v, part in self._parts(staging, n):
-            part.copy_(v.index_select(0, ids))
-        return staging
-
-    def scatter(self, staging: Any, block_ids: Sequence[int]) -> None:
-        """Copy staging rows back into the blocks' pages of every layer."""
-        n = len(block_ids)
-        if not n:
-            return
-        ids = self.torch.as_tensor(list(block_ids), dtype=self.torch.long, device=self.device)
-        for v, part in self._parts(staging, n):
-            v.index_copy_(0, ids, part.to(v.device))
-
-
 @dataclass
 class _Transfer:
     req_id: str
     ticket: Any
     block_ids: list[int]
     staging: Any
+    event: Any = None  # a GPU copy in flight: the gather before a store, the scatter after a load
+    failed: list = field(default_factory=list)
 
 
 class WorkerSide:
     """Worker-half logic: run load and store plans against the registered paged KV.
 
-    Stores gather synchronously (the engine may reuse the blocks right after the step) and
-    write to kvbm on a transfer thread. Loads read on a transfer thread into staging and are
-    scattered when `poll` sees them complete; a block that did not arrive intact is reported
-    as failed, never scattered.
+    Stores gather the blocks' pages into staging rows, then write them to kvbm on a transfer
+    thread. Synchronously by default (the engine may reuse the blocks right after the step);
+    with `async_save` on a GPU the gather is a copy kernel on kvbm's own stream, ordered after
+    the step that wrote the pages, and `fence()` (called before the next step's work) orders
+    the engine's next kernels after it, so a block freed and reused next step is read first.
+    Loads read on a transfer thread into staging and are scattered when `poll` sees them
+    complete (on a GPU: a kernel, and the load is reported once it has run); a block that did
+    not arrive intact is reported as failed, never scattered.
     """
 
-    def __init__(self, manager: Any, lock: threading.RLock | None = None) -> None:
+    def __init__(self, manager: Any, lock: threading.RLock | None = None, async_save: bool = False) -> None:
         self.manager = manager  # a BlockManager or a backend
         self.lock = lock
         self.backend = as_backend(manager, lock)
+        self.async_save = async_save
         self.kv: PagedKV | None = None
+        self._gathers: list[tuple[StorePlan, Any, Any]] = []  # (plan, staging, event) on the GPU
         self._loads: list[_Transfer] = []
+        self._scatters: list[_Transfer] = []
         self._stores: list[_Transfer] = []
         self.corrupt_hook = None  # tests only: called with (staging, block_ids) before scatter
 
@@ -499,16 +456,40 @@ class WorkerSide:
         self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
     def start_store(self, plan: StorePlan) -> None:
-        staging = self.kv.gather(plan.block_ids)
+        if self.async_save:
+            staging, event = self.kv.gather_async(plan.block_ids)
+            if event is not None:
+                self._gathers.append((plan, staging, event))
+                return
+        else:
+            staging = self.kv.gather(plan.block_ids)
+        self._submit_store(plan, staging)
+
+    def _submit_store(self, plan: StorePlan, staging: Any) -> None:
         # None: rejected, no room (everything busy): a future miss, not an error
         ticket = self.backend.start_store(plan.keys, staging, hints=plan.hints, parent=plan.parent,
                                           position=plan.position)
         self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
+    def fence(self) -> None:
+        """Order the engine's next GPU work after the gathers still in flight (no host wait)."""
+        if self._gathers:
+            stream = self.kv.torch.cuda.current_stream(self.kv.device)
+            for _, _, event in self._gathers:
+                stream.wait_event(event)
+
     def poll(self, wait: bool = False) -> tuple[dict[str, list[int]], set[str]]:
         """Complete transfers: ({req_id: failed block ids} of finished loads, finished store req ids)."""
+        pending = []
+        for plan, staging, event in self._gathers:  # gathered rows go on to kvbm
+            if wait:
+                event.synchronize()
+            if event.query():
+                self._submit_store(plan, staging)
+            else:
+                pending.append((plan, staging, event))
+        self._gathers = pending
         self.backend.poll([t.ticket for t in self._loads + self._stores], wait=wait)
-        loads: dict[str, list[int]] = {}
         pending = []
         for t in self._loads:
             if not self.backend.done(t.ticket):
@@ -517,9 +498,20 @@ class WorkerSide:
             n = self.backend.loaded(t.ticket)
             if self.corrupt_hook is not None:
                 self.corrupt_hook(t.staging, t.block_ids[:n])
-            self.kv.scatter(t.staging, t.block_ids[:n])
-            loads.setdefault(t.req_id, []).extend(t.block_ids[n:])
+            t.event = self.kv.scatter_async(t.staging, t.block_ids[:n]) if n else None
+            t.failed = t.block_ids[n:]
+            self._scatters.append(t)
         self._loads = pending
+        loads: dict[str, list[int]] = {}
+        pending = []
+        for t in self._scatters:  # a load counts once its bytes are in the engine's pages
+            if t.event is not None and wait:
+                t.event.synchronize()
+            if t.event is None or t.event.query():
+                loads.setdefault(t.req_id, []).extend(t.failed)
+            else:
+                pending.append(t)
+        self._scatters = pending
         stores: set[str] = set()
         pending = []
         for t in self._stores:
@@ -528,11 +520,16 @@ class WorkerSide:
             else:
                 stores.add(t.req_id)
         self._stores = pending
-        return loads, stores - {t.req_id for t in pending}
+        busy = {t.req_id for t in pending} | {plan.req_id for plan, _, _ in self._gathers}
+        return loads, stores - busy
 
     @property
     def busy(self) -> bool:
-        return bool(self._loads or self._stores)
+        return bool(self._loads or self._stores or self._gathers or self._scatters)
+
+    def saving(self) -> set:
+        """Requests whose blocks are still being gathered or written."""
+        return {t.req_id for t in self._stores} | {plan.req_id for plan, _, _ in self._gathers}
 
 
 def api_differences(cls: Any, methods: dict, prefix: str = "") -> list[str]:

@@ -254,7 +254,7 @@ class TrtllmTransfers:
         """The finished requests whose stores have all landed (their blocks may be freed)."""
         self._saving.update(finished_gen_req_ids)
         self.worker.poll()
-        busy = {t.req_id for t in self.worker._stores}
+        busy = self.worker.saving()
         done = [r for r in self._saving if r not in busy]
         self._saving.difference_update(done)
         return done

@@ -16,7 +16,9 @@ Worker half (model runner):
                                  across all layers, gathered into a contiguous staging row
     start_load_kv                submits loads (asynchronous: the request waits in
                                  WAITING_FOR_REMOTE_KVS until get_finished reports it)
-    wait_for_save                gathers the step's full blocks, writes them on a transfer thread
+    wait_for_save                gathers the step's full blocks (on a GPU: a capped copy kernel
+                                 on kvbm's stream, fenced before the next step), writes them
+                                 to kvbm on a transfer thread
     get_finished                 completes transfers; scatters loaded blocks; reports loads
     get_block_ids_with_load_errors  blocks that did not arrive intact: vLLM recomputes them
 
@@ -158,7 +160,9 @@ class KVBMConnector(KVConnectorBase_V1):
         self.block_size = layout.block_size
         self.async_load = bool(extra.get("async_load", True))
         self.scheduler = SchedulerSide(self.manager, self.lock, self.namespace, self.block_size)
-        self.worker = WorkerSide(self.manager, self.lock)
+        # On a GPU, save with the copy kernel on kvbm's stream instead of a blocking copy-out
+        # (fenced before the next step); "async_save": false restores the synchronous gather.
+        self.worker = WorkerSide(self.manager, self.lock, async_save=bool(extra.get("async_save", True)))
         self._requests: dict[str, "Request"] = {}
         self._block_ids: dict[str, list[int]] = {}
         self._load_errors: set[int] = set()
@@ -233,8 +237,11 @@ class KVBMConnector(KVConnectorBase_V1):
                              self._kv_transfer_config.kv_connector_extra_config.get("kv_block_dim"))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if self.worker.kv is None:
+            return
+        self.worker.fence()  # this step's kernels run after last step's gathers read the pages
         meta = self._get_connector_metadata()
-        if self.worker.kv is None or not isinstance(meta, KVBMConnectorMetadata):
+        if not isinstance(meta, KVBMConnectorMetadata):
             return
         for plan in meta.loads:
             self.worker.start_load(plan)
