@@ -60,3 +60,36 @@ def test_async_calls_fall_back_to_the_synchronous_copies_off_gpu():
 def test_a_non_contiguous_layer_has_no_kernel_geometry():
     t = torch.randn(2, 10, 4, 3, 8).transpose(2, 3)
     assert PagedKV([t]).layers is None
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_one_span_per_page_size_reproduces_gather(name):
+    """The GPU path launches once per span (all layers of one page size), with offsets from the
+    span's lowest address; the same offsets over host memory must give gather()'s bytes."""
+    import ctypes
+
+    kv_tensors = LAYOUTS[name](torch.Generator().manual_seed(3))
+    kv = PagedKV(kv_tensors, block_dim=0 if name == "trtllm" else None)
+    assert len(kv.spans) == 1  # same-shaped layers: one launch
+    ids = [2, 8, 5]
+    expected = kv.gather(ids).numpy()
+    rows = np.zeros_like(expected)
+    for span, pages, row in kv.span_offsets(ids):
+        memory = np.ctypeslib.as_array((ctypes.c_uint8 * span.nbytes).from_address(span.base))
+        ops.copy_blocks(memory, pages, rows, row, span.page)
+    assert np.array_equal(rows, expected)
+
+
+def test_layers_of_two_page_sizes_make_two_spans():
+    g = torch.Generator().manual_seed(4)
+    kv_tensors = [torch.randn(2, 6, 4, 3, 8, generator=g), torch.randn(2, 6, 4, 1, 8, generator=g),
+                  torch.randn(2, 6, 4, 3, 8, generator=g)]
+    kv = PagedKV(kv_tensors)
+    assert sorted(s.page for s in kv.spans) == [4 * 1 * 8 * 4, 4 * 3 * 8 * 4]
+    import ctypes
+
+    rows = np.zeros((2, kv.block_nbytes), np.uint8)
+    for span, pages, row in kv.span_offsets([5, 0]):
+        memory = np.ctypeslib.as_array((ctypes.c_uint8 * span.nbytes).from_address(span.base))
+        ops.copy_blocks(memory, pages, rows, row, span.page)
+    assert np.array_equal(rows, kv.gather([5, 0]).numpy())

@@ -11,8 +11,9 @@ A staging row holds the block's bytes layer by layer; within a layer, the block'
 the tensor in C order (vLLM's CUDA `[2, num_blocks, ...]` layout: its K page, then its V page).
 
 On a GPU with kvbm's CUDA build, the async copies go page to pinned row directly (no
-`index_select` temporary, no synchronous device-to-host copy on the engine's stream) with the
-thread blocks capped (`copy_ctas`, 8 by default) so the copy does not starve the model. The
+`index_select` temporary, no synchronous device-to-host copy on the engine's stream), every
+layer in one launch (layers of one page size form one address span), with the thread blocks
+capped (`copy_ctas`, 8 by default) so the copy does not starve the model. The
 synchronous `gather`/`scatter` (torch indexing) are the reference and the CPU path.
 """
 
@@ -34,6 +35,26 @@ class _Layer:
     block_stride: int  # bytes between block b and b + 1
     page: int  # contiguous bytes per page
     row_offset: int  # where this layer starts in a staging row
+
+
+@dataclass(eq=False)
+class _Span:
+    base: int  # lowest address of the group's layers
+    nbytes: int  # up to the end of the highest one (the gaps between them are never addressed)
+    page: int
+    start: np.ndarray  # per page of a block: its offset from base in block 0
+    stride: np.ndarray  # per page: bytes from block b to b + 1
+    row: np.ndarray  # per page: its offset in a staging row
+
+    def cuda_array(self) -> Any:
+        """The span as a CUDA byte array for ops.cuda_copy_blocks."""
+        return _CudaBytes(self.base, self.nbytes)
+
+
+class _CudaBytes:
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1",
+                                         "strides": None, "version": 3}
 
 
 class PagedKV:
@@ -66,6 +87,7 @@ class PagedKV:
         # async copies run as kvbm's copy kernel on a GPU with the CUDA build
         self.direct = self.layers is not None and self.device.type == "cuda" and ops.cuda_available()
         self.stream = torch.cuda.Stream(device=self.device) if self.direct else None
+        self.spans = self._spans(tensors) if self.layers is not None else None
 
     def _geometry(self, tensors: Sequence[Any], dims: list[int]) -> list[_Layer] | None:
         """Where each block's pages lie in each layer's bytes; None unless every layer is dense."""
@@ -83,6 +105,31 @@ class PagedKV:
                                  size // len(lead), row))
             row += size
         return layers
+
+    def _spans(self, tensors: Sequence[Any]) -> list[_Span]:
+        """Layers grouped by page size, each group one address span: one kernel launch per group
+        (usually one for the whole model) instead of one per layer."""
+        groups: dict[int, list] = {}
+        for t, layer in zip(tensors, self.layers):
+            groups.setdefault(layer.page, []).append((t.data_ptr(), t.numel() * t.element_size(), layer))
+        spans = []
+        for page, members in groups.items():
+            base = min(p for p, _, _ in members)
+            end = max(p + n for p, n, _ in members)
+            spans.append(_Span(
+                base, end - base, page,
+                np.concatenate([p - base + layer.lead for p, _, layer in members]),
+                np.concatenate([np.full(len(layer.lead), layer.block_stride, np.int64) for _, _, layer in members]),
+                np.concatenate([layer.row_offset + np.arange(len(layer.lead), dtype=np.int64) * page
+                                for _, _, layer in members])))
+        return spans
+
+    def span_offsets(self, block_ids: Sequence[int]):
+        """Per span: (span, page byte offsets from span.base, staging row byte offsets)."""
+        ids = np.asarray(block_ids, dtype=np.int64)[:, None]
+        rows = np.arange(len(ids), dtype=np.int64)[:, None] * self.block_nbytes
+        for span in self.spans:
+            yield span, (ids * span.stride[None, :] + span.start[None, :]).ravel(), (rows + span.row[None, :]).ravel()
 
     def staging(self, n: int) -> Any:
         pin = self.device.type == "cuda"
@@ -143,13 +190,12 @@ class PagedKV:
         rows = staging.numpy()
         # after everything the engine queued so far (the step that wrote these pages)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for layer, pages, row in self.offsets(block_ids):
+        for span, pages, row in self.span_offsets(block_ids):
+            dev = span.cuda_array()
             if to_rows:
-                ops.cuda_copy_blocks(layer.flat, pages, rows, row, layer.page, stream=self.stream,
-                                     max_ctas=self.copy_ctas)
+                ops.cuda_copy_blocks(dev, pages, rows, row, span.page, stream=self.stream, max_ctas=self.copy_ctas)
             else:
-                ops.cuda_copy_blocks(rows, row, layer.flat, pages, layer.page, stream=self.stream,
-                                     max_ctas=self.copy_ctas)
+                ops.cuda_copy_blocks(rows, row, dev, pages, span.page, stream=self.stream, max_ctas=self.copy_ctas)
         event = torch.cuda.Event()
         event.record(self.stream)
         return event
