@@ -299,3 +299,46 @@ def test_trtllm_adapter_against_the_real_api():
     trtllm.check_trtllm_api(kv_cache_connector)
     assert issubclass(trtllm.KVBMConnectorScheduler, kv_cache_connector.KvCacheConnectorScheduler)
     assert issubclass(trtllm.KVBMConnectorWorker, kv_cache_connector.KvCacheConnectorWorker)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_trtllm_gpu_save_waits_on_the_forward_stream():
+    """On a GPU the save is kvbm's copy kernel queued behind TRT-LLM's forward stream (no host
+    synchronize): it must read what the forward wrote, even when the forward is still running."""
+    from kvbm import ops
+
+    if not ops.cuda_available():
+        pytest.skip("kvbm built without CUDA")
+    cfg = core.resolve_config({"tiers": [g2()]}, LAYOUT, "tiny")
+    manager = BlockManager.from_config(KVBMConfig.from_dict(cfg), clock=Clock())
+    lock = threading.RLock()
+    planner = trtllm.TrtllmPlanner(manager, lock, Namespace("tiny", LAYOUT), BS)
+    transfers = trtllm.TrtllmTransfers(manager, lock)
+    kv = pool().cuda()
+    kv.zero_()
+    transfers.register(kv)
+    assert transfers.direct
+    forward = torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda")
+    with torch.cuda.stream(forward):
+        for _ in range(30):  # a slow forward; the page writes queue behind it
+            a = torch.tanh(a @ a)
+        kv[[1, 2, 3]] = 5
+    toks = tokens(11, 3 * BS + 1)
+    planner.match("a", toks, 0)
+    meta = planner.step([data("a", toks, [1, 2, 3, 4])], [])
+    transfers.save(meta, forward)
+    transfers.worker.fence(forward)  # the next step's writes wait for the gather
+    with torch.cuda.stream(forward):
+        kv.fill_(7)
+    planner.finished("a")
+    done = transfers.finished(["a"])  # its blocks are held while the gather or write runs
+    transfers.worker.poll(wait=True)
+    done += transfers.finished([])
+    assert done == ["a"]
+    torch.cuda.synchronize()
+    kv.zero_()
+    n, failed = run(planner, transfers, "b", toks, [8, 9, 10, 11])
+    assert n == 3 * BS and not failed
+    assert (kv[[8, 9, 10]] == 5).all()

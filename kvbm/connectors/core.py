@@ -455,9 +455,11 @@ class WorkerSide:
         ticket = self.backend.start_load(plan.keys, staging)
         self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
-    def start_store(self, plan: StorePlan) -> None:
+    def start_store(self, plan: StorePlan, after: Any = None) -> None:
+        """Gather the plan's blocks and write them to kvbm; when async, the gather runs after
+        the work on CUDA stream `after` (default: the current one)."""
         if self.async_save:
-            staging, event = self.kv.gather_async(plan.block_ids)
+            staging, event = self.kv.gather_async(plan.block_ids, after)
             if event is not None:
                 self._gathers.append((plan, staging, event))
                 return
@@ -471,10 +473,12 @@ class WorkerSide:
                                           position=plan.position)
         self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
-    def fence(self) -> None:
-        """Order the engine's next GPU work after the gathers still in flight (no host wait)."""
+    def fence(self, stream: Any = None) -> None:
+        """Order the engine's next GPU work (on `stream`, default the current one) after the
+        gathers still in flight, without a host wait."""
         if self._gathers:
-            stream = self.kv.torch.cuda.current_stream(self.kv.device)
+            if stream is None:
+                stream = self.kv.torch.cuda.current_stream(self.kv.device)
             for _, _, event in self._gathers:
                 stream.wait_event(event)
 

@@ -161,20 +161,21 @@ class PagedKV:
 
     # ------------------------------------------------------------ GPU, asynchronous
 
-    def gather_async(self, block_ids: Sequence[int]) -> tuple[Any, Any]:
-        """(staging, event): the rows are filled once `event` completes (None: already)."""
+    def gather_async(self, block_ids: Sequence[int], after: Any = None) -> tuple[Any, Any]:
+        """(staging, event): the rows are filled once `event` completes (None: already).
+        The copy runs after the work queued on `after` (a CUDA stream; default: the current one)."""
         if not self.direct:
             return self.gather(block_ids), None
         staging = self.staging(len(block_ids))
-        return staging, self._copy(block_ids, staging, to_rows=True)
+        return staging, self._copy(block_ids, staging, True, after)
 
-    def scatter_async(self, staging: Any, block_ids: Sequence[int]) -> Any:
+    def scatter_async(self, staging: Any, block_ids: Sequence[int], after: Any = None) -> Any:
         """Rows -> pages; returns an event (None: done already). The engine must not read the
         pages before the event completes (the connector reports the load only then)."""
         if not self.direct:
             self.scatter(staging, block_ids)
             return None
-        return self._copy(block_ids, staging, to_rows=False)
+        return self._copy(block_ids, staging, False, after)
 
     def offsets(self, block_ids: Sequence[int]):
         """Per layer: (layer, page byte offsets, staging row byte offsets), one pair per page."""
@@ -185,11 +186,11 @@ class PagedKV:
             row = base + layer.row_offset + np.arange(len(layer.lead), dtype=np.int64)[None, :] * layer.page
             yield layer, pages.reshape(-1), row.reshape(-1)
 
-    def _copy(self, block_ids: Sequence[int], staging: Any, to_rows: bool) -> Any:
+    def _copy(self, block_ids: Sequence[int], staging: Any, to_rows: bool, after: Any) -> Any:
         torch = self.torch
         rows = staging.numpy()
         # after everything the engine queued so far (the step that wrote these pages)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.stream.wait_stream(after if after is not None else torch.cuda.current_stream(self.device))
         for span, pages, row in self.span_offsets(block_ids):
             dev = span.cuda_array()
             if to_rows:

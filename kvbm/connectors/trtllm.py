@@ -22,8 +22,10 @@ Adapters (need tensorrt_llm, built on first attribute access, API-checked):
 TensorRT-LLM's pool is one tensor, block-major (`kv_cache_tensor[block_id]` is one block of
 every layer), so a kvbm block is exactly one row of it. Loads are synchronous (TRT-LLM has
 no per-block load-error path: a block that does not arrive intact fails the step loudly
-rather than being computed on garbage). Stores gather in wait_for_save and write on a
-transfer thread; a finished request holds its blocks until its writes are done.
+rather than being computed on garbage). Stores gather in wait_for_save (on a GPU: kvbm's copy
+kernel queued behind the forward's stream, no host synchronize; the next step's stream is
+fenced behind it) and write on a transfer thread; a finished request holds its blocks until
+its writes are done.
 """
 
 from __future__ import annotations
@@ -230,8 +232,10 @@ class TrtllmPlanner:
 class TrtllmTransfers:
     """Worker-half logic: sync loads, async stores, completion per request."""
 
-    def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
-        self.worker = WorkerSide(manager, lock)
+    def __init__(self, manager: BlockManager, lock: threading.RLock, async_save: bool = True) -> None:
+        # async_save: on a GPU, gather with kvbm's copy kernel behind the forward's stream;
+        # finished requests already hold their blocks until the writes land (request_finished)
+        self.worker = WorkerSide(manager, lock, async_save=async_save)
         self._saving: set = set()  # finished requests whose writes may still run
 
     def register(self, kv_cache_tensor: Any) -> None:
@@ -246,9 +250,15 @@ class TrtllmTransfers:
         loads, _ = self.worker.poll(wait=True)
         return {r: ids for r, ids in loads.items() if ids}
 
-    def save(self, meta: TrtllmMetadata) -> None:
+    def save(self, meta: TrtllmMetadata, stream: Any = None) -> None:
+        """Gather the step's full blocks after the work on `stream` (the forward's)."""
         for plan in meta.stores:
-            self.worker.start_store(plan)
+            self.worker.start_store(plan, after=stream)
+
+    @property
+    def direct(self) -> bool:
+        """True when saves are GPU copy kernels ordered by streams (no host synchronize needed)."""
+        return self.worker.async_save and self.worker.kv is not None and self.worker.kv.direct
 
     def finished(self, finished_gen_req_ids: Sequence[Any]) -> list:
         """The finished requests whose stores have all landed (their blocks may be freed)."""
@@ -375,6 +385,8 @@ def _build_adapters() -> dict[str, type]:
             self.transfers.register(kv_cache_tensor)
 
         def start_load_kv(self, stream: Any) -> None:
+            if self.transfers.worker.kv is not None:
+                self.transfers.worker.fence(stream)  # after last step's gathers read the pages
             meta = self.get_connector_meta()
             if isinstance(meta, TrtllmMetadata) and meta.loads:
                 failed = self.transfers.load(meta)
@@ -391,8 +403,9 @@ def _build_adapters() -> dict[str, type]:
         def wait_for_save(self, stream: Any) -> None:
             meta = self.get_connector_meta()
             if isinstance(meta, TrtllmMetadata) and meta.stores:
-                stream.synchronize()  # the forward pass wrote the blocks we gather
-                self.transfers.save(meta)
+                if not self.transfers.direct:
+                    stream.synchronize()  # the forward pass wrote the blocks we gather
+                self.transfers.save(meta, stream)  # direct: the copy kernel waits on `stream`
 
         def get_finished(self, finished_gen_req_ids: list[int],
                          started_loading_req_ids: list[int]) -> tuple[list[int], list[int]]:
