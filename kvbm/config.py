@@ -99,6 +99,13 @@ class TierConfig:
     eviction: PolicySpec = field(default_factory=lambda: PolicySpec("lru"))
     admission: PolicySpec = field(default_factory=lambda: PolicySpec("always"))
     storage: PolicySpec = field(default_factory=lambda: PolicySpec("null"))
+    # Blocks kept free by background offload (kvbm.offload) where a tier below exists; None:
+    # capacity // 16. Used by the engine connectors and the daemon, not by the simulator.
+    headroom: int | None = None
+
+    @property
+    def offload_headroom(self) -> int:
+        return self.capacity // 16 if self.headroom is None else self.headroom
 
 
 @dataclass
@@ -162,20 +169,42 @@ def _parse_tier(raw: Any, i: int, layout: KVLayout | None) -> TierConfig:
     where = f"tiers[{i}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping like {{name: g2, capacity: 10000}}, got {raw!r}")
-    check_keys(raw, ("name", "capacity", "eviction", "admission", "storage"), f"{where}.")
+    check_keys(raw, ("name", "capacity", "eviction", "admission", "storage", "headroom"), f"{where}.")
     name = raw.get("name")
     if name not in TIER_NAMES:
         raise ConfigError(f"{where}.name must be one of {', '.join(TIER_NAMES)}, got {name!r}")
     where = f"tiers.{name}"
     if "capacity" not in raw:
         raise ConfigError(f"{where}.capacity is missing: give blocks (10000) or bytes ('4GiB')")
+    capacity = parse_capacity(raw["capacity"], layout, f"{where}.capacity")
     return TierConfig(
         name=name,
-        capacity=parse_capacity(raw["capacity"], layout, f"{where}.capacity"),
+        capacity=capacity,
         eviction=PolicySpec.parse(raw.get("eviction", "lru"), f"{where}.eviction"),
         admission=PolicySpec.parse(raw.get("admission", "always"), f"{where}.admission"),
         storage=PolicySpec.parse(raw.get("storage", "null"), f"{where}.storage"),
+        headroom=_parse_headroom(raw.get("headroom"), capacity, layout, f"{where}.headroom"),
     )
+
+
+def _parse_headroom(value: Any, capacity: int, layout: KVLayout | None, where: str) -> int | None:
+    """Blocks (64), bytes ('1GiB') or a share of the capacity ('5%'); 0 turns offload off."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1])
+        except ValueError:
+            raise ConfigError(f"{where}: cannot read {value!r}; write blocks (64), bytes ('1GiB') or '5%'") from None
+        blocks = int(capacity * share / 100)
+    elif value == 0 and not isinstance(value, bool):
+        return 0
+    else:
+        blocks = parse_capacity(value, layout, where)
+    if not 0 <= blocks < capacity:
+        raise ConfigError(f"{where} = {value!r} ({blocks} blocks) must be below the tier's capacity "
+                          f"({capacity} blocks); it is the room kept free for new stores")
+    return blocks
 
 
 def _check_order(tiers: list[TierConfig]) -> None:

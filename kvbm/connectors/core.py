@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 from ..blocks import KVLayout, Namespace
 from ..config import ConfigError, KVBMConfig, load_config
 from ..manager import BlockManager
+from ..offload import Offloader
 from ..policies.base import Hints
 from .paged import PagedKV
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _MANAGERS: dict[str, tuple[BlockManager, threading.RLock]] = {}
 _BACKENDS: dict[str, DaemonBackend] = {}
+_OFFLOADERS: dict[int, Offloader] = {}  # id(manager) -> its background offloader
 _MANAGERS_LOCK = threading.Lock()
 
 
@@ -86,7 +88,8 @@ def _as_dict(config: KVBMConfig) -> dict[str, Any]:
         "tiers": [{"name": t.name, "capacity": t.capacity,
                    "eviction": {"name": t.eviction.name, **t.eviction.options},
                    "admission": {"name": t.admission.name, **t.admission.options},
-                   "storage": {"name": t.storage.name, **t.storage.options}} for t in config.tiers],
+                   "storage": {"name": t.storage.name, **t.storage.options},
+                   **({} if t.headroom is None else {"headroom": t.headroom})} for t in config.tiers],
     }
 
 
@@ -96,9 +99,18 @@ def shared_manager(config: Mapping[str, Any]) -> tuple[BlockManager, threading.R
     with _MANAGERS_LOCK:
         entry = _MANAGERS.get(key)
         if entry is None:
-            entry = (BlockManager.from_config(KVBMConfig.from_dict(config)), threading.RLock())
+            cfg = KVBMConfig.from_dict(config)
+            manager, lock = BlockManager.from_config(cfg), threading.RLock()
+            entry = (manager, lock)
             _MANAGERS[key] = entry
+            _OFFLOADERS[id(manager)] = Offloader(manager, lock, offload_headroom(cfg, manager))
         return entry
+
+
+def offload_headroom(cfg: KVBMConfig, manager: BlockManager) -> dict[int, int]:
+    """Blocks the background offloader keeps free per tier (tiers holding real bytes only)."""
+    return {i: t.offload_headroom for i, t in enumerate(cfg.tiers[:-1])
+            if not manager.tiers[i].storage.instant}
 
 
 def release_managers() -> None:
@@ -106,8 +118,12 @@ def release_managers() -> None:
     with _MANAGERS_LOCK:
         entries = list(_MANAGERS.values())
         _MANAGERS.clear()
+        offloaders = list(_OFFLOADERS.values())
+        _OFFLOADERS.clear()
         backends = list(_BACKENDS.values())
         _BACKENDS.clear()
+    for offloader in offloaders:
+        offloader.close()
     for manager, lock in entries:
         with lock:
             manager.close()
@@ -124,6 +140,8 @@ class ManagerBackend:
     def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
         self.manager = manager
         self.lock = lock
+        # keeps room free in G2 (and below) so a store never demotes on the engine's thread
+        self.offloader = _OFFLOADERS.get(id(manager))
 
     @property
     def block_nbytes(self) -> int:
@@ -140,11 +158,16 @@ class ManagerBackend:
         with self.lock:
             ticket = self.manager.submit_store(keys, list(staging), hints=hints, parent=parent,
                                                position=position)
+        if self.offloader is not None:
+            self.offloader.kick()
         return None if ticket.job.rejected else ticket
 
     def start_load(self, keys: Sequence[Any], staging: Any) -> Any:
         with self.lock:
-            return self.manager.submit_load(keys, list(staging))
+            ticket = self.manager.submit_load(keys, list(staging))
+        if self.offloader is not None:
+            self.offloader.kick()  # promotions fill the top tier too
+        return ticket
 
     def poll(self, tickets: Sequence[Any], wait: bool = False) -> None:
         with self.lock:
@@ -165,6 +188,8 @@ class ManagerBackend:
         return ticket.job.loaded if ticket.error is None else 0
 
     def close(self) -> None:
+        if self.offloader is not None:
+            self.offloader.close()
         with self.lock:
             self.manager.close()
 
