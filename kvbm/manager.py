@@ -5,6 +5,7 @@
     prepare_store / complete_store          two-phase, all-or-nothing reservation, rollback on failure
     prepare_load / complete_load            pins sources until the copy lands; optional promotion
     store(keys) / load(keys)                both phases at once (metadata-only storages)
+    serve(keys) -> where                    one request: locate, load the ready prefix, store the rest
     pin / unpin / remove                    explicit pins, invalidation
     take_events() / stats()                 stored / removed / moved events; per-tier counters
 
@@ -163,6 +164,8 @@ class BlockManager:
         self._record_events = on
         self._plain_store = (self._instant and not self._structured and not on
                              and not self.tiers[0].policy.filters_inserts)
+        # serve() in one pass: one metadata-only tier whose store is plain and admits every key.
+        self._plain_serve = self._plain_store and len(self.tiers) == 1 and self._admit_all
 
     def _recover(self) -> None:
         """Blocks that persistent media kept across a restart become ready again (exclusive:
@@ -770,6 +773,72 @@ class BlockManager:
             raise
         self.complete_load(job, failed, promo_failed)
         return job
+
+    # ---------------------------------------------------------------- one request
+
+    def serve(self, keys: Sequence[Any]) -> list[int]:
+        """What an engine does per request, metadata only: `locate(keys)`, `load` the ready
+        prefix, `store` the rest in order (ready blocks are touched, new ones inserted).
+
+        Returns `locate(keys)` as it was before the request. The same policy calls as the three
+        verbs one after the other; one tier over `null` storage takes a single pass without jobs.
+        """
+        if not self._plain_serve:
+            where = self.locate(keys)
+            n = where.index(-1) if -1 in where else len(where)
+            if n:
+                self.load(keys[:n])
+            if n < len(where):
+                self.store(keys[n:], parent=keys[n - 1] if n else None, position=n)
+            return where
+        top = self.tiers[0]
+        hit = list(map(top.ready.__contains__, keys))
+        nkeys = len(hit)
+        misses = hit.count(False)
+        n = hit.index(False) if misses else nkeys
+        if n:  # load's metadata-only fast path: the access is the whole load
+            prefix = keys[:n]
+            top.policy.touch(prefix)
+            top.stats.hits += n
+            for adm in self._observers:
+                adm.observe(prefix)
+        if misses != nkeys - n:  # ready blocks after the first miss: the general store touches them
+            self.store(keys[n:], parent=keys[n - 1] if n else None, position=n)
+            return [h - 1 for h in hit]  # True -> tier 0, False -> -1
+        if misses:  # one run of new blocks: store()'s fast path, inlined
+            rest, parent = keys[n:], keys[n - 1] if n else None
+            if not self._store_new(top, rest, parent, n):
+                self.store(rest, parent=parent, position=n)
+        return [0] * n + [-1] * misses
+
+    def _store_new(self, top: Tier, run: Sequence[Any], parent: Any, position: int) -> bool:
+        """store(run) for keys not ready in the one tier, with store()'s policy calls; False,
+        with nothing called or changed, where its fast path does not apply (a key pending or
+        repeated, no room)."""
+        new = dict.fromkeys(run)
+        nrun, pending, capacity = len(run), top.pending, top.capacity
+        if (len(new) != nrun or nrun > capacity - len(top.busy)
+                or (pending and not pending.keys().isdisjoint(run))):
+            return False
+        ready = top.ready
+        over = nrun - (capacity - len(ready) - len(pending))
+        if over > 0:
+            victims = top.policy.evict(over, top.busy)
+            if victims is None:  # as in store(): the two phases handle a refusing policy
+                self.complete_store(self.prepare_store(run, None, parent, None, position))
+                return True
+            if self._hints or self._parents or self._forgetters:
+                self._evicted_all(top, victims)
+            else:  # _evicted_all's hot path: the last tier drops its victims, nothing to forget
+                for v in victims:
+                    del ready[v]
+                stats, nv = top.stats, len(victims)
+                stats.evictions += nv
+                stats.drops += nv
+        top.policy.insert_many(run, None)
+        ready.update(new)
+        top.stats.stores += nrun
+        return True
 
     # ---------------------------------------------------------------- pins, removal, events
 

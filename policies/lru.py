@@ -6,6 +6,7 @@ The classic baseline (Mattson et al., 1970). One OrderedDict: the front is the o
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from itertools import filterfalse, islice
 
 from .base import EvictionPolicy
 
@@ -22,13 +23,20 @@ class LRUPolicy(EvictionPolicy):
         self._order.move_to_end(key)
 
     def insert_many(self, keys, hints=None):
-        self._order.update(dict.fromkeys(keys))  # new keys land at the MRU end, in order
+        order = self._order
+        for key in keys:  # new keys land at the MRU end, in order (a loop beats update())
+            order[key] = None
 
     def touch(self, keys):
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
-        try:  # the usual case, every key known: one C-level pass
-            deque(map(self._order.move_to_end, keys), maxlen=0)
+        move = self._order.move_to_end
+        try:  # the usual case, every key known
+            if len(keys) > 16:  # one C-level pass; a plain loop wins on short runs
+                deque(map(move, keys), maxlen=0)
+            else:
+                for key in keys:
+                    move(key)
         except KeyError:  # redo in order, skipping unknown keys: the final order is the same
             order = self._order
             for key in keys:
@@ -39,21 +47,15 @@ class LRUPolicy(EvictionPolicy):
         self._order.pop(key, None)
 
     def evict(self, n, protected=()):
-        victims = []
         if n <= 0:
-            return victims
+            return []
         order = self._order
-        if not protected and n <= len(order):
-            return [order.popitem(last=False)[0] for _ in range(n)]
-        for key in self._order:
-            if key not in protected:
-                victims.append(key)
-                if len(victims) == n:
-                    break
-        else:
+        # The n oldest keys outside `protected`, found at C speed (islice stops at the n-th).
+        victims = list(islice(order if not protected else filterfalse(protected.__contains__, order), n))
+        if len(victims) < n:
             return None
         for key in victims:
-            del self._order[key]
+            del order[key]
         return victims
 
     def __len__(self):

@@ -73,7 +73,7 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResu
     found = [0] * ntiers  # block hits per tier (anywhere in the request)
     served = [0] * ntiers  # prefix hits per tier
     block_hits = prefix_hits = accesses = 0
-    locate, load, store = mgr.locate, mgr.load, mgr.store
+    serve = mgr.serve  # locate, load the hit prefix, store the rest
     requests = _progress(trace.requests, progress, f"replay {trace.format}")
     t0 = time.perf_counter()
     for i, req in enumerate(requests):
@@ -84,24 +84,19 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResu
         if not nkeys:
             continue
         accesses += nkeys
-        where = locate(keys)
+        where = serve(keys)
         misses = where.count(-1)
         n = where.index(-1) if misses else nkeys
         block_hits += nkeys - misses
         prefix_hits += n
-        if ntiers == 1:
-            found[0] += nkeys - misses
-            served[0] += n
-        elif misses != nkeys:
+        if ntiers > 1 and misses != nkeys:
             prefix = where[:n]
             for ti in range(ntiers):
                 found[ti] += where.count(ti)
                 served[ti] += prefix.count(ti)
-        if n:
-            load(keys[:n])
-        if n < nkeys:
-            store(keys[n:], parent=keys[n - 1] if n else None, position=n)
     seconds = time.perf_counter() - t0
+    if ntiers == 1:
+        found[0], served[0] = block_hits, prefix_hits
     tiers = {}
     for ti, (name, st) in enumerate(mgr.stats()["tiers"].items()):
         tiers[name] = {"block_hits": found[ti], "prefix_hits": served[ti], **st}
