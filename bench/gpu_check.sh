@@ -34,11 +34,11 @@ python3 -c "from kvbm import ops; print('native', ops.HAVE_NATIVE, 'CUDA built',
 
 step "GPU tests (-m gpu must not skip)"
 KVBM_EXPECT_CUDA=1 KVBM_REQUIRE_NATIVE=1 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs \
-  tests/test_gpu.py tests/test_ops.py
+  tests/test_gpu.py tests/test_ops.py tests/test_connector_paged.py tests/test_connector_trtllm.py
 
 step "data-plane and connector suites with a GPU present (pinned host pools)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_dataplane.py tests/test_tiers_e2e.py \
-  tests/test_connector_trtllm.py tests/test_disk.py
+  tests/test_disk.py tests/test_offload.py
 
 step "G1 <-> G2 bandwidth per path and block size; interference with a matmul loop"
 timeout 240 python3 bench/bench_device.py --repeat 3
