@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 import uuid
@@ -468,3 +469,192 @@ def test_peer_down_falls_back_to_local(daemons):
         assert first < 5.0 and time.monotonic() - t0 < 4.0
     hole.close(0)
     ctx.term()
+
+
+# ---------------------------------------------------------------- pulls off the request loop
+
+class ScriptedPeer:
+    """A stand-in peer daemon in its own process (daemonproc.scripted_peer): a real NIXL agent
+    over `keys`' bytes, answering every request after `delay` seconds (a slow or overloaded
+    node). `bad`: block indices with a wrong crc32c; `later`: crc32c with peer_release."""
+
+    def __init__(self, keys: list, *, delay: float = 0.0, later: bool = True, bad: tuple = ()) -> None:
+        import multiprocessing as mp
+
+        from daemonproc import scripted_peer
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        lay = {k: getattr(LAYOUT, k) for k in ("num_layers", "num_kv_heads", "head_dim", "block_size")}
+        self.proc = ctx.Process(target=scripted_peer, args=(keys, lay, delay, later, bad, child), daemon=True)
+        self.proc.start()
+        if not self._conn.poll(60):
+            self.proc.kill()
+            raise RuntimeError("the scripted peer did not start")
+        self.address = self._conn.recv()
+        self.asked: list[str] | None = None
+
+    def close(self) -> list[str]:
+        if self.asked is None and self.proc.is_alive():
+            self._conn.send("stop")
+            if self._conn.poll(10):
+                self.asked = self._conn.recv()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+        return self.asked or []
+
+
+class Background:
+    """Run fn() on a thread; .done, .result (or the exception, re-raised by .get())."""
+
+    def __init__(self, fn) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.finished_at = 0.0
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+        self.finished_at = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def get(self, timeout: float) -> object:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "still running"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _busy_client_rounds(c: Client, tag: str, rounds: int, bound: float) -> list[float]:
+    """store, lookup and load of fresh blocks, `rounds` times; every op within `bound` seconds and
+    every byte checked. Returns each op's latency."""
+    lat = []
+
+    def timed(fn, *args, **kw) -> object:
+        t0 = time.monotonic()
+        result = fn(*args, **kw)
+        lat.append(time.monotonic() - t0)
+        assert lat[-1] < bound, f"an op took {lat[-1]:.2f}s while a pull was outstanding"
+        return result
+
+    for r in range(rounds):
+        keys = make_keys(f"{tag}{r}", 4)
+        out = [np.zeros(NB, np.uint8) for _ in keys]
+        assert timed(c.store, keys, [block(k) for k in keys]) == 4
+        assert timed(c.lookup, keys) == (4, ["g2"] * 4)  # a full local hit: no peer asked
+        assert timed(c.lookup, make_keys(f"{tag}-miss{r}", 2), remote=False) == (0, [])
+        assert timed(c.load, keys, out) == 4
+        assert all(np.array_equal(o, block(k)) for o, k in zip(out, keys))
+    return lat
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+@pytest.mark.parametrize("later", [True, False], ids=["crcs-with-release", "crcs-with-lookup"])
+def test_slow_peer_pull_does_not_stall_other_clients(daemons, later):
+    keys = make_keys("slowpeer", 12)
+    peer = ScriptedPeer(keys, delay=1.5, later=later)  # every answer takes 1.5 s: a pull takes >= 4.5 s
+    try:
+        b = daemons("b", g2=256, nixl=True, peers=[peer.address], peer_timeout_s=5.0, lease_s=10.0)
+        with b.client() as c1, b.client() as c2:
+            pull = Background(lambda: c1.lookup(keys))
+            time.sleep(0.3)  # the lookup reached b, whose puller now waits on the peer's answers
+            assert not pull.done
+            _busy_client_rounds(c2, "busy", 20, bound=0.75)
+            ops_done = time.monotonic()
+            assert not pull.done, "the other client's ops waited for the pull"
+            assert pull.get(timeout=30) == (12, ["g2"] * 12)
+            assert pull.finished_at > ops_done
+            out = [np.zeros(NB, np.uint8) for _ in keys]
+            assert c1.load(keys, out) == 12
+            assert all(np.array_equal(o, block(k)) for o, k in zip(out, keys))
+            st = c2.stats()["daemon"]
+            assert st["peer_pull_blocks"] == 12 and st["peer_errors"] == 0
+        assert peer.close() == ["peer_hello", "peer_lookup", "peer_release"]
+    finally:
+        peer.close()
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+def test_hung_peer_does_not_stall_other_clients(daemons):
+    ctx = zmq.Context()
+    hole = ctx.socket(zmq.ROUTER)  # accepts the connection, never answers
+    port = hole.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        b = daemons("b", g2=256, nixl=True, peers=[f"tcp://127.0.0.1:{port}"], peer_timeout_s=3.0, lease_s=10.0)
+        keys = make_keys("hung", 6)
+        with b.client() as c1, b.client() as c2:
+            assert c1.store(keys[:2], [block(k) for k in keys[:2]]) == 2
+            pull = Background(lambda: c1.lookup(keys))  # a miss: the puller waits 3 s for the hole
+            assert hole.poll(5000), "the daemon did not ask the peer"
+            _busy_client_rounds(c2, "beside-hung", 20, bound=0.75)
+            assert not pull.done, "the other client's ops waited for the hung peer"
+            assert pull.get(timeout=15) == (2, ["g2"] * 2)  # the timeout, then the local prefix
+            assert b.proc.poll() is None
+    finally:
+        hole.close(0)
+        ctx.term()
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+def test_pulled_block_with_bad_checksum_is_dropped(daemons):
+    keys = make_keys("badcrc", 8)
+    peer = ScriptedPeer(keys, bad=(5,))
+    try:
+        b = daemons("b", nixl=True, peers=[peer.address], peer_timeout_s=5.0)
+        with b.client() as c:
+            assert c.lookup(keys) == (5, ["g2"] * 5)  # block 5 failed its crc32c: never served
+            out = [np.zeros(NB, np.uint8) for _ in keys]
+            assert c.load(keys, out) == 5
+            assert all(np.array_equal(o, block(k)) for o, k in zip(out[:5], keys))
+            st = c.stats()["daemon"]
+            assert st["peer_pull_blocks"] == 7 and st["peer_errors"] == 1
+            assert c.lookup(keys[6:], remote=False) == (2, ["g2"] * 2)  # the good blocks after it stay
+    finally:
+        peer.close()
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+def test_sigterm_with_a_pull_outstanding_answers_and_exits(daemons):
+    ctx = zmq.Context()
+    hole = ctx.socket(zmq.ROUTER)
+    port = hole.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        b = daemons("b", nixl=True, peers=[f"tcp://127.0.0.1:{port}"], peer_timeout_s=2.0, lease_s=10.0)
+        keys = make_keys("term", 4)
+        with b.client() as c:
+            assert c.store(keys[:1], [block(keys[0])]) == 1
+            pull = Background(lambda: c.lookup(keys))
+            assert hole.poll(5000)
+            b.proc.send_signal(signal.SIGTERM)
+            assert b.proc.wait(15) == 0  # the pull ran out its peer timeout, then a clean exit
+            assert pull.get(timeout=5) == (1, ["g2"])  # the waiting lookup got its (local) answer
+            c.session = None  # the daemon is gone: no bye
+    finally:
+        hole.close(0)
+        ctx.term()
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
+def test_peer_pulls_blocks_resident_in_its_g3(daemons):
+    """A block the peer keeps in G3 is onboarded into its G2 (the READ's source) and pulled."""
+    a = daemons("a", g2=16, g3=64, nixl=True, address="tcp://127.0.0.1:*")
+    b = daemons("b", nixl=True, address="tcp://127.0.0.1:*", peers=[a.address], peer_timeout_s=5.0)
+    cold, hot = make_keys("cold", 10), make_keys("hot", 16)
+    with a.client() as ca:
+        assert ca.store(cold, [block(k) for k in cold]) == 10
+        assert ca.store(hot, [block(k) for k in hot]) == 16  # pushes `cold` down to G3
+        assert ca.lookup(cold, remote=False) == (10, ["g3"] * 10)
+    with b.client() as cb:
+        assert cb.lookup(cold) == (10, ["g2"] * 10)
+        out = [np.zeros(NB, np.uint8) for _ in cold]
+        assert cb.load(cold, out) == 10
+        assert all(np.array_equal(o, block(k)) for o, k in zip(out, cold))

@@ -27,6 +27,7 @@ class Session:
     pins: dict = field(default_factory=dict)  # server key -> count
     stores: dict = field(default_factory=dict)  # handle -> (StoreJob, client keys, extra failed)
     loads: dict = field(default_factory=dict)  # handle -> LoadJob
+    crcs: dict = field(default_factory=dict)  # handle -> Future of crc32c per block (a peer's pull)
     events: list = field(default_factory=list)  # (kind, client key, tier), bounded
     next_handle: int = 1
 

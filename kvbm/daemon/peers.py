@@ -1,5 +1,6 @@
 """Cross-node pulls: a NIXL agent over the shared G2 pool, and requests to peer daemons.
 
+    new_agent(name, backends) -> nixl_agent        an agent whose progress thread sleeps when idle
     Agent.create(pool, name) -> Agent | None      None (with the reason) when nixl is missing
     Agent.metadata                                 bytes a peer adds to read from this pool
     Agent.read(peer, meta, local, remote, timeout) NIXL READ of (address, length) pairs
@@ -7,24 +8,67 @@
     Peers(addresses, token, timeout)               one DEALER per peer, with a short timeout
     Peers.ask(peer, op, **fields) -> reply | None  None when the peer is down or slow
 
-A pull: ask a peer `peer_lookup(keys)` -> it pins the prefix it holds in its G2 and answers
-addresses and crc32c per block; reserve local G2 slots; READ; verify; commit; `peer_release`.
-A peer that does not answer within `timeout` is skipped for a back-off period, so a dead peer
-costs one short wait, not one per lookup.
+A pull (server.py runs it on its puller thread, off the request loop): ask a peer
+`peer_lookup(keys)` -> it pins the prefix it holds in its G2 and answers addresses; reserve
+local G2 slots; READ; `peer_release` -> the peer's crc32c per block (computed while we READ);
+verify; commit. A peer that does not answer within `timeout` is skipped for a back-off period,
+so a dead peer costs one short wait, not one per lookup.
+
+The peer's agent metadata is loaded once per agent name (a restarted peer has a new name).
+The Python `nixl_agent` starts UCX's progress thread with a poll timeout of 0, so an idle agent
+spins a whole core; `new_agent` gives it IDLE_POLL_US instead (it still wakes at once on UCX
+events: the thread polls the worker's event fd), which the target side of a READ needs and
+which costs nothing while idle.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 
 from .protocol import request, unpack
 
 log = logging.getLogger("kvbm.daemon")
 BACKOFF_S = 5.0
+IDLE_POLL_US = 20_000  # the progress thread's poll timeout (it wakes on UCX events before that)
+WAIT_MAX_S = 0.0005    # a READ's completion check backs off to this (the progress thread moves it)
+_PATCH_LOCK = threading.Lock()
+
+
+def new_agent(name: str, backends: list[str]) -> Any:
+    """A nixl_agent whose UCX progress thread blocks in poll() when idle instead of spinning.
+
+    nixl_agent hard-codes pthrDelay = 0 (poll timeout 0: a busy loop). A config subclass keeps
+    the delay at IDLE_POLL_US. If this nixl build has no such knob, the plain agent is returned.
+    """
+    import nixl._api as api
+
+    bind = getattr(api, "nixlBind", None)
+    base = getattr(bind, "nixlAgentConfig", None)
+    if base is None or not isinstance(getattr(base, "pthrDelay", None), property):
+        log.warning("nixl: cannot set the progress thread's poll timeout; an idle agent may spin a core")
+        return api.nixl_agent(name, api.nixl_agent_config(backends=backends))
+
+    class _Config(base):  # type: ignore[misc, valid-type]
+        @property
+        def pthrDelay(self) -> int:
+            return base.pthrDelay.__get__(self)
+
+        @pthrDelay.setter
+        def pthrDelay(self, value: int) -> None:
+            base.pthrDelay.__set__(self, max(int(value), IDLE_POLL_US))
+
+    with _PATCH_LOCK:
+        bind.nixlAgentConfig = _Config
+        try:
+            return api.nixl_agent(name, api.nixl_agent_config(backends=backends))
+        finally:
+            bind.nixlAgentConfig = base
 
 
 class Agent:
@@ -40,11 +84,11 @@ class Agent:
     @classmethod
     def create(cls, pool: Any, name: str) -> tuple["Agent | None", str]:
         try:
-            from nixl._api import nixl_agent, nixl_agent_config
+            import nixl._api  # noqa: F401
         except ImportError as exc:
             return None, f"cross-node pulls are off: nixl is not importable ({exc}); pip install nixl"
         try:
-            agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+            agent = new_agent(name, ["UCX"])
             reg = agent.register_memory([(int(pool.ctypes.data), int(pool.nbytes), 0, "")], "DRAM")
         except Exception as exc:  # a plugin or UCX failure: run without peers
             return None, f"cross-node pulls are off: NIXL agent failed to start: {exc}"
@@ -61,15 +105,22 @@ class Agent:
         if peer_name not in self._known:
             a.add_remote_agent(peer_meta)
             self._known[peer_name] = peer_name
-        ldescs = a.get_xfer_descs([(addr, n, 0) for addr, n in local], "DRAM")
-        rdescs = a.get_xfer_descs([(addr, n, 0) for addr, n in remote], "DRAM")
+        larr, rarr = _descs(local, remote)
+        ldescs = a.get_xfer_descs(larr, "DRAM")
+        rdescs = a.get_xfer_descs(rarr, "DRAM")
         handle = a.initialize_xfer("READ", ldescs, rdescs, peer_name)
+        # Over shared memory (UCX cma) the copy happens inside transfer() (the GIL is released);
+        # over a network the progress thread moves it and we check back, backing off to
+        # WAIT_MAX_S so this thread neither spins a core nor holds the GIL.
         state = a.transfer(handle)
         deadline = time.monotonic() + timeout
+        pause = 0.00002
         while state not in ("DONE", "ERR"):
             if time.monotonic() > deadline:
                 log.warning("NIXL READ from %s timed out after %.1fs", peer_name, timeout)
                 return "LATE", handle
+            time.sleep(pause)
+            pause = min(pause * 2, WAIT_MAX_S)
             state = a.check_xfer_state(handle)
         self._release(handle)
         return state, None
@@ -95,10 +146,38 @@ class Agent:
                 pass
 
     def close(self) -> None:
+        """Deregister the pool and destroy the agent now (its UCX threads stop here, not at
+        interpreter exit, where nixl's teardown can crash the process)."""
+        if self._agent is None:
+            return
+        for name in list(self._known):
+            self.forget(name)
         try:
             self._agent.deregister_memory(self._reg)
         except Exception:
             pass
+        self._reg = None
+        self._agent = None
+        import gc
+
+        gc.collect()
+
+
+def _descs(local: list, remote: list) -> tuple[np.ndarray, np.ndarray]:
+    """(address, length) pairs -> NIXL's Nx3 (address, length, device) arrays, one row per run of
+    blocks that are adjacent on both sides (NIXL pairs row i with row i)."""
+    out = np.zeros((2, len(local), 3), dtype=np.uint64)
+    n = 0
+    for (la, ln), (ra, rn) in zip(local, remote):
+        if ln != rn:
+            raise ValueError(f"NIXL READ: local length {ln} != remote length {rn}")
+        if n and int(out[0, n - 1, 0] + out[0, n - 1, 1]) == la and int(out[1, n - 1, 0] + out[1, n - 1, 1]) == ra:
+            out[:, n - 1, 1] += ln
+        else:
+            out[0, n, :2] = la, ln
+            out[1, n, :2] = ra, rn
+            n += 1
+    return out[0, :n].copy(), out[1, :n].copy()
 
 
 class Peer:

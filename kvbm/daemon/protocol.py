@@ -15,7 +15,11 @@ Ops (fields beyond op/id/auth/session):
     events        max: int?                              -> events: [[kind, key, tier]]
     stats                                                -> stats
     bye                                                  -> {}
-    peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py)
+    peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py):
+    peer_hello                                           -> session, agent, metadata
+    peer_lookup   keys: [bin16], crcs_later: bool?       -> handle, n, nbytes, addrs: [int],
+                                                            crcs: [int] | crcs_later: true
+    peer_release  handle: int, crcs: bool?               -> crcs: [int]? (when they came later)
 
 KV-event stream for routers (zmq PUB at daemon.events), one message per request that changed
 blocks: [topic, msgpack [[kind, key, tier], ...]] with kind stored / removed / moved, `key` the
