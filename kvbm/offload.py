@@ -25,11 +25,14 @@ its own victims, a metadata step, to make room).
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from .transfer import transfer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,19 +134,25 @@ def complete_demote(m: Any, job: DemoteJob, ok: list[bool]) -> None:
         m._forget_if_gone(v)
 
 
-def demote(m: Any, tier: int, n: int, lock: Any = None) -> int:
-    """All three phases, the copy outside `lock` (a context manager, or None); blocks moved."""
-    lock = lock if lock is not None else _NoLock()
-    with lock:
-        job = prepare_demote(m, tier, n)
+def demote(m: Any, tier: int, n: int, lock: Any = None, call: Any = None) -> int:
+    """All three phases, the copy outside `lock` (a context manager, or None); blocks moved.
+    `call(fn, *args)` instead runs the metadata phases where the manager's owner wants them
+    (the daemon: on its request loop)."""
+    call = call if call is not None else _under(lock)
+    job = call(prepare_demote, m, tier, n)
     ok = []
     try:
         ok = run_demote(m, job)
     finally:
         ok = ok if len(ok) == len(job.keys) else [False] * len(job.keys)
-        with lock:
-            complete_demote(m, job, ok)
+        call(complete_demote, m, job, ok)
     return sum(ok)
+
+
+def offload_headroom(cfg: Any, manager: Any) -> dict[int, int]:
+    """Blocks to keep free per tier (KVBMConfig tiers' headroom), for tiers holding real bytes."""
+    return {i: t.offload_headroom for i, t in enumerate(cfg.tiers[:-1])
+            if not manager.tiers[i].storage.instant}
 
 
 class Offloader:
@@ -153,9 +162,9 @@ class Offloader:
     holding `lock` only for the metadata phases.
     """
 
-    def __init__(self, manager: Any, lock: Any, headroom: dict[int, int]) -> None:
+    def __init__(self, manager: Any, lock: Any, headroom: dict[int, int], call: Any = None) -> None:
         self.manager = manager
-        self.lock = lock
+        self._call = call if call is not None else _under(lock)
         self.headroom = {i: n for i, n in headroom.items() if n > 0 and i < len(manager.tiers) - 1}
         self.moved = 0
         self._wake = threading.Event()
@@ -175,35 +184,53 @@ class Offloader:
         """True once a pass found every tier at its headroom (tests, shutdown)."""
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the thread to end after the demotion in hand (see `alive`, `join`)."""
         self._stop = True
         self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self.join()
 
     def _loop(self) -> None:
         while not self._stop:
             self._wake.wait()
             self._wake.clear()
-            while not self._stop and self._pass():
-                pass
+            try:
+                while not self._stop and self._pass():
+                    pass
+            except Exception:  # the owner is shutting down, or a storage broke: stores still work
+                if not self._stop:
+                    log.exception("kvbm offload: background demotion stopped")
+                self._stop = True
             self._idle.set()
 
     def _pass(self) -> bool:
         """One bottom-up round; True if anything moved (another round may help)."""
         moved = 0
+        tiers = self.manager.tiers
         for i in sorted(self.headroom, reverse=True):
-            with self.lock:
-                want = self.headroom[i] - free_room(self.manager.tiers[i])
+            want = self.headroom[i] - self._call(free_room, tiers[i])
             if want > 0:
-                moved += demote(self.manager, i, want, self.lock)
+                moved += demote(self.manager, i, want, call=self._call)
         self.moved += moved
         return moved > 0
 
 
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _under(lock: Any):
+    """call(fn, *args) holding `lock` (None: no lock, the caller owns the manager alone)."""
+    def call(fn, *args):
+        if lock is None:
+            return fn(*args)
+        with lock:
+            return fn(*args)
+    return call

@@ -56,10 +56,12 @@ class Daemon:
     """A `kvbm serve` subprocess; `info` is its ready line (address, metrics, shm, ...)."""
 
     def __init__(self, tmp: Path, name: str, *, g2: int = 64, g3: int = 0, nixl: bool = False,
-                 **daemon: object) -> None:
+                 headroom: int | None = None, **daemon: object) -> None:
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
         tiers = [{"name": "g2", "capacity": g2, "eviction": "lru", "storage": "host"}]
+        if headroom is not None:
+            tiers[0]["headroom"] = headroom
         if g3:
             tiers.append({"name": "g3", "capacity": g3, "eviction": "lru",
                           "storage": {"name": "disk", "path": str(self.dir / "g3"), "direct": False}})
@@ -343,6 +345,28 @@ def test_session_quota_bounds_busy_blocks(daemons):
         c.release_load(pins)
         c.unpin(keys[:3])
         assert c.store(keys[4:6], [block(k) for k in keys[4:6]]) == 2
+
+
+def test_background_offload_keeps_room_in_g2(daemons):
+    """The daemon demotes ahead of time (copy off its request loop), so G2 keeps `headroom`
+    free slots for the next store, and every block reads back right from G2 or G3."""
+    d = daemons(g2=32, g3=256, headroom=8)
+    keys = make_keys("offload", 96)
+    with d.client() as c:
+        for i in range(0, 96, 12):
+            assert c.store(keys[i:i + 12], [block(k) for k in keys[i:i + 12]]) == 12
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            tiers = c.stats()["tiers"]
+            if tiers["g2"]["used"] <= 24:
+                break
+            time.sleep(0.05)
+        assert tiers["g2"]["used"] <= 24 and tiers["g3"]["demotions_in"] >= 96 - 32
+        for i in range(0, 96, 16):
+            out = [np.zeros(NB, np.uint8) for _ in range(16)]
+            assert c.load(keys[i:i + 16], out) == 16
+            for k, o in zip(keys[i:i + 16], out):
+                assert np.array_equal(o, block(k))
 
 
 def test_shared_pool_option_of_host_storage():

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 from ..blocks import KVLayout, Namespace
 from ..config import ConfigError, KVBMConfig, load_config
 from ..manager import BlockManager
-from ..offload import Offloader
+from ..offload import Offloader, offload_headroom
 from ..policies.base import Hints
 from .paged import PagedKV
 
@@ -105,12 +105,6 @@ def shared_manager(config: Mapping[str, Any]) -> tuple[BlockManager, threading.R
             _MANAGERS[key] = entry
             _OFFLOADERS[id(manager)] = Offloader(manager, lock, offload_headroom(cfg, manager))
         return entry
-
-
-def offload_headroom(cfg: KVBMConfig, manager: BlockManager) -> dict[int, int]:
-    """Blocks the background offloader keeps free per tier (tiers holding real bytes only)."""
-    return {i: t.offload_headroom for i, t in enumerate(cfg.tiers[:-1])
-            if not manager.tiers[i].storage.instant}
 
 
 def release_managers() -> None:

@@ -40,6 +40,7 @@ from .. import ops
 from ..blocks import KVLayout
 from ..config import ConfigError, KVBMConfig
 from ..manager import BlockManager
+from ..offload import Offloader, offload_headroom
 from . import protocol as P
 from .config import DaemonConfig
 from .leases import Session, Sessions, namespace_of, server_key
@@ -145,6 +146,10 @@ class Daemon:
             "bye": self.op_bye, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
             "peer_release": self.op_load_release,
         }
+        # keeps room free in G2 (and below): a client's store then never waits, with every
+        # other client, for the owner thread to demote victims to disk
+        self.offloader = Offloader(self.manager, None, offload_headroom(self.config, self.manager),
+                                   call=self._owner)
         self._publish_metrics()
 
     # ---------------------------------------------------------------- loop
@@ -374,6 +379,7 @@ class Daemon:
     def _reserve(self, skeys: list, parent: Any = None, position: int = 0):
         """prepare_store; per key a G2 slot to write, or -1 (present, or placed below G2)."""
         job = self.manager.prepare_store(skeys, parent=parent, position=position)
+        self.offloader.kick()
         slots = [-1] * len(skeys)
         if job.rejected:
             return None, slots, job.rejected
@@ -428,6 +434,8 @@ class Daemon:
         k = 0
         while k < n and skeys[k] in ready:
             k += 1
+        if lower:
+            self.offloader.kick()  # promotions filled G2
         return m.prepare_load(skeys[:k])
 
     def op_load_release(self, msg: dict, now: float) -> dict:
@@ -760,6 +768,10 @@ class Daemon:
         """Roll back in-flight work, release pins, close storages (G3 flushes its index)."""
         if self.manager is None:
             return
+        self.offloader.stop()  # the demotion in hand completes through the owner calls run here
+        while self.offloader.alive:
+            self._run_calls()
+            self.offloader.join(0.01)
         self._stop_puller()
         for s in list(self.sessions.by_id.values()):
             self._release(s)
