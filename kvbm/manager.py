@@ -942,8 +942,10 @@ class BlockManager:
         for v in victims:
             slot = t.ready.pop(v)
             if nxt is not None:
-                if not self.exclusive and v in nxt.ready:
-                    t.storage.free(slot)  # the lower tier already holds a copy
+                # The lower tier already holds a copy: inclusive mode, or an exclusive promotion
+                # that had to leave a pinned source in place. Moving would orphan its slot.
+                if v in nxt.ready:
+                    t.storage.free(slot)
                     self._event("removed", v, t.name)
                     continue
                 h = self._hints.get(v)

@@ -68,7 +68,7 @@ def prepare_demote(m: Any, tier: int, n: int) -> DemoteJob:
     movers = []
     for v in victims:
         slot = t.ready.pop(v)
-        if not m.exclusive and v in nxt.ready:  # the lower tier already holds a copy
+        if v in nxt.ready:  # the lower tier already holds a copy (see manager._evicted_all)
             t.storage.free(slot)
             m._event("removed", v, t.name)
             continue

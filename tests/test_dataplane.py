@@ -129,3 +129,30 @@ def test_device_storage_rejects_a_bad_copy_ctas():
     with pytest.raises(ValueError, match="copy_ctas must be an int >= 0"):
         DeviceStorage(4, 64, device="cpu", copy_ctas=-1)
     assert DeviceStorage(4, 64, device="cpu").copy_ctas == 8
+
+
+def test_demoting_a_block_the_lower_tier_still_holds_leaks_no_slot(tmp_path):
+    """Exclusive mode keeps a pinned G3 source when its block is promoted (a reader holds it),
+    so the block briefly lives in G2 and G3. When G2 later evicts it, G3's copy stays and G2's
+    slot is freed: moving it would have given G3 a second slot for one key and leaked the first."""
+    layout = LAYOUTS[0]
+    n = layout.block_nbytes
+    m = make(layout, [{"name": "g2", "capacity": 2, "storage": {"name": "host", "pin": "never"}},
+                      {"name": "g3", "capacity": 4, "storage": {"name": "disk", "path": str(tmp_path)}}])
+    for k in (1, 2, 3):
+        m.store([k], source=[content(k, n)])  # G2 holds 2, 3; 1 was demoted to G3
+    assert m.locate([1, 2, 3]) == [1, 0, 0]
+    m.pin([1])  # a reader holds 1 in G3
+    out = np.zeros(n, np.uint8)
+    assert m.load([1], destination=[out]).loaded == 1  # promoted; the pinned G3 copy stays
+    g2, g3 = m.tiers
+    assert 1 in g2.ready and 1 in g3.ready
+    m.store([4, 5], source=[content(4, n), content(5, n)])  # G2 evicts 1 (and 3)
+    held = g3.storage.capacity_blocks - g3.storage.free_slots
+    assert held == len(g3.ready) + len(g3.pending)  # no leaked slot
+    assert g2.storage.free_slots == 2 - len(g2.ready) - len(g2.pending)
+    m.unpin([1])
+    outs = [np.zeros(n, np.uint8) for _ in range(5)]
+    assert m.load([1, 2, 3, 4, 5], destination=outs).loaded == 5
+    for k, o in zip(range(1, 6), outs):
+        assert np.array_equal(o, content(k, n)), k
