@@ -82,7 +82,7 @@ class Tier:
         return f"Tier({self.name}, {self.used}/{self.capacity}, {self.policy.name})"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two jobs of equal fields are different work
 class StoreJob:
     """Reserved, not-ready blocks awaiting their bytes. `rejected` jobs reserved nothing."""
 
@@ -97,7 +97,7 @@ class StoreJob:
         return [k for _, keys, _, _ in self.runs for k in keys]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two jobs of equal fields are different work
 class Ticket:
     """An asynchronous store or load: `done` once poll()/wait() completed it."""
 
@@ -108,7 +108,7 @@ class Ticket:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two jobs of equal fields are different work
 class LoadJob:
     """Pinned source blocks; `keys[:n]` are being loaded, `promotions` reserved in the top tier."""
 
@@ -690,7 +690,10 @@ class BlockManager:
 
     def _promote(self, job: LoadJob, key: Any, src: Tier) -> None:
         top = self.tiers[0]
-        if top.capacity - len(top.busy) < 1 or not top.admission.admit(key, self._hints.get(key)):
+        # Already on its way up (another load's promotion, or a store): a second reservation
+        # would take a second slot under the same key and orphan the first.
+        if (key in top.pending or top.capacity - len(top.busy) < 1
+                or not top.admission.admit(key, self._hints.get(key))):
             src.policy.touch((key,))
             return
         hints = self._hints_for(top, key, self._hints.get(key), *self._structure(key))

@@ -419,7 +419,10 @@ def _with_defaults(protocol: str, options: dict[str, Any], concurrency: int) -> 
     if protocol in ("s3", "s3a"):
         # botocore pools 10 connections by default: more puts than that would queue for one
         pool = {"max_pool_connections": max(10, concurrency)}
-        opts["config_kwargs"] = {**S3_CONFIG, **pool, **(opts.get("config_kwargs") or {})}
+        # a fresh `retries` dict each time: botocore rewrites it in place (max_attempts ->
+        # total_max_attempts), which would otherwise change the defaults of every later storage
+        defaults = {**S3_CONFIG, "retries": dict(S3_CONFIG["retries"])}
+        opts["config_kwargs"] = {**defaults, **pool, **(opts.get("config_kwargs") or {})}
     return opts
 
 
