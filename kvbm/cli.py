@@ -214,7 +214,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.file)
-    print(f"{args.file}: ok ({cfg.mode}, " + ", ".join(f"{t.name}={t.capacity} blocks:{t.eviction.name}" for t in cfg.tiers) + ")")
+    tiers = [f"{t.name}={t.capacity} blocks:{t.eviction.name}"
+             + (f" (headroom {t.offload_headroom})" if i < len(cfg.tiers) - 1 and t.offload_headroom else "")
+             for i, t in enumerate(cfg.tiers)]
+    print(f"{args.file}: ok ({cfg.mode}, " + ", ".join(tiers) + ")")
     return 0
 
 
