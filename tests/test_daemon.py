@@ -362,6 +362,7 @@ def test_background_offload_keeps_room_in_g2(daemons):
                 break
             time.sleep(0.05)
         assert tiers["g2"]["used"] <= 24 and tiers["g3"]["demotions_in"] >= 96 - 32
+        assert c.stats()["daemon"]["offloaded_blocks"] >= 8
         for i in range(0, 96, 16):
             out = [np.zeros(NB, np.uint8) for _ in range(16)]
             assert c.load(keys[i:i + 16], out) == 16

@@ -529,6 +529,7 @@ class Daemon:
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "nixl": self.agent.name if self.agent else None,
             "peers": [p.address for p in self.peers.live()] if self.peers else [],
+            "offloaded_blocks": self.offloader.moved,  # demoted ahead of time, off the request loop
         }
         return st
 
