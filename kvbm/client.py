@@ -138,8 +138,12 @@ class Client:
         r = self.call("lookup", keys=list(keys), remote=remote)
         return r["n"], r["where"]
 
-    def prepare_store(self, keys: Sequence[bytes], parent: bytes | None = None, position: int = 0) -> StoreReservation:
-        r = self.call("store_prepare", keys=list(keys), parent=parent, position=position)
+    def prepare_store(self, keys: Sequence[bytes], parent: bytes | None = None, position: int = 0,
+                      hints: Sequence[Any] | None = None) -> StoreReservation:
+        """Reserve G2 slots; `hints` (one kvbm Hints per key, or None) carry TensorRT-LLM
+        retention priorities and durations to the daemon's `priority` policy."""
+        extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints]}
+        r = self.call("store_prepare", keys=list(keys), parent=parent, position=position, **extra)
         slots = r["slots"]
         return StoreReservation(r["handle"], slots, [self.view(s) if s >= 0 else None for s in slots],
                                 r.get("rejected"))
@@ -150,7 +154,7 @@ class Client:
         return self.call("store_commit", handle=res.handle, failed=list(failed))["stored"]
 
     def store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None = None,
-              position: int = 0) -> int:
+              position: int = 0, hints: Sequence[Any] | None = None) -> int:
         """Write each new block's bytes into its reserved G2 slot, then commit; blocks stored.
 
         Long runs go in batches (each batch all or nothing); a rejected batch ends the store.
@@ -160,15 +164,16 @@ class Client:
         stored = 0
         for i in range(0, len(keys), self.batch):
             part = keys[i:i + self.batch]
-            n, rejected = self._store(part, source[i:i + self.batch], keys[i - 1] if i else parent, position + i)
+            n, rejected = self._store(part, source[i:i + self.batch], keys[i - 1] if i else parent, position + i,
+                                      None if hints is None else hints[i:i + self.batch])
             stored += n
             if rejected:
                 break
         return stored
 
     def _store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None,
-               position: int) -> tuple[int, str | None]:
-        res = self.prepare_store(keys, parent, position)
+               position: int, hints: Sequence[Any] | None = None) -> tuple[int, str | None]:
+        res = self.prepare_store(keys, parent, position, hints)
         failed = []
         try:
             for i, v in enumerate(res.views):

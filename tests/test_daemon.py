@@ -56,10 +56,10 @@ class Daemon:
     """A `kvbm serve` subprocess; `info` is its ready line (address, metrics, shm, ...)."""
 
     def __init__(self, tmp: Path, name: str, *, g2: int = 64, g3: int = 0, nixl: bool = False,
-                 headroom: int | None = None, **daemon: object) -> None:
+                 headroom: int | None = None, eviction: str = "lru", **daemon: object) -> None:
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
-        tiers = [{"name": "g2", "capacity": g2, "eviction": "lru", "storage": "host"}]
+        tiers = [{"name": "g2", "capacity": g2, "eviction": eviction, "storage": "host"}]
         if headroom is not None:
             tiers[0]["headroom"] = headroom
         if g3:
@@ -368,6 +368,28 @@ def test_background_offload_keeps_room_in_g2(daemons):
             assert c.load(keys[i:i + 16], out) == 16
             for k, o in zip(keys[i:i + 16], out):
                 assert np.array_equal(o, block(k))
+
+
+def test_retention_priorities_cross_the_protocol(daemons):
+    """TensorRT-LLM's retention priorities reach the daemon's `priority` policy: a system prompt
+    stored at 90 outlives a stream of default-priority blocks; bad priorities are refused."""
+    from kvbm.policies.base import Hints
+
+    d = daemons(g2=8, eviction="priority")
+    system = make_keys("system", 2)
+    others = make_keys("chatter", 24)
+    with d.client() as c:
+        assert c.store(system, [block(k) for k in system], hints=[Hints(priority=90)] * 2) == 2
+        for i in range(0, 24, 4):
+            assert c.store(others[i:i + 4], [block(k) for k in others[i:i + 4]]) == 4
+        assert c.lookup(system)[0] == 2  # kept: every victim came from the default priority
+        assert c.lookup(others[:4])[0] == 0
+        with pytest.raises(RemoteError, match="priority is an integer in"):
+            c.call("store_prepare", keys=make_keys("bad", 1), priorities=[[101, None]])
+        with pytest.raises(RemoteError, match="a duration is nil or seconds"):
+            c.call("store_prepare", keys=make_keys("bad", 1), priorities=[[50, -1]])
+        with pytest.raises(RemoteError, match="entries for 2 keys"):
+            c.call("store_prepare", keys=make_keys("bad", 2), priorities=[[50, None]])
 
 
 def test_shared_pool_option_of_host_storage():

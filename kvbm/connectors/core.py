@@ -222,7 +222,8 @@ class DaemonBackend:
 
     def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
                     position: int = 0) -> Future:
-        ticket = self._pool.submit(self.client.store, list(keys), list(staging), parent, position)
+        per_key = None if hints is None else list(hints)  # retention priorities cross to the daemon
+        ticket = self._pool.submit(self.client.store, list(keys), list(staging), parent, position, per_key)
         ticket.add_done_callback(_log_store_error)
         return ticket
 

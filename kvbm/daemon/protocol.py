@@ -134,6 +134,26 @@ def indices(msg: dict, name: str, below: int) -> list[int]:
     return v
 
 
+def priorities(msg: dict, name: str, n: int) -> list[tuple[int, float | None]] | None:
+    """Optional per-key retention: a list of n [priority 0-100, duration seconds or nil]."""
+    v = field(msg, name, list, required=False)
+    if v is None:
+        return None
+    if len(v) != n:
+        raise ProtocolError("bad_field", f"field {name!r} has {len(v)} entries for {n} keys")
+    out = []
+    for e in v:
+        if not (isinstance(e, list) and len(e) == 2):
+            raise ProtocolError("bad_field", f"field {name!r}: each entry is [priority, duration or nil]")
+        p, d = e
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 100:
+            raise ProtocolError("bad_field", f"field {name!r}: a priority is an integer in [0, 100], got {p!r}")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1e9):
+            raise ProtocolError("bad_field", f"field {name!r}: a duration is nil or seconds in [0, 1e9], got {d!r}")
+        out.append((p, None if d is None else float(d)))
+    return out
+
+
 def error_reply(rid: Any, code: str, message: str) -> bytes:
     rid = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else 0
     return pack({"id": rid, "ok": False, "error": code, "message": message[:500]})

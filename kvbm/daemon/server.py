@@ -41,6 +41,7 @@ from ..blocks import KVLayout
 from ..config import ConfigError, KVBMConfig
 from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
+from ..policies.base import Hints
 from . import protocol as P
 from .config import DaemonConfig
 from .leases import Session, Sessions, namespace_of, server_key
@@ -364,7 +365,9 @@ class Daemon:
             raise P.ProtocolError("bad_field", f"field 'parent' must be {P.KEY_BYTES} bytes")
         position = P.integer(msg, "position", required=False, lo=0, hi=2**31)
         sparent = server_key(s.namespace, parent) if parent is not None else None
-        job, slots, extra = self._reserve(skeys, sparent, position)
+        retention = P.priorities(msg, "priorities", len(skeys))
+        hints = None if retention is None else [Hints(priority=p, duration=d) for p, d in retention]
+        job, slots, extra = self._reserve(skeys, sparent, position, hints)
         if job is None:
             return {"handle": 0, "slots": slots, "rejected": extra}
         for k, ck, slot in zip(skeys, keys, slots):
@@ -376,9 +379,9 @@ class Daemon:
         s.stores[h] = (job, skeys, extra)
         return {"handle": h, "slots": slots}
 
-    def _reserve(self, skeys: list, parent: Any = None, position: int = 0):
+    def _reserve(self, skeys: list, parent: Any = None, position: int = 0, hints: list | None = None):
         """prepare_store; per key a G2 slot to write, or -1 (present, or placed below G2)."""
-        job = self.manager.prepare_store(skeys, parent=parent, position=position)
+        job = self.manager.prepare_store(skeys, hints=hints, parent=parent, position=position)
         self.offloader.kick()
         slots = [-1] * len(skeys)
         if job.rejected:
