@@ -7,7 +7,8 @@ Ops (fields beyond op/id/auth/session):
     hello         model: str, layout: map, salt: str     -> session, shm_name, shm_bytes, stride, ...
     heartbeat                                            -> {}
     lookup        keys: [bin16], remote: bool?           -> n, where: [tier]
-    store_prepare keys: [bin16], parent: bin16?, position: int? -> handle, slots: [int] (-1: skip)
+    store_prepare keys: [bin16], parent: bin16?, position: int?, priorities: [[int 0-100, float?]]?
+                  -> handle, slots: [int] (-1: skip)
     store_commit  handle: int, failed: [int]             -> stored
     load_prepare  keys: [bin16]                          -> handle, slots: [int]
     load_release  handle: int                            -> {}
