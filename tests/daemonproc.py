@@ -1,11 +1,21 @@
-"""Shared by the daemon tests: wait for a `kvbm serve` subprocess to say it is ready."""
+"""Shared by the daemon tests: whether nixl is here, and waiting for `kvbm serve` to be ready."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
+
+try:
+    import nixl._api  # noqa: F401
+
+    HAVE_NIXL = True
+except ImportError:
+    if os.environ.get("KVBM_REQUIRE_NIXL") == "1":  # CI installs nixl: a broken install must fail
+        raise
+    HAVE_NIXL = False
 
 
 def wait_ready(proc: subprocess.Popen, stdout: Path, timeout: float = 30.0) -> dict | None:

@@ -28,19 +28,11 @@ from kvbm.blocks import KVLayout
 from kvbm.client import Client, RemoteError
 from kvbm.config import ConfigError
 from kvbm.daemon.config import DaemonConfig, is_local
-from daemonproc import wait_ready
+from daemonproc import HAVE_NIXL, wait_ready
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)  # 16 KiB blocks
 NB = LAYOUT.block_nbytes
 
-try:
-    import nixl._api  # noqa: F401
-
-    HAVE_NIXL = True
-except ImportError:
-    if os.environ.get("KVBM_REQUIRE_NIXL") == "1":  # CI installs nixl: a broken install must fail
-        raise
-    HAVE_NIXL = False
 
 
 def block(key: bytes) -> np.ndarray:

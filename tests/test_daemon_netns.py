@@ -30,16 +30,8 @@ import pytest
 import yaml
 
 from kvbm.blocks import KVLayout
-from daemonproc import wait_ready
+from daemonproc import HAVE_NIXL, wait_ready
 
-try:
-    import nixl._api  # noqa: F401
-
-    HAVE_NIXL = True
-except ImportError:
-    if os.environ.get("KVBM_REQUIRE_NIXL") == "1":  # CI installs nixl: a broken install must fail
-        raise
-    HAVE_NIXL = False
 
 pytestmark = pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
 

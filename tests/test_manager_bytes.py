@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -202,8 +201,3 @@ def test_tickets_are_identities(tmp_path):
     assert b.done and not a.done
     assert m.poll() == [a] and a.done
     m.close()
-
-
-def test_module_layout_is_odd_sized():
-    assert N % 512 != 0  # not sector-aligned: the disk tier pads, the object tier does not
-    pytest.importorskip("fsspec")

@@ -544,8 +544,7 @@ class WorkerSide:
             else:
                 stores.add(t.req_id)
         self._stores = pending
-        busy = {t.req_id for t in pending} | {plan.req_id for plan, _, _ in self._gathers}
-        return loads, stores - busy
+        return loads, stores - self.saving()
 
     @property
     def busy(self) -> bool:

@@ -30,7 +30,6 @@ from .. import ops
 
 @dataclass(eq=False)
 class _Layer:
-    flat: Any  # the layer's tensor as contiguous bytes (CUDA path only)
     lead: np.ndarray  # byte offset of each page of a block before the block index (C order)
     block_stride: int  # bytes between block b and b + 1
     page: int  # contiguous bytes per page
@@ -101,7 +100,7 @@ class PagedKV:
             else:  # every index before the block dim, in C order, as an element offset
                 combos = np.indices(tuple(t.shape[:dim])).reshape(dim, -1).T
                 lead = combos.astype(np.int64) @ np.array(t.stride()[:dim], dtype=np.int64)
-            layers.append(_Layer(t.reshape(-1).view(self.torch.uint8), lead * el, t.stride(dim) * el,
+            layers.append(_Layer(lead * el, t.stride(dim) * el,
                                  size // len(lead), row))
             row += size
         return layers
@@ -176,15 +175,6 @@ class PagedKV:
             self.scatter(staging, block_ids)
             return None
         return self._copy(block_ids, staging, False, after)
-
-    def offsets(self, block_ids: Sequence[int]):
-        """Per layer: (layer, page byte offsets, staging row byte offsets), one pair per page."""
-        ids = np.asarray(block_ids, dtype=np.int64)
-        base = np.arange(len(ids), dtype=np.int64)[:, None] * self.block_nbytes
-        for layer in self.layers:
-            pages = ids[:, None] * layer.block_stride + layer.lead[None, :]
-            row = base + layer.row_offset + np.arange(len(layer.lead), dtype=np.int64)[None, :] * layer.page
-            yield layer, pages.reshape(-1), row.reshape(-1)
 
     def _copy(self, block_ids: Sequence[int], staging: Any, to_rows: bool, after: Any) -> Any:
         torch = self.torch

@@ -20,6 +20,7 @@ Generic handlers by capability: storages with `view(slot)` (host, device, buffer
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -213,13 +214,9 @@ def _on_gpu(x: Any) -> bool:
         return False
 
 
-_CUDA_READY: list = []
-
-
+@functools.cache
 def _cuda_ready() -> bool:
-    if not _CUDA_READY:
-        _CUDA_READY.append(ops.cuda_available())
-    return _CUDA_READY[0]
+    return ops.cuda_available()  # a driver and a device do not come and go within a process
 
 
 def _is_torch(x: Any) -> bool:
