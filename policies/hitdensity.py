@@ -6,24 +6,34 @@ that happens is not a property of one block but of its kind. Most blocks are one
 (FAST'25) are used once, while a block used before returns far more often (24 % of first uses
 are followed by another, 42 % of second uses, 50 % of third). The partial last block of a
 prompt is rehashed by the next turn, so it almost never returns (1 % of them, against 38 % of
-other blocks). Reuse times are ephemeral but, within a request category, regular ("KVCache
-Cache in the Wild", Wang et al., ATC'25). So the policy sorts blocks into four classes and *learns online*, per class, how the
-chance of a reuse varies with age; it then evicts where the expected hits per slot-time are
-lowest. This is LHD's hit density (Beckmann, Chen and Cidon, "LHD: Improving Cache Hit Rate by
-Maximizing Hit Density", NSDI'18) with three changes for KV caches: KV classes, ghost lifetimes,
-and the best horizon instead of the whole remaining life.
+other blocks). How many blocks a request *stores* tells its kind too: a follow-up turn of a
+cached conversation stores its new message and the previous answer (a few blocks), a one-off
+document stores all of it, and on that trace a block stored in a run of 2-3 blocks returns
+twice as often as one stored in a run of 128 or more (50 % against 21 %). Reuse times are
+ephemeral but, within a request category, regular ("KVCache Cache in the Wild", Wang et al.,
+ATC'25). So the policy sorts blocks into classes and *learns online*, per class, how the chance
+of a reuse varies with age; it then evicts where the expected hits per slot-time are lowest.
+This is LHD's hit density (Beckmann, Chen and Cidon, "LHD: Improving Cache Hit Rate by
+Maximizing Hit Density", NSDI'18) with four changes for KV caches: KV classes, ghost lifetimes,
+censored lives, and the best horizon instead of the whole remaining life.
 
     classes   tail: last block of a stored batch (the partial block the next turn replaces);
-              new: a body block not reused yet; once: reused once; many: reused twice or more.
-              One LRU queue per class, keyed by the time of last access.
+              new[g]: a body block not reused yet, stored in a run of 2**g .. 2**(g+1)-1 blocks
+              (one class per octave of run length, the last one open-ended; a key inserted
+              alone, a demotion or a hinted store, is a run of one); once: reused once;
+              many: reused twice or more. One LRU queue per class, keyed by last access.
     time      counted in inserts (misses), the unit of eviction pressure: deterministic, no clock.
     ghosts    an evicted block leaves a ghost (class, last access) for `capacity` evictions, as
               ARC and S3-FIFO keep history beyond residency. A ghost that is inserted again is a
               reuse its class would have earned had it kept the block longer; it re-enters as
               once/many (its reuse count survives eviction, as in TinyLFU).
     learning  per class and age bucket (2 per octave): reuses, and lives that ended (reuse,
-              ghost expiry, removal). Survival analysis gives the exposure (slot-time) spent at
-              each age; counts halve every 8 cache turnovers so the tables follow the workload.
+              ghost expiry, removal). The exposure (slot-time) spent at each age comes from
+              survival analysis over ended lives *and* the lives still going on (resident blocks
+              and ghosts, censored at their current age, as Kaplan and Meier count them): without
+              them a large tier, whose first ghosts expire only after two turnovers, would learn
+              from nothing but the lives that ended in a reuse. Counts halve every 8 turnovers
+              so the tables follow the workload.
     index     for class c at age a: max over horizons h of reuses(a..h) / exposure(a..h), the
               Gittins index of keeping the block (Gittins, J. R. Stat. Soc. B 41, 1979) with the
               slot-time as cost. Unlike LHD's whole-life average it does not undervalue a young
@@ -31,15 +41,16 @@ and the best horizon instead of the whole remaining life.
               an old one. Linear between bucket starts; recomputed 4 times a turnover.
     evict     compare the oldest unprotected block of each class; take the lowest index (the
               older one on ties). Before any statistics exist every index is 0: plain LRU.
-    touch     in reverse order, so a sequence's first block is the most recent one: among blocks
-              of one request the deepest goes first (a child is useless without its parent).
+    order     a batch is inserted deepest block first and touched in reverse, so among the
+              blocks of one request the deepest is the oldest and goes first (a child is
+              useless without its parent).
 
 Why these defaults (fixed, not fitted to a trace):
-    4 classes      the two reuse signals KV traces show everywhere (reuse count, partial tail);
-                   more classes split the statistics without a gain (tried: request size,
-                   continuation turn). Since every class is learned, a class that does not
-                   differ on a workload (tails in a trace where the tail block keeps its id)
-                   simply gets the same index as the others.
+    classes        reuse count and partial tail (the two signals KV traces show everywhere) and
+                   run length in octaves, the resolution the ages use; no threshold in blocks,
+                   so it holds for 16-token and 512-token blocks alike (runs up to 4096 blocks
+                   get their own octave). Every class is learned: one that does not differ on a
+                   workload (tails in a trace where the tail keeps its id) gets the same index.
     ghosts = capacity  ARC's bound: it observes each class up to about twice its resident life,
                    enough to see the reuses a longer retention would win.
     2 buckets per octave  ages span 5 decades; half-octave steps give ~20 % age resolution with
@@ -47,34 +58,56 @@ Why these defaults (fixed, not fitted to a trace):
     half-life 8 turnovers  a life lasts up to ~2 turnovers (resident + ghost); the statistics
                    must hold several lives per bucket yet follow load changes within minutes.
     update every capacity/4 inserts (at least 256)  fresh tables within a fraction of a lifetime,
-                   while the O(classes x buckets^2) recomputation stays cheap per insert.
+                   while the recomputation (a pass over the resident blocks and ghosts, and
+                   O(classes x buckets^2)) stays a few operations per insert.
 
-Tried without a gain that held across capacities and the synthetic traces (Mooncake prefix hit
-ratio at 10,000 blocks stays in 0.233-0.2345 against 0.2339 here): depth-in-batch and
+Measured (prefix hit ratio, `python bench/eval_policies.py`; Mooncake at 1k/10k/30k/50k/100k
+blocks): 0.0531/0.2364/0.3325/0.3551/0.3643 (LRU 0.0445/0.2112/0.3257/0.3546/0.3637, ARC
+0.2227 at 10k, Belady 0.191 then 0.366). The previous version (one class for every new block,
+no censored lives, a batch inserted in request order) gave 0.0466/0.2339/0.3312/0.3557/0.3639.
+The run-length split was found by analysing that trace; it raised the synthetic agent trace
+too (0.2019 against 0.1913 at 2 % of its blocks; LRU 0.1432) and narrowed the synthetic chat
+trace's shortfall against LRU (0.6073 against 0.6110 at 2 %; was 0.6049). Sensitivity:
+perturbing the update period by a few inserts moves the 10k figure within 0.2356-0.2364.
+Coarser run classes are not equivalent: merging runs of 64-127 blocks with longer ones gives
+0.2337 at 10k, because the very long prompts return half as often. Censored lives matter most
+where a tier is large against the trace (50k: 0.3551 with them, 0.3547 without).
+
+Tried without a gain that held across capacities and the synthetic traces: depth-in-batch and
 absolute-position classes, a class for the deep blocks of follow-on requests, the parent's
 class as a per-conversation feature, splitting reused blocks by their previous reuse gap,
 ghosts at 0.5x/2x/4x capacity, LHD's whole-life density instead of the Gittins index,
-shrinking sparse indices, wall-clock ages, reversed insert order, a class for orphans (blocks
-whose parent was evicted), evicting from the young end of a queue. One real signal: when a
-new request branches off a prefix used by one conversation, that conversation's other
-continuation is almost never reused (0.3 %); marking it "passed" helped Mooncake at 30k
-(+0.002-0.0045) but cost the synthetic agent trace 8 % at 2 % capacity, so it is not in.
-At 10k most of the gap to Belady is blocks evicted before their *first* return 4k-32k inserts
-later, which nothing known at insert time separates from one-hit wonders.
+shrinking sparse classes toward their pool (16 to 1024 pseudo-lives: no steady gain),
+wall-clock ages, a class for orphans (blocks whose parent was evicted; they are rare), evicting
+from the young end of a queue, a class for the answer's length. "Passed" branches (when a
+request branches off a prefix of one conversation, the other continuation is almost never
+reused) helped Mooncake at 30k but misfires where sessions share a system prompt, so it is
+not in. Where the rest of the gap to Belady lies: with a perfect per-block "will it ever
+return" bit this policy reaches 0.328 at 10k; nothing known at insert time comes close.
 
-Costs: insert, touch and remove O(1); evict O(1) per victim (4 queue heads, plus protected keys
-skipped); a table update O(classes x 64^2) at most every 256 inserts. `insert_many` marks the last key of the batch as the tail; a
-key inserted alone (a demotion, a hinted store) is a body block.
+Costs: insert, touch and remove O(1); evict O(classes) per victim (one queue head per class,
+plus protected keys skipped); a table update every capacity/4 inserts copies each queue's
+access times once and bisects them, and is O(classes x buckets^2): amortised O(1) per insert.
+`python bench/bench_policy_cost.py` (10k blocks, Mooncake stream): insert ~1.4 us, touch
+~0.9 us, evict ~2.9 us per key, against LRU's ~0.1 us; a whole replay 1.0 s against 0.7 s for
+the previous version.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import OrderedDict
 
 from .base import EvictionPolicy
 
-TAIL, NEW, ONCE, MANY = range(4)
-CLASSES = ("tail", "new", "once", "many")
+_RUN_OCTAVES = 13  # runs of 1, 2-3, ..., 2048-4095, and 4096 or more blocks
+# Class ids rise with reuse, so a tie between two heads (equal index, equal age) evicts the
+# less reused block. NEW + g: a new body block stored in a run of 2**g .. 2**(g+1)-1 blocks.
+TAIL, NEW = 0, 1
+ONCE, MANY = NEW + _RUN_OCTAVES, NEW + _RUN_OCTAVES + 1
+CLASSES = ("tail", "new[1]") + tuple(
+    f"new[{1 << g}-{(2 << g) - 1}]" for g in range(1, _RUN_OCTAVES - 1)) + (
+    f"new[{1 << (_RUN_OCTAVES - 1)}+]", "once", "many")
 _BUCKETS = 64  # ages up to 2**32 inserts
 _HALF_LIFE_UPDATES = 32  # 32 updates of capacity/4 inserts = 8 turnovers
 _MIN_PERIOD = 256
@@ -99,6 +132,10 @@ _STARTS = [_start(b) for b in range(_BUCKETS + 1)]
 _WIDTH = [max(1, _STARTS[b + 1] - _STARTS[b]) for b in range(_BUCKETS)]
 
 
+def _run_class(n: int) -> int:
+    return NEW + min(n.bit_length() - 1, _RUN_OCTAVES - 1)
+
+
 class HitDensityPolicy(EvictionPolicy):
     name = "hitdensity"
 
@@ -106,30 +143,39 @@ class HitDensityPolicy(EvictionPolicy):
         super().__init__(capacity, **kw)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"hitdensity policy: capacity={capacity!r} must be an int >= 0 (it sizes the ghosts)")
-        self._queues = [OrderedDict() for _ in CLASSES]  # key -> insert count at last access
+        n = len(CLASSES)
+        self._queues = [OrderedDict() for _ in range(n)]  # key -> insert count at last access
         self._class: dict = {}
         self._ghosts: OrderedDict = OrderedDict()  # key -> (class, last access)
+        # ghosts per class by last access >> shift (~1/4 of an update period): their ages,
+        # at the resolution the old age buckets have, without a pass over the ghosts
+        self._ghost_epochs = [{} for _ in range(n)]
         self._max_ghosts = max(1, capacity)
         self._now = 0  # inserts so far: the policy's clock
-        self._reuses = [[0.0] * _BUCKETS for _ in CLASSES]
-        self._ends = [[0.0] * _BUCKETS for _ in CLASSES]
-        self._index = [[0.0] * _BUCKETS for _ in CLASSES]
+        self._reuses = [[0.0] * _BUCKETS for _ in range(n)]
+        self._ends = [[0.0] * _BUCKETS for _ in range(n)]
+        self._index = [[0.0] * _BUCKETS for _ in range(n)]
         self._period = max(_MIN_PERIOD, capacity // 4)
+        self._shift = (self._period // 4).bit_length() - 1
         self._next_update = self._period
         self._updates = 0
 
     # ---------------------------------------------------------------- verbs
 
     def insert(self, key, hints=None):
-        self._insert(key)
+        self._insert(key, NEW)
 
     def insert_many(self, keys, hints=None):
-        cls = key = None
-        for key in keys:
-            cls = self._insert(key)
-        if cls == NEW:  # the batch's last block: the partial one the next turn replaces
-            self._queues[TAIL][key] = self._queues[NEW].pop(key)
-            self._class[key] = TAIL
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        last = len(keys) - 1
+        if last < 0:
+            return
+        body = _run_class(last + 1)
+        insert = self._insert
+        insert(keys[last], TAIL)  # the batch's last block: the partial one the next turn replaces
+        for i in range(last - 1, -1, -1):  # deepest first: the oldest of its batch
+            insert(keys[i], body)
 
     def touch(self, keys):
         now, klass, queues = self._now, self._class, self._queues
@@ -146,7 +192,7 @@ class HitDensityPolicy(EvictionPolicy):
                 b = min(_BUCKETS - 1, 2 * b - 2 + ((age >> (b - 2)) & 1))
             reuses[c][b] += 1
             ends[c][b] += 1
-            c = ONCE if c < ONCE else MANY
+            c = MANY if c >= ONCE else ONCE
             klass[key] = c
             queues[c][key] = now
 
@@ -159,19 +205,24 @@ class HitDensityPolicy(EvictionPolicy):
         if n <= 0:
             return []
         now = self._now
-        iters = [iter(q.items()) for q in self._queues]
-        heads = [self._head(c, it, protected, now) for c, it in enumerate(iters)]
+        iters = {c: iter(q.items()) for c, q in enumerate(self._queues) if q}
+        heads = {}
+        for c, it in iters.items():
+            head = self._head(c, it, protected, now)
+            if head is not None:
+                heads[c] = head
         victims = []
         while len(victims) < n:
-            best = None
-            for head in heads:  # (score, last access, class, key); the older wins a tie
-                if head is not None and (best is None or head < best):
-                    best = head
-            if best is None:
+            if not heads:
                 return None  # atomic: nothing has changed yet
+            best = min(heads.values())  # (score, last access, class, key); the older wins a tie
             victims.append(best)
             c = best[2]
-            heads[c] = self._head(c, iters[c], protected, now)
+            head = self._head(c, iters[c], protected, now)
+            if head is None:
+                del heads[c]
+            else:
+                heads[c] = head
         return self._forget(victims, now)
 
     def __len__(self):
@@ -180,34 +231,38 @@ class HitDensityPolicy(EvictionPolicy):
     def __contains__(self, key):
         return key in self._class
 
-    def class_of(self, key):
-        """"tail", "new", "once" or "many" for a tracked key, else None (for notebooks, tests)."""
+    def class_of(self, key, detail=False):
+        """"tail", "new", "once" or "many" for a tracked key, else None (for notebooks, tests).
+
+        detail=True names the run-length class of a new block too ("new[4-7]")."""
         c = self._class.get(key)
-        return None if c is None else CLASSES[c]
+        if c is None:
+            return None
+        return CLASSES[c] if detail or not NEW <= c < ONCE else "new"
 
     # ---------------------------------------------------------------- internals
 
-    def _insert(self, key):
-        """Add or re-access key; return its class if it is new to the tier."""
+    def _insert(self, key, fresh):
+        """Add key as class `fresh` (or once/many if its ghost is here); re-access it if tracked."""
         self._now = now = self._now + 1
         if now >= self._next_update:
             self._update()
         c = self._class.get(key)
         if c is not None:  # already tracked: an access
             self.touch((key,))
-            return None
+            return
         ghost = self._ghosts.pop(key, None)
         if ghost is None:
-            c = NEW
+            c = fresh
         else:  # a reuse the tier missed: it counts for the class the block had
             gc, last = ghost
+            self._unghost(gc, last)
             b = _bucket(now - last)
             self._reuses[gc][b] += 1
             self._ends[gc][b] += 1
-            c = ONCE if gc < ONCE else MANY
+            c = MANY if gc >= ONCE else ONCE
         self._class[key] = c
         self._queues[c][key] = now
-        return c
 
     def _head(self, c, items, protected, now):
         """The oldest unprotected entry left in `items` of class c, with its score."""
@@ -217,18 +272,28 @@ class HitDensityPolicy(EvictionPolicy):
         return None
 
     def _forget(self, victims, now):
-        queues, klass, ghosts = self._queues, self._class, self._ghosts
+        queues, klass, ghosts, epochs, shift = self._queues, self._class, self._ghosts, self._ghost_epochs, self._shift
         out = []
         for _, last, c, key in victims:
             del queues[c][key]
             del klass[key]
             ghosts[key] = (c, last)
+            epoch = epochs[c]
+            epoch[last >> shift] = epoch.get(last >> shift, 0) + 1
             out.append(key)
         ends = self._ends
         while len(ghosts) > self._max_ghosts:
             _, (gc, last) = ghosts.popitem(last=False)
             ends[gc][_bucket(now - last)] += 1  # never came back within the ghost horizon
+            self._unghost(gc, last)
         return out
+
+    def _unghost(self, c, last):
+        epoch, e = self._ghost_epochs[c], last >> self._shift
+        if epoch[e] == 1:
+            del epoch[e]
+        else:
+            epoch[e] -= 1
 
     def _score(self, c, age):
         """The class index at this age, linear between bucket starts."""
@@ -241,18 +306,45 @@ class HitDensityPolicy(EvictionPolicy):
         lo = _STARTS[b]
         return index[b] + (index[b + 1] - index[b]) * (age - lo) / _WIDTH[b]
 
+    def _ongoing(self):
+        """Lives not ended yet, per class and age bucket: resident blocks and ghosts."""
+        now, shift = self._now, self._shift
+        live = [[0] * _BUCKETS for _ in self._queues]
+        for c, queue in enumerate(self._queues):
+            if not queue:
+                continue
+            lasts, counts = list(queue.values()), live[c]  # ascending: a queue is in access order
+            newer = len(lasts)  # entries younger than the bucket being counted
+            for b in range(_bucket(now - lasts[0]) + 1):
+                older = bisect_right(lasts, now - _STARTS[b + 1])  # at least as old as the next bucket
+                counts[b] = newer - older
+                newer = older
+        now -= (1 << shift) >> 1  # an epoch's ghosts count at its middle
+        for c, epoch in enumerate(self._ghost_epochs):
+            counts = live[c]
+            for e, n in epoch.items():
+                age = now - (e << shift)
+                if age < 4:
+                    counts[age if age > 0 else 0] += n
+                else:  # _bucket, inlined: this loop runs over every epoch of every class
+                    b = age.bit_length()
+                    counts[min(_BUCKETS - 1, 2 * b - 2 + ((age >> (b - 2)) & 1))] += n
+        return live
+
     def _update(self):
-        """Recompute every class's index from its reuse and life-end counts, then age them."""
+        """Recompute every class's index from its reuses and lives (ended or going on), then
+        age the counts."""
         self._next_update = self._now + self._period
         self._updates += 1
         decay = self._updates % _HALF_LIFE_UPDATES == 0
-        for reuses, ends, index in zip(self._reuses, self._ends, self._index):
-            top = max((b for b in range(_BUCKETS) if ends[b]), default=-1)
+        for reuses, ends, ongoing, index in zip(self._reuses, self._ends, self._ongoing(), self._index):
+            top = max((b for b in range(_BUCKETS) if ends[b] or ongoing[b]), default=-1)
             exposure = [0.0] * (top + 1)
             alive = 0.0
             for b in range(top, -1, -1):  # lives reaching bucket b spend its width there
-                alive += ends[b]
-                exposure[b] = (alive - ends[b] / 2) * _WIDTH[b]
+                leaving = ends[b] + ongoing[b]
+                alive += leaving
+                exposure[b] = (alive - leaving / 2) * _WIDTH[b]
             for b in range(top + 1):
                 best = hits = cost = 0.0
                 for h in range(b, top + 1):
