@@ -1,10 +1,13 @@
 """Every built-in eviction policy and Belady on every trace we have: prefix hit ratio vs capacity.
 
-    python bench/eval_policies.py [--traces mooncake,chat,agent] [--policies NAMES] [--jobs 2] [--out DIR]
+    python bench/eval_policies.py [--traces mooncake,mooncake-1,mooncake-2,chat,agent,mix] [--policies NAMES] [--jobs 2] [--out DIR]
 
 Traces
     mooncake  the bundled Mooncake conversation trace (FAST'25 release, 12,031 requests, 512-token
               blocks); capacities of the reference table in ../shared/traces/README.md.
+    mooncake-1, mooncake-2  its first and second half (6,015 and 6,016 requests), each replayed
+              from an empty cache at 1k/5k/10k/20k/50k blocks: a policy fitted to the whole
+              trace's order of events would not carry over to both halves.
     chat      kvbm.sim.synth.generate(n_sessions=3000, seed=1, mode="chat"): multi-turn chat,
               shared Zipf system prompts, user think time ~60 s (see synth.py for the model).
     agent     kvbm.sim.synth.generate(n_sessions=600, seed=2, mode="agent"): long tool outputs,
@@ -21,6 +24,7 @@ Single tier, metadata only, through the real BlockManager (kvbm.sim.replay.sweep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -37,6 +41,7 @@ from kvbm.sim.synth import generate  # noqa: E402
 from kvbm.sim.traces import load_trace  # noqa: E402
 
 MOONCAKE_CAPACITIES = [1_000, 10_000, 30_000, 50_000, 100_000]
+HALF_CAPACITIES = [1_000, 5_000, 10_000, 20_000, 50_000]
 SYNTH_FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.25]
 SYNTH = {
     "chat": dict(n_sessions=3000, seed=1, mode="chat"),
@@ -50,11 +55,16 @@ def load(name: str):
     """(trace, capacities) for a trace name."""
     if name == "mooncake":
         return load_trace(BUNDLED["mooncake"]), MOONCAKE_CAPACITIES
+    if name in ("mooncake-1", "mooncake-2"):
+        whole = load_trace(BUNDLED["mooncake"])
+        half = len(whole.requests) // 2
+        requests = whole.requests[:half] if name == "mooncake-1" else whole.requests[half:]
+        return dataclasses.replace(whole, requests=requests), HALF_CAPACITIES
     if name in SYNTH:
         trace = generate(**SYNTH[name])
         distinct = len({k for r in trace.requests for k in r.hash_ids})
         return trace, [max(1, round(f * distinct)) for f in SYNTH_FRACTIONS]
-    raise SystemExit(f"unknown trace {name!r}; choose from mooncake, {', '.join(SYNTH)}")
+    raise SystemExit(f"unknown trace {name!r}; choose from mooncake, mooncake-1, mooncake-2, {', '.join(SYNTH)}")
 
 
 def builtin_policies() -> list[str]:
@@ -86,7 +96,7 @@ def print_table(name, trace, rows, policies, caps) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default="mooncake,chat,agent,mix")
+    ap.add_argument("--traces", default="mooncake,mooncake-1,mooncake-2,chat,agent,mix")
     ap.add_argument("--policies", help="comma-separated (default: every registered policy)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "kvbm-eval"),

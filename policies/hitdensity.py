@@ -69,9 +69,17 @@ The run-length split was found by analysing that trace; it raised the synthetic 
 too (0.2019 against 0.1913 at 2 % of its blocks; LRU 0.1432) and narrowed the synthetic chat
 trace's shortfall against LRU (0.6073 against 0.6110 at 2 %; was 0.6049). Sensitivity:
 perturbing the update period by a few inserts moves the 10k figure within 0.2356-0.2364.
-Coarser run classes are not equivalent: merging runs of 64-127 blocks with longer ones gives
-0.2337 at 10k, because the very long prompts return half as often. Censored lives matter most
-where a tier is large against the trace (50k: 0.3551 with them, 0.3547 without).
+Coarser run classes are not equivalent: one class for every run of 64 blocks or more gives
+0.2346 at 10k (below the issue's 0.235), because the longest prompts return half as often as
+those of 64-127 blocks; the octave classes are what separates them. Censored lives matter most
+where a tier is large against the trace (50k: 0.3551 with them, 0.3547 without). Each half of
+the trace replayed on its own (`--traces mooncake-1,mooncake-2`) keeps the lead over LRU and
+ARC at 5k/10k/20k blocks (10k: 0.2240 and 0.2271 against LRU 0.2083 and 0.2083); at 50k the
+first half ends 0.001 below LRU (0.3408 against 0.3418; one class for all new blocks: 0.3421):
+there the tier fills after 60 % of the requests, and the run classes, each learned from its
+own share of the few lives seen so far, lose ~130 hits in the first 500 requests after
+evictions begin. Pooling sparse classes toward their parent or a pessimistic prior did not
+recover it.
 
 Tried without a gain that held across capacities and the synthetic traces: depth-in-batch and
 absolute-position classes, a class for the deep blocks of follow-on requests, the parent's
