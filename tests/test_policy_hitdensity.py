@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvbm.cli import BUNDLED
 from kvbm.policies.base import Hints
@@ -211,3 +215,62 @@ def test_never_below_lru_on_the_shared_trace(shared_ratio, capacity, lru):
 @pytest.mark.parametrize("capacity, target", [(10_000, 0.235), (30_000, 0.330)])
 def test_issue_targets_on_the_shared_trace(shared_ratio, capacity, target):
     assert shared_ratio(capacity) >= target
+
+
+def _check_books(policy):
+    """Internal bookkeeping agrees with itself: queues, classes, ghosts and their age index."""
+    assert sum(len(q) for q in policy._queues) == len(policy._class) == len(policy)
+    for c, queue in enumerate(policy._queues):
+        assert all(policy._class[k] == c for k in queue)
+        lasts = list(queue.values())
+        assert lasts == sorted(lasts)  # the bisect in _ongoing relies on access order
+    assert len(policy._ghosts) <= policy._max_ghosts
+    assert not set(policy._ghosts) & set(policy._class)
+    epochs = [{} for _ in policy._queues]
+    for c, last in policy._ghosts.values():
+        e = last >> policy._shift
+        epochs[c][e] = epochs[c].get(e, 0) + 1
+    assert epochs == policy._ghost_epochs
+    live = policy._ongoing()
+    assert sum(map(sum, live)) == len(policy) + len(policy._ghosts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40))
+def test_long_random_runs_keep_the_books(seed, capacity):
+    # thousands of operations, so the tables update, ghosts expire and lives get censored
+    rng = random.Random(seed)
+    policy = HitDensityPolicy(capacity)
+    universe = range(4 * capacity + 8)
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.45:  # a request: touch what is cached, store the rest as one batch
+            keys = rng.sample(universe, rng.randint(1, min(12, len(universe))))
+            cached = [k for k in keys if k in policy]
+            policy.touch(cached)
+            new = [k for k in keys if k not in policy]
+            room = len(policy) + len(new) - capacity
+            if room > 0:
+                protected = set(cached)
+                victims = policy.evict(room, protected)
+                if victims is None:
+                    assert len(policy) - len(protected & set(policy._class)) < room
+                    continue
+                assert len(victims) == len(set(victims)) == room
+                assert not set(victims) & protected and not any(v in policy for v in victims)
+            policy.insert_many(new)
+        elif op < 0.6:
+            key = rng.choice(universe)
+            if key not in policy and len(policy) < capacity:
+                policy.insert(key)
+        elif op < 0.7:
+            policy.remove(rng.choice(universe))
+        elif op < 0.9:
+            policy.touch(rng.sample(universe, 3))
+        else:
+            n = rng.randint(0, 3)
+            before = len(policy)
+            victims = policy.evict(n)
+            assert (victims is None and before < n) or (len(victims) == n and len(policy) == before - n)
+        assert len(policy) <= capacity
+    _check_books(policy)
