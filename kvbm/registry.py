@@ -10,6 +10,7 @@ then a dotted path ("pkg.mod.Class" or "pkg.mod:Class") so config can name any c
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from importlib.metadata import entry_points
 from typing import Any
@@ -62,8 +63,11 @@ class Registry:
                 return _import_path(name)
             except (ImportError, AttributeError) as exc:
                 raise UnknownName(f"cannot import {self.kind} {name!r}: {exc}") from exc
+        names = self.names()
+        close = difflib.get_close_matches(str(name), names, n=1)
         raise UnknownName(
-            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())} "
+            f"unknown {self.kind} {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+            f"registered: {', '.join(names)} "
             f"(or give a dotted path 'package.module.Class', or register one under entry-point group {self.group!r})"
         )
 
