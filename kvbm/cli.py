@@ -136,7 +136,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         policies = [p.strip() for p in (args.policy or config.tiers[0].eviction.name).split(",") if p.strip()]
         for p in policies:
             EVICTION.get(p)  # fail before forking workers, with the list of names
-        rows = sweep(trace, policies, caps, base=config, jobs=args.jobs, progress=not args.quiet)
+        rows = sweep(trace, policies, caps, base=config, jobs=args.jobs, progress=not args.quiet,
+                     offload=args.offload)
         if args.json:
             print(json.dumps({"trace": str(path), "requests": len(trace.requests),
                               "block_accesses": trace.block_accesses, "sweep": rows}, indent=2))
@@ -149,7 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
 
-    result = simulate(trace, config, progress=not args.quiet)
+    result = simulate(trace, config, progress=not args.quiet, offload=args.offload)
     out = result.to_dict()
     out["trace"] = str(path)
     if config.layout is not None:
@@ -165,7 +166,8 @@ def _tier_dict(t) -> dict[str, Any]:
     return {"name": t.name, "capacity": t.capacity,
             "eviction": {"name": t.eviction.name, **t.eviction.options},
             "admission": {"name": t.admission.name, **t.admission.options},
-            "storage": {"name": t.storage.name, **t.storage.options}}
+            "storage": {"name": t.storage.name, **t.storage.options},
+            **({"headroom": t.headroom} if t.headroom is not None else {})}
 
 
 def _print_result(out: dict[str, Any]) -> None:
@@ -175,6 +177,10 @@ def _print_result(out: dict[str, Any]) -> None:
     print(f"block hit ratio  {out['block_hit_ratio']:.4f}")
     print(f"prefix hit ratio {out['prefix_hit_ratio']:.4f}")
     print(f"replay           {out['seconds']:.2f} s ({out['accesses_per_second']:,.0f} accesses/s)")
+    offload = out.get("config", {}).get("offload")
+    if offload:
+        print("offload          headroom kept free by early demotion: "
+              + ", ".join(f"{name} {n:,} blocks" for name, n in offload.items()))
     cols = ["capacity", "used", "policy", "block_hits", "prefix_hits", "stores", "evictions",
             "demotions_in", "promotions_out", "drops", "rejected"]
     print()
@@ -323,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["exclusive", "inclusive"])
     s.add_argument("--promote", dest="promote", action="store_true", default=None, help="promote hits to the top tier (default)")
     s.add_argument("--no-promote", dest="promote", action="store_false")
+    s.add_argument("--offload", action="store_true",
+                   help="model the background offload the connectors and daemon run: keep each tier's "
+                        "headroom (tiers[].headroom, default capacity/16) free by demoting early")
     s.add_argument("--sweep", metavar="CAPS", help="comma-separated top-tier capacities, e.g. 1000,10000,30000")
     s.add_argument("--policy", metavar="NAMES", help="comma-separated policies for the sweep, e.g. lru,fifo,arc")
     s.add_argument("--plot", metavar="PNG", help="with --sweep: draw prefix hit ratio vs capacity")

@@ -3,6 +3,7 @@
     prepare_demote(manager, tier, n) -> DemoteJob   choose victims, reserve their room below
     run_demote(manager, job) -> [bool]              move the bytes (no manager state touched)
     complete_demote(manager, job, ok)               victims ready below, their slots freed
+    offload_pass(manager, headroom) -> int          one bottom-up round toward `headroom` free blocks
     Offloader(manager, lock)                        a thread that keeps `headroom` free per tier
 
 Without it, a store into a full tier demotes that tier's victims inside `prepare_store`,
@@ -216,14 +217,23 @@ class Offloader:
 
     def _pass(self) -> bool:
         """One bottom-up round; True if anything moved (another round may help)."""
-        moved = 0
-        tiers = self.manager.tiers
-        for i in sorted(self.headroom, reverse=True):
-            want = self.headroom[i] - self._call(free_room, tiers[i])
-            if want > 0:
-                moved += demote(self.manager, i, want, call=self._call)
+        moved = offload_pass(self.manager, self.headroom, call=self._call)
         self.moved += moved
         return moved > 0
+
+
+def offload_pass(m: Any, headroom: dict[int, int], lock: Any = None, call: Any = None) -> int:
+    """One bottom-up round of demotions toward `headroom` free blocks per tier; blocks moved.
+
+    The Offloader's round, also run inline by the simulator after every request (metadata-only
+    tiers copy nothing, so it models a background offloader that keeps up)."""
+    call = call if call is not None else _under(lock)
+    moved = 0
+    for i in sorted(headroom, reverse=True):
+        want = headroom[i] - call(free_room, m.tiers[i])
+        if want > 0:
+            moved += demote(m, i, want, call=call)
+    return moved
 
 
 def _under(lock: Any):

@@ -1,6 +1,7 @@
 """`kvbm simulate` as a user runs it: JSON output, sweeps, plots, and errors that say what to fix."""
 
 import json
+import re
 
 import pytest
 
@@ -28,6 +29,15 @@ def test_simulate_json_has_the_documented_fields(capsys):
             assert isinstance(tier[key], int)
     assert res["tiers"]["g2"]["evictions"] == res["tiers"]["g3"]["demotions_in"] + res["tiers"]["g2"]["drops"]
     assert res["prefix_hits"] == res["tiers"]["g2"]["prefix_hits"] + res["tiers"]["g3"]["prefix_hits"]
+
+
+def test_simulate_offload_keeps_the_headroom_free(capsys):
+    # --offload models the connectors' background demotion: G2 keeps 2000/16 = 125 blocks free
+    code, out, _ = run(capsys, "simulate", "mooncake", "--limit", "3000", "--tier", "g2=2000:lru",
+                       "--tier", "g3=20000:lru", "--offload", "--quiet")
+    assert code == 0
+    assert "offload          headroom kept free by early demotion: g2 125 blocks" in out
+    assert re.search(r"^g2\s+2,000\s+1,875\s", out, re.M)  # capacity, used
 
 
 def test_byte_capacity_with_a_layout(capsys):

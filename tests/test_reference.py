@@ -54,6 +54,33 @@ def test_exclusive_lru_cascade_with_promotion_equals_one_big_lru(mooncake):
     assert a.tiers["g3"]["promotions_out"] == a.tiers["g3"]["prefix_hits"] > 0
 
 
+@pytest.mark.parametrize("headroom", [None, 1000])
+def test_offload_gives_back_exactly_its_headroom(mooncake, headroom):
+    """The same two LRU tiers with the background offload modelled (simulate(offload=True)).
+
+    Why: the offloader keeps h blocks of G2 free by demoting G2's LRU victims early into G3's
+    MRU end, which is where they sit in the global recency order anyway. The stack is the
+    same; it is h blocks shorter. So the pair is one LRU of 110,000 - h (h defaults to
+    capacity/16 = 625), and G2 ends holding 10,000 - h blocks.
+    """
+    two = KVBMConfig(
+        tiers=[TierConfig("g2", 10_000, PolicySpec("lru"), headroom=headroom),
+               TierConfig("g3", 100_000, PolicySpec("lru"))],
+        mode="exclusive",
+        promote_on_hit=True,
+    )
+    h = 625 if headroom is None else headroom
+    a = simulate(mooncake, two, progress=False, offload=True)
+    b = simulate(mooncake, single_tier(110_000 - h, "lru"), progress=False)
+    assert (a.prefix_hits, a.block_hits) == (b.prefix_hits, b.block_hits)
+    assert a.tiers["g2"]["used"] == 10_000 - h and a.config["offload"] == {"g2": h}
+    # without the offload G2 serves more: sizing G2 without it would overstate its hits
+    plain = simulate(mooncake, two, progress=False)
+    assert plain.tiers["g2"]["prefix_hits"] > a.tiers["g2"]["prefix_hits"]
+    rows = sweep(mooncake, ["lru"], [10_000], base=two, jobs=1, progress=False, offload=True)
+    assert rows[0]["prefix_hit_ratio"] == a.prefix_hit_ratio
+
+
 def test_cascade_without_promotion_is_not_an_lru(mooncake):
     """Control: without promotion, G3 hits stay in G3 and the equivalence breaks."""
     two = KVBMConfig(

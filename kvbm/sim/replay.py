@@ -1,6 +1,7 @@
 """Trace replay through the real BlockManager over metadata-only (`null`) storage.
 
     simulate(trace, config) -> SimResult     one replay, per-tier counters
+    simulate(trace, config, offload=True)    ... with the connectors' background offload modelled
     sweep(trace, policies, capacities)       the grid, in parallel processes
 
 Per request, what an engine does: look every block up (a *block hit* if ready anywhere, a
@@ -8,6 +9,12 @@ Per request, what an engine does: look every block up (a *block hit* if ready an
 access; promotion per config), then store the rest in order (ready blocks are touched, new
 ones inserted, evicting through the policy). With one LRU or FIFO tier this is exactly the
 semantics of ../shared/traces/README.md, whose table the tests reproduce.
+
+`offload=True` models what the engine connectors and the daemon run beside the manager: an
+offloader that keeps `tiers[].headroom` blocks free in every tier with a tier below by demoting
+victims early (kvbm.offload). It runs inline after every request, as a background offloader
+that keeps up would. A tier then holds fewer ready blocks than its capacity, as in production,
+so tier sizing measured with it matches what a deployment sees.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any, Iterable
 
 from ..config import KVBMConfig, PolicySpec, TierConfig
 from ..manager import BlockManager
+from ..offload import offload_pass
 from . import fast
 from .traces import Trace
 
@@ -60,8 +68,10 @@ class _TraceClock:
         self.i = 0
 
 
-def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResult:
+def simulate(trace: Trace, config: KVBMConfig, progress: bool = True, offload: bool = False) -> SimResult:
     clock = _TraceClock()
+    headroom = ({i: t.offload_headroom for i, t in enumerate(config.tiers[:-1]) if t.offload_headroom > 0}
+                if offload else {})
     config.events = False  # the simulator counts; it has no subscriber for events
     future = [r.hash_ids for r in trace.requests]
     mgr = BlockManager.from_config(
@@ -85,6 +95,8 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResu
             continue
         accesses += nkeys
         where = serve(keys)
+        if headroom:
+            offload_pass(mgr, headroom)
         misses = where.count(-1)
         n = where.index(-1) if misses else nkeys
         block_hits += nkeys - misses
@@ -108,6 +120,7 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True) -> SimResu
         seconds=seconds,
         tiers=tiers,
         config={"mode": config.mode, "promote_on_hit": config.promote_on_hit,
+                "offload": {config.tiers[i].name: n for i, n in headroom.items()},
                 "tiers": [f"{t.name}={t.capacity}:{t.eviction.name}:{t.admission.name}" for t in config.tiers]},
     )
 
@@ -127,11 +140,13 @@ def sweep(
     base: KVBMConfig | None = None,
     jobs: int | None = None,
     progress: bool = True,
+    offload: bool = False,
 ) -> list[dict[str, Any]]:
     """Replay every (policy, capacity) pair; the top tier's policy and capacity vary.
 
     Runs in `jobs` processes (default: one per core) since replays are CPU-bound Python;
     single-tier LRU/FIFO cells use the numba replay when numba is installed (same counts).
+    `offload` as in simulate() (it only acts where a tier has a tier below).
     Returns rows {policy, capacity, block_hit_ratio, prefix_hit_ratio, seconds, engine}.
     """
     grid = [(p, c) for p in policies for c in capacities]
@@ -140,12 +155,12 @@ def sweep(
     bar = _progress(None, progress, "sweep", total=len(grid))
     if jobs <= 1 or len(grid) == 1:
         for p, c in grid:
-            rows[(p, c)] = _sweep_one(trace, base, p, c)
+            rows[(p, c)] = _sweep_one(trace, base, p, c, offload)
             if bar is not None:
                 bar.update(1)
     else:
         with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(trace,)) as pool:
-            futs = {pool.submit(_sweep_worker, base, p, c): (p, c) for p, c in grid}
+            futs = {pool.submit(_sweep_worker, base, p, c, offload): (p, c) for p, c in grid}
             for fut in as_completed(futs):
                 rows[futs[fut]] = fut.result()
                 if bar is not None:
@@ -155,7 +170,8 @@ def sweep(
     return [rows[k] for k in grid]
 
 
-def _sweep_one(trace: Trace, base: KVBMConfig | None, policy: str, capacity: int) -> dict[str, Any]:
+def _sweep_one(trace: Trace, base: KVBMConfig | None, policy: str, capacity: int,
+               offload: bool = False) -> dict[str, Any]:
     if base is None and policy in fast.POLICIES and fast.available():
         # One LRU/FIFO tier: the compiled replay gives the manager's exact counts, much faster.
         t0 = time.perf_counter()
@@ -171,7 +187,7 @@ def _sweep_one(trace: Trace, base: KVBMConfig | None, policy: str, capacity: int
         tiers = [TierConfig(top.name, capacity, PolicySpec(policy), top.admission, top.storage), *base.tiers[1:]]
         config = KVBMConfig(tiers=tiers, layout=base.layout, namespace=base.namespace,
                             mode=base.mode, promote_on_hit=base.promote_on_hit)
-    res = simulate(trace, config, progress=False)
+    res = simulate(trace, config, progress=False, offload=offload)
     return {
         "policy": policy,
         "capacity": capacity,
@@ -190,8 +206,8 @@ def _worker_init(trace: Trace) -> None:
     _WORKER_TRACE = trace
 
 
-def _sweep_worker(base, policy, capacity):
-    return _sweep_one(_WORKER_TRACE, base, policy, capacity)
+def _sweep_worker(base, policy, capacity, offload):
+    return _sweep_one(_WORKER_TRACE, base, policy, capacity, offload)
 
 
 def _progress(items, enabled: bool, desc: str, total: int | None = None):
