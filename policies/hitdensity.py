@@ -248,6 +248,20 @@ class HitDensityPolicy(EvictionPolicy):
             return None
         return CLASSES[c] if detail or not NEW <= c < ONCE else "new"
 
+    def learned(self):
+        """What the policy has learned, for notebooks: {class: {"blocks": resident count,
+        "ages": [age at each bucket start], "index": [expected hits per slot-insert there]}}
+        for every class that holds blocks or has an index (a plot of index against age shows
+        where each class stops earning its slot)."""
+        out = {}
+        for c, name in enumerate(CLASSES):
+            index = self._index[c]
+            top = max((b for b in range(_BUCKETS) if index[b] > 0), default=-1)
+            if top < 0 and not self._queues[c]:
+                continue
+            out[name] = {"blocks": len(self._queues[c]), "ages": _STARTS[:top + 1], "index": index[:top + 1]}
+        return out
+
     # ---------------------------------------------------------------- internals
 
     def _insert(self, key, fresh):

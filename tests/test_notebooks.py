@@ -66,7 +66,8 @@ def monkeypatch_module():
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_policy_comparison.ipynb", "02_tier_sizing.ipynb",
-                     "03_write_a_policy.ipynb", "04_priorities.ipynb"], names
+                     "03_write_a_policy.ipynb", "04_priorities.ipynb",
+                     "05_what_hitdensity_learns.ipynb"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
