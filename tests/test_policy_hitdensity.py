@@ -152,6 +152,11 @@ def test_learns_that_tails_never_return():
     # what it holds: the 40 body blocks, and the few newest tails in the slots left over
     tails = [("tail", turn % 20, turn) for turn in range(1500)]
     assert sum(t in policy for t in tails) == len(policy) - 40 <= 5
+    # what it learned (policy.learned(), for notebooks): tails are worth nothing at any age,
+    # bodies reused many times hold the 40 slots that matter
+    learned = policy.learned()
+    assert learned["tail"]["index"] == [] and learned["tail"]["blocks"] == len(policy) - 40
+    assert learned["many"]["blocks"] == 40 and max(learned["many"]["index"]) > 0
 
 
 def _follow_ups(policy, turns=3000, conversations=10, document=16):
