@@ -87,7 +87,10 @@ class as a per-conversation feature, splitting reused blocks by their previous r
 ghosts at 0.5x/2x/4x capacity, LHD's whole-life density instead of the Gittins index,
 shrinking sparse classes toward their pool (16 to 1024 pseudo-lives: no steady gain),
 wall-clock ages, a class for orphans (blocks whose parent was evicted; they are rare), evicting
-from the young end of a queue, a class for the answer's length. "Passed" branches (when a
+from the young end of a queue, a class for the answer's length, reuse counts beyond two (a
+third class: -0.0035 at 10k), and each run class split by whether the run extends a cached
+prefix of 2+ blocks (+0.0009 at 10k, +0.002 at 30k, -0.002 on a half trace at 5k; it would need
+Hints.position, the manager's slower structured path, and a threshold in blocks). "Passed" branches (when a
 request branches off a prefix of one conversation, the other continuation is almost never
 reused) helped Mooncake at 30k but misfires where sessions share a system prompt, so it is
 not in. Where the rest of the gap to Belady lies: with a perfect per-block "will it ever
