@@ -347,7 +347,7 @@ def test_end_to_end_vllm(tmp_path):
 # ---------------------------------------------------------------- kvbm policies inside vLLM's offloading
 
 
-@pytest.mark.parametrize("name", ["lru", "s3fifo", "arc", "frequency"])
+@pytest.mark.parametrize("name", ["lru", "s3fifo", "arc", "frequency", "hitdensity"])
 def test_kvbm_policy_runs_inside_vllm_cpu_offloading_manager(name):
     """CPUOffloadingManager loads `kvbm_<name>` from our module path, as its config keys do."""
     sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
