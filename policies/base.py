@@ -6,6 +6,7 @@ The BlockManager owns pins, in-flight state, capacity and events, so a policy st
     EvictionPolicy.insert(key, hints)       a key was added to the tier (insert_many: several)
     EvictionPolicy.touch(keys)              the keys were accessed, in this order
     EvictionPolicy.remove(key)              the key left the tier for a reason other than evict
+    EvictionPolicy.batch_stored(keys)       optional: keys inserted one by one were one stored run
     EvictionPolicy.evict(n, protected)      choose and forget n victims, or return None (no change)
     EvictionPolicy.accepts(key, hints)      optional bypass: is a new key worth a slot at all?
     AdmissionPolicy.admit(key, hints)       may this key enter the tier?
@@ -102,6 +103,12 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def touch(self, keys: Iterable[Key]) -> None:
         """Record an access to each key, in order; unknown keys are ignored."""
+
+    def batch_stored(self, keys: Sequence[Key]) -> None:
+        """keys, already inserted one at a time, were stored by one request as one run (head
+        first). For engines that insert block by block (vLLM's CachePolicy interface) and tell
+        the batch afterwards; a policy that learns from batches (insert_many) may regroup them.
+        Must not change which keys are tracked. Default: nothing."""
 
     def accepts(self, key: Key, hints: Hints | None = None) -> bool:
         """May a new key take a slot at all, given what the tier holds? False is a bypass.

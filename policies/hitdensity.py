@@ -188,6 +188,23 @@ class HitDensityPolicy(EvictionPolicy):
         for i in range(last - 1, -1, -1):  # deepest first: the oldest of its batch
             insert(keys[i], body)
 
+    def batch_stored(self, keys):
+        """Keys inserted one by one (class new[1]) were one stored run, head first: class them
+        as insert_many would have (tail, run length, deepest oldest). Their age restarts here;
+        keys touched or gone since are left as they are."""
+        queue, klass = self._queues[NEW], self._class
+        keys = [k for k in keys if klass.get(k) == NEW]
+        if not keys:
+            return
+        now, last = self._now, len(keys) - 1
+        body = _run_class(last + 1)
+        for i in range(last, -1, -1):
+            key = keys[i]
+            del queue[key]
+            c = TAIL if i == last else body
+            klass[key] = c
+            self._queues[c][key] = now
+
     def touch(self, keys):
         now, klass, queues = self._now, self._class, self._queues
         reuses, ends = self._reuses, self._ends

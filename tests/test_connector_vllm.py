@@ -354,8 +354,9 @@ def test_kvbm_policy_runs_inside_vllm_cpu_offloading_manager(name):
     Replayed through vLLM's manager, a kvbm policy makes the same choices as in kvbm's own
     simulator: the adapter touches only the chunks a request reused (vLLM's default touches the
     ones it just inserted too, which made every new block look reused: ARC then equalled LRU).
-    frequency decays on the wall clock here (the simulator's is the trace's) and hitdensity
-    gets blocks one at a time (no store batches), so those two only have to run.
+    frequency decays on the wall clock here (the simulator's is the trace's), so it only has to
+    run; hitdensity gets blocks one at a time and its runs afterwards (batch_stored), so on the
+    whole trace it must still pass issue 7's 0.235 at 10,000 chunks.
     """
     sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
     from bench_connector import replay_vllm
@@ -372,6 +373,10 @@ def test_kvbm_policy_runs_inside_vllm_cpu_offloading_manager(name):
         assert ratio == simulate(trace, single_tier(500, name), progress=False).prefix_hit_ratio
     if name == "arc":
         assert ratio != replay_vllm(requests, 500, "kvbm_lru", "kvbm.connectors.vllm_policy")
+    if name == "hitdensity":  # with its run classes (batch_stored), as in kvbm's own manager
+        whole = load_trace(BUNDLED["mooncake"])
+        keys = [[h.to_bytes(8, "little") + b"\0\0\0\0" for h in r.hash_ids] for r in whole.requests]
+        assert replay_vllm(keys, 10_000, "kvbm_hitdensity", "kvbm.connectors.vllm_policy") >= 0.235
 
 
 def test_pinned_chunks_are_never_victims():

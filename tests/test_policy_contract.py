@@ -113,6 +113,15 @@ def test_evicted_keys_are_gone(name):
     assert policy.evict(0) == [] and len(policy) == 2
 
 
+def test_batch_stored_keeps_what_is_tracked(name):
+    # insert [0..5] one by one, then say [1, 2, 3, 99] were one stored run (99 unknown):
+    # still the same six keys, and evicting all of them still works
+    policy = filled(name, range(6))
+    policy.batch_stored([1, 2, 3, 99])
+    assert len(policy) == 6 and members(policy) == set(range(6))
+    assert sorted(policy.evict(6)) == list(range(6))
+
+
 def test_evict_more_than_held_is_none(name):
     policy = filled(name, range(3))
     assert policy.evict(4) is None

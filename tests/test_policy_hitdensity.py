@@ -75,6 +75,18 @@ def test_classes():
     assert policy.class_of(100, detail=True) == "new[64-127]"
 
 
+def test_blocks_inserted_one_by_one_can_be_regrouped_as_their_run():
+    # vLLM's CachePolicy inserts block by block: 1, 2, 3, 4 arrive alone ("new[1]"), 2 is
+    # reused meanwhile; at the request's end the adapter says [1, 2, 3, 4] were one run
+    policy = inserted(1, 2, 3, 4)
+    policy.touch([2])
+    policy.batch_stored([1, 2, 3, 4])
+    # 2 was reused (stays "once"); 1, 3, 4 become the run insert_many would have made:
+    # 4 its tail, 1 and 3 a run of 3, the deepest block the oldest
+    assert [policy.class_of(k, detail=True) for k in (1, 2, 3, 4)] == ["new[2-3]", "once", "new[2-3]", "tail"]
+    assert policy.evict(4) == [4, 3, 1, 2]
+
+
 def test_a_ghost_remembers_the_reuse():
     policy = inserted(1, 2, capacity=2)
     # evict 1 -> [1]; 1 is a ghost now

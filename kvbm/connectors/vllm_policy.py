@@ -77,14 +77,17 @@ class KVBMCachePolicy(CachePolicy):
 
     def on_request_finished(self, key_groups: Any, insertion_only_keys: set, reused_keys: set,
                             req_context: Any = None) -> None:
-        """Touch only what the request reused. vLLM's default touches every key the request
-        offered, the chunks it just inserted too; a kvbm policy counts a touch as a reuse, so
-        every new block would look reused at once (ARC then degenerates to LRU, frequency and
-        hitdensity lose their classes)."""
+        """Touch only what the request reused, and tell the policy which chunks it stored as one
+        run. vLLM's default touches every key the request offered, the chunks it just inserted
+        too; a kvbm policy counts a touch as a reuse, so every new block would look reused at
+        once (ARC then degenerates to LRU, frequency and hitdensity lose their classes)."""
         for keys in key_groups:
             reused = [k for k in keys if k in reused_keys]
             if reused:
                 self.touch(reused, req_context)
+            stored = [k for k in keys if k in insertion_only_keys and k in self.chunks]
+            if stored:  # one stored run, head first (hitdensity classes blocks by it)
+                self.policy.batch_stored(stored)
 
     def evict(self, n: int, protected: set) -> list[tuple[Any, ChunkStatus]] | None:
         if n == 0:
