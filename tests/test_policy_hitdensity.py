@@ -280,8 +280,10 @@ def test_long_random_runs_keep_the_books(seed, capacity):
             key = rng.choice(universe)
             if key not in policy and len(policy) < capacity:
                 policy.insert(key)
-        elif op < 0.7:
+        elif op < 0.65:
             policy.remove(rng.choice(universe))
+        elif op < 0.7:  # keys inserted one by one, told afterwards to be one run
+            policy.batch_stored(rng.sample(universe, rng.randint(1, 6)))
         elif op < 0.9:
             policy.touch(rng.sample(universe, 3))
         else:
