@@ -845,6 +845,19 @@ class BlockManager:
 
     # ---------------------------------------------------------------- pins, removal, events
 
+    def touch(self, keys: Iterable[Any]) -> int:
+        """An access to each ready key where it is, no bytes moved (an engine that reads its
+        own copy, e.g. vLLM's primary tier, tells kvbm the block is in use); returns count."""
+        by_tier: dict[int, list] = {}
+        for key in keys:
+            for i, t in enumerate(self.tiers):
+                if key in t.ready:
+                    by_tier.setdefault(i, []).append(key)
+                    break
+        for i, run in by_tier.items():
+            self.tiers[i].policy.touch(run)
+        return sum(map(len, by_tier.values()))
+
     def pin(self, keys: Iterable[Any]) -> int:
         """Pin the ready prefix of keys where it is (protects it from eviction); returns count."""
         n = 0

@@ -235,3 +235,18 @@ def test_invariants_under_random_workloads(ops, policy, mode):
     for keys in pinned:
         m.unpin(keys)
     assert all(not t.busy and not t.pins and not t.pending for t in m.tiers)
+
+
+def test_touch_is_an_access_where_the_block_is():
+    # G2 of 2 over G3 of 4, LRU; store 1, 2, then 3 -> 1 goes down to G3
+    m = BlockManager.from_config(KVBMConfig(tiers=[TierConfig("g2", 2, PolicySpec("lru")),
+                                                   TierConfig("g3", 4, PolicySpec("lru"))]))
+    for k in (1, 2, 3):
+        m.store([k])
+    assert m.locate([1, 2, 3]) == [1, 0, 0]
+    # touch [2, 1, 99]: an access in place (2 in G2, 1 in G3), no move, 99 unknown
+    assert m.touch([2, 1, 99]) == 2
+    assert m.locate([1, 2, 3]) == [1, 0, 0]
+    # 2 is now G2's most recent, so storing 4 pushes 3 down, not 2
+    m.store([4])
+    assert m.locate([2, 3, 4]) == [0, 1, 0]
