@@ -342,3 +342,85 @@ def test_trtllm_gpu_save_waits_on_the_forward_stream():
     n, failed = run(planner, transfers, "b", toks, [8, 9, 10, 11])
     assert n == 3 * BS and not failed
     assert (kv[[8, 9, 10]] == 5).all()
+
+
+def test_tensor_parallel_shards_never_read_each_other(tmp_path):
+    """Two tensor-parallel workers share one cache (as through the daemon or a G4 bucket).
+
+    Each holds a different shard of the same blocks under the scheduler's keys; before shard
+    keys, rank 1 stored "the same" blocks rank 0 had stored (a no-op: already there) and then
+    loaded rank 0's shard: valid checksums, wrong KV. Rank 0 keeps the scheduler's keys (its
+    lookups see them); rank 1 keys its shard apart.
+    """
+    cfg = core.resolve_config({"tiers": [{"name": "g2", "capacity": 16, "storage": {"name": "host", "pin": "never"}}]},
+                              LAYOUT, "tiny-tp")
+    manager, lock = core.shared_manager(cfg)
+    try:
+        sched = core.SchedulerSide(manager, lock, Namespace("tiny-tp", LAYOUT), BS)
+        ranks = [core.WorkerSide(manager, lock, rank=r) for r in (0, 1)]
+        pools = []
+        for r, worker in enumerate(ranks):  # each rank's pool holds its own shard's bytes
+            kv = [torch.full((8, 2, HEADS, BS, HEAD), float(10 * r + layer)).to(torch.bfloat16)
+                  for layer in range(LAYERS)]
+            worker.register(kv)
+            pools.append(kv)
+        keys = sched.keys("r1", [7, 8])
+        plan = sched.plan_store("r1", [0, 1], 2 * BS + 1)
+        for worker in ranks:
+            worker.start_store(plan)
+            worker.poll(wait=True)
+        assert manager.lookup(keys)[0] == 2  # the scheduler sees rank 0's shard
+        assert manager.lookup([core.shard_key(k, 1) for k in keys])[0] == 2  # and rank 1's beside it
+        for kv in pools:
+            for t in kv:
+                t.zero_()
+        assert sched.match("r2", sched.keys("r2", [7, 8]), 2 * BS + 1, 0, must_compute_one=True) == 2 * BS
+        load = sched.plan_load("r2", [4, 5], 2 * BS)
+        for worker in ranks:
+            worker.start_load(load)
+            assert worker.poll(wait=True)[0] == {"r2": []}
+        for r, kv in enumerate(pools):  # every rank got its own shard back, not rank 0's
+            for layer, t in enumerate(kv):
+                assert torch.all(t[[4, 5]] == 10 * r + layer), f"rank {r} loaded another rank's shard"
+    finally:
+        core.release_managers()
+
+
+def test_lora_and_image_requests_never_share_blocks_with_plain_ones():
+    # the same tokens under a LoRA adapter or with an image are other KV: the identity (salt)
+    # that match() fixes keys the request's stores too
+    planner, transfers, _ = engine([g2()])
+    toks = tokens(9, 2 * BS + 1)
+    plain = SimpleNamespace(cache_salt=None)
+    lora = SimpleNamespace(cache_salt=None, lora_task_id=7)
+    image = SimpleNamespace(cache_salt=None, multimodal_hashes=[[1, 2, 3, 4]], multimodal_positions=[5])
+    salts = {name: trtllm.request_identity(r) for name, r in (("plain", plain), ("lora", lora), ("image", image))}
+    assert all(keyable for _, keyable in salts.values())
+    assert len({salt for salt, _ in salts.values()}) == 3
+    run(planner, transfers, "a", toks, [0, 1, 2], salt=salts["lora"][0])
+    assert planner.match("b", toks, 0, salt=salts["plain"][0]) == 0  # not the LoRA's KV
+    assert planner.match("c", toks, 0, salt=salts["image"][0]) == 0
+    assert planner.match("d", toks, 0, salt=salts["lora"][0]) == 2 * BS
+    # images without hashes cannot be keyed: neither matched nor stored
+    unhashed = SimpleNamespace(cache_salt=None, py_multimodal_data={"image": "pixels"})
+    assert trtllm.request_identity(unhashed) == ("", False)
+    assert planner.match("e", toks, 0, keyable=False) == 0
+    assert planner.step([data("e", toks, [3, 4, 5])], []).stores == []
+
+
+def test_a_request_never_matched_is_not_stored():
+    # its LoRA / image identity was never seen: a store under plain token keys could be
+    # served to a request it does not match
+    planner, _, _ = engine([g2()])
+    assert planner.step([data("x", tokens(10, 2 * BS + 1), [0, 1, 2])], []).stores == []
+
+
+def test_request_finished_holds_blocks_only_when_something_was_stored():
+    planner, transfers, _ = engine([g2()])
+    toks = tokens(11, 2 * BS + 1)
+    planner.match("a", toks, 0)
+    planner.step([data("a", toks, [0, 1, 2])], [])
+    assert planner.finished("a") is True  # 2 blocks planned: TRT-LLM holds them for the writes
+    planner.match("b", toks[:BS - 1], 0)
+    planner.step([data("b", toks[:BS - 1], [3])], [])
+    assert planner.finished("b") is False  # no full block: nothing to wait for

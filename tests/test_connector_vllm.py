@@ -392,3 +392,21 @@ def test_pinned_chunks_are_never_victims():
     assert [k for k, _ in p.evict(1, set())] == [b"b"]
     assert p.evict(2, {b"c"}) is None  # atomic: nothing changed
     assert [k for k, _ in p.evict(1, set())] == [b"c"]
+
+
+def test_each_tensor_parallel_worker_keys_its_own_shard():
+    """With 2+ shards per block a worker must know its rank (its shard is keyed apart, see
+    test_connector_trtllm's test_tensor_parallel_shards_never_read_each_other); the scheduler
+    and a lone worker use the scheduler's keys."""
+    from types import SimpleNamespace
+
+    from kvbm.connectors.vllm import _shard_rank
+
+    def config(tp, pp=1):
+        return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp))
+
+    assert _shard_rank(config(1), KVConnectorRole.WORKER) == 0
+    assert _shard_rank(config(4), KVConnectorRole.SCHEDULER) == 0
+    # no parallel groups in this process: an unknown rank would collide, so it refuses
+    with pytest.raises(RuntimeError, match="cannot tell this worker's tensor/pipeline-parallel rank"):
+        _shard_rank(config(2), KVConnectorRole.WORKER)

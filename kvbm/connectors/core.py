@@ -25,6 +25,7 @@ SchedulerSide and WorkerSide take either a backend or (manager, lock) as before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -413,8 +414,10 @@ class SchedulerSide:
         if r is not None:
             r.match_blocks = 0
 
-    def finished(self, req_id: str) -> None:
-        self._reqs.pop(req_id, None)
+    def finished(self, req_id: str) -> int:
+        """Forget the request; returns how many of its blocks were planned for store."""
+        r = self._reqs.pop(req_id, None)
+        return r.stored if r is not None else 0
 
     def take_plans(self) -> tuple[list[LoadPlan], list[StorePlan]]:
         loads, stores = self.loads, self.stores
@@ -435,6 +438,14 @@ class _Transfer:
     failed: list = field(default_factory=list)
 
 
+def shard_key(key: Any, rank: int) -> bytes:
+    """The key of tensor/pipeline-parallel rank `rank`'s shard of block `key` (rank 0: the key)."""
+    if not rank:
+        return key
+    raw = key if isinstance(key, bytes) else repr(key).encode()
+    return hashlib.blake2b(raw + b"\0rank" + rank.to_bytes(4, "little"), digest_size=16).digest()
+
+
 class WorkerSide:
     """Worker-half logic: run load and store plans against the registered paged KV.
 
@@ -448,9 +459,14 @@ class WorkerSide:
     not arrive intact is reported as failed, never scattered.
     """
 
-    def __init__(self, manager: Any, lock: threading.RLock | None = None, async_save: bool = False) -> None:
+    def __init__(self, manager: Any, lock: threading.RLock | None = None, async_save: bool = False,
+                 rank: int = 0) -> None:
         self.manager = manager  # a BlockManager or a backend
         self.lock = lock
+        # This worker's shard of every block (its tensor/pipeline-parallel rank): rank 0 keeps the
+        # scheduler's keys, which its lookups see; another rank keys its shard apart, so workers
+        # sharing one cache (the daemon, a G4 bucket) never read each other's shard.
+        self.rank = rank
         self.backend = as_backend(manager, lock)
         self.async_save = async_save
         self.kv: PagedKV | None = None
@@ -470,9 +486,12 @@ class WorkerSide:
         self.kv = kv
         return kv
 
+    def _shard(self, keys: Sequence[Any]) -> list:
+        return list(keys) if not self.rank else [shard_key(k, self.rank) for k in keys]
+
     def start_load(self, plan: LoadPlan) -> None:
         staging = self.kv.staging(len(plan.keys))
-        ticket = self.backend.start_load(plan.keys, staging)
+        ticket = self.backend.start_load(self._shard(plan.keys), staging)
         self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
     def start_store(self, plan: StorePlan, after: Any = None) -> None:
@@ -489,7 +508,8 @@ class WorkerSide:
 
     def _submit_store(self, plan: StorePlan, staging: Any) -> None:
         # None: rejected, no room (everything busy): a future miss, not an error
-        ticket = self.backend.start_store(plan.keys, staging, hints=plan.hints, parent=plan.parent,
+        parent = plan.parent if plan.parent is None or not self.rank else shard_key(plan.parent, self.rank)
+        ticket = self.backend.start_store(self._shard(plan.keys), staging, hints=plan.hints, parent=parent,
                                           position=plan.position)
         self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 

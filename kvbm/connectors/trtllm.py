@@ -75,6 +75,29 @@ def _field(obj: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def request_identity(request: Any) -> tuple[str, bool]:
+    """(salt, keyable) of a TensorRT-LLM request: what besides its tokens shapes its KV.
+
+    The cache salt, the LoRA adapter (`lora_task_id`) and the images (`multimodal_hashes`,
+    with their positions) all go into the salt, so two requests share blocks only when all
+    agree. A request with multimodal input but no hashes for it cannot be keyed: not keyable.
+    """
+    parts = [str(_field(request, "cache_salt") or "")]
+    lora = _field(request, "lora_task_id")
+    if lora is not None:
+        parts.append(f"lora={lora}")
+    mm = _field(request, "multimodal_hashes")
+    if mm:
+        parts.append("mm=" + repr([list(h) for h in mm]))
+        pos = _field(request, "multimodal_positions")
+        if pos:
+            parts.append("mmpos=" + repr(list(pos)))
+    elif any(_field(request, name) for name in ("py_multimodal_data", "multimodal_embedding",
+                                                 "mrope_rotary_cos_sin", "multimodal_lengths")):
+        return "", False
+    return "\0".join(parts) if len(parts) > 1 else parts[0], True
+
+
 def _seconds(duration: Any) -> float | None:
     if duration is None:
         return None
@@ -134,6 +157,8 @@ class _Seq:
     retention: Any = None
     priorities: list | None = None  # RequestData.priorities (ints, no durations), newer TRT-LLM
     matched: int = 0  # tokens the last match promised, loaded once the blocks are allocated
+    salt: str | None = None  # cache salt + LoRA + multimodal identity, fixed by match(); None: never matched
+    keyable: bool = True  # False: inputs beyond the tokens that kvbm cannot key (neither matched nor stored)
 
 
 class TrtllmPlanner:
@@ -165,13 +190,20 @@ class TrtllmPlanner:
         return self.side.keys(req_id, seq.hashes, salt)
 
     def match(self, req_id: Any, tokens: Sequence[int], num_computed: int, salt: str | None = None,
-              retention: Any = None) -> int:
-        """Tokens beyond the device's `num_computed` that kvbm supplies (whole blocks)."""
+              retention: Any = None, keyable: bool = True) -> int:
+        """Tokens beyond the device's `num_computed` that kvbm supplies (whole blocks).
+
+        `salt` must name everything besides the tokens that shapes the KV (cache salt, LoRA
+        adapter, images): it keys this request's stores too. keyable=False: the request has
+        such inputs and no identity for them; kvbm neither serves nor stores its blocks."""
         seq = self._seqs.setdefault(req_id, _Seq())
         seq.tokens = list(tokens)
         seq.prompt_len = len(seq.tokens)
         seq.retention = retention
-        keys = self._sync_keys(req_id, seq, salt)
+        seq.salt, seq.keyable = salt or "", keyable
+        if not keyable:
+            return 0
+        keys = self._sync_keys(req_id, seq, seq.salt)
         n = self.side.match(req_id, keys, len(seq.tokens), num_computed, must_compute_one=True)
         seq.matched = n
         return n
@@ -181,18 +213,22 @@ class TrtllmPlanner:
         for data in new:
             seq = self._seqs.setdefault(data.request_id, _Seq())
             seq.block_ids = list(data.new_block_ids)
+            if seq.salt is None or not seq.keyable:
+                # never matched (its LoRA / image identity unknown) or not keyable: a store
+                # under its plain token keys could be served to a request it does not match
+                continue
             if len(data.new_tokens) >= len(seq.tokens):
                 seq.tokens = list(data.new_tokens)
                 seq.prompt_len = seq.prompt_len or len(seq.tokens)
             self._take_priorities(seq, data, reset=True)
-            keys = self._sync_keys(data.request_id, seq, _field(data, "cache_salt"))
+            keys = self._sync_keys(data.request_id, seq, seq.salt)
             if seq.matched:
                 self.side.plan_load(data.request_id, seq.block_ids, seq.matched)
                 seq.matched = 0
             self._plan_store(data, seq, keys)
         for data in cached:
             seq = self._seqs.get(data.request_id)
-            if seq is None:
+            if seq is None or seq.salt is None or not seq.keyable:
                 continue
             seq.block_ids += list(data.new_block_ids)
             seq.tokens += list(data.new_tokens)
@@ -221,9 +257,11 @@ class TrtllmPlanner:
         self.side.set_priorities(data.request_id, self._hints(seq, len(keys)))
         self.side.plan_store(data.request_id, seq.block_ids, done)
 
-    def finished(self, req_id: Any) -> None:
-        self.side.finished(req_id)
+    def finished(self, req_id: Any) -> bool:
+        """Forget the request; True if any of its blocks were planned for store (the engine
+        must then hold them until the worker reports the writes done)."""
         self._seqs.pop(req_id, None)
+        return self.side.finished(req_id) > 0
 
 
 # ---------------------------------------------------------------- worker half
@@ -232,10 +270,12 @@ class TrtllmPlanner:
 class TrtllmTransfers:
     """Worker-half logic: sync loads, async stores, completion per request."""
 
-    def __init__(self, manager: BlockManager, lock: threading.RLock, async_save: bool = True) -> None:
+    def __init__(self, manager: BlockManager, lock: threading.RLock, async_save: bool = True,
+                 rank: int = 0) -> None:
         # async_save: on a GPU, gather with kvbm's copy kernel behind the forward's stream;
         # finished requests already hold their blocks until the writes land (request_finished)
-        self.worker = WorkerSide(manager, lock, async_save=async_save)
+        # rank: this worker's shard of each block (tensor x pipeline parallel), keyed apart
+        self.worker = WorkerSide(manager, lock, async_save=async_save, rank=rank)
         self._saving: set = set()  # finished requests whose writes may still run
 
     def register(self, kv_cache_tensor: Any) -> None:
@@ -331,6 +371,10 @@ def _setup(llm_args: Any) -> tuple[BlockManager, threading.RLock, Namespace, int
     if not path and not daemon:
         raise ImportError("kvbm.connectors.trtllm: set KVBM_CONFIG to a kvbm.yaml path (the tiers to use)")
     kv = _field(llm_args, "kv_cache_config")
+    if (_field(kv, "host_cache_size", default=0) or 0) > 0:
+        raise ImportError("kvbm.connectors.trtllm: set kv_cache_config.host_cache_size to 0 (kvbm is the "
+                          "host tier; TensorRT-LLM's own host offload moves blocks between pool rows, so a "
+                          "block id would no longer name the row kvbm copies)")
     block_size = _field(kv, "tokens_per_block", default=None) or 32
     tp = _field(llm_args, "tensor_parallel_size", default=1) or 1
     model = str(_field(llm_args, "model"))
@@ -346,6 +390,17 @@ def _setup(llm_args: Any) -> tuple[BlockManager, threading.RLock, Namespace, int
     return manager, lock, Namespace(ns["model"], layout, ns.get("salt", "")), block_size
 
 
+def _shard_rank(llm_args: Any) -> int:
+    """This worker's shard of each block (MPI rank over tensor x pipeline parallel), 0 when alone."""
+    shards = (_field(llm_args, "tensor_parallel_size", default=1) or 1) * (
+        _field(llm_args, "pipeline_parallel_size", default=1) or 1)
+    if shards == 1:
+        return 0
+    from tensorrt_llm._utils import mpi_rank
+
+    return int(mpi_rank())
+
+
 def _build_adapters() -> dict[str, type]:
     kvc = _import_trtllm()
 
@@ -358,8 +413,9 @@ def _build_adapters() -> dict[str, type]:
             self.planner = TrtllmPlanner(manager, lock, ns, block_size)
 
         def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+            salt, keyable = request_identity(request)
             n = self.planner.match(request.request_id, request.get_tokens(0), num_computed_tokens,
-                                   salt=_field(request, "cache_salt"),
+                                   salt=salt, keyable=keyable,
                                    retention=_field(request, "kv_cache_retention_config"))
             return n, False  # synchronous load in start_load_kv
 
@@ -370,8 +426,9 @@ def _build_adapters() -> dict[str, type]:
             return self.planner.step(scheduler_output.new_requests, scheduler_output.cached_requests)
 
         def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
-            self.planner.finished(request.request_id)
-            return True  # hold the blocks until get_finished reports the writes landed
+            # True holds the blocks until get_finished reports the writes landed; a request
+            # with nothing stored frees them at once
+            return self.planner.finished(request.request_id)
 
     class KVBMConnectorWorker(kvc.KvCacheConnectorWorker):
         """kvbm tiers behind TensorRT-LLM's connector worker."""
@@ -379,7 +436,7 @@ def _build_adapters() -> dict[str, type]:
         def __init__(self, llm_args: Any) -> None:
             super().__init__(llm_args)
             manager, lock, _, _ = _setup(llm_args)
-            self.transfers = TrtllmTransfers(manager, lock)
+            self.transfers = TrtllmTransfers(manager, lock, rank=_shard_rank(llm_args))
 
         def register_kv_caches(self, kv_cache_tensor: Any) -> None:
             self.transfers.register(kv_cache_tensor)

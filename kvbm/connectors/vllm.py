@@ -134,6 +134,23 @@ def layout_from_vllm(vllm_config: "VllmConfig"):
     )
 
 
+def _shard_rank(vllm_config: "VllmConfig", role: Any) -> int:
+    """Which shard of each block this worker holds (tensor x pipeline parallel), 0 when alone.
+
+    Workers of one engine store their shards of a block side by side in one cache (the daemon,
+    a shared G4): each keys its shard apart (WorkerSide.rank), so none reads another's."""
+    pc = vllm_config.parallel_config
+    shards = pc.tensor_parallel_size * pc.pipeline_parallel_size
+    if shards == 1 or getattr(role, "name", str(role)).upper().endswith("SCHEDULER"):
+        return 0
+    try:
+        from vllm.distributed.parallel_state import get_pipeline_model_parallel_rank, get_tensor_model_parallel_rank
+        return get_pipeline_model_parallel_rank() * pc.tensor_parallel_size + get_tensor_model_parallel_rank()
+    except Exception as exc:  # the groups are not set up: a shard with an unknown rank would collide
+        raise RuntimeError(f"kvbm connector: cannot tell this worker's tensor/pipeline-parallel rank "
+                           f"({exc}); with {shards} shards per block each worker must key its own") from exc
+
+
 class KVBMConnector(KVConnectorBase_V1):
     """kvbm tiers (G2 host, G3 disk, G4 object) behind vLLM's v1 connector API."""
 
@@ -162,7 +179,8 @@ class KVBMConnector(KVConnectorBase_V1):
         self.scheduler = SchedulerSide(self.manager, self.lock, self.namespace, self.block_size)
         # On a GPU, save with the copy kernel on kvbm's stream instead of a blocking copy-out
         # (fenced before the next step); "async_save": false restores the synchronous gather.
-        self.worker = WorkerSide(self.manager, self.lock, async_save=bool(extra.get("async_save", True)))
+        self.worker = WorkerSide(self.manager, self.lock, async_save=bool(extra.get("async_save", True)),
+                                 rank=_shard_rank(vllm_config, role))
         self._requests: dict[str, "Request"] = {}
         self._block_ids: dict[str, list[int]] = {}
         self._load_errors: set[int] = set()
