@@ -21,8 +21,10 @@ Adapters (need tensorrt_llm, built on first attribute access, API-checked):
 
 TensorRT-LLM's pool is one tensor, block-major (`kv_cache_tensor[block_id]` is one block of
 every layer), so a kvbm block is exactly one row of it. Loads are synchronous (TRT-LLM has
-no per-block load-error path: a block that does not arrive intact fails the step loudly
-rather than being computed on garbage). Stores gather in wait_for_save (on a GPU: kvbm's copy
+no per-block load-error path: a block that does not arrive intact raises in start_load_kv,
+which TensorRT-LLM runs outside its step's error handling, so the executor stops rather than
+computing on garbage). A new request's blocks may be stored a step late (TensorRT-LLM versions
+differ in whether computed_position counts the connector's tokens; late is safe, early is not). Stores gather in wait_for_save (on a GPU: kvbm's copy
 kernel queued behind the forward's stream, no host synchronize; the next step's stream is
 fenced behind it) and write on a transfer thread; a finished request holds its blocks until
 its writes are done.
