@@ -44,7 +44,6 @@ def primary(chunks: int, nbytes: int) -> np.ndarray:
 
 def run_tier(folder: str, rows: np.ndarray, half: int) -> tuple[float, float]:
     """Seconds to cascade chunks [0, half) and to promote them into [half, 2 * half)."""
-    nbytes = rows.shape[1]
     tier = KVBMSecondaryTier(None, memoryview(rows), "kvbm", tiers=[
         {"name": "g3", "capacity": half, "storage": {"name": "disk", "path": folder}}])
     keys = [i.to_bytes(8, "little") + b"\0" * 8 for i in range(half)]
@@ -75,7 +74,6 @@ def run_tier(folder: str, rows: np.ndarray, half: int) -> tuple[float, float]:
         return store, load
     finally:
         tier.shutdown()
-        del nbytes
 
 
 def run_disk(folder: str, rows: np.ndarray, half: int) -> tuple[float, float]:
