@@ -205,3 +205,29 @@ def test_inside_vllms_tiering_manager(tmp_path):
         m.on_request_finished(ctx)
     finally:
         m.shutdown()
+
+
+def test_full_g3_is_emptied_in_the_background(tmp_path):
+    # vLLM wants submit_store non-blocking: with G3 full, moving its victims to G4 inline would
+    # put disk and object I/O on vLLM's scheduler thread. The offloader keeps G3's headroom
+    # (here 2 of 6 blocks) free on its own thread instead.
+    rows, view = primary()
+    tier = KVBMSecondaryTier(None, view, "kvbm", model="test", tiers=[
+        {"name": "g3", "capacity": 6, "headroom": 2, "storage": {"name": "disk", "path": str(tmp_path / "g3")}},
+        {"name": "g4", "capacity": 20, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}])
+    try:
+        for i in range(12):
+            fill(rows, i, i)
+        for j in range(3):  # three cascades of 4 blocks
+            tier.submit_store(job(j, [key(4 * j + i) for i in range(4)], range(4 * j, 4 * j + 4), promotion=False))
+            assert finish(tier, 1)[0].success
+        assert tier._offloader.wait_idle(10)
+        g3, g4 = tier.manager.tiers
+        assert len(g3.ready) <= 6 - 2 and len(g3.ready) + len(g4.ready) == 12
+        rows[:] = 0
+        tier.submit_load(job(9, [key(i) for i in range(12)], range(12, 24), promotion=True))
+        assert finish(tier, 1)[0].success
+        for i in range(12):
+            assert np.array_equal(rows[12 + i], expected(i))
+    finally:
+        tier.shutdown()

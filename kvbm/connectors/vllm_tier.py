@@ -31,6 +31,7 @@ vLLM's OffloadKey (bytes). `tiers` is kvbm's tier list (kvbm.yaml syntax, fastes
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ import numpy as np
 from ..blocks import KVLayout
 from ..config import ConfigError, KVBMConfig
 from ..manager import BlockManager
+from ..offload import Offloader, offload_headroom
 
 try:
     from vllm.v1.kv_offload.base import LookupResult, Medium, RequestOffloadingContext
@@ -70,6 +72,11 @@ class KVBMSecondaryTier(SecondaryTierManager):
                                     "events": events, "namespace": {"model": model}})
         cfg.layout = chunk_layout(self.block_size_bytes)
         self.manager = BlockManager.from_config(cfg)
+        # vLLM calls a tier on its scheduler thread and wants it non-blocking: a store into a
+        # full G3 would move G3's victims to G4 inline, so an offloader keeps each tier's
+        # headroom free in the background (its own thread: every manager call takes the lock)
+        self._lock = threading.RLock()
+        self._offloader = Offloader(self.manager, self._lock, offload_headroom(cfg, self.manager))
         self._rows = np.asarray(primary_kv_view).view(np.uint8)  # (chunks, row bytes), zero copy
         self._jobs: dict[int, tuple[Any, dict]] = {}  # id(kvbm ticket) -> (ticket, its vLLM job's entry)
         self._finished: list[JobResult] = []  # results not yet handed to vLLM
@@ -77,14 +84,16 @@ class KVBMSecondaryTier(SecondaryTierManager):
     # ---------------------------------------------------------------- lookups
 
     def lookup(self, key: Any, req_context: Any = None) -> LookupResult:
-        if self.manager.locate([key])[0] >= 0:
-            return LookupResult.HIT
-        if any(key in t.pending for t in self.manager.tiers):
-            return LookupResult.RETRY
+        with self._lock:
+            if self.manager.locate([key])[0] >= 0:
+                return LookupResult.HIT
+            if any(key in t.pending for t in self.manager.tiers):
+                return LookupResult.RETRY
         return LookupResult.MISS
 
     def touch(self, keys: Iterable[Any], req_context: Any = None) -> None:
-        self.manager.touch(list(keys))
+        with self._lock:
+            self.manager.touch(list(keys))
 
     def on_new_request(self, req_context: Any) -> RequestOffloadingContext:
         return RequestOffloadingContext()
@@ -106,19 +115,25 @@ class KVBMSecondaryTier(SecondaryTierManager):
     def submit_load(self, job_metadata: TransferJob) -> None:
         keys = list(job_metadata.keys)
         entry = {"job": job_metadata, "bytes": len(keys) * self.block_size_bytes, "pieces": [], "done": []}
-        ticket = self.manager.submit_load(keys, self._chunks(job_metadata))
+        with self._lock:
+            ticket = self.manager.submit_load(keys, self._chunks(job_metadata))
         self._jobs[id(ticket)] = (ticket, entry)
 
     def _next_piece(self, entry: dict) -> None:
         if entry["pieces"]:
             keys, chunks = entry["pieces"].pop(0)
-            ticket = self.manager.submit_store(keys, chunks)
+            with self._lock:
+                ticket = self.manager.submit_store(keys, chunks)
             self._jobs[id(ticket)] = (ticket, entry)
         else:
             self._finished.append(self._result(entry))
 
     def get_finished_jobs(self) -> list[JobResult]:
-        for ticket in self.manager.poll():
+        with self._lock:
+            done = self.manager.poll()
+        if any(t.kind == "store" for t in done):
+            self._offloader.kick()  # stores filled the tiers: restore their headroom
+        for ticket in done:
             _, entry = self._jobs.pop(id(ticket), (None, None))
             if entry is None:
                 continue
@@ -157,4 +172,6 @@ class KVBMSecondaryTier(SecondaryTierManager):
     def shutdown(self) -> None:
         self.drain_jobs()
         self.get_finished_jobs()
-        self.manager.close()
+        self._offloader.close()
+        with self._lock:
+            self.manager.close()
