@@ -174,6 +174,25 @@ def test_store_then_match_whole_blocks(connectors):
     assert sched.get_num_new_matched_tokens(request("c", tokens(1, 3 * BLOCK + 5), salt="t2"), 0) == (0, False)
 
 
+def test_reset_cache_forgets_everything_stored(connectors):
+    # vLLM resets the connector's cache after new weights are loaded: KV computed with the old
+    # weights must never be served again (before: reset_cache was not overridden, vLLM took
+    # its None as success, and the old blocks kept matching)
+    sched, worker = connectors
+    worker.register_kv_caches(kv_tensors())
+    req = request("a", tokens(5, 3 * BLOCK + 5))
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, blocks([0, 1, 2, 3]), 0)
+    step(worker, schedule_new(sched, req, [0, 1, 2, 3]))
+    finish(worker)
+    sched.request_finished(req, [0, 1, 2, 3])
+    assert sched.get_num_new_matched_tokens(request("b", tokens(5, 3 * BLOCK + 5)), 0) == (3 * BLOCK, True)
+    assert sched.reset_cache() is True
+    assert sched.get_num_new_matched_tokens(request("c", tokens(5, 3 * BLOCK + 5)), 0) == (0, False)
+    # a best-effort cache: vLLM need not recompute a preempted request for a dropped save
+    assert sched.requires_kv_delivery() is False
+
+
 def test_sync_load_leaves_the_last_token_to_vllm(connectors):
     sched, worker = connectors
     worker.register_kv_caches(kv_tensors())

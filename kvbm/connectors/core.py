@@ -349,6 +349,13 @@ class SchedulerSide:
             r.hashes_seen = len(engine_hashes)
         return r.keys
 
+    def new_generation(self) -> None:
+        """Key everything from now on apart from all blocks stored before (a reset: new weights)."""
+        base = self.namespace
+        self._generation = getattr(self, "_generation", 0) + 1
+        self.namespace = Namespace(base.model, base.layout, f"{base.salt}\0generation {self._generation}")
+        self._spaces.clear()  # requests in flight keep the keys they have
+
     def _space(self, salt: str) -> Namespace:
         ns = self._spaces.get(salt)
         if ns is None:  # a tenant's cache salt: its blocks never meet another tenant's

@@ -17,10 +17,16 @@ Worker half (model runner):
     start_load_kv                submits loads (asynchronous: the request waits in
                                  WAITING_FOR_REMOTE_KVS until get_finished reports it)
     wait_for_save                gathers the step's full blocks (on a GPU: a capped copy kernel
-                                 on kvbm's stream, fenced before the next step), writes them
-                                 to kvbm on a transfer thread
+                                 on kvbm's stream; the engine's stream then waits on it, so
+                                 nothing vLLM runs next, block zeroing and copy-on-write included,
+                                 touches a page before it is read), writes them to kvbm on a
+                                 transfer thread
     get_finished                 completes transfers; scatters loaded blocks; reports loads
-    get_block_ids_with_load_errors  blocks that did not arrive intact: vLLM recomputes them
+    get_block_ids_with_load_errors  blocks that did not arrive intact (checksum, or evicted since
+                                 the lookup): vLLM recomputes them when kv_load_failure_policy is
+                                 "recompute"; its default, "fail", fails the request (warned at start)
+    reset_cache                  a new key generation: nothing stored before is matched again
+                                 (vLLM resets after a weight update)
 
 Scheduler and worker share one BlockManager per process (keyed by the config). Deployments
 whose workers live in other processes (tensor parallel > 1) need the kvbm daemon: extra config
@@ -161,6 +167,16 @@ class KVBMConnector(KVConnectorBase_V1):
 
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         layout = layout_from_vllm(vllm_config)
+        dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) or 1
+        if dcp > 1:
+            raise ValueError(f"kvbm connector: decode context parallel ({dcp}) is not supported "
+                             f"(vLLM's block hashes then span {dcp} blocks)")
+        policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        if policy != "recompute":
+            log.warning("kvbm connector: kv_load_failure_policy is %r, so a block kvbm cannot deliver "
+                        "(evicted since the lookup, or failing its checksum) fails its request; set "
+                        "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to recompute it",
+                        policy)
         hash_bs = getattr(vllm_config.cache_config, "hash_block_size", None)
         if hash_bs not in (None, layout.block_size):
             raise ValueError(f"kvbm connector needs vLLM's hash block size ({hash_bs}) equal to "
@@ -278,6 +294,18 @@ class KVBMConnector(KVConnectorBase_V1):
             return
         for plan in meta.stores:
             self.worker.start_store(plan)
+        # vLLM may zero or copy-on-write a freed block before the next start_load_kv: the
+        # engine's stream waits for the gathers here (a stream wait, no host block)
+        self.worker.fence()
+
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a save dropped by preemption is a future miss
+
+    def reset_cache(self) -> bool:
+        """Forget everything stored so far: later lookups use a new key generation (vLLM resets
+        after loading new weights; old blocks age out of the tiers)."""
+        self.scheduler.new_generation()
+        return True
 
     def _finish_loads(self, wait: bool = False) -> None:
         loads, _ = self.worker.poll(wait=wait)
