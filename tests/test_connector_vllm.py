@@ -153,18 +153,24 @@ def test_nothing_matches_cold(connectors):
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
+def store_prompt(sched, worker, req_id, toks, block_ids):
+    """One request's prefill through both halves, its stores landed; returns the step's metadata."""
+    req = request(req_id, toks)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, blocks(block_ids), 0)
+    meta = schedule_new(sched, req, block_ids)
+    step(worker, meta)
+    finish(worker)
+    sched.request_finished(req, block_ids)
+    return meta
+
+
 def test_store_then_match_whole_blocks(connectors):
     sched, worker = connectors
     worker.register_kv_caches(kv_tensors())
-    req = request("a", tokens(1, 3 * BLOCK + 5))
-    sched.get_num_new_matched_tokens(req, 0)
-    sched.update_state_after_alloc(req, blocks([0, 1, 2, 3]), 0)
-    meta = schedule_new(sched, req, [0, 1, 2, 3])
+    meta = store_prompt(sched, worker, "a", tokens(1, 3 * BLOCK + 5), [0, 1, 2, 3])
     # prefill of 3 blocks + 5 tokens -> 3 full blocks stored, none loaded
     assert [len(p.keys) for p in meta.stores] == [3] and not meta.loads
-    step(worker, meta)
-    finish(worker)
-    sched.request_finished(req, [0, 1, 2, 3])
     again = request("b", tokens(1, 3 * BLOCK + 5))
     # the same prefix: 3 blocks from kvbm, loaded asynchronously
     assert sched.get_num_new_matched_tokens(again, 0) == (3 * BLOCK, True)
@@ -180,12 +186,7 @@ def test_reset_cache_forgets_everything_stored(connectors):
     # its None as success, and the old blocks kept matching)
     sched, worker = connectors
     worker.register_kv_caches(kv_tensors())
-    req = request("a", tokens(5, 3 * BLOCK + 5))
-    sched.get_num_new_matched_tokens(req, 0)
-    sched.update_state_after_alloc(req, blocks([0, 1, 2, 3]), 0)
-    step(worker, schedule_new(sched, req, [0, 1, 2, 3]))
-    finish(worker)
-    sched.request_finished(req, [0, 1, 2, 3])
+    store_prompt(sched, worker, "a", tokens(5, 3 * BLOCK + 5), [0, 1, 2, 3])
     assert sched.get_num_new_matched_tokens(request("b", tokens(5, 3 * BLOCK + 5)), 0) == (3 * BLOCK, True)
     assert sched.reset_cache() is True
     assert sched.get_num_new_matched_tokens(request("c", tokens(5, 3 * BLOCK + 5)), 0) == (0, False)
