@@ -103,6 +103,8 @@ class EngineOverKvbm(RuleBasedStateMachine):
         if store is not None:
             self.worker.start_store(store)
         self.sched.finished(rid)
+        # the scheduler's match-time pins were handed to the load and released: none leak
+        assert not any(t.pins for t in self.manager.tiers), [dict(t.pins) for t in self.manager.tiers]
         for layer in self.kv:  # freed pages are reused at once: scribble over them
             layer[ids] = float("nan")
         self.free += ids

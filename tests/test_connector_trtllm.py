@@ -54,6 +54,34 @@ def test_store_match_load_roundtrip_with_priorities(halves):
         assert torch.equal(t[[5, 6, 7]], b[[0, 1, 2]])
 
 
+def test_matched_blocks_are_pinned_until_the_load_holds_them(halves):
+    # match() promises 3 blocks; before the worker loads them, a flood of stores fills G2 (4)
+    # and G3 (16). Without a pin the promised blocks could be evicted or be mid-demotion when
+    # the load comes (a load error: vLLM's default policy then fails the request).
+    sched, worker, kv = halves
+    keys = sched.keys("r1", [1, 2, 3])
+    worker.start_store(sched.plan_store("r1", [0, 1, 2], 3 * BS + 1))
+    worker.poll(wait=True)
+    sched.finished("r1")
+    assert sched.match("r2", sched.keys("r2", [1, 2, 3]), 3 * BS + 1, 0, must_compute_one=True) == 3 * BS
+    for i in range(6):  # 24 other blocks
+        sched.keys(f"flood{i}", [1000 + 4 * i + j for j in range(4)])
+        worker.start_store(sched.plan_store(f"flood{i}", [4, 5, 6, 7], 4 * BS))
+        worker.poll(wait=True)
+        sched.finished(f"flood{i}")
+    assert sched.manager.lookup(keys)[0] == 3  # still there
+    plan = sched.plan_load("r2", [8, 9, 10], 3 * BS)
+    worker.start_load(plan)
+    assert worker.poll(wait=True)[0] == {"r2": []}
+    sched.finished("r2")
+    assert not any(t.pins for t in sched.manager.tiers)  # every pin released
+    # a request that matched but never loaded (preempted, aborted) releases its pins too
+    assert sched.match("r3", sched.keys("r3", [1, 2, 3]), 3 * BS + 1, 0, must_compute_one=True) == 3 * BS
+    assert any(t.pins for t in sched.manager.tiers)
+    sched.finished("r3")
+    assert not any(t.pins for t in sched.manager.tiers)
+
+
 def test_config_layout_must_match_engine():
     from kvbm.config import ConfigError
 

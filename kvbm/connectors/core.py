@@ -147,6 +147,17 @@ class ManagerBackend:
             self.manager.poll()  # stores that landed since the last step are servable now
             return self.manager.lookup(keys)
 
+    pins = True  # match() pins what it promises until the worker's load holds it
+
+    def pin(self, keys: Sequence[Any]) -> int:
+        """Pin the ready prefix of keys where it is (no eviction, no demotion); returns count."""
+        with self.lock:
+            return self.manager.pin(keys)
+
+    def unpin(self, keys: Sequence[Any]) -> None:
+        with self.lock:
+            self.manager.unpin(keys)
+
     def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
                     position: int = 0) -> Any:
         """A ticket, or None when the store was rejected (no room: a future miss, not an error)."""
@@ -208,6 +219,14 @@ class DaemonBackend:
         from ..client import Client
 
         return cls(Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout))
+
+    pins = False  # the daemon keeps its own leases; nothing is pinned from here
+
+    def pin(self, keys: Sequence[Any]) -> int:
+        return 0
+
+    def unpin(self, keys: Sequence[Any]) -> None:
+        return
 
     def lookup(self, keys: Sequence[Any]) -> tuple[int, list[str]]:
         keys = list(keys)
@@ -299,6 +318,7 @@ class LoadPlan:
     req_id: str
     keys: list
     block_ids: list[int]
+    pinned: bool = False  # the scheduler pinned keys at match time: the worker releases them
 
 
 @dataclass
@@ -322,6 +342,7 @@ class _Request:
     match_blocks: int = 0  # blocks matched by the last get-matched call
     stored: int = 0  # blocks already planned for store
     priorities: list | None = None  # per-block Hints
+    pinned: list = field(default_factory=list)  # keys pinned by match(), not yet handed to a load
 
 
 class SchedulerSide:
@@ -377,11 +398,26 @@ class SchedulerSide:
         n_hit, _ = self.backend.lookup(keys[:limit])
         start = num_computed // self.block_size
         r = self._reqs.setdefault(req_id, _Request())
+        self._release(r)  # a second match (preempted, resumed) replaces the first
         if n_hit <= start or num_computed % self.block_size:
             r.match_blocks = 0
             return 0
+        # Pin what is promised until the worker's load has pinned it itself: eviction or a
+        # background demotion in between would turn the promise into a load error.
+        if getattr(self.backend, "pins", False):
+            pinned = self.backend.pin(keys[start:n_hit])
+            r.pinned = list(keys[start:start + pinned])
+            n_hit = start + pinned  # a block gone since the lookup ends the promise there
+            if not pinned:
+                r.match_blocks = 0
+                return 0
         r.match_start, r.match_blocks = start, n_hit - start
         return r.match_blocks * self.block_size
+
+    def _release(self, r: _Request) -> None:
+        if r.pinned:
+            self.backend.unpin(r.pinned)
+            r.pinned = []
 
     def plan_load(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int) -> LoadPlan | None:
         """After the engine allocated blocks: load the matched keys into block_ids[start:end]."""
@@ -391,6 +427,12 @@ class SchedulerSide:
         n = num_external_tokens // self.block_size
         start = r.match_start
         plan = LoadPlan(req_id, list(r.keys[start:start + n]), list(block_ids[start:start + n]))
+        if r.pinned:  # the worker releases the plan's keys once its load holds them; the rest now
+            extra = r.pinned[n:]
+            r.pinned = []
+            if extra:
+                self.backend.unpin(extra)
+            plan.pinned = n > 0
         r.match_blocks = 0
         r.stored = max(r.stored, start + n)  # loaded blocks are in kvbm already
         self.loads.append(plan)
@@ -424,7 +466,10 @@ class SchedulerSide:
     def finished(self, req_id: str) -> int:
         """Forget the request; returns how many of its blocks were planned for store."""
         r = self._reqs.pop(req_id, None)
-        return r.stored if r is not None else 0
+        if r is None:
+            return 0
+        self._release(r)
+        return r.stored
 
     def take_plans(self) -> tuple[list[LoadPlan], list[StorePlan]]:
         loads, stores = self.loads, self.stores
@@ -499,6 +544,8 @@ class WorkerSide:
     def start_load(self, plan: LoadPlan) -> None:
         staging = self.kv.staging(len(plan.keys))
         ticket = self.backend.start_load(self._shard(plan.keys), staging)
+        if plan.pinned:  # the load pins its sources now: the scheduler's pins can go
+            self.backend.unpin(plan.keys)
         self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
     def start_store(self, plan: StorePlan, after: Any = None) -> None:

@@ -22,8 +22,8 @@ Worker half (model runner):
                                  touches a page before it is read), writes them to kvbm on a
                                  transfer thread
     get_finished                 completes transfers; scatters loaded blocks; reports loads
-    get_block_ids_with_load_errors  blocks that did not arrive intact (checksum, or evicted since
-                                 the lookup): vLLM recomputes them when kv_load_failure_policy is
+    get_block_ids_with_load_errors  blocks that did not arrive intact (checksum; matched blocks are
+                                 pinned until the load holds them): vLLM recomputes them when kv_load_failure_policy is
                                  "recompute"; its default, "fail", fails the request (warned at start)
     reset_cache                  a new key generation: nothing stored before is matched again
                                  (vLLM resets after a weight update)
