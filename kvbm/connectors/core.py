@@ -220,7 +220,7 @@ class DaemonBackend:
 
         return cls(Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout))
 
-    pins = False  # the daemon keeps its own leases; nothing is pinned from here
+    pins = False  # the daemon's lookup pins nothing yet: a promised block can still go before its load
 
     def pin(self, keys: Sequence[Any]) -> int:
         return 0
