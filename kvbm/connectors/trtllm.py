@@ -465,6 +465,9 @@ def _build_adapters() -> dict[str, type]:
                 if not self.transfers.direct:
                     stream.synchronize()  # the forward pass wrote the blocks we gather
                 self.transfers.save(meta, stream)  # direct: the copy kernel waits on `stream`
+                # and `stream` waits on the copy: nothing the engine queues next (a freed block
+                # reused or zeroed) touches a page before it is read (a stream wait, no host block)
+                self.transfers.worker.fence(stream)
 
         def get_finished(self, finished_gen_req_ids: list[int],
                          started_loading_req_ids: list[int]) -> tuple[list[int], list[int]]:
