@@ -430,3 +430,18 @@ def test_each_tensor_parallel_worker_keys_its_own_shard():
     # no parallel groups in this process: an unknown rank would collide, so it refuses
     with pytest.raises(RuntimeError, match="cannot tell this worker's tensor/pipeline-parallel rank"):
         _shard_rank(config(2), KVConnectorRole.WORKER)
+
+
+def test_blocks_vllm_and_kvbm_both_hold_are_not_stored_again(connectors):
+    # vLLM's own prefix cache holds the first 3 blocks, and kvbm holds them too: nothing to
+    # load, and only the 4th block is new to kvbm, so only it is gathered and stored (before:
+    # all 4 were copied out of the GPU again)
+    sched, worker = connectors
+    worker.register_kv_caches(kv_tensors())
+    toks = tokens(6, 3 * BLOCK + 5)
+    store_prompt(sched, worker, "a", toks, [0, 1, 2, 3])
+    longer = request("b", toks[:3 * BLOCK] + tokens(7, BLOCK + 5))  # same 3 blocks, then a 4th
+    assert sched.get_num_new_matched_tokens(longer, 3 * BLOCK) == (0, False)
+    sched.update_state_after_alloc(longer, blocks([4, 5, 6, 7, 8]), 0)
+    meta = schedule_new(sched, longer, [4, 5, 6, 7, 8], num_computed=3 * BLOCK)
+    assert not meta.loads and [p.block_ids for p in meta.stores] == [[7]]

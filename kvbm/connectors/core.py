@@ -349,12 +349,14 @@ class SchedulerSide:
     """Scheduler-half logic: which blocks to load, which to store; never touches bytes."""
 
     def __init__(self, manager: Any, lock: threading.RLock | None, namespace: Namespace,
-                 block_size: int) -> None:
+                 block_size: int, shards: int = 1) -> None:
         self.manager = manager  # a BlockManager or a backend
         self.lock = lock
         self.backend = as_backend(manager, lock)
         self.namespace = namespace
         self.block_size = block_size
+        # workers per block (tensor x pipeline parallel): the lookups see rank 0's shards only
+        self.shards = shards
         self._spaces: dict[str, Namespace] = {"": namespace}
         self._reqs: dict[str, _Request] = {}
         self.loads: list[LoadPlan] = []
@@ -375,7 +377,7 @@ class SchedulerSide:
         base = self.namespace
         self._generation = getattr(self, "_generation", 0) + 1
         self.namespace = Namespace(base.model, base.layout, f"{base.salt}\0generation {self._generation}")
-        self._spaces.clear()  # requests in flight keep the keys they have
+        self._spaces = {"": self.namespace}  # requests in flight keep the keys they have
 
     def _space(self, salt: str) -> Namespace:
         ns = self._spaces.get(salt)
@@ -399,6 +401,8 @@ class SchedulerSide:
         start = num_computed // self.block_size
         r = self._reqs.setdefault(req_id, _Request())
         self._release(r)  # a second match (preempted, resumed) replaces the first
+        if self.shards == 1:  # blocks the engine holds on device and kvbm holds too: never re-stored
+            r.stored = max(r.stored, min(n_hit, start))
         if n_hit <= start or num_computed % self.block_size:
             r.match_blocks = 0
             return 0

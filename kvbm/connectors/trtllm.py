@@ -174,8 +174,8 @@ class TrtllmPlanner:
     """
 
     def __init__(self, manager: BlockManager, lock: threading.RLock, namespace: Namespace,
-                 block_size: int) -> None:
-        self.side = SchedulerSide(manager, lock, namespace, block_size)
+                 block_size: int, shards: int = 1) -> None:
+        self.side = SchedulerSide(manager, lock, namespace, block_size, shards=shards)
         self.block_size = block_size
         self._seqs: dict[Any, _Seq] = {}
 
@@ -392,11 +392,15 @@ def _setup(llm_args: Any) -> tuple[BlockManager, threading.RLock, Namespace, int
     return manager, lock, Namespace(ns["model"], layout, ns.get("salt", "")), block_size
 
 
+def _shards(llm_args: Any) -> int:
+    """Workers holding a shard of each block: tensor x pipeline parallel."""
+    return (_field(llm_args, "tensor_parallel_size", default=1) or 1) * (
+        _field(llm_args, "pipeline_parallel_size", default=1) or 1)
+
+
 def _shard_rank(llm_args: Any) -> int:
     """This worker's shard of each block (MPI rank over tensor x pipeline parallel), 0 when alone."""
-    shards = (_field(llm_args, "tensor_parallel_size", default=1) or 1) * (
-        _field(llm_args, "pipeline_parallel_size", default=1) or 1)
-    if shards == 1:
+    if _shards(llm_args) == 1:
         return 0
     from tensorrt_llm._utils import mpi_rank
 
@@ -412,7 +416,7 @@ def _build_adapters() -> dict[str, type]:
         def __init__(self, llm_args: Any) -> None:
             super().__init__(llm_args)
             manager, lock, ns, block_size = _setup(llm_args)
-            self.planner = TrtllmPlanner(manager, lock, ns, block_size)
+            self.planner = TrtllmPlanner(manager, lock, ns, block_size, shards=_shards(llm_args))
 
         def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
             salt, keyable = request_identity(request)

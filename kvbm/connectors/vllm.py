@@ -192,7 +192,9 @@ class KVBMConnector(KVConnectorBase_V1):
         self.namespace = Namespace(ns["model"], layout, ns.get("salt", ""))
         self.block_size = layout.block_size
         self.async_load = bool(extra.get("async_load", True))
-        self.scheduler = SchedulerSide(self.manager, self.lock, self.namespace, self.block_size)
+        pc = vllm_config.parallel_config
+        self.scheduler = SchedulerSide(self.manager, self.lock, self.namespace, self.block_size,
+                                       shards=pc.tensor_parallel_size * pc.pipeline_parallel_size)
         # On a GPU, save with the copy kernel on kvbm's stream instead of a blocking copy-out
         # (fenced before the next step); "async_save": false restores the synchronous gather.
         self.worker = WorkerSide(self.manager, self.lock, async_save=bool(extra.get("async_save", True)),
