@@ -150,10 +150,11 @@ def demote(m: Any, tier: int, n: int, lock: Any = None, call: Any = None) -> int
     return sum(ok)
 
 
-def offload_headroom(cfg: Any, manager: Any) -> dict[int, int]:
-    """Blocks to keep free per tier (KVBMConfig tiers' headroom), for tiers holding real bytes."""
+def offload_headroom(cfg: Any, manager: Any = None) -> dict[int, int]:
+    """Blocks to keep free per tier with a tier below (KVBMConfig tiers' headroom); with
+    `manager`, only for tiers holding real bytes (the simulator models them all)."""
     return {i: t.offload_headroom for i, t in enumerate(cfg.tiers[:-1])
-            if not manager.tiers[i].storage.instant}
+            if t.offload_headroom > 0 and (manager is None or not manager.tiers[i].storage.instant)}
 
 
 class Offloader:

@@ -93,8 +93,9 @@ prefix of 2+ blocks (+0.0009 at 10k, +0.002 at 30k, -0.002 on a half trace at 5k
 Hints.position, the manager's slower structured path, and a threshold in blocks). "Passed" branches (when a
 request branches off a prefix of one conversation, the other continuation is almost never
 reused) helped Mooncake at 30k but misfires where sessions share a system prompt, so it is
-not in. Where the rest of the gap to Belady lies: with a perfect per-block "will it ever
-return" bit this policy reaches 0.328 at 10k; nothing known at insert time comes close.
+not in. Where the rest of the gap to Belady lies: given a perfect per-block "will it ever
+return" bit, the previous version of this policy reached 0.328 at 10k; nothing known at
+insert time comes close.
 
 Costs: insert, touch and remove O(1); evict O(classes) per victim (one queue head per class,
 plus protected keys skipped); a table update every capacity/4 inserts copies each queue's

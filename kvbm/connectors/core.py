@@ -358,6 +358,7 @@ class SchedulerSide:
         # workers per block (tensor x pipeline parallel): the lookups see rank 0's shards only
         self.shards = shards
         self._spaces: dict[str, Namespace] = {"": namespace}
+        self._generation = 0  # reset_cache() count: each generation keys apart from the last
         self._reqs: dict[str, _Request] = {}
         self.loads: list[LoadPlan] = []
         self.stores: list[StorePlan] = []
@@ -375,7 +376,7 @@ class SchedulerSide:
     def new_generation(self) -> None:
         """Key everything from now on apart from all blocks stored before (a reset: new weights)."""
         base = self.namespace
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._generation += 1
         self.namespace = Namespace(base.model, base.layout, f"{base.salt}\0generation {self._generation}")
         self._spaces = {"": self.namespace}  # requests in flight keep the keys they have
 
@@ -403,18 +404,16 @@ class SchedulerSide:
         self._release(r)  # a second match (preempted, resumed) replaces the first
         if self.shards == 1:  # blocks the engine holds on device and kvbm holds too: never re-stored
             r.stored = max(r.stored, min(n_hit, start))
-        if n_hit <= start or num_computed % self.block_size:
+        aligned = num_computed % self.block_size == 0
+        if n_hit > start and aligned and self.backend.pins:
+            # Pin what is promised until the worker's load has pinned it itself: eviction or a
+            # background demotion in between would turn the promise into a load error. A block
+            # gone since the lookup ends the promise there.
+            r.pinned = list(keys[start:start + self.backend.pin(keys[start:n_hit])])
+            n_hit = start + len(r.pinned)
+        if n_hit <= start or not aligned:
             r.match_blocks = 0
             return 0
-        # Pin what is promised until the worker's load has pinned it itself: eviction or a
-        # background demotion in between would turn the promise into a load error.
-        if getattr(self.backend, "pins", False):
-            pinned = self.backend.pin(keys[start:n_hit])
-            r.pinned = list(keys[start:start + pinned])
-            n_hit = start + pinned  # a block gone since the lookup ends the promise there
-            if not pinned:
-                r.match_blocks = 0
-                return 0
         r.match_start, r.match_blocks = start, n_hit - start
         return r.match_blocks * self.block_size
 
@@ -566,7 +565,7 @@ class WorkerSide:
 
     def _submit_store(self, plan: StorePlan, staging: Any) -> None:
         # None: rejected, no room (everything busy): a future miss, not an error
-        parent = plan.parent if plan.parent is None or not self.rank else shard_key(plan.parent, self.rank)
+        parent = None if plan.parent is None else shard_key(plan.parent, self.rank)
         ticket = self.backend.start_store(self._shard(plan.keys), staging, hints=plan.hints, parent=parent,
                                           position=plan.position)
         self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))

@@ -24,10 +24,10 @@ every layer), so a kvbm block is exactly one row of it. Loads are synchronous (T
 no per-block load-error path: a block that does not arrive intact raises in start_load_kv,
 which TensorRT-LLM runs outside its step's error handling, so the executor stops rather than
 computing on garbage). A new request's blocks may be stored a step late (TensorRT-LLM versions
-differ in whether computed_position counts the connector's tokens; late is safe, early is not). Stores gather in wait_for_save (on a GPU: kvbm's copy
-kernel queued behind the forward's stream, no host synchronize; the next step's stream is
-fenced behind it) and write on a transfer thread; a finished request holds its blocks until
-its writes are done.
+differ in whether computed_position counts the connector's tokens; late is safe, early is not).
+Stores gather in wait_for_save (on a GPU: kvbm's copy kernel queued behind the forward's
+stream, which then waits on the copy; no host synchronize) and write on a transfer thread; a
+finished request holds its blocks until its writes are done.
 """
 
 from __future__ import annotations

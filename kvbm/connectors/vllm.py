@@ -22,9 +22,10 @@ Worker half (model runner):
                                  touches a page before it is read), writes them to kvbm on a
                                  transfer thread
     get_finished                 completes transfers; scatters loaded blocks; reports loads
-    get_block_ids_with_load_errors  blocks that did not arrive intact (checksum; matched blocks are
-                                 pinned until the load holds them): vLLM recomputes them when kv_load_failure_policy is
-                                 "recompute"; its default, "fail", fails the request (warned at start)
+    get_block_ids_with_load_errors  blocks that did not arrive intact (a checksum; matched blocks
+                                 are pinned until the load holds them): vLLM recomputes them
+                                 when kv_load_failure_policy is "recompute"; its default,
+                                 "fail", fails the request (warned at start)
     reset_cache                  a new key generation: nothing stored before is matched again
                                  (vLLM resets after a weight update)
 
@@ -140,13 +141,19 @@ def layout_from_vllm(vllm_config: "VllmConfig"):
     )
 
 
+def _shards(vllm_config: "VllmConfig") -> int:
+    """Workers holding a shard of each block: tensor x pipeline parallel."""
+    pc = vllm_config.parallel_config
+    return pc.tensor_parallel_size * pc.pipeline_parallel_size
+
+
 def _shard_rank(vllm_config: "VllmConfig", role: Any) -> int:
     """Which shard of each block this worker holds (tensor x pipeline parallel), 0 when alone.
 
     Workers of one engine store their shards of a block side by side in one cache (the daemon,
     a shared G4): each keys its shard apart (WorkerSide.rank), so none reads another's."""
     pc = vllm_config.parallel_config
-    shards = pc.tensor_parallel_size * pc.pipeline_parallel_size
+    shards = _shards(vllm_config)
     if shards == 1 or getattr(role, "name", str(role)).upper().endswith("SCHEDULER"):
         return 0
     try:
@@ -174,7 +181,7 @@ class KVBMConnector(KVConnectorBase_V1):
         policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         if policy != "recompute":
             log.warning("kvbm connector: kv_load_failure_policy is %r, so a block kvbm cannot deliver "
-                        "(evicted since the lookup, or failing its checksum) fails its request; set "
+                        "(failing its checksum, or through the daemon evicted since the lookup) fails its request; set "
                         "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to recompute it",
                         policy)
         hash_bs = getattr(vllm_config.cache_config, "hash_block_size", None)
@@ -192,9 +199,8 @@ class KVBMConnector(KVConnectorBase_V1):
         self.namespace = Namespace(ns["model"], layout, ns.get("salt", ""))
         self.block_size = layout.block_size
         self.async_load = bool(extra.get("async_load", True))
-        pc = vllm_config.parallel_config
         self.scheduler = SchedulerSide(self.manager, self.lock, self.namespace, self.block_size,
-                                       shards=pc.tensor_parallel_size * pc.pipeline_parallel_size)
+                                       shards=_shards(vllm_config))
         # On a GPU, save with the copy kernel on kvbm's stream instead of a blocking copy-out
         # (fenced before the next step); "async_save": false restores the synchronous gather.
         self.worker = WorkerSide(self.manager, self.lock, async_save=bool(extra.get("async_save", True)),

@@ -157,7 +157,7 @@ class KVBMSecondaryTier(SecondaryTierManager):
         return JobResult(job.job_id, ok, None if ok else landed, elapsed, len(landed) * self.block_size_bytes)
 
     def has_pending_work(self) -> bool:
-        return bool(self._jobs)
+        return bool(self._jobs or self._finished)  # results drain_jobs kept for the next poll
 
     def drain_jobs(self) -> None:
         while self._jobs:  # a store's later pieces start as earlier ones finish

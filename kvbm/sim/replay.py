@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from ..config import KVBMConfig, PolicySpec, TierConfig
 from ..manager import BlockManager
-from ..offload import offload_pass
+from ..offload import offload_headroom, offload_pass
 from . import fast
 from .traces import Trace
 
@@ -70,8 +70,7 @@ class _TraceClock:
 
 def simulate(trace: Trace, config: KVBMConfig, progress: bool = True, offload: bool = False) -> SimResult:
     clock = _TraceClock()
-    headroom = ({i: t.offload_headroom for i, t in enumerate(config.tiers[:-1]) if t.offload_headroom > 0}
-                if offload else {})
+    headroom = offload_headroom(config) if offload else {}
     config.events = False  # the simulator counts; it has no subscriber for events
     future = [r.hash_ids for r in trace.requests]
     mgr = BlockManager.from_config(
