@@ -1,7 +1,14 @@
+import os
+import tempfile
+
 import pytest
 
 from kvbm.cli import BUNDLED
 from kvbm.sim.traces import load_trace
+
+# G4's default deployment secret is made under $XDG_CONFIG_HOME/kvbm: the suite, and the
+# daemons it starts, use a temporary one, never the user's.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="kvbm-test-config-")
 
 
 @pytest.fixture(scope="session")

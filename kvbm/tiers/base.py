@@ -15,10 +15,16 @@ a source slot in the same step it moves the key, so replays match the reference 
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
+
+log = logging.getLogger(__name__)
 
 TIER_NAMES = ("g1", "g2", "g3", "g4")
 MEDIUM_OF_TIER = {"g1": "device", "g2": "host", "g3": "disk", "g4": "object"}
@@ -39,6 +45,9 @@ class Region:
 class StorageErrors:
     io_errors: int = 0  # reads or writes that failed at the medium (fail soft: a miss)
     checksum_errors: int = 0  # blocks whose bytes did not match their checksum (never served)
+    foreign_objects: int = 0  # of those, objects with a valid CRC but no valid MAC (G4), and
+    #                           names in a listing that no key of ours seals to
+    writes_refused: int = 0  # writes refused while the medium is read-only (G3 on a full disk)
 
 
 class Storage(ABC):
@@ -76,6 +85,12 @@ class Storage(ABC):
     def read(self, items: Sequence[tuple[Any, Any, Any]]) -> list[bool]:
         raise NotImplementedError(f"{self.medium} storage holds no bytes")
 
+    @property
+    def writable(self) -> bool:
+        """False while the medium takes no new blocks (e.g. G3 on a full disk): the manager
+        then admits nothing into this tier and evicts nothing to make room."""
+        return True
+
     def recover(self) -> list[tuple[Any, Any]]:
         return []
 
@@ -96,6 +111,34 @@ def decode_key(name: str) -> Any:
     if name.startswith("i"):
         return int(name[1:])
     return bytes.fromhex(name)
+
+
+def make_private_dir(path: str | os.PathLike) -> None:
+    """Create `path` and any missing parents 0700 (whatever the umask). The leaf is kvbm's
+    own folder, so an existing one is set to 0700 too; parents that already existed are the
+    user's: left as they are, with a warning when other users may write into them."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and p != path:
+        st = p.stat()
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            log.warning("%s is writable by every user: another user could replace kvbm's folder %s "
+                        "under it; use a folder only you can write", p, path)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(d, 0o700)
+    if not missing and stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -4,13 +4,20 @@
     allocate() -> handle         an int below capacity_blocks, or None: capacity is a hard bound
     free(handle)                 the handle comes back at once; the object is deleted in the background
     write([(key, handle, buf)])  put objects concurrently -> per block True/False (never raises)
-    read([(key, handle, buf)])   get, verify header + length + key + CRC-32C, copy into buf
+    read([(key, handle, buf)])   get, verify header + length + CRC-32C + MAC, copy into buf
     recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first
 
-An object is `<url>/<namespace>/<encode_key(key)>`: a 64-byte header (magic, version,
-block_nbytes, CRC-32C of the payload, key) and then the payload. The name carries the
-namespace and the header repeats the key, so neither a renamed object nor another layout's
-block is ever served.
+An object is `<url>/<namespace>/<Seal.name(key)>`: a 64-byte header (magic, version,
+block_nbytes, CRC-32C of the payload, HMAC-SHA256) and then the payload. The name is the key
+sealed under the deployment secret (seal.py: `secret` / `secret_file`, else a per-user file
+made on first use), and the MAC covers the namespace, the key, the payload and the header
+fields. So another deployment sharing the bucket (another secret) can neither find nor
+overwrite our objects, and an object it wrote, forged with a valid header and CRC-32C, or
+renamed, is a counted miss (`errors.foreign_objects`, within `checksum_errors`), never
+served. Objects of kvbm before the MAC (header version 1) are never looked up: misses.
+CRC and MAC are computed in one pass, chunk by chunk, beside the copy.
+
+`file://` objects are created 0600 and the folders kvbm makes 0700, whatever the umask.
 
 Async filesystems (s3fs, gcsfs, ...) run each put/get as a coroutine on fsspec's IO loop
 under a semaphore of max_concurrency, each cancelled after `timeout` seconds (botocore's
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 import struct
 import threading
@@ -43,16 +51,17 @@ from typing import Any
 import numpy as np
 
 from .. import ops
-from .base import Region, Storage, decode_key, encode_key
+from .base import Region, Storage, make_private_dir
+from .seal import MAC_BYTES, Seal, object_secret
 
 MAGIC = b"KVB4"
-VERSION = 1
-# magic, version, key length, CRC-32C of the payload, block_nbytes; then the key's name,
-# zero-padded so that every object of a layout has one size (HEADER_MIN + block_nbytes for
-# keys up to 44 characters: 16-byte hashes and trace integers alike) and the payload starts
-# 64 bytes in. One size lets puts reuse their bodies and lets recover() spot torn objects.
+VERSION = 2
+# magic, version, MAC length, CRC-32C of the payload, block_nbytes; then the MAC, zero-padded
+# so that every object of a layout has one size (HEADER_MIN + block_nbytes) and the payload
+# starts 64 bytes in. One size lets puts reuse their bodies and lets recover() spot torn objects.
 HEADER = struct.Struct("<4sHHIQ")
 HEADER_MIN = 64
+CHUNK = 1 << 20  # CRC and MAC run over a chunk while it is in cache from the copy
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
 
@@ -69,7 +78,11 @@ def default_url() -> str:
 
 
 class Corrupt(Exception):
-    """The object exists but is not this block (header, key, length or CRC mismatch)."""
+    """The object exists but is not this block (header, length or CRC mismatch)."""
+
+
+class Foreign(Corrupt):
+    """Header and CRC hold but the MAC does not: another deployment's object, or a forgery."""
 
 
 class ObjectStorage(Storage):
@@ -79,7 +92,8 @@ class ObjectStorage(Storage):
     def __init__(self, capacity_blocks: int, block_nbytes: int, *, namespace: str = "default",
                  url: str | None = None, max_concurrency: int = 16,
                  storage_options: dict[str, Any] | None = None, timeout: float = 10.0,
-                 retry_after: float = 2.0) -> None:
+                 retry_after: float = 2.0, secret: str | bytes | None = None,
+                 secret_file: str | None = None) -> None:
         super().__init__(capacity_blocks, block_nbytes, namespace=namespace)
         if block_nbytes <= 0:
             raise ValueError("object storage needs a layout: block_nbytes must be > 0")
@@ -89,6 +103,7 @@ class ObjectStorage(Storage):
             raise ValueError(f"object storage max_concurrency must be >= 1, got {max_concurrency}")
         import fsspec
 
+        self._seal = Seal(object_secret(secret, secret_file), namespace)
         self.url = url or default_url()
         protocol = fsspec.core.split_protocol(self.url)[0] or "file"
         opts = _with_defaults(protocol, storage_options or {}, max_concurrency)
@@ -105,7 +120,7 @@ class ObjectStorage(Storage):
         self._async = bool(getattr(self.fs, "async_impl", False))
         self._local = "file" in _protocols(self.fs)
         if self._local:
-            self.fs.makedirs(self.prefix, exist_ok=True)
+            make_private_dir(self.prefix)
         self._mu = threading.Lock()
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out 0 first
         self._names: dict[int, str] = {}  # handle -> object path, once written or recovered
@@ -136,37 +151,40 @@ class ObjectStorage(Storage):
         return len(self._free)
 
     def path_of(self, key: Any) -> str:
-        return f"{self.prefix}/{encode_key(key)}"
+        return f"{self.prefix}/{self._seal.name(key)}"
 
     def describe(self, slot: int) -> list[Region]:
         path = self._names.get(slot)
         if path is None:
             raise ValueError(f"object slot {slot} holds no block")
         # the payload follows the header inside the object
-        return [Region("object", self.fs.unstrip_protocol(path), _header_len(path), self.block_nbytes)]
+        return [Region("object", self.fs.unstrip_protocol(path), HEADER_MIN, self.block_nbytes)]
 
     # ------------------------------------------------------------------ data
 
     def write(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
-        jobs = [(slot, self.path_of(key), _bytes(buf, self.block_nbytes)) for key, slot, buf in items]
+        jobs = [(slot, key, self.path_of(key), _bytes(buf, self.block_nbytes)) for key, slot, buf in items]
         with self._mu:
-            for slot, path, _ in jobs:
+            for slot, _, path, _ in jobs:
                 self._names[slot] = path  # before the put: free() must delete even a failed one
-        pending = [f for _, p, _ in jobs if (f := self._deleting.get(p)) is not None]
+        pending = [f for _, _, p, _ in jobs if (f := self._deleting.get(p)) is not None]
         if pending:  # a block freed and stored again: its delete must land before the new put
             wait(pending, timeout=self.timeout)
-        # CRC each block just before its put is queued: the first puts overlap the later CRCs.
-        futures = [self._submit("put", path, _header(path, len(data), ops.crc32c(data)), data)
-                   for _, path, data in jobs]
+        if not self._async:  # worker threads seal each block as they write it
+            return self._collect([self._submit("put", path, key, data) for _, key, path, data in jobs])
+        # Seal each block just before its put is queued (the IO loop only moves bytes): the
+        # first puts overlap the later MACs.
+        futures = [self._submit("put", path, self._header(key, data), data) for _, key, path, data in jobs]
         return self._collect(futures)
 
     def read(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
-        jobs = [(self.path_of(key), _bytes(buf, self.block_nbytes, writable=True)) for key, _, buf in items]
+        jobs = [(key, self.path_of(key), _bytes(buf, self.block_nbytes, writable=True))
+                for key, _, buf in items]
         if not self._async:  # worker threads read straight into the buffers and verify there
-            return self._collect([self._submit("get", path, dst) for path, dst in jobs])
+            return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs])
         # the IO loop only fetches; this thread verifies each object as it arrives and copies it
-        futures = [self._submit("get", path) for path, _ in jobs]
-        return self._collect(futures, lambda i, data: self._unpack(jobs[i][0], data, jobs[i][1]))
+        futures = [self._submit("get", path) for _, path, _ in jobs]
+        return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data))
 
     def recover(self) -> list[tuple[Any, int]]:
         """The newest objects of this namespace, up to the free handles; verified when read."""
@@ -181,6 +199,7 @@ class ObjectStorage(Storage):
         with self._mu:
             known = set(self._names.values())
         found = []
+        foreign = 0
         now = time.time()
         for info in listing:
             path = info["name"].rstrip("/")
@@ -191,16 +210,17 @@ class ObjectStorage(Storage):
                 if self._local and now - _mtime(info) > STALE_TMP_S:
                     _quietly(self.fs.rm_file, path)
                 continue
-            try:
-                key = decode_key(name)
-            except ValueError:
+            key = self._seal.key_of(name)
+            if key is None:  # another secret's (or an old kvbm's) object: left alone, never ours
+                foreign += 1
                 continue
-            if info.get("size") not in (None, _header_len(path) + self.block_nbytes):
+            if info.get("size") not in (None, HEADER_MIN + self.block_nbytes):
                 continue  # torn or foreign: it could never be served
             found.append((_mtime(info), name, key, path))
         found.sort(reverse=True)
         out = []
         with self._mu:
+            self.errors.foreign_objects += foreign
             for _, _, key, path in found[:len(self._free)]:
                 slot = self._free.pop()
                 self._names[slot] = path
@@ -219,16 +239,26 @@ class ObjectStorage(Storage):
 
     # ------------------------------------------------------------------ one object, synchronous fs
 
-    def _put(self, path: str, header: bytes, data: memoryview) -> None:
-        self.fs.pipe_file(path, b"".join((header, data)))
+    def _put(self, path: str, key: Any, data: memoryview) -> None:
+        self.fs.pipe_file(path, b"".join((self._header(key, data), data)))
 
-    def _put_local(self, path: str, header: bytes, data: memoryview) -> None:
+    def _put_local(self, path: str, key: Any, data: memoryview) -> None:
         head, name = path.rsplit("/", 1)
         tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            with open(fd, "wb") as f:
+                # one pass: each chunk is written, then CRC'd and MAC'd while still in cache;
+                # the header, which holds both, goes in last
+                f.write(bytes(HEADER_MIN))
+                crc, mac = 0, self._seal.mac(key)
+                for at in range(0, len(data), CHUNK):
+                    piece = data[at:at + CHUNK]
+                    f.write(piece)
+                    crc = ops.crc32c(piece, crc)
+                    mac.update(piece)
+                f.seek(0)
+                f.write(_pack(crc, len(data), mac))
             # A rename that replaces a file makes ext4 (auto_da_alloc) flush the new one at
             # once: 3-4x slower rewrites. Unlinking first skips that; a reader in between
             # sees no object (a miss), never half of one.
@@ -239,20 +269,23 @@ class ObjectStorage(Storage):
             _quietly(os.unlink, tmp)
             raise
 
-    def _get_into(self, path: str, dst: np.ndarray) -> None:
-        hlen = _header_len(path)
+    def _get_into(self, path: str, key: Any, dst: np.ndarray) -> None:
         with (open(path, "rb") if self._local else self.fs.open(path, "rb")) as f:
-            crc = self._check_header(path, f.read(hlen))
+            head = f.read(HEADER_MIN)
+            self._check_header(path, head)
             view, got = memoryview(dst), 0
+            crc, mac = 0, self._seal.mac(key)
             while got < self.block_nbytes:
-                n = f.readinto(view[got:])
+                n = f.readinto(view[got:got + CHUNK])
                 if not n:
                     raise Corrupt(f"{path}: short payload")
+                piece = view[got:got + n]
+                crc = ops.crc32c(piece, crc)
+                mac.update(piece)
                 got += n
             if f.read(1):
                 raise Corrupt(f"{path}: longer than one block")
-        if ops.crc32c(dst) != crc:
-            raise Corrupt(f"{path}: CRC-32C mismatch")
+        self._verify(path, head, crc, mac)
 
     def _delete(self, path: str) -> None:
         try:
@@ -288,29 +321,46 @@ class ObjectStorage(Storage):
 
     # ------------------------------------------------------------------ verification
 
-    def _unpack(self, path: str, data: bytes, dst: np.ndarray) -> None:
-        hlen = _header_len(path)
-        view = memoryview(data)
-        crc = self._check_header(path, view[:hlen])
-        if len(view) != hlen + self.block_nbytes:
-            raise Corrupt(f"{path}: {len(view) - hlen} payload bytes, expected {self.block_nbytes}")
-        payload = view[hlen:]
-        if ops.crc32c(payload) != crc:
-            raise Corrupt(f"{path}: CRC-32C mismatch")
-        dst[:] = np.frombuffer(payload, dtype=np.uint8)
+    def _header(self, key: Any, data: memoryview) -> bytes:
+        crc, mac = 0, self._seal.mac(key)
+        for at in range(0, len(data), CHUNK):
+            piece = data[at:at + CHUNK]
+            crc = ops.crc32c(piece, crc)
+            mac.update(piece)
+        return _pack(crc, len(data), mac)
 
-    def _check_header(self, path: str, head: bytes | memoryview) -> int:
-        """The payload's CRC, once the header proves the object is this block of this layout."""
-        name = path.rsplit("/", 1)[1].encode()
-        if len(head) != _header_len(path):
+    def _unpack(self, key: Any, path: str, dst: np.ndarray, data: bytes) -> None:
+        view = memoryview(data)
+        head = view[:HEADER_MIN]
+        self._check_header(path, head)
+        if len(view) != HEADER_MIN + self.block_nbytes:
+            raise Corrupt(f"{path}: {len(view) - HEADER_MIN} payload bytes, expected {self.block_nbytes}")
+        crc, mac = 0, self._seal.mac(key)
+        for at in range(0, self.block_nbytes, CHUNK):  # verify and copy chunk by chunk: one pass
+            piece = view[HEADER_MIN + at:HEADER_MIN + at + CHUNK]
+            crc = ops.crc32c(piece, crc)
+            mac.update(piece)
+            dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+        self._verify(path, head, crc, mac)
+
+    def _check_header(self, path: str, head: bytes | memoryview) -> None:
+        """Raises Corrupt unless the header is a kvbm object of this layout."""
+        if len(head) != HEADER_MIN:
             raise Corrupt(f"{path}: short header")
-        magic, version, klen, crc, nbytes = HEADER.unpack_from(head)
-        if magic != MAGIC or version != VERSION:
+        magic, version, mac_len, _, nbytes = HEADER.unpack_from(head)
+        if magic != MAGIC or version != VERSION or mac_len != MAC_BYTES:
             raise Corrupt(f"{path}: not a kvbm object (magic {bytes(magic)!r}, version {version})")
-        key = bytes(head[HEADER.size:]).rstrip(b"\0")
-        if nbytes != self.block_nbytes or klen != len(name) or key != name:
-            raise Corrupt(f"{path}: the header names another block ({nbytes} bytes, key {key!r})")
-        return crc
+        if nbytes != self.block_nbytes:
+            raise Corrupt(f"{path}: the header names another layout ({nbytes}-byte blocks)")
+
+    def _verify(self, path: str, head: bytes | memoryview, crc: int, mac: Any) -> None:
+        """The payload's CRC, then the MAC over namespace, key, payload and header fields."""
+        fields = bytes(head[:HEADER.size])
+        if HEADER.unpack(fields)[3] != crc:
+            raise Corrupt(f"{path}: CRC-32C mismatch")
+        mac.update(fields)
+        if not hmac.compare_digest(mac.digest(), bytes(head[HEADER.size:HEADER.size + MAC_BYTES])):
+            raise Foreign(f"{path}: valid CRC but no valid MAC: not this deployment's block")
 
     # ------------------------------------------------------------------ running jobs
 
@@ -330,7 +380,7 @@ class ObjectStorage(Storage):
         """Per job True when it (and `finish` on its result) succeeded; failures are counted."""
         index = {f: i for i, f in enumerate(futures)}
         ok = [False] * len(futures)
-        io = bad = 0
+        io = bad = foreign = 0
         for fut in as_completed(index):  # every job carries its own timeout, so this ends
             i = index[fut]
             try:
@@ -338,12 +388,15 @@ class ObjectStorage(Storage):
                 if finish is not None:
                     finish(i, result)
                 ok[i] = True
+            except Foreign:
+                bad += 1
+                foreign += 1
             except Corrupt:
                 bad += 1
             except Exception:
                 io += 1
         if io or bad:
-            self._count(io_errors=io, checksum_errors=bad)
+            self._count(io_errors=io, checksum_errors=bad, foreign_objects=foreign)
         return ok
 
     async def _bounded(self, coro: Callable, *args: Any) -> Any:
@@ -380,19 +433,18 @@ class ObjectStorage(Storage):
         if not fut.cancelled() and fut.exception() is not None:
             self._count(io_errors=1)
 
-    def _count(self, io_errors: int = 0, checksum_errors: int = 0) -> None:
+    def _count(self, io_errors: int = 0, checksum_errors: int = 0, foreign_objects: int = 0) -> None:
         with self._mu:
             self.errors.io_errors += io_errors
             self.errors.checksum_errors += checksum_errors
+            self.errors.foreign_objects += foreign_objects
 
 
-def _header(path: str, nbytes: int, crc: int) -> bytes:
-    name = path.rsplit("/", 1)[1].encode()
-    return HEADER.pack(MAGIC, VERSION, len(name), crc, nbytes) + name.ljust(_header_len(path) - HEADER.size, b"\0")
-
-
-def _header_len(path: str) -> int:
-    return max(HEADER_MIN, HEADER.size + len(path) - path.rindex("/") - 1)
+def _pack(crc: int, nbytes: int, mac: Any) -> bytes:
+    """The header: fields, then the MAC (fed the fields last, after the payload), zero-padded."""
+    fields = HEADER.pack(MAGIC, VERSION, MAC_BYTES, crc, nbytes)
+    mac.update(fields)
+    return (fields + mac.digest()).ljust(HEADER_MIN, b"\0")
 
 
 def _bytes(buf: Any, nbytes: int, writable: bool = False) -> Any:

@@ -1,0 +1,168 @@
+"""The deployment secret, and what it seals: G4 object names and payloads.
+
+    read_secret_file(path, what) -> bytes   a secret file's bytes; refused when group/others can read or write it
+    object_secret(secret=, secret_file=)    the G4 secret: given, read from a file, or the per-user default
+    Seal(secret, namespace)                 one namespace's keys derived from the secret
+    Seal.name(key) -> str                   the object name of a block key (keyed: unfindable without the secret)
+    Seal.key_of(name) -> key | None         the block key back from a name; None for a foreign or forged name
+    Seal.mac(key) -> hmac object            HMAC-SHA256 over namespace, key, payload and header fields
+
+Names are a deterministic authenticated encryption of the key (SIV: a synthetic tag, then
+the key XORed with a stream drawn from the tag), so recover() gets every key back from a
+listing without reading an object, another deployment (another secret) can neither find our
+blocks by their keys nor write under our names, and a listing shows no key in the clear
+(a bucket reader cannot test whether a guessed prompt was cached). Each namespace derives its
+own keys, so one namespace's names and MACs say nothing in another.
+
+HMAC-SHA256 rather than keyed BLAKE2b: OpenSSL's SHA-256 (SHA-NI) runs ~1.4 GB/s per core
+on a 16 MiB payload here against ~0.7 GB/s for hashlib's blake2b.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+TAG_BYTES = 16
+MAC_BYTES = 32
+MIN_SECRET_BYTES = 16
+DEFAULT_SECRET_NAME = "object.secret"
+
+
+class SecretError(ValueError):
+    """A secret file is missing, too short, or readable or writable by other users."""
+
+
+def read_secret_file(path: str | os.PathLike, what: str) -> bytes:
+    """The stripped bytes of a secret file that only its owner may read and write."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise SecretError(f"{what}: cannot read {p}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretError(f"{what}: {p} is readable or writable by other users (mode "
+                              f"{stat.S_IMODE(mode):04o}); run `chmod 600 {p}`")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read().strip()
+    finally:
+        os.close(fd)
+    return data
+
+
+def default_secret_file() -> Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "kvbm" / DEFAULT_SECRET_NAME
+
+
+def object_secret(secret: str | bytes | None = None, secret_file: str | os.PathLike | None = None) -> bytes:
+    """The G4 secret: `secret`, else `secret_file`, else the per-user default file, made
+    (32 random bytes, hex, 0600 in a 0700 folder) on first use."""
+    if secret:
+        data = secret.encode() if isinstance(secret, str) else bytes(secret)
+        where = "object storage secret"
+    else:
+        where = f"object storage secret_file {secret_file}" if secret_file else "object storage secret"
+        path = Path(secret_file) if secret_file else _ensure_default(default_secret_file())
+        data = read_secret_file(path, "object storage secret_file")
+    if len(data) < MIN_SECRET_BYTES:
+        raise SecretError(f"{where} holds {len(data)} bytes; use at least {MIN_SECRET_BYTES} random bytes "
+                          f"(e.g. `head -c 32 /dev/urandom | xxd -p -c 64 > FILE; chmod 600 FILE`)")
+    return data
+
+
+def _ensure_default(path: Path) -> Path:
+    if path.exists():
+        return path
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = folder / f".{DEFAULT_SECRET_NAME}.{os.getpid()}.{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.write(fd, os.urandom(32).hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # never replaces: two processes starting at once agree on one secret
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path
+
+
+def _derive(secret: bytes, label: bytes, namespace: bytes) -> bytes:
+    return hmac.new(secret, label + b"\0" + _field(namespace), hashlib.sha256).digest()
+
+
+def _field(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little") + data
+
+
+class Seal:
+    """One namespace's object names and MACs under a deployment secret."""
+
+    def __init__(self, secret: bytes, namespace: str) -> None:
+        ns = namespace.encode()
+        self.namespace = ns
+        self._name_key = _derive(secret, b"kvbm-g4-name", ns)
+        self._stream_key = _derive(secret, b"kvbm-g4-stream", ns)
+        self._mac = hmac.new(_derive(secret, b"kvbm-g4-mac", ns), _field(ns), hashlib.sha256)
+
+    def name(self, key: Any) -> str:
+        plain = _plain(key)
+        tag = hmac.new(self._name_key, plain, hashlib.sha256).digest()[:TAG_BYTES]
+        return (tag + _xor(plain, self._stream(tag, len(plain)))).hex()
+
+    def key_of(self, name: str) -> Any:
+        try:
+            raw = bytes.fromhex(name)
+        except ValueError:
+            return None
+        if len(raw) < TAG_BYTES + 1:
+            return None
+        tag, sealed = raw[:TAG_BYTES], raw[TAG_BYTES:]
+        plain = _xor(sealed, self._stream(tag, len(sealed)))
+        if not hmac.compare_digest(hmac.new(self._name_key, plain, hashlib.sha256).digest()[:TAG_BYTES], tag):
+            return None
+        return _key(plain)
+
+    def mac(self, key: Any) -> "hmac.HMAC":
+        """A running MAC over namespace and key: feed it the payload, then the (fixed-size)
+        header fields, then digest()."""
+        m = self._mac.copy()
+        m.update(_field(_plain(key)))
+        return m
+
+    def _stream(self, tag: bytes, n: int) -> bytes:
+        return hashlib.shake_256(self._stream_key + tag).digest(n)
+
+
+def _plain(key: Any) -> bytes:
+    if isinstance(key, bytes):
+        return b"\x00" + key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return b"\x01" + str(key).encode()
+    raise TypeError(f"persistent storages need bytes or int block keys, got {type(key).__name__}")
+
+
+def _key(plain: bytes) -> Any:
+    if plain[:1] == b"\x00":
+        return plain[1:]
+    if plain[:1] == b"\x01":
+        try:
+            return int(plain[1:].decode("ascii"))
+        except ValueError:
+            return None
+    return None
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")

@@ -1,0 +1,232 @@
+"""G4 objects bound to the deployment (its secret) and the namespace: two deployments sharing
+one prefix never load or overwrite each other's blocks, and a forged object with a valid header
+and CRC-32C is a counted miss. Plus the secret's own rules (file mode, length, default)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import uuid
+
+import numpy as np
+import pytest
+
+from kvbm import BlockManager, KVBMConfig, KVLayout
+from kvbm.config import ConfigError
+from kvbm.demo import block_content
+from kvbm.ops import crc32c
+from kvbm.tiers.object import HEADER, HEADER_MIN, MAGIC, VERSION, ObjectStorage
+from kvbm.tiers.seal import MAC_BYTES, Seal, SecretError, default_secret_file, object_secret
+
+KiB = 1024
+A, B = b"a" * 32, b"b" * 32  # two deployments' secrets
+
+
+@pytest.fixture(params=["memory", "file"])
+def url(request, tmp_path):
+    if request.param == "memory":
+        return f"memory://kvbm-{uuid.uuid4().hex[:8]}"
+    return f"file://{tmp_path}/g4"
+
+
+def blocks(n: int, nbytes: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+
+
+def store(g4, keys, data):
+    slots = [g4.allocate() for _ in keys]
+    assert g4.write(list(zip(keys, slots, data))) == [True] * len(keys)
+    return slots
+
+
+def load(g4, keys, slots):
+    out = np.zeros((len(keys), g4.block_nbytes), dtype=np.uint8)
+    return g4.read(list(zip(keys, slots, out))), out
+
+
+def objects(g4) -> list[str]:
+    g4.fs.invalidate_cache(g4.prefix)
+    return sorted(p for p in g4.fs.find(g4.prefix))
+
+
+def test_two_secrets_on_one_prefix_never_load_or_overwrite_each_other(url):
+    keys = [b"\x01" * 16, 7, b"\x02" * 16]
+    a = ObjectStorage(8, 4 * KiB, namespace="ns", url=url, secret=A)
+    b = ObjectStorage(8, 4 * KiB, namespace="ns", url=url, secret=B)
+    da, db = blocks(3, 4 * KiB, 1), blocks(3, 4 * KiB, 2)
+    sa = store(a, keys, da)
+    # b looks the same keys up: other names, so nothing is found; nothing to recover either,
+    # and a's three objects in the listing are counted as foreign
+    assert load(b, keys, [b.allocate() for _ in keys])[0] == [False] * 3
+    assert b.recover() == [] and b.errors.foreign_objects == 3
+    # b stores the same keys: its own names, a's objects untouched
+    sb = store(b, keys, db)
+    assert len(objects(a)) == 6
+    ok, out = load(a, keys, sa)
+    assert ok == [True] * 3 and np.array_equal(out, da)
+    ok, out = load(b, keys, sb[:3])
+    assert ok == [True] * 3 and np.array_equal(out, db)
+    # a restarted a recovers its own three, and counts b's three as foreign
+    again = ObjectStorage(8, 4 * KiB, namespace="ns", url=url, secret=A)
+    assert sorted(map(repr, (k for k, _ in again.recover()))) == sorted(map(repr, keys))
+    assert again.errors.foreign_objects == 3
+    # b frees its blocks: only its own objects go
+    for s in sb:
+        b.free(s)
+    b.close()
+    assert len(objects(a)) == 3
+    assert load(a, keys, sa)[0] == [True] * 3
+
+
+def forge(g4, key, payload: np.ndarray, mac: bytes) -> None:
+    """A header a CRC check accepts (magic, version, size, CRC-32C of the payload), any MAC."""
+    fields = HEADER.pack(MAGIC, VERSION, MAC_BYTES, crc32c(payload), payload.nbytes)
+    g4.fs.pipe_file(g4.path_of(key), (fields + mac).ljust(HEADER_MIN, b"\0") + payload.tobytes())
+
+
+def test_a_forged_object_with_a_valid_crc_is_a_counted_miss(url):
+    g4 = ObjectStorage(4, 4 * KiB, namespace="ns", url=url, secret=A)
+    key, evil = b"\x05" * 16, blocks(1, 4 * KiB, 9)[0]
+    (slot,) = store(g4, [key], blocks(1, 4 * KiB, 3))
+    forge(g4, key, evil, bytes(MAC_BYTES))
+    ok, out = load(g4, [key], [slot])
+    assert ok == [False]
+    assert (g4.errors.checksum_errors, g4.errors.foreign_objects, g4.errors.io_errors) == (1, 1, 0)
+    # the MAC of another deployment (it knows the key, not our secret) fails the same way
+    other = Seal(B, "ns").mac(key)
+    other.update(evil.tobytes())
+    other.update(HEADER.pack(MAGIC, VERSION, MAC_BYTES, crc32c(evil), evil.nbytes))
+    forge(g4, key, evil, other.digest())
+    assert load(g4, [key], [slot])[0] == [False] and g4.errors.foreign_objects == 2
+    # a valid object of ours for another key, copied under this key's name: also a miss
+    (s2,) = store(g4, [99], blocks(1, 4 * KiB, 4))
+    g4.fs.pipe_file(g4.path_of(key), g4.fs.cat_file(g4.path_of(99)))
+    assert load(g4, [key, 99], [slot, s2])[0] == [False, True] and g4.errors.foreign_objects == 3
+
+
+def test_one_secret_two_namespaces_never_share_a_name_or_a_mac(url):
+    a = ObjectStorage(4, 4 * KiB, namespace="model-a--f00", url=url, secret=A)
+    b = ObjectStorage(4, 4 * KiB, namespace="model-b--f00", url=url, secret=A)
+    key = b"\x03" * 16
+    assert a.path_of(key).rsplit("/", 1)[1] != b.path_of(key).rsplit("/", 1)[1]
+    store(a, [key], blocks(1, 4 * KiB, 5))
+    # moved into b's folder under b's name for the key: b's MAC key differs, so a miss
+    b.fs.pipe_file(b.path_of(key), a.fs.cat_file(a.path_of(key)))
+    assert load(b, [key], [b.allocate()])[0] == [False] and b.errors.foreign_objects == 1
+
+
+def test_an_object_from_before_the_mac_is_a_miss(tmp_path):
+    url = f"file://{tmp_path}/g4"
+    g4 = ObjectStorage(4, 4 * KiB, namespace="ns", url=url, secret=A)
+    payload = blocks(1, 4 * KiB, 6)[0]
+    # version 1: the key's name in the header, no MAC, under the key's plain name
+    old = struct.pack("<4sHHIQ", MAGIC, 1, 2, crc32c(payload), payload.nbytes) + b"i5"
+    g4.fs.pipe_file(f"{g4.prefix}/i5", old.ljust(HEADER_MIN, b"\0") + payload.tobytes())
+    assert g4.recover() == [] and g4.errors.foreign_objects == 1
+    assert load(g4, [5], [g4.allocate()])[0] == [False]
+
+
+def manager(tmp_path, url, secret_file=None, g2=2, g4=16):
+    g4_storage = {"name": "object", "url": url}
+    if secret_file:
+        g4_storage["secret_file"] = str(secret_file)
+    cfg = KVBMConfig.from_dict({
+        "namespace": {"model": "shared-model"},
+        "tiers": [{"name": "g2", "capacity": g2, "storage": {"name": "host", "pin": "never"}},
+                  {"name": "g4", "capacity": g4, "storage": g4_storage}]})
+    cfg.layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
+    return BlockManager.from_config(cfg)
+
+
+def secret_file(path, data: bytes):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, data)
+    os.close(fd)
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_two_managers_with_different_secrets_share_a_prefix_and_never_meet(tmp_path, scheme):
+    url = f"memory://kvbm-{uuid.uuid4().hex[:8]}" if scheme == "memory" else f"file://{tmp_path}/g4"
+    fa, fb = secret_file(tmp_path / "a.secret", A), secret_file(tmp_path / "b.secret", B)
+    keys = list(range(1, 11))
+    m = manager(tmp_path, url, fa)
+    n = m.tiers[0].storage.block_nbytes
+    for k in keys:  # 10 blocks through a 2-block G2: 8 or more cascade into G4
+        m.store([k], source=[block_content(k, n)])
+    m.close()
+    # deployment B on the same prefix: recovers nothing, finds nothing
+    mb = manager(tmp_path, url, fb)
+    assert mb.tiers[1].stats.recovered == 0 and mb.lookup(keys)[0] == 0
+    assert mb.tiers[1].storage.errors.foreign_objects >= 8
+    for k in keys:  # B stores the same keys with other bytes
+        mb.store([k], source=[np.full(n, 0xEE, np.uint8)])
+    mb.close()
+    # A again: every block it had in G4 comes back with A's bytes
+    ma = manager(tmp_path, url, fa)
+    recovered = ma.tiers[1].stats.recovered
+    assert recovered >= 8
+    hits = [k for k in keys if k in ma]
+    out = [np.zeros(n, np.uint8) for _ in hits]
+    job = ma.load(hits, destination=out)
+    assert job.loaded == len(hits) == recovered
+    for k, buf in zip(hits, out):
+        assert np.array_equal(buf, block_content(k, n)), f"block {k}: not A's bytes"
+    ma.close()
+
+
+def test_a_secret_file_others_can_read_is_refused_with_the_fix(tmp_path):
+    path = secret_file(tmp_path / "g4.secret", A)
+    os.chmod(path, 0o644)
+    with pytest.raises(SecretError, match=rf"{path}.*chmod 600 {path}"):
+        object_secret(secret_file=path)
+    with pytest.raises(ConfigError, match=rf"tiers.g4.storage: .*chmod 600 {path}"):
+        manager(tmp_path, f"file://{tmp_path}/g4", path)
+    os.chmod(path, 0o600)
+    assert object_secret(secret_file=path) == A
+    os.chmod(path, 0o620)  # group-writable: someone else could set our secret
+    with pytest.raises(SecretError, match="chmod 600"):
+        object_secret(secret_file=path)
+
+
+def test_a_short_or_missing_secret_is_refused(tmp_path):
+    with pytest.raises(SecretError, match="at least 16"):
+        object_secret(secret_file=secret_file(tmp_path / "short", b"abc\n"))
+    with pytest.raises(SecretError, match="cannot read"):
+        object_secret(secret_file=tmp_path / "absent")
+
+
+def test_the_default_secret_is_made_once_0600_in_a_0700_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    old = os.umask(0o022)
+    try:
+        first = object_secret()
+    finally:
+        os.umask(old)
+    path = default_secret_file()
+    assert path == tmp_path / "config" / "kvbm" / "object.secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert len(first) == 64 and object_secret() == first  # kept: the same deployment after a restart
+    # two storages with no secret configured agree, so an embedded user's G4 survives restarts
+    url = f"file://{tmp_path}/g4"
+    g4 = ObjectStorage(2, 4 * KiB, namespace="ns", url=url)
+    store(g4, [1], blocks(1, 4 * KiB, 1))
+    g4.close()
+    assert [k for k, _ in ObjectStorage(2, 4 * KiB, namespace="ns", url=url).recover()] == [1]
+
+
+def test_names_hide_the_key_and_unseal_only_under_the_secret():
+    a, b = Seal(A, "ns"), Seal(B, "ns")
+    for key in (b"\x00" * 16, bytes(range(16)), 0, -5, 2**70, b""):
+        name = a.name(key)
+        assert a.key_of(name) == key and b.key_of(name) is None
+        assert key.hex() not in name if isinstance(key, bytes) and key else True
+    assert a.name(1) != a.name(b"1") and a.name(1) != b.name(1)
+    # any tampered character breaks the seal
+    name = a.name(b"\x07" * 16)
+    for i in range(len(name)):
+        bad = name[:i] + ("0" if name[i] != "0" else "1") + name[i + 1:]
+        assert a.key_of(bad) is None
+    assert a.key_of("zz") is None and a.key_of("") is None
