@@ -1,0 +1,159 @@
+"""Lower-tier I/O off the request loop: blocks in G3/G4 come up to G2 on transfer threads.
+
+    Onboarder(manager, wake)               one per daemon; the owner thread calls all but wake
+    Onboarder.start(skeys) -> bool         onboard what the ready prefix of skeys holds below G2;
+                                           True when the request should wait for it
+    Onboarder.wait(skeys, deadline, finish)   finish() runs on the owner thread once those blocks
+                                           landed (or failed), or at the deadline, whichever is first
+    Onboarder.service(now)                 complete finished transfers, run finished waiters
+    refuse_object_writes(manager, owner)   a G4 put asked of the owner thread fails at once
+
+A client's load_prepare (and a peer's peer_lookup) used to copy G3/G4 blocks into G2 inside the
+request (manager.load): a hung object store (SIGSTOPped, a black-holed route) stalled the whole
+loop for its timeout, and every G2-only client with it. Now the loop only does the metadata:
+`manager.submit_load(keys)` pins the sources and reserves G2 slots; a transfer thread moves the
+bytes; `manager.poll()` on the owner thread completes them. The request that needed them waits
+(its reply is deferred, the loop serves everyone else) at most `wait_s`, then gets the G2 prefix
+that is ready: blocks still in flight are a miss for that request, never stale bytes.
+
+The one other place G4 I/O could run on the loop is a store into a full G2 whose background
+offloader fell behind (a hung store holds it): the manager then demotes victims synchronously.
+`refuse_object_writes` makes that cascade's G4 put fail at once on the owner thread, so those
+victims drop (counted as the tier's `failed`) instead of the loop waiting on the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("kvbm.daemon")
+WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (clients time out at 10 s)
+MAX_JOBS = 64        # onboarding transfers in flight; beyond this a request is answered from G2
+G4_TIMEOUT_S = 2.0   # the daemon's default object-store timeout per put/get (was the client's 10 s)
+
+
+class _Waiter:
+    __slots__ = ("keys", "deadline", "finish")
+
+    def __init__(self, keys: list, deadline: float, finish: Callable[[], None]) -> None:
+        self.keys, self.deadline, self.finish = keys, deadline, finish
+
+
+class Onboarder:
+    """Promotions from the tiers below G2, completed on the owner thread (see the module doc)."""
+
+    def __init__(self, manager: Any, wake: Callable[[], None], wait_s: float = WAIT_S,
+                 max_jobs: int = MAX_JOBS) -> None:
+        self.manager = manager
+        self.wait_s = wait_s
+        self.max_jobs = max_jobs
+        self._wake = wake  # any thread: have the owner call service() soon
+        self._tickets: list = []
+        self._inflight: dict = {}  # key -> number of our tickets bringing it up
+        self._waiting: list[_Waiter] = []
+        self.started = 0  # blocks whose onboarding began (stats)
+        self.deferred = 0  # requests that waited
+
+    def __len__(self) -> int:
+        """Keys in flight (a bounded map: at most max_jobs tickets of max_keys each)."""
+        return len(self._inflight)
+
+    def start(self, skeys: list) -> bool:
+        """Owner thread: submit the promotion of the ready prefix's blocks below G2 (unless one
+        is already on its way); True if any block of that prefix is coming up."""
+        m = self.manager
+        top = m.tiers[0]
+        n, where = m.lookup(skeys)
+        prefix = skeys[:n]
+        lower = [k for k, w in zip(prefix, where) if w != top.name and k not in top.pending]
+        if lower and len(self._tickets) < self.max_jobs:
+            ticket = m.submit_load(lower, None)
+            coming = [key for key, _, _, _ in ticket.job.promotions]
+            if ticket.future is None or not coming:
+                m.poll()  # nothing to copy (no room, refused): completes and unpins now
+            else:
+                self._tickets.append(ticket)
+                for k in coming:
+                    self._inflight[k] = self._inflight.get(k, 0) + 1
+                self.started += len(coming)
+                ticket.future.add_done_callback(self._done)
+        return any(k in self._inflight for k in prefix)
+
+    def wait(self, skeys: list, finish: Callable[[], None], wait_s: float | None = None) -> None:
+        """Owner thread: run finish() once skeys' blocks in flight landed, or after wait_s."""
+        self.deferred += 1
+        wait_s = self.wait_s if wait_s is None else min(wait_s, self.wait_s)
+        self._waiting.append(_Waiter(skeys, time.monotonic() + wait_s, finish))
+
+    def service(self, now: float | None = None) -> None:
+        """Owner thread: complete finished transfers; answer the waiters that can go."""
+        if self._tickets and any(t.future.done() for t in self._tickets):
+            self.manager.poll()
+            keep = []
+            for t in self._tickets:
+                if not t.done:
+                    keep.append(t)
+                    continue
+                for key, _, _, _ in t.job.promotions:
+                    c = self._inflight.pop(key, 1) - 1
+                    if c > 0:
+                        self._inflight[key] = c
+            self._tickets = keep
+        if not self._waiting:
+            return
+        now = time.monotonic() if now is None else now
+        ready, self._waiting = self._split(now)
+        for w in ready:
+            try:
+                w.finish()
+            except Exception:  # one request's reply must not take the others down
+                log.exception("answering a request after onboarding failed")
+
+    def close(self) -> None:
+        """Owner thread, at shutdown: answer every waiter with what G2 holds now."""
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            try:
+                w.finish()
+            except Exception:
+                log.exception("answering a request at shutdown failed")
+
+    def _split(self, now: float) -> tuple[list, list]:
+        ready, keep = [], []
+        for w in self._waiting:
+            if w.deadline <= now or not any(k in self._inflight for k in w.keys):
+                ready.append(w)
+            else:
+                keep.append(w)
+        return ready, keep
+
+    def _done(self, _future: Any) -> None:
+        try:
+            self._wake()
+        except Exception:  # the owner is shutting down: close() answers the waiters
+            pass
+
+
+def refuse_object_writes(manager: Any, owner: Callable[[], int]) -> int:
+    """Make every object-store tier's `write` fail at once when called on the thread `owner()`
+    names (the request loop); other threads (the offloader) write as before. Tiers changed."""
+    changed = 0
+    for t in manager.tiers:
+        storage = t.storage
+        if getattr(storage, "medium", "") != "object" or getattr(storage, "_kvbm_off_loop", False):
+            continue
+
+        def write(items: Any, _write: Callable = storage.write, _name: str = t.name) -> list[bool]:
+            if threading.get_ident() == owner():
+                log.warning("%s: %d blocks dropped instead of a synchronous put on the request loop "
+                            "(the background offloader is behind; is the object store slow?)", _name, len(items))
+                return [False] * len(items)
+            return _write(items)
+
+        storage.write = write
+        storage._kvbm_off_loop = True
+        changed += 1
+    return changed

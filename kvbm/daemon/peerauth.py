@@ -1,0 +1,103 @@
+"""Peer daemons prove to each other that they hold the cluster's peer secret.
+
+    load_secret(path) -> bytes              daemon.peer_secret_file: >= 16 bytes, not readable by others
+    prove(secret, role, nonce, challenge)   HMAC-SHA256 over both nonces, one label per direction
+    Challenges(secret)                      the serving side's single-use, bounded, expiring challenges
+    Challenges.issue(nonce) -> (challenge, proof)     step 1 of peer_hello: we prove ourselves first
+    Challenges.check(nonce, challenge, proof) -> bool step 2: the puller proves itself
+    server_ok(secret, nonce, challenge, proof)        the puller's check of step 1
+
+The handshake (both directions, so neither side talks to an impostor):
+
+    puller  -> server   peer_hello {nonce: 32 random bytes}
+    server  -> puller   {challenge: 32 random bytes, proof: HMAC(K, "server" | nonce | challenge)}
+    puller checks the server's proof, then
+    puller  -> server   peer_hello {nonce, challenge, proof: HMAC(K, "puller" | nonce | challenge)}
+    server  -> puller   {session, agent, metadata}     only now: the NIXL metadata names our G2 pool
+
+The secret K is separate from the client token: a client (which knows the token, or nothing on
+a loopback bind) cannot open a peer session, so it can never ask for another namespace's
+addresses. The labels keep a proof from being reflected back as the other side's; a challenge is
+used once and expires after CHALLENGE_TTL_S, and at most MAX_CHALLENGES wait (the oldest goes):
+a flood of first steps costs bounded memory. The session id that follows is a bearer secret on
+the link, like the token; the link itself is not encrypted (see SECURITY.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+import time
+from collections import OrderedDict
+
+from ..config import ConfigError
+
+NONCE_BYTES = 32
+MIN_SECRET_BYTES = 16
+CHALLENGE_TTL_S = 30.0
+MAX_CHALLENGES = 256
+_LABEL = b"kvbm-peer-hello/1/"
+
+
+def load_secret(path: str) -> bytes:
+    """The peer secret in `path` (surrounding whitespace stripped); ConfigError names what is wrong."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"daemon.peer_secret_file: cannot read {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"daemon.peer_secret_file {path} is readable by other users "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"daemon.peer_secret_file {path} holds {len(secret)} bytes; use at least "
+                          f"{MIN_SECRET_BYTES} random ones (e.g. `head -c 32 /dev/urandom | base64 > FILE`)")
+    return secret
+
+
+def prove(secret: bytes, role: bytes, nonce: bytes, challenge: bytes) -> bytes:
+    """What `role` (b"server" or b"puller") sends to show it holds `secret`."""
+    return hmac.new(secret, _LABEL + role + b"\0" + nonce + challenge, hashlib.sha256).digest()
+
+
+def nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def server_ok(secret: bytes, our_nonce: bytes, challenge: object, proof: object) -> bool:
+    """The puller's check of the server's first answer: it holds the secret too."""
+    return (isinstance(challenge, bytes) and len(challenge) == NONCE_BYTES and isinstance(proof, bytes)
+            and hmac.compare_digest(prove(secret, b"server", our_nonce, challenge), proof))
+
+
+class Challenges:
+    """The serving side of the handshake: challenges issued and not yet answered."""
+
+    def __init__(self, secret: bytes, clock=time.monotonic) -> None:
+        self._secret = secret
+        self._clock = clock
+        self._open: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()  # challenge -> (nonce, expiry)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def issue(self, their_nonce: bytes) -> tuple[bytes, bytes]:
+        now = self._clock()
+        while self._open and (len(self._open) >= MAX_CHALLENGES or next(iter(self._open.values()))[1] < now):
+            self._open.popitem(last=False)
+        challenge = nonce()
+        self._open[challenge] = (their_nonce, now + CHALLENGE_TTL_S)
+        return challenge, prove(self._secret, b"server", their_nonce, challenge)
+
+    def check(self, their_nonce: bytes, challenge: bytes, proof: bytes) -> bool:
+        """True once per issued challenge answered with the right proof (then it is spent)."""
+        entry = self._open.pop(challenge, None)
+        if entry is None:
+            return False
+        issued_for, expiry = entry
+        if expiry < self._clock() or not hmac.compare_digest(issued_for, their_nonce):
+            return False
+        return hmac.compare_digest(prove(self._secret, b"puller", their_nonce, challenge), proof)
