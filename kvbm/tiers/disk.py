@@ -26,17 +26,29 @@ Open replays the index (a torn tail record ends it; per slot and per key the lat
 wins, a delete removes) and rewrites it compacted: temporary file, fsync, rename, fsync of
 the folder. An index written for another block size or capacity is dropped with a warning
 and the store starts empty: old slots are never read with the wrong layout.
+
+On a full disk (ENOSPC, EDQUOT) that rewrite cannot land: the store then opens read-only
+(one warning), serves what the index holds, and refuses writes (`writable` is False, so the
+manager admits nothing and evicts nothing here; a write that comes anyway fails, counted in
+`errors.writes_refused`). Every `readonly_retry_s` a write attempt (or `writable`) tries
+the rewrite again; once it lands the store takes writes again.
+
+The folder is 0700 and both files 0600, whatever the umask: other local users can neither
+read cached KV nor learn which blocks are cached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import os
 import shutil
+import stat
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from .. import ops
-from .base import Region, Storage, decode_key, encode_key
+from .base import Region, Storage, decode_key, encode_key, make_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,7 @@ PUT_ENTRY = struct.Struct("<IIH")  # slot, crc32c of the block, key length; the 
 DELETE_BODY = struct.Struct("<I")  # slot
 MAX_RECORD = 1 << 30  # a garbled length beyond this ends the replay
 COMPACT_ENTRIES = 65536  # put entries per frame when the index is rewritten
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def align_up(n: int, a: int = PAGE) -> int:
@@ -123,7 +136,8 @@ class DiskStorage(Storage):
     persistent = True
 
     def __init__(self, capacity_blocks: int, block_nbytes: int, *, path: str | os.PathLike | None = None,
-                 direct: bool = True, threads: int = 0, **options: Any) -> None:
+                 direct: bool = True, threads: int = 0, readonly_retry_s: float = 5.0,
+                 **options: Any) -> None:
         super().__init__(capacity_blocks, block_nbytes, **options)
         if path is None:
             raise ValueError("disk storage needs `path`, a folder on a local disk (NVMe)")
@@ -134,7 +148,7 @@ class DiskStorage(Storage):
         self.stride = align_up(block_nbytes)
         self.threads = threads
         self.folder = Path(path) / self.namespace
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.folder)
         self.slots_path = self.folder / SLOTS_FILE
         self.index_path = self.folder / INDEX_FILE
         self._lock = threading.Lock()
@@ -144,14 +158,19 @@ class DiskStorage(Storage):
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out slot 0 first
         self._used: set[int] = set()
         self._fd = self._log_fd = -1
+        self.read_only = False
+        self.readonly_retry_s = readonly_retry_s
+        self._retry_at = 0.0
         self._replay()
         self._fd, self.direct = self._open_slots(direct)
         try:
             self._compact()
         except OSError as exc:
-            os.close(self._fd)
-            raise OSError(exc.errno, f"disk storage: cannot write the index {self.index_path}: "
-                                     f"{exc.strerror}") from exc
+            if exc.errno not in NO_SPACE:
+                os.close(self._fd)
+                raise OSError(exc.errno, f"disk storage: cannot write the index {self.index_path}: "
+                                         f"{exc.strerror}") from exc
+            self._enter_read_only(exc)
         self._compact_after = max(4096, 4 * capacity_blocks)  # appended records before a rewrite
 
     # ---------------------------------------------------------------- open
@@ -192,6 +211,37 @@ class DiskStorage(Storage):
             elif kind == DELETE:
                 self._unmap(deleted)
 
+    def _enter_read_only(self, exc: OSError) -> None:
+        """The index could not be rewritten for lack of space: serve what it holds, take no writes."""
+        self.read_only = True
+        self._retry_at = time.monotonic() + self.readonly_retry_s
+        with contextlib.suppress(OSError):  # an index from before 0600: no one else reads it now
+            os.chmod(self.index_path, 0o600)
+        log.warning("disk storage: %s is full (%s); G3 opens read-only: it serves the %d blocks it holds and "
+                    "takes no new ones until space is freed there", self.folder, exc.strerror, len(self._index))
+
+    def _writable_now(self) -> bool:
+        """Under the lock: False while read-only; retries the index rewrite now and then."""
+        if not self.read_only:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._compact()
+        except OSError as exc:
+            self._retry_at = time.monotonic() + self.readonly_retry_s
+            if exc.errno not in NO_SPACE:
+                log.warning("disk storage: cannot rewrite %s: %s", self.index_path, exc.strerror)
+            return False
+        self.read_only = False
+        log.warning("disk storage: %s has room again; G3 takes new blocks", self.folder)
+        return True
+
+    @property
+    def writable(self) -> bool:
+        with self._lock:
+            return self._writable_now()
+
     def _open_slots(self, direct: bool) -> tuple[int, bool]:
         path, need = self.slots_path, self.capacity_blocks * self.stride
         created = not path.exists()
@@ -199,14 +249,16 @@ class DiskStorage(Storage):
         fd, is_direct = -1, False
         if direct and hasattr(os, "O_DIRECT"):
             try:
-                fd, is_direct = os.open(path, flags | os.O_DIRECT, 0o644), True
+                fd, is_direct = os.open(path, flags | os.O_DIRECT, 0o600), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._warn_buffered(exc)
         if fd < 0:
-            fd = os.open(path, flags, 0o644)
+            fd = os.open(path, flags, 0o600)
         try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # a slot file from before 0600
+                os.fchmod(fd, 0o600)
             if os.fstat(fd).st_size > need:
                 os.ftruncate(fd, need)
             os.posix_fallocate(fd, 0, need)
@@ -220,7 +272,7 @@ class DiskStorage(Storage):
                                      f"are free there") from exc
         if is_direct and not self._direct_reads_work(fd):
             os.close(fd)
-            fd, is_direct = os.open(path, flags, 0o644), False
+            fd, is_direct = os.open(path, flags, 0o600), False
         return fd, is_direct
 
     def _direct_reads_work(self, fd: int) -> bool:
@@ -253,8 +305,9 @@ class DiskStorage(Storage):
             frames.append(_put_record(run_seq, run))
         data = b"".join(frames)
         tmp = self.index_path.with_name(INDEX_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
+            os.fchmod(fd, 0o600)  # a leftover temporary file keeps its old mode through O_CREAT
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -327,7 +380,9 @@ class DiskStorage(Storage):
                 raise ValueError(f"disk storage: slot {slot} is not allocated")
             self._used.remove(slot)
             self._free.append(slot)
-            if self._unmap(slot) is not None:
+            # read-only: no delete record (none could land); the slot takes no new bytes meanwhile,
+            # so a block that comes back after a restart still matches its record
+            if self._unmap(slot) is not None and not self.read_only:
                 self._seq += 1
                 if not self._append(_frame(DELETE, self._seq, DELETE_BODY.pack(slot))):
                     self.errors.io_errors += 1  # it may come back after a restart; its crc still holds
@@ -391,6 +446,9 @@ class DiskStorage(Storage):
         if not items:
             return []
         with self._lock:
+            if not self._writable_now():
+                self.errors.writes_refused += len(items)
+                return [False] * len(items)
             for slot in slots:  # its bytes are about to change: the old block is gone
                 self._unmap(slot)
         crcs = np.zeros(len(items), dtype=np.uint32)

@@ -1,0 +1,130 @@
+"""G3 on a full disk: the store opens read-only, serves what it holds, refuses new blocks,
+and takes them again once space returns. On a real 1 MiB tmpfs (root only; skipped with the
+reason elsewhere), and by an injected ENOSPC (any user)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from kvbm.tiers import disk as disk_mod
+from kvbm.tiers.disk import DiskStorage
+
+KIB = 1024
+NBYTES = 64 * KIB
+
+
+def content(key: int) -> np.ndarray:
+    return np.random.default_rng(key).integers(0, 256, NBYTES, dtype=np.uint8)
+
+
+def write_keys(store, keys) -> dict:
+    slots = {k: store.allocate() for k in keys}
+    assert store.write([(k, s, content(k)) for k, s in slots.items()]) == [True] * len(keys)
+    return slots
+
+
+def served(store, pairs) -> list[bool]:
+    bufs = [np.zeros(NBYTES, np.uint8) for _ in pairs]
+    ok = store.read([(k, s, b) for (k, s), b in zip(pairs, bufs)])
+    for (k, _), good, buf in zip(pairs, ok, bufs):
+        if good:
+            np.testing.assert_array_equal(buf, content(k))
+    return ok
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder) -> None:
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, bytes(4 * KIB))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                return
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_opens_read_only_serves_what_it_holds_and_recovers(small_fs, caplog):
+    with DiskStorage(8, NBYTES, namespace="ns", path=small_fs) as store:  # 512 KiB preallocated
+        slots = write_keys(store, [1, 2, 3])
+    fill(small_fs)
+
+    # restart on the full disk: the index rewrite at open fails, the store opens anyway
+    caplog.set_level(logging.WARNING, logger="kvbm.tiers.disk")
+    store = DiskStorage(8, NBYTES, namespace="ns", path=small_fs, readonly_retry_s=0)
+    assert store.read_only and not store.writable
+    warnings = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
+    assert len(warnings) == 1 and "serves the 3 blocks" in warnings[0]
+    recovered = store.recover()
+    assert recovered == [(1, slots[1]), (2, slots[2]), (3, slots[3])]
+    assert served(store, recovered) == [True, True, True]
+
+    # new blocks are refused and counted; nothing it holds is touched
+    slot = store.allocate()
+    assert store.write([(50, slot, content(50))]) == [False]
+    assert store.errors.writes_refused == 1 and store.errors.io_errors == 0
+    store.free(slots[3])  # an eviction meanwhile: gone now, no record can be written
+    assert served(store, recovered[:2]) == [True, True]
+
+    # space comes back: the next write (or `writable`) rewrites the index and writes again
+    os.unlink(small_fs / "filler")
+    assert store.write([(50, slot, content(50))]) == [True]
+    assert not store.read_only and store.writable
+    assert served(store, [(50, slot)]) == [True]
+    store.close()
+    with DiskStorage(8, NBYTES, namespace="ns", path=small_fs) as again:
+        assert sorted(again.recover()) == sorted([(1, slots[1]), (2, slots[2]), (50, slot)])
+
+
+def test_an_injected_enospc_at_open_is_read_only_too(tmp_path, monkeypatch):
+    """Without root: the index rewrite's os.write fails with ENOSPC (monkeypatched)."""
+    with DiskStorage(4, NBYTES, namespace="ns", path=tmp_path, direct=False) as store:
+        slots = write_keys(store, [7, 8])
+    real_write = os.write
+
+    def no_space(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(disk_mod.os, "write", no_space)
+    store = DiskStorage(4, NBYTES, namespace="ns", path=tmp_path, direct=False, readonly_retry_s=0)
+    assert store.read_only and not (tmp_path / "ns" / "index.log.tmp").exists()
+    assert served(store, store.recover()) == [True, True]
+    assert store.write([(9, store.allocate(), content(9))]) == [False]
+    assert store.errors.writes_refused == 1
+    monkeypatch.setattr(disk_mod.os, "write", real_write)
+    assert store.writable
+    s9 = store.allocate()
+    assert store.write([(9, s9, content(9))]) == [True]
+    store.close()
+    with DiskStorage(4, NBYTES, namespace="ns", path=tmp_path, direct=False) as again:
+        assert sorted(again.recover()) == sorted([(7, slots[7]), (8, slots[8]), (9, s9)])
+
+
+def test_other_errors_at_open_still_fail_with_the_path(tmp_path, monkeypatch):
+    with DiskStorage(4, NBYTES, namespace="ns", path=tmp_path, direct=False):
+        pass
+    monkeypatch.setattr(disk_mod, "_fsync_folder", lambda folder: (_ for _ in ()).throw(
+        OSError(errno.EIO, os.strerror(errno.EIO))))
+    with pytest.raises(OSError, match="cannot write the index .*index.log"):
+        DiskStorage(4, NBYTES, namespace="ns", path=tmp_path, direct=False)
