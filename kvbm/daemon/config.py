@@ -4,7 +4,8 @@
       address: tcp://127.0.0.1:5557       # or ipc:///run/kvbm/kvbm.sock
       events: tcp://127.0.0.1:5558        # KV-event PUB stream for routers ("" = off)
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
-      token: ""                           # or token_file; required for a non-loopback address
+      token: ""                           # or token_file (mode 0600: refused if others may read it);
+                                          # required for a non-loopback address
       shm_name: kvbm-g2                   # /dev/shm file that holds the G2 pool
       lease_s: 10                         # a client silent this long loses its pins
       peers: [tcp://10.0.0.2:5557]        # other nodes' daemons, asked on a local miss
@@ -20,10 +21,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import ConfigError, KVBMConfig, check_keys, apply_env, read_file
+from ..tiers.seal import SecretError, read_secret_file
 
 
 @dataclass
@@ -50,10 +51,7 @@ class DaemonConfig:
         cfg = cls(**data)
         cfg.validate()
         if cfg.token_file and not cfg.token:
-            try:
-                cfg.token = Path(cfg.token_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"daemon.token_file: cannot read {cfg.token_file}: {exc.strerror}") from None
+            cfg.token = read_token_file(cfg.token_file)
         for name in ("address", "events"):
             addr = getattr(cfg, name)
             if addr and not cfg.token and not is_local(addr):
@@ -88,6 +86,22 @@ class DaemonConfig:
             raise ConfigError(f"daemon.peers must be a list of tcp://HOST:PORT addresses, got {self.peers!r}")
         if self.nixl not in ("auto", True, False):
             raise ConfigError(f"daemon.nixl must be auto, true or false, got {self.nixl!r}")
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path`; refused when group or others may read or write the file (a token
+    others can read is theirs too; one they can write lets them choose it)."""
+    try:
+        data = read_secret_file(path, "daemon.token_file")
+    except SecretError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        token = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"daemon.token_file: {path} is not text; write the token as one line") from None
+    if not token:
+        raise ConfigError(f"daemon.token_file: {path} is empty; write the token in it (one line)")
+    return token
 
 
 def is_local(address: str) -> bool:
