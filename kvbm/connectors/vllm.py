@@ -29,17 +29,24 @@ Worker half (model runner):
     reset_cache                  a new key generation: nothing stored before is matched again
                                  (vLLM resets after a weight update)
 
-Scheduler and worker share one BlockManager per process (keyed by the config). Deployments
-whose workers live in other processes (tensor parallel > 1) need the kvbm daemon: extra config
-{"kvbm_daemon": "tcp://127.0.0.1:5557", "kvbm_token": "..."} (optional "kvbm_salt") talks to a
-`kvbm serve` daemon through kvbm.client instead (the daemon's tiers; kvbm_config is not used).
+Where the cache lives (every executor layout reaches one cache, or refuses at start):
+    one process ("uni" executor,       scheduler and worker share one BlockManager per process
+      VLLM_ENABLE_V1_MULTIPROCESSING=0)  (keyed by the config)
+    workers in child processes ("mp":  the engine's own kvbm daemon (engine_daemon.py), started by
+      vLLM's CPU default, TP/PP > 1)    the first of its processes, holding kvbm_config's tiers
+    a node's shared daemon             extra config {"kvbm_daemon": "ipc://..." or "tcp://...",
+                                       "kvbm_token": "..."} (optional "kvbm_salt"): a `kvbm serve`
+                                       daemon through kvbm.client (its tiers; kvbm_config unused)
+    ray / multi-node                   refused at start unless kvbm_daemon is set
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
+from ..config import ConfigError
 from .core import (
     LoadPlan,
     SchedulerSide,
@@ -141,6 +148,25 @@ def layout_from_vllm(vllm_config: "VllmConfig"):
     )
 
 
+def workers_apart(vllm_config: "VllmConfig") -> bool:
+    """Whether vLLM runs its workers in other processes than the scheduler (one node).
+
+    "uni" runs the worker inside the engine core, and "external_launcher" (torchrun) runs one
+    whole engine per process: one manager per process is the engine's cache. "mp" (vLLM's CPU
+    build defaults to it) runs workers in child processes on this node. Anything else may put
+    workers on other nodes, where no node-local cache reaches: refused with what to set."""
+    pc = vllm_config.parallel_config
+    backend = pc.distributed_executor_backend
+    if backend in ("uni", "external_launcher"):
+        return False
+    if backend == "mp" and (getattr(pc, "nnodes", 1) or 1) <= 1:
+        return True
+    name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+    raise ConfigError(f"kvbm connector: vLLM's executor {name!r} may run workers on other nodes; run "
+                      f"`kvbm serve` on every node and set kv_connector_extra_config.kvbm_daemon "
+                      f"(the in-process kvbm_config cannot serve workers elsewhere)")
+
+
 def _shards(vllm_config: "VllmConfig") -> int:
     """Workers holding a shard of each block: tensor x pipeline parallel."""
     pc = vllm_config.parallel_config
@@ -194,7 +220,15 @@ class KVBMConnector(KVConnectorBase_V1):
             self.manager, self.lock = shared_backend(daemon), None
         else:
             self.config = resolve_config(extra.get("kvbm_config"), layout, vllm_config.model_config.model)
-            self.manager, self.lock = shared_manager(self.config)
+            if workers_apart(vllm_config):  # one cache for the engine: its own daemon, started here
+                from .engine_daemon import attach
+
+                daemon = attach(self._kv_transfer_config.engine_id, self.config)
+                self.manager, self.lock = shared_backend(daemon), None
+                log.info("kvbm connector (%s, pid %d): scheduler and workers in different processes "
+                         "share the engine's own kvbm daemon at %s", role, os.getpid(), daemon["address"])
+            else:
+                self.manager, self.lock = shared_manager(self.config)
         ns = self.config["namespace"]
         self.namespace = Namespace(ns["model"], layout, ns.get("salt", ""))
         self.block_size = layout.block_size

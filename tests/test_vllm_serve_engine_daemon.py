@@ -1,0 +1,154 @@
+"""An engine's own kvbm daemon (kvbm.connectors.engine_daemon), without vLLM.
+
+The scheduler half and the workers of one engine live in different processes under vLLM's
+multiprocessing executor; each asks engine_daemon.attach(engine_id, config) for the cache.
+Here three processes play those parts: the first starts the daemon, the others join it, a
+block stored by one is looked up and loaded, byte for byte, by another, and when the starter
+exits the daemon stops and leaves nothing behind (socket, rendezvous files, G2 in /dev/shm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+
+from kvbm.blocks import KVLayout
+from kvbm.config import ConfigError
+from kvbm.connectors import engine_daemon
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="float16")
+CONFIG = {"namespace": {"model": "tiny", "salt": ""},
+          "layout": {f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__},
+          "tiers": [{"name": "g2", "capacity": 32, "storage": {"name": "host", "pin": "never"}}]}
+
+# One process of the engine: attach, then act ("store" or "load"), print a JSON line, and wait
+# for a line on stdin before exiting (so the test decides when the starter goes).
+PART = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from kvbm.connectors import core, engine_daemon
+    instance, act, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    spec = engine_daemon.attach(instance, cfg)
+    backend = core.shared_backend(spec)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    rows = [np.full(backend.block_nbytes, i + 7, np.uint8) for i in range(4)]
+    out = {"address": spec["address"], "pid": __import__("os").getpid()}
+    if act == "store":
+        t = backend.start_store(keys, rows)
+        backend.poll([t], wait=True)
+        out["stored"] = t.result()
+    else:
+        out["hit"] = backend.lookup(keys)[0]
+        dst = [np.zeros(backend.block_nbytes, np.uint8) for _ in range(4)]
+        t = backend.start_load(keys, dst)
+        backend.poll([t], wait=True)
+        out["loaded"] = backend.loaded(t)
+        out["equal"] = all(bool((d == r).all()) for d, r in zip(dst, rows))
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()
+    core.release_managers()
+""")
+
+
+def _part(instance: str, act: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PART, instance, act, json.dumps(CONFIG)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _line(proc: subprocess.Popen) -> dict:
+    line = proc.stdout.readline()
+    assert line, f"part exited with {proc.wait()}"
+    return json.loads(line)
+
+
+def _wait(cond, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    env = {**os.environ}
+    instance = f"engine-{uuid.uuid4().hex[:8]}"
+    starter = _part(instance, "store", env)
+    joiners = []
+    try:
+        first = _line(starter)
+        assert first["stored"] == 4
+        joiners = [_part(instance, "load", env) for _ in range(2)]  # the scheduler, a second rank
+        for j in joiners:
+            got = _line(j)
+            assert got["address"] == first["address"]  # one daemon for the engine
+            assert (got["hit"], got["loaded"], got["equal"]) == (4, 4, True)
+        root = engine_daemon.runtime_dir()
+        assert root.startswith(str(tmp_path)) and os.stat(root).st_mode & 0o777 == 0o700
+        info = json.loads(open(os.path.join(root, f"{instance}.json")).read())
+        shm = f"/dev/shm/kvbm-{os.getuid()}-{instance}"
+        assert os.path.exists(shm)
+    finally:
+        for p in [starter, *joiners]:
+            p.stdin.write("\n")
+            p.stdin.flush()
+            p.wait(timeout=60)
+    # The starter is gone: its daemon stops by itself and cleans up.
+    assert _wait(lambda: not _alive(info["pid"]))
+    assert _wait(lambda: not os.path.exists(shm))
+    left = [f for f in os.listdir(root) if not f.endswith(".lock")]
+    assert left == []
+
+
+def test_a_second_engine_gets_its_own_daemon(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    env = {**os.environ}
+    a, b = _part("engine-a", "store", env), _part("engine-b", "load", env)
+    try:
+        got_a, got_b = _line(a), _line(b)
+        assert got_a["address"] != got_b["address"]
+        assert got_b["hit"] == 0 and got_b["loaded"] == 0  # engine b never sees engine a's blocks
+    finally:
+        for p in (a, b):
+            p.stdin.write("\n")
+            p.stdin.flush()
+            p.wait(timeout=60)
+
+
+def test_a_bad_config_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    bad = {**CONFIG, "tiers": [{"name": "g3", "capacity": 8, "storage": {"name": "disk", "path": str(tmp_path / "d")}}]}
+    with pytest.raises(ConfigError, match="first tier must be g2") as err:
+        engine_daemon.attach("engine-bad", bad)
+    assert "\n" not in str(err.value)
+
+
+def test_runtime_dir_of_another_mode_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / f"kvbm-{os.getuid()}").mkdir(mode=0o755)
+    os.chmod(tmp_path / f"kvbm-{os.getuid()}", 0o755)
+    with pytest.raises(ConfigError, match="mode 0700"):
+        engine_daemon.runtime_dir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie of ours would still answer
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
