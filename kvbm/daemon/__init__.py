@@ -4,6 +4,10 @@
     protocol.py   msgpack messages over zmq ROUTER/DEALER: limits, field validation, errors
     leases.py     per-client sessions: namespace, heartbeat deadline, pins and reservations
     server.py     Daemon: the request loop that owns the manager; `kvbm serve`
+    sessions.py   hello / heartbeat / bye and lease expiry (ops of Daemon)
+    dataplane.py  lookup, two-phase store and load, pin / unpin (ops of Daemon)
+    events.py     KV events drained after each request, published per namespace
+    peering.py    peer_* ops and the puller thread (cross-node pulls)
     metrics.py    Prometheus collector and the /metrics, /health HTTP endpoint
     peers.py      cross-node pulls: NIXL agent over the shared G2 pool, peer requests
 

@@ -5,17 +5,15 @@
     Daemon.shutdown()               roll back reservations, release pins, close storages
 
 One thread owns the manager: requests are handled in order, so the manager's invariants need
-no locks. The HTTP metrics thread reads a snapshot only.
+no locks. The HTTP metrics thread reads a snapshot only. Helper threads (the offloader, the
+peer puller) ask the owner thread for every manager step through `_owner` (a call queue and a
+wake-up pipe).
 
-Peer pulls run off the request loop. A lookup that misses locally (and may ask peers) is handed
-to the puller thread and answered when the pull ends; meanwhile the loop serves everyone else.
-The puller does the network work (ask the peer, NIXL READ, verify crc32c) and asks the owner
-thread, through a call queue and a wake-up pipe, for every manager step: reserve slots before
-the READ, commit or roll back after it. Pulls run one at a time, in order; at most
-MAX_PENDING_PULLS wait, beyond that a lookup is answered from local tiers only.
-
-On the serving side a peer_lookup pins the blocks and answers their addresses at once; their
-crc32c is computed on a helper thread while the peer READs and goes back with peer_release.
+The ops live beside this file, one concern each, as mixins of Daemon:
+    sessions.py    hello / heartbeat / bye, lease expiry
+    dataplane.py   lookup, store_prepare / store_commit, load_prepare / load_release, pin / unpin
+    events.py      KV events drained after each request, published per namespace
+    peering.py     peer_* ops and the puller thread (cross-node pulls over NIXL)
 """
 
 from __future__ import annotations
@@ -30,49 +28,27 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable
 
-import numpy as np
 import zmq
 
-from .. import ops
-from ..blocks import KVLayout
 from ..config import ConfigError, KVBMConfig
 from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
-from ..policies.base import Hints
 from . import protocol as P
 from .config import DaemonConfig
-from .leases import Session, Sessions, namespace_of, server_key
+from .dataplane import DataPlane
+from .events import Events
+from .leases import PEER_NS, Sessions
 from .metrics import Metrics
-from .peers import Agent, Peers
+from .peering import DEFERRED, Peering, ShuttingDown
+from .sessions import SessionOps
 
 log = logging.getLogger("kvbm.daemon")
-PEER_NS = b"peer"
-MAX_EVENTS = 10_000  # per session, oldest dropped
-MAX_PENDING_PULLS = 64  # lookups waiting for the puller; beyond this, local answers only
-PULL_CHUNK_BYTES = 64 << 20  # a pull READs in chunks; each landed chunk is checksummed during the next
-DEFERRED = object()  # an op's result when the reply is sent later (a lookup waiting for a pull)
 
 
-class _Pending:
-    """A lookup answered when its pull ends."""
-
-    __slots__ = ("envelope", "rid", "skeys", "t0")
-
-    def __init__(self, envelope: list, rid: int, skeys: list, t0: float) -> None:
-        self.envelope, self.rid, self.skeys, self.t0 = envelope, rid, skeys, t0
-
-
-class ShuttingDown(RuntimeError):
-    """The owner thread no longer takes calls (the puller stops)."""
-
-
-_LAYOUT_FIELDS = {f.name: f.type for f in dataclasses.fields(KVLayout)}
-
-
-class Daemon:
+class Daemon(SessionOps, DataPlane, Events, Peering):
     def __init__(self, config: KVBMConfig, dcfg: DaemonConfig) -> None:
         self.dcfg = dcfg
         self.config = _daemon_tiers(config, dcfg)
@@ -108,18 +84,7 @@ class Daemon:
         if dcfg.metrics:
             host, port = self.metrics.serve(dcfg.metrics)
             self.metrics_address = f"{host}:{port}"
-        self.agent: Agent | None = None
-        self._late: list = []  # (NIXL handle, StoreJob): READs past their timeout (puller's own)
-        self.nixl_note = "cross-node pulls are off (daemon.nixl: false)"
-        if dcfg.nixl is not False:
-            self.agent, self.nixl_note = Agent.create(self.pool.pool, f"kvbm-{os.uname().nodename}-{os.getpid()}-"
-                                                                      f"{os.urandom(3).hex()}")
-            if self.agent is None and dcfg.nixl is True:
-                raise ConfigError(f"daemon.nixl is true but {self.nixl_note}")
-        self.peers = Peers(self.ctx, dcfg.peers, dcfg.token, dcfg.peer_timeout_s) if dcfg.peers and self.agent else None
-        if dcfg.peers and self.agent is None:
-            log.warning("daemon.peers is set but %s", self.nixl_note)
-        # owner-thread calls from the puller (and other helpers): (Future | None, fn, args)
+        # owner-thread calls from helper threads (the puller, the offloader): (Future | None, fn, args)
         self._owner_ident = threading.get_ident()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
@@ -128,24 +93,14 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._current: tuple | None = None  # (envelope, rid, t0) of the request being handled
-        self._pending = 0  # lookups waiting for a pull
-        self._pull_jobs: dict = {}  # id(job) -> (StoreJob, keys reserved below G2): pulls in flight
-        self._stopping = False  # shutdown began: queued pulls are answered from local tiers
-        self._pulls: queue.SimpleQueue = queue.SimpleQueue()
-        self._puller: threading.Thread | None = None
-        if self.peers is not None:
-            self._puller = threading.Thread(target=self._pull_loop, name="kvbm-puller", daemon=True)
-            self._puller.start()
-        self._crc_pool: ThreadPoolExecutor | None = None  # crc32c of blocks a peer is reading
-        if self.agent is not None:
-            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-peer-crc")
+        self._init_peering()
         self._ops: dict[str, Callable[[dict, Any], dict]] = {
             "hello": self.op_hello, "heartbeat": self.op_heartbeat, "lookup": self.op_lookup,
             "store_prepare": self.op_store_prepare, "store_commit": self.op_store_commit,
             "load_prepare": self.op_load_prepare, "load_release": self.op_load_release,
             "pin": self.op_pin, "unpin": self.op_unpin, "events": self.op_events, "stats": self.op_stats,
             "bye": self.op_bye, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
-            "peer_release": self.op_load_release,
+            "peer_release": self.op_peer_release,
         }
         # keeps room free in G2 (and below): a client's store then never waits, with every
         # other client, for the owner thread to demote victims to disk
@@ -249,272 +204,10 @@ class Daemon:
         if not isinstance(auth, str) or not hmac.compare_digest(auth.encode(), self._token):
             raise P.ProtocolError("unauthorized", "missing or wrong auth token")
 
-    def _session(self, msg: dict, now: float, peer: bool = False) -> Session:
-        s = self.sessions.get(msg.get("session"))
-        if s is None:
-            raise P.ProtocolError("no_session", "unknown or expired session; say hello again")
-        if (s.namespace == PEER_NS) != peer:
-            raise P.ProtocolError("bad_session", "this op is not allowed for this session kind")
-        s.renew(now)
-        return s
-
-    # ---------------------------------------------------------------- sessions
-
-    def op_hello(self, msg: dict, now: float) -> dict:
-        model = P.string(msg, "model")
-        salt = P.string(msg, "salt", required=False)
-        if not model:
-            raise P.ProtocolError("bad_field", "field 'model' must name the model")
-        layout = _layout(P.field(msg, "layout", dict))
-        if layout.block_nbytes != self.nbytes:
-            raise P.ProtocolError("layout_mismatch", f"this daemon holds blocks of {self.nbytes} bytes; "
-                                                     f"the layout gives {layout.block_nbytes}")
-        s = self.sessions.open(namespace_of(model, layout.fingerprint, salt), model, self.dcfg.lease_s, now)
-        if s is None:
-            raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
-        return {"session": s.sid, "shm_path": self.pool.shm_path, "shm_bytes": self.pool.nbytes,
-                "stride": self.pool.stride, "block_nbytes": self.nbytes, "lease_s": self.dcfg.lease_s,
-                "max_keys": self.dcfg.max_keys, "capacity": self.top.capacity,
-                "max_session_blocks": self.dcfg.max_session_blocks}
-
-    def op_heartbeat(self, msg: dict, now: float) -> dict:
-        s = self.sessions.get(msg.get("session"))
-        if s is None:
-            raise P.ProtocolError("no_session", "unknown or expired session; say hello again")
-        s.renew(now)
-        return {}
-
-    def op_bye(self, msg: dict, now: float) -> dict:
-        s = self.sessions.get(msg.get("session"))
-        if s is not None:
-            self._release(s)
-        return {}
-
-    def _release(self, s: Session) -> None:
-        """Roll back every reservation, finish every load, drop every pin of s."""
-        m = self.manager
-        for job, _, _ in s.stores.values():
-            m.complete_store(job, failed=job.keys)
-        for job in s.loads.values():
-            m.complete_load(job)
-        s.crcs.clear()
-        for key, count in s.pins.items():
-            for _ in range(count):
-                m.unpin([key])
-        s.stores.clear()
-        s.loads.clear()
-        s.pins.clear()
-        self.sessions.close(s)
-
-    def _expire(self, now: float) -> None:
-        for s in self.sessions.expired(now):
-            if s.held:
-                log.warning("lease of %s expired: releasing %d pins and %d reservations", s.label,
-                            sum(s.pins.values()) + len(s.loads), len(s.stores))
-            self.counters["lease_expiries"] += 1
-            self._release(s)
-        self._drain_events()
-
-    # ---------------------------------------------------------------- blocks
-
-    def _keys(self, msg: dict, s: Session, unique: bool = False, busy: bool = False) -> tuple[list[bytes], list[bytes]]:
-        """The request's keys, namespaced; `busy`: they would be held, so check the quota."""
-        keys = P.keys(msg, "keys", self.dcfg.max_keys, unique=unique)
-        limit = self.dcfg.max_session_blocks
-        if busy and limit and s.held + len(keys) > limit:
-            raise P.ProtocolError("quota", f"this client keeps {s.held} blocks busy; at most {limit} "
-                                           f"(daemon.max_session_blocks): release or commit first")
-        return keys, [server_key(s.namespace, k) for k in keys]
-
-    def op_lookup(self, msg: dict, now: float) -> Any:
-        s = self._session(msg, now)
-        keys, skeys = self._keys(msg, s)
-        remote = P.field(msg, "remote", bool, required=False, default=True)
-        n, where = self.manager.lookup(skeys)
-        if (n < len(skeys) and remote and self._puller is not None and self._current is not None
-                and self.peers.live() and self._pending < MAX_PENDING_PULLS):
-            for k, ck in zip(skeys[n:], keys[n:]):
-                self.origin.setdefault(k, (s.namespace, ck))
-            envelope, rid, t0 = self._current
-            self._pending += 1
-            self._pulls.put((_Pending(envelope, rid, skeys, t0), skeys[n:]))
-            return DEFERRED
-        return self._lookup_reply(skeys, n, where)
-
-    def _lookup_reply(self, skeys: list, n: int, where: list) -> dict:
-        self.counters["lookup_blocks"] += len(skeys)
-        self.counters["prefix_hit_blocks"] += n
-        return {"n": n, "where": where}
-
-    def _lookup_done(self, pending: _Pending) -> None:
-        """Owner thread: a pull ended (blocks landed or not); answer the lookup that waited."""
-        self._pending -= 1
-        n, where = self.manager.lookup(pending.skeys)
-        reply = self._lookup_reply(pending.skeys, n, where)
-        reply.update(id=pending.rid, ok=True)
-        self._drain_events()
-        self._send(pending.envelope, P.pack(reply))
-        self.counters["requests"] += 1
-        self.metrics.observe("lookup", time.perf_counter() - pending.t0)
-
-    def op_store_prepare(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        keys, skeys = self._keys(msg, s, unique=True, busy=True)
-        parent = P.field(msg, "parent", bytes, required=False)
-        if parent is not None and len(parent) != P.KEY_BYTES:
-            raise P.ProtocolError("bad_field", f"field 'parent' must be {P.KEY_BYTES} bytes")
-        position = P.integer(msg, "position", required=False, lo=0, hi=2**31)
-        sparent = server_key(s.namespace, parent) if parent is not None else None
-        retention = P.priorities(msg, "priorities", len(skeys))
-        hints = None if retention is None else [Hints(priority=p, duration=d) for p, d in retention]
-        job, slots, extra = self._reserve(skeys, sparent, position, hints)
-        if job is None:
-            return {"handle": 0, "slots": slots, "rejected": extra}
-        for k, ck, slot in zip(skeys, keys, slots):
-            if slot >= 0:
-                self.origin[k] = (s.namespace, ck)
-        if not job.runs:
-            return {"handle": 0, "slots": slots}
-        h = s.handle()
-        s.stores[h] = (job, skeys, extra)
-        return {"handle": h, "slots": slots}
-
-    def _reserve(self, skeys: list, parent: Any = None, position: int = 0, hints: list | None = None):
-        """prepare_store; per key a G2 slot to write, or -1 (present, or placed below G2)."""
-        job = self.manager.prepare_store(skeys, hints=hints, parent=parent, position=position)
-        self.offloader.kick()
-        slots = [-1] * len(skeys)
-        if job.rejected:
-            return None, slots, job.rejected
-        extra: list = []  # reserved below G2 (admission said so): no bytes can reach them, roll back
-        for t, run, tslots, start in job.runs:
-            if t is self.top:
-                slots[start:start + len(run)] = tslots
-            else:
-                extra += run
-        return job, slots, extra
-
-    def op_store_commit(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        h = P.integer(msg, "handle")
-        entry = s.stores.get(h)
-        if entry is None:
-            raise P.ProtocolError("bad_handle", f"no reservation {h} in this session")
-        job, skeys, extra = entry
-        failed = {skeys[i] for i in P.indices(msg, "failed", len(skeys))}
-        del s.stores[h]
-        self.manager.complete_store(job, failed=failed.union(extra))
-        for k in job.failed:  # rolled back: no event will ever name it again
-            if k not in self.manager:
-                self.origin.pop(k, None)
-        stored = len(job.keys) - len(job.failed)
-        self.counters["client_store_bytes"] += stored * self.nbytes
-        return {"stored": stored}
-
-    def op_load_prepare(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        _, skeys = self._keys(msg, s, unique=True, busy=True)
-        job = self._pin_in_g2(skeys)
-        if not job.keys:
-            self.manager.complete_load(job)
-            return {"handle": 0, "slots": []}
-        h = s.handle()
-        s.loads[h] = job
-        self.counters["client_load_bytes"] += len(job.keys) * self.nbytes
-        return {"handle": h, "slots": list(job.slots)}
-
-    def _pin_in_g2(self, skeys: list):
-        """Pin the ready prefix of skeys in G2, onboarding blocks from lower tiers first."""
-        m, top = self.manager, self.top
-        n, where = m.lookup(skeys)
-        lower = [k for k, w in zip(skeys[:n], where) if w != top.name]
-        if lower:
-            try:
-                m.load(lower)  # destination None: promotion copies them into G2
-            except Exception:  # the manager rolled back; those blocks are a miss
-                log.exception("onboarding %d blocks into G2 failed", len(lower))
-        ready = top.ready
-        k = 0
-        while k < n and skeys[k] in ready:
-            k += 1
-        if lower:
-            self.offloader.kick()  # promotions filled G2
-        return m.prepare_load(skeys[:k])
-
-    def op_load_release(self, msg: dict, now: float) -> dict:
-        peer = msg.get("op") == "peer_release"
-        s = self._session(msg, now, peer=peer)
-        h = P.integer(msg, "handle")
-        job = s.loads.pop(h, None)
-        if job is None:
-            raise P.ProtocolError("bad_handle", f"no load {h} in this session")
-        crcs = s.crcs.pop(h, None)
-        out: dict = {}
-        if peer and crcs is not None and P.field(msg, "crcs", bool, required=False, default=False):
-            try:  # computed while the peer READ (pinned, so the bytes cannot change); done by now
-                out["crcs"] = [int(c) for c in crcs.result(timeout=30)]
-            except Exception as exc:
-                log.warning("crc32c for a peer's pull failed: %s", exc)
-        self.manager.complete_load(job)
-        return out
-
-    def op_pin(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        _, skeys = self._keys(msg, s, busy=True)
-        n = self.manager.pin(skeys)
-        for k in skeys[:n]:
-            s.pins[k] = s.pins.get(k, 0) + 1
-        return {"n": n}
-
-    def op_unpin(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        _, skeys = self._keys(msg, s)
-        n = 0
-        for k in skeys:  # only what this session pinned
-            c = s.pins.get(k, 0)
-            if c:
-                self.manager.unpin([k])
-                n += 1
-                if c == 1:
-                    del s.pins[k]
-                else:
-                    s.pins[k] = c - 1
-        return {"n": n}
-
-    def op_events(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        most = P.integer(msg, "max", required=False, default=1000, lo=1, hi=10_000)
-        out, s.events = s.events[:most], s.events[most:]
-        return {"events": out}
-
     def op_stats(self, msg: dict, now: float) -> dict:
         return {"stats": self._stats()}
 
-    # ---------------------------------------------------------------- events and stats
-
-    def _drain_events(self) -> None:
-        events = self.manager.take_events()
-        if not events:
-            return
-        by_ns: dict[bytes, list] = {}
-        for ev in events:
-            origin = self.origin.get(ev.key)
-            if ev.kind == "removed" and ev.key not in self.manager:
-                self.origin.pop(ev.key, None)
-            if origin is None:
-                continue
-            ns, ck = origin
-            by_ns.setdefault(ns, []).append([ev.kind, ck, ev.tier])
-        for ns, rows in by_ns.items():
-            if self.pub is not None:
-                try:
-                    self.pub.send_multipart([ns.hex().encode(), P.pack(rows)], zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            for s in self.sessions.in_namespace(ns):
-                s.events.extend(rows)
-                if len(s.events) > MAX_EVENTS:
-                    del s.events[:len(s.events) - MAX_EVENTS]
+    # ---------------------------------------------------------------- stats
 
     def _stats(self) -> dict[str, Any]:
         st = self.manager.stats()
@@ -539,69 +232,7 @@ class Daemon:
     def _publish_metrics(self) -> None:
         self.metrics.publish(self._stats())
 
-    # ---------------------------------------------------------------- peers
-
-    def op_peer_hello(self, msg: dict, now: float) -> dict:
-        if not self.agent:
-            raise P.ProtocolError("nixl_off", self.nixl_note)
-        s = self.sessions.open(PEER_NS, "peer", self.dcfg.lease_s, now)
-        if s is None:
-            raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
-        return {"session": s.sid, "agent": self.agent.name, "metadata": self.agent.metadata}
-
-    def op_peer_lookup(self, msg: dict, now: float) -> dict:
-        """A peer's pull: pin our G2 prefix of its keys and answer their addresses.
-
-        With `crcs_later` (a peer of this version) the crc32c per block is computed on a helper
-        thread while the peer READs and returned by peer_release; otherwise it is in this reply.
-        """
-        s = self._session(msg, now, peer=True)
-        skeys = P.keys(msg, "keys", self.dcfg.max_keys, unique=True)
-        later = P.field(msg, "crcs_later", bool, required=False, default=False)
-        job = self._pin_in_g2(skeys)
-        if not job.keys:
-            self.manager.complete_load(job)
-            return {"handle": 0, "n": 0}
-        offsets = np.array([self.pool.offset(slot) for slot in job.slots], dtype=np.uint64)
-        h = s.handle()
-        s.loads[h] = job
-        base = self.pool.address
-        reply = {"handle": h, "n": len(job.keys), "addrs": [base + int(o) for o in offsets], "nbytes": self.nbytes}
-        if later and self._crc_pool is not None:
-            s.crcs[h] = self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offsets, self.nbytes)
-            reply["crcs_later"] = True
-        else:
-            reply["crcs"] = [int(c) for c in ops.crc32c_blocks(self.pool.pool, offsets, self.nbytes)]
-        return reply
-
-    # The puller thread: everything below up to the owner-thread halves runs there, except what
-    # goes through _owner (the manager is the owner thread's alone). The NIXL agent is the
-    # puller's alone too (it is created without thread-safety: sync mode none).
-
-    def _pull_loop(self) -> None:
-        while True:
-            try:
-                item = self._pulls.get(timeout=0.25 if self._late else None)
-            except queue.Empty:
-                item = False
-            try:
-                if self._late:
-                    self._reap_late()
-                if item is None:
-                    return
-                if item is False:
-                    continue
-                pending, skeys = item
-                try:
-                    if not self._stopping:
-                        self._pull(skeys)
-                except ShuttingDown:
-                    raise
-                except Exception:  # a bug in one pull must not stop later ones
-                    log.exception("peer pull failed")
-                self._owner(self._lookup_done, pending, wait=False)
-            except ShuttingDown:
-                return
+    # ---------------------------------------------------------------- owner-thread calls
 
     def _owner(self, fn: Callable, *args: Any, wait: bool = True) -> Any:
         """Run fn(*args) on the owner thread; its result (wait) or None at once."""
@@ -645,126 +276,9 @@ class Daemon:
         if ran:
             self._drain_events()
 
-    def _pull(self, skeys: list) -> int:
-        """Ask peers, in order, for the prefix of skeys; READ it into our G2. Blocks landed."""
-        for peer in self.peers.live():
-            if self._stopping:
-                return 0
-            if not self.peers.connect(peer):
-                continue
-            reply = self.peers.ask(peer, "peer_lookup", keys=skeys, crcs_later=True)
-            if reply is None and peer.session is None and peer.down_until <= time.monotonic():
-                # our session there lapsed (idle past its lease, or it restarted): hello, retry once
-                if self.peers.connect(peer):
-                    reply = self.peers.ask(peer, "peer_lookup", keys=skeys, crcs_later=True)
-            if reply is None or not reply.get("handle"):
-                continue
-            released = [False]
-            try:
-                return self._read_from(peer, skeys, reply, released)
-            finally:
-                if not released[0]:
-                    self.peers.ask(peer, "peer_release", handle=reply["handle"])
-        return 0
-
-    def _read_from(self, peer: Any, skeys: list, reply: dict, released: list) -> int:
-        n = reply.get("n")
-        addrs, crcs = reply.get("addrs"), reply.get("crcs")
-        later = reply.get("crcs_later") is True
-        if (not isinstance(n, int) or not 0 < n <= len(skeys) or reply.get("nbytes") != self.nbytes
-                or not isinstance(addrs, list) or len(addrs) != n
-                or not (later or isinstance(crcs, list) and len(crcs) == n)):
-            self._owner(self._count, peer_errors=1)
-            return 0
-        job, slots = self._owner(self._reserve_pull, skeys[:n])
-        if job is None:
-            return 0
-        want = [i for i, slot in enumerate(slots) if slot >= 0]
-        failed = {skeys[i] for i in want}  # until verified
-        counts: dict = {}
-        landed = 0
-        try:
-            if want:
-                state, late, dt, local_crcs = self._read_chunks(peer, want, slots, addrs)
-                if late is not None:
-                    # The READ may still land in these slots: they stay reserved (never served,
-                    # never reused) until it ends, then roll back (_reap_late, or at shutdown).
-                    self._late.append((late, job))
-                    self._owner(self._count, peer_errors=len(want))
-                    job = None
-                    return 0
-                if state == "DONE" and later:
-                    released[0] = True
-                    got = self.peers.ask(peer, "peer_release", handle=reply["handle"], crcs=True)
-                    crcs = got.get("crcs") if got else None
-                    if not isinstance(crcs, list) or len(crcs) != n:
-                        log.warning("peer %s sent no checksums for a pull; dropping it", peer.address)
-                        state = "ERR"
-                if state == "DONE":
-                    got_crcs = [c for fut in local_crcs for c in fut.result()]
-                    bad = [skeys[i] for i, c in zip(want, got_crcs) if int(c) != crcs[i]]
-                    failed = set(bad)
-                    counts.update(peer_errors=len(bad), peer_pull_blocks=len(want) - len(bad),
-                                  peer_pull_bytes=(len(want) - len(bad)) * self.nbytes, peer_pull_seconds=dt)
-                else:
-                    counts["peer_errors"] = len(want)
-        finally:
-            if job is not None:
-                landed = self._owner(self._commit_pull, job, failed, counts)
-        return landed
-
-    def _read_chunks(self, peer: Any, want: list, slots: list, addrs: list) -> tuple:
-        """READ blocks `want` into their slots in chunks; each landed chunk's crc32c is computed on
-        the helper thread while the next one moves -> (state, late handle, seconds, crc futures)."""
-        per = max(1, PULL_CHUNK_BYTES // self.nbytes)
-        deadline = time.monotonic() + max(5.0, self.dcfg.peer_timeout_s)
-        futures: list = []
-        state, late, t0 = "DONE", None, time.perf_counter()
-        for lo in range(0, len(want), per):
-            part = want[lo:lo + per]
-            offs = np.array([self.pool.offset(slots[i]) for i in part], dtype=np.uint64)
-            local = [(self.pool.address + int(o), self.nbytes) for o in offs]
-            remote = [(addrs[i], self.nbytes) for i in part]
-            try:
-                state, late = self.agent.read(peer.agent, peer.meta, local, remote,
-                                              timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as exc:
-                log.warning("NIXL READ from %s failed: %s", peer.address, exc)
-                state, late = "ERR", None
-            if state != "DONE":
-                break
-            futures.append(self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offs, self.nbytes))
-        return state, late, time.perf_counter() - t0, futures
-
-    # owner-thread halves of a pull
-
-    def _reserve_pull(self, skeys: list) -> tuple[Any, list]:
-        job, slots, extra = self._reserve(skeys)
-        if job is None:
-            return None, slots
-        # keys reserved below G2 (admission said so) get no bytes from the READ: rolled back at commit
-        self._pull_jobs[id(job)] = (job, set(extra))
-        return job, slots
-
-    def _commit_pull(self, job: Any, failed: set, counts: dict) -> int:
-        _, extra = self._pull_jobs.pop(id(job), (job, set()))
-        self.manager.complete_store(job, failed=failed | extra)
-        self._count(**counts)
-        return len(job.keys) - len(job.failed)
-
     def _count(self, **counts: float) -> None:
         for k, v in counts.items():
             self.counters[k] += v
-
-    def _reap_late(self) -> None:
-        """Puller thread: roll back pulls whose READ outlived its timeout, once the READ ended."""
-        keep = []
-        for handle, job in self._late:
-            if self.agent.finished(handle):
-                self._owner(self._commit_pull, job, set(job.keys), {})
-            else:
-                keep.append((handle, job))
-        self._late = keep
 
     # ---------------------------------------------------------------- shutdown
 
@@ -779,17 +293,7 @@ class Daemon:
         self._stop_puller()
         for s in list(self.sessions.by_id.values()):
             self._release(s)
-        if self._crc_pool is not None:
-            self._crc_pool.shutdown(wait=True)
-        for job, _ in list(self._pull_jobs.values()):  # a pull that did not come back in time
-            self.manager.complete_store(job, failed=job.keys)
-        self._pull_jobs.clear()
-        self._drain_events()
-        if self.peers is not None and (self._puller is None or not self._puller.is_alive()):
-            self.peers.close()  # (zmq sockets belong to the puller; a stuck one dies with the process)
-        self._late = []  # their jobs were in _pull_jobs, rolled back above
-        if self.agent is not None:
-            self.agent.close()
+        self._close_peering()
         self.manager.close()
         self.manager = None
         self.metrics.close()
@@ -801,46 +305,6 @@ class Daemon:
                 os.close(fd)
         if self._puller is None or not self._puller.is_alive():
             self.ctx.term()
-
-    def _stop_puller(self) -> None:
-        """Let an in-flight pull finish (serving its owner calls), then close the call queue."""
-        self._stopping = True
-        if self._puller is not None:
-            self._pulls.put(None)
-            deadline = time.monotonic() + max(5.0, self.dcfg.peer_timeout_s) + 2 * self.dcfg.peer_timeout_s + 1
-            while self._puller.is_alive() and time.monotonic() < deadline:
-                self._run_calls()
-                self._puller.join(0.01)
-            if self._puller.is_alive():
-                log.warning("a peer pull did not end in time; its reservation is rolled back")
-        with self._calls_lock:
-            self._closed = True
-        while True:  # what came in meanwhile: run it (waiting lookups get their answer)
-            try:
-                fut, fn, args = self._calls.get_nowait()
-            except queue.Empty:
-                break
-            if fut is not None:
-                fut.set_exception(ShuttingDown("the daemon is shutting down"))
-            else:
-                try:
-                    fn(*args)
-                except Exception:
-                    log.exception("owner call at shutdown failed")
-
-
-def _layout(raw: dict) -> KVLayout:
-    if len(raw) > len(_LAYOUT_FIELDS):
-        raise P.ProtocolError("bad_field", "layout has unknown keys")
-    for k, v in raw.items():
-        if k not in _LAYOUT_FIELDS:
-            raise P.ProtocolError("bad_field", f"layout has an unknown key {k!r}")
-        if not isinstance(v, (int, str)) or isinstance(v, bool) or (isinstance(v, int) and not 0 <= v < 2**31):
-            raise P.ProtocolError("bad_field", f"layout.{k} must be a small integer or a string")
-    try:
-        return KVLayout(**raw)
-    except (TypeError, ValueError) as exc:
-        raise P.ProtocolError("bad_field", f"layout: {exc}") from None
 
 
 def _daemon_tiers(config: KVBMConfig, dcfg: DaemonConfig) -> KVBMConfig:

@@ -1,0 +1,349 @@
+"""Peer pulls: this daemon as a peer's source (peer_hello / peer_lookup / peer_release) and as
+a puller of its own local misses from other nodes' daemons (over NIXL).
+
+    Peering._init_peering()        NIXL agent over the G2 pool, peer connections, the puller thread
+    Peering.op_peer_*              the serving side: pin our G2 prefix, answer addresses and crc32c
+    Peering._ask_peers(...)        a lookup that missed locally goes to the puller (DEFERRED)
+    Peering._stop_puller(), _close_peering()   the shutdown halves
+
+Peer pulls run off the request loop. A lookup that misses locally (and may ask peers) is handed
+to the puller thread and answered when the pull ends; meanwhile the loop serves everyone else.
+The puller does the network work (ask the peer, NIXL READ, verify crc32c) and asks the owner
+thread, through a call queue and a wake-up pipe (Daemon._owner), for every manager step:
+reserve slots before the READ, commit or roll back after it. Pulls run one at a time, in order;
+at most MAX_PENDING_PULLS wait, beyond that a lookup is answered from local tiers only.
+
+On the serving side a peer_lookup pins the blocks and answers their addresses at once; their
+crc32c is computed on a helper thread while the peer READs and goes back with peer_release.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from ..config import ConfigError
+from . import protocol as P
+from .leases import PEER_NS, Session
+from .peers import Agent, Peers
+
+log = logging.getLogger("kvbm.daemon")
+MAX_PENDING_PULLS = 64  # lookups waiting for the puller; beyond this, local answers only
+PULL_CHUNK_BYTES = 64 << 20  # a pull READs in chunks; each landed chunk is checksummed during the next
+DEFERRED = object()  # an op's result when the reply is sent later (a lookup waiting for a pull)
+
+
+class _Pending:
+    """A lookup answered when its pull ends."""
+
+    __slots__ = ("envelope", "rid", "skeys", "t0")
+
+    def __init__(self, envelope: list, rid: int, skeys: list, t0: float) -> None:
+        self.envelope, self.rid, self.skeys, self.t0 = envelope, rid, skeys, t0
+
+
+class ShuttingDown(RuntimeError):
+    """The owner thread no longer takes calls (the puller stops)."""
+
+
+class Peering:
+    """Mixin of Daemon: the peer ops and the puller thread (see the module docstring)."""
+
+    def _init_peering(self) -> None:
+        dcfg = self.dcfg
+        self.agent: Agent | None = None
+        self._late: list = []  # (NIXL handle, StoreJob): READs past their timeout (puller's own)
+        self.nixl_note = "cross-node pulls are off (daemon.nixl: false)"
+        if dcfg.nixl is not False:
+            self.agent, self.nixl_note = Agent.create(self.pool.pool, f"kvbm-{os.uname().nodename}-{os.getpid()}-"
+                                                                      f"{os.urandom(3).hex()}")
+            if self.agent is None and dcfg.nixl is True:
+                raise ConfigError(f"daemon.nixl is true but {self.nixl_note}")
+        self.peers = Peers(self.ctx, dcfg.peers, dcfg.token, dcfg.peer_timeout_s) if dcfg.peers and self.agent else None
+        if dcfg.peers and self.agent is None:
+            log.warning("daemon.peers is set but %s", self.nixl_note)
+        self._pending = 0  # lookups waiting for a pull
+        self._pull_jobs: dict = {}  # id(job) -> (StoreJob, keys reserved below G2): pulls in flight
+        self._stopping = False  # shutdown began: queued pulls are answered from local tiers
+        self._pulls: queue.SimpleQueue = queue.SimpleQueue()
+        self._puller: threading.Thread | None = None
+        if self.peers is not None:
+            self._puller = threading.Thread(target=self._pull_loop, name="kvbm-puller", daemon=True)
+            self._puller.start()
+        self._crc_pool: ThreadPoolExecutor | None = None  # crc32c of blocks a peer is reading
+        if self.agent is not None:
+            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-peer-crc")
+
+    def _ask_peers(self, s: Session, keys: list, skeys: list, n: int) -> Any:
+        """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None."""
+        if (n < len(skeys) and self._puller is not None and self._current is not None
+                and self.peers.live() and self._pending < MAX_PENDING_PULLS):
+            for k, ck in zip(skeys[n:], keys[n:]):
+                self.origin.setdefault(k, (s.namespace, ck))
+            envelope, rid, t0 = self._current
+            self._pending += 1
+            self._pulls.put((_Pending(envelope, rid, skeys, t0), skeys[n:]))
+            return DEFERRED
+        return None
+
+    def _lookup_done(self, pending: _Pending) -> None:
+        """Owner thread: a pull ended (blocks landed or not); answer the lookup that waited."""
+        self._pending -= 1
+        n, where = self.manager.lookup(pending.skeys)
+        reply = self._lookup_reply(pending.skeys, n, where)
+        reply.update(id=pending.rid, ok=True)
+        self._drain_events()
+        self._send(pending.envelope, P.pack(reply))
+        self.counters["requests"] += 1
+        self.metrics.observe("lookup", time.perf_counter() - pending.t0)
+
+    def op_peer_hello(self, msg: dict, now: float) -> dict:
+        if not self.agent:
+            raise P.ProtocolError("nixl_off", self.nixl_note)
+        s = self.sessions.open(PEER_NS, "peer", self.dcfg.lease_s, now)
+        if s is None:
+            raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
+        return {"session": s.sid, "agent": self.agent.name, "metadata": self.agent.metadata}
+
+    def op_peer_lookup(self, msg: dict, now: float) -> dict:
+        """A peer's pull: pin our G2 prefix of its keys and answer their addresses.
+
+        With `crcs_later` (a peer of this version) the crc32c per block is computed on a helper
+        thread while the peer READs and returned by peer_release; otherwise it is in this reply.
+        """
+        s = self._session(msg, now, peer=True)
+        skeys = P.keys(msg, "keys", self.dcfg.max_keys, unique=True)
+        later = P.field(msg, "crcs_later", bool, required=False, default=False)
+        job = self._pin_in_g2(skeys)
+        if not job.keys:
+            self.manager.complete_load(job)
+            return {"handle": 0, "n": 0}
+        offsets = np.array([self.pool.offset(slot) for slot in job.slots], dtype=np.uint64)
+        h = s.handle()
+        s.loads[h] = job
+        base = self.pool.address
+        reply = {"handle": h, "n": len(job.keys), "addrs": [base + int(o) for o in offsets], "nbytes": self.nbytes}
+        if later and self._crc_pool is not None:
+            s.crcs[h] = self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offsets, self.nbytes)
+            reply["crcs_later"] = True
+        else:
+            reply["crcs"] = [int(c) for c in ops.crc32c_blocks(self.pool.pool, offsets, self.nbytes)]
+        return reply
+
+    # The puller thread: everything below up to the owner-thread halves runs there, except what
+    # goes through _owner (the manager is the owner thread's alone). The NIXL agent is the
+    # puller's alone too (it is created without thread-safety: sync mode none).
+
+    def op_peer_release(self, msg: dict, now: float) -> dict:
+        s = self._session(msg, now, peer=True)
+        h = P.integer(msg, "handle")
+        job = s.loads.pop(h, None)
+        if job is None:
+            raise P.ProtocolError("bad_handle", f"no load {h} in this session")
+        crcs = s.crcs.pop(h, None)
+        out: dict = {}
+        if crcs is not None and P.field(msg, "crcs", bool, required=False, default=False):
+            try:  # computed while the peer READ (pinned, so the bytes cannot change); done by now
+                out["crcs"] = [int(c) for c in crcs.result(timeout=30)]
+            except Exception as exc:
+                log.warning("crc32c for a peer's pull failed: %s", exc)
+        self.manager.complete_load(job)
+        return out
+
+    # The puller thread: everything below up to the owner-thread halves runs there, except what
+    # goes through _owner (the manager is the owner thread's alone). The NIXL agent is the
+    # puller's alone too (it is created without thread-safety: sync mode none).
+
+    def _pull_loop(self) -> None:
+        while True:
+            try:
+                item = self._pulls.get(timeout=0.25 if self._late else None)
+            except queue.Empty:
+                item = False
+            try:
+                if self._late:
+                    self._reap_late()
+                if item is None:
+                    return
+                if item is False:
+                    continue
+                pending, skeys = item
+                try:
+                    if not self._stopping:
+                        self._pull(skeys)
+                except ShuttingDown:
+                    raise
+                except Exception:  # a bug in one pull must not stop later ones
+                    log.exception("peer pull failed")
+                self._owner(self._lookup_done, pending, wait=False)
+            except ShuttingDown:
+                return
+
+    def _pull(self, skeys: list) -> int:
+        """Ask peers, in order, for the prefix of skeys; READ it into our G2. Blocks landed."""
+        for peer in self.peers.live():
+            if self._stopping:
+                return 0
+            if not self.peers.connect(peer):
+                continue
+            reply = self.peers.ask(peer, "peer_lookup", keys=skeys, crcs_later=True)
+            if reply is None and peer.session is None and peer.down_until <= time.monotonic():
+                # our session there lapsed (idle past its lease, or it restarted): hello, retry once
+                if self.peers.connect(peer):
+                    reply = self.peers.ask(peer, "peer_lookup", keys=skeys, crcs_later=True)
+            if reply is None or not reply.get("handle"):
+                continue
+            released = [False]
+            try:
+                return self._read_from(peer, skeys, reply, released)
+            finally:
+                if not released[0]:
+                    self.peers.ask(peer, "peer_release", handle=reply["handle"])
+        return 0
+
+    def _read_from(self, peer: Any, skeys: list, reply: dict, released: list) -> int:
+        n = reply.get("n")
+        addrs, crcs = reply.get("addrs"), reply.get("crcs")
+        later = reply.get("crcs_later") is True
+        if (not isinstance(n, int) or not 0 < n <= len(skeys) or reply.get("nbytes") != self.nbytes
+                or not isinstance(addrs, list) or len(addrs) != n
+                or not (later or isinstance(crcs, list) and len(crcs) == n)):
+            self._owner(self._count, peer_errors=1)
+            return 0
+        job, slots = self._owner(self._reserve_pull, skeys[:n])
+        if job is None:
+            return 0
+        want = [i for i, slot in enumerate(slots) if slot >= 0]
+        failed = {skeys[i] for i in want}  # until verified
+        counts: dict = {}
+        landed = 0
+        try:
+            if want:
+                state, late, dt, local_crcs = self._read_chunks(peer, want, slots, addrs)
+                if late is not None:
+                    # The READ may still land in these slots: they stay reserved (never served,
+                    # never reused) until it ends, then roll back (_reap_late, or at shutdown).
+                    self._late.append((late, job))
+                    self._owner(self._count, peer_errors=len(want))
+                    job = None
+                    return 0
+                if state == "DONE" and later:
+                    released[0] = True
+                    got = self.peers.ask(peer, "peer_release", handle=reply["handle"], crcs=True)
+                    crcs = got.get("crcs") if got else None
+                    if not isinstance(crcs, list) or len(crcs) != n:
+                        log.warning("peer %s sent no checksums for a pull; dropping it", peer.address)
+                        state = "ERR"
+                if state == "DONE":
+                    got_crcs = [c for fut in local_crcs for c in fut.result()]
+                    bad = [skeys[i] for i, c in zip(want, got_crcs) if int(c) != crcs[i]]
+                    failed = set(bad)
+                    counts.update(peer_errors=len(bad), peer_pull_blocks=len(want) - len(bad),
+                                  peer_pull_bytes=(len(want) - len(bad)) * self.nbytes, peer_pull_seconds=dt)
+                else:
+                    counts["peer_errors"] = len(want)
+        finally:
+            if job is not None:
+                landed = self._owner(self._commit_pull, job, failed, counts)
+        return landed
+
+    def _read_chunks(self, peer: Any, want: list, slots: list, addrs: list) -> tuple:
+        """READ blocks `want` into their slots in chunks; each landed chunk's crc32c is computed on
+        the helper thread while the next one moves -> (state, late handle, seconds, crc futures)."""
+        per = max(1, PULL_CHUNK_BYTES // self.nbytes)
+        deadline = time.monotonic() + max(5.0, self.dcfg.peer_timeout_s)
+        futures: list = []
+        state, late, t0 = "DONE", None, time.perf_counter()
+        for lo in range(0, len(want), per):
+            part = want[lo:lo + per]
+            offs = np.array([self.pool.offset(slots[i]) for i in part], dtype=np.uint64)
+            local = [(self.pool.address + int(o), self.nbytes) for o in offs]
+            remote = [(addrs[i], self.nbytes) for i in part]
+            try:
+                state, late = self.agent.read(peer.agent, peer.meta, local, remote,
+                                              timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                log.warning("NIXL READ from %s failed: %s", peer.address, exc)
+                state, late = "ERR", None
+            if state != "DONE":
+                break
+            futures.append(self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offs, self.nbytes))
+        return state, late, time.perf_counter() - t0, futures
+
+    # owner-thread halves of a pull
+
+    # owner-thread halves of a pull
+
+    def _reserve_pull(self, skeys: list) -> tuple[Any, list]:
+        job, slots, extra = self._reserve(skeys)
+        if job is None:
+            return None, slots
+        # keys reserved below G2 (admission said so) get no bytes from the READ: rolled back at commit
+        self._pull_jobs[id(job)] = (job, set(extra))
+        return job, slots
+
+    def _commit_pull(self, job: Any, failed: set, counts: dict) -> int:
+        _, extra = self._pull_jobs.pop(id(job), (job, set()))
+        self.manager.complete_store(job, failed=failed | extra)
+        self._count(**counts)
+        return len(job.keys) - len(job.failed)
+
+    def _reap_late(self) -> None:
+        """Puller thread: roll back pulls whose READ outlived its timeout, once the READ ended."""
+        keep = []
+        for handle, job in self._late:
+            if self.agent.finished(handle):
+                self._owner(self._commit_pull, job, set(job.keys), {})
+            else:
+                keep.append((handle, job))
+        self._late = keep
+
+    # ---------------------------------------------------------------- shutdown halves
+
+    def _stop_puller(self) -> None:
+        """Let an in-flight pull finish (serving its owner calls), then close the call queue."""
+        self._stopping = True
+        if self._puller is not None:
+            self._pulls.put(None)
+            deadline = time.monotonic() + max(5.0, self.dcfg.peer_timeout_s) + 2 * self.dcfg.peer_timeout_s + 1
+            while self._puller.is_alive() and time.monotonic() < deadline:
+                self._run_calls()
+                self._puller.join(0.01)
+            if self._puller.is_alive():
+                log.warning("a peer pull did not end in time; its reservation is rolled back")
+        with self._calls_lock:
+            self._closed = True
+        while True:  # what came in meanwhile: run it (waiting lookups get their answer)
+            try:
+                fut, fn, args = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if fut is not None:
+                fut.set_exception(ShuttingDown("the daemon is shutting down"))
+            else:
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("owner call at shutdown failed")
+
+    def _close_peering(self) -> None:
+        """After sessions are released: the crc helper, pulls that did not come back, the agent."""
+        if self._crc_pool is not None:
+            self._crc_pool.shutdown(wait=True)
+        for job, _ in list(self._pull_jobs.values()):  # a pull that did not come back in time
+            self.manager.complete_store(job, failed=job.keys)
+        self._pull_jobs.clear()
+        self._drain_events()
+        if self.peers is not None and (self._puller is None or not self._puller.is_alive()):
+            self.peers.close()  # (zmq sockets belong to the puller; a stuck one dies with the process)
+        self._late = []  # their jobs were in _pull_jobs, rolled back above
+        if self.agent is not None:
+            self.agent.close()
