@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the daemon")
     st.add_argument("--json", action="store_true", help="print the raw stats as JSON")
     st.set_defaults(func=cmd_stats)
+
+    from .loadgen.command import add_parser as add_replay_parser  # kvbm replay: its own module
+
+    add_replay_parser(sub)
     return p
 
 
