@@ -4,9 +4,15 @@
     Namespace           model id + layout fingerprint + tenant salt; roots every key chain
     Namespace.chain     token ids -> chained 128-bit BlockKeys
     Namespace.adopt     an engine's own block hashes -> BlockKeys in this namespace
+    Namespace.derive    a child namespace (a request's cache salt, a new generation)
+    check_name(v, what) model names and salts: printable text (ValueError names the field)
+    fields(*parts)      the unambiguous (length-prefixed) encoding every namespace id hashes
 
 A BlockKey is 16 bytes (blake2b-128). Each key hashes its parent key, so equal keys mean
-an equal prefix in the same namespace; two namespaces never share a key.
+an equal prefix in the same namespace; two namespaces never share a key. Every namespace id
+(this root, the storages' namespace_id, the daemon's namespace_of) hashes its fields
+length-prefixed, so no two different (model, layout, salt) triples give the same bytes;
+model and salt also refuse control characters, so what a log shows is what was hashed.
 """
 
 from __future__ import annotations
@@ -78,20 +84,47 @@ class KVLayout:
         return hashlib.blake2b(fields.encode(), digest_size=8).hexdigest()
 
 
+def check_name(value: object, what: str) -> str:
+    """`value` if it is a string without control characters (NUL, newline, ESC, ...)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    bad = next((c for c in value if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+    if bad is not None:
+        raise ValueError(f"{what} {value!r} contains the control character U+{ord(bad):04X}; "
+                         f"use printable text")
+    return value
+
+
+def fields(*parts: str | bytes) -> bytes:
+    """Each part as its length (8 bytes) and its bytes: distinct tuples, distinct encodings."""
+    out = []
+    for part in parts:
+        raw = part.encode() if isinstance(part, str) else bytes(part)
+        out.append(len(raw).to_bytes(8, "little") + raw)
+    return b"".join(out)
+
+
 class Namespace:
     """Roots the key chain: blocks of different models, layouts or tenants never collide."""
 
-    def __init__(self, model: str, layout: KVLayout | None = None, salt: str = "") -> None:
+    def __init__(self, model: str, layout: KVLayout | None = None, salt: str = "", *,
+                 _root: BlockKey | None = None) -> None:
         if not model:
             raise ValueError("namespace.model must name the model (e.g. 'meta-llama/Llama-3.1-8B')")
-        self.model = model
+        self.model = check_name(model, "namespace.model")
         self.layout = layout
-        self.salt = salt
+        self.salt = salt if _root is not None else check_name(salt, "namespace.salt")
         fp = layout.fingerprint if layout is not None else "-"
-        self.root: BlockKey = _digest(b"kvbm-ns\0" + f"{model}\0{fp}\0{salt}".encode())
+        self.root: BlockKey = _root or _digest(b"kvbm-ns\1" + fields(model, fp, salt))
 
     def __repr__(self) -> str:
         return f"Namespace(model={self.model!r}, layout={self.layout!r}, salt={self.salt!r})"
+
+    def derive(self, label: str, value: str) -> "Namespace":
+        """A namespace inside this one, for `label` = `value` (e.g. "cache_salt", a request's
+        salt): any text, control characters included, and never equal to another pair's."""
+        root = _digest(b"kvbm-ns-derive\0" + self.root + fields(label, value))
+        return Namespace(self.model, self.layout, f"{self.salt}[{label}={value!r}]", _root=root)
 
     def chain(
         self,

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .blocks import KVLayout
+from .blocks import KVLayout, check_name
 from .tiers.base import TIER_NAMES
 
 
@@ -144,6 +144,12 @@ class KVBMConfig:
         if not isinstance(ns, Mapping):
             raise ConfigError(f"namespace must be a mapping with model and salt, got {ns!r}")
         check_keys(ns, ("model", "salt"), "namespace.")
+        for name in ("model", "salt"):
+            if name in ns:
+                try:
+                    check_name(ns[name], f"namespace.{name}")
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
         mode = data.get("mode", "exclusive")
         if mode not in ("exclusive", "inclusive"):
             raise ConfigError(f"mode must be 'exclusive' or 'inclusive', got {mode!r}")

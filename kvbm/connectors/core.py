@@ -377,14 +377,14 @@ class SchedulerSide:
         """Key everything from now on apart from all blocks stored before (a reset: new weights)."""
         base = self.namespace
         self._generation += 1
-        self.namespace = Namespace(base.model, base.layout, f"{base.salt}\0generation {self._generation}")
+        self.namespace = base.derive("generation", str(self._generation))
         self._spaces = {"": self.namespace}  # requests in flight keep the keys they have
 
     def _space(self, salt: str) -> Namespace:
         ns = self._spaces.get(salt)
         if ns is None:  # a tenant's cache salt: its blocks never meet another tenant's
             base = self.namespace
-            ns = self._spaces[salt] = Namespace(base.model, base.layout, f"{base.salt}\0{salt}")
+            ns = self._spaces[salt] = base.derive("cache_salt", salt)
         return ns
 
     def set_priorities(self, req_id: str, hints: list[Hints] | None) -> None:

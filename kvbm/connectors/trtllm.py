@@ -85,6 +85,8 @@ def request_identity(request: Any) -> tuple[str, bool]:
     agree. A request with multimodal input but no hashes for it cannot be keyed: not keyable.
     """
     parts = [str(_field(request, "cache_salt") or "")]
+    if any(ord(c) < 0x20 for c in parts[0]):  # NUL joins the parts below: this salt could pose as another's
+        return "", False
     lora = _field(request, "lora_task_id")
     if lora is not None:
         parts.append(f"lora={lora}")

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..blocks import check_name, fields
+
 PEER_NS = b"peer"  # the namespace of a peer daemon's session (peer_* ops only)
 
 
@@ -79,8 +81,12 @@ class Sessions:
 
 
 def namespace_of(model: str, fingerprint: str, salt: str) -> bytes:
-    """16-byte namespace id from model, layout fingerprint and salt."""
-    return hashlib.blake2b(f"kvbm-daemon-ns\0{model}\0{fingerprint}\0{salt}".encode(), digest_size=16).digest()
+    """16-byte namespace id from model, layout fingerprint and salt (fields length-prefixed:
+    two different triples never share an id). ValueError for a control character in model
+    or salt."""
+    check_name(model, "model")
+    check_name(salt, "salt")
+    return hashlib.blake2b(b"kvbm-daemon-ns\1" + fields(model, fingerprint, salt), digest_size=16).digest()
 
 
 def server_key(namespace: bytes, key: bytes) -> bytes:

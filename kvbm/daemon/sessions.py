@@ -43,7 +43,11 @@ class SessionOps:
         if layout.block_nbytes != self.nbytes:
             raise P.ProtocolError("layout_mismatch", f"this daemon holds blocks of {self.nbytes} bytes; "
                                                      f"the layout gives {layout.block_nbytes}")
-        s = self.sessions.open(namespace_of(model, layout.fingerprint, salt), model, self.dcfg.lease_s, now)
+        try:
+            namespace = namespace_of(model, layout.fingerprint, salt)
+        except ValueError as exc:  # a control character in model or salt
+            raise P.ProtocolError("bad_field", str(exc)) from None
+        s = self.sessions.open(namespace, model, self.dcfg.lease_s, now)
         if s is None:
             raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
         return {"session": s.sid, "shm_path": self.pool.shm_path, "shm_bytes": self.pool.nbytes,

@@ -145,11 +145,15 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def namespace_id(model: str, fingerprint: str, salt: str = "") -> str:
-    """Path- and URL-safe namespace string: readable model name plus layout fingerprint."""
+    """Path- and URL-safe namespace string: the model's name made readable (lossy: "a/b" and
+    "a_b" read alike), the layout fingerprint, and a hash of all three, length-prefixed, that
+    tells every (model, fingerprint, salt) apart."""
     import hashlib
 
+    from ..blocks import check_name, fields
+
+    check_name(model, "namespace.model")
+    check_name(salt, "namespace.salt")
     name = _SAFE.sub("_", model).strip("_")[:64] or "model"
-    ns = f"{name}--{fingerprint}"
-    if salt:
-        ns += "--" + hashlib.blake2b(salt.encode(), digest_size=6).hexdigest()
-    return ns
+    digest = hashlib.blake2b(b"kvbm-storage-ns\0" + fields(model, fingerprint, salt), digest_size=12).hexdigest()
+    return f"{name}--{_SAFE.sub('_', fingerprint)[:32]}--{digest}"
