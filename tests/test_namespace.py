@@ -109,3 +109,28 @@ def test_trtllm_salt_with_a_control_character_is_not_keyable():
     real = SimpleNamespace(cache_salt="x", lora_task_id=7)
     assert trtllm.request_identity(forged) == ("", False)
     assert trtllm.request_identity(real) == ("x\0lora=7", True)
+
+
+def test_g3_and_g4_never_return_one_namespace_s_block_for_another(tmp_path):
+    """In the daemon one G3/G4 holds every client namespace, keyed by server_key(namespace,
+    key): the same client key in another namespace names another entry and another object."""
+    import numpy as np
+
+    from kvbm.daemon.leases import server_key
+    from kvbm.tiers.disk import DiskStorage
+    from kvbm.tiers.object import ObjectStorage
+
+    a, b = namespace_of("m", FP, "tenant-a"), namespace_of("m", FP, "tenant-b")
+    key = bytes(range(16))
+    data = np.arange(4096, dtype=np.uint8)
+    g3 = DiskStorage(4, 4096, namespace="daemon", path=tmp_path / "g3", direct=False)
+    g4 = ObjectStorage(4, 4096, namespace="daemon", url=f"file://{tmp_path}/g4", secret=b"k" * 32)
+    for store in (g3, g4):
+        slot = store.allocate()
+        assert store.write([(server_key(a, key), slot, data)]) == [True]
+        out = np.zeros(4096, np.uint8)
+        # B asks for the same client key at the very slot A's block is in: a miss, no byte copied
+        assert store.read([(server_key(b, key), slot, out)]) == [False] and not out.any()
+        assert store.read([(server_key(a, key), slot, out)]) == [True] and np.array_equal(out, data)
+        store.close()
+    assert server_key(a, key) != server_key(b, key)
