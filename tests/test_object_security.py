@@ -230,3 +230,11 @@ def test_names_hide_the_key_and_unseal_only_under_the_secret():
         bad = name[:i] + ("0" if name[i] != "0" else "1") + name[i + 1:]
         assert a.key_of(bad) is None
     assert a.key_of("zz") is None and a.key_of("") is None
+
+
+def test_a_default_secret_that_cannot_be_made_says_what_to_set(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(blocked))
+    with pytest.raises(SecretError, match=r"cannot make the default secret .*set secret_file"):
+        object_secret()

@@ -69,12 +69,21 @@ def object_secret(secret: str | bytes | None = None, secret_file: str | os.PathL
         where = "object storage secret"
     else:
         where = f"object storage secret_file {secret_file}" if secret_file else "object storage secret"
-        path = Path(secret_file) if secret_file else _ensure_default(default_secret_file())
+        path = Path(secret_file) if secret_file else _default_or_error()
         data = read_secret_file(path, "object storage secret_file")
     if len(data) < MIN_SECRET_BYTES:
         raise SecretError(f"{where} holds {len(data)} bytes; use at least {MIN_SECRET_BYTES} random bytes "
                           f"(e.g. `head -c 32 /dev/urandom | xxd -p -c 64 > FILE; chmod 600 FILE`)")
     return data
+
+
+def _default_or_error() -> Path:
+    path = default_secret_file()
+    try:
+        return _ensure_default(path)
+    except OSError as exc:
+        raise SecretError(f"object storage: cannot make the default secret {path}: {exc.strerror}; set "
+                          f"secret_file (tiers.g4.storage.secret_file) to a 0600 file of random bytes") from None
 
 
 def _ensure_default(path: Path) -> Path:
