@@ -126,3 +126,23 @@ def test_another_uid_can_read_no_g3_or_g4_file(public_dir):
     os.close(r)
     os.waitpid(pid, 0)
     assert report.decode() == "-", f"readable by uid {NOBODY}: {report.decode()}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root: os.setuid in a forked child")
+def test_a_folder_of_another_user_is_warned_about_not_fatal(public_dir):
+    from kvbm.tiers.base import make_private_dir
+
+    theirs = public_dir / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chmod(theirs, 0o755)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            make_private_dir(theirs)  # root's folder: chmod is refused, a warning, no exception
+            code = 0 if mode(theirs) == 0o755 else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -138,7 +138,11 @@ def make_private_dir(path: str | os.PathLike) -> None:
         else:
             os.chmod(d, 0o700)
     if not missing and stat.S_IMODE(path.stat().st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        try:
+            os.chmod(path, 0o700)
+        except PermissionError:  # another user's folder: what it holds is not served to us anyway
+            log.warning("%s belongs to another user (mode %04o); kvbm cannot make it private",
+                        path, stat.S_IMODE(path.stat().st_mode))
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
