@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -112,18 +111,12 @@ def _replay(args: argparse.Namespace) -> int:
     trace = _load(args)
     if not trace.requests:
         raise _BadInput(f"{args.trace}: no requests to send")
-    from .prompts import prompt_tokens
+    from .prompts import trace_jobs
     from .report import format_text, plot_cdf, scrape, summarize
-    from .sender import Job, send_all
+    from .sender import send_all
 
     model = args.model or _server_model(args.url, args.timeout)
-    t_first = trace.requests[0].timestamp
-    jobs = []
-    for i, r in enumerate(trace.requests):
-        at = 0.0 if math.isinf(args.speed) else (r.timestamp - t_first) / args.speed
-        out = max(1, r.output_length if args.max_output is None else min(r.output_length, args.max_output))
-        jobs.append(Job(i, at, prompt_tokens(r.hash_ids, r.input_length, trace.block_size, args.vocab, i,
-                                             args.max_input), out))
+    jobs = trace_jobs(trace, args.speed, args.vocab, args.max_input, args.max_output)
     before = scrape(args.url)
     bar = None
     if not args.quiet:

@@ -1,5 +1,9 @@
 """Token-id prompts with a trace's prefix structure.
 
+    block_tokens(hash_id, ...)    the run of token ids of one hash id
+    prompt_tokens(hash_ids, ...)  one request's prompt
+    trace_jobs(trace, speed, ...) every request of a trace as a sender Job (arrival, prompt, output)
+
 Each hash id of a trace names one block of `block_size` tokens; the same id always gives the
 same run of token ids (a seeded generator keyed by the id), so two requests sharing their
 first k hash ids share a k-block token prefix, and a server's prefix cache sees exactly the
@@ -10,6 +14,7 @@ cut short; an input longer than its blocks is padded with a run keyed by the req
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -37,3 +42,19 @@ def prompt_tokens(hash_ids, input_length: int, block_size: int, vocab: int, inde
         rng = np.random.default_rng([seed, 2, index])
         out.extend(int(t) for t in rng.integers(FIRST_ID, vocab, n - len(out)))
     return out[:n]
+
+
+def trace_jobs(trace, speed: float = 1.0, vocab: int = 1000, max_input: int | None = None,
+               max_output: int | None = None) -> list:
+    """One sender Job per trace request: its arrival offset divided by speed (inf: all at 0),
+    its prompt, its output length (capped by max_output)."""
+    from .sender import Job
+
+    t_first = trace.requests[0].timestamp if trace.requests else 0.0
+    jobs = []
+    for i, r in enumerate(trace.requests):
+        at = 0.0 if math.isinf(speed) else (r.timestamp - t_first) / speed
+        out = max(1, r.output_length if max_output is None else min(r.output_length, max_output))
+        jobs.append(Job(i, at, prompt_tokens(r.hash_ids, r.input_length, trace.block_size, vocab, i, max_input),
+                        out))
+    return jobs
