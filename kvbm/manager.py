@@ -465,7 +465,7 @@ class BlockManager:
                     continue
                 h = hints[i] if per_key else hints
                 for t in self.tiers:
-                    if t.admission.admit(key, h):
+                    if t.storage.writable and t.admission.admit(key, h):
                         plan.append(t.index)
                         need[t.index] += 1
                         break
@@ -966,7 +966,7 @@ class BlockManager:
                     continue
                 h = self._hints.get(v)
                 if v not in nxt.pending:
-                    if nxt.admission.admit(v, h) and not (
+                    if nxt.storage.writable and nxt.admission.admit(v, h) and not (
                             nxt.policy.filters_inserts and not nxt.policy.accepts(v, h)):
                         movers.append((v, slot))
                         continue

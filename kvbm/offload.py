@@ -74,7 +74,7 @@ def prepare_demote(m: Any, tier: int, n: int) -> DemoteJob:
             m._event("removed", v, t.name)
             continue
         h = m._hints.get(v)
-        if v not in nxt.pending and nxt.admission.admit(v, h) and not (
+        if v not in nxt.pending and nxt.storage.writable and nxt.admission.admit(v, h) and not (
                 nxt.policy.filters_inserts and not nxt.policy.accepts(v, h)):
             movers.append((v, slot))
             continue

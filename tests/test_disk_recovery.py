@@ -128,3 +128,44 @@ def test_other_errors_at_open_still_fail_with_the_path(tmp_path, monkeypatch):
         OSError(errno.EIO, os.strerror(errno.EIO))))
     with pytest.raises(OSError, match="cannot write the index .*index.log"):
         DiskStorage(4, NBYTES, namespace="ns", path=tmp_path, direct=False)
+
+
+def test_a_manager_restarted_on_a_full_disk_serves_g2_and_what_g3_holds(small_fs):
+    """The daemon's case: G2 + G3, restarted with G3's disk full. It starts; G3's blocks load
+    with their bytes; new stores keep G2 working and never push G3's blocks out (G3 admits
+    nothing while read-only, so it evicts nothing to make room)."""
+    from kvbm import BlockManager, KVBMConfig, KVLayout
+    from kvbm.demo import block_content
+
+    def manager():
+        cfg = KVBMConfig.from_dict({"tiers": [
+            {"name": "g2", "capacity": 2, "storage": {"name": "host", "pin": "never"}},
+            {"name": "g3", "capacity": 6, "storage": {"name": "disk", "path": str(small_fs),
+                                                     "readonly_retry_s": 3600}}]})
+        cfg.layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, block_size=128)  # 64 KiB
+        return BlockManager.from_config(cfg)
+
+    def check(m, keys):
+        out = [np.zeros(NBYTES, np.uint8) for _ in keys]
+        assert m.load(keys, destination=out).loaded == len(keys)
+        for k, buf in zip(keys, out):
+            np.testing.assert_array_equal(buf, block_content(k, NBYTES))
+
+    m = manager()
+    for k in range(1, 9):  # 8 blocks through a 2-block G2: 6 land in G3 and fill it
+        m.store([k], source=[block_content(k, NBYTES)])
+    in_g3 = [k for k in range(1, 9) if k in m.tiers[1].ready]
+    assert len(in_g3) == 6
+    m.close()
+    fill(small_fs)
+
+    m = manager()  # before: OSError ENOSPC from the index rewrite, the daemon did not start
+    g3 = m.tiers[1]
+    assert g3.storage.read_only and g3.stats.recovered == 6
+    for k in range(100, 120):  # G2 keeps taking blocks; its victims are not offered to G3
+        assert not m.store([k], source=[block_content(k, NBYTES)]).rejected
+    assert sorted(g3.ready) == sorted(in_g3) and g3.stats.evictions == 0
+    assert g3.stats.rejected >= 18 and g3.stats.failed == 0 and g3.storage.errors.io_errors == 0
+    check(m, [118, 119])  # G2 serves
+    check(m, in_g3[:2])  # and so does G3, with the bytes it held
+    m.close()
