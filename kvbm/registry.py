@@ -93,6 +93,7 @@ EVICTION = Registry(
         "prefix": "kvbm.policies.prefix:PrefixPolicy",
         "belady": "kvbm.policies.belady:BeladyPolicy",
         "hitdensity": "kvbm.policies.hitdensity:HitDensityPolicy",
+        "auto": "kvbm.policies.auto:AutoPolicy",
     },
 )
 
@@ -103,6 +104,7 @@ ADMISSION = Registry(
         "always": "kvbm.policies.admission.always:AlwaysAdmission",
         "n_hit": "kvbm.policies.admission.n_hit:NHitAdmission",
         "priority_floor": "kvbm.policies.admission.priority_floor:PriorityFloorAdmission",
+        "second_chance": "kvbm.policies.admission.second_chance:SecondChanceAdmission",
     },
 )
 

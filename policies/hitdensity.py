@@ -180,12 +180,19 @@ class HitDensityPolicy(EvictionPolicy):
     def insert_many(self, keys, hints=None):
         if not isinstance(keys, (list, tuple)):
             keys = list(keys)
+        self.insert_run(keys, len(keys), True)
+
+    def insert_run(self, keys, run_length, ends_run):
+        """insert_many for a sample of a run (auto's miniature simulations): `keys`, in order,
+        are some of the `run_length` new keys of one stored run; `ends_run`: the last of them
+        is the run's last block."""
         last = len(keys) - 1
         if last < 0:
             return
-        body = _run_class(last + 1)
+        body = _run_class(max(1, run_length))
         insert = self._insert
-        insert(keys[last], TAIL)  # the batch's last block: the partial one the next turn replaces
+        # the batch's last block: the partial one the next turn replaces
+        insert(keys[last], TAIL if ends_run else body)
         for i in range(last - 1, -1, -1):  # deepest first: the oldest of its batch
             insert(keys[i], body)
 
@@ -282,6 +289,20 @@ class HitDensityPolicy(EvictionPolicy):
                 continue
             out[name] = {"blocks": len(self._queues[c]), "ages": _STARTS[:top + 1], "index": index[:top + 1]}
         return out
+
+    def adopt(self, other, scale):
+        """Warm start from `other`, a hitdensity whose clock runs `scale` times slower (auto's
+        miniature simulation of this tier): its reuse and life counts, ages and counts scaled,
+        then the indices recomputed with this tier's own lives."""
+        for c in range(len(CLASSES)):
+            reuses, ends = [0.0] * _BUCKETS, [0.0] * _BUCKETS
+            for b, (r, e) in enumerate(zip(other._reuses[c], other._ends[c])):
+                if r or e:
+                    to = _bucket(int(_STARTS[b] * scale))
+                    reuses[to] += r * scale
+                    ends[to] += e * scale
+            self._reuses[c], self._ends[c] = reuses, ends
+        self._update()
 
     # ---------------------------------------------------------------- internals
 

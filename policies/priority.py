@@ -32,6 +32,7 @@ class PriorityPolicy(EvictionPolicy):
         self._heap: list = []  # (priority, access seq, key); live iff it matches _state
         self._expiry: list = []  # (time, insert seq, key); live iff the insert seq matches
         self._seq = 0
+        self._parked: list = []  # protected entries set aside by evict (see pop_victims)
 
     def priority(self, key) -> int | None:
         """The effective priority of `key` now (None if unknown)."""
@@ -53,6 +54,7 @@ class PriorityPolicy(EvictionPolicy):
         if len(self._heap) > 2 * len(self._state) + 1024:
             self._heap = [(p, s, k) for k, (p, s, _) in self._state.items()]
             heapify(self._heap)
+            self._parked.clear()
 
     def insert(self, key, hints=None):
         hints = hints or DEFAULT_HINTS
@@ -85,7 +87,7 @@ class PriorityPolicy(EvictionPolicy):
             state = states.get(item[2])
             return state is not None and state[0] == item[0] and state[1] == item[1]
 
-        victims = pop_victims(self._heap, n, protected, live)
+        victims = pop_victims(self._heap, n, protected, live, self._parked)
         if victims is None:
             return None
         for _, _, key in victims:

@@ -41,6 +41,8 @@ class SimResult:
     seconds: float
     tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: the byte model behind each tier's bytes_written / drive_writes_per_day
+    write_accounting: dict[str, Any] = field(default_factory=dict)
 
     @property
     def block_hit_ratio(self) -> float:
@@ -111,6 +113,7 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True, offload: b
     tiers = {}
     for ti, (name, st) in enumerate(mgr.stats()["tiers"].items()):
         tiers[name] = {"block_hits": found[ti], "prefix_hits": served[ti], **st}
+    writes = _write_accounting(trace, config, tiers)
     return SimResult(
         requests=len(trace.requests),
         block_accesses=accesses,
@@ -121,7 +124,39 @@ def simulate(trace: Trace, config: KVBMConfig, progress: bool = True, offload: b
         config={"mode": config.mode, "promote_on_hit": config.promote_on_hit,
                 "offload": {config.tiers[i].name: n for i, n in headroom.items()},
                 "tiers": [f"{t.name}={t.capacity}:{t.eviction.name}:{t.admission.name}" for t in config.tiers]},
+        write_accounting=writes,
     )
+
+
+#: The KV layout assumed for byte figures when the config has none: Llama-3-8B, bf16 (128 KiB
+#: per token; 64 MiB per 512-token block of the Mooncake trace).
+ASSUMED_LAYOUT = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+
+
+def _write_accounting(trace: Trace, config: KVBMConfig, tiers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Add what each tier wrote: blocks_written (stores, demotions in, and for the top tier the
+    promotions copied up), bytes_written, hits_per_gb_written (block hits served per GB
+    written) and drive_writes_per_day: bytes written per day of trace time over the tier's
+    size in bytes (for G3 NVMe: the DWPD the trace implies at that size; endurance ratings are
+    typically 1-3 DWPD for read-intensive drives)."""
+    from ..blocks import KVLayout
+
+    layout = config.layout or KVLayout(block_size=trace.block_size, **ASSUMED_LAYOUT)
+    nbytes = layout.block_nbytes
+    times = [r.timestamp for r in trace.requests]
+    seconds = (max(times) - min(times)) if times else 0.0
+    names = list(tiers)
+    promoted_up = sum(tiers[n].get("promotions_out", 0) for n in names[1:])
+    for i, name in enumerate(names):
+        t = tiers[name]
+        blocks = t.get("stores", 0) + t.get("demotions_in", 0) + (promoted_up if i == 0 else 0)
+        written = blocks * nbytes
+        size = t.get("capacity", 0) * nbytes
+        t["blocks_written"] = blocks
+        t["bytes_written"] = written
+        t["hits_per_gb_written"] = t["block_hits"] / (written / 1e9) if written else None
+        t["drive_writes_per_day"] = (written / size) * 86400.0 / seconds if size and seconds > 0 else None
+    return {"block_nbytes": nbytes, "layout_assumed": config.layout is None, "trace_seconds": seconds}
 
 
 def single_tier(capacity: int, policy: str | PolicySpec = "lru", name: str = "g2", **kw: Any) -> KVBMConfig:
