@@ -30,6 +30,7 @@ except ImportError as exc:  # the daemon extra
     raise ImportError("kvbm.client needs pyzmq and msgpack: pip install 'kvbm-tiered[daemon]'") from exc
 
 from .blocks import KVLayout
+from .daemon.events import topic_of
 from .daemon.leases import namespace_of
 from .daemon.protocol import RemoteError, pack, request, unpack
 
@@ -64,7 +65,7 @@ class Client:
         self.session: bytes | None = None
         lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)
         # the namespace's topic on the daemon's KV-event stream
-        self.topic = namespace_of(model, KVLayout(**lay).fingerprint, salt).hex().encode()
+        self.topic = topic_of(namespace_of(model, KVLayout(**lay).fingerprint, salt))
         reply = self.call("hello", model=model, layout=lay, salt=salt)
         self.session = reply["session"]
         self.block_nbytes = reply["block_nbytes"]

@@ -904,7 +904,9 @@ class BlockManager:
                          "medium": t.storage.medium,
                          **{k: getattr(t.stats, k) for k in TierStats.__slots__},
                          "io_errors": t.storage.errors.io_errors,
-                         "checksum_errors": t.storage.errors.checksum_errors}
+                         "checksum_errors": t.storage.errors.checksum_errors,
+                         "foreign_objects": t.storage.errors.foreign_objects,
+                         "writes_refused": t.storage.errors.writes_refused}
                 for t in self.tiers
             },
         }

@@ -17,6 +17,17 @@ except ImportError:
         raise
     HAVE_NIXL = False
 
+# The cluster's peer secret in the daemon tests (written 0600 as daemon.peer_secret_file)
+PEER_SECRET = b"kvbm-test-peer-secret-0123456789"
+
+
+def write_peer_secret(folder: Path) -> str:
+    path = folder / "peer.secret"
+    if not path.exists():
+        path.write_bytes(PEER_SECRET)
+        path.chmod(0o600)
+    return str(path)
+
 
 def wait_ready(proc: subprocess.Popen, stdout: Path, timeout: float = 30.0) -> dict | None:
     """The daemon's `{"ready": ...}` line, or None if it exited or stayed silent past timeout."""
@@ -49,6 +60,7 @@ def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tupl
     from kvbm import ops
     from kvbm.blocks import KVLayout
     from kvbm.daemon.leases import namespace_of, server_key
+    from kvbm.daemon.peerauth import Challenges
     from kvbm.daemon.peers import new_agent
     from kvbm.daemon.protocol import pack, unpack
 
@@ -67,6 +79,7 @@ def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tupl
     conn.send(f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}")
     asked: list[str] = []
     pending: dict[int, list] = {}
+    challenges = Challenges(PEER_SECRET)
     while not conn.poll(0):
         if not sock.poll(20):
             continue
@@ -78,14 +91,19 @@ def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tupl
         while time.monotonic() < deadline and not conn.poll(0):
             time.sleep(0.01)
         reply: dict = {"id": msg["id"], "ok": True}
-        if op == "peer_hello":
+        if op == "peer_hello" and "proof" not in msg:  # the handshake's first step (peerauth.py)
+            challenge, proof = challenges.issue(msg["nonce"])
+            reply.update(challenge=challenge, proof=proof)
+        elif op == "peer_hello":
+            assert challenges.check(msg["nonce"], msg["challenge"], msg["proof"])
             reply.update(session=b"s" * 16, agent=agent.name, metadata=agent.get_agent_metadata())
         elif op == "peer_lookup":
             idx = []
-            for k in msg["keys"]:
-                if k not in index:
+            for k in msg["keys"]:  # client keys within msg["namespace"]
+                sk = server_key(msg["namespace"], k)
+                if sk not in index:
                     break
-                idx.append(index[k])
+                idx.append(index[sk])
             h = len(pending) + 1
             pending[h] = idx
             reply.update(handle=h if idx else 0, n=len(idx), nbytes=nb, addrs=[pool.ctypes.data + i * nb for i in idx])

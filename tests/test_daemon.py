@@ -28,7 +28,7 @@ from kvbm.blocks import KVLayout
 from kvbm.client import Client, RemoteError
 from kvbm.config import ConfigError
 from kvbm.daemon.config import DaemonConfig, is_local
-from daemonproc import HAVE_NIXL, wait_ready
+from daemonproc import HAVE_NIXL, wait_ready, write_peer_secret
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)  # 16 KiB blocks
 NB = LAYOUT.block_nbytes
@@ -51,6 +51,8 @@ class Daemon:
                  headroom: int | None = None, eviction: str = "lru", **daemon: object) -> None:
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
+        if nixl:  # peers prove the cluster's secret to each other
+            daemon.setdefault("peer_secret_file", write_peer_secret(tmp))
         tiers = [{"name": "g2", "capacity": g2, "eviction": eviction, "storage": "host"}]
         if headroom is not None:
             tiers[0]["headroom"] = headroom
@@ -617,7 +619,7 @@ def test_slow_peer_pull_does_not_stall_other_clients(daemons, later):
             assert all(np.array_equal(o, block(k)) for o, k in zip(out, keys))
             st = c2.stats()["daemon"]
             assert st["peer_pull_blocks"] == 12 and st["peer_errors"] == 0
-        assert peer.close() == ["peer_hello", "peer_lookup", "peer_release"]
+        assert peer.close() == ["peer_hello", "peer_hello", "peer_lookup", "peer_release"]
     finally:
         peer.close()
 

@@ -33,7 +33,9 @@ class Attacker:
         self.leaks: list = []
         self.checked = 0  # accepted lookups/loads/pins from attacker sessions, all checked for leaks
         self.lookups: dict[int, str] = {}  # id -> op, for shaped lookups with a real session
-        self.sessions: list[bytes] = []
+        self.sessions: list[bytes] = []  # the fuzzer draws these (and may say bye on them)
+        self.probe_sessions: list[bytes] = []  # never drawn: the leak probes' own sessions
+        self.probe_errors: dict[str, int] = {}
 
     def _socket(self) -> zmq.Socket:
         s = self.ctx.socket(zmq.DEALER)
@@ -62,7 +64,10 @@ class Attacker:
             reply = msgpack.unpackb(self.sock.recv_multipart()[-1], raw=False)
             self.replies += 1
             op = self.lookups.pop(reply.get("id"), None)
-            if op is None or not reply.get("ok"):
+            if op is None:
+                continue
+            if not reply.get("ok"):
+                self.probe_errors[reply.get("error")] = self.probe_errors.get(reply.get("error"), 0) + 1
                 continue
             self.checked += 1
             if op == "lookup" and reply["n"] != 0:
@@ -72,12 +77,18 @@ class Attacker:
             if op == "pin" and reply["n"] != 0:
                 self.leaks.append(reply)
 
-    def hello(self, model: str) -> None:
+    def hello(self, model: str, into: list | None = None) -> None:
         self.sock.send(msgpack.packb({"op": "hello", "id": 1, "auth": TOKEN, "model": model,
                                       "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64,
                                                  "block_size": 16}}))
-        assert self.sock.poll(5000)
-        self.sessions.append(msgpack.unpackb(self.sock.recv(), raw=False)["session"])
+        assert self.sock.poll(30_000)
+        (self.sessions if into is None else into).append(msgpack.unpackb(self.sock.recv(), raw=False)["session"])
+
+    def wait_probes(self, timeout: float = 60.0) -> None:
+        """Until every probe sent has its reply (the daemon answers each socket in order)."""
+        deadline = time.monotonic() + timeout
+        while self.lookups and time.monotonic() < deadline:
+            self.drain(0.2)
 
     def close(self) -> None:
         self.sock.close(0)
@@ -149,10 +160,11 @@ def test_fuzz_never_crashes_never_leaks(tmp_path):
     try:
         for i in range(4):
             attacker.hello(f"evil-{i}")
+            attacker.hello(f"evil-probe-{i}", attacker.probe_sessions)
         good.start()
 
         def send_shaped(msg: dict) -> None:
-            if msg.get("auth") == TOKEN and msg.get("session") in attacker.sessions and msg["op"] in (
+            if msg.get("auth") == TOKEN and msg.get("session") in attacker.probe_sessions and msg["op"] in (
                     "lookup", "load_prepare", "pin"):
                 msg["id"] = 10**9 + attacker.sent
                 attacker.lookups[msg["id"]] = msg["op"]
@@ -204,7 +216,7 @@ def test_fuzz_never_crashes_never_leaks(tmp_path):
                 send_shaped(dict(value))
                 msg = value
                 # a probe: an authenticated attacker session asks for the victim's keys
-                send_shaped({**value, "auth": TOKEN, "session": rnd.choice(attacker.sessions),
+                send_shaped({**value, "auth": TOKEN, "session": rnd.choice(attacker.probe_sessions),
                              "op": rnd.choice(["lookup", "load_prepare", "pin"]),
                              "keys": rnd.sample(GOOD_KEYS, rnd.randint(1, 8))})
                 try:
@@ -217,11 +229,12 @@ def test_fuzz_never_crashes_never_leaks(tmp_path):
             attacker.send([payload])
             for p in mutants(payload, msg, rnd):
                 attacker.send([p])
-            for sid in attacker.sessions:  # keep the attacker's own sessions alive
+            for sid in attacker.sessions + attacker.probe_sessions:  # keep the attacker's sessions alive
                 attacker.send([msgpack.packb({"op": "heartbeat", "id": 0, "auth": TOKEN, "session": sid})])
             assert d.proc.poll() is None, "the daemon died"
 
         fuzz()
+        attacker.wait_probes()  # before the oversized phase replaces the socket (and its replies)
         # oversized: bigger than max_message_bytes (1 MiB), and an array bomb within the limit
         for i in range(20):
             attacker.send([b"\x00" * (2 << 20)], fresh=True)
@@ -236,7 +249,8 @@ def test_fuzz_never_crashes_never_leaks(tmp_path):
         stop.set()
         good.join(30)
         print(f"fuzz: {attacker.sent} messages, {attacker.replies} replies, {attacker.checked} leak probes "
-              f"answered, good client {report['ops']} ops / {report['loaded']} blocks verified")
+              f"answered ({attacker.probe_errors} refused), good client {report['ops']} ops / "
+              f"{report['loaded']} blocks verified")
         assert attacker.sent >= 10_000
         assert d.proc.poll() is None, "the daemon died"
         assert report["errors"] == [], report["errors"]

@@ -159,7 +159,7 @@ def test_two_managers_with_different_secrets_share_a_prefix_and_never_meet(tmp_p
     # deployment B on the same prefix: recovers nothing, finds nothing
     mb = manager(tmp_path, url, fb)
     assert mb.tiers[1].stats.recovered == 0 and mb.lookup(keys)[0] == 0
-    assert mb.tiers[1].storage.errors.foreign_objects >= 8
+    assert mb.stats()["tiers"]["g4"]["foreign_objects"] >= 8  # counted, as /metrics shows it
     for k in keys:  # B stores the same keys with other bytes
         mb.store([k], source=[np.full(n, 0xEE, np.uint8)])
     mb.close()
@@ -238,3 +238,17 @@ def test_a_default_secret_that_cannot_be_made_says_what_to_set(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CONFIG_HOME", str(blocked))
     with pytest.raises(SecretError, match=r"cannot make the default secret .*set secret_file"):
         object_secret()
+
+
+def test_foreign_objects_and_refused_writes_reach_the_daemon_metrics():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from kvbm.daemon.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.publish({"tiers": {"g4": {"foreign_objects": 3, "writes_refused": 0},
+                               "g3": {"foreign_objects": 0, "writes_refused": 5}}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'kvbm_tier_foreign_objects_total{tier="g4"} 3.0' in text
+    assert 'kvbm_tier_writes_refused_total{tier="g3"} 5.0' in text

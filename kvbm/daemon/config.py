@@ -10,6 +10,7 @@
       lease_s: 10                         # a client silent this long loses its pins
       peers: [tcp://10.0.0.2:5557]        # other nodes' daemons, asked on a local miss
       peer_timeout_s: 0.5
+      peer_secret_file: ""                # cluster secret peers prove (0600); unset = no peer ops
       nixl: auto                          # auto | true | false
       max_session_blocks: 0               # busy blocks per client (a quota against hogging G2); 0 = off
 
@@ -38,6 +39,7 @@ class DaemonConfig:
     lease_s: float = 10.0
     peers: list = field(default_factory=list)
     peer_timeout_s: float = 0.5
+    peer_secret_file: str = ""  # daemons prove it to each other (peerauth.py); "" = no peer ops
     nixl: Any = "auto"
     max_message_bytes: int = 1 << 20
     max_keys: int = 4096
@@ -63,7 +65,7 @@ class DaemonConfig:
         return cfg
 
     def validate(self) -> None:
-        for name in ("address", "events", "metrics", "token", "token_file", "shm_name"):
+        for name in ("address", "events", "metrics", "token", "token_file", "shm_name", "peer_secret_file"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"daemon.{name} must be a string, got {getattr(self, name)!r}")
         if not self.address.startswith(("tcp://", "ipc://")):

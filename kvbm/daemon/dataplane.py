@@ -2,7 +2,7 @@
 
     lookup          the longest ready prefix (a local miss may go to the peers: Peering._ask_peers)
     store_prepare   reserve G2 slots the client writes; store_commit marks them ready or rolls back
-    load_prepare    pin the ready prefix in G2 (onboarding from G3/G4 first); load_release unpins
+    load_prepare    pin the ready prefix in G2 (G3/G4 blocks come up first, off the loop: onboard.py)
     pin / unpin     explicit pins, counted per session
 
 Keys are namespaced server-side (leases.server_key): two namespaces never address the same block.
@@ -102,9 +102,13 @@ class DataPlane:
         self.counters["client_store_bytes"] += stored * self.nbytes
         return {"stored": stored}
 
-    def op_load_prepare(self, msg: dict, now: float) -> dict:
+    def op_load_prepare(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)
         _, skeys = self._keys(msg, s, unique=True, busy=True)
+        later = self._defer_for_lower(s, skeys, lambda: self._load_prepared(s, skeys))  # onboard.py
+        return later if later is not None else self._load_prepared(s, skeys)
+
+    def _load_prepared(self, s: Session, skeys: list) -> dict:
         job = self._pin_in_g2(skeys)
         if not job.keys:
             self.manager.complete_load(job)
@@ -115,22 +119,12 @@ class DataPlane:
         return {"handle": h, "slots": list(job.slots)}
 
     def _pin_in_g2(self, skeys: list):
-        """Pin the ready prefix of skeys in G2, onboarding blocks from lower tiers first."""
-        m, top = self.manager, self.top
-        n, where = m.lookup(skeys)
-        lower = [k for k, w in zip(skeys[:n], where) if w != top.name]
-        if lower:
-            try:
-                m.load(lower)  # destination None: promotion copies them into G2
-            except Exception:  # the manager rolled back; those blocks are a miss
-                log.exception("onboarding %d blocks into G2 failed", len(lower))
-        ready = top.ready
+        """Pin the prefix of skeys ready in G2 (blocks below it come up off the loop: onboard.py)."""
+        ready = self.top.ready
         k = 0
-        while k < n and skeys[k] in ready:
+        while k < len(skeys) and skeys[k] in ready:
             k += 1
-        if lower:
-            self.offloader.kick()  # promotions filled G2
-        return m.prepare_load(skeys[:k])
+        return self.manager.prepare_load(skeys[:k])
 
     def op_load_release(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)

@@ -1,24 +1,101 @@
-"""KV events: what the manager did to blocks, told to the namespace that owns them.
+"""KV events: what the manager did to blocks, told to the namespace that owns them, and nobody else.
 
-    Events._drain_events()   after every request: manager events -> rows per namespace, published
-                             on the PUB stream (topic: the namespace id in hex) and queued per session
-    Events.op_events         a client takes its namespace's queued rows
+    topic_of(namespace) -> bytes      a namespace's topic on the PUB stream (`Client.topic`)
+    Origins                           server key -> (namespace, client key), bounded by what is held
+    Events._init_events()             the PUB socket (PLAIN-authenticated when daemon.token is set)
+    Events._drain_events()            after every request: manager events -> rows per namespace ->
+                                      the PUB stream, each session of that namespace, the sinks
+    Events.add_event_sink(fn)         fn(namespace, rows) for every drained batch (other formats,
+                                      e.g. a vLLM-style KV-event publisher, hook in here)
+    Events.op_events                  a client takes its namespace's queued rows
+    Events._close_events()            at shutdown
 
-`Daemon.origin` maps a server key to (namespace, client key): an event names the client's own
-key and goes to its namespace only.
+A row is [kind, client key, tier] with kind stored / removed / moved: the client's own key, as it
+named the block. What a peer pull needs (the namespace id and the daemon's server key, derived
+from it) is never published: the topic is a one-way hash of the namespace id, so a subscriber
+that does not already know a namespace can neither name it nor derive its server keys, and the
+`events` op returns only the caller's namespace's rows. Who may subscribe: anyone who can reach
+the PUB address when no token is set (then it must be loopback or ipc://, see config.py); with
+daemon.token, only subscribers presenting it as ZMQ PLAIN credentials (username `kvbm`).
+
+The origin map gets an entry per block a client reserved or a pull landed and loses it when the
+block leaves every tier. Paths that abandon a key without an event (a rolled-back reservation, a
+failed pull) are covered by `Origins.sweep`: when the map outgrows what the manager holds it drops
+every key the manager no longer has, so its size stays bounded by the manager's capacity.
 """
 
 from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Callable
 
 import zmq
 
 from . import protocol as P
 
+log = logging.getLogger("kvbm.daemon")
 MAX_EVENTS = 10_000  # per session, oldest dropped
+PLAIN_USER = "kvbm"  # the PUB stream's PLAIN username; the password is daemon.token
+ZAP_DOMAIN = "kvbm-events"
+SWEEP_SLACK = 1024   # the origin map may exceed the manager's held keys by this before a sweep
+
+
+def topic_of(namespace: bytes) -> bytes:
+    """The PUB topic of a namespace: hex of a one-way hash of its id (the id itself keys blocks)."""
+    return hashlib.blake2b(namespace, digest_size=16, person=b"kvbm-ev-topic").hexdigest().encode()
+
+
+class Origins(dict):
+    """server key -> (namespace, client key) for blocks the manager holds (or is about to)."""
+
+    def sweep(self, manager: Any) -> int:
+        """Drop keys the manager no longer holds (ready or in flight) once the map outgrows it;
+        keys dropped. Amortised: a sweep runs only after SWEEP_SLACK keys beyond what is held."""
+        held = sum(len(t.ready) + len(t.pending) for t in manager.tiers)
+        if len(self) <= held + SWEEP_SLACK:
+            return 0
+        gone = [k for k in self if not _held(manager, k)]
+        for k in gone:
+            del self[k]
+        return len(gone)
+
+
+def _held(manager: Any, key: Any) -> bool:
+    return any(key in t.ready or key in t.pending for t in manager.tiers)
 
 
 class Events:
     """Mixin of Daemon: event draining and publishing."""
+
+    def _init_events(self) -> None:
+        dcfg = self.dcfg
+        self.origin = Origins()
+        self._event_sinks: list[Callable[[bytes, list], None]] = []
+        self.pub = None
+        self.events_address = ""
+        self._events_ctx: zmq.Context | None = None
+        self._zap = None
+        if not dcfg.events:
+            return
+        # its own context: the ZAP handler below then judges this socket's peers only
+        self._events_ctx = zmq.Context()
+        self.pub = self._events_ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        if dcfg.token:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._zap = ThreadAuthenticator(self._events_ctx, log=logging.getLogger("kvbm.daemon.zap"))
+            self._zap.start()
+            self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
+            self.pub.plain_server = True
+            self.pub.zap_domain = ZAP_DOMAIN.encode()
+        self.pub.bind(dcfg.events)
+        self.events_address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def add_event_sink(self, fn: Callable[[bytes, list], None]) -> None:
+        """fn(namespace id, rows) on the owner thread after each drained batch; it must not block."""
+        self._event_sinks.append(fn)
 
     def op_events(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
@@ -29,6 +106,8 @@ class Events:
     def _drain_events(self) -> None:
         events = self.manager.take_events()
         if not events:
+            if len(self.origin) > SWEEP_SLACK:
+                self.origin.sweep(self.manager)
             return
         by_ns: dict[bytes, list] = {}
         for ev in events:
@@ -42,10 +121,27 @@ class Events:
         for ns, rows in by_ns.items():
             if self.pub is not None:
                 try:
-                    self.pub.send_multipart([ns.hex().encode(), P.pack(rows)], zmq.NOBLOCK)
+                    self.pub.send_multipart([topic_of(ns), P.pack(rows)], zmq.NOBLOCK)
                 except zmq.Again:
                     pass
             for s in self.sessions.in_namespace(ns):
                 s.events.extend(rows)
                 if len(s.events) > MAX_EVENTS:
                     del s.events[:len(s.events) - MAX_EVENTS]
+            for fn in self._event_sinks:
+                try:
+                    fn(ns, rows)
+                except Exception:  # a sink's bug must not stop the loop
+                    log.exception("KV-event sink %r failed", fn)
+        self.origin.sweep(self.manager)
+
+    def _close_events(self) -> None:
+        if self.pub is not None:
+            self.pub.close(0)
+            self.pub = None
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
+        if self._events_ctx is not None:
+            self._events_ctx.term()
+            self._events_ctx = None

@@ -1,24 +1,56 @@
 """Client sessions: a namespace, a heartbeat deadline, and what the client holds.
 
-    Sessions.open(namespace, lease_s) -> Session   at hello
+    Sessions.open(namespace, label, lease_s, now, uid=) -> Session | None   at hello
     Session.renew(now)                              every request and heartbeat
     Sessions.expired(now) -> [Session]              the daemon rolls their holdings back
+    Sessions.extend(dt)                             the daemon itself stalled for dt: no one's fault
 
-A session holds explicit pins (key -> count), reservations (store jobs awaiting commit) and
-loads (pinned jobs awaiting release). When its lease runs out, because the client died or hung,
-the daemon releases all of them, so a SIGKILLed engine never leaks pinned blocks.
+A session holds explicit pins (key -> count), reservations (store jobs awaiting commit), loads
+(window slots awaiting release; pinned jobs for a peer), its staging window, and the replies of
+its last requests (a retried request id gets the same answer; a cancelled one is undone). When
+its lease runs out, because the client died or hung, the daemon releases all of it, so a
+SIGKILLed engine never leaks pinned blocks. Every map here is bounded: by the session's quota,
+its window, or a fixed count.
+
+The table is bounded too, per uid and in all: when full, the least recently active session that
+holds nothing is closed to make room (its client says hello again on its next call), so hellos
+alone cannot lock anyone out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..blocks import check_name, fields
 
 PEER_NS = b"peer"  # the namespace of a peer daemon's session (peer_* ops only)
+MAX_REPLIES = 32  # request ids whose replies a session keeps, for retries and cancels
+MAX_CANCELLED = 256  # ids cancelled before they arrived
+
+
+@dataclass
+class Reservation:
+    """A store in flight: G2 slots reserved by `job`, the client writes `wslots` of its window."""
+
+    job: Any
+    skeys: list
+    extra: list  # keys reserved below G2 (admission said so): rolled back at commit
+    want: list  # indices into skeys of the keys with a G2 slot
+    gslots: list  # G2 slot per `want` entry
+    wslots: list  # window slot per `want` entry
+    deadline: float  # rolled back if not committed by then, heartbeats or not
+
+
+@dataclass
+class WindowLoad:
+    """A client's load: its bytes were copied into `wslots`; freed at release or deadline."""
+
+    wslots: list
+    deadline: float
 
 
 @dataclass
@@ -28,11 +60,18 @@ class Session:
     label: str  # model name, for logs
     lease_s: float
     deadline: float
-    pins: dict = field(default_factory=dict)  # server key -> count
-    stores: dict = field(default_factory=dict)  # handle -> (StoreJob, client keys, extra failed)
-    loads: dict = field(default_factory=dict)  # handle -> LoadJob
+    uid: int = -1  # the client's uid (SO_PEERCRED on the same-node socket); -1: unknown (tcp)
+    pid: int = 0
+    window: Any = None  # windows.Window: the only daemon memory this client maps
+    pins: dict = field(default_factory=dict)  # server key -> [count, time of the first pin]
+    stores: dict = field(default_factory=dict)  # handle -> Reservation
+    loads: dict = field(default_factory=dict)  # handle -> WindowLoad (client) | LoadJob (peer)
     crcs: dict = field(default_factory=dict)  # handle -> Future of crc32c per block (a peer's pull)
     events: list = field(default_factory=list)  # (kind, client key, tier), bounded
+    replies: OrderedDict = field(default_factory=OrderedDict)  # request id -> (op, reply, undo)
+    cancelled: OrderedDict = field(default_factory=OrderedDict)  # request ids cancelled early
+    busy: int = 0  # G2 blocks held: pins + reservations + a peer's pinned loads
+    active: float = 0.0  # last request other than a heartbeat
     next_handle: int = 1
 
     def renew(self, now: float) -> None:
@@ -45,25 +84,62 @@ class Session:
 
     @property
     def held(self) -> int:
-        """Blocks this session keeps busy: pins, pinned loads, reservations."""
-        return (sum(self.pins.values()) + sum(len(job.keys) for job in self.loads.values())
-                + sum(len(job.keys) for job, _, _ in self.stores.values()))
+        """Blocks this session keeps busy in G2 (quota unit)."""
+        return self.busy
+
+    @property
+    def empty(self) -> bool:
+        return not (self.busy or self.stores or self.loads or self.pins)
+
+    def remember(self, rid: int, op: str, reply: bytes, undo: Any) -> None:
+        self.replies[rid] = (op, reply, undo)
+        if len(self.replies) > MAX_REPLIES:
+            self.replies.popitem(last=False)
+
+    def cancel_early(self, rid: int) -> None:
+        self.cancelled[rid] = None
+        if len(self.cancelled) > MAX_CANCELLED:
+            self.cancelled.popitem(last=False)
 
 
 class Sessions:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_uid: int | None = None) -> None:
         self.limit = limit
+        self.per_uid = per_uid or limit
         self.by_id: dict[bytes, Session] = {}
+        self.count_by_uid: dict[int, int] = {}
+        self.busy_by_ns: dict[bytes, int] = {}
+        self.busy_by_uid: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
 
-    def open(self, namespace: bytes, label: str, lease_s: float, now: float) -> Session | None:
-        if len(self.by_id) >= self.limit:
-            return None
-        s = Session(os.urandom(16), namespace, label, lease_s, now + lease_s)
+    def open(self, namespace: bytes, label: str, lease_s: float, now: float, *, uid: int = -1,
+             pid: int = 0) -> tuple[Session | None, Session | None]:
+        """-> (new session or None when full of busy sessions, the idle session closed for it)."""
+        evicted = None
+        if self.count_by_uid.get(uid, 0) >= self.per_uid:
+            evicted = self._idlest(uid)
+            if evicted is None:
+                return None, None
+        elif len(self.by_id) >= self.limit:
+            evicted = self._idlest(None)
+            if evicted is None:
+                return None, None
+        if evicted is not None:
+            self.close(evicted)
+        s = Session(os.urandom(16), namespace, label, lease_s, now + lease_s, uid=uid, pid=pid, active=now)
         self.by_id[s.sid] = s
-        return s
+        self.count_by_uid[uid] = self.count_by_uid.get(uid, 0) + 1
+        return s, evicted
+
+    def _idlest(self, uid: int | None) -> Session | None:
+        best = None
+        for s in self.by_id.values():
+            if s.empty and s.namespace != PEER_NS and (uid is None or s.uid == uid) and (
+                    best is None or s.active < best.active):
+                best = s
+        return best
 
     def get(self, sid: Any) -> Session | None:
         if not isinstance(sid, bytes):
@@ -71,10 +147,36 @@ class Sessions:
         return self.by_id.get(sid)
 
     def close(self, s: Session) -> None:
-        self.by_id.pop(s.sid, None)
+        if self.by_id.pop(s.sid, None) is not None:
+            left = self.count_by_uid[s.uid] - 1
+            if left:
+                self.count_by_uid[s.uid] = left
+            else:
+                del self.count_by_uid[s.uid]
+
+    def charge(self, s: Session, n: int) -> None:
+        """s holds n more (or -n fewer) G2 blocks; kept per namespace and per uid for quotas."""
+        s.busy += n
+        for table, k in ((self.busy_by_ns, s.namespace), (self.busy_by_uid, s.uid)):
+            v = table.get(k, 0) + n
+            if v:
+                table[k] = v
+            else:
+                table.pop(k, None)
 
     def expired(self, now: float) -> list[Session]:
         return [s for s in self.by_id.values() if s.deadline < now]
+
+    def extend(self, dt: float) -> None:
+        """The daemon did not run for dt seconds (stopped, swapped, a long step): clients could
+        not be heard meanwhile, so nobody's lease counts that time."""
+        for s in self.by_id.values():
+            s.deadline += dt
+            for r in s.stores.values():
+                r.deadline += dt
+            for ld in s.loads.values():
+                if isinstance(ld, WindowLoad):
+                    ld.deadline += dt
 
     def in_namespace(self, ns: bytes) -> list[Session]:
         return [s for s in self.by_id.values() if s.namespace == ns]

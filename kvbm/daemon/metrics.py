@@ -21,7 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _TIER_COUNTERS = ("hits", "stores", "evictions", "drops", "demotions_in", "promotions_out",
-                  "rejected", "failed", "load_failures", "recovered", "io_errors", "checksum_errors")
+                  "rejected", "failed", "load_failures", "recovered", "io_errors", "checksum_errors",
+                  "foreign_objects", "writes_refused")
 
 
 class _Collector:

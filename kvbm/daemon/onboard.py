@@ -7,6 +7,7 @@
                                            landed (or failed), or at the deadline, whichever is first
     Onboarder.service(now)                 complete finished transfers, run finished waiters
     refuse_object_writes(manager, owner)   a G4 put asked of the owner thread fails at once
+    Onboarding                             Daemon's mixin: _defer_for_lower(skeys, answer) -> DEFERRED
 
 A client's load_prepare (and a peer's peer_lookup) used to copy G3/G4 blocks into G2 inside the
 request (manager.load): a hung object store (SIGSTOPped, a black-holed route) stalled the whole
@@ -28,6 +29,10 @@ import logging
 import threading
 import time
 from typing import Any, Callable
+
+from . import protocol as P
+from .leases import PEER_NS
+from .peering import DEFERRED
 
 log = logging.getLogger("kvbm.daemon")
 WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (clients time out at 10 s)
@@ -157,3 +162,48 @@ def refuse_object_writes(manager: Any, owner: Callable[[], int]) -> int:
         storage._kvbm_off_loop = True
         changed += 1
     return changed
+
+
+class Onboarding:
+    """Mixin of Daemon: requests whose blocks sit below G2 wait for them off the loop."""
+
+    def _init_onboarding(self) -> None:
+        self.onboarder = Onboarder(self.manager, self._wake_onboarder)
+        refuse_object_writes(self.manager, lambda: self._owner_ident)
+
+    def _wake_onboarder(self) -> None:
+        """A transfer thread: an onboarding ended; the owner completes it and answers waiters."""
+        self._owner(self._onboarded, wait=False)
+
+    def _onboarded(self) -> None:
+        self.onboarder.service()
+        self.offloader.kick()  # promotions filled G2
+
+    def _defer_for_lower(self, s: Any, skeys: list, answer: Callable[[], dict], wait_s: float | None = None) -> Any:
+        """DEFERRED when blocks of skeys' ready prefix are coming up from G3/G4: answer() runs
+        once they landed (or at the deadline) and its reply goes out then, if session s is still
+        open. None when nothing is on its way: answer now."""
+        if self._current is None or not self.onboarder.start(skeys):
+            return None
+        envelope, rid, t0 = self._current
+        op = "peer_lookup" if s.namespace == PEER_NS else "load_prepare"
+
+        def finish() -> None:
+            try:
+                if self.sessions.get(s.sid) is not s:
+                    raise P.ProtocolError("no_session", "the session ended while its blocks came up")
+                reply = answer()
+                reply.update(id=rid, ok=True)
+                out = P.pack(reply)
+            except P.ProtocolError as exc:
+                out = P.error_reply(rid, exc.code, str(exc))
+            except Exception as exc:
+                log.exception("request %s failed after onboarding", op)
+                out = P.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
+            self._drain_events()
+            self._send(envelope, out)
+            self.counters["requests"] += 1
+            self.metrics.observe(op, time.perf_counter() - t0)
+
+        self.onboarder.wait(skeys, finish, wait_s)
+        return DEFERRED

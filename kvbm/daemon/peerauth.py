@@ -28,11 +28,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 import time
 from collections import OrderedDict
 
 from ..config import ConfigError
+from ..tiers.seal import SecretError, read_secret_file
 
 NONCE_BYTES = 32
 MIN_SECRET_BYTES = 16
@@ -42,19 +42,15 @@ _LABEL = b"kvbm-peer-hello/1/"
 
 
 def load_secret(path: str) -> bytes:
-    """The peer secret in `path` (surrounding whitespace stripped); ConfigError names what is wrong."""
+    """The peer secret in `path`; ConfigError (one line, naming the file) when it cannot be read,
+    others may read or write it, or it is too short to be a secret."""
     try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as exc:
-        raise ConfigError(f"daemon.peer_secret_file: cannot read {path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"daemon.peer_secret_file {path} is readable by other users "
-                          f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+        secret = read_secret_file(path, "daemon.peer_secret_file")
+    except SecretError as exc:
+        raise ConfigError(str(exc)) from None
     if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"daemon.peer_secret_file {path} holds {len(secret)} bytes; use at least "
-                          f"{MIN_SECRET_BYTES} random ones (e.g. `head -c 32 /dev/urandom | base64 > FILE`)")
+        raise ConfigError(f"daemon.peer_secret_file: {path} holds {len(secret)} bytes; use at least "
+                          f"{MIN_SECRET_BYTES} random ones (e.g. `head -c 32 /dev/urandom | base64 > {path}`)")
     return secret
 
 

@@ -15,6 +15,15 @@ at most MAX_PENDING_PULLS wait, beyond that a lookup is answered from local tier
 
 On the serving side a peer_lookup pins the blocks and answers their addresses at once; their
 crc32c is computed on a helper thread while the peer READs and goes back with peer_release.
+
+Who may pull (SECURITY.md): only a daemon that proves, in peer_hello, that it holds the cluster's
+peer secret (daemon.peer_secret_file, separate from the client token; peerauth.py). Without one
+this daemon neither serves nor pulls. A pull names a namespace and the client keys within it, and
+the serving daemon derives its own server keys from the two: a peer can only reach the blocks of
+a namespace whose id it presents, and this daemon only asks for the namespace of the client
+session whose lookup missed. The origin of a pulled block (its namespace and client key, for
+events) is recorded when its slot is reserved, and dropped if the pull fails: a lookup of random
+keys leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,7 +42,8 @@ import numpy as np
 from .. import ops
 from ..config import ConfigError
 from . import protocol as P
-from .leases import PEER_NS, Session
+from .leases import PEER_NS, Session, server_key
+from .peerauth import NONCE_BYTES, Challenges, load_secret
 from .peers import Agent, Peers
 
 log = logging.getLogger("kvbm.daemon")
@@ -42,7 +53,7 @@ DEFERRED = object()  # an op's result when the reply is sent later (a lookup wai
 
 
 class _Pending:
-    """A lookup answered when its pull ends."""
+    """A lookup answered when its pull ends (skeys: all of the lookup's server keys)."""
 
     __slots__ = ("envelope", "rid", "skeys", "t0")
 
@@ -67,9 +78,17 @@ class Peering:
                                                                       f"{os.urandom(3).hex()}")
             if self.agent is None and dcfg.nixl is True:
                 raise ConfigError(f"daemon.nixl is true but {self.nixl_note}")
-        self.peers = Peers(self.ctx, dcfg.peers, dcfg.token, dcfg.peer_timeout_s) if dcfg.peers and self.agent else None
+        secret = load_secret(dcfg.peer_secret_file) if dcfg.peer_secret_file else None
+        self._challenges = Challenges(secret) if secret is not None and self.agent is not None else None
+        self.peers = None
         if dcfg.peers and self.agent is None:
             log.warning("daemon.peers is set but %s", self.nixl_note)
+        elif dcfg.peers and secret is None:
+            log.warning("daemon.peers is set but daemon.peer_secret_file is not: no peer pulls "
+                        "(daemons prove a shared secret to each other, see SECURITY.md)")
+        elif dcfg.peers:
+            self.peers = Peers(self.ctx, dcfg.peers, dcfg.token, dcfg.peer_timeout_s, secret)
+        self.counters.setdefault("peer_auth_failures", 0)
         self._pending = 0  # lookups waiting for a pull
         self._pull_jobs: dict = {}  # id(job) -> (StoreJob, keys reserved below G2): pulls in flight
         self._stopping = False  # shutdown began: queued pulls are answered from local tiers
@@ -83,14 +102,13 @@ class Peering:
             self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-peer-crc")
 
     def _ask_peers(self, s: Session, keys: list, skeys: list, n: int) -> Any:
-        """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None."""
+        """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None.
+        The pull asks for session s's namespace only, by its client keys."""
         if (n < len(skeys) and self._puller is not None and self._current is not None
                 and self.peers.live() and self._pending < MAX_PENDING_PULLS):
-            for k, ck in zip(skeys[n:], keys[n:]):
-                self.origin.setdefault(k, (s.namespace, ck))
             envelope, rid, t0 = self._current
             self._pending += 1
-            self._pulls.put((_Pending(envelope, rid, skeys, t0), skeys[n:]))
+            self._pulls.put((_Pending(envelope, rid, skeys, t0), (s.namespace, keys[n:], skeys[n:])))
             return DEFERRED
         return None
 
@@ -106,8 +124,20 @@ class Peering:
         self.metrics.observe("lookup", time.perf_counter() - pending.t0)
 
     def op_peer_hello(self, msg: dict, now: float) -> dict:
+        """Step 1 {nonce} -> {challenge, proof}: we prove the peer secret. Step 2 {nonce, challenge,
+        proof} -> {session, agent, metadata}: the peer proved it back (peerauth.py)."""
         if not self.agent:
             raise P.ProtocolError("nixl_off", self.nixl_note)
+        if self._challenges is None:
+            raise P.ProtocolError("peer_off", "this daemon takes no peers: daemon.peer_secret_file is not set")
+        nonce = _bin(msg, "nonce")
+        if msg.get("proof") is None:
+            challenge, proof = self._challenges.issue(nonce)
+            return {"challenge": challenge, "proof": proof}
+        if not self._challenges.check(nonce, _bin(msg, "challenge"), _bin(msg, "proof")):
+            self.counters["peer_auth_failures"] += 1
+            raise P.ProtocolError("unauthorized", "peer_hello: the proof does not match this cluster's "
+                                                  "peer secret (or the challenge expired or was used)")
         s = self.sessions.open(PEER_NS, "peer", self.dcfg.lease_s, now)
         if s is None:
             raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
@@ -120,8 +150,18 @@ class Peering:
         thread while the peer READs and returned by peer_release; otherwise it is in this reply.
         """
         s = self._session(msg, now, peer=True)
-        skeys = P.keys(msg, "keys", self.dcfg.max_keys, unique=True)
+        ns = P.field(msg, "namespace", bytes)
+        if len(ns) != P.KEY_BYTES:
+            raise P.ProtocolError("bad_field", f"field 'namespace' must be a {P.KEY_BYTES}-byte namespace id")
+        # our own server keys, within the namespace asked for: no other namespace can be named
+        skeys = [server_key(ns, k) for k in P.keys(msg, "keys", self.dcfg.max_keys, unique=True)]
         later = P.field(msg, "crcs_later", bool, required=False, default=False)
+        wait_s = P.field(msg, "wait_s", (int, float), required=False, default=0.0)
+        deferred = self._defer_for_lower(s, skeys, lambda: self._peer_pinned(s, skeys, later),
+                                         max(0.0, min(float(wait_s), 5.0)))
+        return deferred if deferred is not None else self._peer_pinned(s, skeys, later)
+
+    def _peer_pinned(self, s: Session, skeys: list, later: bool) -> dict:
         job = self._pin_in_g2(skeys)
         if not job.keys:
             self.manager.complete_load(job)
@@ -137,10 +177,6 @@ class Peering:
         else:
             reply["crcs"] = [int(c) for c in ops.crc32c_blocks(self.pool.pool, offsets, self.nbytes)]
         return reply
-
-    # The puller thread: everything below up to the owner-thread halves runs there, except what
-    # goes through _owner (the manager is the owner thread's alone). The NIXL agent is the
-    # puller's alone too (it is created without thread-safety: sync mode none).
 
     def op_peer_release(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now, peer=True)
@@ -175,10 +211,10 @@ class Peering:
                     return
                 if item is False:
                     continue
-                pending, skeys = item
+                pending, want = item
                 try:
                     if not self._stopping:
-                        self._pull(skeys)
+                        self._pull(*want)
                 except ShuttingDown:
                     raise
                 except Exception:  # a bug in one pull must not stop later ones
@@ -187,38 +223,46 @@ class Peering:
             except ShuttingDown:
                 return
 
-    def _pull(self, skeys: list) -> int:
-        """Ask peers, in order, for the prefix of skeys; READ it into our G2. Blocks landed."""
-        for peer in self.peers.live():
-            if self._stopping:
-                return 0
-            if not self.peers.connect(peer):
-                continue
-            reply = self.peers.ask(peer, "peer_lookup", keys=skeys, crcs_later=True)
-            if reply is None and peer.session is None and peer.down_until <= time.monotonic():
-                # our session there lapsed (idle past its lease, or it restarted): hello, retry once
-                if self.peers.connect(peer):
-                    reply = self.peers.ask(peer, "peer_lookup", keys=skeys, crcs_later=True)
-            if reply is None or not reply.get("handle"):
-                continue
-            released = [False]
-            try:
-                return self._read_from(peer, skeys, reply, released)
-            finally:
-                if not released[0]:
-                    self.peers.ask(peer, "peer_release", handle=reply["handle"])
-        return 0
+    def _pull(self, ns: bytes, keys: list, skeys: list) -> int:
+        """Ask peers, in order, for the prefix of namespace ns's client keys (skeys: our server
+        keys of them); READ it into our G2. Blocks landed."""
+        ask = {"namespace": ns, "keys": keys, "crcs_later": True, "wait_s": self.dcfg.peer_timeout_s / 2}
+        try:
+            for peer in self.peers.live():
+                if self._stopping:
+                    return 0
+                if not self.peers.connect(peer):
+                    continue
+                reply = self.peers.ask(peer, "peer_lookup", **ask)
+                if reply is None and peer.session is None and peer.down_until <= time.monotonic():
+                    # our session there lapsed (idle past its lease, or it restarted): hello, retry once
+                    if self.peers.connect(peer):
+                        reply = self.peers.ask(peer, "peer_lookup", **ask)
+                if reply is None or not reply.get("handle"):
+                    continue
+                released = [False]
+                try:
+                    return self._read_from(peer, (ns, keys, skeys), reply, released)
+                finally:
+                    if not released[0]:
+                        self.peers.ask(peer, "peer_release", handle=reply["handle"])
+            return 0
+        finally:
+            failures, self.peers.auth_failures = self.peers.auth_failures, 0
+            if failures:
+                self._owner(partial(self._count, peer_auth_failures=failures))
 
-    def _read_from(self, peer: Any, skeys: list, reply: dict, released: list) -> int:
+    def _read_from(self, peer: Any, want_keys: tuple, reply: dict, released: list) -> int:
+        ns, keys, skeys = want_keys
         n = reply.get("n")
         addrs, crcs = reply.get("addrs"), reply.get("crcs")
         later = reply.get("crcs_later") is True
         if (not isinstance(n, int) or not 0 < n <= len(skeys) or reply.get("nbytes") != self.nbytes
                 or not isinstance(addrs, list) or len(addrs) != n
                 or not (later or isinstance(crcs, list) and len(crcs) == n)):
-            self._owner(self._count, peer_errors=1)
+            self._owner(partial(self._count, peer_errors=1))
             return 0
-        job, slots = self._owner(self._reserve_pull, skeys[:n])
+        job, slots = self._owner(self._reserve_pull, ns, keys[:n], skeys[:n])
         if job is None:
             return 0
         want = [i for i, slot in enumerate(slots) if slot >= 0]
@@ -232,7 +276,7 @@ class Peering:
                     # The READ may still land in these slots: they stay reserved (never served,
                     # never reused) until it ends, then roll back (_reap_late, or at shutdown).
                     self._late.append((late, job))
-                    self._owner(self._count, peer_errors=len(want))
+                    self._owner(partial(self._count, peer_errors=len(want)))
                     job = None
                     return 0
                 if state == "DONE" and later:
@@ -280,12 +324,13 @@ class Peering:
 
     # owner-thread halves of a pull
 
-    # owner-thread halves of a pull
-
-    def _reserve_pull(self, skeys: list) -> tuple[Any, list]:
+    def _reserve_pull(self, ns: bytes, keys: list, skeys: list) -> tuple[Any, list]:
         job, slots, extra = self._reserve(skeys)
         if job is None:
             return None, slots
+        for k, ck, slot in zip(skeys, keys, slots):
+            if slot >= 0:  # its events go to namespace ns, named by the client's key
+                self.origin[k] = (ns, ck)
         # keys reserved below G2 (admission said so) get no bytes from the READ: rolled back at commit
         self._pull_jobs[id(job)] = (job, set(extra))
         return job, slots
@@ -293,6 +338,9 @@ class Peering:
     def _commit_pull(self, job: Any, failed: set, counts: dict) -> int:
         _, extra = self._pull_jobs.pop(id(job), (job, set()))
         self.manager.complete_store(job, failed=failed | extra)
+        for k in job.failed:  # rolled back: no event will ever name it again
+            if k not in self.manager:
+                self.origin.pop(k, None)
         self._count(**counts)
         return len(job.keys) - len(job.failed)
 
@@ -347,3 +395,10 @@ class Peering:
         self._late = []  # their jobs were in _pull_jobs, rolled back above
         if self.agent is not None:
             self.agent.close()
+
+
+def _bin(msg: dict, name: str) -> bytes:
+    v = P.field(msg, name, bytes)
+    if len(v) != NONCE_BYTES:
+        raise P.ProtocolError("bad_field", f"field {name!r} must be {NONCE_BYTES} bytes")
+    return v

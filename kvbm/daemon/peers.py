@@ -5,11 +5,14 @@
     Agent.metadata                                 bytes a peer adds to read from this pool
     Agent.read(peer, meta, local, remote, timeout) NIXL READ of (address, length) pairs
     Agent.finished(handle)                         a READ that outlived its timeout has ended
-    Peers(addresses, token, timeout)               one DEALER per peer, with a short timeout
+    Peers(addresses, token, timeout, secret)       one DEALER per peer, with a short timeout
+    Peers.connect(peer) -> bool                    peer_hello: both sides prove the peer secret
     Peers.ask(peer, op, **fields) -> reply | None  None when the peer is down or slow
 
-A pull (server.py runs it on its puller thread, off the request loop): ask a peer
-`peer_lookup(keys)` -> it pins the prefix it holds in its G2 and answers addresses; reserve
+A pull (peering.py runs it on its puller thread, off the request loop): after a mutual
+challenge-response over the cluster's peer secret (peerauth.py), ask a peer
+`peer_lookup(namespace, client keys)` -> it derives its own server keys within that namespace,
+pins the prefix it holds in its G2 and answers addresses; reserve
 local G2 slots; READ; `peer_release` -> the peer's crc32c per block (computed while we READ);
 verify; commit. A peer that does not answer within `timeout` is skipped for a back-off period,
 so a dead peer costs one short wait, not one per lookup.
@@ -31,6 +34,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .peerauth import nonce as new_nonce
+from .peerauth import prove, server_ok
 from .protocol import request, unpack
 
 log = logging.getLogger("kvbm.daemon")
@@ -194,11 +199,14 @@ class Peer:
 
 
 class Peers:
-    def __init__(self, ctx: zmq.Context, addresses: list[str], token: str, timeout: float) -> None:
+    def __init__(self, ctx: zmq.Context, addresses: list[str], token: str, timeout: float,
+                 secret: bytes) -> None:
         self.ctx = ctx
         self.peers = [Peer(a) for a in addresses]
         self.token = token
         self.timeout = timeout
+        self._secret = secret
+        self.auth_failures = 0  # peers whose proof did not verify (another cluster, or no daemon)
 
     def live(self) -> list[Peer]:
         now = time.monotonic()
@@ -231,18 +239,36 @@ class Peers:
                 if reply.get("error") == "no_session":
                     peer.session = None  # idle past the lease, or the peer restarted: hello again
                     return None
+                if reply.get("error") in ("unauthorized", "peer_off", "nixl_off"):
+                    self.auth_failures += reply.get("error") == "unauthorized"
+                    return self._down(peer, f"it refused {op}: {reply.get('message')}")
                 log.warning("peer %s refused %s: %s", peer.address, op, reply.get("message"))
                 return None
             return reply
 
     def connect(self, peer: Peer) -> bool:
-        """peer_hello once per peer (and after its restart): its agent name and metadata."""
+        """peer_hello once per peer (and after its restart): the peer proves the secret, we prove
+        it back, then its agent name and metadata."""
         if peer.session is not None:
             return True
-        reply = self.ask(peer, "peer_hello")
+        ours = new_nonce()
+        first = self.ask(peer, "peer_hello", nonce=ours)
+        if first is None:
+            return False
+        challenge = first.get("challenge")
+        if not server_ok(self._secret, ours, challenge, first.get("proof")):
+            self.auth_failures += 1
+            self._down(peer, "it could not prove the peer secret (daemon.peer_secret_file)")
+            return False
+        reply = self.ask(peer, "peer_hello", nonce=ours, challenge=challenge,
+                         proof=prove(self._secret, b"puller", ours, challenge))
         if reply is None:
             return False
-        peer.session, peer.agent, peer.meta = reply["session"], reply["agent"], reply["metadata"]
+        session, agent, meta = reply.get("session"), reply.get("agent"), reply.get("metadata")
+        if not (isinstance(session, bytes) and isinstance(agent, str) and isinstance(meta, bytes)):
+            self._down(peer, "a malformed peer_hello reply")
+            return False
+        peer.session, peer.agent, peer.meta = session, agent, meta
         return True
 
     def _down(self, peer: Peer, why: str) -> None:

@@ -14,6 +14,7 @@ The ops live beside this file, one concern each, as mixins of Daemon:
     dataplane.py   lookup, store_prepare / store_commit, load_prepare / load_release, pin / unpin
     events.py      KV events drained after each request, published per namespace
     peering.py     peer_* ops and the puller thread (cross-node pulls over NIXL)
+    onboard.py     G3/G4 blocks come up to G2 on transfer threads; requests needing them wait
 """
 
 from __future__ import annotations
@@ -37,18 +38,19 @@ from ..config import ConfigError, KVBMConfig
 from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
 from . import protocol as P
-from .config import DaemonConfig
+from .config import DaemonConfig, is_local
 from .dataplane import DataPlane
 from .events import Events
 from .leases import PEER_NS, Sessions
 from .metrics import Metrics
+from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .sessions import SessionOps
 
 log = logging.getLogger("kvbm.daemon")
 
 
-class Daemon(SessionOps, DataPlane, Events, Peering):
+class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
     def __init__(self, config: KVBMConfig, dcfg: DaemonConfig) -> None:
         self.dcfg = dcfg
         self.config = _daemon_tiers(config, dcfg)
@@ -57,7 +59,6 @@ class Daemon(SessionOps, DataPlane, Events, Peering):
         self.pool = self.top.storage
         self.nbytes = self.manager.block_nbytes
         self.sessions = Sessions(dcfg.max_clients)
-        self.origin: dict[bytes, tuple[bytes, bytes]] = {}  # server key -> (namespace, client key)
         self.counters = dict.fromkeys(
             ("lookup_blocks", "prefix_hit_blocks", "lease_expiries", "peer_pull_blocks", "peer_pull_bytes",
              "peer_pull_seconds", "peer_errors", "bad_requests", "unauthorized", "client_store_bytes",
@@ -73,16 +74,11 @@ class Daemon(SessionOps, DataPlane, Events, Peering):
         self.router.setsockopt(zmq.SNDHWM, 10_000)
         self.router.bind(dcfg.address)
         self.address = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.pub = None
-        self.events_address = ""
-        if dcfg.events:
-            self.pub = self.ctx.socket(zmq.PUB)
-            self.pub.setsockopt(zmq.LINGER, 0)
-            self.pub.bind(dcfg.events)
-            self.events_address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._init_events()  # the PUB stream and the origin map (events.py)
         self.metrics_address = ""
         if dcfg.metrics:
-            host, port = self.metrics.serve(dcfg.metrics)
+            # beyond loopback /metrics and /health want the token (config.py insists on one there)
+            host, port = self.metrics.serve(dcfg.metrics, "" if is_local("tcp://" + dcfg.metrics) else dcfg.token)
             self.metrics_address = f"{host}:{port}"
         # owner-thread calls from helper threads (the puller, the offloader): (Future | None, fn, args)
         self._owner_ident = threading.get_ident()
@@ -94,6 +90,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering):
         os.set_blocking(self._wake_w, False)
         self._current: tuple | None = None  # (envelope, rid, t0) of the request being handled
         self._init_peering()
+        self._init_onboarding()  # G3/G4 reads off this loop (onboard.py)
         self._ops: dict[str, Callable[[dict, Any], dict]] = {
             "hello": self.op_hello, "heartbeat": self.op_heartbeat, "lookup": self.op_lookup,
             "store_prepare": self.op_store_prepare, "store_commit": self.op_store_commit,
@@ -141,6 +138,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering):
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._expire(now)
+                    self.onboarder.service(now)  # requests whose G3/G4 blocks are late get G2's prefix
                     self._publish_metrics()
         finally:
             self.shutdown()
@@ -226,6 +224,9 @@ class Daemon(SessionOps, DataPlane, Events, Peering):
             "nixl": self.agent.name if self.agent else None,
             "peers": [p.address for p in self.peers.live()] if self.peers else [],
             "offloaded_blocks": self.offloader.moved,  # demoted ahead of time, off the request loop
+            "onboard": {"started": self.onboarder.started, "deferred": self.onboarder.deferred},
+            "onboarding_keys": len(self.onboarder), "origin_keys": len(self.origin),
+            "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
         }
         return st
 
@@ -291,15 +292,15 @@ class Daemon(SessionOps, DataPlane, Events, Peering):
             self._run_calls()
             self.offloader.join(0.01)
         self._stop_puller()
+        self.onboarder.close()  # requests waiting on G3/G4 get their answer now
         for s in list(self.sessions.by_id.values()):
             self._release(s)
         self._close_peering()
         self.manager.close()
         self.manager = None
         self.metrics.close()
-        for sock in (self.router, self.pub):
-            if sock is not None:
-                sock.close(0)
+        self.router.close(0)
+        self._close_events()
         with self._calls_lock:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
@@ -320,6 +321,10 @@ def _daemon_tiers(config: KVBMConfig, dcfg: DaemonConfig) -> KVBMConfig:
     tiers = list(config.tiers)
     opts = {**top.storage.options, "shm_name": dcfg.shm_name, "pin": "never"}
     tiers[0] = dataclasses.replace(top, storage=dataclasses.replace(top.storage, options=opts))
+    for i, t in enumerate(tiers):  # a hung object store: give up well before a client does (10 s)
+        if t.storage.name == "object" and "timeout" not in t.storage.options:
+            o = {**t.storage.options, "timeout": G4_TIMEOUT_S}
+            tiers[i] = dataclasses.replace(t, storage=dataclasses.replace(t.storage, options=o))
     return dataclasses.replace(config, tiers=tiers, promote_on_hit=True, events=True)
 
 

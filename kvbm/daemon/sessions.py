@@ -1,12 +1,13 @@
-"""Session ops of the daemon: hello, heartbeat, bye, and the lease that releases what a silent
-client held.
+"""Session ops of the daemon: hello, heartbeat, bye, cancel, and the bounds that release what a
+silent, slow or greedy client holds.
 
-    SessionOps.op_hello / op_heartbeat / op_bye
-    SessionOps._session(msg, now)   the request's session, renewed (no_session if unknown)
-    SessionOps._release(s)          roll back reservations, finish loads, drop pins
-    SessionOps._expire(now)         release every session whose lease ran out
+    SessionOps.op_hello / op_heartbeat / op_bye / op_cancel
+    SessionOps._session(msg, now)      the request's session, renewed (no_session if unknown)
+    SessionOps._replayed / _remember   a retried request id gets its first reply (idempotence)
+    SessionOps._release(s)             roll back reservations, free window slots, drop pins
+    SessionOps._expire(now)            leases, reservations past daemon.reserve_s, pins past pin_s
 
-The session table and what a session holds are in leases.py.
+The session table and what a session holds are in leases.py; its window in windows.py.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import logging
 
 from ..blocks import KVLayout
 from . import protocol as P
-from .leases import PEER_NS, Session, namespace_of
+from .leases import PEER_NS, Reservation, Session, WindowLoad, namespace_of
+from .windows import Window
 
 log = logging.getLogger("kvbm.daemon")
 _LAYOUT_FIELDS = {f.name: f.type for f in dataclasses.fields(KVLayout)}
+REPLAYED_OPS = frozenset({"store_prepare", "store_commit", "load_prepare", "load_release", "pin", "unpin"})
 
 
 class SessionOps:
@@ -32,6 +35,9 @@ class SessionOps:
         if (s.namespace == PEER_NS) != peer:
             raise P.ProtocolError("bad_session", "this op is not allowed for this session kind")
         s.renew(now)
+        s.active = now
+        if s.window is not None and s.window.linked:
+            s.window.unlink()  # the client has mapped it by now: no one else may open it
         return s
 
     def op_hello(self, msg: dict, now: float) -> dict:
@@ -44,15 +50,25 @@ class SessionOps:
             raise P.ProtocolError("layout_mismatch", f"this daemon holds blocks of {self.nbytes} bytes; "
                                                      f"the layout gives {layout.block_nbytes}")
         try:
-            namespace = namespace_of(model, layout.fingerprint, salt)
-        except ValueError as exc:  # a control character in model or salt
+            ns = namespace_of(model, layout.fingerprint, salt)
+        except ValueError as exc:
             raise P.ProtocolError("bad_field", str(exc)) from None
-        s = self.sessions.open(namespace, model, self.dcfg.lease_s, now)
+        uid, pid = self._peer_credentials()
+        s, evicted = self.sessions.open(ns, model, self.dcfg.lease_s, now, uid=uid, pid=pid)
         if s is None:
-            raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
-        return {"session": s.sid, "shm_path": self.pool.shm_path, "shm_bytes": self.pool.nbytes,
-                "stride": self.pool.stride, "block_nbytes": self.nbytes, "lease_s": self.dcfg.lease_s,
-                "max_keys": self.dcfg.max_keys, "capacity": self.top.capacity,
+            raise P.ProtocolError("busy", f"too many clients with work in flight ({self.dcfg.max_clients} in "
+                                          f"all, {self.sessions.per_uid} per uid)")
+        if evicted is not None:
+            self.counters["sessions_evicted"] += 1
+            self._release(evicted)
+        try:
+            s.window = Window.create(self.dcfg.shm_name, self.window_slots, self.pool.stride, self.nbytes)
+        except OSError as exc:
+            self.sessions.close(s)
+            raise P.ProtocolError("busy", f"cannot create a staging window: {exc.strerror}") from None
+        return {"session": s.sid, "window_path": s.window.path, "window_bytes": s.window.nbytes,
+                "window_slots": s.window.slots, "stride": self.pool.stride, "block_nbytes": self.nbytes,
+                "lease_s": self.dcfg.lease_s, "max_keys": self.dcfg.max_keys, "capacity": self.top.capacity,
                 "max_session_blocks": self.dcfg.max_session_blocks}
 
     def op_heartbeat(self, msg: dict, now: float) -> dict:
@@ -68,29 +84,122 @@ class SessionOps:
             self._release(s)
         return {}
 
+    def op_cancel(self, msg: dict, now: float) -> dict:
+        """The client gave up waiting for request `rid`: undo it, or refuse it when it comes."""
+        s = self._session(msg, now)
+        rid = P.integer(msg, "rid", lo=1, hi=2**63 - 1)
+        done = s.replies.pop(rid, None)
+        if done is None:
+            s.cancel_early(rid)
+            return {"undone": False}
+        op, _, undo = done
+        if undo is not None:
+            self._undo(s, undo)
+        self.counters["cancelled"] += 1
+        return {"undone": undo is not None}
+
+    def _undo(self, s: Session, undo: tuple) -> None:
+        kind, arg = undo
+        if kind == "store" and arg in s.stores:
+            self._rollback_store(s, s.stores.pop(arg))
+        elif kind == "load" and arg in s.loads:
+            s.window.free(s.loads.pop(arg).wslots)
+        elif kind == "pin":
+            self._unpin_keys(s, arg)
+
+    def _peer_credentials(self) -> tuple[int, int]:
+        """(uid, pid) of the client sending the current request; (-1, 0) when unknown (tcp)."""
+        return self._creds
+
+    # ---------------------------------------------------------------- request ids
+
+    def _replayed(self, msg: dict, op: str, rid: int, now: float) -> bytes | None:
+        """A cached reply when this session already answered request `rid` (a client's retry);
+        a `cancelled` error when the client cancelled it before it arrived."""
+        if op not in REPLAYED_OPS or not rid:
+            return None
+        s = self.sessions.get(msg.get("session"))
+        if s is None:
+            return None
+        if rid in s.cancelled:
+            del s.cancelled[rid]
+            return P.error_reply(rid, "cancelled", "this request was cancelled by the client")
+        done = s.replies.get(rid)
+        if done is None or done[0] != op:
+            return None
+        s.renew(now)
+        return done[1]
+
+    def _remember(self, msg: dict, op: str, rid: int, out: bytes, undo: tuple | None) -> None:
+        if op in REPLAYED_OPS and rid:
+            s = self.sessions.get(msg.get("session"))
+            if s is not None:
+                s.remember(rid, op, out, undo)
+
+    # ---------------------------------------------------------------- release paths
+
+    def _rollback_store(self, s: Session, r: Reservation) -> None:
+        self.manager.complete_store(r.job, failed=r.job.keys)
+        self.sessions.charge(s, -len(r.job.keys))
+        s.window.free(r.wslots)
+        for k in r.job.keys:  # rolled back: no event will ever name it again
+            if k not in self.manager:
+                self.origin.pop(k, None)
+
+    def _unpin_keys(self, s: Session, skeys: list) -> int:
+        n = 0
+        for k in skeys:  # only what this session pinned
+            entry = s.pins.get(k)
+            if entry:
+                self.manager.unpin([k])
+                self.sessions.charge(s, -1)
+                n += 1
+                entry[0] -= 1
+                if not entry[0]:
+                    del s.pins[k]
+        return n
+
     def _release(self, s: Session) -> None:
-        """Roll back every reservation, finish every load, drop every pin of s."""
+        """Roll back every reservation, finish every load, drop every pin of s, close its window."""
         m = self.manager
-        for job, _, _ in s.stores.values():
-            m.complete_store(job, failed=job.keys)
-        for job in s.loads.values():
-            m.complete_load(job)
+        for r in list(s.stores.values()):
+            self._rollback_store(s, r)
+        for ld in s.loads.values():
+            if not isinstance(ld, WindowLoad):  # a peer's pinned load
+                m.complete_load(ld)
         s.crcs.clear()
-        for key, count in s.pins.items():
+        for key, (count, _) in s.pins.items():
             for _ in range(count):
                 m.unpin([key])
+        self.sessions.charge(s, -s.busy)
         s.stores.clear()
         s.loads.clear()
         s.pins.clear()
+        s.replies.clear()
+        if s.window is not None:
+            s.window.close()
         self.sessions.close(s)
 
     def _expire(self, now: float) -> None:
         for s in self.sessions.expired(now):
-            if s.held:
+            if s.held or s.stores:
                 log.warning("lease of %s expired: releasing %d pins and %d reservations", s.label,
-                            sum(s.pins.values()) + len(s.loads), len(s.stores))
+                            sum(c for c, _ in s.pins.values()), len(s.stores))
             self.counters["lease_expiries"] += 1
             self._release(s)
+        pin_s = self.dcfg.pin_s
+        for s in list(self.sessions.by_id.values()):
+            for h in [h for h, r in s.stores.items() if r.deadline < now]:
+                self._rollback_store(s, s.stores.pop(h))  # committed too late: the client gave up
+                self.counters["reservation_expiries"] += 1
+            for h in [h for h, ld in s.loads.items() if isinstance(ld, WindowLoad) and ld.deadline < now]:
+                s.window.free(s.loads.pop(h).wslots)
+                self.counters["reservation_expiries"] += 1
+            if s.pins:
+                old = [k for k, (_, since) in s.pins.items() if now - since > pin_s]
+                for k in old:  # a pin is a hint for a while, not a claim on G2 forever
+                    self.counters["pin_expiries"] += s.pins[k][0]
+                    self._unpin_keys(s, [k] * s.pins[k][0])
         self._drain_events()
 
 

@@ -1,0 +1,125 @@
+"""Staging windows: the only daemon memory a client maps.
+
+    Window.create(prefix, slots, stride, block_nbytes)   a /dev/shm file (0600) for one session
+    Window.allocate(n) -> [slot] | None                   window slots for one request
+    Window.free(slots)
+    Window.view(slot)                                     the slot's bytes (daemon side)
+    Window.unlink() / close()
+    sweep(prefix)                                         files left by a killed daemon
+
+Why: G2 holds every namespace's blocks. A client that mapped G2 could read any of them, and a
+client frozen past its lease could wake and write into a slot already recycled to another
+namespace. So G2 stays private to the daemon; each session gets a window of its own, the
+client writes a store's bytes there and reads a load's bytes there, and the daemon copies
+between the window and G2 while it handles the request (store_commit, load_prepare). A stray
+or late write can only reach the writer's own window, which no other session ever reads.
+
+The file is unlinked as soon as the client has mapped it (the client unlinks it at hello,
+the daemon again at the session's first request and at release): nothing else can open it,
+and a killed client or daemon leaves nothing behind. Its name embeds the daemon's pid, so a
+restarted daemon removes what a killed one left between creating a file and its client
+opening it (`sweep`).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+
+
+class Window:
+    def __init__(self, path: str, slots: int, stride: int, block_nbytes: int) -> None:
+        self.path = path
+        self.slots, self.stride, self.block_nbytes = slots, stride, block_nbytes
+        self.nbytes = slots * stride
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.nbytes)  # sparse: pages exist only once written
+            self._map = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        self.buf = np.frombuffer(self._map, dtype=np.uint8)
+        self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.linked = True
+
+    @classmethod
+    def create(cls, prefix: str, slots: int, stride: int, block_nbytes: int) -> "Window":
+        name = f"{prefix}.w{os.getpid()}.{os.urandom(8).hex()}"
+        return cls(os.path.join(SHM_DIR, name), slots, stride, block_nbytes)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n slots (lowest first), or None when fewer are free (nothing taken)."""
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, slots) -> None:
+        self._free.extend(s for s in slots if s >= 0)
+        if len(self._free) == self.slots:
+            self._free.sort(reverse=True)  # reuse low (already faulted) pages first
+
+    def offsets(self, slots) -> np.ndarray:
+        return np.asarray(slots, dtype=np.int64) * self.stride
+
+    def view(self, slot: int) -> np.ndarray:
+        off = slot * self.stride
+        return self.buf[off:off + self.block_nbytes]
+
+    def unlink(self) -> None:
+        if self.linked:
+            self.linked = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:  # the client unlinked it first
+                pass
+
+    def close(self) -> None:
+        """Unlink and unmap: a client that still maps it keeps pages only it can see."""
+        self.unlink()
+        self.buf = np.empty(0, dtype=np.uint8)
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive somewhere in the daemon; the GC unmaps it
+            pass
+
+
+def sweep(prefix: str) -> int:
+    """Remove window files of `prefix` whose daemon (the pid in the name) is dead."""
+    pat = re.compile(re.escape(prefix) + r"\.w(\d+)\.[0-9a-f]{16}$")
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        m = pat.match(name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
