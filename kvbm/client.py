@@ -31,7 +31,6 @@ except ImportError as exc:  # the daemon extra
 
 from .blocks import KVLayout
 from .daemon.events import topic_of
-from .daemon.events import topic_of
 from .daemon.leases import namespace_of
 from .daemon.protocol import RemoteError, pack, request, unpack
 

@@ -28,7 +28,7 @@ from kvbm.blocks import KVLayout
 from kvbm.client import Client, RemoteError
 from kvbm.config import ConfigError
 from kvbm.daemon.config import DaemonConfig, is_local
-from daemonproc import HAVE_NIXL, wait_ready, write_peer_secret, write_peer_secret
+from daemonproc import HAVE_NIXL, wait_ready, write_peer_secret
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)  # 16 KiB blocks
 NB = LAYOUT.block_nbytes

@@ -15,7 +15,6 @@ The ops live beside this file, one concern each, as mixins of Daemon:
     events.py      KV events drained after each request, published per namespace
     peering.py     peer_* ops and the puller thread (cross-node pulls over NIXL)
     onboard.py     G3/G4 blocks come up to G2 on transfer threads; requests needing them wait
-    onboard.py     G3/G4 blocks come up to G2 on transfer threads; requests needing them wait
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ from .dataplane import DataPlane
 from .events import Events
 from .leases import PEER_NS, Sessions
 from .metrics import Metrics
-from .onboard import G4_TIMEOUT_S, Onboarding
 from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .sessions import SessionOps
@@ -93,7 +91,6 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self._current: tuple | None = None  # (envelope, rid, t0) of the request being handled
         self._init_peering()
         self._init_onboarding()  # G3/G4 reads off this loop (onboard.py)
-        self._init_onboarding()  # G3/G4 reads off this loop (onboard.py)
         self._ops: dict[str, Callable[[dict, Any], dict]] = {
             "hello": self.op_hello, "heartbeat": self.op_heartbeat, "lookup": self.op_lookup,
             "store_prepare": self.op_store_prepare, "store_commit": self.op_store_commit,
@@ -141,7 +138,6 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._expire(now)
-                    self.onboarder.service(now)  # requests whose G3/G4 blocks are late get G2's prefix
                     self.onboarder.service(now)  # requests whose G3/G4 blocks are late get G2's prefix
                     self._publish_metrics()
         finally:
@@ -228,9 +224,6 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "nixl": self.agent.name if self.agent else None,
             "peers": [p.address for p in self.peers.live()] if self.peers else [],
             "offloaded_blocks": self.offloader.moved,  # demoted ahead of time, off the request loop
-            "onboard": {"started": self.onboarder.started, "deferred": self.onboarder.deferred},
-            "onboarding_keys": len(self.onboarder), "origin_keys": len(self.origin),
-            "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
             "onboard": {"started": self.onboarder.started, "deferred": self.onboarder.deferred},
             "onboarding_keys": len(self.onboarder), "origin_keys": len(self.origin),
             "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
@@ -328,10 +321,6 @@ def _daemon_tiers(config: KVBMConfig, dcfg: DaemonConfig) -> KVBMConfig:
     tiers = list(config.tiers)
     opts = {**top.storage.options, "shm_name": dcfg.shm_name, "pin": "never"}
     tiers[0] = dataclasses.replace(top, storage=dataclasses.replace(top.storage, options=opts))
-    for i, t in enumerate(tiers):  # a hung object store: give up well before a client does (10 s)
-        if t.storage.name == "object" and "timeout" not in t.storage.options:
-            o = {**t.storage.options, "timeout": G4_TIMEOUT_S}
-            tiers[i] = dataclasses.replace(t, storage=dataclasses.replace(t.storage, options=o))
     for i, t in enumerate(tiers):  # a hung object store: give up well before a client does (10 s)
         if t.storage.name == "object" and "timeout" not in t.storage.options:
             o = {**t.storage.options, "timeout": G4_TIMEOUT_S}
