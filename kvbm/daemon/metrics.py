@@ -3,14 +3,17 @@
     Metrics(daemon_stats)          a registry: request latencies + a collector over a snapshot
     Metrics.observe(op, seconds)   one request's latency (the loop thread)
     Metrics.publish(snapshot)      the loop thread hands over fresh counters (every ~0.5 s)
-    Metrics.serve("127.0.0.1:9400") -> (host, port)    GET /metrics, GET /health
+    Metrics.serve("127.0.0.1:9400", token) -> (host, port)    GET /metrics, GET /health
 
 The HTTP thread never touches the manager: it reads the last snapshot, so a scrape cannot
-race the request loop.
+race the request loop. With a token (the daemon passes daemon.token when the address is not
+loopback) every path answers 401 unless the request carries `Authorization: Bearer <token>`
+(Prometheus: `authorization: {credentials_file: ...}` in the scrape config).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -95,12 +98,19 @@ class Metrics:
     def publish(self, snapshot: dict[str, Any]) -> None:
         self.snapshot = snapshot  # one reference swap: readers see an old or a new one
 
-    def serve(self, address: str) -> tuple[str, int]:
+    def serve(self, address: str, token: str = "") -> tuple[str, int]:
         host, _, port = address.rpartition(":")
         metrics = self
+        want = f"Bearer {token}".encode()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if token and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), want):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="kvbm"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path.startswith("/metrics"):
                     body, ctype = generate_latest(metrics.registry), CONTENT_TYPE_LATEST
                 elif self.path.startswith("/health"):
