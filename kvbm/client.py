@@ -7,10 +7,19 @@
     prepare_store / commit_store, prepare_load / release_load    the zero-copy halves
     pin / unpin / events / stats / close
 
-Block bytes go through the daemon's G2 pool, a shared-memory file mapped here: a store writes
-reserved slots then commits; a load reads pinned slots then releases. The socket carries keys
-and slot numbers only. A background thread heartbeats so the daemon keeps this client's lease;
-if this process dies, the daemon releases its pins when the lease runs out.
+Block bytes go through this session's staging window, a shared-memory file the daemon made for
+this client alone and that is unlinked once mapped (the daemon's G2 pool is never mapped here):
+a store writes window slots then commits (the daemon copies them into G2); a load reads window
+slots the daemon filled, then releases them. The socket carries keys and slot numbers only.
+A background thread heartbeats so the daemon keeps this client's lease; if this process dies,
+the daemon releases what it held when the lease runs out.
+
+Recovery: when the daemon answers `no_session` (it restarted, or closed an idle session), the
+client says hello again and retries the request once, transparently; a store or load whose
+reservation died with the old session counts as not done (0), never as an error. A request
+that times out is cancelled (the daemon undoes it when the cancel or the request arrives),
+and the ones that finish something (commit, release) are retried once under the same request
+id, which the daemon answers from its reply cache if it already did them.
 """
 
 from __future__ import annotations
@@ -41,14 +50,16 @@ __all__ = ["Client", "RemoteError", "StoreReservation", "LoadPins"]
 class StoreReservation:
     handle: int
     slots: list  # per key: a G2 slot to write, or -1 (already stored, nothing to write)
-    views: list  # per key: a writable view of its slot, or None
+    views: list  # per key: a writable view of its window slot, or None
     rejected: str | None = None
+    session: bytes | None = None
 
 
 @dataclasses.dataclass
 class LoadPins:
     handle: int
-    views: list  # the pinned prefix, read-only views of G2 slots
+    views: list  # the loaded prefix, read-only views of window slots
+    session: bytes | None = None
 
 
 class Client:
@@ -60,26 +71,40 @@ class Client:
         self.timeout = timeout
         self._ctx = zmq.Context()
         self._sock = self._socket()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._next = 1
         self.session: bytes | None = None
+        self.rehellos = 0  # sessions reopened after the daemon forgot ours (restart, idle eviction)
         lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)
+        self._hello_fields = {"model": model, "layout": lay, "salt": salt}
         # the namespace's topic on the daemon's KV-event stream
         self.topic = topic_of(namespace_of(model, KVLayout(**lay).fingerprint, salt))
-        reply = self.call("hello", model=model, layout=lay, salt=salt)
+        self._map: mmap.mmap | None = None
+        self._stop = threading.Event()
+        self._hello()
+        self._beat: threading.Thread | None = None
+        if heartbeat:
+            self._beat = threading.Thread(target=self._heartbeat, name="kvbm-heartbeat", daemon=True)
+            self._beat.start()
+
+    def _hello(self) -> None:
+        """Open a session and map its window (the caller holds the lock, or is __init__)."""
+        self.session = None
+        reply = self._call("hello", self._hello_fields)
+        window = _map_window(reply["window_path"], reply["window_bytes"])
+        old, self._map = self._map, window[1]
+        self._pool = window[0]
         self.session = reply["session"]
         self.block_nbytes = reply["block_nbytes"]
         self.stride = reply["stride"]
         self.max_keys = reply["max_keys"]
         self.lease_s = reply["lease_s"]
-        # Per request at most half of G2: a store or load must fit beside other clients' pins.
-        self.batch = max(1, min(self.max_keys, reply["capacity"] // 2, reply["max_session_blocks"] or 2**31))
-        self._pool, self._map = _map_pool(reply["shm_path"], reply["shm_bytes"])
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-        if heartbeat:
-            self._beat = threading.Thread(target=self._heartbeat, name="kvbm-heartbeat", daemon=True)
-            self._beat.start()
+        # Per request at most half of G2 (a store or load must fit beside other clients' pins)
+        # and at most the window.
+        self.batch = max(1, min(self.max_keys, reply["capacity"] // 2, reply["window_slots"],
+                                reply["max_session_blocks"] or 2**31))
+        if old is not None:
+            _unmap(old)
 
     # ---------------------------------------------------------------- wire
 
@@ -90,25 +115,64 @@ class Client:
         return sock
 
     def call(self, op: str, **fields: Any) -> dict:
-        """One request, one reply; RemoteError on an error reply, TimeoutError if none comes."""
+        """One request, one reply; RemoteError on an error reply, TimeoutError if none comes.
+
+        A session the daemon no longer knows is reopened and the request retried once, for
+        requests that name no handle of the old session (those raise RemoteError no_session)."""
+        with self._lock:
+            try:
+                return self._call(op, fields)
+            except RemoteError as exc:
+                if exc.code != "no_session" or op in _SESSION_BOUND or self._stop.is_set():
+                    raise
+            self._hello()
+            self.rehellos += 1
+            return self._call(op, fields)
+
+    def _call(self, op: str, fields: dict) -> dict:
         with self._lock:
             rid = self._next
             self._next += 1
-            self._sock.send(request(op, rid, self.token, self.session, **fields))
-            deadline = time.monotonic() + self.timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                    # a fresh socket, so a late reply cannot be taken for the next request's
-                    self._sock.close(0)
-                    self._sock = self._socket()
-                    raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
-                reply = unpack(self._sock.recv(), 1 << 22)
-                if reply.get("id") == rid:
-                    break
+            msg = request(op, rid, self.token, self.session, **fields)
+            try:
+                reply = self._roundtrip(op, rid, msg)
+            except TimeoutError:
+                if op in _CANCELLED_ON_TIMEOUT and self.session is not None:
+                    # The daemon may still do it later: have it undone then (or refused, if the
+                    # cancel gets there first). Fire and forget: the daemon may be gone.
+                    self._send(request("cancel", self._take_id(), self.token, self.session, rid=rid))
+                    raise
+                if op not in _RETRIED_ON_TIMEOUT:
+                    raise
+                reply = self._roundtrip(op, rid, msg)  # same id: answered from the daemon's cache if done
         if not reply.get("ok"):
             raise RemoteError(str(reply.get("error")), str(reply.get("message")))
         return reply
+
+    def _take_id(self) -> int:
+        rid = self._next
+        self._next += 1
+        return rid
+
+    def _send(self, msg: bytes) -> None:
+        try:
+            self._sock.send(msg, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _roundtrip(self, op: str, rid: int, msg: bytes) -> dict:
+        self._sock.send(msg)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                # a fresh socket, so a late reply cannot be taken for the next request's
+                self._sock.close(0)
+                self._sock = self._socket()
+                raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
+            reply = unpack(self._sock.recv(), 1 << 22)
+            if reply.get("id") == rid:
+                return reply
 
     def _heartbeat(self) -> None:
         period = max(0.05, self.lease_s / 4)
@@ -144,15 +208,22 @@ class Client:
         """Reserve G2 slots; `hints` (one kvbm Hints per key, or None) carry TensorRT-LLM
         retention priorities and durations to the daemon's `priority` policy."""
         extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints]}
-        r = self.call("store_prepare", keys=list(keys), parent=parent, position=position, **extra)
-        slots = r["slots"]
-        return StoreReservation(r["handle"], slots, [self.view(s) if s >= 0 else None for s in slots],
-                                r.get("rejected"))
+        with self._lock:  # the views and the session they belong to, together
+            r = self.call("store_prepare", keys=list(keys), parent=parent, position=position, **extra)
+            slots = r["slots"]
+            return StoreReservation(r["handle"], slots, [self.view(s) if s >= 0 else None for s in slots],
+                                    r.get("rejected"), self.session)
 
     def commit_store(self, res: StoreReservation, failed: Sequence[int] = ()) -> int:
-        if not res.handle:
+        """Blocks stored; 0 when the reservation died with its session (daemon restarted)."""
+        if not res.handle or res.session != self.session:
             return 0
-        return self.call("store_commit", handle=res.handle, failed=list(failed))["stored"]
+        try:
+            return self.call("store_commit", handle=res.handle, failed=list(failed))["stored"]
+        except RemoteError as exc:
+            if exc.code == "no_session":
+                return 0
+            raise
 
     def store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None = None,
               position: int = 0, hints: Sequence[Any] | None = None) -> int:
@@ -174,7 +245,12 @@ class Client:
 
     def _store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None,
                position: int, hints: Sequence[Any] | None = None) -> tuple[int, str | None]:
-        res = self.prepare_store(keys, parent, position, hints)
+        try:
+            res = self.prepare_store(keys, parent, position, hints)
+        except RemoteError as exc:
+            if exc.code in ("quota", "window_full"):  # no room for this client now: not stored
+                return 0, exc.code
+            raise
         failed = []
         try:
             for i, v in enumerate(res.views):
@@ -187,15 +263,20 @@ class Client:
         return self.commit_store(res), res.rejected
 
     def prepare_load(self, keys: Sequence[bytes]) -> LoadPins:
-        r = self.call("load_prepare", keys=list(keys))
-        views = [self.view(s) for s in r["slots"]]
-        for v in views:
-            v.flags.writeable = False
-        return LoadPins(r["handle"], views)
+        with self._lock:
+            r = self.call("load_prepare", keys=list(keys))
+            views = [self.view(s) for s in r["slots"]]
+            for v in views:
+                v.flags.writeable = False
+            return LoadPins(r["handle"], views, self.session)
 
     def release_load(self, pins: LoadPins) -> None:
-        if pins.handle:
-            self.call("load_release", handle=pins.handle)
+        if pins.handle and pins.session == self.session:
+            try:
+                self.call("load_release", handle=pins.handle)
+            except RemoteError as exc:
+                if exc.code != "no_session":
+                    raise
 
     def load(self, keys: Sequence[bytes], destination: Sequence[Any]) -> int:
         """Copy the ready prefix of keys into destination buffers; returns its length."""
@@ -240,10 +321,9 @@ class Client:
                 pass
             self.session = None
         self._pool = np.empty(0, dtype=np.uint8)
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view; the GC unmaps it
-            pass
+        if self._map is not None:
+            _unmap(self._map)
+            self._map = None
         self._sock.close(0)
         self._ctx.term()
 
@@ -254,13 +334,30 @@ class Client:
         self.close()
 
 
-def _map_pool(path: str, nbytes: int) -> tuple[np.ndarray, mmap.mmap]:
+_SESSION_BOUND = frozenset({"hello", "bye", "store_commit", "load_release", "cancel"})  # name a handle
+_CANCELLED_ON_TIMEOUT = frozenset({"store_prepare", "load_prepare", "pin"})  # they leave state behind
+_RETRIED_ON_TIMEOUT = frozenset({"store_commit", "load_release", "unpin"})  # they release state
+
+
+def _map_window(path: str, nbytes: int) -> tuple[np.ndarray, mmap.mmap]:
+    """Map this session's window and unlink its name: no other process can open it after."""
     fd = os.open(path, os.O_RDWR)
     try:
         m = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:  # the daemon did it already, or runs as another user
+        pass
     return np.frombuffer(m, dtype=np.uint8), m
+
+
+def _unmap(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:  # a caller still holds a view; the GC unmaps it
+        pass
 
 
 def _bytes(buf: Any, nbytes: int) -> np.ndarray:

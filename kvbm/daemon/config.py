@@ -6,13 +6,18 @@
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
       token: ""                           # or token_file (mode 0600: refused if others may read it);
                                           # required for a non-loopback address
-      shm_name: kvbm-g2                   # /dev/shm file that holds the G2 pool
+      shm_name: kvbm-g2                   # prefix of the per-session window files in /dev/shm
       lease_s: 10                         # a client silent this long loses its pins
       peers: [tcp://10.0.0.2:5557]        # other nodes' daemons, asked on a local miss
       peer_timeout_s: 0.5
       peer_secret_file: ""                # cluster secret peers prove (0600); unset = no peer ops
       nixl: auto                          # auto | true | false
       max_session_blocks: 0               # busy blocks per client (a quota against hogging G2); 0 = off
+      namespace_share: 0.5                # ... and per namespace and per uid, as a share of G2
+      reserve_s: 30                       # a reservation not committed by then is rolled back
+      pin_s: 300                          # a pin is dropped after this long
+      max_sessions_per_uid: 512           # then that uid's idlest empty session makes room
+      window_mib: 64                      # per-session staging window clients map (not G2)
 
 Overrides: KVBM_DAEMON__TOKEN=..., KVBM_DAEMON__ADDRESS=... (as for every kvbm key).
 """
@@ -45,6 +50,11 @@ class DaemonConfig:
     max_keys: int = 4096
     max_clients: int = 1024
     max_session_blocks: int = 0  # blocks one client may keep busy (pins, loads, reservations); 0 = no limit
+    reserve_s: float = 30.0  # a store or load not committed / released by then is rolled back
+    pin_s: float = 300.0  # an explicit pin is dropped after this long (heartbeats or not)
+    namespace_share: float = 0.5  # share of G2 one namespace, and one uid, may keep busy
+    max_sessions_per_uid: int = 512  # beyond it, that uid's idlest empty session is closed
+    window_mib: int = 64  # each session's staging window (the only daemon memory a client maps)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "DaemonConfig":
@@ -74,11 +84,15 @@ class DaemonConfig:
             raise ConfigError(f"daemon.events must be tcp://HOST:PORT, ipc://PATH or '', got {self.events!r}")
         if self.metrics and ":" not in self.metrics:
             raise ConfigError(f"daemon.metrics must be HOST:PORT or '', got {self.metrics!r}")
-        for name in ("lease_s", "peer_timeout_s"):
+        for name in ("lease_s", "peer_timeout_s", "reserve_s", "pin_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"daemon.{name} must be a positive number of seconds, got {v!r}")
-        for name in ("max_message_bytes", "max_keys", "max_clients", "max_session_blocks"):
+        v = self.namespace_share
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ConfigError(f"daemon.namespace_share must be a fraction in (0, 1], got {v!r}")
+        for name in ("max_message_bytes", "max_keys", "max_clients", "max_session_blocks", "max_sessions_per_uid",
+                     "window_mib"):
             v = getattr(self, name)
             least = 0 if name == "max_session_blocks" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < least:

@@ -1,21 +1,27 @@
 """Data-plane ops of the daemon: lookups, two-phase stores and loads over the shared G2 pool, pins.
 
     lookup          the longest ready prefix (a local miss may go to the peers: Peering._ask_peers)
-    store_prepare   reserve G2 slots the client writes; store_commit marks them ready or rolls back
-    load_prepare    pin the ready prefix in G2 (G3/G4 blocks come up first, off the loop: onboard.py)
+    store_prepare   reserve G2 slots and as many window slots, which the client writes;
+                    store_commit copies window -> G2 and marks them ready, or rolls back
+    load_prepare    copy the G2-ready prefix into the session's window (G3/G4 blocks come up first,
+                    off the loop: onboard.py); load_release frees those window slots
     pin / unpin     explicit pins, counted per session
 
 Keys are namespaced server-side (leases.server_key): two namespaces never address the same block.
+A client never maps G2: only its own window (windows.py), so no byte of another namespace is
+ever in memory it can read or write.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from .. import ops
 from ..policies.base import Hints
 from . import protocol as P
-from .leases import Session, server_key
+from .leases import Reservation, Session, WindowLoad, server_key
 
 log = logging.getLogger("kvbm.daemon")
 
@@ -24,13 +30,25 @@ class DataPlane:
     """Mixin of Daemon: the block ops."""
 
     def _keys(self, msg: dict, s: Session, unique: bool = False, busy: bool = False) -> tuple[list[bytes], list[bytes]]:
-        """The request's keys, namespaced; `busy`: they would be held, so check the quota."""
+        """The request's keys, namespaced; `busy`: they would be held, so check the quotas."""
         keys = P.keys(msg, "keys", self.dcfg.max_keys, unique=unique)
+        if busy:
+            self._check_quota(s, len(keys))
+        return keys, [server_key(s.namespace, k) for k in keys]
+
+    def _check_quota(self, s: Session, n: int) -> None:
+        """G2 blocks held (pins, reservations) per session, and per namespace and per uid as a
+        share of G2: many sessions of one tenant cannot hold more than one tenant may."""
         limit = self.dcfg.max_session_blocks
-        if busy and limit and s.held + len(keys) > limit:
+        if limit and s.held + n > limit:
             raise P.ProtocolError("quota", f"this client keeps {s.held} blocks busy; at most {limit} "
                                            f"(daemon.max_session_blocks): release or commit first")
-        return keys, [server_key(s.namespace, k) for k in keys]
+        share = self.share_blocks
+        for what, held in (("namespace", self.sessions.busy_by_ns.get(s.namespace, 0)),
+                           ("uid", self.sessions.busy_by_uid.get(s.uid, 0))):
+            if held + n > share:
+                raise P.ProtocolError("quota", f"this {what} keeps {held} G2 blocks busy; at most {share} "
+                                               f"(daemon.namespace_share of {self.top.capacity})")
 
     def op_lookup(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)
@@ -61,14 +79,27 @@ class DataPlane:
         job, slots, extra = self._reserve(skeys, sparent, position, hints)
         if job is None:
             return {"handle": 0, "slots": slots, "rejected": extra}
-        for k, ck, slot in zip(skeys, keys, slots):
-            if slot >= 0:
-                self.origin[k] = (s.namespace, ck)
         if not job.runs:
             return {"handle": 0, "slots": slots}
+        # The client writes its window, never G2: the bytes reach G2 in store_commit (a copy by
+        # this thread), so a client frozen past its lease can only ever scribble on its own window.
+        want = [i for i, slot in enumerate(slots) if slot >= 0]
+        wslots = s.window.allocate(len(want))
+        if wslots is None:
+            self.manager.complete_store(job, failed=job.keys)
+            raise P.ProtocolError("window_full", f"{len(want)} blocks do not fit the free slots of this "
+                                                 f"session's window ({s.window.free_slots}): commit or release first")
+        for i in want:
+            self.origin[skeys[i]] = (s.namespace, keys[i])
         h = s.handle()
-        s.stores[h] = (job, skeys, extra)
-        return {"handle": h, "slots": slots}
+        s.stores[h] = Reservation(job, skeys, extra, want, [slots[i] for i in want], wslots,
+                                  now + self.dcfg.reserve_s)
+        self.sessions.charge(s, len(job.keys))
+        self._undo_info = ("store", h)
+        out = [-1] * len(skeys)
+        for i, w in zip(want, wslots):
+            out[i] = w
+        return {"handle": h, "slots": out}
 
     def _reserve(self, skeys: list, parent: Any = None, position: int = 0, hints: list | None = None):
         """prepare_store; per key a G2 slot to write, or -1 (present, or placed below G2)."""
@@ -88,13 +119,19 @@ class DataPlane:
     def op_store_commit(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
         h = P.integer(msg, "handle")
-        entry = s.stores.get(h)
-        if entry is None:
+        r = s.stores.get(h)
+        if r is None:
             raise P.ProtocolError("bad_handle", f"no reservation {h} in this session")
-        job, skeys, extra = entry
+        job, skeys = r.job, r.skeys
         failed = {skeys[i] for i in P.indices(msg, "failed", len(skeys))}
         del s.stores[h]
-        self.manager.complete_store(job, failed=failed.union(extra))
+        keep = [j for j, i in enumerate(r.want) if skeys[i] not in failed]
+        if keep:  # window -> G2, for the blocks the client says it wrote
+            ops.copy_blocks(s.window.buf, s.window.offsets([r.wslots[j] for j in keep]), self.pool.pool,
+                            self.pool.offsets([r.gslots[j] for j in keep]), self.nbytes)
+        s.window.free(r.wslots)
+        self.sessions.charge(s, -len(job.keys))
+        self.manager.complete_store(job, failed=failed.union(r.extra))
         for k in job.failed:  # rolled back: no event will ever name it again
             if k not in self.manager:
                 self.origin.pop(k, None)
@@ -104,19 +141,28 @@ class DataPlane:
 
     def op_load_prepare(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)
-        _, skeys = self._keys(msg, s, unique=True, busy=True)
+        _, skeys = self._keys(msg, s, unique=True)  # G2 is pinned only while this request copies
         later = self._defer_for_lower(s, skeys, lambda: self._load_prepared(s, skeys))  # onboard.py
         return later if later is not None else self._load_prepared(s, skeys)
 
     def _load_prepared(self, s: Session, skeys: list) -> dict:
+        """Copy the G2-ready prefix into the session's window; G2 is pinned only for the copy."""
+        if s.window is None or s.sid not in self.sessions.by_id:  # closed while the request waited
+            return {"handle": 0, "slots": []}
         job = self._pin_in_g2(skeys)
-        if not job.keys:
-            self.manager.complete_load(job)
+        n = min(len(job.keys), s.window.free_slots)
+        wslots = s.window.allocate(n) if n else []
+        if n:
+            ops.copy_blocks(self.pool.pool, self.pool.offsets(list(job.slots)[:n]), s.window.buf,
+                            s.window.offsets(wslots), self.nbytes)
+        self.manager.complete_load(job)
+        if not n:
             return {"handle": 0, "slots": []}
         h = s.handle()
-        s.loads[h] = job
-        self.counters["client_load_bytes"] += len(job.keys) * self.nbytes
-        return {"handle": h, "slots": list(job.slots)}
+        s.loads[h] = WindowLoad(wslots, time.monotonic() + self.dcfg.reserve_s)
+        self._undo_info = ("load", h)
+        self.counters["client_load_bytes"] += n * self.nbytes
+        return {"handle": h, "slots": wslots}
 
     def _pin_in_g2(self, skeys: list):
         """Pin the prefix of skeys ready in G2 (blocks below it come up off the loop: onboard.py)."""
@@ -129,11 +175,10 @@ class DataPlane:
     def op_load_release(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
         h = P.integer(msg, "handle")
-        job = s.loads.pop(h, None)
-        if job is None:
+        ld = s.loads.pop(h, None)
+        if ld is None:
             raise P.ProtocolError("bad_handle", f"no load {h} in this session")
-        s.crcs.pop(h, None)
-        self.manager.complete_load(job)
+        s.window.free(ld.wslots)
         return {}
 
     def op_pin(self, msg: dict, now: float) -> dict:
@@ -141,20 +186,13 @@ class DataPlane:
         _, skeys = self._keys(msg, s, busy=True)
         n = self.manager.pin(skeys)
         for k in skeys[:n]:
-            s.pins[k] = s.pins.get(k, 0) + 1
+            entry = s.pins.setdefault(k, [0, now])
+            entry[0] += 1
+        self.sessions.charge(s, n)
+        self._undo_info = ("pin", skeys[:n])
         return {"n": n}
 
     def op_unpin(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
         _, skeys = self._keys(msg, s)
-        n = 0
-        for k in skeys:  # only what this session pinned
-            c = s.pins.get(k, 0)
-            if c:
-                self.manager.unpin([k])
-                n += 1
-                if c == 1:
-                    del s.pins[k]
-                else:
-                    s.pins[k] = c - 1
-        return {"n": n}
+        return {"n": self._unpin_keys(s, skeys)}

@@ -46,6 +46,7 @@ from .metrics import Metrics
 from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .sessions import SessionOps
+from .windows import sweep
 
 log = logging.getLogger("kvbm.daemon")
 
@@ -58,11 +59,18 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.top = self.manager.tiers[0]
         self.pool = self.top.storage
         self.nbytes = self.manager.block_nbytes
-        self.sessions = Sessions(dcfg.max_clients)
+        self.sessions = Sessions(dcfg.max_clients, dcfg.max_sessions_per_uid)
+        # a session's staging window (windows.py): one request's blocks, at most window_mib
+        self.window_slots = max(1, min(dcfg.max_keys, (dcfg.window_mib << 20) // self.pool.stride))
+        self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid
+        self._creds = (-1, 0)  # (uid, pid) of the current request's client, when the transport tells
+        self._undo_info: tuple | None = None  # what the current request created, for a cancel
+        sweep(dcfg.shm_name)  # windows a killed daemon left between creating them and a client mapping them
         self.counters = dict.fromkeys(
             ("lookup_blocks", "prefix_hit_blocks", "lease_expiries", "peer_pull_blocks", "peer_pull_bytes",
              "peer_pull_seconds", "peer_errors", "bad_requests", "unauthorized", "client_store_bytes",
-             "client_load_bytes", "requests"), 0)
+             "client_load_bytes", "requests", "reservation_expiries", "pin_expiries", "cancelled",
+             "sessions_evicted", "stalls"), 0)
         self.metrics = Metrics()
         self._token = dcfg.token.encode()
         self._stop = False
@@ -96,7 +104,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "store_prepare": self.op_store_prepare, "store_commit": self.op_store_commit,
             "load_prepare": self.op_load_prepare, "load_release": self.op_load_release,
             "pin": self.op_pin, "unpin": self.op_unpin, "events": self.op_events, "stats": self.op_stats,
-            "bye": self.op_bye, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
+            "bye": self.op_bye, "cancel": self.op_cancel, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
             "peer_release": self.op_peer_release,
         }
         # keeps room free in G2 (and below): a client's store then never waits, with every
@@ -123,6 +131,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         next_tick = 0.0
+        last = time.monotonic()
+        stall_s = min(0.5, self.dcfg.lease_s / 4)
         try:
             while not self._stop:
                 if poller.poll(50):
@@ -135,6 +145,10 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                         self.handle(frames)
                         self._run_calls()  # a pull's commit goes before the next request
                 now = time.monotonic()
+                if now - last > stall_s:  # this loop did not run (stopped, starved, a long step):
+                    self.sessions.extend(now - last)  # no client could be heard, so no lease counts it
+                    self.counters["stalls"] += 1
+                last = now
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._expire(now)
@@ -168,6 +182,11 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                 raise P.ProtocolError("unknown_op", f"unknown op {name!r}")
             self._authenticate(msg)
             op = name
+            replayed = self._replayed(msg, name, rid, time.monotonic())
+            if replayed is not None:  # a retry of a request already answered (or cancelled)
+                self._send(envelope, replayed)
+                return
+            self._undo_info = None
             self._current = (envelope, rid, t0)
             try:
                 reply = fn(msg, time.monotonic())
@@ -178,6 +197,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                 return
             reply.update(id=rid, ok=True)
             out = P.pack(reply)
+            self._remember(msg, name, rid, out, self._undo_info)
         except P.ProtocolError as exc:
             self.counters["unauthorized" if exc.code == "unauthorized" else "bad_requests"] += 1
             out = P.error_reply(rid, exc.code, str(exc))
@@ -309,17 +329,18 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
 
 
 def _daemon_tiers(config: KVBMConfig, dcfg: DaemonConfig) -> KVBMConfig:
-    """G2 (host) must be the top tier, held in the shared-memory file clients map."""
+    """G2 (host) must be the top tier; its pool is the daemon's alone (clients map only their
+    windows, windows.py), so it is plain private memory, never a file another process can open."""
     if config.layout is None:
         raise ConfigError("kvbm serve needs a `layout`: the daemon holds real block bytes")
     top = config.tiers[0]
     if top.name != "g2" or top.storage.name != "host":
-        raise ConfigError(f"kvbm serve: the first tier must be g2 with storage host (clients map it), "
+        raise ConfigError(f"kvbm serve: the first tier must be g2 with storage host (clients load from it), "
                           f"got {top.name} with storage {top.storage.name}")
     if not config.promote_on_hit:
         log.warning("kvbm serve: promote_on_hit is forced on; clients read blocks from G2 only")
     tiers = list(config.tiers)
-    opts = {**top.storage.options, "shm_name": dcfg.shm_name, "pin": "never"}
+    opts = {**{k: v for k, v in top.storage.options.items() if k != "shm_name"}, "pin": "never"}
     tiers[0] = dataclasses.replace(top, storage=dataclasses.replace(top.storage, options=opts))
     for i, t in enumerate(tiers):  # a hung object store: give up well before a client does (10 s)
         if t.storage.name == "object" and "timeout" not in t.storage.options:
