@@ -58,6 +58,12 @@ class Daemon:
                "daemon": {"address": "tcp://127.0.0.1:*", "events": "", "metrics": "", "shm_name": self.shm,
                           "lease_s": 10.0, "nixl": nixl, "peers": peers or [], "peer_timeout_s": 10.0,
                           "max_keys": 4096}}
+        if nixl:  # the daemons of one bench share a peer secret (they prove it in peer_hello)
+            secret = work / "peer.secret"
+            if not secret.exists():
+                secret.write_bytes(os.urandom(32).hex().encode())
+                secret.chmod(0o600)
+            cfg["daemon"]["peer_secret_file"] = str(secret)
         (self.dir / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
         out = self.dir / "stdout.txt"
         self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(self.dir / "kvbm.yaml")],

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from kvbm.blocks import KVLayout
-from daemonproc import HAVE_NIXL, wait_ready
+from daemonproc import HAVE_NIXL, wait_ready, write_peer_secret
 
 
 pytestmark = pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
@@ -116,7 +116,7 @@ class NsDaemon:
         cfg = {"namespace": {"model": "tiny"}, "layout": LAYOUT,
                "tiers": [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
                "daemon": {"events": "", "metrics": "", "shm_name": self.shm, "lease_s": 2.0,
-                          "nixl": True, **daemon}}
+                          "nixl": True, "peer_secret_file": write_peer_secret(tmp), **daemon}}
         self.config = self.dir / "kvbm.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None

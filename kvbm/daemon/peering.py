@@ -138,9 +138,11 @@ class Peering:
             self.counters["peer_auth_failures"] += 1
             raise P.ProtocolError("unauthorized", "peer_hello: the proof does not match this cluster's "
                                                   "peer secret (or the challenge expired or was used)")
-        s = self.sessions.open(PEER_NS, "peer", self.dcfg.lease_s, now)
+        s, evicted = self.sessions.open(PEER_NS, "peer", self.dcfg.lease_s, now)
         if s is None:
             raise P.ProtocolError("busy", f"too many clients ({self.dcfg.max_clients})")
+        if evicted is not None:  # an idle client's session made room (sessions.py does the same)
+            self._release(evicted)
         return {"session": s.sid, "agent": self.agent.name, "metadata": self.agent.metadata}
 
     def op_peer_lookup(self, msg: dict, now: float) -> dict:
