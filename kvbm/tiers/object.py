@@ -22,10 +22,16 @@ CRC and MAC are computed in one pass, chunk by chunk, beside the copy.
 Async filesystems (s3fs, gcsfs, ...) run each put/get as a coroutine on fsspec's IO loop
 under a semaphore of max_concurrency, each cancelled after `timeout` seconds (botocore's
 read timeout does not end a PUT that an endpoint accepted and never answers; this bound
-always holds). CRCs are computed and checked in the calling thread, so the IO loop only
-moves bytes. Synchronous filesystems (local, memory) use a thread pool that reads straight
-into the caller's buffers; a thread cannot be cancelled, so there `timeout` does not apply. `file://`, the embedded default, writes a temporary name and
-renames it: a reader or a restart sees the whole object or none of it.
+always holds). CRCs and MACs are computed and checked in the calling thread, so the IO loop
+only moves bytes. Synchronous filesystems (local, memory) use a thread pool that reads
+straight into the caller's buffers and seals or verifies there (hashlib releases the GIL, so
+blocks verify in parallel); a thread cannot be cancelled, so there `timeout` does not apply.
+`file://`, the embedded default, writes a temporary name and renames it: a reader or a
+restart sees the whole object or none of it.
+
+The MAC is the price of a shared bucket: HMAC-SHA256 runs ~1.4 GB/s per core (SHA-NI) on a
+16 MiB block, against ~7 GB/s for the copy and ~12 GB/s for the CRC-32C here, so it bounds
+one thread's G4 throughput; puts and gets of a batch run on max_concurrency threads.
 
 `s3://` gets small timeouts by default (S3_CONFIG, merged under the user's config_kwargs;
 `retries` in storage_options sets s3fs's own loop). A connection failure marks the endpoint
