@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
@@ -359,6 +360,8 @@ class SchedulerSide:
         self.shards = shards
         self._spaces: dict[str, Namespace] = {"": namespace}
         self._generation = 0  # reset_cache() count: each generation keys apart from the last
+        self.retry_s = 2.0  # after a failed lookup, seconds of misses before the next try
+        self._down_until = 0.0
         self._reqs: dict[str, _Request] = {}
         self.loads: list[LoadPlan] = []
         self.stores: list[StorePlan] = []
@@ -398,7 +401,7 @@ class SchedulerSide:
         load), so the block holding the last token is never counted.
         """
         limit = (num_tokens - 1 if must_compute_one else num_tokens) // self.block_size
-        n_hit, _ = self.backend.lookup(keys[:limit])
+        n_hit = self._lookup(keys[:limit])
         start = num_computed // self.block_size
         r = self._reqs.setdefault(req_id, _Request())
         self._release(r)  # a second match (preempted, resumed) replaces the first
@@ -409,7 +412,7 @@ class SchedulerSide:
             # Pin what is promised until the worker's load has pinned it itself: eviction or a
             # background demotion in between would turn the promise into a load error. A block
             # gone since the lookup ends the promise there.
-            r.pinned = list(keys[start:start + self.backend.pin(keys[start:n_hit])])
+            r.pinned = list(keys[start:start + self._pin(keys[start:n_hit])])
             n_hit = start + len(r.pinned)
         if n_hit <= start or not aligned:
             r.match_blocks = 0
@@ -417,9 +420,37 @@ class SchedulerSide:
         r.match_start, r.match_blocks = start, n_hit - start
         return r.match_blocks * self.block_size
 
+    def _lookup(self, keys: Sequence[Any]) -> int:
+        """The ready prefix of keys; 0 while the cache cannot be reached (the engine recomputes:
+        a cache that is down costs misses, never a failed request). After a failure, no lookup
+        for `retry_s`, so an unreachable daemon stalls the engine's scheduler once per retry."""
+        if not keys or time.monotonic() < self._down_until:
+            return 0
+        try:
+            n = self.backend.lookup(keys)[0]
+        except Exception as exc:  # noqa: BLE001 - daemon gone, timeout, a refused session
+            self._down_until = time.monotonic() + self.retry_s
+            log.warning("kvbm lookup failed (%s: %s): requests recompute; next try in %.0f s",
+                        type(exc).__name__, exc, self.retry_s)
+            return 0
+        if self._down_until:
+            log.warning("kvbm lookups answer again")
+            self._down_until = 0.0
+        return n
+
+    def _pin(self, keys: Sequence[Any]) -> int:
+        try:
+            return self.backend.pin(keys)
+        except Exception as exc:  # noqa: BLE001 - promise nothing that is not pinned
+            log.warning("kvbm pin failed (%s: %s): no blocks promised", type(exc).__name__, exc)
+            return 0
+
     def _release(self, r: _Request) -> None:
         if r.pinned:
-            self.backend.unpin(r.pinned)
+            try:
+                self.backend.unpin(r.pinned)
+            except Exception as exc:  # noqa: BLE001 - the daemon's lease releases them
+                log.warning("kvbm unpin failed (%s: %s)", type(exc).__name__, exc)
             r.pinned = []
 
     def plan_load(self, req_id: str, block_ids: Sequence[int], num_external_tokens: int) -> LoadPlan | None:

@@ -95,7 +95,8 @@ def _write_private(path: str, text: str) -> None:
 def _start(name: str, root: str, config: Mapping[str, Any]) -> dict[str, Any]:
     token = secrets.token_hex(16)
     daemon = {"address": f"ipc://{root}/{name}.sock", "events": "", "metrics": "", "token": token,
-              "shm_name": f"kvbm-{os.getuid()}-{name}", "nixl": False}
+              "shm_name": f"kvbm-{os.getuid()}-{name}", "nixl": False,
+              "lease_s": 30.0}  # its clients are the engine's own processes: a starved heartbeat must not cost a load
     cfg_path = os.path.join(root, f"{name}.config.json")
     ready_path = os.path.join(root, f"{name}.ready")
     _write_private(cfg_path, json.dumps({**dict(config), "daemon": daemon}))

