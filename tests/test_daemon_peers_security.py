@@ -225,3 +225,67 @@ def test_random_peer_lookups_leave_no_state(started, tmp_path):
         assert after["peer_challenges"] <= 1
         assert after["onboarding_keys"] == 0
     assert st_a["requests"] - base_a["requests"] >= 20 and st_b["lookup_blocks"] - base_b["lookup_blocks"] == 10_000
+
+
+# ---------------------------------------------------------------- the handshake's parts
+
+def test_challenges_are_single_use_bounded_and_expire():
+    from kvbm.daemon.peerauth import MAX_CHALLENGES, Challenges, prove, server_ok
+
+    now = [0.0]
+    secret = b"s" * 32
+    ch = Challenges(secret, clock=lambda: now[0])
+    nonce = os.urandom(32)
+    challenge, proof = ch.issue(nonce)
+    assert server_ok(secret, nonce, challenge, proof) and not server_ok(b"t" * 32, nonce, challenge, proof)
+    # the server's proof reflected back as the puller's is refused (one label per direction)
+    assert not ch.check(nonce, challenge, proof)
+    challenge, _ = ch.issue(nonce)
+    assert not ch.check(os.urandom(32), challenge, prove(secret, b"puller", nonce, challenge))  # other nonce
+    challenge, _ = ch.issue(nonce)
+    answer = prove(secret, b"puller", nonce, challenge)
+    assert ch.check(nonce, challenge, answer) and not ch.check(nonce, challenge, answer)  # once only
+    challenge, _ = ch.issue(nonce)
+    now[0] += 3600  # expired
+    assert not ch.check(nonce, challenge, prove(secret, b"puller", nonce, challenge))
+    for _ in range(10 * MAX_CHALLENGES):  # a flood of first steps: bounded
+        ch.issue(os.urandom(32))
+    assert len(ch) <= MAX_CHALLENGES
+
+
+@pytest.mark.skipif(not HAS_PEER_SECRET, reason="before daemon.peer_secret_file")
+def test_bad_peer_secret_file_is_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kvbm.config import ConfigError
+
+    loose = tmp_path / "loose.secret"
+    loose.write_bytes(b"x" * 32)
+    loose.chmod(0o644)
+    short = tmp_path / "short.secret"
+    short.write_bytes(b"tiny")
+    short.chmod(0o600)
+    same = tmp_path / "same.secret"
+    same.write_bytes(b"the-client-token-0123456789")
+    same.chmod(0o600)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        DaemonConfig.from_dict({"peer_secret_file": str(loose)})
+    with pytest.raises(ConfigError, match="at least 16"):
+        DaemonConfig.from_dict({"peer_secret_file": str(short)})
+    with pytest.raises(ConfigError, match="client token"):
+        DaemonConfig.from_dict({"peer_secret_file": str(same), "token": "the-client-token-0123456789"})
+    shm = f"kvbm-test-{os.urandom(4).hex()}"
+    cfg = tmp_path / "kvbm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "namespace": {"model": "tiny"}, "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
+        "tiers": [{"name": "g2", "capacity": 8, "storage": "host"}],
+        "daemon": {"address": f"ipc://{tmp_path}/d.sock", "events": "", "metrics": "", "shm_name": shm,
+                   "nixl": False, "peer_secret_file": str(loose)}}))
+    out = subprocess.run([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "peer_secret_file" in out.stderr, out.stderr
+    assert not os.path.exists(f"/dev/shm/{shm}")

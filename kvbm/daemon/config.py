@@ -72,6 +72,12 @@ class DaemonConfig:
                     f"path, or set daemon.token (or KVBM_DAEMON__TOKEN) so every request is authenticated")
         if cfg.metrics and not is_local("tcp://" + cfg.metrics) and not cfg.token:
             raise ConfigError(f"daemon.metrics {cfg.metrics!r} is not loopback; set daemon.token to expose it")
+        if cfg.peer_secret_file:  # checked before anything is created (peering.py reads it again)
+            from .peerauth import load_secret
+
+            if load_secret(cfg.peer_secret_file) == cfg.token.encode():
+                raise ConfigError("daemon.peer_secret_file holds the client token; peers need a secret of "
+                                  "their own (clients must not be able to act as peers)")
         return cfg
 
     def validate(self) -> None:
