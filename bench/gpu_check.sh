@@ -50,4 +50,10 @@ if python3 -c "import vllm, torch; assert torch.cuda.is_available()" 2>/dev/null
 else
   echo "vllm (CUDA) is not importable here: TTFT comparison skipped"
 fi
+step "kvbm replay against vllm serve: vLLM alone vs + kvbm G2 vs + G2 + G3 (bench/vllm_serve_compare.py)"
+if python3 -c "import vllm, httpx" 2>/dev/null; then
+  timeout 1200 python3 bench/vllm_serve_compare.py --configs a,b,c --json "$out/vllm_serve_compare.json" 2>&1 | tail -12
+else
+  echo "vllm (or httpx) is not importable here: the replay against vllm serve is skipped"
+fi
 step "done"
