@@ -139,3 +139,83 @@ def test_metrics_beyond_loopback_need_the_token(served):
     assert json.loads(urllib.request.urlopen(req, timeout=10).read())["status"] == "ok"
     req = urllib.request.Request(base + "/metrics", headers={"Authorization": "Bearer s3cret"})
     assert b"kvbm_clients" in urllib.request.urlopen(req, timeout=10).read()
+
+
+# ---------------------------------------------------------------- the drain, without a daemon
+
+class _Tier:
+    def __init__(self) -> None:
+        self.ready: dict = {}
+        self.pending: dict = {}
+
+
+class _Manager:
+    def __init__(self) -> None:
+        self.tiers = [_Tier()]
+        self.events: list = []
+
+    def take_events(self) -> list:
+        out, self.events = self.events, []
+        return out
+
+    def __contains__(self, key) -> bool:
+        return any(key in t.ready for t in self.tiers)
+
+
+class _Sessions:
+    def __init__(self, sessions) -> None:
+        self.sessions = sessions
+
+    def in_namespace(self, ns):
+        return [s for s in self.sessions if s.namespace == ns]
+
+
+class _S:
+    def __init__(self, ns) -> None:
+        self.namespace, self.events = ns, []
+
+
+def _drainer(sessions=()):
+    from kvbm.daemon.events import Events, Origins
+
+    d = Events()
+    d.manager, d.origin, d.pub, d.sessions, d._event_sinks = _Manager(), Origins(), None, _Sessions(list(sessions)), []
+    return d
+
+
+def test_drain_goes_to_the_owning_namespace_and_to_sinks():
+    from kvbm.manager import Event
+
+    a, b = _S(b"A" * 16), _S(b"B" * 16)
+    d = _drainer([a, b])
+    seen = []
+    d.add_event_sink(lambda ns, rows: seen.append((ns, rows)))
+    d.add_event_sink(lambda ns, rows: 1 / 0)  # a broken sink is logged, the others still run
+    d.origin[b"s1"] = (a.namespace, b"client-1")
+    d.origin[b"s2"] = (b.namespace, b"client-2")
+    d.manager.tiers[0].ready.update({b"s1": 0, b"s2": 1})
+    d.manager.events = [Event("stored", b"s1", "g2"), Event("stored", b"s2", "g2"), Event("stored", b"s9", "g2")]
+    d._drain_events()
+    assert a.events == [["stored", b"client-1", "g2"]] and b.events == [["stored", b"client-2", "g2"]]
+    assert seen == [(a.namespace, [["stored", b"client-1", "g2"]]), (b.namespace, [["stored", b"client-2", "g2"]])]
+    del d.manager.tiers[0].ready[b"s1"]
+    d.manager.events = [Event("removed", b"s1", "g2")]
+    d._drain_events()
+    assert b"s1" not in d.origin and a.events[-1] == ["removed", b"client-1", "g2"]
+
+
+def test_origins_of_abandoned_keys_are_swept():
+    """A key reserved and rolled back produces no event: the sweep bounds what such keys leave."""
+    from kvbm.daemon.events import SWEEP_SLACK
+
+    d = _drainer()
+    held = {f"held{i}".encode(): i for i in range(100)}
+    d.manager.tiers[0].ready.update(held)
+    for k in held:
+        d.origin[k] = (b"A" * 16, k)
+    for i in range(10_000):
+        d.origin[f"gone{i}".encode()] = (b"A" * 16, b"x")
+        d._drain_events()
+        assert len(d.origin) <= 2 * len(held) + SWEEP_SLACK + 1
+    d.origin.sweep(d.manager)
+    assert all(k in d.origin for k in held)

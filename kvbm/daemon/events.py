@@ -20,8 +20,9 @@ daemon.token, only subscribers presenting it as ZMQ PLAIN credentials (username 
 
 The origin map gets an entry per block a client reserved or a pull landed and loses it when the
 block leaves every tier. Paths that abandon a key without an event (a rolled-back reservation, a
-failed pull) are covered by `Origins.sweep`: when the map outgrows what the manager holds it drops
-every key the manager no longer has, so its size stays bounded by the manager's capacity.
+failed pull) are covered by `Origins.sweep`: once the map holds more than twice what the manager
+holds, it drops every key the manager no longer has, so its size stays bounded by the manager's
+capacity.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ class Origins(dict):
 
     def sweep(self, manager: Any) -> int:
         """Drop keys the manager no longer holds (ready or in flight) once the map outgrows it;
-        keys dropped. Amortised: a sweep runs only after SWEEP_SLACK keys beyond what is held."""
+        keys dropped. Amortised O(1) per abandoned key: a sweep (O(map)) runs only once the map
+        holds more than twice what the manager holds, plus SWEEP_SLACK."""
         held = sum(len(t.ready) + len(t.pending) for t in manager.tiers)
-        if len(self) <= held + SWEEP_SLACK:
+        if len(self) <= 2 * held + SWEEP_SLACK:
             return 0
         gone = [k for k in self if not _held(manager, k)]
         for k in gone:
