@@ -94,3 +94,30 @@ def test_replay_against_vllm_serve(server, tmp_path):
     assert (again["completed"], again["failed"]) == (6, 0)
     m = again["server_metrics"]
     assert m.get("vllm:prefix_cache_hits", 0) + m.get("vllm:external_prefix_cache_hits", 0) >= 2 * 15 * BLOCK
+
+
+@pytest.mark.parametrize("backend, nnodes, apart", [
+    ("uni", 1, False),  # the worker inside the engine core: one in-process manager
+    ("external_launcher", 1, False),  # torchrun: one whole engine per process
+    ("mp", 1, True),  # workers in child processes on this node: the engine's own daemon
+])
+def test_executor_layouts(backend, nnodes, apart):
+    from types import SimpleNamespace
+
+    from kvbm.connectors.vllm import workers_apart
+
+    cfg = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend=backend, nnodes=nnodes))
+    assert workers_apart(cfg) is apart
+
+
+@pytest.mark.parametrize("backend, nnodes", [("ray", 1), ("mp", 2)])
+def test_executors_that_may_leave_the_node_are_refused_in_one_line(backend, nnodes):
+    from types import SimpleNamespace
+
+    from kvbm.config import ConfigError
+    from kvbm.connectors.vllm import workers_apart
+
+    cfg = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend=backend, nnodes=nnodes))
+    with pytest.raises(ConfigError, match="kvbm_daemon") as err:
+        workers_apart(cfg)
+    assert "\n" not in str(err.value)
