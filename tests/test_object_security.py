@@ -252,3 +252,36 @@ def test_foreign_objects_and_refused_writes_reach_the_daemon_metrics():
     text = generate_latest(metrics.registry).decode()
     assert 'kvbm_tier_foreign_objects_total{tier="g4"} 3.0' in text
     assert 'kvbm_tier_writes_refused_total{tier="g3"} 5.0' in text
+
+
+def test_daemons_of_one_cluster_share_g4_and_another_cluster_s_objects_are_foreign(tmp_path):
+    """kvbm serve: a G4 without a secret of its own is sealed by the cluster's peer secret."""
+    pytest.importorskip("zmq")
+    from kvbm.daemon.config import DaemonConfig
+    from kvbm.daemon.server import _daemon_tiers
+    from kvbm.tiers.seal import cluster_object_secret
+
+    def tiers(peer_secret: bytes | None, **g4):
+        cfg = KVBMConfig.from_dict({
+            "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
+            "tiers": [{"name": "g2", "capacity": 4, "storage": "host"},
+                      {"name": "g4", "capacity": 8, "storage": {"name": "object", "url": "memory://x", **g4}}]})
+        dcfg = {}
+        if peer_secret is not None:
+            path = tmp_path / f"peer-{uuid.uuid4().hex[:6]}"
+            dcfg["peer_secret_file"] = str(secret_file(path, peer_secret))
+        return _daemon_tiers(cfg, DaemonConfig.from_dict(dcfg)).tiers[1].storage.options
+
+    one, again, other = tiers(b"c" * 32), tiers(b"c" * 32), tiers(b"d" * 32)
+    assert one["secret"] == again["secret"] == cluster_object_secret(b"c" * 32)
+    assert other["secret"] != one["secret"] and one["secret"] != b"c" * 32  # derived, not the peer secret
+    assert "secret" not in tiers(None)  # no cluster: the per-user default
+    own = tiers(b"c" * 32, secret_file="/etc/kvbm/g4.secret")
+    assert own["secret_file"] == "/etc/kvbm/g4.secret" and "secret" not in own
+    # the two clusters' G4s on one prefix: one's objects are foreign to the other
+    url = f"memory://kvbm-{uuid.uuid4().hex[:8]}"
+    a = ObjectStorage(2, 4 * KiB, namespace="ns", url=url, secret=one["secret"])
+    store(a, [1], blocks(1, 4 * KiB, 1))
+    b = ObjectStorage(2, 4 * KiB, namespace="ns", url=url, secret=other["secret"])
+    assert b.recover() == [] and b.errors.foreign_objects == 1
+    assert ObjectStorage(2, 4 * KiB, namespace="ns", url=url, secret=again["secret"]).recover()[0][0] == 1

@@ -37,6 +37,7 @@ import zmq
 from ..config import ConfigError, KVBMConfig
 from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
+from ..tiers.seal import cluster_object_secret
 from . import protocol as P
 from .config import DaemonConfig, is_local
 from .dataplane import DataPlane
@@ -45,6 +46,7 @@ from .leases import PEER_NS, Sessions
 from .metrics import Metrics
 from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
+from .peerauth import load_secret
 from .sessions import SessionOps
 from .windows import sweep
 
@@ -345,6 +347,11 @@ def _daemon_tiers(config: KVBMConfig, dcfg: DaemonConfig) -> KVBMConfig:
     for i, t in enumerate(tiers):  # a hung object store: give up well before a client does (10 s)
         if t.storage.name == "object" and "timeout" not in t.storage.options:
             o = {**t.storage.options, "timeout": G4_TIMEOUT_S}
+            tiers[i] = dataclasses.replace(t, storage=dataclasses.replace(t.storage, options=o))
+    for i, t in enumerate(tiers):  # one cluster, one G4: without a secret of its own, the peers' seals it
+        own = {"secret", "secret_file"} & set(t.storage.options)
+        if dcfg.peer_secret_file and t.storage.name == "object" and not own:
+            o = {**t.storage.options, "secret": cluster_object_secret(load_secret(dcfg.peer_secret_file))}
             tiers[i] = dataclasses.replace(t, storage=dataclasses.replace(t.storage, options=o))
     return dataclasses.replace(config, tiers=tiers, promote_on_hit=True, events=True)
 

@@ -2,6 +2,7 @@
 
     read_secret_file(path, what) -> bytes   a secret file's bytes; refused when group/others can read or write it
     object_secret(secret=, secret_file=)    the G4 secret: given, read from a file, or the per-user default
+    cluster_object_secret(cluster_secret)   the G4 secret daemons of one cluster derive from their peer secret
     Seal(secret, namespace)                 one namespace's keys derived from the secret
     Seal.name(key) -> str                   the object name of a block key (keyed: unfindable without the secret)
     Seal.key_of(name) -> key | None         the block key back from a name; None for a foreign or forged name
@@ -105,6 +106,12 @@ def _ensure_default(path: Path) -> Path:
     finally:
         os.unlink(tmp)
     return path
+
+
+def cluster_object_secret(cluster_secret: bytes) -> bytes:
+    """The G4 secret of daemons that share a cluster secret (daemon.peer_secret_file): one
+    cluster, one G4; another cluster's objects are foreign. Hex, like a secret file's."""
+    return hmac.new(cluster_secret, b"kvbm-g4-object-secret", hashlib.sha256).hexdigest().encode()
 
 
 def _derive(secret: bytes, label: bytes, namespace: bytes) -> bytes:
