@@ -140,7 +140,7 @@ class Client:
                 if op in _CANCELLED_ON_TIMEOUT and self.session is not None:
                     # The daemon may still do it later: have it undone then (or refused, if the
                     # cancel gets there first). Fire and forget: the daemon may be gone.
-                    self._send(request("cancel", self._take_id(), self.token, self.session, rid=rid))
+                    self._send(request("cancel", self._take_id(), self.token, self.session, cancels=rid))
                     raise
                 if op not in _RETRIED_ON_TIMEOUT:
                     raise

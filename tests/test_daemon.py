@@ -48,7 +48,8 @@ class Daemon:
     """A `kvbm serve` subprocess; `info` is its ready line (address, metrics, shm, ...)."""
 
     def __init__(self, tmp: Path, name: str, *, g2: int = 64, g3: int = 0, nixl: bool = False,
-                 headroom: int | None = None, eviction: str = "lru", **daemon: object) -> None:
+                 headroom: int | None = None, eviction: str = "lru", layout: dict | None = None,
+                 **daemon: object) -> None:
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
         if nixl:  # peers prove the cluster's secret to each other
@@ -61,7 +62,7 @@ class Daemon:
                           "storage": {"name": "disk", "path": str(self.dir / "g3"), "direct": False}})
         self.shm = f"kvbm-test-{uuid.uuid4().hex[:12]}"
         cfg = {"namespace": {"model": "tiny"},
-               "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
+               "layout": layout or {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
                "tiers": tiers,
                "daemon": {"address": f"ipc://{self.dir}/d.sock", "events": "", "metrics": "",
                           "shm_name": self.shm, "lease_s": 1.0, "nixl": nixl, **daemon}}

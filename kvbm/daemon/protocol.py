@@ -4,7 +4,9 @@
     reply     {"id": int, "ok": true, ...fields} | {"id": int, "ok": false, "error": code, "message": str}
 
 Ops (fields beyond op/id/auth/session):
-    hello         model: str, layout: map, salt: str     -> session, shm_name, shm_bytes, stride, ...
+    hello         model: str, layout: map, salt: str     -> session, window_path, window_bytes,
+                                                            window_slots, stride, ... (slots below are
+                                                            slots of this session's window, not of G2)
     heartbeat                                            -> {}
     lookup        keys: [bin16], remote: bool?           -> n, where: [tier]
     store_prepare keys: [bin16], parent: bin16?, position: int?, priorities: [[int 0-100, float?]]?
@@ -16,6 +18,10 @@ Ops (fields beyond op/id/auth/session):
     events        max: int?                              -> events: [[kind, key, tier]]
     stats                                                -> stats
     bye                                                  -> {}
+    cancel        cancels: int (a request id)            -> undone: bool; what that request created is
+                                                            undone, or it is refused when it arrives
+Request ids: a session's last 32 replies to store_prepare / store_commit / load_prepare /
+load_release / pin / unpin are kept; the same id again gets the same reply (a client's retry).
     peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py):
     peer_hello                                           -> session, agent, metadata
     peer_lookup   keys: [bin16], crcs_later: bool?       -> handle, n, nbytes, addrs: [int],

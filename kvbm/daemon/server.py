@@ -249,8 +249,21 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "onboard": {"started": self.onboarder.started, "deferred": self.onboarder.deferred},
             "onboarding_keys": len(self.onboarder), "origin_keys": len(self.origin),
             "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
+            "state": self._state_sizes(),
         }
         return st
+
+    def _state_sizes(self) -> dict[str, int]:
+        """Sizes of every per-client map: tests assert they return to baseline after abuse."""
+        ss = list(self.sessions.by_id.values())
+        return {"sessions": len(ss), "reservations": sum(len(s.stores) for s in ss),
+                "loads": sum(len(s.loads) for s in ss), "pins": sum(len(s.pins) for s in ss),
+                "busy_blocks": sum(s.busy for s in ss), "replies": sum(len(s.replies) for s in ss),
+                "cancelled": sum(len(s.cancelled) for s in ss), "events": sum(len(s.events) for s in ss),
+                "window_slots_used": sum(s.window.slots - s.window.free_slots for s in ss if s.window),
+                "busy_namespaces": len(self.sessions.busy_by_ns), "busy_uids": len(self.sessions.busy_by_uid),
+                "uids": len(self.sessions.count_by_uid), "g2_pinned": len(getattr(self.top, "pins", ())),
+                "g2_pending": len(getattr(self.top, "pending", ()))}
 
     def _publish_metrics(self) -> None:
         self.metrics.publish(self._stats())

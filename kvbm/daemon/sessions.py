@@ -85,9 +85,9 @@ class SessionOps:
         return {}
 
     def op_cancel(self, msg: dict, now: float) -> dict:
-        """The client gave up waiting for request `rid`: undo it, or refuse it when it comes."""
+        """The client gave up waiting for request id `cancels`: undo it, or refuse it when it comes."""
         s = self._session(msg, now)
-        rid = P.integer(msg, "rid", lo=1, hi=2**63 - 1)
+        rid = P.integer(msg, "cancels", lo=1, hi=2**63 - 1)
         done = s.replies.pop(rid, None)
         if done is None:
             s.cancel_early(rid)
