@@ -315,6 +315,7 @@ class Client:
         if self._beat is not None:
             self._beat.join(timeout=2)
         if self.session is not None:
+            self.timeout = min(self.timeout, 2.0)  # a daemon that is gone must not hold up the exit
             try:
                 self.call("bye")
             except (RemoteError, TimeoutError, zmq.ZMQError):
