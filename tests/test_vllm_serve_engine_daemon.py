@@ -152,3 +152,39 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_cache_that_stops_answering_is_a_miss_never_an_error(monkeypatch):
+    # vLLM calls the scheduler half on its scheduler thread: an exception there kills the
+    # engine. A lookup that fails (daemon killed, timeout) is a miss; the next try waits out a
+    # back-off that doubles per failure, so a dead daemon costs one timeout per try, not per request.
+    from kvbm.blocks import Namespace
+    from kvbm.connectors import core
+
+    class Flaky(core.DaemonBackend):
+        def __init__(self):
+            self.calls, self.up = 0, False
+
+        def lookup(self, keys):
+            self.calls += 1
+            if not self.up:
+                raise TimeoutError("kvbm daemon at ipc://x did not answer lookup in 10s")
+            return len(keys), ["g2"] * len(keys)
+
+    clock = [100.0]
+    monkeypatch.setattr(core.time, "monotonic", lambda: clock[0])
+    backend = Flaky()
+    sched = core.SchedulerSide(backend, None, Namespace("tiny", LAYOUT), LAYOUT.block_size)
+    keys = sched.keys("r", [b"h1", b"h2", b"h3"])
+    assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 0  # fails: a miss
+    assert backend.calls == 1
+    clock[0] += 1.0  # within the 2 s back-off: no call, a miss
+    assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 0 and backend.calls == 1
+    clock[0] += 1.5  # tried again, fails again: the back-off doubles to 4 s
+    assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 0 and backend.calls == 2
+    clock[0] += 3.0
+    assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 0 and backend.calls == 2
+    backend.up = True  # the daemon is back
+    clock[0] += 1.5
+    assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 3 * 16 and backend.calls == 3
+    assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 3 * 16 and backend.calls == 4

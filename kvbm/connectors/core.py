@@ -362,6 +362,7 @@ class SchedulerSide:
         self._generation = 0  # reset_cache() count: each generation keys apart from the last
         self.retry_s = 2.0  # after a failed lookup, seconds of misses before the next try
         self._down_until = 0.0
+        self._backoff = 0.0
         self._reqs: dict[str, _Request] = {}
         self.loads: list[LoadPlan] = []
         self.stores: list[StorePlan] = []
@@ -423,19 +424,22 @@ class SchedulerSide:
     def _lookup(self, keys: Sequence[Any]) -> int:
         """The ready prefix of keys; 0 while the cache cannot be reached (the engine recomputes:
         a cache that is down costs misses, never a failed request). After a failure, no lookup
-        for `retry_s`, so an unreachable daemon stalls the engine's scheduler once per retry."""
+        for retry_s, doubling per failure up to 60 s: an unreachable daemon stalls the engine's
+        scheduler (the client's timeout) once per try, not once per request."""
         if not keys or time.monotonic() < self._down_until:
             return 0
         try:
             n = self.backend.lookup(keys)[0]
         except Exception as exc:  # noqa: BLE001 - daemon gone, timeout, a refused session
-            self._down_until = time.monotonic() + self.retry_s
+            # back off (doubling, at most 60 s): each try may cost the client's timeout
+            self._backoff = min(60.0, self._backoff * 2) if self._backoff else self.retry_s
+            self._down_until = time.monotonic() + self._backoff
             log.warning("kvbm lookup failed (%s: %s): requests recompute; next try in %.0f s",
-                        type(exc).__name__, exc, self.retry_s)
+                        type(exc).__name__, exc, self._backoff)
             return 0
         if self._down_until:
             log.warning("kvbm lookups answer again")
-            self._down_until = 0.0
+            self._down_until, self._backoff = 0.0, 0.0
         return n
 
     def _pin(self, keys: Sequence[Any]) -> int:
