@@ -159,3 +159,23 @@ def test_hung_object_store_does_not_delay_a_g2_only_client(tmp_path, s3):
     finally:
         os.kill(s3.proc.pid, signal.SIGCONT)
         d.stop()
+
+
+def test_daemon_gives_g4_a_timeout_well_below_the_clients(tmp_path):
+    from kvbm.client import Client
+    from kvbm.config import KVBMConfig
+    from kvbm.daemon.config import DaemonConfig
+    from kvbm.daemon.onboard import G4_TIMEOUT_S
+    from kvbm.daemon.server import _daemon_tiers
+
+    def tiers(g4_options: dict) -> list:
+        return [{"name": "g2", "capacity": 8, "storage": "host"},
+                {"name": "g4", "capacity": 8, "storage": {"name": "object", "url": f"file://{tmp_path}/g4",
+                                                          **g4_options}}]
+
+    layout = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16}
+    client_timeout = Client.__init__.__kwdefaults__["timeout"]
+    cfg = _daemon_tiers(KVBMConfig.from_dict({"layout": layout, "tiers": tiers({})}), DaemonConfig())
+    assert cfg.tiers[1].storage.options["timeout"] == G4_TIMEOUT_S <= client_timeout / 4
+    cfg = _daemon_tiers(KVBMConfig.from_dict({"layout": layout, "tiers": tiers({"timeout": 7})}), DaemonConfig())
+    assert cfg.tiers[1].storage.options["timeout"] == 7  # the operator's own choice stands
