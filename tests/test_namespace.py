@@ -134,3 +134,27 @@ def test_g3_and_g4_never_return_one_namespace_s_block_for_another(tmp_path):
         assert store.read([(server_key(a, key), slot, out)]) == [True] and np.array_equal(out, data)
         store.close()
     assert server_key(a, key) != server_key(b, key)
+
+
+def test_the_daemon_refuses_a_control_character_at_hello(tmp_path):
+    pytest.importorskip("zmq")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from servedaemon import Served
+
+    from kvbm.client import Client
+    from kvbm.daemon.protocol import RemoteError
+
+    d = Served(tmp_path, "d").start()
+    try:
+        with pytest.raises(ValueError, match="model 'a\\\\x00b' contains the control character U\\+0000"):
+            Client(d.address, model="a\0b", layout=LAYOUT)  # refused before it is sent
+        with d.client() as c:  # a client that sends it anyway gets bad_field, and no session
+            for field, value in (("model", "a\0b"), ("salt", "tenant\nx")):
+                with pytest.raises(RemoteError, match=f"bad_field: {field} .* control character") as info:
+                    c._call("hello", {**c._hello_fields, field: value})
+                assert info.value.code == "bad_field"
+    finally:
+        d.stop()
