@@ -86,23 +86,26 @@ def test_daemon_killed_mid_traffic_no_request_fails(stack):
     served = done["n"]
     _wait(lambda: done["n"] >= served + 4)  # both engines keep answering with the daemon gone
     daemon.start()
-    # hits resume: a prompt stored through A after the restart is a hit on B
-    tokens = prompt(12, PROMPT)
-    deadline = time.monotonic() + 300
-    hit = 0.0
-    while time.monotonic() < deadline and hit < 8 * BLOCK:
-        before = b.external_hits()
-        recompute = a.complete(tokens)
-        served_b = b.complete(tokens)
-        hit = b.external_hits() - before
-        assert served_b == recompute
-        if hit < 8 * BLOCK:
-            time.sleep(2)  # clients reconnect to the new daemon on their own
+    served = done["n"]
+    _wait(lambda: done["n"] >= served + 4)  # and through the restart
     stop.set()
     for t in threads:
         t.join(timeout=600)
     assert failures == []
-    assert hit == 8 * BLOCK
+    # hits resume: a prompt stored through A after the restart is a hit on B (the clients say
+    # hello to the new daemon on their own; lookups retry after the connector's back-off)
+    tokens = prompt(12, PROMPT)
+    deadline = time.monotonic() + 300
+    hits = []
+    while time.monotonic() < deadline and (not hits or hits[-1] < 8 * BLOCK):
+        before = b.external_hits()
+        recompute = a.complete(tokens)
+        served_b = b.complete(tokens)
+        hits.append(b.external_hits() - before)
+        assert served_b == recompute
+        if hits[-1] < 8 * BLOCK:
+            time.sleep(2)
+    assert hits[-1] == 8 * BLOCK, (hits, a.kvbm_lines()[-2000:], b.kvbm_lines()[-2000:])
 
 
 def _wait(cond, timeout: float = 600.0) -> None:
