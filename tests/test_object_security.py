@@ -285,3 +285,39 @@ def test_daemons_of_one_cluster_share_g4_and_another_cluster_s_objects_are_forei
     b = ObjectStorage(2, 4 * KiB, namespace="ns", url=url, secret=other["secret"])
     assert b.recover() == [] and b.errors.foreign_objects == 1
     assert ObjectStorage(2, 4 * KiB, namespace="ns", url=url, secret=again["secret"]).recover()[0][0] == 1
+
+
+def test_s3_two_secrets_and_a_forgery(monkeypatch):
+    """The async path (s3fs on moto): names, MAC checks on the calling thread, recover."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import sys
+    from pathlib import Path
+
+    import fsspec
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3server import FAKE_CREDENTIALS, MotoServer
+
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    server = MotoServer().start()
+    try:
+        opts = {"endpoint_url": server.endpoint}
+        fsspec.filesystem("s3", skip_instance_cache=True, **opts).mkdir("kvbm-sec")
+        url = "s3://kvbm-sec/run"
+        a = ObjectStorage(4, 64 * KiB, namespace="ns", url=url, secret=A, storage_options=opts)
+        b = ObjectStorage(4, 64 * KiB, namespace="ns", url=url, secret=B, storage_options=opts)
+        keys, da = [b"\x09" * 16, 3], blocks(2, 64 * KiB, 7)
+        sa = store(a, keys, da)
+        assert load(b, keys, [b.allocate(), b.allocate()])[0] == [False, False]
+        assert b.recover() == [] and b.errors.foreign_objects == 2
+        forge(a, keys[0], blocks(1, 64 * KiB, 8)[0], bytes(MAC_BYTES))
+        ok, out = load(a, keys, sa)
+        # a miss (the caller never uses out[0]: verification runs beside the copy, in one pass)
+        assert ok == [False, True] and np.array_equal(out[1], da[1])
+        assert (a.errors.checksum_errors, a.errors.foreign_objects) == (1, 1)
+        a.close()
+        b.close()
+    finally:
+        server.stop()

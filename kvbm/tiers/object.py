@@ -15,7 +15,9 @@ fields. So another deployment sharing the bucket (another secret) can neither fi
 overwrite our objects, and an object it wrote, forged with a valid header and CRC-32C, or
 renamed, is a counted miss (`errors.foreign_objects`, within `checksum_errors`), never
 served. Objects of kvbm before the MAC (header version 1) are never looked up: misses.
-CRC and MAC are computed in one pass, chunk by chunk, beside the copy.
+CRC and MAC are computed in one pass, chunk by chunk, beside the copy; so a read that
+fails verification may have filled part of its buffer: False means use none of it (the
+manager frees that slot; as with G3, the caller never sees the bytes).
 
 `file://` objects are created 0600 and the folders kvbm makes 0700, whatever the umask.
 
@@ -76,6 +78,10 @@ STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
 # between response bytes, one retry (botocore's), none from s3fs's loop around it.
 S3_CONFIG = {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
 S3_RETRIES = 1
+# botocore >= 1.36 CRC32s every PUT body and every whole-object GET in Python (zlib, ~1 s of
+# CPU per GiB here): as much CPU as our CRC-32C and MAC together, which already cover the
+# payload end to end. Only when required, then (issue 17: the G4 path's CPU per byte).
+S3_CHECKSUMS = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
 
 
 def default_url() -> str:
@@ -479,9 +485,19 @@ def _with_defaults(protocol: str, options: dict[str, Any], concurrency: int) -> 
         pool = {"max_pool_connections": max(10, concurrency)}
         # a fresh `retries` dict each time: botocore rewrites it in place (max_attempts ->
         # total_max_attempts), which would otherwise change the defaults of every later storage
-        defaults = {**S3_CONFIG, "retries": dict(S3_CONFIG["retries"])}
+        defaults = {**S3_CONFIG, "retries": dict(S3_CONFIG["retries"]), **_checksum_options()}
         opts["config_kwargs"] = {**defaults, **pool, **(opts.get("config_kwargs") or {})}
     return opts
+
+
+def _checksum_options() -> dict[str, str]:
+    """S3_CHECKSUMS where this botocore knows the options (older ones refuse unknown ones)."""
+    try:
+        from botocore.config import Config
+    except ImportError:
+        return {}
+    known = getattr(Config, "OPTION_DEFAULTS", {})
+    return {k: v for k, v in S3_CHECKSUMS.items() if k in known}
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
