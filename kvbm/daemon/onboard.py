@@ -192,9 +192,17 @@ class Onboarding:
             try:
                 if self.sessions.get(s.sid) is not s:
                     raise P.ProtocolError("no_session", "the session ended while its blocks came up")
+                cancelled = getattr(s, "cancelled", None)  # the client gave up meanwhile (op_cancel)
+                if cancelled is not None and rid in cancelled:
+                    del cancelled[rid]
+                    raise P.ProtocolError("cancelled", "this request was cancelled by the client")
+                self._undo_info = None
                 reply = answer()
                 reply.update(id=rid, ok=True)
                 out = P.pack(reply)
+                remember = getattr(self, "_remember", None)  # a retry or cancel of rid finds it
+                if remember is not None:
+                    remember({"session": s.sid}, op, rid, out, self._undo_info)
             except P.ProtocolError as exc:
                 out = P.error_reply(rid, exc.code, str(exc))
             except Exception as exc:
