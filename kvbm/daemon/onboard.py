@@ -3,11 +3,12 @@
     Onboarder(manager, wake)               one per daemon; the owner thread calls all but wake
     Onboarder.start(skeys) -> bool         onboard what the ready prefix of skeys holds below G2;
                                            True when the request should wait for it
-    Onboarder.wait(skeys, deadline, finish)   finish() runs on the owner thread once those blocks
-                                           landed (or failed), or at the deadline, whichever is first
+    Onboarder.wait(skeys, finish, wait_s)  finish() runs on the owner thread once those blocks
+                                           landed (or failed), or after wait_s, whichever is first
     Onboarder.service(now)                 complete finished transfers, run finished waiters
     refuse_object_writes(manager, owner)   a G4 put asked of the owner thread fails at once
-    Onboarding                             Daemon's mixin: _defer_for_lower(skeys, answer) -> DEFERRED
+    Onboarding                             Daemon's mixin: _defer_for_lower(session, skeys, answer)
+                                           -> DEFERRED, or None (answer now)
 
 A client's load_prepare (and a peer's peer_lookup) used to copy G3/G4 blocks into G2 inside the
 request (manager.load): a hung object store (SIGSTOPped, a black-holed route) stalled the whole
@@ -151,10 +152,15 @@ def refuse_object_writes(manager: Any, owner: Callable[[], int]) -> int:
         if getattr(storage, "medium", "") != "object" or getattr(storage, "_kvbm_off_loop", False):
             continue
 
-        def write(items: Any, _write: Callable = storage.write, _name: str = t.name) -> list[bool]:
+        said = [0.0]
+
+        def write(items: Any, _write: Callable = storage.write, _name: str = t.name, _said: list = said) -> list[bool]:
             if threading.get_ident() == owner():
-                log.warning("%s: %d blocks dropped instead of a synchronous put on the request loop "
-                            "(the background offloader is behind; is the object store slow?)", _name, len(items))
+                if time.monotonic() > _said[0]:  # once a minute at most
+                    _said[0] = time.monotonic() + 60
+                    log.warning("%s: %d blocks dropped instead of a synchronous put on the request loop "
+                                "(the background offloader is behind; is the object store slow? a larger "
+                                "headroom absorbs bursts)", _name, len(items))
                 return [False] * len(items)
             return _write(items)
 

@@ -22,16 +22,19 @@ Ops (fields beyond op/id/auth/session):
                                                             undone, or it is refused when it arrives
 Request ids: a session's last 32 replies to store_prepare / store_commit / load_prepare /
 load_release / pin / unpin are kept; the same id again gets the same reply (a client's retry).
-    peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py):
-    peer_hello                                           -> session, agent, metadata
-    peer_lookup   keys: [bin16], crcs_later: bool?       -> handle, n, nbytes, addrs: [int],
+    peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py, peerauth.py):
+    peer_hello    nonce: bin32                           -> challenge: bin32, proof: bin32 (HMAC)
+    peer_hello    nonce, challenge, proof: bin32         -> session, agent, metadata
+    peer_lookup   namespace: bin16, keys: [bin16] (client keys), crcs_later: bool?, wait_s: float?
+                                                         -> handle, n, nbytes, addrs: [int],
                                                             crcs: [int] | crcs_later: true
     peer_release  handle: int, crcs: bool?               -> crcs: [int]? (when they came later)
 
 KV-event stream for routers (zmq PUB at daemon.events), one message per request that changed
 blocks: [topic, msgpack [[kind, key, tier], ...]] with kind stored / removed / moved, `key` the
-client's own key and `topic` the namespace id in hex (`Client.topic`; subscribe to it to see
-one namespace only).
+client's own key and `topic` a one-way hash of the namespace id (`Client.topic`,
+events.topic_of; subscribe to it to see one namespace only). With daemon.token the stream takes
+ZMQ PLAIN subscribers only (username kvbm, password the token).
 
 Every field is checked for type, length and count before use; a bad message gets an error
 reply (or, if it cannot even be parsed, a reply with id 0) and never reaches the manager.
