@@ -42,6 +42,7 @@ from .blocks import KVLayout
 from .daemon.events import topic_of
 from .daemon.leases import namespace_of
 from .daemon.protocol import RemoteError, pack, request, unpack
+from .daemon.transport import default_address
 
 __all__ = ["Client", "RemoteError", "StoreReservation", "LoadPins"]
 
@@ -63,10 +64,10 @@ class LoadPins:
 
 
 class Client:
-    def __init__(self, address: str = "tcp://127.0.0.1:5557", *, model: str, layout: KVLayout | dict,
+    def __init__(self, address: str | None = None, *, model: str, layout: KVLayout | dict,
                  salt: str = "", token: str | None = None, timeout: float = 10.0,
                  heartbeat: bool = True) -> None:
-        self.address = address
+        self.address = address or default_address()  # the daemon's same-node default socket
         self.token = token if token is not None else os.environ.get("KVBM_DAEMON__TOKEN", "")
         self.timeout = timeout
         self._ctx = zmq.Context()

@@ -1,7 +1,7 @@
 """DaemonConfig: the `daemon:` section of kvbm.yaml, beside the manager's own keys.
 
     daemon:
-      address: tcp://127.0.0.1:5557       # or ipc:///run/kvbm/kvbm.sock
+      address: ipc://$XDG_RUNTIME_DIR/kvbm/kvbm.sock   # default (else /tmp/kvbm-<uid>/); or tcp://HOST:PORT
       events: tcp://127.0.0.1:5558        # KV-event PUB stream for routers ("" = off)
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
       token: ""                           # or token_file (mode 0600: refused if others may read it);
@@ -29,13 +29,14 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..config import ConfigError, KVBMConfig, check_keys, apply_env, read_file
+from .transport import default_address
+from ..config import ConfigError, KVBMConfig, check_keys, load_with
 from ..tiers.seal import SecretError, read_secret_file
 
 
 @dataclass
 class DaemonConfig:
-    address: str = "tcp://127.0.0.1:5557"
+    address: str = field(default_factory=default_address)  # ipc:// in a 0700 runtime folder
     events: str = "tcp://127.0.0.1:5558"
     metrics: str = "127.0.0.1:9400"
     token: str = ""
@@ -142,15 +143,8 @@ def is_local(address: str) -> bool:
 def load_daemon_config(path: str | os.PathLike | None = None,
                        env: Mapping[str, str] | None = None) -> tuple[KVBMConfig, DaemonConfig]:
     """kvbm.yaml -> (manager config, daemon config); KVBM_... overrides apply to both."""
-    env = os.environ if env is None else env
-    path = path or env.get("KVBM_CONFIG")
-    data = read_file(path) if path else {}
-    data = apply_env(data, env)
-    where = f" (in {path})" if path else ""
-    daemon = data.pop("daemon", None)
-    if daemon is not None and not isinstance(daemon, Mapping):
-        raise ConfigError(f"daemon must be a mapping, got {daemon!r}{where}")
-    try:
-        return KVBMConfig.from_dict(data), DaemonConfig.from_dict(daemon)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}{where}") from None
+    def build(data: dict[str, Any]) -> tuple[KVBMConfig, DaemonConfig]:
+        cfg = KVBMConfig.from_dict(data)  # the same checks as load_config (one path)
+        return cfg, DaemonConfig.from_dict(cfg.daemon)
+
+    return load_with(build, path, env)

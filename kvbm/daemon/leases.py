@@ -72,6 +72,7 @@ class Session:
     cancelled: OrderedDict = field(default_factory=OrderedDict)  # request ids cancelled early
     busy: int = 0  # G2 blocks held: pins + reservations + a peer's pinned loads
     active: float = 0.0  # last request other than a heartbeat
+    used: bool = False  # made a request after hello (a hello flood's sessions never do)
     next_handle: int = 1
 
     def renew(self, now: float) -> None:
@@ -134,10 +135,12 @@ class Sessions:
         return s, evicted
 
     def _idlest(self, uid: int | None) -> Session | None:
+        """The empty session to close: one never used since its hello first, then the one idle
+        longest; None when every candidate holds something."""
         best = None
         for s in self.by_id.values():
             if s.empty and s.namespace != PEER_NS and (uid is None or s.uid == uid) and (
-                    best is None or s.active < best.active):
+                    best is None or (s.used, s.active) < (best.used, best.active)):
                 best = s
         return best
 

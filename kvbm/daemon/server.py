@@ -48,6 +48,7 @@ from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .peerauth import load_secret
 from .sessions import SessionOps
+from .transport import bind
 from .windows import sweep
 
 log = logging.getLogger("kvbm.daemon")
@@ -55,6 +56,26 @@ log = logging.getLogger("kvbm.daemon")
 
 class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
     def __init__(self, config: KVBMConfig, dcfg: DaemonConfig) -> None:
+        try:
+            self._build(config, dcfg)
+        except BaseException:  # a failed start leaves nothing behind: no socket file, G3 closed
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        for name in ("router", "pub"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(0)
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "manager", None) is not None:
+            self.manager.close()
+            self.manager = None
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.term()
+
+    def _build(self, config: KVBMConfig, dcfg: DaemonConfig) -> None:
         self.dcfg = dcfg
         self.config = _daemon_tiers(config, dcfg)
         self.manager = BlockManager.from_config(self.config)
@@ -65,14 +86,14 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         # a session's staging window (windows.py): one request's blocks, at most window_mib
         self.window_slots = max(1, min(dcfg.max_keys, (dcfg.window_mib << 20) // self.pool.stride))
         self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid
-        self._creds = (-1, 0)  # (uid, pid) of the current request's client, when the transport tells
+        self._own_uids = {-1, os.getuid()}  # unknown (tcp) and the daemon's own user: no uid quota
         self._undo_info: tuple | None = None  # what the current request created, for a cancel
         sweep(dcfg.shm_name)  # windows a killed daemon left between creating them and a client mapping them
         self.counters = dict.fromkeys(
             ("lookup_blocks", "prefix_hit_blocks", "lease_expiries", "peer_pull_blocks", "peer_pull_bytes",
              "peer_pull_seconds", "peer_errors", "bad_requests", "unauthorized", "client_store_bytes",
              "client_load_bytes", "requests", "reservation_expiries", "pin_expiries", "cancelled",
-             "sessions_evicted", "stalls"), 0)
+             "sessions_evicted", "stalls", "dead_clients"), 0)
         self.metrics = Metrics()
         self._token = dcfg.token.encode()
         self._stop = False
@@ -82,8 +103,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.router.setsockopt(zmq.MAXMSGSIZE, dcfg.max_message_bytes)  # bigger: the sender is cut off
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 10_000)
-        self.router.bind(dcfg.address)
-        self.address = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.address = bind(self.router, dcfg.address)  # ipc: 0700 folder, 0600 socket (transport.py)
+        self._last_frame: zmq.Frame | None = None  # the current request's payload: its sender's creds
         self._init_events()  # the PUB stream and the origin map (events.py)
         self.metrics_address = ""
         if dcfg.metrics:
@@ -141,7 +162,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                     self._run_calls()
                     for _ in range(256):  # a burst, then housekeeping
                         try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK)
+                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self.handle(frames)
@@ -161,6 +182,9 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
 
     def handle(self, frames: list[bytes]) -> None:
         """One request: never raises; a reply (or an error reply) goes back to the sender."""
+        if frames and isinstance(frames[-1], zmq.Frame):  # from run(): the kernel's word on the sender
+            self._last_frame = frames[-1]
+            frames = [f.bytes for f in frames]
         if len(frames) == 2:
             envelope, payload = frames[:1], frames[1]
         elif len(frames) == 3 and frames[1] == b"":  # a REQ socket's envelope

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from ..blocks import KVLayout
 from . import protocol as P
 from .leases import PEER_NS, Reservation, Session, WindowLoad, namespace_of
+from .transport import alive, peer_credentials
 from .windows import Window
 
 log = logging.getLogger("kvbm.daemon")
@@ -35,7 +37,7 @@ class SessionOps:
         if (s.namespace == PEER_NS) != peer:
             raise P.ProtocolError("bad_session", "this op is not allowed for this session kind")
         s.renew(now)
-        s.active = now
+        s.active, s.used = now, True
         if s.window is not None and s.window.linked:
             s.window.unlink()  # the client has mapped it by now: no one else may open it
         return s
@@ -63,6 +65,8 @@ class SessionOps:
             self._release(evicted)
         try:
             s.window = Window.create(self.dcfg.shm_name, self.window_slots, self.pool.stride, self.nbytes)
+            if uid >= 0 and uid != os.getuid() and os.getuid() == 0:
+                os.chown(s.window.path, uid, -1)  # another user let in on the socket: its window is its own
         except OSError as exc:
             self.sessions.close(s)
             raise P.ProtocolError("busy", f"cannot create a staging window: {exc.strerror}") from None
@@ -109,7 +113,7 @@ class SessionOps:
 
     def _peer_credentials(self) -> tuple[int, int]:
         """(uid, pid) of the client sending the current request; (-1, 0) when unknown (tcp)."""
-        return self._creds
+        return peer_credentials(self._last_frame) if self._last_frame is not None else (-1, 0)
 
     # ---------------------------------------------------------------- request ids
 
@@ -181,6 +185,9 @@ class SessionOps:
         self.sessions.close(s)
 
     def _expire(self, now: float) -> None:
+        for s in [s for s in self.sessions.by_id.values() if s.pid > 0 and not alive(s.pid)]:
+            self.counters["dead_clients"] += 1  # its process is gone: no need to wait out the lease
+            self._release(s)
         for s in self.sessions.expired(now):
             if s.held or s.stores:
                 log.warning("lease of %s expired: releasing %d pins and %d reservations", s.label,
