@@ -169,3 +169,26 @@ def test_a_manager_restarted_on_a_full_disk_serves_g2_and_what_g3_holds(small_fs
     check(m, [118, 119])  # G2 serves
     check(m, in_g3[:2])  # and so does G3, with the bytes it held
     m.close()
+
+
+def test_an_older_kvbm_s_g3_folder_for_the_same_model_is_named_in_a_warning(tmp_path, caplog):
+    """Namespace ids changed (length-prefixed fields): the old folder's blocks are misses, and
+    its preallocated slot file would keep its space; kvbm names it once, deletes nothing."""
+    from kvbm.tiers.base import namespace_id
+
+    new = namespace_id("meta-llama/Llama-3.1-8B", "0123456789abcdef", "")
+    old, old_salted = tmp_path / "meta-llama_Llama-3.1-8B--0123456789abcdef", \
+        tmp_path / "meta-llama_Llama-3.1-8B--0123456789abcdef--a1b2c3d4e5f6"
+    other = tmp_path / "mistral--0123456789abcdef"
+    for d in (old, old_salted, other):
+        d.mkdir()
+        (d / "slots.bin").write_bytes(bytes(8192))
+    caplog.set_level(logging.WARNING, logger="kvbm.tiers.disk")
+    DiskStorage(2, NBYTES, namespace=new, path=tmp_path, direct=False).close()
+    named = [r.getMessage() for r in caplog.records if "older kvbm" in r.getMessage()]
+    assert len(named) == 2 and any(str(old) + " " in m for m in named)
+    assert any(str(old_salted) in m for m in named) and not any(str(other) in m for m in named)
+    assert all("8192-byte slot file" in m for m in named) and old.exists()
+    caplog.clear()
+    DiskStorage(2, NBYTES, namespace=new, path=tmp_path, direct=False).close()  # once: at creation
+    assert not [r for r in caplog.records if "older kvbm" in r.getMessage()]

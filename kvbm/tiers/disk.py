@@ -44,6 +44,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import shutil
 import stat
 import struct
@@ -148,6 +149,8 @@ class DiskStorage(Storage):
         self.stride = align_up(block_nbytes)
         self.threads = threads
         self.folder = Path(path) / self.namespace
+        if not self.folder.exists():
+            _warn_about_old_folders(Path(path), self.namespace)
         make_private_dir(self.folder)
         self.slots_path = self.folder / SLOTS_FILE
         self.index_path = self.folder / INDEX_FILE
@@ -524,6 +527,33 @@ class DiskStorage(Storage):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# namespace_id's form since namespaces are length-prefixed: name--fingerprint--24 hex digits;
+# before: name--fingerprint, or name--fingerprint--12 hex digits (a salt)
+_NEW_FORM = re.compile(r"^(.+--[^-]+)--[0-9a-f]{24}$")
+_OLD_SALT = re.compile(r"^[0-9a-f]{12}$")
+
+
+def _warn_about_old_folders(path: Path, namespace: str) -> None:
+    """An older kvbm's folder for this model and layout holds blocks whose keys no longer
+    exist (all misses) in a preallocated slot file: say which, so its space can be freed."""
+    m = _NEW_FORM.match(namespace)
+    if m is None:
+        return
+    prefix = m.group(1)
+    try:
+        folders = [d for d in path.iterdir() if d.is_dir()]
+    except OSError:
+        return
+    for d in folders:
+        rest = d.name[len(prefix):]
+        if d.name.startswith(prefix) and (rest == "" or (rest[:2] == "--" and _OLD_SALT.match(rest[2:]))):
+            slots = d / SLOTS_FILE
+            size = slots.stat().st_size if slots.exists() else 0
+            log.warning("disk storage: %s is an older kvbm's G3 for this model and layout; its blocks are "
+                        "misses now (block keys changed), and its %d-byte slot file stays allocated: delete "
+                        "the folder to free it", d, size)
 
 
 def _errnames(status: np.ndarray) -> str:
