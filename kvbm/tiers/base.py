@@ -6,6 +6,7 @@
     Storage.read([(key, slot, buf)])      fill buffers; per block True, or False (missing,
                                           I/O error, checksum mismatch): a miss, never wrong bytes
     Storage.recover() -> [(key, slot)]    persistent media: the blocks that survived a restart
+    Storage.writable                      False while the medium takes no new blocks (G3 on a full disk)
     Storage.describe(slot)                the block as regions (memory ranges or file extents), for NIXL
     Storage.close()                       flush indexes and release the medium
 
