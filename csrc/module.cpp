@@ -16,6 +16,7 @@
 #include "copy_blocks.hpp"
 #include "crc32c.hpp"
 #include "file_io.hpp"
+#include "stream_copy.hpp"
 #include "thread_pool.hpp"
 
 namespace nb = nanobind;
@@ -101,6 +102,41 @@ void copy_blocks_py(nb::handle src, Offsets src_offsets, nb::handle dst, Offsets
                     threads);
 }
 
+nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>> copy_blocks_crc32c_py(nb::handle src, Offsets src_offsets,
+                                                                     nb::handle dst, Offsets dst_offsets,
+                                                                     int64_t nbytes, unsigned threads) {
+  const char* op = "copy_blocks_crc32c";
+  Buffer in(src, false, op, "src");
+  Buffer out(dst, true, op, "dst");
+  const size_t n = src_offsets.shape(0);
+  if (dst_offsets.shape(0) != n)
+    throw std::invalid_argument(std::string(op) + ": len(src_offsets) = " + std::to_string(n) +
+                                " but len(dst_offsets) = " + std::to_string(dst_offsets.shape(0)));
+  check_batch(op, n, nbytes);
+  kvbm::check_ranges(op, "src_offsets", src_offsets.data(), n, nbytes, in.size());
+  kvbm::check_ranges(op, "dst_offsets", dst_offsets.data(), n, nbytes, out.size());
+  std::unique_ptr<uint32_t[]> crcs(new uint32_t[n]);
+  {
+    nb::gil_scoped_release release;
+    threads = kvbm::pick_threads(threads, uint64_t(n) * uint64_t(nbytes));
+    kvbm::copy_blocks_crc32c(in.data(), src_offsets.data(), out.data(), dst_offsets.data(), n, nbytes,
+                             crcs.get(), threads);
+  }
+  nb::capsule owner(crcs.get(), [](void* p) noexcept { delete[] static_cast<uint32_t*>(p); });
+  return nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(crcs.release(), {n}, owner);
+}
+
+void copy_buffer_py(nb::handle dst, nb::handle src, bool stream) {
+  const char* op = "copy_buffer";
+  Buffer in(src, false, op, "src");
+  Buffer out(dst, true, op, "dst");
+  if (in.size() != out.size())
+    throw std::invalid_argument(std::string(op) + ": src holds " + std::to_string(in.size()) +
+                                " bytes but dst " + std::to_string(out.size()));
+  nb::gil_scoped_release release;
+  kvbm::copy_bytes(out.data(), in.data(), in.size(), stream);
+}
+
 using Crcs = nb::ndarray<uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Statuses = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>;
 
@@ -175,6 +211,13 @@ NB_MODULE(_native, m) {
   m.def("copy_blocks", &copy_blocks_py, "src"_a, "src_offsets"_a, "dst"_a, "dst_offsets"_a,
         "nbytes"_a, "threads"_a = 0,
         "dst[dst_offsets[i]:][:nbytes] = src[src_offsets[i]:][:nbytes] for every i.");
+  m.def("copy_blocks_crc32c", &copy_blocks_crc32c_py, "src"_a, "src_offsets"_a, "dst"_a, "dst_offsets"_a,
+        "nbytes"_a, "threads"_a = 0,
+        "copy_blocks and crc32c_blocks of the source in one pass over memory -> uint32 CRC per block.");
+  m.def("copy_buffer", &copy_buffer_py, "dst"_a, "src"_a, "stream"_a = false,
+        "One sequential copy of a whole buffer: libc memcpy, or streaming stores (stream=True).");
+  m.attr("copy_stream_impl") = kvbm::copy_stream_impl();
+  m.attr("stream_above") = kvbm::kStreamAbove;
 
   m.def(
       "pwrite_blocks",

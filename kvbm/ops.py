@@ -3,6 +3,8 @@
     crc32c(data, crc=0)                                       CRC-32C of a buffer, extendable
     crc32c_blocks(data, offsets, nbytes)                      one CRC-32C per block -> uint32 array
     copy_blocks(src, src_offsets, dst, dst_offsets, nbytes)   batched host gather/scatter
+    copy_blocks_crc32c(src, src_offsets, dst, dst_offsets, nbytes)  the same + a CRC-32C per block, one pass
+    copy_buffer(dst, src, stream=False)                       one sequential copy (the benches' limit)
     gather_blocks(paged, staging, block_ids, block_nbytes)    paged pool -> staging (offload)
     scatter_blocks(paged, staging, block_ids, block_nbytes)   staging -> paged pool (onboard)
     pwrite_blocks(fd, src, file_offsets, nbytes)              batched block writes -> errno per block
@@ -45,12 +47,17 @@ if os.environ.get("KVBM_NATIVE", "1") != "0":
 HAVE_NATIVE: bool = _native is not None
 CUDA_BUILT: bool = HAVE_NATIVE and bool(_native.built_with_cuda)
 CRC32C_IMPL: str = _native.crc32c_impl if HAVE_NATIVE else "python"
+# streaming (non-temporal) stores in large copies: "avx2", "sse2", "memcpy" or "numpy"
+COPY_STREAM_IMPL: str = getattr(_native, "copy_stream_impl", "memcpy") if HAVE_NATIVE else "numpy"
 
 __all__ = [
+    "COPY_STREAM_IMPL",
     "CRC32C_IMPL",
     "CUDA_BUILT",
     "HAVE_NATIVE",
     "copy_blocks",
+    "copy_blocks_crc32c",
+    "copy_buffer",
     "crc32c",
     "crc32c_blocks",
     "cuda_available",
@@ -69,6 +76,17 @@ def _native_or_none(use_native: bool | None):
     if use_native and not HAVE_NATIVE:
         raise RuntimeError("kvbm._native is not built; install kvbm-tiered from source")
     return _native
+
+
+def _native_with(op: str, use_native: bool | None):
+    """_native_or_none for an op newer than some builds: an extension built before it
+    (an editable install not yet rebuilt) runs the fallback, or refuses when use_native=True."""
+    native = _native_or_none(use_native)
+    if native is not None and not hasattr(native, op):
+        if use_native:
+            raise RuntimeError(f"kvbm._native predates {op}; rebuild it (pip install -e .)")
+        return None
+    return native
 
 
 def _offsets(values, name: str) -> np.ndarray:
@@ -138,8 +156,8 @@ def _crc32c_blocks_py(data, offsets, nbytes: int, threads: int = 0) -> np.ndarra
     return np.array([_crc32c_py(view[o : o + nbytes]) for o in offsets], dtype=np.uint32)
 
 
-def _copy_blocks_py(src, src_offsets, dst, dst_offsets, nbytes: int, threads: int = 0) -> None:
-    op = "copy_blocks"
+def _copy_args(op: str, src, src_offsets, dst, dst_offsets, nbytes: int):
+    """Checks a batched copy's arguments (same order and words as csrc/module.cpp)."""
     nbytes = _check_nbytes(op, nbytes)
     src_offsets = _offsets(src_offsets, "src_offsets")
     dst_offsets = _offsets(dst_offsets, "dst_offsets")
@@ -150,8 +168,29 @@ def _copy_blocks_py(src, src_offsets, dst, dst_offsets, nbytes: int, threads: in
     s, d = _bytes_view(src, "src"), _bytes_view(dst, "dst", writable=True)
     _check_ranges(op, "src_offsets", src_offsets, nbytes, s.size)
     _check_ranges(op, "dst_offsets", dst_offsets, nbytes, d.size)
-    for so, do in zip(src_offsets.tolist(), dst_offsets.tolist()):
-        d[do : do + nbytes] = s[so : so + nbytes]
+    return s, src_offsets.tolist(), d, dst_offsets.tolist(), nbytes
+
+
+def _copy_blocks_py(src, src_offsets, dst, dst_offsets, nbytes: int, threads: int = 0) -> None:
+    s, so, d, do, nbytes = _copy_args("copy_blocks", src, src_offsets, dst, dst_offsets, nbytes)
+    for a, b in zip(so, do):
+        d[b : b + nbytes] = s[a : a + nbytes]
+
+
+def _copy_blocks_crc32c_py(src, src_offsets, dst, dst_offsets, nbytes: int, threads: int = 0) -> np.ndarray:
+    s, so, d, do, nbytes = _copy_args("copy_blocks_crc32c", src, src_offsets, dst, dst_offsets, nbytes)
+    crcs = np.zeros(len(so), dtype=np.uint32)
+    for i, (a, b) in enumerate(zip(so, do)):
+        crcs[i] = _crc32c_py(s[a : a + nbytes])  # of the bytes before the copy (a block may overlap itself)
+        d[b : b + nbytes] = s[a : a + nbytes]
+    return crcs
+
+
+def _copy_buffer_py(dst, src, stream: bool = False) -> None:
+    d, s = _bytes_view(dst, "dst", writable=True), _bytes_view(src, "src")
+    if d.size != s.size:
+        raise ValueError(f"copy_buffer: src holds {s.size} bytes but dst {d.size}")
+    np.copyto(d, s)
 
 
 # File I/O: the semantics of csrc/file_io.hpp, one os.pwrite/os.preadv per block.
@@ -276,6 +315,7 @@ def _pread_blocks_py(fd, dst, file_offsets, nbytes, *, dst_offsets=None, threads
 
 fallback = SimpleNamespace(
     crc32c=_crc32c_py, crc32c_blocks=_crc32c_blocks_py, copy_blocks=_copy_blocks_py,
+    copy_blocks_crc32c=_copy_blocks_crc32c_py, copy_buffer=_copy_buffer_py,
     pwrite_blocks=_pwrite_blocks_py, pread_blocks=_pread_blocks_py,
 )
 
@@ -304,13 +344,38 @@ def copy_blocks(src, src_offsets, dst, dst_offsets, nbytes: int, *, threads: int
 
     Every range is checked before any byte moves (ValueError naming the bad index).
     threads=0 picks: one thread under 1 MiB in total, else up to min(cpus, 8).
-    Destination ranges must not overlap each other.
+    Destination ranges must not overlap each other. A batch of 8 MiB or more is copied
+    with streaming stores (COPY_STREAM_IMPL): the destination is left out of the cache.
     """
     native = _native_or_none(use_native)
     if not native:
         return _copy_blocks_py(src, src_offsets, dst, dst_offsets, nbytes)
     native.copy_blocks(src, _offsets(src_offsets, "src_offsets"), dst,
                        _offsets(dst_offsets, "dst_offsets"), _check_nbytes("copy_blocks", nbytes), threads)
+
+
+def copy_blocks_crc32c(src, src_offsets, dst, dst_offsets, nbytes: int, *, threads: int = 0,
+                       use_native: bool | None = None) -> np.ndarray:
+    """copy_blocks, returning each block's CRC-32C (of the bytes copied) as a uint32 array.
+
+    One pass over memory: each 64 KiB piece is checksummed and then copied while in cache,
+    where copy_blocks followed by crc32c_blocks reads every byte from memory twice.
+    """
+    native = _native_with("copy_blocks_crc32c", use_native)
+    if not native:
+        return _copy_blocks_crc32c_py(src, src_offsets, dst, dst_offsets, nbytes)
+    return native.copy_blocks_crc32c(src, _offsets(src_offsets, "src_offsets"), dst,
+                                     _offsets(dst_offsets, "dst_offsets"),
+                                     _check_nbytes("copy_blocks_crc32c", nbytes), threads)
+
+
+def copy_buffer(dst, src, *, stream: bool = False, use_native: bool | None = None) -> None:
+    """dst[:] = src, one sequential copy on the calling thread (GIL released): the C library's
+    memcpy, or kvbm's streaming-store copy with stream=True. The benches' copy limit."""
+    native = _native_with("copy_buffer", use_native)
+    if not native:
+        return _copy_buffer_py(dst, src)
+    native.copy_buffer(dst, src, bool(stream))
 
 
 # ---- batched block I/O on one file (G3) ----
