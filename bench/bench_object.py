@@ -4,16 +4,25 @@
     python bench/bench_object.py --blocks 16 --repeat 1   # a quick look
 
 The S3 endpoint is moto's server in a subprocess on 127.0.0.1 (so it has its own GIL).
-Blocks live in a G2 host pool. "raw" is s3fs's own batch API (`pipe` / `cat`, batch_size =
-the same concurrency) moving the bare payloads over the same S3FileSystem instance, with no
-header, no CRC-32C and no copy into G2: the limit ObjectStorage is measured against. Each
-timing is the median of --repeat runs, raw and kvbm alternating so drift hits both alike.
-Reports, never asserts; every block read back is compared with what was written.
+Blocks live in a G2 host pool. "raw" is s3fs's own batch API (`pipe` / `cat` / `cat_ranges`,
+batch_size = the same concurrency) moving the bare payloads, with no header, no CRC-32C, no
+MAC and no copy into G2: the limit ObjectStorage is measured against, on two clients:
+
+    raw s3fs            a stock S3FileSystem (botocore's defaults: it CRC32s every PUT body
+                        and every whole GET) with the same connection pool: the peer
+    raw, kvbm's config  the very S3FileSystem ObjectStorage uses (botocore's checksums off:
+                        kvbm's CRC-32C and MAC cover the payload): the strict limit
+
+The ratio is the faster raw way's time over kvbm's (1.0 = no overhead), against each. Every
+timing is the median of --repeat runs, all ways taking turns so drift hits them alike; client
+CPU (this process, all threads) per GiB beside it. Reports, never asserts; every block read
+back is compared with what was written. --json prints the figures as JSON (bench/report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -57,8 +66,10 @@ def timed(fn) -> float:
 class Case:
     """One medium: ObjectStorage and raw fsspec batches over the same filesystem instance."""
 
-    def __init__(self, name: str, g4: ObjectStorage, src: HostStorage, dst: HostStorage, conc: int) -> None:
+    def __init__(self, name: str, g4: ObjectStorage, src: HostStorage, dst: HostStorage, conc: int,
+                 stock=None) -> None:
         self.name, self.g4, self.src, self.dst, self.conc = name, g4, src, dst, conc
+        self.stock = stock  # a stock S3FileSystem on the same endpoint (async cases)
         n = src.capacity_blocks
         self.keys = [i.to_bytes(16, "little") for i in range(1, n + 1)]
         self.slots = [g4.allocate() for _ in range(n)]
@@ -68,10 +79,15 @@ class Case:
         # botocore takes bytes, not a memoryview: made here, outside the timings, so the raw
         # baseline is the strict limit (kvbm pays its header copy and CRC inside its time)
         self.raw_data = {p: src.view(i).tobytes() for i, p in enumerate(self.raw_paths)}
-        self.ops = {"raw write": self.raw_write, "kvbm write": self.kvbm_write,
-                    "raw read": self.raw_read, "kvbm read": self.kvbm_read}
-        if g4._async:  # s3fs sends a HEAD before each plain GET; a ranged GET does not
-            self.ops["raw read, ranged"] = self.raw_read_ranged
+        self.ops = {"kvbm write": self.kvbm_write, "raw write": self.raw_write}
+        if stock is not None:
+            self.ops["raw write, kvbm's config"] = lambda: self.raw_write(self.g4.fs)
+            self.ops["raw write"] = lambda: self.raw_write(stock)
+        self.ops.update({"kvbm read": self.kvbm_read, "raw read": self.raw_read})
+        if stock is not None:  # s3fs sends a HEAD before each plain GET; a ranged GET does not
+            self.ops["raw read"] = lambda: self.raw_read(stock)
+            self.ops["raw read, ranged"] = lambda: self.raw_read_ranged(stock)
+            self.ops["raw read, ranged, kvbm's config"] = lambda: self.raw_read_ranged(self.g4.fs)
         self.wall: dict[str, list[float]] = {k: [] for k in self.ops}
         self.cpu: dict[str, list[float]] = {k: [] for k in self.ops}
 
@@ -83,16 +99,16 @@ class Case:
         items = [(k, s, self.dst.view(i)) for i, (k, s) in enumerate(zip(self.keys, self.slots))]
         assert all(self.g4.read(items)), f"{self.name}: a read failed ({self.g4.errors})"
 
-    def raw_write(self) -> None:
-        fs = self.g4.fs
+    def raw_write(self, fs=None) -> None:
+        fs = fs or self.g4.fs
         if self.g4._async:
             fs.pipe(self.raw_data, batch_size=self.conc)
         else:  # synchronous filesystems have no batch API: a thread pool of the same size
             with ThreadPoolExecutor(self.conc) as pool:
                 list(pool.map(lambda kv: fs.pipe_file(*kv), self.raw_data.items()))
 
-    def raw_read(self) -> None:
-        fs = self.g4.fs
+    def raw_read(self, fs=None) -> None:
+        fs = fs or self.g4.fs
         if self.g4._async:
             out = fs.cat(self.raw_paths, batch_size=self.conc)
         else:
@@ -100,9 +116,9 @@ class Case:
                 out = dict(zip(self.raw_paths, pool.map(fs.cat_file, self.raw_paths)))
         assert len(out) == len(self.raw_paths)
 
-    def raw_read_ranged(self) -> None:
+    def raw_read_ranged(self, fs) -> None:
         n = len(self.raw_paths)
-        out = self.g4.fs.cat_ranges(self.raw_paths, [0] * n, [None] * n, batch_size=self.conc)
+        out = fs.cat_ranges(self.raw_paths, [0] * n, [None] * n, batch_size=self.conc)
         assert len(out) == n
 
     def run(self, repeat: int, sync: bool) -> None:
@@ -124,16 +140,21 @@ class Case:
         gib = self.src.capacity_blocks * self.src.block_nbytes / 2**30
         med = {k: statistics.median(v) for k, v in self.wall.items()}
         cpu = {k: statistics.median(v) for k, v in self.cpu.items()}
-        out = {}
+        out = {"case": self.name, "gib": gib, "rows": [], "ratios": {}}
         for op in ("write", "read"):
             raws = [k for k in med if k.startswith(f"raw {op}")]
-            limit = min(raws, key=med.get)  # the faster raw way is the limit
-            ratio = med[limit] / med[f"kvbm {op}"]
-            out[op] = ratio
+            peers = [k for k in raws if "kvbm's config" not in k]
             for label in [f"kvbm {op}", *raws]:
-                print(f"  {self.name:<8} {label:<17} {gib / med[label]:6.3f} GiB/s  "
+                out["rows"].append({"label": label, "gibs": gib / med[label], "cpu_s_per_gib": cpu[label] / gib,
+                                    "runs": self.wall[label]})
+                print(f"  {self.name:<8} {label:<32} {gib / med[label]:6.3f} GiB/s  "
                       f"client cpu {cpu[label] / gib:5.2f} s/GiB  runs {_runs(self.wall[label])}")
-            print(f"  {self.name:<8} {op:<5} ratio kvbm / {limit}: {ratio:.2f}")
+            for kind, among in (("peer", peers), ("strict", raws)):
+                limit = min(among, key=med.get)  # the faster raw way is the limit
+                ratio = med[limit] / med[f"kvbm {op}"]
+                out["ratios"][f"{op} {kind}"] = {"ratio": ratio, "limit": limit}
+                if kind == "peer" or among != peers:
+                    print(f"  {self.name:<8} {op:<5} ratio kvbm / {limit}: {ratio:.2f}")
         return out
 
 
@@ -150,13 +171,19 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="parent folder for the file:// case (default: $TMPDIR)")
     ap.add_argument("--skip-s3", action="store_true")
     ap.add_argument("--skip-file", action="store_true")
+    ap.add_argument("--json", action="store_true", help="the figures as JSON on stdout (the table on stderr)")
     args = ap.parse_args()
+    stdout = sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr
+    results = {"machine": machine(), "loadavg": os.getloadavg()[0], "cases": []}
 
     t_start = time.perf_counter()
     n, nbytes, conc = args.blocks, args.block_mib * MiB, args.concurrency
-    print(machine())
-    print(f"{n} blocks x {args.block_mib} MiB = {n * nbytes / 2**30:.2f} GiB, concurrency {conc}, "
-          f"median of {args.repeat} after a warm-up; ratio = raw time / kvbm time (1.0 = no overhead)")
+    print(results["machine"])
+    results["head"] = (f"{n} blocks x {args.block_mib} MiB = {n * nbytes / 2**30:.2f} GiB, concurrency {conc}, "
+                       f"median of {args.repeat} after a warm-up; ratio = raw time / kvbm time (1.0 = no overhead)")
+    print(results["head"])
 
     src = HostStorage(n, nbytes, pin="never")
     dst = HostStorage(n, nbytes, pin="never")
@@ -170,13 +197,19 @@ def main() -> None:
 
         os.environ.update(FAKE_CREDENTIALS)
         with MotoServer() as server:
-            opts = {"endpoint_url": server.endpoint}
+            # botocore's read timeout as stock s3fs has it (60 s, not kvbm's 5 s): on a loaded
+            # machine a starved moto answers a 16 MiB PUT late; the bench measures bandwidth
+            opts = {"endpoint_url": server.endpoint, "config_kwargs": {"read_timeout": 60}}
             g4 = ObjectStorage(n, nbytes, namespace="bench", url=f"s3://{BUCKET}/g4",
                                max_concurrency=conc, storage_options=opts, timeout=120)
             g4.fs.mkdir(BUCKET)
-            case = Case("s3/moto", g4, src, dst, conc)
+            import s3fs
+
+            stock = s3fs.S3FileSystem(endpoint_url=server.endpoint, skip_instance_cache=True,
+                                      config_kwargs={"max_pool_connections": max(10, conc)})
+            case = Case("s3/moto", g4, src, dst, conc, stock=stock)
             case.run(args.repeat, sync=False)
-            case.report()
+            results["cases"].append(case.report())
             print(f"  s3/moto  errors {g4.errors}")
             g4.close()
 
@@ -187,11 +220,14 @@ def main() -> None:
             case = Case("file://", g4, src, dst, conc)
             case.run(args.repeat, sync=True)
             print(f"  file://  in {tmp} (page cache; os.sync() before each timed run)")
-            case.report()
+            results["cases"].append(case.report())
             g4.close()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        sys.stdout = stdout
+        print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
