@@ -192,3 +192,56 @@ def test_an_older_kvbm_s_g3_folder_for_the_same_model_is_named_in_a_warning(tmp_
     caplog.clear()
     DiskStorage(2, NBYTES, namespace=new, path=tmp_path, direct=False).close()  # once: at creation
     assert not [r for r in caplog.records if "older kvbm" in r.getMessage()]
+
+
+def test_kvbm_serve_restarted_on_a_full_disk_serves_g2_and_what_g3_holds(small_fs, tmp_path):
+    """The issue's case end to end: before, the daemon did not start (ENOSPC at the index rewrite)."""
+    pytest.importorskip("zmq")
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from servedaemon import NB, Served, block, make_keys
+
+    tiers = [{"name": "g2", "capacity": 16, "eviction": "lru", "storage": "host", "headroom": 4},
+             {"name": "g3", "capacity": 32, "eviction": "lru",
+              "storage": {"name": "disk", "path": str(small_fs), "readonly_retry_s": 3600}}]
+
+    def wait_for(what, check, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not (got := check()):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+        return got
+
+    keys = make_keys("full-disk", 24)
+    d = Served(tmp_path, "d", tiers=tiers).start()
+    try:
+        with d.client() as c:
+            for i in range(0, len(keys), 4):
+                wait_for("no room in G2", lambda: (lambda g2: g2["capacity"] - g2["used"] >= 4)(
+                    c.stats()["tiers"]["g2"]))
+                assert c.store(keys[i:i + 4], [block(k) for k in keys[i:i + 4]]) == 4
+            wait_for("nothing reached G3", lambda: c.lookup(keys, remote=False)[1].count("g3") >= 8)
+    finally:
+        d.stop()
+    fill(small_fs)
+
+    d = Served(tmp_path, "d", tiers=tiers).start()  # starts although the index cannot be rewritten
+    try:
+        assert "G3 opens read-only" in d.stderr()
+        with d.client() as c:
+            where = c.lookup(keys, remote=False)[1]
+            in_g3 = [k for k, w in zip(keys, where) if w == "g3"]
+            assert len(in_g3) >= 8
+            out = [np.zeros(NB, np.uint8) for _ in range(4)]
+            assert c.load(in_g3[:4], out) == 4  # G3 serves what it holds, byte for byte
+            assert all(np.array_equal(o, block(k)) for o, k in zip(out, in_g3[:4]))
+            fresh = make_keys("fresh", 4)
+            assert c.store(fresh, [block(k) for k in fresh]) == 4  # and G2 takes new blocks
+            assert c.load(fresh, out) == 4 and all(np.array_equal(o, block(k)) for o, k in zip(out, fresh))
+            left = c.lookup(in_g3[4:], remote=False)[1]
+            assert left == ["g3"] * len(in_g3[4:])  # nothing in G3 was pushed out meanwhile
+    finally:
+        d.stop()
