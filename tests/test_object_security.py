@@ -11,6 +11,8 @@ import uuid
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from kvbm import BlockManager, KVBMConfig, KVLayout
 from kvbm.config import ConfigError
@@ -321,3 +323,18 @@ def test_s3_two_secrets_and_a_forgery(monkeypatch):
         b.close()
     finally:
         server.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=40), st.integers(min_value=-2**80, max_value=2**80)),
+       st.text(min_size=1, max_size=8), st.integers(min_value=0, max_value=200))
+@example(b"", "ns", 0)
+@example(0, "ns", 5)
+def test_every_key_round_trips_through_its_name_and_only_under_its_secret(key, namespace, flip):
+    a = Seal(A, namespace)
+    name = a.name(key)
+    assert a.key_of(name) == key and type(a.key_of(name)) is type(key)
+    assert Seal(B, namespace).key_of(name) is None
+    assert Seal(A, namespace + "x").key_of(name) is None  # another namespace's keys
+    i = flip % len(name)
+    assert a.key_of(name[:i] + ("1" if name[i] == "0" else "0") + name[i + 1:]) is None
