@@ -35,10 +35,12 @@ def served(tmp_path):
         d.stop()
 
 
-def _handshake(sub: zmq.Socket, timeout: float = 30.0) -> str:
-    """'ok' or 'failed': the first handshake outcome the SUB socket's monitor reports."""
+def _handshake(sub: zmq.Socket, address: str, timeout: float = 30.0) -> str:
+    """Connect; 'ok' or 'failed': the first handshake outcome the SUB socket's monitor reports
+    (the monitor is attached before the connect, so no outcome can slip past it)."""
     mon = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    sub.connect(address)
     try:
         assert mon.poll(int(timeout * 1000)), "no handshake within the deadline"
         ev = recv_monitor_message(mon)["event"]
@@ -106,8 +108,7 @@ def test_stream_with_a_token_takes_only_subscribers_that_present_it(served):
     anonymous, wrong, good = _sub(ctx, ""), _sub(ctx, "", "nope"), _sub(ctx, "", "s3cret")
     try:
         for s, want in ((anonymous, "failed"), (wrong, "failed"), (good, "ok")):
-            s.connect(d.info["events"])
-            assert _handshake(s) == want
+            assert _handshake(s, d.info["events"]) == want
         with d.client(token="s3cret") as c:
             deadline = time.monotonic() + 30
             i = 0
