@@ -179,3 +179,56 @@ def test_daemon_gives_g4_a_timeout_well_below_the_clients(tmp_path):
     assert cfg.tiers[1].storage.options["timeout"] == G4_TIMEOUT_S <= client_timeout / 4
     cfg = _daemon_tiers(KVBMConfig.from_dict({"layout": layout, "tiers": tiers({"timeout": 7})}), DaemonConfig())
     assert cfg.tiers[1].storage.options["timeout"] == 7  # the operator's own choice stands
+
+
+def test_onboarder_waits_bounded_then_releases_everything(tmp_path):
+    """The onboarder alone, over a manager whose G4 reads hang until a gate opens: the waiter is
+    answered at its deadline with the blocks still in flight (a miss, not a hang); once the read
+    ends, the blocks are in G2 with their bytes and no pin or map entry is left behind."""
+    from kvbm.config import KVBMConfig
+    from kvbm.daemon.onboard import Onboarder
+    from kvbm.manager import BlockManager
+
+    cfg = KVBMConfig.from_dict({
+        "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
+        "tiers": [{"name": "g2", "capacity": 4, "storage": {"name": "host", "pin": "never"}},
+                  {"name": "g4", "capacity": 16, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
+    m = BlockManager.from_config(cfg)
+    try:
+        keys = make_keys("onboarder", 8)
+        for k in keys:
+            assert not m.store([k], source=[block(k)]).rejected
+        cold = [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]
+        assert len(cold) == 4
+        g4 = m.tiers[1].storage
+        gate, real = threading.Event(), g4.read
+        g4.read = lambda items: (gate.wait(60), real(items))[1]
+        woken = threading.Event()
+        ob = Onboarder(m, woken.set, wait_s=0.5)
+        assert ob.start(cold[:2]) and len(ob) == 2
+        finished: list = []
+        ob.wait(cold[:2], lambda: finished.append(m.lookup(cold[:2])[1]))
+        ob.service(time.monotonic())
+        assert finished == []  # in flight, before its deadline
+        ob.service(time.monotonic() + 1)
+        assert finished == [["g4", "g4"]] and len(ob) == 2  # answered at the deadline: still below G2
+        gate.set()
+        assert woken.wait(60)
+        ob.service()
+        assert len(ob) == 0 and not m.tiers[1].pins and not m.tiers[0].pending
+        assert m.lookup(cold[:2]) == (2, ["g2", "g2"])
+        out = [np.zeros(NB, np.uint8) for _ in range(2)]
+        assert m.load(cold[:2], destination=out).loaded == 2
+        assert all(np.array_equal(o, block(k)) for o, k in zip(out, cold[:2]))
+        # G2 full of pinned blocks: nothing can come up, nothing waits, and the G4 sources it
+        # pinned for the attempt are released once the transfer thread is done with them
+        hot = list(m.tiers[0].ready)
+        assert m.pin(hot) == 4
+        woken.clear()
+        assert not ob.start(cold[2:4])
+        assert woken.wait(60)
+        ob.service()
+        assert not m.tiers[1].pins and len(ob) == 0
+        m.unpin(hot)
+    finally:
+        m.close()

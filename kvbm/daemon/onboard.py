@@ -78,9 +78,9 @@ class Onboarder:
         if lower and len(self._tickets) < self.max_jobs:
             ticket = m.submit_load(lower, None)
             coming = [key for key, _, _, _ in ticket.job.promotions]
-            if ticket.future is None or not coming:
-                m.poll()  # nothing to copy (no room, refused): completes and unpins now
-            else:
+            if ticket.future is None:
+                m.poll()  # nothing to copy: completes (and unpins) now
+            else:  # (with no promotion, G2 full or refusing, it still pins sources until polled)
                 self._tickets.append(ticket)
                 for k in coming:
                     self._inflight[k] = self._inflight.get(k, 0) + 1
