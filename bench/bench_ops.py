@@ -7,8 +7,10 @@
 The gather copies the blocks in random order (what offloading scattered engine pages does).
 Its limit is one thread's sequential copy of the same bytes, the best of three in this run:
 numpy's copyto, the C library's memcpy (from csrc/, GIL released) and kvbm's streaming copy
-(csrc/stream_copy.cpp). Every candidate and every kvbm path runs in turns (round robin, best
-of --repeat), so a neighbour's burst hits them alike. Ratios: kvbm time over the limit's.
+(csrc/stream_copy.cpp). Every candidate and every kvbm path runs in turns (round robin, --repeat
+rounds), so a neighbour's burst hits them alike. A ratio is the median over rounds of the limit's
+time in that round (its best candidate) over the path's time in the same round: on a shared
+machine a paired median is steadier than a ratio of two bests. GB/s columns: best and median.
 
 Also: the fused copy + CRC-32C against a copy followed by a checksum pass, the gather between
 two G2 HostStorage pools (the real medium: huge pages or not), and minor page faults per
@@ -32,9 +34,17 @@ def minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def round_robin(fns: dict, repeat: int) -> dict:
-    """{label: (best s, median s, minor faults in the best call)}, the calls taking turns."""
-    times: dict[str, list] = {k: [] for k in fns}
+def paired_ratio(times: dict, limits: list[str], label: str) -> float:
+    """Median over rounds of (the best limit's time that round) / (label's time that round)."""
+    per_round = [min(times[k][i][0] for k in limits) / times[label][i][0] for i in range(len(times[label]))]
+    return sorted(per_round)[len(per_round) // 2]
+
+
+def round_robin(fns: dict, repeat: int, times: dict | None = None) -> dict:
+    """{label: (best s, median s, minor faults in the best call)}, the calls taking turns;
+    `times` (if given) receives every round's (seconds, faults) per label."""
+    times = {} if times is None else times
+    times.update({k: [] for k in fns})
     for fn in fns.values():  # warm-up: first touch, thread pool start
         fn()
     for _ in range(repeat):
@@ -53,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=4096)
     ap.add_argument("--block-kib", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -81,7 +91,8 @@ def main() -> None:
                 ops.copy_blocks(src, src_offsets, dst, dst_offsets, nbytes, threads=threads, use_native=native)
 
             paths[f"copy_blocks {'native' if native else 'fallback'}, threads={threads or 'auto'}"] = gather
-    res = round_robin({**limits, **paths}, args.repeat)
+    rounds: dict = {}
+    res = round_robin({**limits, **paths}, args.repeat, rounds)
     limit_label = min(limits, key=lambda k: res[k][0])
     limit_s = res[limit_label][0]
 
@@ -94,7 +105,7 @@ def main() -> None:
     for label in limits:
         row(label + " (one thread, in order)", total, *res[label], kind="limit")
     for label in paths:
-        row(label + ", random order", total, *res[label], ratio=limit_s / res[label][0])
+        row(label + ", random order", total, *res[label], ratio=paired_ratio(rounds, list(limits), label))
 
     extra = {}
     if ops.HAVE_NATIVE:
@@ -117,10 +128,12 @@ def main() -> None:
         for threads in (1, 0):
             extra[f"crc32c_blocks, threads={threads or 'auto'}"] = (
                 lambda t=threads: ops.crc32c_blocks(src, dst_offsets, nbytes, threads=t))
-        more = round_robin({"limit again": limits[limit_label], **extra}, max(3, args.repeat // 2))
-        again = more.pop("limit again")[0]
+        rounds = {}
+        more = round_robin({**limits, **extra}, max(3, args.repeat // 2), rounds)
         for label, r in more.items():
-            ratio = again / r[0] if not label.startswith("crc32c_blocks") else None
+            if label in limits:
+                continue
+            ratio = paired_ratio(rounds, list(limits), label) if not label.startswith("crc32c_blocks") else None
             row(label if label.startswith("crc32c_blocks") else label + ", random order", total, *r, ratio=ratio)
         huge = _huge_kib(a.pool)
         a.close(), b.close()

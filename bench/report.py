@@ -3,17 +3,24 @@
     python bench/report.py            # the full suite, about 5 minutes on two cores
     python bench/report.py --quick    # smaller runs, no disk or object benches (about 1.5 minutes)
     python bench/report.py --out /tmp/R.md --plots /tmp/plots   # elsewhere (default: beside this file)
+    python bench/report.py --hog --only ops,disk,object,daemon --out /tmp/R.md
+                                      # the data paths beside a one-core busy loop (issue 17)
 
 Each benchmark runs as the command a reader would type (printed above its table), in a
 subprocess, one after another so they do not share cores:
 
     replay       bench/bench_replay.py --json       BlockManager vs a plain OrderedDict LRU loop
     sweep        kvbm simulate mooncake --sweep     prefix hit ratio, every policy and Belady
-    ops          bench/bench_ops.py                 batched gather and CRC-32C vs a numpy copy
+    ops          bench/bench_ops.py --json          batched gather and CRC-32C vs one thread's sequential copy
     policy cost  bench/bench_policy_cost.py         ns per policy operation, hitdensity vs LRU
     demo         kvbm demo --json                   real bytes over G2/G3/G4, GB/s per path
     disk         bench/bench_disk.py --json         G2 <-> G3 vs dd, fio and NIXL POSIX (not --quick)
-    object       bench/bench_object.py              G2 <-> G4 vs raw s3fs on moto and file:// (not --quick)
+    object       bench/bench_object.py --json       G2 <-> G4 vs raw s3fs on moto and file:// (not --quick)
+    daemon       bench/bench_daemon.py nixl         daemon peer pull vs bare NIXL READs (not --quick)
+
+Issue 17's ratios (each data path over the limit measured in the same run) are kept in
+bench/report_last.json, per condition (quiet, or `--hog`: beside a one-core busy loop); a ratio
+more than 20 % below the last run of the same condition is flagged in RESULTS.md and on stderr.
 
 RESULTS.md gets the machine (CPU model, cores, memory, OS, Python, GPU), then per benchmark the
 command, the figures, the limit or peer each is compared to, and a PNG in --plots. Figures
@@ -41,10 +48,14 @@ import sys
 import time
 from pathlib import Path
 from common import cpu_model  # bench/common.py
+from report_history import History, issue17_section, ratios  # bench/report_history.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 START, END = "<!-- recorded:start -->", "<!-- recorded:end -->"
+BENCHES = ("replay", "sweep", "ops", "cost", "demo", "disk", "object", "daemon")
+# Issue 17: what bounds each data path where it trails its limit (measured; see RESULTS.md).
+CAUSES = {}
 POLICY_CAPS = [1000, 10_000, 30_000, 50_000, 100_000]
 # The reference LRU column of kvbm/sim/data/README.md (Mooncake, prefix hit ratio).
 LRU_REFERENCE = {1000: 0.0445, 10_000: 0.2112, 30_000: 0.3257, 50_000: 0.3546, 100_000: 0.3637}
@@ -245,28 +256,22 @@ def section_sweep(run: Run, plots: Path, out: Path) -> str:
     return s + _img(plots, out, "policy_sweep.png", "policy sweep")
 
 
-_OPS_LINE = re.compile(r"^(?P<label>.+?)\s+(?P<best>[0-9.]+) GB/s best\s+(?P<median>[0-9.]+) median"
-                       r"(?:\s+(?P<x>[0-9.]+)x of numpy copy speed)?\s*$")
-
-
-def section_ops(run: Run, plots: Path, out: Path) -> tuple[str, float | None]:
-    s = f"### G2 -> G2 batched gather and checksums\n\n`{run.shown}` — peer: one numpy copy of the same bytes in the same run (the single-stream memory bandwidth; target ≥ 0.9×).\n\n"
+def section_ops(run: Run, plots: Path, out: Path) -> tuple[str, float | None, dict | None]:
+    s = (f"### G2 -> G2 batched gather and checksums\n\n`{run.shown}` — limit: one thread's sequential copy "
+         f"of the same bytes in the same run, the best of numpy's copyto, libc memcpy and kvbm's streaming "
+         f"copy (targets: one thread ≥ 0.9×, threads=auto ≥ 1.0×).\n\n")
     if not run.ok:
-        return s + run.failure(), None
-    rows, numpy_gbs = [], None
-    for line in run.out.splitlines():
-        m = _OPS_LINE.match(line)
-        if m:
-            rows.append((m["label"].strip(), float(m["best"]), float(m["median"]), m["x"]))
-            if m["label"].startswith("numpy copyto"):
-                numpy_gbs = float(m["best"])
-    s += "`" + run.out.splitlines()[0] + "`\n\n"
-    s += _table(["operation", "GB/s best", "GB/s median", "÷ numpy copy"],
-                [[l, f"{b:.2f}", f"{m:.2f}", f"{x}×" if x else "-"] for l, b, m, x in rows])
-    shown = [r for r in rows if "pure Python" not in r[0]]
-    _barh(plots / "ops.png", [r[0] for r in shown], [r[1] for r in shown], "GB/s (best of runs)",
-          "kvbm.ops: batched gather and CRC-32C", limit=numpy_gbs, limit_label="numpy copy (peer)")
-    return s + _img(plots, out, "ops.png", "ops bandwidth"), numpy_gbs
+        return s + run.failure(), None, None
+    r = run.json()
+    s += f"`{r['head']}`; limit: {r['limit']}, {r['limit_gbs']:.2f} GB/s; G2 pool huge pages: " \
+         f"{r['host_pool_hugepages_kib']} KiB.\n\n"
+    s += _table(["operation", "GB/s best", "GB/s median", "minor faults", "÷ limit"],
+                [[x["label"], f"{x['gbs']:.2f}", f"{x['gbs_median']:.2f}", x["faults"],
+                  f"{x['ratio']:.2f}×" if x["ratio"] else "-"] for x in r["rows"]])
+    shown = [x for x in r["rows"] if "pure Python" not in x["label"]]
+    _barh(plots / "ops.png", [x["label"] for x in shown], [x["gbs"] for x in shown], "GB/s (best of runs)",
+          "kvbm.ops: batched gather and CRC-32C", limit=r["limit_gbs"], limit_label=f"limit ({r['limit']})")
+    return s + _img(plots, out, "ops.png", "ops bandwidth"), r["limit_gbs"], r
 
 
 def section_policy_cost(run: Run) -> str:
@@ -343,44 +348,59 @@ def section_disk(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
     return s + _img(plots, out, "disk.png", "disk bandwidth"), lim
 
 
-_OBJ_LINE = re.compile(r"^\s*(?P<case>s3/moto|file://)\s+(?P<what>kvbm|raw) (?P<dir>write|read)(?P<ranged>, ranged)?\s+"
-                       r"(?P<gibs>[0-9.]+) GiB/s")
-_OBJ_RATIO = re.compile(r"^\s*(?P<case>s3/moto|file://)\s+(?P<dir>write|read)\s+ratio .*: (?P<x>[0-9.]+)")
-
-
-def section_object(run: Run, plots: Path, out: Path) -> str:
-    s = (f"### G2 <-> G4 (objects)\n\n`{run.shown}` — ObjectStorage vs raw s3fs `pipe`/`cat` of the "
-         f"same payloads on the same filesystem object (peer; target ≥ 0.8× for S3); moto's S3 server on "
-         f"loopback, and `file://`.\n\n")
+def section_object(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
+    s = (f"### G2 <-> G4 (objects)\n\n`{run.shown}` — ObjectStorage (header, CRC-32C, HMAC, copy into G2) vs "
+         f"raw s3fs `pipe`/`cat` of the bare payloads: the peer is a stock s3fs client, the strict limit the "
+         f"client ObjectStorage itself uses (botocore's own CRC32 off); moto's S3 server on loopback, and "
+         f"`file://` (target ≥ 0.9× for S3).\n\n")
     if not run.ok:
-        return s + run.failure()
-    vals, ratios = {}, {}
-    for line in run.out.splitlines():
-        m = _OBJ_LINE.match(line)
-        if m:
-            vals[m["case"], m["what"] + (" ranged" if m["ranged"] else ""), m["dir"]] = float(m["gibs"])
-        m = _OBJ_RATIO.match(line)
-        if m:
-            ratios[m["case"], m["dir"]] = float(m["x"])
-    head = [l for l in run.out.splitlines()[:3]]
-    s += "```\n" + "\n".join(head) + "\n```\n\n"
+        return s + run.failure(), None
+    r = run.json()
+    s += "```\n" + r["machine"] + "\n" + r["head"] + "\n```\n\n"
     rows, groups, ours, raw = [], [], [], []
-    for case in ("s3/moto", "file://"):
+    for case in r["cases"]:
         for d in ("write", "read"):
-            if (case, "kvbm", d) not in vals:
-                continue
-            peer = vals.get((case, "raw ranged", d), vals.get((case, "raw", d)))
-            rows.append([f"{case} {d}", f"{vals[case, 'kvbm', d]:.3f}", f"{peer:.3f}" if peer else "-",
-                         f"{ratios.get((case, d), 0):.2f}"])
-            groups.append(f"{case}\n{d}")
-            ours.append(vals[case, "kvbm", d])
-            raw.append(peer)
-    s += _table(["case", "kvbm GiB/s", "raw GiB/s", "ratio (raw time / kvbm time)"], rows)
+            figs = {x["label"]: x for x in case["rows"]}
+            peer, strict = case["ratios"][f"{d} peer"], case["ratios"][f"{d} strict"]
+            for label, x in figs.items():
+                if not label.endswith(d) and f" {d}," not in label and not label.startswith(f"raw {d}"):
+                    continue
+                ratio = "-"
+                if label == f"kvbm {d}":
+                    ratio = f"**{peer['ratio']:.2f}×** ÷ {peer['limit']}"
+                    if strict["limit"] != peer["limit"]:
+                        ratio += f"; {strict['ratio']:.2f}× ÷ {strict['limit']}"
+                rows.append([case["case"], label, f"{x['gibs']:.3f}", f"{x['cpu_s_per_gib']:.2f}", ratio])
+            groups.append(f"{case['case']}\n{d}")
+            ours.append(figs[f"kvbm {d}"]["gibs"])
+            raw.append(figs[peer["limit"]]["gibs"])
+    s += _table(["case", "way", "GiB/s (median)", "client CPU s/GiB", "ratio (raw time / kvbm time)"], rows)
     if groups:
         _grouped(plots / "object.png", groups, {"kvbm ObjectStorage": ours, "raw s3fs (peer)": raw},
                  "GiB/s", "G2 <-> G4: kvbm beside raw s3fs")
         s += _img(plots, out, "object.png", "object store bandwidth")
-    return s
+    return s, r
+
+
+def section_daemon(run: Run) -> tuple[str, dict | None]:
+    s = (f"### Daemon peer pull (H12a's bench)\n\n`{run.shown}` — a pull between two daemons over NIXL, "
+         f"end to end, vs bare two-agent NIXL READs of the same bytes in the same run.\n\n")
+    if not run.ok:
+        return s + run.failure(), None
+    try:
+        r = json.loads(run.out[run.out.index("{"):])
+    except ValueError:
+        return s + "**unreadable output**\n", None
+    n = r.get("nixl", {})
+    if n:
+        rows = [["daemon pull, end to end", n["daemon_pull_end_to_end"]["median_gbps"], "-"]]
+        for kind in ("shm", "anon", "stock"):
+            if f"bare_read_{kind}" in n:
+                rows.append([f"bare READ, {kind}", n[f"bare_read_{kind}"]["median_gbps"],
+                             f"{n[f'ratio_vs_bare_{kind}']['median']:.2f}×"])
+        s += _table(["what", "GB/s (median)", "pull ÷ this"], rows)
+        s += f"\nWrong blocks: {n.get('wrong_blocks')}.\n"
+    return s, r
 
 
 # ---------------------------------------------------------------- the file
@@ -401,51 +421,74 @@ def recorded(previous: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs; skip the disk and object benches")
+    ap.add_argument("--hog", action="store_true",
+                    help="run everything beside a one-core busy loop (issue 17's 'beside another job')")
+    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--plots", default=str(HERE / "plots"))
+    ap.add_argument("--history", default=str(HERE / "report_last.json"), help="issue 17's ratios, kept per condition")
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(BENCHES):
+        print(f"report.py: --only takes {','.join(BENCHES)}; got {','.join(sorted(only - set(BENCHES)))}",
+              file=sys.stderr)
+        return 2
+    if args.quick:
+        only -= {"disk", "object", "daemon"}
     out, plots = Path(args.out).resolve(), Path(args.plots).resolve()
     plots.mkdir(parents=True, exist_ok=True)
     carried = recorded(out if out.exists() else HERE / "RESULTS.md")
     t0 = time.perf_counter()
     mach = machine()
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+    try:
+        runs = _run_benches(only, args.quick)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    replay, sweep, ops, cost, demo, disk, obj, daemon = (runs.get(b) for b in BENCHES)
 
-    replay = Run(py("bench_replay.py", "--json", "--repeat", "3" if args.quick else "5"))
-    from kvbm.registry import EVICTION  # every registered policy, as `kvbm policies` lists them
-
-    sweep = Run(kvbm_cli("simulate", "mooncake", "--quiet", "--json", "--sweep",
-                         ",".join(map(str, POLICY_CAPS)), "--policy", ",".join(EVICTION.names())))
-    ops = Run(py("bench_ops.py", *(["--blocks", "1024"] if args.quick else [])))
-    cost = Run(py("bench_policy_cost.py", "--repeat", "1" if args.quick else "3"))
-    disk = obj = None
-    if not args.quick:
-        disk = Run(py("bench_disk.py", "--json"))
-        obj = Run(py("bench_object.py"))
-    demo = Run(kvbm_cli("demo", "--json", "--quiet"))
-
-    ops_text, numpy_gbs = section_ops(ops, plots, out)
+    not_run = "Not run (`--quick` or `--only`); see the recorded figures below.\n"
+    ops_text, numpy_gbs, ops_json = section_ops(ops, plots, out) if ops else (
+        "### G2 -> G2 batched gather and checksums\n\n" + not_run, None, None)
     disk_text, disk_limits = section_disk(disk, plots, out) if disk else (
-        "### G2 <-> G3 (O_DIRECT slot file)\n\nNot run (`--quick`); see the recorded figures below.\n", None)
-    obj_text = section_object(obj, plots, out) if obj else (
-        "### G2 <-> G4 (objects)\n\nNot run (`--quick`); see the recorded figures below.\n")
+        "### G2 <-> G3 (O_DIRECT slot file)\n\n" + not_run, None)
+    obj_text, obj_json = section_object(obj, plots, out) if obj else ("### G2 <-> G4 (objects)\n\n" + not_run, None)
+    daemon_text, daemon_json = section_daemon(daemon) if daemon else ("", None)
+    disk_json = disk.json() if disk and disk.ok else None
+    load = os.getloadavg()[0]
+    history = History(Path(args.history))
+    flags = history.record("hog" if args.hog else "quiet", ratios(ops_json, disk_json, obj_json, daemon_json), load)
+    for f in flags:
+        print(f"report.py: REGRESSION {f}", file=sys.stderr)
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    shown = " ".join(a for a in ("--quick" if args.quick else "", "--hog" if args.hog else "",
+                                 f"--only {args.only}" if only != set(BENCHES) else "") if a)
+
+    def section(name: str, fn, *a) -> str:
+        return fn(runs[name], *a) if name in runs else ""
+
     parts = [
         "# Benchmark results\n",
-        f"Written by `python bench/report.py{' --quick' if args.quick else ''}` on {when} in "
-        f"{time.perf_counter() - t0:.0f} s; rerun it to refresh everything above *Recorded*. "
-        f"Plots are in `{os.path.relpath(plots, out.parent)}/`. Benchmarks run one at a time; on a "
+        f"Written by `python bench/report.py{' ' + shown if shown else ''}` on {when} in "
+        f"{time.perf_counter() - t0:.0f} s (load average at the end {load:.1f}"
+        f"{'; beside a one-core busy loop' if args.hog else ''}); rerun it to refresh everything above "
+        f"*Recorded*. Plots are in `{os.path.relpath(plots, out.parent)}/`. Benchmarks run one at a time; on a "
         f"shared or small machine expect ±20–30 % between runs (every ratio is taken inside one run). "
         f"No figure here is asserted by a test.\n",
         "## Machine\n",
         _table(["machine", "this run"], [[k, v] for k, v in mach.items()]),
         "## Measured by this report\n",
-        section_replay(replay, plots, out),
-        section_sweep(sweep, plots, out),
+        issue17_section(history, CAUSES),
+        section("replay", section_replay, plots, out),
+        section("sweep", section_sweep, plots, out),
         ops_text,
-        section_policy_cost(cost),
-        section_demo(demo, plots, out, numpy_gbs, disk_limits),
+        section("cost", section_policy_cost),
+        section("demo", section_demo, plots, out, numpy_gbs, disk_limits),
         disk_text,
         obj_text,
+        daemon_text,
         "### G1 <-> G2 (GPU)\n\n`bash bench/gpu_check.sh` needs a CUDA device and is not part of this "
         "report; its figures, when measured, are in the recorded section.\n",
         "## Recorded\n",
@@ -456,10 +499,34 @@ def main(argv=None) -> int:
         carried,
         END,
     ]
-    out.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))
+    out.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts if p))
     print(f"wrote {out} and {len(list(plots.glob('*.png')))} plots in {plots}", file=sys.stderr)
-    runs = [replay, sweep, ops, cost, demo, *(r for r in (disk, obj) if r)]
-    return 0 if all(r.ok for r in runs) else 1
+    return 0 if all(r.ok for r in runs.values()) else 1
+
+
+def _run_benches(only: set[str], quick: bool) -> dict[str, Run]:
+    """Each selected benchmark as its own command, one after another."""
+    runs: dict[str, Run] = {}
+    if "replay" in only:
+        runs["replay"] = Run(py("bench_replay.py", "--json", "--repeat", "3" if quick else "5"))
+    if "sweep" in only:
+        from kvbm.registry import EVICTION  # every registered policy, as `kvbm policies` lists them
+
+        runs["sweep"] = Run(kvbm_cli("simulate", "mooncake", "--quiet", "--json", "--sweep",
+                                     ",".join(map(str, POLICY_CAPS)), "--policy", ",".join(EVICTION.names())))
+    if "ops" in only:
+        runs["ops"] = Run(py("bench_ops.py", "--json", *(["--blocks", "1024"] if quick else [])))
+    if "cost" in only:
+        runs["cost"] = Run(py("bench_policy_cost.py", "--repeat", "1" if quick else "3"))
+    if "disk" in only:
+        runs["disk"] = Run(py("bench_disk.py", "--json", "--gib", "1"))
+    if "object" in only:
+        runs["object"] = Run(py("bench_object.py", "--json", "--blocks", "32"))
+    if "daemon" in only:
+        runs["daemon"] = Run(py("bench_daemon.py", "nixl", "--rounds", "3"), timeout=600)
+    if "demo" in only:
+        runs["demo"] = Run(kvbm_cli("demo", "--json", "--quiet"))
+    return runs
 
 
 if __name__ == "__main__":

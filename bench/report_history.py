@@ -1,0 +1,131 @@
+"""The data-path ratios of issue 17 across report runs: kept, compared, flagged.
+
+    ratios(ops, disk, obj, daemon) -> {row id: figure}   this run's figures, from the benches' JSON
+    History(path).record(condition, figures) -> flags    keep them; a ratio > 20 % below the last
+                                                          run's of the same condition is flagged
+    issue17_section(history, condition, flags) -> str     RESULTS.md's table: before, now, target
+
+A condition is "quiet" or "hog" (the report run beside a one-core busy loop, `--hog`), each
+kept separately in bench/report_last.json, so a regression is seen the day it lands and a
+hog run is compared with the last hog run only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+DROP = 0.20  # a ratio this much below the last run's is flagged
+
+# id: (path, what, the issue's "today" figure, target, higher is better)
+ROWS = {
+    "g2_gather_1t": ("G2 batched gather, 4,096 × 256 KiB, random order, one thread",
+                     "÷ one thread's sequential copy", "quiet 0.55–0.58×", 0.9),
+    "g2_gather_auto": ("G2 batched gather, threads=auto", "÷ one thread's sequential copy",
+                       "quiet 0.83–0.87×, beside a job 0.59–0.67×", 1.0),
+    "g2_fused_crc": ("G2 gather + CRC-32C per block, one thread (fused, new)",
+                     "÷ one thread's sequential copy", "copy then checksum: 2 passes", None),
+    "g4_write": ("G2 → G4, moto S3", "÷ raw s3fs (stock client)", "quiet 0.96×, beside a job 0.72×", 0.9),
+    "g4_read": ("G4 → G2, moto S3", "÷ raw s3fs (stock client, ranged GET)", "quiet 0.97×, beside a job 0.89×", 0.9),
+    "g4_write_strict": ("G2 → G4, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
+    "g4_read_strict": ("G4 → G2, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
+    "g3_write": ("G2 → G3, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.90–0.95×", 1.0),
+    "g3_read": ("G3 → G2, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.94–1.12×", 1.0),
+    "daemon_nixl": ("daemon peer pull over NIXL (bench_daemon.py nixl)", "÷ bare two-agent READ, /dev/shm (median)",
+                    "0.59–0.81× (recorded)", 0.9),
+}
+
+
+def ratios(ops: dict | None, disk: dict | None, obj: dict | None, daemon: dict | None) -> dict[str, float]:
+    """This run's figures by row id; a bench that did not run or failed gives none."""
+    out: dict[str, float] = {}
+    if ops:
+        for r in ops["rows"]:
+            if r["label"].startswith("copy_blocks native, threads=1"):
+                out["g2_gather_1t"] = r["ratio"]
+            elif r["label"].startswith("copy_blocks native, threads=auto"):
+                out["g2_gather_auto"] = r["ratio"]
+            elif r["label"].startswith("copy_blocks_crc32c (fused), threads=1"):
+                out["g2_fused_crc"] = r["ratio"]
+    if obj:
+        for case in obj["cases"]:
+            if case["case"] == "s3/moto":
+                for d in ("write", "read"):
+                    out[f"g4_{d}"] = case["ratios"][f"{d} peer"]["ratio"]
+                    out[f"g4_{d}_strict"] = case["ratios"][f"{d} strict"]["ratio"]
+    if disk:
+        for d in ("write", "read"):
+            each = [row[f"nixl_{d}_s"] / row[f"kvbm_{d}_s"] for row in disk["rows"] if row.get(f"nixl_{d}_s")]
+            if each:
+                out[f"g3_{d}"] = min(each)
+    if daemon and "nixl" in daemon:
+        out["daemon_nixl"] = daemon["nixl"]["ratio_vs_bare_shm"]["median"]
+    return out
+
+
+class History:
+    """bench/report_last.json: the last run's figures per condition."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def last(self, condition: str) -> dict:
+        return self.data.get(condition, {})
+
+    def record(self, condition: str, figures: dict[str, float], load: float) -> list[str]:
+        """Stores this run's figures; returns a line per ratio that fell by more than DROP."""
+        before = self.last(condition).get("ratios", {})
+        flags = [f"{k}: {v:.2f} now, {before[k]:.2f} in the last {condition} run ({v / before[k] - 1:+.0%})"
+                 for k, v in figures.items() if before.get(k) and v < before[k] * (1 - DROP)]
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.data[condition] = {"when": when, "loadavg": round(load, 1), "ratios": {k: round(v, 3) for k, v in figures.items()},
+                                "previous": before, "flags": flags}
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        return flags
+
+
+def _cell(entry: dict, key: str) -> str:
+    now = entry.get("ratios", {}).get(key)
+    if now is None:
+        return "not run"
+    old = entry.get("previous", {}).get(key)
+    flag = " ⚠" if old and now < old * (1 - DROP) else ""
+    return f"**{now:.2f}×**{flag}" + (f" (last run {old:.2f}×)" if old else "")
+
+
+def issue17_section(history: History, causes: dict[str, str]) -> str:
+    """Every issue-17 row: the issue's figure, this and the last run's (quiet and beside a hog)."""
+    quiet, hog = history.last("quiet"), history.last("hog")
+
+    def when(e: dict) -> str:
+        return f"{e['when']}, load average {e['loadavg']}" if e else "no run yet"
+
+    s = ("### Issue 17: every data path beside its limit\n\n"
+         f"Each ratio is taken inside one run: kvbm's time over the limit's, both measured by the same bench in turns. "
+         f"Quiet: `python bench/report.py` ({when(quiet)}); beside a hog: `python bench/report.py --hog` with one "
+         f"core busy in a `while True: pass` process ({when(hog)}). This machine is 2 cores shared with other "
+         f"engineers' tests: the load average says how quiet \"quiet\" was. ⚠ = more than {DROP:.0%} below the "
+         f"last run of the same condition (kept in `bench/report_last.json`).\n\n")
+    s += "| path | ratio | issue's figure | quiet | beside a hog | target | cause of the gap |\n"
+    s += "| --- | --- | --- | --- | --- | --- | --- |\n"
+    for key, (path, what, before, target) in ROWS.items():
+        figs = [e.get("ratios", {}).get(key) for e in (quiet, hog) if e]
+        figs = [f for f in figs if f is not None]
+        if target is None:
+            status = "-"
+        elif not figs:
+            status = f"≥ {target}: not measured"
+        else:
+            status = f"≥ {target}: " + ("met" if min(figs) >= target else "**not met**")
+        s += (f"| {path} | {what} | {before} | {_cell(quiet, key)} | {_cell(hog, key)} | {status} | "
+              f"{causes.get(key, '')} |\n")
+    flags = [f for e in (quiet, hog) for f in e.get("flags", [])]
+    if flags:
+        s += "\nFlagged (fell by more than 20 % since the last run of the same condition):\n\n"
+        s += "".join(f"- {f}\n" for f in flags)
+    return s
