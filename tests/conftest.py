@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -7,8 +9,9 @@ from kvbm.cli import BUNDLED
 from kvbm.sim.traces import load_trace
 
 # G4's default deployment secret is made under $XDG_CONFIG_HOME/kvbm: the suite, and the
-# daemons it starts, use a temporary one, never the user's.
+# daemons it starts, use a temporary one (removed at exit), never the user's.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="kvbm-test-config-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
