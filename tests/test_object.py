@@ -196,6 +196,11 @@ def test_s3_defaults_keep_timeouts_small_and_user_options_win():
     assert g4.fs.config_kwargs["read_timeout"] == 9
     assert g4.fs.config_kwargs["retries"] == {"max_attempts": 1, "mode": "standard"}
     assert g4.fs.config_kwargs["max_pool_connections"] == 16  # one connection per concurrent put
+    # botocore's own CRC32 of every body only where required: kvbm's CRC-32C and MAC cover it (issue 17)
+    from botocore.config import Config
+    if "request_checksum_calculation" in Config.OPTION_DEFAULTS:
+        assert g4.fs.config_kwargs["request_checksum_calculation"] == "when_required"
+        assert g4.fs.config_kwargs["response_checksum_validation"] == "when_required"
     assert g4.fs.retries == 1
     assert g4.prefix == f"{BUCKET}/p/ns"
 
