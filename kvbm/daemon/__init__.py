@@ -10,6 +10,8 @@
     peering.py    peer_* ops and the puller thread (cross-node pulls)
     metrics.py    Prometheus collector and the /metrics, /health HTTP endpoint
     peers.py      cross-node pulls: NIXL agent over the shared G2 pool, peer requests
+    peerauth.py   peers prove the cluster's peer secret to each other (HMAC challenge-response)
+    onboard.py    G3/G4 blocks come up to G2 off the request loop; requests needing them wait
 
 Data plane on one node: the daemon's G2 pool is a named shared-memory file that clients map.
 A store reserves slots (prepare), the client writes them, then commits; a load pins slots,
