@@ -2,8 +2,11 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from kvbm.cli import BUNDLED
 from kvbm.sim.traces import load_trace
@@ -12,6 +15,16 @@ from kvbm.sim.traces import load_trace
 # daemons it starts, use a temporary one (removed at exit), never the user's.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="kvbm-test-config-")
 atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
+
+# Hypothesis stays random in CI, and every failure it finds is kept in tests/.hypothesis-db
+# (committed with the fix), so it is replayed first on every later run, on every machine.
+# Known failures also live on as @example. Profiles: "ci" (default: each test's own example
+# count), "thorough" (HYPOTHESIS_PROFILE=thorough: 2,000 examples where a test does not pin
+# its own count, e.g. tests/test_manager_atomic.py).
+_DB = DirectoryBasedExampleDatabase(str(Path(__file__).parent / ".hypothesis-db"))
+settings.register_profile("ci", database=_DB)
+settings.register_profile("thorough", database=_DB, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

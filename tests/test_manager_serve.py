@@ -104,20 +104,36 @@ def test_the_fast_path_is_taken_for_one_plain_tier():
     # serve [1, 2, 5, 6] -> prefix [1, 2] loaded; [5, 6] stored, evicting 3 (the oldest)
     assert m.serve((1, 2, 5, 6)) == [0, 0, -1, -1]
     assert list(m.tiers[0].ready) == [1, 2, 5, 6] and 3 not in m
-    # serve [9, 1, 9] -> a repeated key: the general store handles it. Room for 9 evicts 1,
-    # the oldest, before 1's touch; 1 is then new again and its room evicts 2.
-    assert m.serve((9, 1, 9)) == [-1, 0, -1]
-    assert list(m.tiers[0].ready) == [5, 6, 9, 1]
+    # serve [9, 1, 9] -> a repeated key is refused before anything changes
+    with pytest.raises(ValueError, match=r"block 9 appears twice in one request \(positions 0 and 2\)"):
+        m.serve((9, 1, 9))
+    assert list(m.tiers[0].ready) == [1, 2, 5, 6]
     st_ = m.tiers[0].stats
-    assert (st_.hits, st_.stores, st_.evictions) == (2, 7, 3)
+    assert (st_.hits, st_.stores, st_.evictions) == (2, 5, 1)
+
+
+@pytest.mark.parametrize("verb", ["serve", "store"])
+def test_a_repeated_key_is_refused_and_changes_nothing(verb):
+    """Issue 13: one LRU tier of 3, (0, 2, 3) then (1, 0, 0) raised KeyError in complete_store
+    after its evictions had already happened."""
+    (m, _), _ = pair([("g2", 3, "lru", "always")], events=True)
+    getattr(m, verb)((0, 2, 3))
+    m.take_events()
+    before = state(m)
+    with pytest.raises(ValueError, match=r"block 0 appears twice .*positions 1 and 2.*prefix chain"):
+        getattr(m, verb)((1, 0, 0))
+    assert state(m) == before
+    # the same request without the repeat: 1 is new, 0 is touched, 2 (now the oldest) evicted
+    assert m.serve((1, 0)) == [-1, 0]
+    assert sorted(m.tiers[0].ready) == [0, 1, 3]
 
 
 # Random requests interleaved with pins and in-flight stores, which the fast path must respect.
 ops = st.lists(st.one_of(
-    st.tuples(st.just("serve"), st.lists(st.integers(0, 12), min_size=1, max_size=6)),
+    st.tuples(st.just("serve"), st.lists(st.integers(0, 12), min_size=1, max_size=6, unique=True)),
     st.tuples(st.just("pin"), st.lists(st.integers(0, 12), min_size=1, max_size=3)),
     st.tuples(st.just("unpin"), st.just(None)),
-    st.tuples(st.just("begin"), st.lists(st.integers(0, 12), min_size=1, max_size=3)),
+    st.tuples(st.just("begin"), st.lists(st.integers(0, 12), min_size=1, max_size=3, unique=True)),
     st.tuples(st.just("finish"), st.just(None)),
 ), max_size=40)
 
