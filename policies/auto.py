@@ -59,10 +59,10 @@ _MASK = 0xFFFFFFFF
 class AutoPolicy(EvictionPolicy):
     name = "auto"
     wants_structure = True
-    Z = 3.0  # standard deviations a lead must pass
+    Z = 2.0  # standard deviations a lead must pass
     MARGIN = 0.002  # and this share of the window's sampled accesses
     PERSIST = 2  # checks in a row
-    KEEP = 0.5  # share of the scores kept at each check (the window's memory)
+    KEEP = 0.8  # share of the scores kept at each check (the window's memory)
 
     def __init__(self, capacity, *, candidates=tuple(CANDIDATES), sample_slots=1024, start="hitdensity", **kw):
         super().__init__(capacity, **kw)

@@ -13,7 +13,13 @@ main queue, where keys with a history stay.
              moves it to M with freq 0, else it is the victim and its key joins G; otherwise
              take M's oldest: freq > 0 reinserts it with freq - 1, else it is the victim
 
-Protected keys are set aside while searching and put back at the old end in their order.
+Protected keys (being read or written) met while searching are parked beside the queues (still
+tracked, touched and counted) and return to the new end of their queue, as a reinsertion would,
+once a later evict() finds them unprotected; the parked keys are looked at again only after as
+many victims as there are parked keys (or when the queues run dry), so the check is O(1) per
+victim. Putting them back at the old end made every evict() of a long store, whose earlier
+blocks stay protected until it completes, walk past all of them again: quadratic, 10-30x LRU's
+replay time on agent sessions of 10,000+-block requests.
 evict() first checks that enough unprotected keys exist; after that it cannot fail, so a
 None leaves everything as it was.
 """
@@ -44,9 +50,12 @@ class S3FIFOPolicy(EvictionPolicy):
         self._small: OrderedDict = OrderedDict()  # key -> freq, oldest first
         self._main: OrderedDict = OrderedDict()
         self._ghost: OrderedDict = OrderedDict()
+        # protected keys met by evict, set aside: key -> [in small, freq]; still tracked
+        self._parked: dict = {}
+        self._since_check = 0  # victims since the parked keys were last looked at
 
     def insert(self, key, hints=None):
-        if key in self._small or key in self._main:
+        if key in self._small or key in self._main or key in self._parked:
             self.touch((key,))
         elif self._ghost.pop(key, _NONE) is not _NONE:
             self._main[key] = 0
@@ -57,13 +66,19 @@ class S3FIFOPolicy(EvictionPolicy):
         small, main = self._small, self._main
         for key in keys:
             queue = small if key in small else main if key in main else None
-            if queue is not None and queue[key] < 3:
-                queue[key] += 1
+            if queue is not None:
+                if queue[key] < 3:
+                    queue[key] += 1
+            elif self._parked:
+                entry = self._parked.get(key)
+                if entry is not None and entry[1] < 3:
+                    entry[1] += 1
 
     def remove(self, key):
         self._small.pop(key, None)
         self._main.pop(key, None)
         self._ghost.pop(key, None)
+        self._parked.pop(key, None)
 
     def evict(self, n, protected=()):
         if n <= 0:
@@ -73,13 +88,17 @@ class S3FIFOPolicy(EvictionPolicy):
         if len(self) - len(protected) < n:  # rarely: count only the protected keys held here
             if len(self) - sum(1 for key in protected if key in self) < n:
                 return None
-        small, main, ghost = self._small, self._main, self._ghost
-        victims, aside_small, aside_main = [], [], []
+        small, main, ghost, parked = self._small, self._main, self._ghost, self._parked
+        if parked and self._since_check >= len(parked):
+            self._unpark(protected)
+        victims = []
         while len(victims) < n:
+            if not small and not main:  # the rest are parked: some must be free by now
+                self._unpark(protected)
             if small and (len(small) >= self.small_target or not main):
                 key, freq = small.popitem(last=False)
                 if key in protected:
-                    aside_small.append((key, freq))
+                    parked[key] = [True, freq]
                 elif freq >= self.threshold:
                     main[key] = 0
                 else:
@@ -90,22 +109,27 @@ class S3FIFOPolicy(EvictionPolicy):
             else:
                 key, freq = main.popitem(last=False)
                 if key in protected:
-                    aside_main.append((key, freq))
+                    parked[key] = [False, freq]
                 elif freq > 0:
                     main[key] = freq - 1
                 else:
                     victims.append(key)
-        for queue, aside in ((small, aside_small), (main, aside_main)):
-            for key, freq in reversed(aside):
-                queue[key] = freq
-                queue.move_to_end(key, last=False)
+        self._since_check += n
         return victims
 
+    def _unpark(self, protected):
+        """Parked keys no longer protected go back to the new end of their queue."""
+        self._since_check = 0
+        back = [(k, e) for k, e in self._parked.items() if k not in protected]
+        for key, (in_small, freq) in back:
+            del self._parked[key]
+            (self._small if in_small else self._main)[key] = freq
+
     def __len__(self):
-        return len(self._small) + len(self._main)
+        return len(self._small) + len(self._main) + len(self._parked)
 
     def __contains__(self, key):
-        return key in self._small or key in self._main
+        return key in self._small or key in self._main or key in self._parked
 
 
 _NONE = object()

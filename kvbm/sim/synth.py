@@ -47,23 +47,23 @@ MODES = ("chat", "agent", "mix", "doc", "blend")
 KINDS = ("chat", "agent", "doc")
 
 #: Named workloads, one per row of the policy robustness grid (bench/eval_policies.py). Sizes
-#: are chosen so each trace has 50k-250k block accesses (a replay takes about a second).
+#: are chosen so each trace has 60k-250k block accesses (a replay takes seconds).
 WORKLOADS: dict[str, dict] = {
     # multi-turn chat: Zipf system prompts, users think ~60 s between turns
     "chat": dict(n_sessions=3000, seed=1, mode="chat"),
     # coding agents: tool loops of ~12 turns, each appending ~3k tokens of tool output
-    "agent": dict(n_sessions=300, seed=2, mode="agent"),
+    "agent": dict(n_sessions=120, seed=2, mode="agent"),
     # half chat, half agent
-    "mix": dict(n_sessions=800, seed=3, mode="mix"),
+    "mix": dict(n_sessions=300, seed=3, mode="mix"),
     # document QA: 200 documents of ~8k tokens, Zipf popular, 3 questions a session
     "docqa": dict(n_sessions=1500, seed=4, mode="doc", n_documents=200, doc_tokens=8000, turns_mean=3.0),
     # agents that fan out into 4 parallel branches at a quarter of their turns
-    "fanout": dict(n_sessions=300, seed=5, mode="agent", fanout_prob=0.25, fanout=4),
+    "fanout": dict(n_sessions=80, seed=5, mode="agent", fanout_prob=0.25, fanout=4),
     # a shared node: 6 tenants, chat, agents and document QA, Zipf tenant sizes
-    "tenants": dict(n_sessions=1500, seed=6, mode="blend", kind_weights=(0.5, 0.25, 0.25),
+    "tenants": dict(n_sessions=600, seed=6, mode="blend", kind_weights=(0.5, 0.25, 0.25),
                     n_tenants=6, n_documents=60, doc_tokens=6000),
     # chat with short think times and few, long system prompts (an assistant product)
-    "assistant": dict(n_sessions=2500, seed=7, mode="chat", n_system_prompts=3,
+    "assistant": dict(n_sessions=1200, seed=7, mode="chat", n_system_prompts=3,
                       system_prompt_tokens=6000, think_time=15.0, turns_mean=6.0),
     # RAG: many small documents, rarely reused, beside chat
     "rag": dict(n_sessions=2000, seed=8, mode="blend", kind_weights=(0.5, 0.0, 0.5),
