@@ -3,7 +3,11 @@
     kvbm demo [--requests N] [--json]   real bytes over G2/G3/G4, every onboarded block verified
     kvbm simulate TRACE [--tier g2=10000:lru ...] [--json] [--sweep CAPS --policy NAMES] [--plot PNG]
     kvbm policies            list registered eviction and admission policies
-    kvbm config check FILE   validate a config file (and KVBM_... overrides)
+    kvbm config check FILE   what serve / simulate run on a config file, without side effects
+
+Errors: bad input ends in one line `kvbm: error: ...` naming the key, path or port and what
+to do, exit status 2, no traceback. Output cut short by a closed pipe (`kvbm ... | head`) ends
+quietly with status 141, as a command killed by SIGPIPE would.
     kvbm serve --config kvbm.yaml        the node's cache daemon (G2 shared with its clients)
     kvbm stats [--address A] [--json]    ask a running daemon for its counters
 
@@ -113,7 +117,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'kvbm-tiered[plot]'") from None
     path = BUNDLED.get(args.trace, args.trace)
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be a positive number of requests, got {args.limit}")
     trace = load_trace(path, format=args.format, limit=args.limit)
+    if not trace.requests:
+        raise UsageError(f"{path}: the trace has no requests, nothing to replay; give a trace with "
+                         f"one JSON object per line (see kvbm/sim/data/README.md for the format)")
     layout = parse_layout(args.layout, trace.block_size)
     base = load_config(args.config) if args.config else None
     layout = layout or (base.layout if base else None)
@@ -217,9 +226,12 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .daemon.config import load_daemon_config
 
-    cfg = load_config(args.file)
+    # What `kvbm serve` reads (the manager's keys and the daemon: section, KVBM_... overrides,
+    # every tier resolved as serve and simulate resolve it: kvbm.config.parse_config), opening
+    # nothing: no file, no shared memory, no socket.
+    cfg, _ = load_daemon_config(args.file)
     tiers = [f"{t.name}={t.capacity} blocks:{t.eviction.name}"
              + (f" (headroom {t.offload_headroom})" if i < len(cfg.tiers) - 1 and t.offload_headroom else "")
              for i, t in enumerate(cfg.tiers)]
@@ -256,6 +268,14 @@ def _need_daemon_deps(command: str, *modules: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    import os
+
+    from .config import config_env
+
+    if not args.config and not os.environ.get("KVBM_CONFIG") and not any(
+            v.startswith("KVBM_TIERS__") for v in config_env(os.environ)):
+        raise UsageError("kvbm serve needs a config: kvbm serve --config kvbm.yaml (tiers, layout and a "
+                         "`daemon:` section; see README, Cache daemon), or set KVBM_CONFIG")
     _need_daemon_deps("serve", "zmq", "msgpack", "prometheus_client")
     from .daemon.config import load_daemon_config
     from .daemon.server import serve
@@ -389,10 +409,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        return _pipe_closed()
     except (UsageError, ConfigError, TraceError, UnknownName, FileNotFoundError) as exc:
-        print(f"kvbm: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
+    except OSError as exc:  # a path the command was given: name it and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        return error(f"{where}{exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return error("interrupted", 130)
+
+
+def error(message: str, status: int = 2) -> int:
+    """The one line every failure ends in."""
+    try:
+        print(f"kvbm: error: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        pass
+    return status
+
+
+def _pipe_closed() -> int:
+    """The reader went away (`kvbm ... | head -1`): stop quietly. stdout is pointed at
+    /dev/null so that the interpreter's own flush at exit does not complain again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE: what a shell reports for a command killed by a closed pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

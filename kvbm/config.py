@@ -1,6 +1,8 @@
 """Typed configuration, loaded from YAML or TOML, with KVBM_... environment overrides.
 
     load_config(path=None, env=os.environ) -> KVBMConfig
+    load_with(build, path, env)           any loader: file + KVBM_... overrides, errors say which
+    parse_config(data)                    from_dict + the tier checks serve and simulate run
     KVBMConfig.from_dict(data)            validate a plain dict (every error names the key)
     parse_capacity("4GiB", layout)        blocks from "10000", 10000, "4GiB", "512MB"
 
@@ -15,17 +17,20 @@ Example (kvbm.yaml):
       - {name: g3, capacity: 200GiB, eviction: {name: frequency, half_life: 600}, admission: {name: n_hit, n: 2}}
 
 Environment overrides use double underscores for nesting and tier names as keys:
-KVBM_MODE=inclusive, KVBM_TIERS__G2__CAPACITY=16GiB, KVBM_TIERS__G3__EVICTION=arc.
+KVBM_MODE=inclusive, KVBM_TIERS__G2__CAPACITY=16GiB, KVBM_TIERS__G3__EVICTION=arc. An error
+caused by an override names the variables ("set by the environment: KVBM_..."), one in the
+file names the file. A `daemon:` section is kept for `kvbm serve` (kvbm.daemon.config checks it).
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
@@ -122,12 +127,16 @@ class KVBMConfig:
     mode: str = "exclusive"
     promote_on_hit: bool = True
     events: bool = True
+    daemon: dict[str, Any] | None = None  # the `daemon:` section, for kvbm serve (unchecked here)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KVBMConfig":
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
-        check_keys(data, ("tiers", "layout", "namespace", "mode", "promote_on_hit", "events"), "")
+        check_keys(data, ("tiers", "layout", "namespace", "mode", "promote_on_hit", "events", "daemon"), "")
+        daemon = data.get("daemon")
+        if daemon is not None and not isinstance(daemon, Mapping):
+            raise ConfigError(f"daemon must be a mapping (see README: Cache daemon), got {daemon!r}")
         layout = None
         if data.get("layout") is not None:
             lay = data["layout"]
@@ -168,6 +177,7 @@ class KVBMConfig:
             mode=mode,
             promote_on_hit=data.get("promote_on_hit", True),
             events=data.get("events", True),
+            daemon=dict(daemon) if daemon is not None else None,
         )
 
 
@@ -294,12 +304,45 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> KVBMConfig:
     """Read `path` (or $KVBM_CONFIG), overlay KVBM_... variables, validate."""
+    return load_with(parse_config, path, env)
+
+
+def parse_config(data: Mapping[str, Any]) -> KVBMConfig:
+    """from_dict, then every tier resolved as the manager will build it (policy names and
+    options, storage options, URL protocols, paths), without opening anything (kvbm.build)."""
+    from .build import check_tiers
+
+    cfg = KVBMConfig.from_dict(data)
+    check_tiers(cfg, check_only=True)
+    return cfg
+
+
+T = TypeVar("T")
+
+
+def config_env(env: Mapping[str, str]) -> list[str]:
+    """The KVBM_... variables that override config keys."""
+    return sorted(v for v in env if v.startswith("KVBM_") and not v.startswith(NON_CONFIG_ENV))
+
+
+def load_with(build: Callable[[dict[str, Any]], T], path: str | os.PathLike | None = None,
+              env: Mapping[str, str] | None = None) -> T:
+    """build(data) for `path` (or $KVBM_CONFIG) overlaid with KVBM_... variables. A ConfigError
+    says where the wrong value came from: the file, or the environment (by variable name)."""
     env = os.environ if env is None else env
     path = path or env.get("KVBM_CONFIG")
-    data = read_file(path) if path else {}
-    data = apply_env(data, env)
-    where = f" (in {path})" if path else ""
+    raw = read_file(path) if path else {}
     try:
-        return KVBMConfig.from_dict(data)
+        return build(apply_env(copy.deepcopy(raw), env))
     except ConfigError as exc:
-        raise ConfigError(f"{exc}{where}") from None
+        err = exc
+    overrides = config_env(env)
+    if overrides:
+        try:  # the file alone: does it fail the same way?
+            build(copy.deepcopy(raw))
+            from_env = True
+        except ConfigError as exc:
+            from_env = str(exc) != str(err)
+        if from_env:
+            raise ConfigError(f"{err} (set by the environment: {', '.join(overrides)})") from None
+    raise ConfigError(f"{err} (in {path})" if path else str(err)) from None

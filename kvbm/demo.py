@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from .blocks import KVLayout
+from .build import check_dir
 from .config import KVBMConfig
 from .manager import BlockManager
-from .sim.traces import load_trace
+from .sim.traces import TraceError, load_trace
 
 LLAMA_8B_TP8 = dict(num_layers=32, num_kv_heads=1, head_dim=128, block_size=16, dtype="bfloat16",
                     tp_rank=0, tp_size=8)
@@ -47,7 +48,13 @@ def run_demo(trace_path: str | Path, *, requests: int = 1000, g2: int = 500, g3:
     layout = layout or KVLayout(**LLAMA_8B_TP8)
     nbytes = layout.block_nbytes
     trace = load_trace(trace_path, limit=requests)
+    if not trace.requests:
+        raise TraceError(f"{trace_path}: the trace has no requests, nothing to replay; give a trace "
+                         f"with one JSON object per line (see kvbm/sim/data/README.md)")
+    if workdir:
+        check_dir(workdir, "--workdir")  # before anything is created
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kvbm-demo-"))
+    made = not root.exists()  # ours to remove if the demo cannot start
     root.mkdir(parents=True, exist_ok=True)
     config = KVBMConfig.from_dict({
         "namespace": {"model": "meta-llama/Llama-3.1-8B"},
@@ -63,7 +70,12 @@ def run_demo(trace_path: str | Path, *, requests: int = 1000, g2: int = 500, g3:
     config.layout = layout
     verified = mismatched = failed_loads = accesses = prefix_hits = 0
     t0 = time.perf_counter()
-    mgr = BlockManager.from_config(config)
+    try:
+        mgr = BlockManager.from_config(config)
+    except BaseException:
+        if made or not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     try:
         reqs = trace.requests
         if progress:

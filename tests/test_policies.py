@@ -497,11 +497,10 @@ def test_belady_needs_a_callable_now():
         BeladyPolicy(8, future=[], now=0)
 
 
-TRACE = _ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+TRACE = _ROOT / "kvbm" / "sim" / "data" / "mooncake_conversation.jsonl"  # bundled: never skipped
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRACE.exists(), reason="shared Mooncake trace not present")
 @pytest.mark.parametrize("capacity, expected", [(1_000, 0.191), (10_000, 0.366)])
 def test_belady_reproduces_the_trace_ceiling(capacity, expected):
     # README semantics: look every block up, then touch hits / insert misses in block order,

@@ -16,7 +16,7 @@ from kvbm.sim import synth  # noqa: E402
 from kvbm.sim.traces import FORMATS, Request, Trace, TraceError, load_trace, write_trace  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
-SHARED = ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+BUNDLED = ROOT / "kvbm" / "sim" / "data" / "mooncake_conversation.jsonl"  # a copy of ../shared/traces
 MOONCAKE = DATA / "mooncake_small.jsonl"
 BAILIAN = DATA / "bailian_small.jsonl"
 
@@ -24,9 +24,8 @@ BAILIAN = DATA / "bailian_small.jsonl"
 # ---------------------------------------------------------------- real trace
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="shared Mooncake trace not present")
-def test_shared_mooncake_trace_loads_with_known_counts():
-    trace = load_trace(SHARED)
+def test_bundled_mooncake_trace_loads_with_known_counts():
+    trace = load_trace(BUNDLED)
     assert trace.format == "mooncake" and trace.block_size == 512
     assert len(trace.requests) == 12_031
     assert trace.block_accesses == 288_500
@@ -35,9 +34,8 @@ def test_shared_mooncake_trace_loads_with_known_counts():
     assert trace.requests[-1].timestamp == pytest.approx(3536.999)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="shared Mooncake trace not present")
 def test_limit_keeps_the_first_requests():
-    trace = load_trace(SHARED, limit=10)
+    trace = load_trace(BUNDLED, limit=10)
     assert len(trace.requests) == 10
     assert trace.requests[0].hash_ids[:3] == (0, 1, 2)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .transport import default_address
-from ..config import ConfigError, KVBMConfig, check_keys, apply_env, read_file
+from ..config import ConfigError, KVBMConfig, check_keys, load_with, parse_config
 from ..tiers.seal import SecretError, read_secret_file
 
 
@@ -143,15 +143,8 @@ def is_local(address: str) -> bool:
 def load_daemon_config(path: str | os.PathLike | None = None,
                        env: Mapping[str, str] | None = None) -> tuple[KVBMConfig, DaemonConfig]:
     """kvbm.yaml -> (manager config, daemon config); KVBM_... overrides apply to both."""
-    env = os.environ if env is None else env
-    path = path or env.get("KVBM_CONFIG")
-    data = read_file(path) if path else {}
-    data = apply_env(data, env)
-    where = f" (in {path})" if path else ""
-    daemon = data.pop("daemon", None)
-    if daemon is not None and not isinstance(daemon, Mapping):
-        raise ConfigError(f"daemon must be a mapping, got {daemon!r}{where}")
-    try:
-        return KVBMConfig.from_dict(data), DaemonConfig.from_dict(daemon)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}{where}") from None
+    def build(data: dict[str, Any]) -> tuple[KVBMConfig, DaemonConfig]:
+        cfg = parse_config(data)  # the same checks as load_config (one path)
+        return cfg, DaemonConfig.from_dict(cfg.daemon)
+
+    return load_with(build, path, env)

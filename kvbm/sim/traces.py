@@ -25,7 +25,9 @@ Formats
 
 `load_trace` autodetects: a `.parquet` suffix is parquet; otherwise JSONL (optionally
 `.gz`), Bailian when the first object has `chat_id`, else Mooncake. Malformed input raises
-`TraceError` naming the file, the 1-based line (or row) and what was wrong.
+`TraceError` naming the file, the 1-based line (or row) and what was wrong; so does a request
+whose `hash_ids` repeat an id (a block cannot follow itself in a prefix chain, and the
+BlockManager refuses such a request).
 
 `Request.timestamp` is always seconds from trace start, whatever the file's unit.
 """
@@ -128,6 +130,13 @@ def _to_request(obj: Any, time_scale: float) -> Request:
     for i, h in enumerate(ids):
         if not _is_int(h):
             raise ValueError(f"'hash_ids' must be a list of integers, got {_show(h)} at index {i}")
+    if len(set(ids)) != len(ids):  # chained prefix hashes: a block cannot follow itself
+        first: dict = {}
+        for i, h in enumerate(ids):
+            if h in first:
+                raise ValueError(f"'hash_ids' repeats block id {h} (indices {first[h]} and {i}); ids are "
+                                 f"chained prefix hashes, so a block cannot follow itself in one request")
+            first[h] = i
     ts = obj["timestamp"]
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
         raise ValueError(f"'timestamp' must be a finite number, got {_show(ts)}")
@@ -161,12 +170,24 @@ def _records(path: Path) -> Iterator[tuple[int, bytes, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, line, _loads(line)
+                obj = _loads(line)
             except ValueError:
                 try:  # orjson refuses some inputs json accepts (NaN); let json decide
-                    yield lineno, line, json.loads(line)
-                except ValueError as e:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TraceError(f"{path}:{lineno}: {_json_problem(line, e)}") from None
+                except ValueError as e:  # undecodable bytes
                     raise TraceError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            yield lineno, line, obj
+
+
+def _json_problem(line: bytes, e: json.JSONDecodeError) -> str:
+    """json's message without its own "line 2 column 1", which counts inside this one line
+    (its newline included), not in the file: the column, or "the line ends" instead."""
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    if e.pos >= len(text):
+        return f"invalid JSON: {e.msg} (the line ends before the object does)"
+    return f"invalid JSON at column {e.pos + 1}: {e.msg}"
 
 
 def _load_jsonl(path: Path, fmt: str | None, limit: int | None) -> tuple[str, list[Request]]:
