@@ -76,6 +76,7 @@ class Client:
         self._next = 1
         self.session: bytes | None = None
         self.rehellos = 0  # sessions reopened after the daemon forgot ours (restart, idle eviction)
+        self._stash: dict[int, dict] = {}  # replies to submitted requests that came before their turn
         lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)
         self._hello_fields = {"model": model, "layout": lay, "salt": salt}
         # the namespace's topic on the daemon's KV-event stream
@@ -102,8 +103,9 @@ class Client:
         self.lease_s = reply["lease_s"]
         # Per request at most half of G2 (a store or load must fit beside other clients' pins)
         # and at most the window.
-        self.batch = max(1, min(self.max_keys, reply["capacity"] // 2, reply["window_slots"],
-                                reply["max_session_blocks"] or 2**31))
+        # Half the window: long stores and loads keep two batches in flight (see _pipelined_*).
+        self.batch = max(1, min(self.max_keys, reply["capacity"] // 2, reply["window_slots"] // 2,
+                                reply.get("share_blocks", 2**32) // 2, (reply["max_session_blocks"] or 2**32) // 2))
         if old is not None:
             _unmap(old)
 
@@ -160,6 +162,33 @@ class Client:
             self._sock.send(msg, zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+
+    def _submit(self, op: str, **fields: Any) -> int:
+        """Send a request without waiting for it (under the lock); _collect takes its reply."""
+        rid = self._take_id()
+        self._stash[rid] = {}
+        self._sock.send(request(op, rid, self.token, self.session, **fields))
+        return rid
+
+    def _collect(self, rid: int, op: str) -> dict:
+        """The reply to a submitted request; replies to other submitted ones are kept for later."""
+        reply = self._stash.pop(rid, None) or None
+        deadline = time.monotonic() + self.timeout
+        while reply is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                self._sock.close(0)
+                self._sock = self._socket()
+                self._stash.clear()
+                raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
+            r = unpack(self._sock.recv(), 1 << 22)
+            if r.get("id") == rid:
+                reply = r
+            elif r.get("id") in self._stash:
+                self._stash[r["id"]] = r
+        if not reply.get("ok"):
+            raise RemoteError(str(reply.get("error")), str(reply.get("message")))
+        return reply
 
     def _roundtrip(self, op: str, rid: int, msg: bytes) -> dict:
         self._sock.send(msg)
@@ -234,6 +263,8 @@ class Client:
         """
         if len(source) != len(keys):
             raise ValueError(f"store: {len(source)} buffers for {len(keys)} keys")
+        if len(keys) > self.batch:
+            return self._pipelined_store(keys, source, parent, position, hints)
         stored = 0
         for i in range(0, len(keys), self.batch):
             part = keys[i:i + self.batch]
@@ -279,8 +310,114 @@ class Client:
                 if exc.code != "no_session":
                     raise
 
+    def _pipelined_store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None,
+                         position: int, hints: Sequence[Any] | None) -> int:
+        """Batches with the next one's prepare sent before this one's commit: the client writes
+        batch i+1 into its window while the daemon copies batch i into G2."""
+        b = self.batch
+
+        def fields(i: int) -> dict:
+            extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints[i:i + b]]}
+            return {"keys": list(keys[i:i + b]), "parent": keys[i - 1] if i else parent, "position": position + i,
+                    **extra}
+
+        with self._lock:
+            try:
+                r = self.call("store_prepare", **fields(0))
+            except RemoteError as exc:
+                if exc.code in ("quota", "window_full"):
+                    return 0
+                raise
+            commits: list[int] = []
+            commits_done: list[dict] = []
+            i = 0
+            try:
+                while True:
+                    slots = r["slots"]
+                    try:
+                        for j, slot in enumerate(slots):
+                            if slot >= 0:
+                                self.view(slot)[:] = _bytes(source[i + j], self.block_nbytes)
+                    except BaseException:
+                        if r["handle"]:
+                            commits.append(self._submit("store_commit", handle=r["handle"],
+                                                        failed=[j for j, sl in enumerate(slots) if sl >= 0]))
+                        raise
+                    more = i + b < len(keys) and not r.get("rejected")
+                    nxt = self._submit("store_prepare", **fields(i + b)) if more else None
+                    if r["handle"]:
+                        commits.append(self._submit("store_commit", handle=r["handle"], failed=[]))
+                    if nxt is None:
+                        break
+                    try:
+                        r = self._collect(nxt, "store_prepare")
+                    except RemoteError as exc:
+                        if exc.code not in ("quota", "window_full"):
+                            if exc.code == "no_session":
+                                break
+                            raise
+                        # two batches do not fit beside what else is held: one at a time then
+                        for rid in commits:
+                            commits_done.append(self._collect(rid, "store_commit"))
+                        commits.clear()
+                        try:
+                            r = self.call("store_prepare", **fields(i + b))
+                        except RemoteError as again:
+                            if again.code in ("quota", "window_full"):
+                                break
+                            raise
+                    i += b
+            finally:
+                stored = sum(c["stored"] for c in commits_done)
+                for rid in commits:
+                    try:
+                        stored += self._collect(rid, "store_commit")["stored"]
+                    except RemoteError as exc:
+                        if exc.code != "no_session":
+                            raise
+            return stored
+
+    def _pipelined_load(self, keys: Sequence[bytes], destination: Sequence[Any]) -> int:
+        """Batches with the next one's prepare sent before this one is read: the daemon copies
+        batch i+1 into the window while the client copies batch i out."""
+        b = self.batch
+        with self._lock:
+            r = self.call("load_prepare", keys=list(keys[:b]))
+            releases: list[int] = []
+            loaded = i = 0
+            try:
+                while True:
+                    slots = r["slots"]
+                    full = len(slots) == len(keys[i:i + b])
+                    nxt = self._submit("load_prepare", keys=list(keys[i + b:i + 2 * b])) if (
+                        full and i + b < len(keys)) else None
+                    for j, slot in enumerate(slots):
+                        _bytes(destination[i + j], self.block_nbytes)[:] = self.view(slot)
+                    if r["handle"]:
+                        releases.append(self._submit("load_release", handle=r["handle"]))
+                    loaded += len(slots)
+                    if nxt is None:
+                        break
+                    try:
+                        r = self._collect(nxt, "load_prepare")
+                    except RemoteError as exc:
+                        if exc.code == "no_session":
+                            break
+                        raise
+                    i += b
+            finally:
+                for rid in releases:
+                    try:
+                        self._collect(rid, "load_release")
+                    except RemoteError as exc:
+                        if exc.code != "no_session":
+                            raise
+            return loaded
+
     def load(self, keys: Sequence[bytes], destination: Sequence[Any]) -> int:
         """Copy the ready prefix of keys into destination buffers; returns its length."""
+        if len(keys) > self.batch:
+            return self._pipelined_load(keys, destination)
         loaded = 0
         for i in range(0, len(keys), self.batch):
             n = self._load(keys[i:i + self.batch], destination[i:i + self.batch])

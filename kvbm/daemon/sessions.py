@@ -73,7 +73,7 @@ class SessionOps:
         return {"session": s.sid, "window_path": s.window.path, "window_bytes": s.window.nbytes,
                 "window_slots": s.window.slots, "stride": self.pool.stride, "block_nbytes": self.nbytes,
                 "lease_s": self.dcfg.lease_s, "max_keys": self.dcfg.max_keys, "capacity": self.top.capacity,
-                "max_session_blocks": self.dcfg.max_session_blocks}
+                "max_session_blocks": self.dcfg.max_session_blocks, "share_blocks": self.share_blocks}
 
     def op_heartbeat(self, msg: dict, now: float) -> dict:
         s = self.sessions.get(msg.get("session"))
