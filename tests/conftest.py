@@ -8,8 +8,21 @@ import pytest
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from kvbm.cli import BUNDLED
-from kvbm.sim.traces import load_trace
+try:
+    import kvbm  # noqa: F401
+except ModuleNotFoundError as exc:
+    # `python -m pytest` puts the checkout first on sys.path. After a non-editable install
+    # (`pip install ".[plot]"` over `pip install -e ".[dev]"`), `import kvbm` finds the source
+    # folder kvbm/, which lacks kvbm.policies (the top-level policies/ folder, mapped in by the
+    # install) and the compiled kvbm._native: say what to do instead of a traceback.
+    if not (exc.name or "").startswith("kvbm."):
+        raise
+    pytest.exit(f"{exc}: kvbm is imported from the source folder, which is installed but not in "
+                f"editable mode; run: pip install --no-build-isolation -e \".[dev]\" (extras inside "
+                f"the brackets, e.g. \".[dev,plot]\")", returncode=4)
+
+from kvbm.cli import BUNDLED  # noqa: E402
+from kvbm.sim.traces import load_trace  # noqa: E402
 
 # G4's default deployment secret is made under $XDG_CONFIG_HOME/kvbm: the suite, and the
 # daemons it starts, use a temporary one (removed at exit), never the user's.
