@@ -521,7 +521,7 @@ def _run_benches(only: set[str], quick: bool) -> dict[str, Run]:
     if "disk" in only:
         runs["disk"] = Run(py("bench_disk.py", "--json", "--gib", "1"))
     if "object" in only:
-        runs["object"] = Run(py("bench_object.py", "--json", "--blocks", "32"))
+        runs["object"] = Run(py("bench_object.py", "--json", "--blocks", "16"))
     if "daemon" in only:
         runs["daemon"] = Run(py("bench_daemon.py", "nixl", "--rounds", "3"), timeout=600)
     if "demo" in only:
