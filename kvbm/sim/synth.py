@@ -70,7 +70,7 @@ WORKLOADS: dict[str, dict] = {
                 n_documents=2000, doc_tokens=3000, doc_zipf_s=0.6),
     # long agent sessions (requests of 10,000+ blocks): the cost bench's trace
     "long-agent": dict(n_sessions=24, seed=9, mode="agent", agent_turns_mean=60.0,
-                       tool_output_tokens=40000, max_context_tokens=8_000_000, session_rate=0.05),
+                       tool_output_tokens=80000, max_context_tokens=8_000_000, session_rate=0.05),
 }
 
 
