@@ -258,7 +258,7 @@ def section_sweep(run: Run, plots: Path, out: Path) -> str:
 
 def section_ops(run: Run, plots: Path, out: Path) -> tuple[str, float | None, dict | None]:
     s = (f"### G2 -> G2 batched gather and checksums\n\n`{run.shown}` — limit: one thread's sequential copy "
-         f"of the same bytes in the same run, the best of numpy's copyto, libc memcpy and kvbm's streaming "
+         f"of the same bytes in the same run, the fastest (by median) of numpy's copyto, libc memcpy and kvbm's streaming "
          f"copy (targets: one thread ≥ 0.9×, threads=auto ≥ 1.0×).\n\n")
     if not run.ok:
         return s + run.failure(), None, None
