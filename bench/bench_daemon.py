@@ -7,6 +7,8 @@
     python bench/bench_daemon.py nixl   [--blocks 256 --mib 1 --rounds 5]
                                                                     cross-daemon pull GB/s vs bare two-agent
                                                                     NIXL READs of the same bytes (min/median)
+    python bench/bench_daemon.py guard  [--blocks 256 --mib 1]      the daemon's window <-> G2 copy vs a crc32c of
+                                                                    the same blocks (what a per-load checksum would add)
     python bench/bench_daemon.py all
 
 Every block's bytes derive from its key (shake_128), so every reader verifies what it got.
@@ -221,6 +223,33 @@ def bench_local(work: Path, blocks: int, mib: float, rounds: int = 3) -> dict:
             "load_ratio": round(inproc_load / client_load, 3)}
 
 
+# ---------------------------------------------------------------- copy vs checksum
+
+def bench_guard(blocks: int, mib: float, rounds: int = 5) -> dict:
+    """The daemon copies each block between a client's window and G2 (what isolates tenants);
+    a per-load crc32c (the alternative guard) would read the same bytes once more."""
+    from kvbm import ops
+
+    nb = layout_of(mib).block_nbytes
+    src = np.frombuffer(hashlib.shake_128(b"guard").digest(16) * (blocks * nb // 16), np.uint8)
+    dst = np.empty_like(src)
+    offs = np.arange(blocks, dtype=np.int64) * nb
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    copy = best(lambda: ops.copy_blocks(src, offs, dst, offs, nb))
+    crc = best(lambda: ops.crc32c_blocks(src, offs, nb))
+    gb = blocks * nb / 1e9
+    return {"blocks": blocks, "block_bytes": nb, "copy_gbps": round(gb / copy, 2), "crc32c_gbps": round(gb / crc, 2),
+            "crc_over_copy": round(crc / copy, 3), "native": ops.HAVE_NATIVE if hasattr(ops, "HAVE_NATIVE") else None}
+
+
 # ---------------------------------------------------------------- NIXL
 
 def bench_nixl(work: Path, blocks: int, mib: float, rounds: int = 5) -> dict:
@@ -352,7 +381,7 @@ def _bare_nixl(blocks: int, nb: int, kind: str = "shm", rounds: int = 5) -> list
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["load", "local", "nixl", "all"])
+    ap.add_argument("what", choices=["load", "local", "guard", "nixl", "all"])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--ops", type=int, default=10_000)
     ap.add_argument("--blocks", type=int, default=256)
@@ -366,6 +395,8 @@ def main() -> int:
             out["load"] = bench_load(work, args.clients, args.ops)
         if args.what in ("local", "all"):
             out["local"] = bench_local(work, args.blocks, args.mib)
+        if args.what in ("guard", "all"):
+            out["guard"] = bench_guard(args.blocks, args.mib)
         if args.what in ("nixl", "all"):
             out["nixl"] = bench_nixl(work, args.blocks, args.mib, args.rounds)
     print(json.dumps(out, indent=2), flush=True)
