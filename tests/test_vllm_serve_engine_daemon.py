@@ -9,6 +9,7 @@ exits the daemon stops and leaves nothing behind (socket, rendezvous files, G2 i
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -97,8 +98,7 @@ def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
         root = engine_daemon.runtime_dir()
         assert root.startswith(str(tmp_path)) and os.stat(root).st_mode & 0o777 == 0o700
         info = json.loads(open(os.path.join(root, f"{instance}.json")).read())
-        shm = f"/dev/shm/kvbm-{os.getuid()}-{instance}"
-        assert os.path.exists(shm)
+        shm = f"/dev/shm/kvbm-{os.getuid()}-{instance}"  # the prefix of the daemon's shared-memory files
     finally:
         for p in [starter, *joiners]:
             p.stdin.write("\n")
@@ -106,9 +106,9 @@ def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
             p.wait(timeout=60)
     # The starter is gone: its daemon stops by itself and cleans up.
     assert _wait(lambda: not _alive(info["pid"]))
-    assert _wait(lambda: not os.path.exists(shm))
+    assert _wait(lambda: not glob.glob(shm + "*"))
     left = [f for f in os.listdir(root) if not f.endswith(".lock")]
-    assert left == []
+    assert left == []  # socket, rendezvous, config and ready files all gone
 
 
 def test_a_second_engine_gets_its_own_daemon(tmp_path, monkeypatch):
@@ -188,3 +188,12 @@ def test_a_cache_that_stops_answering_is_a_miss_never_an_error(monkeypatch):
     clock[0] += 1.5
     assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 3 * 16 and backend.calls == 3
     assert sched.match("r", keys, 3 * 16 + 1, 0, must_compute_one=False) == 3 * 16 and backend.calls == 4
+
+
+def test_a_runtime_dir_too_long_for_a_socket_is_one_line_error(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(deep))
+    with pytest.raises(ConfigError, match="set KVBM_RUNTIME_DIR to a shorter folder") as err:
+        engine_daemon.attach("engine-long", CONFIG)
+    assert "\n" not in str(err.value)

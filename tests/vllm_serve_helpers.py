@@ -71,8 +71,8 @@ class Server:
         if kv is not None:
             self.cmd += ["--kv-transfer-config", json.dumps(kv)]
         # /reset_prefix_cache is a development endpoint
-        self.env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
-        self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: on
+        base = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # default: on
+        self.env = {**base, "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
@@ -96,7 +96,10 @@ class Server:
         raise RuntimeError(f"vllm serve not ready in {timeout:.0f} s:\n{self.tail()}")
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        """The log's errors (vLLM's root cause comes long before its last lines), then its end."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if " ERROR " in line or line.startswith(("AssertionError", "RuntimeError"))]
+        return "\n".join(errors[-n:] + ["..."] + lines[-n:])
 
     def kvbm_lines(self) -> str:
         """What kvbm logged in this server (warnings: failed loads, lookups, stores)."""

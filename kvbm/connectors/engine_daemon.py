@@ -20,6 +20,8 @@ daemon shuts down cleanly (G2 shared memory removed, G3 index flushed).
 from __future__ import annotations
 
 import fcntl
+import glob
+import hashlib
 import json
 import os
 import re
@@ -34,6 +36,7 @@ from typing import Any, Mapping
 
 from ..config import ConfigError
 
+SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, less the terminating NUL)
 READY_TIMEOUT_S = 120.0  # a loaded machine: the daemon imports numpy, zmq and the tiers first
 _STARTED: dict[str, subprocess.Popen] = {}  # instance -> daemon this process started (keeps its stdin open)
 
@@ -94,7 +97,11 @@ def _write_private(path: str, text: str) -> None:
 
 def _start(name: str, root: str, config: Mapping[str, Any]) -> dict[str, Any]:
     token = secrets.token_hex(16)
-    daemon = {"address": f"ipc://{root}/{name}.sock", "events": "", "metrics": "", "token": token,
+    sock = os.path.join(root, hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + ".sock")
+    if len(sock.encode()) > SUN_PATH_MAX:
+        raise ConfigError(f"kvbm: the engine daemon's socket path {sock} is longer than a Unix socket "
+                          f"allows ({SUN_PATH_MAX} bytes); set KVBM_RUNTIME_DIR to a shorter folder")
+    daemon = {"address": f"ipc://{sock}", "events": "", "metrics": "", "token": token,
               "shm_name": f"kvbm-{os.getuid()}-{name}", "nixl": False,
               "lease_s": 30.0}  # its clients are the engine's own processes: a starved heartbeat must not cost a load
     cfg_path = os.path.join(root, f"{name}.config.json")
@@ -123,7 +130,7 @@ def _start(name: str, root: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _sweep(root: str) -> None:
-    """Remove what engine daemons killed outright left behind (files here, their G2 in /dev/shm)."""
+    """Remove what engine daemons killed outright left behind (files here, theirs in /dev/shm)."""
     for entry in os.listdir(root):
         if not entry.endswith(".json") or entry.endswith(".config.json"):
             continue
@@ -131,11 +138,13 @@ def _sweep(root: str) -> None:
         if _read_info(base + ".json") is not None:
             continue
         name = os.path.basename(base)
-        _remove(base, f"/dev/shm/kvbm-{os.getuid()}-{name}")
+        _remove(base, *glob.glob(f"/dev/shm/kvbm-{os.getuid()}-{glob.escape(name)}*"))
 
 
 def _remove(base: str, *more: str) -> None:
-    for path in [base + s for s in (".ready", ".json", ".config.json", ".sock")] + list(more):
+    name = os.path.basename(base)
+    sock = os.path.join(os.path.dirname(base), hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + ".sock")
+    for path in [base + s for s in (".ready", ".json", ".config.json")] + [sock, *more]:
         try:
             os.unlink(path)
         except OSError:

@@ -1,0 +1,195 @@
+"""What kvbm buys a `vllm serve` user: TTFT under a trace slice whose working set exceeds vLLM's KV pool.
+
+    python bench/vllm_serve_compare.py                      # all five configs, markdown table
+    python bench/vllm_serve_compare.py --configs a,b --json out.json
+
+The slice (bench/data/mooncake_sessions.jsonl, made by --make-slice from the bundled Mooncake
+trace): the turns of the first multi-turn conversations, in arrival order, prompts cut to
+--max-input tokens (the tiny model's context), outputs capped at --max-output tokens, arrival
+times divided by --speed. Every config replays the same slice with kvbm.loadgen (streaming
+/v1/completions, TTFT = first token) against the CPU build of vLLM 0.32 (multiprocessing on,
+tiny dummy-weight Llama, 128-token blocks, vLLM's own prefix cache on, its pool cut to
+--pool blocks with --num-gpu-blocks-override):
+
+    a   vLLM alone
+    b   + kvbm G2 (host, --g2 blocks) through the connector's in-process config (under vLLM's
+        multiprocessing executor: the engine's own kvbm daemon)
+    c   + kvbm G2 (--g2-small blocks) + G3 (disk, --g3 blocks)
+    d   two engines sharing one `kvbm serve` (G2 --g2-small + G3 --g3), the slice split between
+        them by conversation, both halves at once
+    e   c in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0: the in-process BlockManager, no daemon)
+
+Reported per config: TTFT p50/p99, E2E p50, completed/failed, kvbm hit tokens (vLLM's
+external_prefix_cache_hits) and vLLM's own prefix-cache hit tokens, from the servers' /metrics
+over the run. vLLM's OffloadingConnector is not run: its worker needs CUDA (it refuses on the
+CPU build); LMCache is not installed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+SLICE = HERE / "data" / "mooncake_sessions.jsonl"
+CONFIGS = {"a": "vLLM alone", "b": "+ kvbm G2", "c": "+ kvbm G2 + G3", "d": "2 engines, 1 kvbm daemon",
+           "e": "+ kvbm G2 + G3, one process"}
+
+
+def make_slice(sessions: int, path: Path) -> None:
+    """The turns of the first `sessions` multi-turn conversations of the bundled Mooncake trace."""
+    from collections import defaultdict
+
+    from kvbm.sim.traces import Trace, load_trace, write_trace
+
+    trace = load_trace(HERE.parent / "kvbm" / "sim" / "data" / "mooncake_conversation.jsonl", limit=3000)
+    turns = defaultdict(list)
+    for r in trace.requests:
+        if len(r.hash_ids) > 1:
+            turns[r.hash_ids[1]].append(r)  # a conversation: its turns share the block after the system prompt
+    chosen = [v for v in turns.values() if len(v) >= 2][:sessions]
+    keep = sorted((r for v in chosen for r in v), key=lambda r: r.timestamp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_trace(Trace(keep, trace.block_size, "mooncake"), path)
+
+
+def session_of(r) -> int:
+    return r.hash_ids[1] if len(r.hash_ids) > 1 else r.hash_ids[0]
+
+
+def replay(servers, traces, args):
+    """Replay traces[i] against servers[i], all at once; (merged results, wall seconds, metric deltas)."""
+    from kvbm.loadgen.prompts import trace_jobs
+    from kvbm.loadgen.sender import send_all
+
+    before = [s.metrics() for s in servers]
+    results: list = [None] * len(servers)
+
+    def run(i):
+        jobs = trace_jobs(traces[i], args.speed, 1000, args.max_input, args.max_output)
+        results[i] = send_all(servers[i].url, servers[i].model, jobs, timeout=1800)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(servers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    delta: dict[str, float] = {}
+    for s, b in zip(servers, before):
+        for k, v in s.metrics().items():
+            delta[k] = delta.get(k, 0.0) + v - b.get(k, 0.0)
+    return [r for rs in results for r in rs], wall, delta
+
+
+def run_config(name: str, args, work: Path) -> dict:
+    from kvbm.loadgen.report import summarize
+    from kvbm.sim.traces import Trace, load_trace
+    from vllm_serve_helpers import BLOCK, CONFIG, KvbmServe, Server, kv_config, prompt, write_model
+
+    work = work / name
+    work.mkdir()
+    (work / "run").mkdir(mode=0o700)
+    model = write_model(work)
+    env = {"KVBM_RUNTIME_DIR": str(work / "run")}
+    pool = ("--num-gpu-blocks-override", str(args.pool))
+    g2 = {"name": "g2", "capacity": args.g2, "storage": {"name": "host", "pin": "never"}}
+    g2s = {**g2, "capacity": args.g2_small}
+    g3 = {"name": "g3", "capacity": args.g3, "storage": {"name": "disk", "path": str(work / "g3")}}
+    daemon = None
+    if name == "a":
+        servers = [Server(work, model, args=pool, env=env, name="a")]
+    elif name in ("b", "c", "e"):
+        tiers = [g2] if name == "b" else [g2s, g3]
+        if name == "e":  # engine core and worker in the API server's process: an in-process manager
+            env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        servers = [Server(work, model, kv=kv_config({"kvbm_config": {"tiers": tiers}}), args=pool, env=env,
+                          name=name)]
+    else:
+        layout = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
+                  "head_dim": CONFIG["head_dim"], "block_size": BLOCK, "dtype": "bfloat16"}
+        daemon = KvbmServe(work, layout, g2=args.g2_small, g3=args.g3).start()
+        servers = [Server(work, model, kv=kv_config(daemon.extra()), args=pool, env=env, name=f"d{i}")
+                   for i in range(2)]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait()
+            s.complete(prompt(99, 300), max_tokens=2)  # warm-up, not measured
+        trace = load_trace(args.trace)
+        if name == "d":
+            halves = [Trace([r for r in trace.requests if session_of(r) % 2 == i], trace.block_size, "mooncake")
+                      for i in range(2)]
+            traces = halves
+        else:
+            traces = [trace]
+        results, wall, delta = replay(servers, traces, args)
+    finally:
+        for s in servers:
+            s.stop()
+        if daemon is not None:
+            daemon.stop()
+    rep = summarize(results, wall)
+    return {"config": name, "label": CONFIGS[name], "requests": rep["requests"], "completed": rep["completed"],
+            "failed": rep["failed"], "ttft_p50_s": rep["ttft_s"]["p50"], "ttft_p99_s": rep["ttft_s"]["p99"],
+            "e2e_p50_s": rep["e2e_s"]["p50"], "wall_s": wall,
+            "kvbm_hit_tokens": delta.get("vllm:external_prefix_cache_hits", 0.0),
+            "vllm_hit_tokens": delta.get("vllm:prefix_cache_hits", 0.0),
+            "prompt_tokens_queried": delta.get("vllm:prefix_cache_queries", 0.0), "errors": rep["errors"]}
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["ttft_p50_s"] for r in rows if r["config"] == "a"), None)
+    out = ["| config | requests (failed) | TTFT p50 (s) | TTFT p99 (s) | vs a | E2E p50 (s) | kvbm hit tokens "
+           "| vLLM prefix-cache hit tokens | prompt tokens |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ratio = f"{r['ttft_p50_s'] / base:.2f}x" if base and r["ttft_p50_s"] else "-"
+        out.append(f"| {r['config']}: {r['label']} | {r['completed']} ({r['failed']}) | {r['ttft_p50_s']:.3f} | "
+                   f"{r['ttft_p99_s']:.3f} | {ratio} | {r['e2e_p50_s']:.3f} | {r['kvbm_hit_tokens']:.0f} | "
+                   f"{r['vllm_hit_tokens']:.0f} | {r['prompt_tokens_queried']:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="a,b,c,d,e")
+    ap.add_argument("--trace", default=str(SLICE))
+    ap.add_argument("--make-slice", type=int, metavar="SESSIONS", help="write the slice of N conversations, exit")
+    ap.add_argument("--speed", type=float, default=10.0, help="arrival times divided by this (default 10)")
+    ap.add_argument("--max-input", type=int, default=3968, help="prompt tokens (default 3968: 31 blocks)")
+    ap.add_argument("--max-output", type=int, default=8)
+    ap.add_argument("--pool", type=int, default=64, help="vLLM's KV pool in 128-token blocks (default 64)")
+    ap.add_argument("--g2", type=int, default=4096, help="kvbm G2 blocks in config b (default 4096)")
+    ap.add_argument("--g2-small", type=int, default=256, help="kvbm G2 blocks in configs c, d (default 256)")
+    ap.add_argument("--g3", type=int, default=4096, help="kvbm G3 blocks in configs c, d (default 4096)")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    if args.make_slice:
+        make_slice(args.make_slice, Path(args.trace))
+        print(f"wrote {args.trace}")
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvbm-serve-bench-") as tmp:
+        for name in args.configs.split(","):
+            print(f"[{name}] {CONFIGS[name]} ...", file=sys.stderr, flush=True)
+            rows.append(run_config(name, args, Path(tmp)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
