@@ -317,7 +317,8 @@ def section_demo(run: Run, plots: Path, out: Path, numpy_gbs, disk_limits) -> st
 def section_disk(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
     s = (f"### G2 <-> G3 (O_DIRECT slot file)\n\n`{run.shown}` — HostStorage <-> DiskStorage, best of "
          f"runs, beside `dd` (O_DIRECT, bs=2M; target ≥ 0.85×), fio psync and NIXL's POSIX backend "
-         f"(target ≥ 1.0×) on the same file system in the same run, where installed.\n\n")
+         f"(target ≥ 1.0×; the paired median over rounds, see bench_disk.py) on the same file system in the "
+         f"same run, where installed.\n\n")
     if not run.ok:
         return s + run.failure(), None
     r = run.json()
@@ -333,14 +334,21 @@ def section_disk(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
         cells = [f"{row['block'] >> 10} KiB"]
         for d in ("write", "read"):
             ours = row[f"kvbm_{d}_s"]
+            paired = row.get(f"ratio_nixl_{d}")
             cells += [f"{row['bytes'] / ours / 1e9:.2f}", ratio(ours, lim.get(f"dd_{d}_s")),
-                      ratio(ours, lim.get(f"fio_{d}_s")), ratio(ours, row.get(f"nixl_{d}_s"))]
+                      ratio(ours, lim.get(f"fio_{d}_s")),
+                      f"{paired:.2f}" if paired else ratio(ours, row.get(f"nixl_{d}_s"))]
             series[f"kvbm {d}"].append(row["bytes"] / ours / 1e9)
             series[f"dd {d}"].append(total / lim[f"dd_{d}_s"] / 1e9 if f"dd_{d}_s" in lim else None)
             nx = row.get(f"nixl_{d}_s")
             series[f"NIXL {d}"].append(row["bytes"] / nx / 1e9 if nx else None)
         table.append(cells)
     s += f"NIXL: {r['nixl']}; fio: {'yes' if 'fio_write_s' in lim else 'not installed'}; {total / 2**30:.1f} GiB per run.\n\n"
+    io_only = [f"{row['block'] >> 10} KiB: write {row['ratio_nixl_io_only_write']:.2f}×, read "
+               f"{row['ratio_nixl_io_only_read']:.2f}×" for row in r["rows"] if "ratio_nixl_io_only_write" in row]
+    if io_only:
+        s += ("kvbm's native I/O alone (the same batches through `ops.pwrite_blocks`/`pread_blocks`, no CRC-32C, "
+              "no index), ÷ NIXL POSIX: " + "; ".join(io_only) + ".\n\n")
     s += _table(["block", "write GB/s", "÷ dd", "÷ fio", "÷ NIXL", "read GB/s", "÷ dd", "÷ fio", "÷ NIXL"], table)
     series = {k: v for k, v in series.items() if any(v)}
     _grouped(plots / "disk.png", [f"{row['block'] >> 10} KiB blocks" for row in r["rows"]], series,

@@ -56,7 +56,8 @@ def ratios(ops: dict | None, disk: dict | None, obj: dict | None, daemon: dict |
                     out[f"g4_{d}_strict"] = case["ratios"][f"{d} strict"]["ratio"]
     if disk:
         for d in ("write", "read"):
-            each = [row[f"nixl_{d}_s"] / row[f"kvbm_{d}_s"] for row in disk["rows"] if row.get(f"nixl_{d}_s")]
+            each = [row.get(f"ratio_nixl_{d}", row.get(f"nixl_{d}_s", 0) / row[f"kvbm_{d}_s"])
+                    for row in disk["rows"] if row.get(f"nixl_{d}_s")]
             if each:
                 out[f"g3_{d}"] = min(each)
     if daemon and "nixl" in daemon:
