@@ -27,10 +27,11 @@ def content(key: int) -> np.ndarray:
 
 
 def manager(tmp_path, g2=8, g3=32, g4=None, **kw) -> BlockManager:
-    tiers = [{"name": "g2", "capacity": g2, "storage": {"name": "host", "pin": "never"}},
-             {"name": "g3", "capacity": g3, "storage": {"name": "disk", "path": str(tmp_path / "g3")}}]
+    # LRU everywhere: the tests narrate LRU victims (the default, `auto`, picks a policy itself)
+    tiers = [{"name": "g2", "capacity": g2, "eviction": "lru", "storage": {"name": "host", "pin": "never"}},
+             {"name": "g3", "capacity": g3, "eviction": "lru", "storage": {"name": "disk", "path": str(tmp_path / "g3")}}]
     if g4:
-        tiers.append({"name": "g4", "capacity": g4,
+        tiers.append({"name": "g4", "capacity": g4, "eviction": "lru",
                       "storage": {"name": "object", "url": f"file://{tmp_path / 'g4'}"}})
     cfg = KVBMConfig.from_dict({"tiers": tiers, **kw})
     cfg.layout = LAYOUT
@@ -134,7 +135,7 @@ def test_stores_find_room_without_demoting_on_their_own_thread(tmp_path, monkeyp
             with lock:
                 store(m, range(100 * r, 100 * r + 4))
             off.kick()
-            assert off.wait_idle(10)
+            assert off.wait_idle(60)
             assert m.tiers[0].capacity - m.tiers[0].used >= 8
     finally:
         off.close()
@@ -161,7 +162,7 @@ def test_concurrent_stores_and_offload_never_serve_wrong_bytes(tmp_path):
                     where = m.locate(probe)
                     held = [k for k, w in zip(probe, where) if w >= 0]
                     assert all(read_back(m, held))
-        off.wait_idle(10)
+        off.wait_idle(60)
     finally:
         off.close()
     with lock:
