@@ -365,6 +365,9 @@ def section_object(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
         return s + run.failure(), None
     r = run.json()
     s += "```\n" + r["machine"] + "\n" + r["head"] + "\n```\n\n"
+    if "cpu_s_per_gib" in r:
+        s += ("CPU per GiB on this machine in this run (one thread; what kvbm adds per object, and what a stock "
+              "botocore adds per PUT): " + ", ".join(f"{k} {v:.2f} s" for k, v in r["cpu_s_per_gib"].items()) + ".\n\n")
     rows, groups, ours, raw = [], [], [], []
     for case in r["cases"]:
         for d in ("write", "read"):
