@@ -48,14 +48,12 @@ import sys
 import time
 from pathlib import Path
 from common import cpu_model  # bench/common.py
-from report_history import History, issue17_section, ratios  # bench/report_history.py
+from report_history import CAUSES, History, issue17_section, ratios  # bench/report_history.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 START, END = "<!-- recorded:start -->", "<!-- recorded:end -->"
 BENCHES = ("replay", "sweep", "ops", "cost", "demo", "disk", "object", "daemon")
-# Issue 17: what bounds each data path where it trails its limit (measured; see RESULTS.md).
-CAUSES = {}
 POLICY_CAPS = [1000, 10_000, 30_000, 50_000, 100_000]
 # The reference LRU column of kvbm/sim/data/README.md (Mooncake, prefix hit ratio).
 LRU_REFERENCE = {1000: 0.0445, 10_000: 0.2112, 30_000: 0.3257, 50_000: 0.3546, 100_000: 0.3637}
