@@ -24,19 +24,38 @@ each would have served, and lets the best of them order the real tier.
                of the window's accesses; at most one switch per two checks
     switch     the new policy is built from the old one's resident keys, inserted in the old
                one's eviction order (least valuable first); the real tier keeps its blocks
-    start      LRU, until the minis have seen enough to disagree
+    start      hitdensity (plain LRU until it has learned), until the minis disagree
 
-Why these choices (fixed, not fitted to a trace): the candidates are the policies the issue
-names plus the project's best learned one; sample_slots=1024 keeps the mini caches large enough
-that SHARDS' error stays well under the gaps that matter, while the minis cost a bounded share
-of each operation (at most 1/4 of the keys are sampled, and 1/64 at large tiers). Switching
-keeps only keys, not the old policy's learned state: the statistical bar and the dwell time
-keep switches rare (a handful per trace), so the lost learning is small.
+Why these choices (fixed, not fitted to a trace; chosen on the grid's `tune` rows only, chat,
+agent, docqa and fanout of kvbm/sim/synth.py, never on Mooncake): the candidates are the
+policies the issue names plus the project's best learned one, hitdensity, which is also where
+auto starts (before it has learned, hitdensity is plain LRU). sample_slots=1024: below 1024
+blocks the minis run at full rate (exact), above it at 1024/capacity (at least 1/64), the
+sizes at which SHARDS' error stays well under the gaps that matter. A switch needs a lead of
+Z=2 standard deviations of the paired difference (the variance of a difference of prefix-hit
+counts is at most the number of accesses where the two disagree) and MARGIN=0.2 % of the
+window, held PERSIST=2 checks in a row; the window keeps KEEP=0.8 of its counts per check (a
+memory of ~5 checks). With Z=3 and KEEP=0.5 auto switched later and thrashed more (agent at
+10 %: 0.4992 against 0.5042).
 
-Memory per resident key: the active policy's own (LRU ~100 B ... hitdensity ~200 B) plus, for
-root blocks only, an entry in a set; the minis hold rate x (their per-key state) per resident
-key, ghosts included: about 1.2 KB x rate, under 300 B at 1/4 and 20 B at 1/64.
-Cost per operation: the active policy's, one hash per key, and the minis' on sampled keys.
+Measured (bench/RESULTS.md, "Robustness grid"): on Mooncake it runs hitdensity throughout
+(0.2362 at 10k blocks on the policy-level stream); it follows s3fifo at small tiers of chat and
+document traffic and prefix on agent sessions where the minis see them lead. Where it falls
+short of the best of lru/arc/s3fifo/prefix by more than 0.002: small tiers of the Mooncake
+halves (s3fifo leads there by up to 0.009: the minis see it late), document QA at 5 % (s3fifo
++0.006), and tiers smaller than one request (agent sessions of 206-block requests in a 127-block
+tier: auto 0.171, prefix 0.261), where a mini cache cannot model the manager's refusal of a
+store larger than the tier and the run protections of a long store. Switching keeps only keys,
+not the old policy's learned state (hitdensity's tables are warm-started from its mini).
+
+Memory per resident key: the active policy's own (LRU ~100 B ... hitdensity ~200 B), a parent
+entry (~100 B, for a switch to a structured policy) and, for root blocks only, a set entry; the
+minis hold `rate` x their per-key state per resident key, ghosts included: about 1.2 KB x rate
+(all of it at rate 1, i.e. tiers under 1024 blocks; under 20 B at 1/64).
+Cost per operation: the active policy's, one hash per key, and the minis' on sampled keys. On
+the Mooncake stream at 10k blocks (rate 0.1) auto costs about 1.15x hitdensity, which is itself
+well above 5x LRU per operation (bench/bench_policy_cost.py): the 5x bound is not met while
+hitdensity is the active policy.
 """
 
 from __future__ import annotations
@@ -187,6 +206,7 @@ class AutoPolicy(EvictionPolicy):
         self._seen += n
         ends_run = stored and sample[-1] is keys[-1]
         counted = []
+        before = None
         for i, mini in enumerate(self._minis):
             hits = [k for k in sample if k in mini]
             j = 0
@@ -212,10 +232,12 @@ class AutoPolicy(EvictionPolicy):
             if mini.__class__ is HitDensityPolicy:
                 mini.insert_run(new, len(keys), ends_run)
             elif mini.wants_structure:
-                hs, prev = [], parent
-                for k in new:
-                    hs.append(Hints(parent=prev, position=0 if prev is None else 1))
-                    prev = k
+                if before is None:  # each sampled key's parent: the sampled key before it
+                    before, prev = {}, parent
+                    for k in sample:
+                        before[k] = prev
+                        prev = k
+                hs = [Hints(parent=before[k], position=0 if before[k] is None else 1) for k in new]
                 mini.insert_many(new, hs)
             else:
                 mini.insert_many(new, None)
