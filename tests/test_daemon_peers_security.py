@@ -127,7 +127,6 @@ class _Peer:
 
 @pytest.mark.skipif(not HAS_PEER_SECRET, reason="before daemon.peer_secret_file")
 def test_handshake_needs_the_secret_and_binds_lookups_to_a_namespace(started, tmp_path):
-    from kvbm.blocks import KVLayout  # noqa: F401
     from kvbm.daemon.leases import namespace_of
     from servedaemon import LAYOUT
 
