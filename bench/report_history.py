@@ -42,93 +42,23 @@ CAUSES = {
     "g2_gather_1t": "glibc's memcpy uses streaming (non-temporal) stores only above 192 MiB here (`ld.so "
                     "--list-diagnostics`), so each 256 KiB block copy paid a read-for-ownership per line: 3 bytes of "
                     "memory traffic per byte vs the sequential copy's 2. Fixed: batches ≥ 8 MiB stream (csrc/stream_copy.cpp).",
-    "g2_gather_auto": ("G2 batched gather, threads=auto", "÷ one thread's sequential copy",
-                       "quiet 0.83–0.87×, beside a job 0.59–0.67×", 1.0),
-    "g2_fused_crc": ("G2 gather + CRC-32C per block, one thread (fused, new)",
-                     "÷ one thread's sequential copy", "copy then checksum: 2 passes", None),
-    "g4_write": ("G2 → G4, moto S3", "÷ raw s3fs (stock client)", "quiet 0.96×, beside a job 0.72×", 0.9),
-    "g4_read": ("G4 → G2, moto S3", "÷ raw s3fs (stock client, ranged GET)", "quiet 0.97×, beside a job 0.89×", 0.9),
-    "g4_write_strict": ("G2 → G4, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
-    "g4_read_strict": ("G4 → G2, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
-    "g3_write": ("G2 → G3, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.90–0.95×", 1.0),
-    "g3_read": ("G3 → G2, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.94–1.12×", 1.0),
-    "daemon_nixl": ("daemon peer pull over NIXL (bench_daemon.py nixl)", "÷ bare two-agent READ, /dev/shm (median)",
-                    "0.59–0.81× (recorded)", 0.9),
-}
-
-
-# Issue 17: what bounds each data path where it trails its limit (measured; see RESULTS.md).
-CAUSES = {
-    "g2_gather_1t": "Was: glibc's memcpy streams (non-temporal stores) only above its non_temporal_threshold, 192 MiB "
-                    "here (`ld.so --list-diagnostics`), so each 256 KiB block copy paid a read-for-ownership per line "
-                    "(3 bytes of memory traffic per byte copied, the 1 GiB sequential copy 2); a C microbench, loaded "
-                    "machine: 1.25 vs 2.32 GB/s. Fixed: batches ≥ 8 MiB use streaming stores (csrc/stream_copy.cpp); "
-                    "in C the random-order gather now runs at 1.02× the sequential streaming copy.",
-    "g2_gather_auto": "The second thread shares two cores with every other job, so it mostly adds memory traffic when "
-                      "a core is free; tasks are now ≤ 1/16 of a thread's share so a descheduled worker holds the "
-                      "batch back by one small task, not half of it.",
+    "g2_gather_auto": "The second thread shares two cores with every other job, so it adds bandwidth only when a core "
+                      "is free; tasks are now ≤ 1/16 of a thread's share, so a descheduled worker holds the batch back "
+                      "by one small task, not half of it.",
     "g2_fused_crc": "A copy then crc32c_blocks reads each byte from memory twice; the fused op checksums each 64 KiB "
                     "piece and copies it from cache. Bound: the CRC's CPU time (one core, serial with the copy).",
     "g4_write": "kvbm adds CRC-32C, HMAC-SHA256 (H12b's MAC, 0.77 s CPU/GiB) and the body copy, ~1 s CPU/GiB that "
                 "moto needs on 2 busy cores; botocore's own CRC32 of every PUT body (0.5 s/GiB), redundant with ours, is "
                 "now off for kvbm's client. Left: the MAC (Poly1305 would cost 17× less here).",
-    "g4_read": ("G4 → G2, moto S3", "÷ raw s3fs (stock client, ranged GET)", "quiet 0.97×, beside a job 0.89×", 0.9),
-    "g4_write_strict": ("G2 → G4, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
-    "g4_read_strict": ("G4 → G2, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
-    "g3_write": ("G2 → G3, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.90–0.95×", 1.0),
-    "g3_read": ("G3 → G2, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.94–1.12×", 1.0),
-    "daemon_nixl": ("daemon peer pull over NIXL (bench_daemon.py nixl)", "÷ bare two-agent READ, /dev/shm (median)",
-                    "0.59–0.81× (recorded)", 0.9),
-}
-
-
-# Issue 17: what bounds each data path where it trails its limit (measured; see RESULTS.md).
-CAUSES = {
-    "g2_gather_1t": "glibc's memcpy uses streaming (non-temporal) stores only above 192 MiB here (`ld.so "
-                    "--list-diagnostics`), so each 256 KiB block copy paid a read-for-ownership per line: 3 bytes of "
-                    "memory traffic per byte vs the sequential copy's 2. Fixed: batches ≥ 8 MiB stream (csrc/stream_copy.cpp).",
-    "g2_gather_auto": ("G2 batched gather, threads=auto", "÷ one thread's sequential copy",
-                       "quiet 0.83–0.87×, beside a job 0.59–0.67×", 1.0),
-    "g2_fused_crc": ("G2 gather + CRC-32C per block, one thread (fused, new)",
-                     "÷ one thread's sequential copy", "copy then checksum: 2 passes", None),
-    "g4_write": ("G2 → G4, moto S3", "÷ raw s3fs (stock client)", "quiet 0.96×, beside a job 0.72×", 0.9),
-    "g4_read": ("G4 → G2, moto S3", "÷ raw s3fs (stock client, ranged GET)", "quiet 0.97×, beside a job 0.89×", 0.9),
-    "g4_write_strict": ("G2 → G4, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
-    "g4_read_strict": ("G4 → G2, moto S3", "÷ raw s3fs with kvbm's client config", "-", None),
-    "g3_write": ("G2 → G3, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.90–0.95×", 1.0),
-    "g3_read": ("G3 → G2, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.94–1.12×", 1.0),
-    "daemon_nixl": ("daemon peer pull over NIXL (bench_daemon.py nixl)", "÷ bare two-agent READ, /dev/shm (median)",
-                    "0.59–0.81× (recorded)", 0.9),
-}
-
-
-# Issue 17: what bounds each data path where it trails its limit (measured; see RESULTS.md).
-CAUSES = {
-    "g2_gather_1t": "Was: glibc's memcpy streams (non-temporal stores) only above its non_temporal_threshold, 192 MiB "
-                    "here (`ld.so --list-diagnostics`), so each 256 KiB block copy paid a read-for-ownership per line "
-                    "(3 bytes of memory traffic per byte copied, the 1 GiB sequential copy 2); a C microbench, loaded "
-                    "machine: 1.25 vs 2.32 GB/s. Fixed: batches ≥ 8 MiB use streaming stores (csrc/stream_copy.cpp); "
-                    "in C the random-order gather now runs at 1.02× the sequential streaming copy.",
-    "g2_gather_auto": "The second thread shares two cores with every other job, so it mostly adds memory traffic when "
-                      "a core is free; tasks are now ≤ 1/16 of a thread's share so a descheduled worker holds the "
-                      "batch back by one small task, not half of it.",
-    "g2_fused_crc": "A copy then crc32c_blocks reads each byte from memory twice; the fused op checksums each 64 KiB "
-                    "piece and copies it from cache. Bound: the CRC's CPU time (one core, serial with the copy).",
-    "g4_write": "kvbm adds CRC-32C + HMAC-SHA256 (H12b's MAC) + the body copy, ~1 s CPU/GiB (row 'CPU per GiB' in the "
-                "G4 section; HMAC alone 0.77 s/GiB quiet), and on 2 busy cores that CPU is moto's. Fixed part: botocore "
-                "≥ 1.36 also CRC32s every PUT body in Python (0.5–0.7 s/GiB), redundant with our CRC + MAC: off for "
-                "kvbm's client. Left: the MAC; Poly1305 (cryptography) runs 17× faster than HMAC-SHA256 here.",
-    "g4_read": "Same cause: kvbm verifies CRC-32C + HMAC-SHA256 and copies into G2 (~1 s CPU/GiB) where a raw ranged "
-               "GET does nothing with the bytes; botocore's response CRC32 never ran on ranged GETs, so nothing to "
-               "take back. Bound: the MAC's CPU.",
+    "g4_read": "Same: kvbm verifies CRC-32C + HMAC-SHA256 and copies into G2 (~1 s CPU/GiB) where a raw ranged GET "
+               "does nothing with the bytes (botocore never checks ranged GETs, so nothing to take back). Bound: the MAC.",
     "g4_write_strict": "The raw client with kvbm's own settings (no botocore CRC32): the MAC's full cost shows.",
     "g4_read_strict": "As above.",
-    "g3_write": "kvbm's native I/O alone matches NIXL POSIX (io-only row in the G3 section); the gap is the CRC-32C "
-                "of every block (beside the AIO, on a second task) that NIXL does not compute: ~0.1 s CPU/GiB, "
-                "which a loaded machine stretches (a thread gets a fraction of a core).",
+    "g3_write": "kvbm's native I/O alone matches NIXL POSIX (io-only in the G3 section); the gap is the CRC-32C of "
+                "every block, which NIXL does not compute: ~0.1 s CPU/GiB that a loaded machine stretches.",
     "g3_read": "Same: the CRC-32C pass over the bytes the disk DMA'd into G2 (a torn or stale block must be a miss), "
                "which NIXL skips; io-only reads match NIXL. Bound: one memory pass of CPU per byte read.",
-    "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools are 4 KiB pages "
+    "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools stay 4 KiB pages "
                    "(shmem_enabled=never), so MADV_HUGEPAGE in HostStorage does not reach them.",
 }
 
