@@ -25,7 +25,6 @@ simulator's) roll back exactly.
 from __future__ import annotations
 
 import functools
-from copy import copy
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +69,7 @@ class Journal:
         n = len(mgr.tiers)
         self.seen: list[dict] = [{} for _ in range(n)]  # key -> (ready, pending, pins, busy, tracked)
         self.keys: dict = {}  # key -> (hints, parent) before the call
-        self.stats = [copy(t.stats) for t in mgr.tiers]
+        self.stats = [t.stats.copy() for t in mgr.tiers]
         self.nevents = len(mgr._events)
         self.tickets = list(mgr._tickets)
         self.allocated: list[set] = [set() for _ in range(n)]  # new slots, still held

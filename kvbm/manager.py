@@ -259,7 +259,7 @@ class BlockManager(Placement, Onboard, ByteJobs):
         ev = self._events if self._record_events else None
         j = self._j
         for t, keys, slots, _ in job.runs:
-            j.saw_all(t, keys)
+            j.saw_all(t, keys, tracked=True)  # pending: inserted when reserved
             pending = t.pending
             for k in keys:
                 del pending[k]
@@ -296,7 +296,7 @@ class BlockManager(Placement, Onboard, ByteJobs):
             victims = self._evict(top, len(run) - free) if len(run) > free else []
             if victims is not None:  # else: the general path below handles a refusing policy
                 self._evicted_all(top, victims)
-                self._j.saw_all(top, run)
+                self._j.saw_all(top, run, tracked=False)
                 top.policy.insert_many(run, None)
                 top.ready.update(dict.fromkeys(run))
                 top.stats.stores += len(run)

@@ -42,7 +42,7 @@ class Placement:
             run = list(run)
         j = self._j
         if j is not None:
-            j.saw_all(t, run)
+            j.saw_all(t, run, tracked=False)  # all new to t
         if hints is None and not self._structured:
             t.policy.insert_many(run, None)
         else:
@@ -194,9 +194,7 @@ class Placement:
         that are admitted); the rest leave the hierarchy."""
         if not victims:
             return
-        j = self._j
-        if j is not None:
-            j.saw_all(t, victims)
+        j = self._j  # (victims come from _evict, which showed them to the journal)
         nxt = self.tiers[t.index + 1] if t.index + 1 < len(self.tiers) else None
         t.stats.evictions += len(victims)
         if nxt is None and t.storage.instant and not self._record_events and not self._stateful:
@@ -239,20 +237,24 @@ class Placement:
                 movers = movers[short:]
         keys = [v for v, _ in movers]
         src_slots = [slot for _, slot in movers]
-        dst_slots = [self._alloc(nxt) for _ in movers]
+        alloc = nxt.storage.allocate if j is None or nxt.storage.instant else self._alloc_in(nxt)
+        dst_slots = [alloc() for _ in movers]
         ok = self._move(t, src_slots, nxt, dst_slots, keys)
         if j is not None:
-            j.saw_all(nxt, keys)
+            j.saw_all(nxt, keys, tracked=False)  # new to nxt
+        free = t.storage.free if j is None or t.storage.instant else self._free_in(t)
+        insert, ready, hints, structured = nxt.policy.insert, nxt.ready, self._hints, nxt.policy.wants_structure
         for v, slot, dst, good in zip(keys, src_slots, dst_slots, ok):
             if not good:  # the medium failed (full, I/O error): the block drops
                 self._free(nxt, dst)
                 nxt.stats.failed += 1
                 self._dropped(t, v, slot)
                 continue
-            nxt.policy.insert(v, self._hints_for(nxt, v, self._hints.get(v), *self._structure(v)))
-            nxt.ready[v] = dst
+            h = hints.get(v)
+            insert(v, self._hints_for(nxt, v, h, *self._structure(v)) if structured else h)
+            ready[v] = dst
             nxt.stats.demotions_in += 1
-            self._free(t, slot)
+            free(slot)
             self._event("moved", v, nxt.name, t.name)
 
     def _dropped(self, t: Tier, key: Any, slot: Any) -> None:
@@ -313,6 +315,12 @@ class Placement:
         for key in t.ready:
             if key not in policy:
                 policy.insert(key, self._hints_for(t, key, self._hints.get(key), *self._structure(key)))
+
+    def _alloc_in(self, t: Tier):
+        return lambda: self._j.allocate(t)
+
+    def _free_in(self, t: Tier):
+        return lambda slot: self._j.free(t, slot)
 
     def _alloc(self, t: Tier) -> Any:
         j = self._j

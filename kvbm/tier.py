@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple, Sequence
 
 from .policies.base import AdmissionPolicy, EvictionPolicy
@@ -37,6 +37,12 @@ class TierStats:
     failed: int = 0  # writes rolled back (a medium error, or the caller said so)
     load_failures: int = 0  # reads that did not return intact bytes (the block was dropped)
     recovered: int = 0  # blocks found again at start (persistent media)
+
+    def copy(self) -> "TierStats":
+        return TierStats(*map(self.__getattribute__, _STAT_FIELDS))
+
+
+_STAT_FIELDS = tuple(f.name for f in fields(TierStats))
 
 
 class Tier:
