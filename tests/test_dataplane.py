@@ -28,8 +28,9 @@ def make(layout, tiers, **kw):
 
 def g1g2(layout, g1=4, g2=8, **kw):
     return make(layout, [
-        {"name": "g1", "capacity": g1, "storage": {"name": "device", "device": "cpu"}},
-        {"name": "g2", "capacity": g2, "storage": "host"},
+        # LRU named: the narrated victims below are LRU's (the default eviction is 'auto')
+        {"name": "g1", "capacity": g1, "eviction": "lru", "storage": {"name": "device", "device": "cpu"}},
+        {"name": "g2", "capacity": g2, "eviction": "lru", "storage": "host"},
     ], **kw)
 
 
