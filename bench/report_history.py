@@ -137,7 +137,8 @@ def issue17_section(history: History, causes: dict[str, str]) -> str:
          f"Quiet: `python bench/report.py` ({when(quiet)}); beside a hog: `python bench/report.py --hog` with one "
          f"core busy in a `while True: pass` process ({when(hog)}). This machine is 2 cores shared with other "
          f"engineers' tests: the load average says how quiet \"quiet\" was. ⚠ = more than {DROP:.0%} below the "
-         f"last run of the same condition (kept in `bench/report_last.json`).\n\n")
+         f"last run of the same condition (kept in `bench/report_last.json`). At load averages above ~10 a ratio "
+         f"moves by ±30 % between runs, more than most gaps: each cause names the measurement that shows it.\n\n")
     s += "| path | ratio | issue's figure | quiet | beside a hog | target | cause of the gap |\n"
     s += "| --- | --- | --- | --- | --- | --- | --- |\n"
     for key, (path, what, before, target) in ROWS.items():
