@@ -421,7 +421,9 @@ def recorded(previous: Path) -> str:
         return "_No recorded figures: there was no RESULTS.md to carry over._\n"
     text = previous.read_text()
     if START in text and END in text:
-        return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+        inside = text.split(START, 1)[1].split(END, 1)[0].strip("\n")
+        after = text.split(END, 1)[1].strip("\n")  # a section someone appended after the marker: kept
+        return inside + ("\n\n" + after if after else "") + "\n"
     body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the first run: all of it
     body = re.sub(r"^(#{2,5}) ", r"#\1 ", body, flags=re.M)  # one level down, under "Recorded"
     return body.strip("\n") + "\n"
