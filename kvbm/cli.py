@@ -55,7 +55,7 @@ def parse_tier(spec: str, layout) -> Any:
         capacity = parse_capacity(parts[0], layout, f"--tier {name} capacity")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    eviction = parts[1] if len(parts) > 1 and parts[1] else "auto"
+    eviction = parts[1] if len(parts) > 1 and parts[1] else "lru"
     admission = parts[2] if len(parts) > 2 and parts[2] else "always"
     return TierConfig(name, capacity, PolicySpec(eviction), PolicySpec(admission))
 
@@ -131,7 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif base is not None:
         tiers = [_tier_dict(t) for t in base.tiers]
     else:
-        tiers = [{"name": "g2", "capacity": 10000, "eviction": "auto"}]
+        tiers = [{"name": "g2", "capacity": 10000, "eviction": "lru"}]
     # Order, duplicates and names are validated by the same code as config files.
     config = KVBMConfig.from_dict({
         "tiers": tiers,

@@ -101,7 +101,7 @@ class PolicySpec:
 class TierConfig:
     name: str
     capacity: int  # blocks
-    eviction: PolicySpec = field(default_factory=lambda: PolicySpec("auto"))
+    eviction: PolicySpec = field(default_factory=lambda: PolicySpec("lru"))
     admission: PolicySpec = field(default_factory=lambda: PolicySpec("always"))
     storage: PolicySpec = field(default_factory=lambda: PolicySpec("null"))
     # Blocks kept free by background offload (kvbm.offload) where a tier below exists; None:
@@ -196,7 +196,7 @@ def _parse_tier(raw: Any, i: int, layout: KVLayout | None) -> TierConfig:
     return TierConfig(
         name=name,
         capacity=capacity,
-        eviction=PolicySpec.parse(raw.get("eviction", "auto"), f"{where}.eviction"),
+        eviction=PolicySpec.parse(raw.get("eviction", "lru"), f"{where}.eviction"),
         admission=PolicySpec.parse(raw.get("admission", "always"), f"{where}.admission"),
         storage=PolicySpec.parse(raw.get("storage", "null"), f"{where}.storage"),
         headroom=_parse_headroom(raw.get("headroom"), capacity, layout, f"{where}.headroom"),

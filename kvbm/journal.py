@@ -156,10 +156,13 @@ class Journal:
     def _policy(self, t: "Tier") -> None:
         """The policy tracks the keys it tracked before the call again (an evict that raised
         midway was repaired where it raised: Placement._evict)."""
-        m, policy = self.mgr, t.policy
+        m, policy, ready, pending = self.mgr, t.policy, t.ready, t.pending
         for key, state in self.seen[t.index].items():
             tracked = key in policy
-            if state[4] and not tracked:
+            # a block _slots dropped (its slot was given back) is not tracked again: a policy
+            # must never name a victim the tier no longer holds
+            want = state[4] and (key in ready or key in pending)
+            if want and not tracked:
                 policy.insert(key, m._hints_for(t, key, m._hints.get(key), *m._structure(key)))
-            elif tracked and not state[4]:
+            elif tracked and not want:
                 policy.remove(key)

@@ -439,11 +439,13 @@ class BlockManager(Placement, Onboard, ByteJobs):
     def remove(self, keys: Iterable[Any]) -> int:
         """Invalidate keys in every tier; a busy (pinned, in-flight) block raises RuntimeError
         and nothing is removed."""
-        n = 0
-        for key in keys:
+        keys = list(keys)
+        for key in keys:  # all checked first: a busy key anywhere in the list removes nothing
             for t in self.tiers:
                 if key in t.busy:
                     raise RuntimeError(f"cannot remove {key!r} from {t.name}: it is pinned or in flight")
+        n = 0
+        for key in keys:
             for t in self.tiers:
                 if key in t.ready:
                     self._drop(t, key)
