@@ -31,6 +31,7 @@ from ..base import AdmissionPolicy
 class SecondChanceAdmission(AdmissionPolicy):
     name = "second_chance"
     observes = True
+    remembers_offers = True  # admit() records a first offer as a ghost: not pure, by design
 
     def __init__(self, *, max_tracked=1 << 18, **kw):
         super().__init__(**kw)
