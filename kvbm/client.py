@@ -141,9 +141,8 @@ class Client:
                 reply = self._roundtrip(op, rid, msg)
             except TimeoutError:
                 if op in _CANCELLED_ON_TIMEOUT and self.session is not None:
-                    # The daemon may still do it later: have it undone then (or refused, if the
-                    # cancel gets there first). Fire and forget: the daemon may be gone.
-                    self._send(request("cancel", self._take_id(), self.token, self.session, cancels=rid))
+                    # The daemon may still do it later: _roundtrip sent a cancel so that it is
+                    # undone then (or refused, if the cancel gets there first).
                     raise
                 if op not in _RETRIED_ON_TIMEOUT:
                     raise
@@ -196,8 +195,20 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                # a fresh socket, so a late reply cannot be taken for the next request's
-                self._sock.close(0)
+                # a fresh socket, so a late reply cannot be taken for the next request's. The
+                # cancel goes out on the old, connected socket, lingering so that it reaches the
+                # daemon's socket even while the daemon is stopped (a fresh socket cannot finish
+                # its handshake then, and its queue was dropped at close: the request leaked)
+                old = self._sock
+                if op in _CANCELLED_ON_TIMEOUT and self.session is not None:
+                    try:
+                        old.send(request("cancel", self._take_id(), self.token, self.session,
+                                         cancels=rid), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                    old.close(2000)
+                else:
+                    old.close(0)
                 self._sock = self._socket()
                 raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
             reply = unpack(self._sock.recv(), 1 << 22)
