@@ -214,10 +214,7 @@ class Onboarding:
             except Exception as exc:
                 log.exception("request %s failed after onboarding", op)
                 out = P.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
-            self._drain_events()
-            self._send(envelope, out)
-            self.counters["requests"] += 1
-            self.metrics.observe(op, time.perf_counter() - t0)
+            self._answer(envelope, out, op, t0)
 
         self.onboarder.wait(skeys, finish, wait_s)
         return DEFERRED

@@ -230,6 +230,10 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         except Exception as exc:  # a bug must not take the node's cache down: log, answer, go on
             log.exception("request %s failed", op)
             out = P.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
+        self._answer(envelope, out, op, t0)
+
+    def _answer(self, envelope: list[bytes], out: bytes, op: str, t0: float) -> None:
+        """Send a reply (now or after a deferral) with the events it caused, and count it."""
         self._drain_events()
         self._send(envelope, out)
         self.counters["requests"] += 1

@@ -29,6 +29,8 @@ import re
 
 import numpy as np
 
+from .transport import alive
+
 SHM_DIR = "/dev/shm"
 
 
@@ -105,7 +107,7 @@ def sweep(prefix: str) -> int:
         return 0
     for name in names:
         m = pat.match(name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or alive(int(m.group(1))):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))
@@ -114,12 +116,3 @@ def sweep(prefix: str) -> int:
             pass
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
