@@ -2,6 +2,7 @@
 
     python bench/vllm_serve_compare.py                      # all five configs, markdown table
     python bench/vllm_serve_compare.py --configs a,b --json out.json
+    python bench/vllm_serve_compare.py --configs c,e,c,e     # alternate A/B runs: compare ratios
 
 The slice (bench/data/mooncake_sessions.jsonl, made by --make-slice from the bundled Mooncake
 trace): the turns of the first multi-turn conversations, in arrival order, prompts cut to
@@ -150,13 +151,13 @@ def run_config(name: str, args, work: Path) -> dict:
 def table(rows: list[dict]) -> str:
     base = next((r["ttft_p50_s"] for r in rows if r["config"] == "a"), None)
     out = ["| config | requests (failed) | TTFT p50 (s) | TTFT p99 (s) | vs a | E2E p50 (s) | kvbm hit tokens "
-           "| vLLM prefix-cache hit tokens | prompt tokens |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| vLLM prefix-cache hit tokens | prompt tokens | load avg (start, end) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['ttft_p50_s'] / base:.2f}x" if base and r["ttft_p50_s"] else "-"
         out.append(f"| {r['config']}: {r['label']} | {r['completed']} ({r['failed']}) | {r['ttft_p50_s']:.3f} | "
                    f"{r['ttft_p99_s']:.3f} | {ratio} | {r['e2e_p50_s']:.3f} | {r['kvbm_hit_tokens']:.0f} | "
-                   f"{r['vllm_hit_tokens']:.0f} | {r['prompt_tokens_queried']:.0f} |")
+                   f"{r['vllm_hit_tokens']:.0f} | {r['prompt_tokens_queried']:.0f} | {r.get('load_avg', '-')} |")
     return "\n".join(out)
 
 
@@ -180,9 +181,12 @@ def main() -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvbm-serve-bench-") as tmp:
-        for name in args.configs.split(","):
+        for i, name in enumerate(args.configs.split(",")):  # a name may repeat: alternate A/B runs
             print(f"[{name}] {CONFIGS[name]} ...", file=sys.stderr, flush=True)
-            rows.append(run_config(name, args, Path(tmp)))
+            (Path(tmp) / str(i)).mkdir()
+            load0 = os.getloadavg()[0]
+            rows.append(run_config(name, args, Path(tmp) / str(i)))
+            rows[-1]["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]  # at start, at end
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(table(rows))

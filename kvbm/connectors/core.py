@@ -202,24 +202,36 @@ class ManagerBackend:
 
 
 class DaemonBackend:
-    """The daemon path: a kvbm.client.Client; transfers run on one thread, tickets are futures.
+    """The daemon path: kvbm.client.Client sessions; transfers run on two lanes, tickets are futures.
 
-    The daemon owns the tiers and their policies: per-block Hints (priorities) are not sent.
-    A store that fails (daemon gone, timeout) is a future miss; a load that fails reports its
-    blocks as not arrived, never scattered.
+    Loads and stores go on lanes of their own, each a thread with its own client (session,
+    socket, window): a load the engine waits on (time to first token) never queues behind the
+    stores submitted before it, on this side or in the client's lock. Lookups use the load
+    lane's client (short round trips, also on the critical path). The store lane's client is
+    opened on its thread at the first store, so a scheduler-only process (vLLM's
+    multiprocessing executor) holds one session.
+
+    The daemon owns the tiers and their policies. A store that fails (daemon gone, timeout) is
+    a future miss; a load that fails reports its blocks as not arrived, never scattered.
     """
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, client: Any, store_client: Any = None, connect_store: Any = None) -> None:
+        self.client = client  # lookups and loads
         self.block_nbytes = client.block_nbytes
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon")
+        self._store_client = store_client
+        self._connect_store = connect_store  # () -> a Client, on the store lane at first use
+        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load")
+        self._stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-store")
 
     @classmethod
     def connect(cls, address: str, layout: KVLayout, model: str, salt: str = "",
                 token: str | None = None, timeout: float = 10.0) -> DaemonBackend:
         from ..client import Client
 
-        return cls(Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout))
+        def opener() -> Client:
+            return Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout)
+
+        return cls(opener(), connect_store=opener)
 
     pins = False  # the daemon's lookup pins nothing yet: a promised block can still go before its load
 
@@ -244,12 +256,22 @@ class DaemonBackend:
     def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
                     position: int = 0) -> Future:
         per_key = None if hints is None else list(hints)  # retention priorities cross to the daemon
-        ticket = self._pool.submit(self.client.store, list(keys), list(staging), parent, position, per_key)
+        ticket = self._stores.submit(self._store, list(keys), list(staging), parent, position, per_key)
         ticket.add_done_callback(_log_store_error)
         return ticket
 
+    def _store(self, keys: list, staging: list, parent: Any, position: int, hints: Any) -> int:
+        """On the store lane: its own client, opened here at the first store (or reopened after
+        a failed open: the daemon may be back)."""
+        if self._store_client is None:
+            if self._connect_store is None:
+                self._store_client = self.client  # built around one client: one session for both
+            else:
+                self._store_client = self._connect_store()
+        return self._store_client.store(keys, staging, parent, position, hints)
+
     def start_load(self, keys: Sequence[Any], staging: Any) -> Future:
-        return self._pool.submit(self.client.load, list(keys), list(staging))
+        return self._loads.submit(self.client.load, list(keys), list(staging))
 
     def poll(self, tickets: Sequence[Any], wait: bool = False) -> None:
         if wait:
@@ -266,7 +288,10 @@ class DaemonBackend:
         return ticket.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._loads.shutdown(wait=True)
+        self._stores.shutdown(wait=True)
+        if self._store_client is not None and self._store_client is not self.client:
+            self._store_client.close()
         self.client.close()
 
 
