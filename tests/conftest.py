@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
-from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDatabase, ReadOnlyDatabase
 
 try:
     import kvbm  # noqa: F401
@@ -21,6 +21,7 @@ except ModuleNotFoundError as exc:
                 f"editable mode; run: pip install --no-build-isolation -e \".[dev]\" (extras inside "
                 f"the brackets, e.g. \".[dev,plot]\")", returncode=4)
 
+from hypothesis_budget import examples  # noqa: E402
 from kvbm.cli import BUNDLED  # noqa: E402
 from kvbm.sim.traces import load_trace  # noqa: E402
 
@@ -29,15 +30,23 @@ from kvbm.sim.traces import load_trace  # noqa: E402
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="kvbm-test-config-")
 atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 
-# Hypothesis stays random in CI, and every failure it finds is kept in tests/.hypothesis-db
-# (committed with the fix), so it is replayed first on every later run, on every machine.
-# Known failures also live on as @example. Profiles: "ci" (default: each test's own example
-# count), "thorough" (HYPOTHESIS_PROFILE=thorough: 2,000 examples where a test does not pin
-# its own count, e.g. tests/test_manager_atomic.py).
-_DB = DirectoryBasedExampleDatabase(str(Path(__file__).parent / ".hypothesis-db"))
+# Hypothesis stays random in CI. Failures found earlier are replayed first on every run, from
+# tests/.hypothesis-db (committed), which the suite only reads: hypothesis deletes an entry once
+# it stops failing, and a run must neither dirty the checkout nor shrink the replay set. What a
+# run finds goes to .hypothesis/examples (gitignored, this machine only). To keep a new failure
+# forever, before the fix makes it pass (a passing entry is deleted from the local database):
+#   - best, an @example beside its test (or, for a state machine, a narrated test of the steps);
+#   - or copy the local entries into the committed database and commit them with the fix:
+#       cp -rn .hypothesis/examples/. tests/.hypothesis-db/
+# KVBM_HYPOTHESIS_EXAMPLES=2000 raises every test's example count (tests/hypothesis_budget.py);
+# CI keeps each test's own, small count.
+_COMMITTED = ReadOnlyDatabase(DirectoryBasedExampleDatabase(Path(__file__).parent / ".hypothesis-db"))
+_LOCAL = DirectoryBasedExampleDatabase(Path(__file__).parent.parent / ".hypothesis" / "examples")
+_DB = MultiplexedDatabase(_COMMITTED, _LOCAL)
 settings.register_profile("ci", database=_DB)
-settings.register_profile("thorough", database=_DB, max_examples=2000)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile("thorough", database=_DB, max_examples=examples(2000))
+settings.load_profile("thorough" if os.environ.get("KVBM_HYPOTHESIS_EXAMPLES")
+                      else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,9 @@ before or after that call did its work (n drawn per step). After a step that rai
 tier's ready / pending / busy / pins, the policies' tracked keys, hints, counters and events
 are compared with the state before it; after one that did not, the invariants are checked.
 
-Examples: 30 per case in CI; `HYPOTHESIS_PROFILE=thorough` runs 2,000 per case (tests/conftest.py).
-Failures found are kept in tests/.hypothesis-db and replayed first on every run.
+Examples: 30 per case in CI; `KVBM_HYPOTHESIS_EXAMPLES=2000` runs 2,000 per case
+(tests/hypothesis_budget.py). Failures found earlier are replayed first from tests/.hypothesis-db
+(read-only; see tests/conftest.py for how to keep a new one).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from hypothesis_budget import examples
 from kvbm.journal import Journal
 from kvbm.manager import BlockManager, Tier
+from kvbm.policies.base import Hints
 from kvbm.registry import ADMISSION, EVICTION
 from kvbm.tiers.null import NullStorage
 
@@ -27,6 +30,12 @@ UNIVERSE = range(10)
 KEYS = st.lists(st.sampled_from(UNIVERSE), min_size=1, max_size=5, unique=True)
 # None: no fault; (n, after): the n-th call into a policy or storage raises, before or after it ran
 FAULT = st.one_of(st.none(), st.tuples(st.integers(0, 25), st.booleans()))
+# a store's retention priority (None: no hints), which priority_floor admission and priority eviction read
+PRIORITY = st.one_of(st.none(), st.integers(0, 100))
+
+
+def hints(priority):
+    return None if priority is None else Hints(priority=priority)
 
 
 class Injected(Exception):
@@ -190,19 +199,19 @@ class AtomicVerbs(RuleBasedStateMachine):
     def serve(self, keys, fault):
         self._call(fault, self.m.serve, keys)
 
-    @rule(keys=KEYS, fault=FAULT)
-    def store(self, keys, fault):
-        self._call(fault, self.m.store, keys)
+    @rule(keys=KEYS, fault=FAULT, priority=PRIORITY)
+    def store(self, keys, fault, priority):
+        self._call(fault, self.m.store, keys, hints(priority))
 
     @rule(keys=KEYS, fault=FAULT)
     def load(self, keys, fault):
         n, _ = self.m.lookup(keys)
         self._call(fault, self.m.load, keys[:n])
 
-    @rule(keys=KEYS, fault=FAULT)
-    def prepare_store(self, keys, fault):
+    @rule(keys=KEYS, fault=FAULT, priority=PRIORITY)
+    def prepare_store(self, keys, fault, priority):
         out = []
-        if self._call(fault, lambda: out.append(self.m.prepare_store(keys))):
+        if self._call(fault, lambda: out.append(self.m.prepare_store(keys, hints(priority)))):
             self.stores.append(out[0])
 
     @precondition(lambda self: self.stores)
@@ -272,10 +281,14 @@ def machine(policy: str, admission: str, mode: str):
 
 
 # CI: 30 random runs of 20 steps per case (about a minute for all on two busy cores);
-# HYPOTHESIS_PROFILE=thorough: 2,000 per case.
-EXAMPLES = settings().max_examples if settings().max_examples > 100 else 30
+# KVBM_HYPOTHESIS_EXAMPLES=2000: 2,000 per case.
+EXAMPLES = examples(30)
+# every eviction policy over `always`; every admission policy under lru, fifo and auto (both modes)
 CASES = [(p, "always", "exclusive") for p in EVICTION.names()] + [
-    ("lru", "n_hit", "exclusive"), ("lru", "always", "inclusive"), ("arc", "n_hit", "inclusive")]
+    (p, a, mode) for p in ("lru", "fifo", "auto") for a in ADMISSION.names() if a != "always"
+    for mode in ("exclusive", "inclusive")] + [
+    ("lru", "always", "inclusive"), ("fifo", "always", "inclusive"), ("auto", "always", "inclusive"),
+    ("arc", "n_hit", "inclusive")]
 
 
 @pytest.mark.parametrize("policy,admission,mode", CASES)

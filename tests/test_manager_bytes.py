@@ -15,10 +15,12 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from hypothesis_budget import examples
 from kvbm import BlockManager, KVBMConfig, KVLayout
 from kvbm.offload import complete_demote, prepare_demote, run_demote
 
@@ -32,11 +34,14 @@ def content(key: int) -> np.ndarray:
     return np.random.default_rng(key).integers(0, 256, N, dtype=np.uint8)
 
 
-def build(folder: Path, mode: str) -> BlockManager:
+def build(folder: Path, mode: str, eviction="lru", admission="always") -> BlockManager:
+    """G2 host over G3 disk over G4 memory:// objects; `admission` guards G3 and G4."""
     cfg = KVBMConfig.from_dict({"mode": mode, "tiers": [
-        {"name": "g2", "capacity": 4, "storage": {"name": "host", "pin": "never"}},
-        {"name": "g3", "capacity": 6, "storage": {"name": "disk", "path": str(folder / "g3")}},
-        {"name": "g4", "capacity": 9, "storage": {"name": "object", "url": f"memory://kvbm-{uuid.uuid4().hex[:8]}"}},
+        {"name": "g2", "capacity": 4, "eviction": eviction, "storage": {"name": "host", "pin": "never"}},
+        {"name": "g3", "capacity": 6, "eviction": eviction, "admission": admission,
+         "storage": {"name": "disk", "path": str(folder / "g3")}},
+        {"name": "g4", "capacity": 9, "eviction": eviction, "admission": admission,
+         "storage": {"name": "object", "url": f"memory://kvbm-{uuid.uuid4().hex[:8]}"}},
     ]})
     cfg.layout = LAYOUT
     return BlockManager.from_config(cfg)
@@ -44,11 +49,13 @@ def build(folder: Path, mode: str) -> BlockManager:
 
 class BytesInFlight(RuleBasedStateMachine):
     mode = "exclusive"
+    eviction = "lru"
+    admission = "always"
 
     def __init__(self):
         super().__init__()
         self.dir = tempfile.TemporaryDirectory()
-        self.m = build(Path(self.dir.name), self.mode)
+        self.m = build(Path(self.dir.name), self.mode, self.eviction, self.admission)
         self.tickets: list = []  # (ticket, keys, buffers or None)
         self.demotions: list = []
         self.pinned: set = set()
@@ -157,12 +164,26 @@ class BytesInFlightInclusive(BytesInFlight):
     mode = "inclusive"
 
 
-SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None,
+SETTINGS = settings(max_examples=examples(60), stateful_step_count=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 BytesInFlight.TestCase.settings = SETTINGS
 BytesInFlightInclusive.TestCase.settings = SETTINGS
 test_exclusive = BytesInFlight.TestCase
 test_inclusive = BytesInFlightInclusive.TestCase
+
+# Other eviction and admission policies over the same bytes (priority_floor at 36 refuses every
+# block of default priority 35: every victim of G2 is dropped, none written below).
+VARIANTS = [("fifo", "n_hit", "exclusive"), ("auto", "second_chance", "exclusive"),
+            ("auto", "n_hit", "inclusive"), ("fifo", "second_chance", "inclusive"),
+            ("lru", {"name": "priority_floor", "floor": 36}, "exclusive")]
+
+
+@pytest.mark.parametrize("eviction,admission,mode", VARIANTS, ids=lambda v: v["name"] if isinstance(v, dict) else v)
+def test_policies(eviction, admission, mode):
+    cls = type(f"Bytes_{eviction}_{mode}", (BytesInFlight,),
+               {"eviction": eviction, "admission": admission, "mode": mode})
+    cls.TestCase.settings = SETTINGS
+    cls.TestCase().runTest()
 
 
 # ---------------------------------------------------------------- what it found, narrated

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hypothesis_budget import examples
 from kvbm import BlockManager, KVBMConfig
 from kvbm.config import PolicySpec, TierConfig
 from kvbm.registry import EVICTION
@@ -138,10 +139,13 @@ ops = st.lists(st.one_of(
 ), max_size=40)
 
 
-@settings(max_examples=150, deadline=None)
-@given(ops=ops, capacity=st.integers(1, 6), policy=st.sampled_from(["lru", "fifo", "arc", "prefix"]))
-def test_random_requests_with_pins_and_inflight_stores(ops, capacity, policy):
-    (a, _), (b, _) = pair([("g2", capacity, policy, "always")])
+@settings(max_examples=examples(150), deadline=None)
+@given(ops=ops, capacity=st.integers(1, 6), policy=st.sampled_from(["lru", "fifo", "arc", "prefix", "auto"]),
+       admission=st.sampled_from(["always", "n_hit", "second_chance", "priority_floor"]), lower=st.booleans())
+def test_random_requests_with_pins_and_inflight_stores(ops, capacity, policy, admission, lower):
+    # one tier under `admission`, or a G2 over a G3 that `admission` guards
+    top = ("g2", capacity, policy, "always" if lower else admission)
+    (a, _), (b, _) = pair([top, ("g3", capacity + 2, policy, admission)] if lower else [top])
     pins_a, pins_b, jobs_a, jobs_b = [], [], [], []
     for op, arg in ops:
         if op == "serve":
@@ -163,6 +167,5 @@ def test_random_requests_with_pins_and_inflight_stores(ops, capacity, policy):
             a.complete_store(jobs_a.pop(0))
             b.complete_store(jobs_b.pop(0))
         assert state(a) == state(b)
-        t = a.tiers[0]
-        assert t.used <= t.capacity
+        assert all(t.used <= t.capacity for t in a.tiers)
     assert drain(a) == drain(b)
