@@ -1,7 +1,9 @@
 """Cache-daemon benchmarks.
 
     python bench/bench_daemon.py load   [--clients 8 --ops 10000]   mixed ops from N processes: errors,
-                                                                    wrong bytes, throughput, p50/p99
+                                                                    wrong bytes, throughput, p50/p99, and
+                                                                    the limit: a bare zmq+msgpack round
+                                                                    trip (ipc, same run, p50 and ratio)
     python bench/bench_daemon.py local  [--blocks 256 --mib 1]      same-node client path vs in-process
                                                                     manager (store and load GB/s, ratio)
     python bench/bench_daemon.py nixl   [--blocks 256 --mib 1 --rounds 5]
@@ -50,14 +52,14 @@ def keys_of(tag: str, n: int) -> list[bytes]:
 
 class Daemon:
     def __init__(self, work: Path, name: str, layout: KVLayout, g2: int, nixl: bool = False,
-                 peers: list | None = None) -> None:
+                 peers: list | None = None, address: str = "tcp://127.0.0.1:*") -> None:
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shm = f"kvbm-bench-{uuid.uuid4().hex[:10]}"
         lay = {k: getattr(layout, k) for k in ("num_layers", "num_kv_heads", "head_dim", "block_size")}
         cfg = {"namespace": {"model": "bench"}, "layout": lay,
                "tiers": [{"name": "g2", "capacity": g2, "eviction": "lru", "storage": "host"}],
-               "daemon": {"address": "tcp://127.0.0.1:*", "events": "", "metrics": "", "shm_name": self.shm,
+               "daemon": {"address": address, "events": "", "metrics": "", "shm_name": self.shm,
                           "lease_s": 10.0, "nixl": nixl, "peers": peers or [], "peer_timeout_s": 10.0,
                           "max_keys": 4096}}
         if nixl:  # the daemons of one bench share a peer secret (they prove it in peer_hello)
@@ -95,13 +97,18 @@ def _load_worker(address: str, idx: int, ops: int, nbytes_mib: float, seed: int,
     from kvbm.client import Client
 
     layout = layout_of(nbytes_mib)
-    nb = layout.block_nbytes
-    rng = np.random.default_rng(seed + idx)
+    c = Client(address, model="bench", layout=layout)
+    q.put(mixed_ops(c, idx, ops, layout.block_nbytes, np.random.default_rng(seed + idx)))
+    c.close()
+
+
+def mixed_ops(c, idx: int, ops: int, nb: int, rng) -> dict:
+    """`ops` small ops of 4 blocks on client c: 40 % lookup, 25 % store, 25 % load (verified),
+    5 % pin + unpin, 5 % events; half on this client's keys, half on keys all clients share."""
     own = keys_of(f"own{idx}", 512)
     shared = keys_of("shared", 512)
     lat: dict[str, list] = {}
     errors, wrong, loaded = [], 0, 0
-    c = Client(address, model="bench", layout=layout)
     out = [np.zeros(nb, np.uint8) for _ in range(4)]
     for _ in range(ops):
         pool = own if rng.random() < 0.5 else shared
@@ -109,16 +116,17 @@ def _load_worker(address: str, idx: int, ops: int, nbytes_mib: float, seed: int,
         ks = pool[lo:lo + 4]
         r = rng.random()
         op = "lookup" if r < 0.4 else "store" if r < 0.65 else "load" if r < 0.9 else "pin" if r < 0.95 else "events"
+        # the bytes are made and checked outside the timing: it measures the op, not shake_128
+        src = [block(k, nb) for k in ks] if op == "store" else None
+        n = 0
         t0 = time.perf_counter()
         try:
             if op == "lookup":
                 c.lookup(ks)
             elif op == "store":
-                c.store(ks, [block(k, nb) for k in ks])
+                c.store(ks, src)
             elif op == "load":
                 n = c.load(ks, out)
-                loaded += n
-                wrong += sum(not np.array_equal(o, block(k, nb)) for o, k in zip(out[:n], ks))
             elif op == "pin":
                 c.pin(ks)
                 c.unpin(ks)
@@ -127,12 +135,69 @@ def _load_worker(address: str, idx: int, ops: int, nbytes_mib: float, seed: int,
         except Exception as exc:
             errors.append(repr(exc))
         lat.setdefault(op, []).append(time.perf_counter() - t0)
-    c.close()
-    q.put({"lat": lat, "errors": errors, "wrong": wrong, "loaded": loaded})
+        if n:
+            loaded += n
+            wrong += sum(not np.array_equal(o, block(k, nb)) for o, k in zip(out[:n], ks))
+    return {"lat": lat, "errors": errors, "wrong": wrong, "loaded": loaded}
+
+
+def _bare_server(address: str, conn) -> None:
+    """The limit of one request: a ROUTER that unpacks each msgpack request and packs a reply."""
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(address)
+    conn.send("ready")
+    while True:
+        ident, payload = sock.recv_multipart()
+        msg = msgpack.unpackb(payload, raw=False)
+        if msg["op"] == "stop":
+            break
+        sock.send_multipart([ident, msgpack.packb({"id": msg["id"], "ok": True, "n": 4, "where": ["g2"] * 4},
+                                                  use_bin_type=True)])
+    sock.close(0)
+    ctx.term()
+
+
+def bare_roundtrip(work: Path, n: int = 3000) -> dict:
+    """p50/p99 of a bare zmq DEALER -> ROUTER round trip over ipc:// (the daemon's same-node
+    transport) carrying a lookup-sized msgpack request (4 keys, a session id) and its reply."""
+    import msgpack
+    import zmq
+
+    address = f"ipc://{work}/bare.sock"
+    ctx_mp = mp.get_context("spawn")
+    parent, child = ctx_mp.Pipe()
+    p = ctx_mp.Process(target=_bare_server, args=(address, child))
+    p.start()
+    assert parent.recv() == "ready"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    ks = keys_of("bare", 4)
+    lat = []
+    for i in range(n + 200):
+        t0 = time.perf_counter()
+        sock.send(msgpack.packb({"op": "lookup", "id": i + 1, "session": ks[0], "keys": ks, "remote": True},
+                                use_bin_type=True))
+        reply = msgpack.unpackb(sock.recv(), raw=False)
+        if i >= 200:  # after a warm-up
+            lat.append(time.perf_counter() - t0)
+        assert reply["id"] == i + 1
+    sock.send(msgpack.packb({"op": "stop", "id": 0}, use_bin_type=True))
+    p.join(10)
+    sock.close(0)
+    ctx.term()
+    arr = np.array(lat)
+    return {"n": n, "p50_us": round(float(np.percentile(arr, 50)) * 1e6, 1),
+            "p99_us": round(float(np.percentile(arr, 99)) * 1e6, 1)}
 
 
 def bench_load(work: Path, clients: int, ops: int) -> dict:
-    d = Daemon(work, "load", layout_of(1 / 16), g2=8192)
+    bare = bare_roundtrip(work)  # the limit, in the same run (and again after, for a noisy box)
+    d = Daemon(work, "load", layout_of(1 / 16), g2=8192, address=f"ipc://{work}/load.sock")
     try:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -153,7 +218,13 @@ def bench_load(work: Path, clients: int, ops: int) -> dict:
         if arr.size:
             per_op[op] = {"n": int(arr.size), "p50_us": round(float(np.percentile(arr, 50)) * 1e6, 1),
                           "p99_us": round(float(np.percentile(arr, 99)) * 1e6, 1)}
+    bare_after = bare_roundtrip(work)
+    p50 = float(np.percentile(all_lat, 50)) * 1e6
+    limit = min(bare["p50_us"], bare_after["p50_us"])
     return {"clients": clients, "ops_per_client": ops, "block_bytes": layout_of(1 / 16).block_nbytes,
+            "bare_roundtrip": {"before": bare, "after": bare_after},
+            "p50_over_bare_p50": round(p50 / limit, 3),  # the limit: the faster bare run's p50
+            "requests_per_op": "lookup 1, store 1 (<= 16 keys), load 1, pin 2 (pin + unpin), events 1",
             "errors": sum(len(r["errors"]) for r in results), "first_errors": [e for r in results for e in r["errors"]][:3],
             "wrong_bytes_blocks": sum(r["wrong"] for r in results), "blocks_loaded": sum(r["loaded"] for r in results),
             "ops_per_s": round(clients * ops / wall, 1), "wall_s": round(wall, 2),

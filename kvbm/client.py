@@ -101,6 +101,7 @@ class Client:
         self.stride = reply["stride"]
         self.max_keys = reply["max_keys"]
         self.lease_s = reply["lease_s"]
+        self.scratch = reply.get("scratch")  # [first slot, count]: this client's, for one-shot ops
         # Per request at most half of G2 (a store or load must fit beside other clients' pins)
         # and at most the window.
         # Half the window: long stores and loads keep two batches in flight (see _pipelined_*).
@@ -274,6 +275,11 @@ class Client:
         """
         if len(source) != len(keys):
             raise ValueError(f"store: {len(source)} buffers for {len(keys)} keys")
+        if keys and self.scratch and len(keys) <= self.scratch[1]:
+            extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints]}
+            done = self._one_shot("store", keys, source, {"parent": parent, "position": position, **extra})
+            if done is not None:
+                return done
         if len(keys) > self.batch:
             return self._pipelined_store(keys, source, parent, position, hints)
         stored = 0
@@ -427,6 +433,10 @@ class Client:
 
     def load(self, keys: Sequence[bytes], destination: Sequence[Any]) -> int:
         """Copy the ready prefix of keys into destination buffers; returns its length."""
+        if keys and self.scratch and len(keys) <= self.scratch[1]:
+            done = self._one_shot("load", keys, destination, {})
+            if done is not None:
+                return done
         if len(keys) > self.batch:
             return self._pipelined_load(keys, destination)
         loaded = 0
@@ -445,6 +455,38 @@ class Client:
         finally:
             self.release_load(pins)
         return len(pins.views)
+
+    def _one_shot(self, op: str, keys: Sequence[bytes], buffers: Sequence[Any], fields: dict) -> int | None:
+        """store / load in one round trip through this session's scratch slots: the bytes are
+        written there before the request (store) or read there after it (load). A session the
+        daemon forgot: hello again and redo it once, bytes and all. On a timeout the daemon may
+        still copy from or into these slots later, so they are not used again (two-phase ops
+        until the next hello). None: no scratch (any more); use the two-phase ops."""
+        for attempt in (0, 1):
+            with self._lock:
+                if not self.scratch:
+                    return None
+                slots = list(range(self.scratch[0], self.scratch[0] + len(keys)))
+                if op == "store":
+                    for slot, src in zip(slots, buffers):
+                        self.view(slot)[:] = _bytes(src, self.block_nbytes)
+                try:
+                    r = self._call(op, {"keys": list(keys), "slots": slots, **fields})
+                except RemoteError as exc:
+                    if exc.code != "no_session" or attempt or self._stop.is_set():
+                        raise
+                    self._hello()
+                    self.rehellos += 1
+                    continue
+                except TimeoutError:
+                    self.scratch = None
+                    raise
+                if op == "store":
+                    return r["stored"]
+                for slot, dst in zip(slots[:r["n"]], buffers):
+                    _bytes(dst, self.block_nbytes)[:] = self.view(slot)
+                return r["n"]
+        return None  # pragma: no cover - the second attempt returns or raises
 
     def pin(self, keys: Sequence[bytes]) -> int:
         return self.call("pin", keys=list(keys))["n"]
@@ -484,7 +526,8 @@ class Client:
         self.close()
 
 
-_SESSION_BOUND = frozenset({"hello", "bye", "store_commit", "load_release", "cancel"})  # name a handle
+_SESSION_BOUND = frozenset({"hello", "bye", "store_commit", "load_release", "cancel",  # name a handle
+                            "store", "load"})  # or scratch slots of the old window: _one_shot redoes them
 _CANCELLED_ON_TIMEOUT = frozenset({"store_prepare", "load_prepare", "pin"})  # they leave state behind
 _RETRIED_ON_TIMEOUT = frozenset({"store_commit", "load_release", "unpin"})  # they release state
 

@@ -282,7 +282,7 @@ def test_stats_cli_metrics_and_health(daemons):
     text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
     assert "kvbm_prefix_hit_ratio 0.75" in text
     assert 'kvbm_tier_stores_total{tier="g2"} 3.0' in text
-    assert 'kvbm_request_seconds_count{op="store_prepare"}' in text
+    assert 'kvbm_request_seconds_count{op="store"}' in text  # 3 blocks: one one-shot store
 
 
 # ---------------------------------------------------------------- leases and faults

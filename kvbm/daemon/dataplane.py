@@ -5,6 +5,9 @@
                     store_commit copies window -> G2 and marks them ready, or rolls back
     load_prepare    copy the G2-ready prefix into the session's window (G3/G4 blocks come up first,
                     off the loop: onboard.py); load_release frees those window slots
+    store / load    one-shot, one round trip: the same through the session's scratch slots, which
+                    the client names (it wrote them before a store; it reads them after a load);
+                    nothing is held once the request is answered
     pin / unpin     explicit pins, counted per session
 
 Keys are namespaced server-side (leases.server_key): two namespaces never address the same block.
@@ -24,6 +27,7 @@ from . import protocol as P
 from .leases import Reservation, Session, WindowLoad, server_key
 
 log = logging.getLogger("kvbm.daemon")
+SCRATCH_BLOCKS = 16  # a session's scratch slots (one-shot ops), past its window's allocated ones
 
 
 class DataPlane:
@@ -68,17 +72,78 @@ class DataPlane:
         self.counters["prefix_hit_blocks"] += n
         return {"n": n, "where": where}
 
-    def op_store_prepare(self, msg: dict, now: float) -> dict:
-        s = self._session(msg, now)
-        keys, skeys = self._keys(msg, s, unique=True, busy=True)
+    def _store_fields(self, msg: dict, s: Session, n: int) -> tuple:
+        """(server parent key, position, hints) of a store request."""
         parent = P.field(msg, "parent", bytes, required=False)
         if parent is not None and len(parent) != P.KEY_BYTES:
             raise P.ProtocolError("bad_field", f"field 'parent' must be {P.KEY_BYTES} bytes")
         position = P.integer(msg, "position", required=False, lo=0, hi=2**31)
         sparent = server_key(s.namespace, parent) if parent is not None else None
-        retention = P.priorities(msg, "priorities", len(skeys))
+        retention = P.priorities(msg, "priorities", n)
         hints = None if retention is None else [Hints(priority=p, duration=d) for p, d in retention]
-        job, slots, extra = self._reserve(skeys, sparent, position, hints)
+        return sparent, position, hints
+
+    def _scratch(self, s: Session, msg: dict, n: int) -> list[int]:
+        """The scratch slots a one-shot op names, one per key (the session's own memory)."""
+        if s.window is None:
+            raise P.ProtocolError("bad_session", "this session has no window")
+        try:
+            return s.window.scratch_slots(msg.get("slots"), n)
+        except ValueError as exc:
+            raise P.ProtocolError("bad_field", str(exc)) from None
+
+    def op_store(self, msg: dict, now: float) -> dict:
+        """One-shot store: the client wrote each key's bytes into the scratch slot it names; the
+        new blocks are copied into G2 and marked ready within this request."""
+        s = self._session(msg, now)
+        keys, skeys = self._keys(msg, s, unique=True)
+        wslots = self._scratch(s, msg, len(keys))
+        job, slots, extra = self._reserve(skeys, *self._store_fields(msg, s, len(skeys)))
+        if job is None:
+            return {"stored": 0, "rejected": extra}
+        if not job.runs:
+            return {"stored": 0}
+        want = [i for i, slot in enumerate(slots) if slot >= 0]
+        if want:
+            ops.copy_blocks(s.window.buf, s.window.offsets([wslots[i] for i in want]), self.pool.pool,
+                            self.pool.offsets([slots[i] for i in want]), self.nbytes)
+        for i in want:
+            self.origin[skeys[i]] = (s.namespace, keys[i])
+        self.manager.complete_store(job, failed=set(extra))
+        return {"stored": self._stored(job)}
+
+    def _stored(self, job) -> int:
+        for k in job.failed:  # rolled back: no event will ever name it again
+            if k not in self.manager:
+                self.origin.pop(k, None)
+        stored = len(job.keys) - len(job.failed)
+        self.counters["client_store_bytes"] += stored * self.nbytes
+        return stored
+
+    def op_load(self, msg: dict, now: float) -> Any:
+        """One-shot load: the G2-ready prefix is copied into the scratch slots the client names."""
+        s = self._session(msg, now)
+        _, skeys = self._keys(msg, s, unique=True)
+        wslots = self._scratch(s, msg, len(skeys))
+        later = self._defer_for_lower(s, skeys, lambda: self._loaded(s, skeys, wslots), op="load")
+        return later if later is not None else self._loaded(s, skeys, wslots)
+
+    def _loaded(self, s: Session, skeys: list, wslots: list) -> dict:
+        if s.window is None or s.sid not in self.sessions.by_id:  # closed while the request waited
+            return {"n": 0}
+        job = self._pin_in_g2(skeys)
+        n = len(job.keys)
+        if n:
+            ops.copy_blocks(self.pool.pool, self.pool.offsets(list(job.slots)), s.window.buf,
+                            s.window.offsets(wslots[:n]), self.nbytes)
+        self.manager.complete_load(job)
+        self.counters["client_load_bytes"] += n * self.nbytes
+        return {"n": n}
+
+    def op_store_prepare(self, msg: dict, now: float) -> dict:
+        s = self._session(msg, now)
+        keys, skeys = self._keys(msg, s, unique=True, busy=True)
+        job, slots, extra = self._reserve(skeys, *self._store_fields(msg, s, len(skeys)))
         if job is None:
             return {"handle": 0, "slots": slots, "rejected": extra}
         if not job.runs:
@@ -134,12 +199,7 @@ class DataPlane:
         s.window.free(r.wslots)
         self.sessions.charge(s, -len(job.keys))
         self.manager.complete_store(job, failed=failed.union(r.extra))
-        for k in job.failed:  # rolled back: no event will ever name it again
-            if k not in self.manager:
-                self.origin.pop(k, None)
-        stored = len(job.keys) - len(job.failed)
-        self.counters["client_store_bytes"] += stored * self.nbytes
-        return {"stored": stored}
+        return {"stored": self._stored(job)}
 
     def op_load_prepare(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)

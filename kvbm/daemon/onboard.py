@@ -185,14 +185,15 @@ class Onboarding:
         self.onboarder.service()
         self.offloader.kick()  # promotions filled G2
 
-    def _defer_for_lower(self, s: Any, skeys: list, answer: Callable[[], dict], wait_s: float | None = None) -> Any:
+    def _defer_for_lower(self, s: Any, skeys: list, answer: Callable[[], dict], wait_s: float | None = None,
+                         op: str = "load_prepare") -> Any:
         """DEFERRED when blocks of skeys' ready prefix are coming up from G3/G4: answer() runs
         once they landed (or at the deadline) and its reply goes out then, if session s is still
         open. None when nothing is on its way: answer now."""
         if self._current is None or not self.onboarder.start(skeys):
             return None
         envelope, rid, t0 = self._current
-        op = "peer_lookup" if s.namespace == PEER_NS else "load_prepare"
+        op = "peer_lookup" if s.namespace == PEER_NS else op
 
         def finish() -> None:
             try:

@@ -14,6 +14,11 @@ Ops (fields beyond op/id/auth/session):
     store_commit  handle: int, failed: [int]             -> stored
     load_prepare  keys: [bin16]                          -> handle, slots: [int]
     load_release  handle: int                            -> {}
+    store         keys, slots: [int], parent?, position?, priorities?   -> stored, rejected?
+    load          keys, slots: [int]                     -> n   one round trip each: `slots` are the
+                                                            client's scratch slots (hello's scratch:
+                                                            [first, count]), written before a store,
+                                                            read after a load; nothing held after
     pin / unpin   keys: [bin16]                          -> n
     events        max: int?                              -> events: [[kind, key, tier]]
     stats                                                -> stats

@@ -40,7 +40,7 @@ from ..offload import Offloader, offload_headroom
 from ..tiers.seal import cluster_object_secret
 from . import protocol as P
 from .config import DaemonConfig, is_local
-from .dataplane import DataPlane
+from .dataplane import SCRATCH_BLOCKS, DataPlane
 from .events import Events
 from .leases import PEER_NS, Sessions
 from .metrics import Metrics
@@ -85,6 +85,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.sessions = Sessions(dcfg.max_clients, dcfg.max_sessions_per_uid)
         # a session's staging window (windows.py): one request's blocks, at most window_mib
         self.window_slots = max(1, min(dcfg.max_keys, (dcfg.window_mib << 20) // self.pool.stride))
+        # and past them a few the client manages itself, for one-shot store / load (one round trip)
+        self.scratch_slots = max(1, min(SCRATCH_BLOCKS, self.window_slots // 4))
         self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid
         self._own_uids = {-1, os.getuid()}  # unknown (tcp) and the daemon's own user: no uid quota
         self._undo_info: tuple | None = None  # what the current request created, for a cancel
@@ -95,6 +97,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
              "client_load_bytes", "requests", "reservation_expiries", "pin_expiries", "cancelled",
              "sessions_evicted", "stalls", "dead_clients"), 0)
         self.metrics = Metrics()
+        self._latency: dict[str, Any] = {}  # op -> its latency histogram's child
         self._token = dcfg.token.encode()
         self._stop = False
         self._started = time.monotonic()
@@ -126,6 +129,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "hello": self.op_hello, "heartbeat": self.op_heartbeat, "lookup": self.op_lookup,
             "store_prepare": self.op_store_prepare, "store_commit": self.op_store_commit,
             "load_prepare": self.op_load_prepare, "load_release": self.op_load_release,
+            "store": self.op_store, "load": self.op_load,
             "pin": self.op_pin, "unpin": self.op_unpin, "events": self.op_events, "stats": self.op_stats,
             "bye": self.op_bye, "cancel": self.op_cancel, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
             "peer_release": self.op_peer_release,
@@ -237,7 +241,10 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self._drain_events()
         self._send(envelope, out)
         self.counters["requests"] += 1
-        self.metrics.observe(op, time.perf_counter() - t0)
+        child = self._latency.get(op)
+        if child is None:  # prometheus' labels() costs more than the observation: once per op
+            child = self._latency[op] = self.metrics.latency.labels(op)
+        child.observe(time.perf_counter() - t0)
 
     def _send(self, envelope: list[bytes], payload: bytes) -> None:
         try:

@@ -64,14 +64,15 @@ class SessionOps:
             self.counters["sessions_evicted"] += 1
             self._release(evicted)
         try:
-            s.window = Window.create(self.dcfg.shm_name, self.window_slots, self.pool.stride, self.nbytes)
+            s.window = Window.create(self.dcfg.shm_name, self.window_slots, self.pool.stride, self.nbytes,
+                                     self.scratch_slots)
             if uid >= 0 and uid != os.getuid() and os.getuid() == 0:
                 os.chown(s.window.path, uid, -1)  # another user let in on the socket: its window is its own
         except OSError as exc:
             self.sessions.close(s)
             raise P.ProtocolError("busy", f"cannot create a staging window: {exc.strerror}") from None
         return {"session": s.sid, "window_path": s.window.path, "window_bytes": s.window.nbytes,
-                "window_slots": s.window.slots, "stride": self.pool.stride, "block_nbytes": self.nbytes,
+                "window_slots": s.window.slots, "scratch": [s.window.slots, s.window.scratch], "stride": self.pool.stride, "block_nbytes": self.nbytes,
                 "lease_s": self.dcfg.lease_s, "max_keys": self.dcfg.max_keys, "capacity": self.top.capacity,
                 "max_session_blocks": self.dcfg.max_session_blocks, "share_blocks": self.share_blocks}
 

@@ -1,7 +1,8 @@
 """Staging windows: the only daemon memory a client maps.
 
-    Window.create(prefix, slots, stride, block_nbytes)   a /dev/shm file (0600) for one session
+    Window.create(prefix, slots, stride, block_nbytes, scratch=0)   a /dev/shm file (0600) for one session
     Window.allocate(n) -> [slot] | None                   window slots for one request
+    Window.scratch_slots(wslots, n) -> [slot]             check a one-shot op's slots (the client's own)
     Window.free(slots)
     Window.view(slot)                                     the slot's bytes (daemon side)
     Window.unlink() / close()
@@ -13,6 +14,13 @@ namespace. So G2 stays private to the daemon; each session gets a window of its 
 client writes a store's bytes there and reads a load's bytes there, and the daemon copies
 between the window and G2 while it handles the request (store_commit, load_prepare). A stray
 or late write can only reach the writer's own window, which no other session ever reads.
+
+Past the `slots` the daemon hands out sit `scratch` more that the client manages itself: a
+one-shot `store` (the client writes them, then one request copies them into G2) or `load` (one
+request copies G2 into them, the client reads them) takes one round trip instead of two, and
+holds nothing once answered. They are the session's own memory like the rest: a client that
+scribbles on them (or a late one-shot that lands after the client gave up on it) reaches only
+its own window.
 
 The file is unlinked as soon as the client has mapped it (the client unlinks it at hello,
 the daemon again at the session's first request and at release): nothing else can open it,
@@ -35,10 +43,11 @@ SHM_DIR = "/dev/shm"
 
 
 class Window:
-    def __init__(self, path: str, slots: int, stride: int, block_nbytes: int) -> None:
+    def __init__(self, path: str, slots: int, stride: int, block_nbytes: int, scratch: int = 0) -> None:
         self.path = path
         self.slots, self.stride, self.block_nbytes = slots, stride, block_nbytes
-        self.nbytes = slots * stride
+        self.scratch = scratch  # slots [slots, slots + scratch): the client's, for one-shot ops
+        self.nbytes = (slots + scratch) * stride
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)  # sparse: pages exist only once written
@@ -53,9 +62,9 @@ class Window:
         self.linked = True
 
     @classmethod
-    def create(cls, prefix: str, slots: int, stride: int, block_nbytes: int) -> "Window":
+    def create(cls, prefix: str, slots: int, stride: int, block_nbytes: int, scratch: int = 0) -> "Window":
         name = f"{prefix}.w{os.getpid()}.{os.urandom(8).hex()}"
-        return cls(os.path.join(SHM_DIR, name), slots, stride, block_nbytes)
+        return cls(os.path.join(SHM_DIR, name), slots, stride, block_nbytes, scratch)
 
     @property
     def free_slots(self) -> int:
@@ -66,6 +75,18 @@ class Window:
         if n > len(self._free):
             return None
         return [self._free.pop() for _ in range(n)]
+
+    def scratch_slots(self, wslots, n: int) -> list[int]:
+        """A one-shot op's window slots: n distinct scratch slots, else ValueError."""
+        lo, hi = self.slots, self.slots + self.scratch
+        if not isinstance(wslots, list) or len(wslots) != n:
+            raise ValueError(f"field 'slots' must list one scratch slot per key ({n})")
+        for w in wslots:
+            if isinstance(w, bool) or not isinstance(w, int) or not lo <= w < hi:
+                raise ValueError(f"field 'slots': scratch slots are integers in [{lo}, {hi})")
+        if len(set(wslots)) != n:
+            raise ValueError("field 'slots' repeats a slot")
+        return wslots
 
     def free(self, slots) -> None:
         self._free.extend(s for s in slots if s >= 0)
