@@ -246,10 +246,12 @@ class Client:
         return r["n"], r["where"]
 
     def prepare_store(self, keys: Sequence[bytes], parent: bytes | None = None, position: int = 0,
-                      hints: Sequence[Any] | None = None) -> StoreReservation:
+                      hints: Sequence[Any] | None = None, more: dict | None = None) -> StoreReservation:
         """Reserve G2 slots; `hints` (one kvbm Hints per key, or None) carry TensorRT-LLM
-        retention priorities and durations to the daemon's `priority` policy."""
+        retention priorities and durations to the daemon's `priority` policy; `more`: further
+        fields (the engine hashes of _hash_fields)."""
         extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints]}
+        extra.update(more or {})
         with self._lock:  # the views and the session they belong to, together
             r = self.call("store_prepare", keys=list(keys), parent=parent, position=position, **extra)
             slots = r["slots"]
@@ -268,34 +270,39 @@ class Client:
             raise
 
     def store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None = None,
-              position: int = 0, hints: Sequence[Any] | None = None) -> int:
+              position: int = 0, hints: Sequence[Any] | None = None, hashes: Sequence[Any] | None = None,
+              parent_hash: Any = None) -> int:
         """Write each new block's bytes into its reserved G2 slot, then commit; blocks stored.
 
         Long runs go in batches (each batch all or nothing); a rejected batch ends the store.
+        `hashes`: the engine's block hash per key (and `parent_hash`, the one before keys[0]),
+        published on the daemon's vLLM-format KV-event stream (daemon/kv_events.py).
         """
         if len(source) != len(keys):
             raise ValueError(f"store: {len(source)} buffers for {len(keys)} keys")
         if keys and self.scratch and len(keys) <= self.scratch[1]:
             extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints]}
+            extra.update(_hash_fields(hashes, parent_hash, 0, len(keys)))
             done = self._one_shot("store", keys, source, {"parent": parent, "position": position, **extra})
             if done is not None:
                 return done
         if len(keys) > self.batch:
-            return self._pipelined_store(keys, source, parent, position, hints)
+            return self._pipelined_store(keys, source, parent, position, hints, hashes, parent_hash)
         stored = 0
         for i in range(0, len(keys), self.batch):
             part = keys[i:i + self.batch]
             n, rejected = self._store(part, source[i:i + self.batch], keys[i - 1] if i else parent, position + i,
-                                      None if hints is None else hints[i:i + self.batch])
+                                      None if hints is None else hints[i:i + self.batch],
+                                      _hash_fields(hashes, parent_hash, i, self.batch))
             stored += n
             if rejected:
                 break
         return stored
 
     def _store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None,
-               position: int, hints: Sequence[Any] | None = None) -> tuple[int, str | None]:
+               position: int, hints: Sequence[Any] | None = None, more: dict | None = None) -> tuple[int, str | None]:
         try:
-            res = self.prepare_store(keys, parent, position, hints)
+            res = self.prepare_store(keys, parent, position, hints, more)
         except RemoteError as exc:
             if exc.code in ("quota", "window_full"):  # no room for this client now: not stored
                 return 0, exc.code
@@ -328,7 +335,8 @@ class Client:
                     raise
 
     def _pipelined_store(self, keys: Sequence[bytes], source: Sequence[Any], parent: bytes | None,
-                         position: int, hints: Sequence[Any] | None) -> int:
+                         position: int, hints: Sequence[Any] | None, hashes: Sequence[Any] | None = None,
+                         parent_hash: Any = None) -> int:
         """Batches with the next one's prepare sent before this one's commit: the client writes
         batch i+1 into its window while the daemon copies batch i into G2."""
         b = self.batch
@@ -336,7 +344,7 @@ class Client:
         def fields(i: int) -> dict:
             extra = {} if hints is None else {"priorities": [[h.priority, h.duration] for h in hints[i:i + b]]}
             return {"keys": list(keys[i:i + b]), "parent": keys[i - 1] if i else parent, "position": position + i,
-                    **extra}
+                    **extra, **_hash_fields(hashes, parent_hash, i, b)}
 
         with self._lock:
             try:
@@ -530,6 +538,13 @@ _SESSION_BOUND = frozenset({"hello", "bye", "store_commit", "load_release", "can
                             "store", "load"})  # or scratch slots of the old window: _one_shot redoes them
 _CANCELLED_ON_TIMEOUT = frozenset({"store_prepare", "load_prepare", "pin"})  # they leave state behind
 _RETRIED_ON_TIMEOUT = frozenset({"store_commit", "load_release", "unpin"})  # they release state
+
+
+def _hash_fields(hashes: Sequence[Any] | None, parent_hash: Any, i: int, n: int) -> dict:
+    """store_prepare's engine-hash fields for keys[i:i + n] (none without hashes)."""
+    if hashes is None:
+        return {}
+    return {"hashes": list(hashes[i:i + n]), "parent_hash": hashes[i - 1] if i else parent_hash}
 
 
 def _map_window(path: str, nbytes: int) -> tuple[np.ndarray, mmap.mmap]:

@@ -253,14 +253,18 @@ class DaemonBackend:
                 break
         return n, where
 
+    takes_hashes = True  # the daemon publishes them (vLLM-format KV events, daemon/kv_events.py)
+
     def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
-                    position: int = 0) -> Future:
+                    position: int = 0, hashes: Sequence[Any] | None = None, parent_hash: Any = None) -> Future:
         per_key = None if hints is None else list(hints)  # retention priorities cross to the daemon
-        ticket = self._stores.submit(self._store, list(keys), list(staging), parent, position, per_key)
+        ticket = self._stores.submit(self._store, list(keys), list(staging), parent, position, per_key,
+                                     None if hashes is None else list(hashes), parent_hash)
         ticket.add_done_callback(_log_store_error)
         return ticket
 
-    def _store(self, keys: list, staging: list, parent: Any, position: int, hints: Any) -> int:
+    def _store(self, keys: list, staging: list, parent: Any, position: int, hints: Any,
+               hashes: list | None = None, parent_hash: Any = None) -> int:
         """On the store lane: its own client, opened here at the first store (or reopened after
         a failed open: the daemon may be back)."""
         if self._store_client is None:
@@ -268,7 +272,10 @@ class DaemonBackend:
                 self._store_client = self.client  # built around one client: one session for both
             else:
                 self._store_client = self._connect_store()
-        return self._store_client.store(keys, staging, parent, position, hints)
+        if hashes is None:
+            return self._store_client.store(keys, staging, parent, position, hints)
+        return self._store_client.store(keys, staging, parent, position, hints, hashes=hashes,
+                                        parent_hash=parent_hash)
 
     def start_load(self, keys: Sequence[Any], staging: Any) -> Future:
         return self._loads.submit(self.client.load, list(keys), list(staging))
@@ -357,12 +364,15 @@ class StorePlan:
     parent: Any = None  # key of the block before keys[0]
     position: int = 0  # index of keys[0] in its sequence
     hints: list | None = None  # per-key Hints (TensorRT-LLM priorities), or None
+    hashes: list | None = None  # the engine's block hashes of keys (routers' names for them), or None
+    parent_hash: Any = None  # the engine's hash of the block before keys[0]
 
 
 @dataclass
 class _Request:
     salt: str = ""
     keys: list = field(default_factory=list)
+    hashes: list = field(default_factory=list)  # the engine's own block hashes, one per key
     hashes_seen: int = 0
     match_start: int = 0  # first block of the planned load
     match_blocks: int = 0  # blocks matched by the last get-matched call
@@ -398,7 +408,9 @@ class SchedulerSide:
         if r is None:
             r = self._reqs[req_id] = _Request(salt=salt or "")
         if len(engine_hashes) > r.hashes_seen:
-            r.keys += self._space(r.salt).adopt(engine_hashes[r.hashes_seen:])
+            new = list(engine_hashes[r.hashes_seen:])
+            r.keys += self._space(r.salt).adopt(new)
+            r.hashes += new
             r.hashes_seen = len(engine_hashes)
         return r.keys
 
@@ -515,6 +527,8 @@ class SchedulerSide:
             hints = None
         plan = StorePlan(req_id, list(r.keys[start:full]), list(block_ids[start:full]),
                          parent=r.keys[start - 1] if start else None, position=start, hints=hints)
+        if len(r.hashes) >= full:  # published by the daemon under the engine's names (kv_events.py)
+            plan.hashes, plan.parent_hash = r.hashes[start:full], r.hashes[start - 1] if start else None
         r.stored = full
         self.stores.append(plan)
         return plan
@@ -626,8 +640,11 @@ class WorkerSide:
     def _submit_store(self, plan: StorePlan, staging: Any) -> None:
         # None: rejected, no room (everything busy): a future miss, not an error
         parent = None if plan.parent is None else shard_key(plan.parent, self.rank)
+        # rank 0's shard stands for the block on the KV-event stream: the others' carry no hashes
+        named = {"hashes": plan.hashes, "parent_hash": plan.parent_hash} if (
+            plan.hashes is not None and not self.rank and getattr(self.backend, "takes_hashes", False)) else {}
         ticket = self.backend.start_store(self._shard(plan.keys), staging, hints=plan.hints, parent=parent,
-                                          position=plan.position)
+                                          position=plan.position, **named)
         self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
 
     def fence(self, stream: Any = None) -> None:

@@ -3,6 +3,9 @@
     daemon:
       address: ipc://$XDG_RUNTIME_DIR/kvbm/kvbm.sock   # default (else /tmp/kvbm-<uid>/); or tcp://HOST:PORT
       events: tcp://127.0.0.1:5558        # KV-event PUB stream for routers ("" = off)
+      kv_events: ""                       # the same in vLLM's KV-event format (kv_events.py), e.g. tcp://127.0.0.1:5560
+      kv_events_replay: ""                # its replay ROUTER (resync after a gap), e.g. tcp://127.0.0.1:5561
+      kv_events_buffer: 10000             # batches kept per namespace for replay
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
       token: ""                           # or token_file (mode 0600: refused if others may read it);
                                           # required for a non-loopback address
@@ -38,6 +41,9 @@ from ..tiers.seal import SecretError, read_secret_file
 class DaemonConfig:
     address: str = field(default_factory=default_address)  # ipc:// in a 0700 runtime folder
     events: str = "tcp://127.0.0.1:5558"
+    kv_events: str = ""  # vLLM-format KV events (kv_events.py); "" = off
+    kv_events_replay: str = ""
+    kv_events_buffer: int = 10_000
     metrics: str = "127.0.0.1:9400"
     token: str = ""
     token_file: str = ""
@@ -65,7 +71,7 @@ class DaemonConfig:
         cfg.validate()
         if cfg.token_file and not cfg.token:
             cfg.token = read_token_file(cfg.token_file)
-        for name in ("address", "events"):
+        for name in ("address", "events", "kv_events", "kv_events_replay"):
             addr = getattr(cfg, name)
             if addr and not cfg.token and not is_local(addr):
                 raise ConfigError(
@@ -82,13 +88,20 @@ class DaemonConfig:
         return cfg
 
     def validate(self) -> None:
-        for name in ("address", "events", "metrics", "token", "token_file", "shm_name", "peer_secret_file"):
+        for name in ("address", "events", "kv_events", "kv_events_replay", "metrics", "token", "token_file",
+                     "shm_name", "peer_secret_file"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"daemon.{name} must be a string, got {getattr(self, name)!r}")
         if not self.address.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"daemon.address must be tcp://HOST:PORT or ipc://PATH, got {self.address!r}")
         if self.events and not self.events.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"daemon.events must be tcp://HOST:PORT, ipc://PATH or '', got {self.events!r}")
+        for name in ("kv_events", "kv_events_replay"):
+            addr = getattr(self, name)
+            if addr and not addr.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"daemon.{name} must be tcp://HOST:PORT, ipc://PATH or '', got {addr!r}")
+        if self.kv_events_replay and not self.kv_events:
+            raise ConfigError("daemon.kv_events_replay needs daemon.kv_events (the stream it replays)")
         if self.metrics and ":" not in self.metrics:
             raise ConfigError(f"daemon.metrics must be HOST:PORT or '', got {self.metrics!r}")
         for name in ("lease_s", "peer_timeout_s", "reserve_s", "pin_s"):
@@ -99,7 +112,7 @@ class DaemonConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise ConfigError(f"daemon.namespace_share must be a fraction in (0, 1], got {v!r}")
         for name in ("max_message_bytes", "max_keys", "max_clients", "max_session_blocks", "max_sessions_per_uid",
-                     "window_mib"):
+                     "window_mib", "kv_events_buffer"):
             v = getattr(self, name)
             least = 0 if name == "max_session_blocks" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < least:

@@ -98,7 +98,9 @@ class DataPlane:
         s = self._session(msg, now)
         keys, skeys = self._keys(msg, s, unique=True)
         wslots = self._scratch(s, msg, len(keys))
+        hashes = self._engine_hashes(msg, len(skeys))  # events.py: checked before anything is reserved
         job, slots, extra = self._reserve(skeys, *self._store_fields(msg, s, len(skeys)))
+        self._adopt_hashes(s, skeys, job, hashes)
         if job is None:
             return {"stored": 0, "rejected": extra}
         if not job.runs:
@@ -143,7 +145,9 @@ class DataPlane:
     def op_store_prepare(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
         keys, skeys = self._keys(msg, s, unique=True, busy=True)
+        hashes = self._engine_hashes(msg, len(skeys))  # events.py: checked before anything is reserved
         job, slots, extra = self._reserve(skeys, *self._store_fields(msg, s, len(skeys)))
+        self._adopt_hashes(s, skeys, job, hashes)
         if job is None:
             return {"handle": 0, "slots": slots, "rejected": extra}
         if not job.runs:

@@ -5,8 +5,10 @@
     Events._init_events()             the PUB socket (PLAIN-authenticated when daemon.token is set)
     Events._drain_events()            after every request: manager events -> rows per namespace ->
                                       the PUB stream, each session of that namespace, the sinks
-    Events.add_event_sink(fn)         fn(namespace, rows) for every drained batch (other formats,
-                                      e.g. a vLLM-style KV-event publisher, hook in here)
+    Events.add_event_sink(fn)         fn(namespace, rows) for every drained batch (other formats
+                                      hook in here)
+    Events.kv_events                  the vLLM-format publisher (kv_events.py) when daemon.kv_events
+                                      is set: fed every drained batch, by engine block hashes
     Events.op_events                  a client takes its namespace's queued rows
     Events._close_events()            at shutdown
 
@@ -78,6 +80,11 @@ class Events:
         self.events_address = ""
         self._events_ctx: zmq.Context | None = None
         self._zap = None
+        self.kv_events = None
+        if dcfg.kv_events:
+            from .kv_events import KVEventPublisher
+
+            self.kv_events = KVEventPublisher(self)
         if not dcfg.events:
             return
         # its own context: the ZAP handler below then judges this socket's peers only
@@ -99,6 +106,18 @@ class Events:
         """fn(namespace id, rows) on the owner thread after each drained batch; it must not block."""
         self._event_sinks.append(fn)
 
+    def _engine_hashes(self, msg: dict, n: int) -> tuple:
+        """store / store_prepare's optional engine block hashes (kv_events.check_hashes)."""
+        from .kv_events import check_hashes
+
+        return check_hashes(msg, n)
+
+    def _adopt_hashes(self, s: Any, skeys: list, job: Any, hashes: tuple) -> None:
+        """A store's engine hashes name its keys on the vLLM-format stream (the session's own
+        namespace: skeys are derived from it)."""
+        if job is not None and hashes[0] is not None and self.kv_events is not None:
+            self.kv_events.adopt(s.namespace, skeys, *hashes)
+
     def op_events(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
         most = P.integer(msg, "max", required=False, default=1000, lo=1, hi=10_000)
@@ -107,6 +126,9 @@ class Events:
 
     def _drain_events(self) -> None:
         events = self.manager.take_events()
+        kv = getattr(self, "kv_events", None)  # (absent in tests that build the mixin alone)
+        if kv is not None and (events or kv.dirty):
+            kv.changed(events)
         if not events:
             if len(self.origin) > SWEEP_SLACK:
                 self.origin.sweep(self.manager)
@@ -138,6 +160,9 @@ class Events:
         self.origin.sweep(self.manager)
 
     def _close_events(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
         if self.pub is not None:
             self.pub.close(0)
             self.pub = None

@@ -9,7 +9,9 @@ Ops (fields beyond op/id/auth/session):
                                                             slots of this session's window, not of G2)
     heartbeat                                            -> {}
     lookup        keys: [bin16], remote: bool?           -> n, where: [tier]
-    store_prepare keys: [bin16], parent: bin16?, position: int?, priorities: [[int 0-100, float?]]?
+    store_prepare keys: [bin16], parent: bin16?, position: int?, priorities: [[int 0-100, float?]]?,
+                  hashes: [bin 1-64 | int | nil]?, parent_hash: bin | int?  (engine block hashes for
+                  the vLLM-format KV-event stream, daemon/kv_events.py)
                   -> handle, slots: [int] (-1: skip)
     store_commit  handle: int, failed: [int]             -> stored
     load_prepare  keys: [bin16]                          -> handle, slots: [int]

@@ -1,0 +1,349 @@
+"""vLLM-format KV events: which blocks kvbm's tiers hold, named by the engines' own block hashes.
+
+    check_hashes(msg, n)            the optional `hashes` / `parent_hash` fields of store_prepare
+    KVEventPublisher(daemon)        a PUB socket and a replay ROUTER (daemon.kv_events, .kv_events_replay)
+      .adopt(ns, skeys, hashes, parent)   a client names its blocks' engine hashes (its own namespace only)
+      .changed(events)                    after each drained batch: held media diffed -> one KVEventBatch
+      .view(ns)                           {medium: {hash}} as the tiers hold it now (owner thread)
+      .close()
+
+The stream is vLLM's (vllm/distributed/kv_events.py), so a KV-aware router that follows vLLM
+engines follows kvbm's tiers with the same decoder: each message is [topic, seq (8 bytes, big
+endian), msgpack KVEventBatch [ts, [BlockStored | BlockRemoved | AllBlocksCleared]]], BlockStored
+and BlockRemoved carry `medium` (MEDIUM below: G2 host "CPU", G3 disk "DISK", G4 object "OBJECT")
+and the engine's block hashes. Token ids are not sent (the daemon never sees tokens).
+
+What the events say is a diff of what the tiers hold: after every request the publisher compares,
+for each block the request touched, the media whose tier holds it ready with what it last
+published, and publishes the difference. A subscriber that applies every batch in order holds
+exactly the daemon's view, whatever the manager did in between (cascades, promotions, rollbacks).
+
+Per namespace, as for kvbm's own stream (events.py): the topic is `topic_of(namespace)` (a
+one-way hash of the namespace id: `Client.topic`), each namespace has its own sequence numbers
+(from 0, a batch that starts with AllBlocksCleared and the namespace's blocks held so far) and its
+own replay buffer, so no tenant sees another's batches, counts them through gaps, or replays
+them. A replay request names the topic: [b"", topic, start seq] from a DEALER socket (vLLM's
+names none: it has one stream per engine; a REQ socket would take only the first of the many
+replies); the answer is vLLM's, [b"", topic, seq, batch] per buffered batch from `start`, then
+[b"", b"", -1, b""]. A start older than the buffer, or -1, is answered with
+one snapshot batch (AllBlocksCleared, then BlockStored per medium) at the latest seq. A topic the
+publisher does not know gets the end marker only. With daemon.token both sockets take ZMQ PLAIN
+peers only (username kvbm, password the token).
+
+Hashes are attached by the client that stores a block (store_prepare's `hashes`, one per key:
+bin of 1-64 bytes, an integer, or nil; `parent_hash` for the block before the first key). A
+client can only name keys of its own namespace (server keys are derived from it), so a wrong
+hash misleads that namespace's routers only. A hash is kept while its block is held in some
+tier or in flight; the map is swept like the origin map (events.py), so it is bounded by what
+the manager holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from . import protocol as P
+from .events import PLAIN_USER, SWEEP_SLACK, topic_of
+
+log = logging.getLogger("kvbm.daemon")
+MEDIUM = {"host": "CPU", "disk": "DISK", "object": "OBJECT", "device": "GPU"}
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+MAX_HASH_BYTES = 64
+MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
+ZAP_DOMAIN = "kvbm-kv-events"
+
+
+def _valid_hash(h: Any) -> bool:
+    if isinstance(h, bytes):
+        return 1 <= len(h) <= MAX_HASH_BYTES
+    return isinstance(h, int) and not isinstance(h, bool) and -2**63 <= h < 2**64
+
+
+def check_hashes(msg: dict, n: int) -> tuple[list | None, Any]:
+    """(hashes, parent_hash) of a store_prepare: n entries (bin 1-64 bytes, int or nil) or absent."""
+    hashes = P.field(msg, "hashes", list, required=False)
+    if hashes is not None:
+        if len(hashes) != n:
+            raise P.ProtocolError("bad_field", f"field 'hashes' has {len(hashes)} entries for {n} keys")
+        for h in hashes:
+            if h is not None and not _valid_hash(h):
+                raise P.ProtocolError("bad_field", f"field 'hashes': each is nil, bin of 1-{MAX_HASH_BYTES} "
+                                                   f"bytes or an integer in [-2^63, 2^64)")
+    parent = msg.get("parent_hash")
+    if parent is not None and not _valid_hash(parent):
+        raise P.ProtocolError("bad_field", f"field 'parent_hash' must be bin of 1-{MAX_HASH_BYTES} bytes or an integer")
+    return hashes, parent
+
+
+class _Stream:
+    """One namespace's sequence numbers and replay buffer."""
+
+    def __init__(self, buffer: int) -> None:
+        self.seq = -1  # last published
+        self.buffer: collections.deque = collections.deque(maxlen=buffer)  # (seq, payload)
+        self.blocks = 0  # hashed blocks of this namespace in the map
+
+
+class KVEventPublisher:
+    def __init__(self, daemon: Any) -> None:
+        dcfg = daemon.dcfg
+        self.daemon = daemon
+        self.manager = daemon.manager
+        self.block_size = daemon.config.layout.block_size
+        # medium per tier, and a bit per distinct medium
+        names = [MEDIUM.get(t.storage.name, t.name.upper()) for t in daemon.config.tiers]
+        self.media = list(dict.fromkeys(names))
+        self.tier_bits = [(t, 1 << self.media.index(m)) for t, m in zip(self.manager.tiers, names)]
+        self.hashes: dict = {}  # server key -> [namespace, hash, parent hash, published media bits]
+        self.dirty: list = []  # keys adopted since the last drain: published at the next one
+        self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
+        self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
+        self.buffer = dcfg.kv_events_buffer
+        self._lock = threading.Lock()  # streams' buffers: the owner thread appends, replay reads
+        self._ctx = zmq.Context()
+        self._zap = None
+        self.pub = self._ctx.socket(zmq.PUB)
+        self.replay = self._ctx.socket(zmq.ROUTER) if dcfg.kv_events_replay else None
+        try:
+            if dcfg.token:
+                from zmq.auth.thread import ThreadAuthenticator
+
+                self._zap = ThreadAuthenticator(self._ctx, log=logging.getLogger("kvbm.daemon.zap"))
+                self._zap.start()
+                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
+            for sock, addr in ((self.pub, dcfg.kv_events), (self.replay, dcfg.kv_events_replay)):
+                if sock is None:
+                    continue
+                sock.setsockopt(zmq.LINGER, 0)
+                if dcfg.token:
+                    sock.plain_server = True
+                    sock.zap_domain = ZAP_DOMAIN.encode()
+                sock.bind(addr)
+        except BaseException:
+            self.close()
+            raise
+        self.address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.replay_address = self.replay.getsockopt(zmq.LAST_ENDPOINT).decode() if self.replay else ""
+        self._stop = threading.Event()
+        self._thread = None
+        if self.replay is not None:
+            self._thread = threading.Thread(target=self._serve_replay, name="kvbm-kv-events-replay", daemon=True)
+            self._thread.start()
+
+    # ---------------------------------------------------------------- owner thread
+
+    def adopt(self, ns: bytes, skeys: list, hashes: list | None, parent: Any) -> None:
+        """Engine hashes for a store_prepare's keys (in the caller's namespace). A key already
+        published keeps the hash it was published under."""
+        if hashes is None:
+            return
+        for i, (k, h) in enumerate(zip(skeys, hashes)):
+            if h is None:
+                continue
+            e = self.hashes.get(k)
+            if e is not None and e[3]:
+                continue
+            if e is None:
+                self._stream(ns).blocks += 1
+            self.hashes[k] = [ns, h, hashes[i - 1] if i else parent, 0]
+            self.dirty.append(k)  # already held (recovered, pulled): published at the next drain
+
+    def changed(self, events: list) -> None:
+        """After a drained batch of manager events (and at any drain with adopted keys)."""
+        keys = self.dirty + [ev.key for ev in events]
+        self.dirty = []
+        out: dict[bytes, tuple[dict, dict]] = {}  # ns -> (stored per medium, removed per medium)
+        seen = set()
+        for k in keys:
+            if k in seen:
+                continue
+            seen.add(k)
+            e = self.hashes.get(k)
+            if e is None:
+                continue
+            now = self._media_of(k)
+            old = e[3]
+            if now != old:
+                stored, removed = out.setdefault(e[0], ({}, {}))
+                for bit, medium in self._bits(now & ~old):
+                    stored.setdefault(medium, []).append(e)
+                for bit, medium in self._bits(old & ~now):
+                    removed.setdefault(medium, []).append(e[1])
+                e[3] = now
+            if not now and not self._pending(k):
+                self._forget(k, e)
+        for ns, (stored, removed) in out.items():
+            evs = [ev for m, es in stored.items() for ev in self._stored(es, m)]
+            evs += [{"type": "BlockRemoved", "block_hashes": hs, "medium": m} for m, hs in removed.items()]
+            self._publish(ns, evs)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop keys abandoned without an event (a rolled-back reservation) once the map holds
+        more than twice what the manager holds: amortised O(1) per abandoned key."""
+        held = sum(len(t.ready) + len(t.pending) for t in self.manager.tiers)
+        if len(self.hashes) <= 2 * held + SWEEP_SLACK:
+            return
+        for k in [k for k, e in self.hashes.items() if not e[3] and not self._media_of(k) and not self._pending(k)]:
+            self._forget(k, self.hashes[k])
+
+    def view(self, ns: bytes) -> dict[str, set]:
+        """{medium: {engine hash}} of the namespace's blocks as the tiers hold them now."""
+        out: dict[str, set] = {}
+        for k, e in self.hashes.items():
+            if e[0] == ns:
+                for _, medium in self._bits(self._media_of(k)):
+                    out.setdefault(medium, set()).add(e[1])
+        return out
+
+    def _snapshot(self, ns: bytes) -> tuple[int, bytes]:
+        """(seq, one batch: AllBlocksCleared + what is held now) for a subscriber that lost track."""
+        st = self.streams.get(ns)
+        seq = st.seq if st is not None else -1
+        return seq, _batch(self._snapshot_events(ns))
+
+    def _snapshot_events(self, ns: bytes) -> list:
+        """What was published for ns so far, as one batch (exactly the state at its last seq)."""
+        evs: list = [{"type": "AllBlocksCleared"}]
+        by_medium: dict[str, list] = {}
+        for e in self.hashes.values():
+            if e[0] == ns:
+                for _, medium in self._bits(e[3]):
+                    by_medium.setdefault(medium, []).append(e)
+        for m, es in by_medium.items():
+            evs += self._stored(es, m)
+        return evs
+
+    def _stored(self, entries: list, medium: str) -> list:
+        """BlockStored events; a run of blocks each the parent of the next goes in one event."""
+        evs: list = []
+        for _, h, parent, _ in entries:
+            last = evs[-1] if evs else None
+            if last is not None and last["block_hashes"][-1] == parent:
+                last["block_hashes"].append(h)
+                continue
+            evs.append({"type": "BlockStored", "block_hashes": [h], "parent_block_hash": parent, "token_ids": [],
+                        "block_size": self.block_size, "lora_id": None, "medium": medium, "lora_name": None})
+        return evs
+
+    def _publish(self, ns: bytes, evs: list) -> None:
+        first = ns not in self.streams or self.streams[ns].seq < 0
+        st = self._stream(ns)
+        if first:  # a new stream (daemon start, or a namespace back after a while): start clean
+            evs = self._snapshot_events(ns)
+        payload = _batch(evs)
+        topic = topic_of(ns)
+        with self._lock:
+            st.seq += 1
+            st.buffer.append((st.seq, payload))
+            seq = st.seq
+        self.streams.move_to_end(ns)
+        try:
+            self.pub.send_multipart([topic, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+        except zmq.Again:  # a slow subscriber: it sees the gap and replays
+            pass
+
+    def _stream(self, ns: bytes) -> _Stream:
+        st = self.streams.get(ns)
+        if st is None:
+            st = self.streams[ns] = _Stream(self.buffer)
+            self.topics[topic_of(ns)] = ns
+            idle = [n for n, s in self.streams.items() if not s.blocks]
+            for n in idle[:max(0, len(idle) - MAX_IDLE_NAMESPACES)]:
+                with self._lock:
+                    del self.streams[n]
+                self.topics.pop(topic_of(n), None)
+        return st
+
+    def _forget(self, k: Any, e: list) -> None:
+        del self.hashes[k]
+        st = self.streams.get(e[0])
+        if st is not None:
+            st.blocks -= 1
+
+    def _media_of(self, k: Any) -> int:
+        bits = 0
+        for t, bit in self.tier_bits:
+            if k in t.ready:
+                bits |= bit
+        return bits
+
+    def _pending(self, k: Any) -> bool:
+        return any(k in t.pending for t in self.manager.tiers)
+
+    def _bits(self, bits: int):
+        for i, m in enumerate(self.media):
+            if bits & (1 << i):
+                yield 1 << i, m
+
+    # ---------------------------------------------------------------- replay thread
+
+    def _serve_replay(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.replay, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if not poller.poll(100):
+                    continue
+                frames = self.replay.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    return
+                continue
+            try:
+                self._answer(frames)
+            except Exception:  # a bad request or a daemon shutting down: the loop goes on
+                log.exception("KV-event replay request failed")
+
+    def _answer(self, frames: list[bytes]) -> None:
+        ident, rest = frames[0], frames[1:]
+        if rest and rest[0] == b"":  # a REQ socket's delimiter
+            rest = rest[1:]
+        if len(rest) != 2 or len(rest[1]) != 8:
+            return  # not [topic, start seq]: nothing to answer
+        topic, start = rest[0], int.from_bytes(rest[1], "big", signed=True)
+        ns = self.topics.get(topic)
+        out: list = []
+        if ns is not None:
+            with self._lock:
+                st = self.streams.get(ns)
+                batches = list(st.buffer) if st is not None else []
+            first = batches[0][0] if batches else (st.seq + 1 if st is not None else 0)
+            if start < 0 or start < first:
+                seq, payload = self.daemon._owner(self._snapshot, ns)  # consistent with the owner's seq
+                if seq >= 0:
+                    out.append((seq, payload))
+                    with self._lock:
+                        batches = list(st.buffer) if st is not None else []
+                    batches = [b for b in batches if b[0] > seq]
+                else:
+                    batches = []
+            else:
+                batches = [b for b in batches if b[0] >= start]
+            out += batches
+        for seq, payload in out:
+            self.replay.send_multipart([ident, b"", topic, seq.to_bytes(8, "big"), payload])
+        self.replay.send_multipart([ident, b"", b"", END_SEQ, b""])
+
+    def close(self) -> None:
+        self._stop = getattr(self, "_stop", threading.Event())
+        self._stop.set()
+        if getattr(self, "_thread", None) is not None:
+            self._thread.join(5)
+        for sock in (self.pub, self.replay):
+            if sock is not None:
+                sock.close(0)
+        if self._zap is not None:
+            self._zap.stop()
+        self._ctx.term()
+
+
+def _batch(evs: list) -> bytes:
+    return msgpack.packb([time.time(), evs], use_bin_type=True)

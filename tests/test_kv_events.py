@@ -1,0 +1,303 @@
+"""Routers see kvbm's tiers: the daemon's vLLM-format KV-event stream, read with vLLM's own decoder.
+
+Issue 14 (5): two engines (connector halves over their own daemon clients) store and load
+through one `kvbm serve` with a small G2 over a G3 disk, so blocks are stored, demoted and
+promoted. A subscriber built from vLLM's KVEventBatch / BlockStored / BlockRemoved /
+AllBlocksCleared classes follows the stream by sequence number; its per-medium view of which
+engine block hashes kvbm holds must equal the daemon's (each block's tier, asked with a lookup),
+also after it drops its subscription and resyncs through the replay socket.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+
+import pytest
+
+torch = pytest.importorskip("torch")
+zmq = pytest.importorskip("zmq")
+msgspec = pytest.importorskip("msgspec")
+kv_events = pytest.importorskip("vllm.distributed.kv_events")
+
+from kvbm.blocks import Namespace
+from kvbm.connectors import core
+from servedaemon import LAYOUT, Served
+
+BS = LAYOUT.block_size
+MEDIUM = {"g2": "CPU", "g3": "DISK"}
+DEADLINE_S = 60.0
+
+
+class Follower:
+    """A router's view of one topic, from vLLM's decoder classes: {medium: {block hash}}."""
+
+    def __init__(self, ctx: zmq.Context, pub: str, replay: str, topic: bytes, token: str | None = None) -> None:
+        self.ctx, self.pub_address, self.replay_address, self.topic, self.token = ctx, pub, replay, topic, token
+        self.decoder = msgspec.msgpack.Decoder(type=kv_events.KVEventBatch)
+        self.view: dict[str, set] = defaultdict(set)
+        self.last = -1
+        self.resyncs = 0
+        self.sub = None
+        self.subscribe()
+
+    def _creds(self, sock: zmq.Socket) -> None:
+        if self.token is not None:
+            sock.plain_username = b"kvbm"
+            sock.plain_password = self.token.encode()
+
+    def subscribe(self) -> None:
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self._creds(self.sub)
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        self.sub.connect(self.pub_address)
+
+    def drop(self) -> None:
+        self.sub.close(0)
+        self.sub = None
+
+    def apply(self, payload: bytes) -> None:
+        for ev in self.decoder.decode(payload).events:
+            if isinstance(ev, kv_events.AllBlocksCleared):
+                self.view.clear()
+            elif isinstance(ev, kv_events.BlockStored):
+                self.view[ev.medium].update(ev.block_hashes)
+            elif isinstance(ev, kv_events.BlockRemoved):
+                self.view[ev.medium].difference_update(ev.block_hashes)
+
+    def on(self, seq: int, payload: bytes) -> None:
+        if seq <= self.last:
+            return  # already applied (a replay overlaps the live stream)
+        if seq > self.last + 1:  # a gap: what was missed comes from the replay socket first
+            self.resync(self.last + 1)
+            if seq <= self.last:
+                return
+        self.apply(payload)
+        self.last = seq
+
+    def resync(self, start: int) -> None:
+        self.resyncs += 1
+        for seq, payload in replay(self.ctx, self.replay_address, self.topic, start, self.token):
+            if seq > self.last:
+                self.apply(payload)
+                self.last = seq
+
+    def pump(self, quiet_ms: int = 300) -> None:
+        while self.sub.poll(quiet_ms):
+            topic, seq, payload = self.sub.recv_multipart()
+            assert topic == self.topic
+            self.on(int.from_bytes(seq, "big"), payload)
+
+    def held(self) -> dict[str, set]:
+        return {m: set(v) for m, v in self.view.items() if v}
+
+
+def replay(ctx: zmq.Context, address: str, topic: bytes, start: int, token: str | None = None) -> list:
+    """The batches from `start` on (a DEALER: vLLM's replay answers one request with many replies)."""
+    req = ctx.socket(zmq.DEALER)
+    req.setsockopt(zmq.LINGER, 0)
+    if token is not None:
+        req.plain_username = b"kvbm"
+        req.plain_password = token.encode()
+    req.connect(address)
+    try:
+        req.send_multipart([b"", topic, start.to_bytes(8, "big", signed=True)])
+        out = []
+        while True:
+            assert req.poll(int(DEADLINE_S * 1000)), "no replay answer within the deadline"
+            empty, t, seq, payload = req.recv_multipart()
+            assert empty == b""
+            seq = int.from_bytes(seq, "big", signed=True)
+            if seq == -1:
+                return out
+            assert t == topic
+            out.append((seq, payload))
+    finally:
+        req.close(0)
+
+
+class Engine:
+    """One engine's connector halves (scheduler + worker) over its own daemon clients."""
+
+    def __init__(self, address: str, seed: int, salt: str = "") -> None:
+        self.backend = core.DaemonBackend.connect(address, LAYOUT, "tiny", salt=salt)
+        self.sched = core.SchedulerSide(self.backend, None, Namespace("tiny", LAYOUT, salt), BS)
+        self.worker = core.WorkerSide(self.backend)
+        g = torch.Generator().manual_seed(seed)
+        self.worker.register([torch.randn(32, 2, 2, BS, 64, generator=g).to(torch.bfloat16) for _ in range(2)])
+        self.keys: dict = {}  # engine hash -> kvbm key
+
+    def prompt(self, req: str, hashes: list, blocks: list[int]) -> int:
+        """Match (load what kvbm holds), then store the rest, as a request of len(hashes) blocks."""
+        keys = self.sched.keys(req, hashes)
+        self.keys.update(zip(hashes, keys))
+        hit = self.sched.match(req, keys, len(hashes) * BS + 1, 0, must_compute_one=True) // BS
+        plan = self.sched.plan_load(req, blocks, hit * BS)
+        if plan is not None:
+            self.worker.start_load(plan)
+        store = self.sched.plan_store(req, blocks, len(hashes) * BS + 1)
+        if store is not None:
+            self.worker.start_store(store)
+        self.worker.poll(wait=True)
+        self.sched.finished(req)
+        return hit
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def truth(engines: list[Engine]) -> dict[str, set]:
+    """Where the daemon holds each engine hash the engines stored, by lookups (not the stream)."""
+    out: dict[str, set] = defaultdict(set)
+    e = engines[0]
+    for h, k in {h: k for en in engines for h, k in en.keys.items()}.items():
+        n, where = e.backend.client.lookup([k], remote=False)
+        if n:
+            out[MEDIUM[where[0]]].add(h)
+    return dict(out)
+
+
+def chain(tag: str, n: int) -> list[bytes]:
+    """Engine block hashes as vLLM 0.32 makes them: 32 bytes each."""
+    return [uuid.uuid5(uuid.NAMESPACE_OID, f"{tag}/{i}").bytes * 2 for i in range(n)]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    made = []
+
+    def start(token: str | None = None) -> Served:
+        d = tmp_path / "d"
+        d.mkdir(exist_ok=True)
+        extra = {"token": token} if token else {}
+        served = Served(tmp_path, "kv", tiers=[
+            {"name": "g2", "capacity": 6, "eviction": "lru", "storage": "host"},
+            {"name": "g3", "capacity": 64, "eviction": "lru", "storage": {"name": "disk", "path": str(d / "g3")}}],
+            daemon={"kv_events": f"ipc://{d}/kv.sock", "kv_events_replay": f"ipc://{d}/kvr.sock",
+                    "kv_events_buffer": 32, **extra}).start()
+        served.kv, served.kvr = f"ipc://{d}/kv.sock", f"ipc://{d}/kvr.sock"
+        made.append(served)
+        return served
+
+    yield start
+    core.release_managers()
+    for s in made:
+        s.stop()
+
+
+def _until_joined(f: Follower, e: Engine) -> None:
+    """PUB/SUB joins late: store throw-away blocks until the follower hears one (then it resyncs
+    from seq 0 through the replay socket, as a router joining a running daemon would)."""
+    deadline = time.monotonic() + DEADLINE_S
+    i = 0
+    while not f.sub.poll(100):
+        assert time.monotonic() < deadline, "the subscriber never joined"
+        e.prompt(f"warm{i}", chain(f"warm{uuid.uuid4()}", 1), [31])
+        i += 1
+    f.pump()
+
+
+def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
+    d = daemon()
+    a, b = Engine(d.address, 1), Engine(d.address, 2)
+    ctx = zmq.Context()
+    f = Follower(ctx, d.kv, d.kvr, a.backend.client.topic)
+    try:
+        _until_joined(f, a)
+        assert f.last >= 0
+        # engine A: three 4-block prompts (12 blocks > G2's 6: the oldest demote to G3, "DISK")
+        for i in range(3):
+            assert a.prompt(f"a{i}", chain(f"p{i}", 4), [0, 1, 2, 3]) == 0
+        # engine B: prompt 0 again (a G3 hit: promoted back to G2), and a prompt of its own
+        assert b.prompt("b0", chain("p0", 4), [4, 5, 6, 7]) == 4  # A's blocks, loaded by B
+        b.prompt("b1", chain("q", 5), [8, 9, 10, 11, 12])
+        f.pump()
+        want = truth([a, b])
+        assert set(want) == {"CPU", "DISK"}, want  # both media are in play
+        assert f.held() == want
+        # the replay socket's snapshot (start -1) is the same view
+        snap = Follower.__new__(Follower)
+        snap.decoder, snap.view = f.decoder, defaultdict(set)
+        for _, payload in replay(ctx, d.kvr, f.topic, -1):
+            snap.apply(payload)
+        assert snap.held() == want
+
+        # the subscription drops; traffic goes on (fewer batches than the replay buffer's 32)
+        f.drop()
+        last, resyncs = f.last, f.resyncs
+        a.prompt("a3", chain("p1", 4), [0, 1, 2, 3])  # a G3 hit: promoted
+        b.prompt("b2", chain("r", 2), [4, 5])
+        missed = replay(ctx, d.kvr, f.topic, last + 1)  # the buffered batches, in order, no snapshot
+        assert [s for s, _ in missed] == list(range(last + 1, last + 1 + len(missed))) and missed
+        f.subscribe()
+        _until_joined(f, b)  # the first live batch shows the gap: replayed from last + 1
+        assert f.resyncs == resyncs + 1 and f.last > last
+        f.pump()
+        b.prompt("b3", chain("s", 2), [6, 7])
+        f.pump()
+        assert f.held() == truth([a, b])
+
+        # dropped for longer than the buffer: the replay answers with a snapshot at the latest seq
+        f.drop()
+        last = f.last
+        for i in range(40):
+            b.prompt(f"long{i}", chain(f"long{i}", 1), [8])
+        missed = replay(ctx, d.kvr, f.topic, last + 1)
+        assert len(missed) == 1 and missed[0][0] > last + 32  # one snapshot batch, at the latest seq
+        f.subscribe()
+        _until_joined(f, a)
+        f.pump()
+        assert f.resyncs == resyncs + 2
+        assert f.held() == truth([a, b])
+    finally:
+        f.sub is not None and f.sub.close(0)
+        a.close()
+        b.close()
+        ctx.term()
+
+
+def test_a_tenant_sees_and_replays_nothing_of_another(daemon):
+    d = daemon()
+    a, other = Engine(d.address, 3), Engine(d.address, 4, salt="tenant-b")
+    ctx = zmq.Context()
+    fa = Follower(ctx, d.kv, d.kvr, a.backend.client.topic)
+    fb = Follower(ctx, d.kv, d.kvr, other.backend.client.topic)
+    try:
+        assert fa.topic != fb.topic
+        _until_joined(fa, a)
+        a.prompt("x", chain("secret", 3), [0, 1, 2])
+        fa.pump()
+        assert set(chain("secret", 3)) <= set().union(*fa.held().values())
+        # tenant b's topic carries nothing of a's, live or replayed, and its seq starts at its own 0
+        assert not fb.sub.poll(300)
+        assert replay(ctx, d.kvr, fb.topic, 0) == []
+        _until_joined(fb, other)
+        assert fb.last >= 0
+        assert all(h not in fb.view[m] for m in fb.view for h in chain("secret", 3))
+        # a replay naming an unknown topic gets the end marker only
+        assert replay(ctx, d.kvr, b"not-a-topic", 0) == []
+    finally:
+        for f in (fa, fb):
+            f.sub.close(0)
+        a.close()
+        other.close()
+        ctx.term()
+
+
+def test_store_prepare_checks_the_hashes_field(daemon):
+    from kvbm.client import RemoteError
+
+    d = daemon()
+    with d.client() as c:
+        k = [uuid.uuid4().bytes for _ in range(2)]
+        with pytest.raises(RemoteError, match="hashes"):
+            c.call("store_prepare", keys=k, hashes=[b"x"])  # one hash for two keys
+        with pytest.raises(RemoteError, match="hashes"):
+            c.call("store_prepare", keys=k, hashes=[b"x" * 65, None])
+        with pytest.raises(RemoteError, match="hashes"):
+            c.call("store_prepare", keys=k, hashes=[1.5, None])
+        with pytest.raises(RemoteError, match="parent_hash"):
+            c.call("store_prepare", keys=k, hashes=[1, 2], parent_hash=b"")
+        assert c.stats()["daemon"]["state"]["reservations"] == 0  # refused before anything was reserved
