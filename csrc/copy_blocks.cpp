@@ -14,7 +14,7 @@ namespace {
 
 constexpr uint64_t kTaskBytes = 4u << 20;  // below this a task's hand-off is no longer noise
 constexpr unsigned kTasksPerThread = 16;   // so a descheduled worker holds back 1/16 of its share
-constexpr size_t kPiece = 64u << 10;       // checksummed, then copied while still in L2
+constexpr size_t kPiece = 64u << 10;       // checksummed, then streamed out while still in L2
 
 bool overlap(const uint8_t* a, const uint8_t* b, size_t len) { return a < b + len && b < a + len; }
 
@@ -89,11 +89,15 @@ void copy_blocks_crc32c(const uint8_t* src, const int64_t* src_offsets, uint8_t*
       std::memmove(d, s, len);
       return;
     }
-    uint32_t crc = 0;
+    if (!stream) {
+      crcs[i] = copy_crc32c(d, s, len, 0);
+      return;
+    }
+    uint32_t crc = 0;  // see crc32c.cpp: a piece is checksummed, then streamed out of cache
     for (size_t at = 0; at < len; at += kPiece) {
       const size_t piece = std::min(kPiece, len - at);
       crc = crc32c(crc, s + at, piece);
-      copy_chunk(d + at, s + at, piece, stream);
+      copy_stream(d + at, s + at, piece);
     }
     crcs[i] = crc;
   };

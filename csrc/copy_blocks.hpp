@@ -21,8 +21,9 @@ void copy_blocks(const uint8_t* src, const int64_t* src_offsets, uint8_t* dst,
                  const int64_t* dst_offsets, size_t n, int64_t nbytes, unsigned threads);
 
 // copy_blocks and crc32c_blocks in one pass: crcs[i] = CRC-32C of chunk i (its source
-// bytes), each piece checksummed while it is in cache and then copied from there, so
-// memory is read once instead of twice. Blocks are spread over `threads` workers.
+// bytes), in one pass over memory instead of two: each word checksummed and stored as it
+// is loaded (copy_crc32c), or, for a batch that streams, each 64 KiB piece checksummed
+// and then streamed out of cache. Blocks are spread over `threads` workers.
 void copy_blocks_crc32c(const uint8_t* src, const int64_t* src_offsets, uint8_t* dst,
                         const int64_t* dst_offsets, size_t n, int64_t nbytes, uint32_t* crcs,
                         unsigned threads);

@@ -123,6 +123,44 @@ __attribute__((target("sse4.2"))) uint32_t hw_update(uint32_t crc, const uint8_t
   return static_cast<uint32_t>(c);
 }
 
+// ---- hardware, fused with a copy: the same three stripes, each word stored as it is read ----
+//
+// Plain stores only: streaming stores to three stripes 8 KiB apart run at a fifth of one
+// stream's speed on the EPYC this was measured on (write-combining buffers thrash), so a
+// streaming copy checksums a piece first and then copies it from cache (copy_blocks.cpp).
+
+__attribute__((target("sse4.2"))) uint64_t copy_stripes(uint64_t c, uint8_t*& dst, const uint8_t*& src,
+                                                         size_t& n, size_t len, const ShiftTable& shift) {
+  uint8_t* d = dst;  // locals: through the references every store would reload them
+  const uint8_t* p = src;
+  for (; n >= 3 * len; p += 3 * len, d += 3 * len, n -= 3 * len) {
+    uint64_t c1 = 0, c2 = 0;
+    for (size_t i = 0; i < len; i += 8) {
+      uint64_t w0, w1, w2;
+      std::memcpy(&w0, p + i, 8);
+      std::memcpy(&w1, p + len + i, 8);
+      std::memcpy(&w2, p + 2 * len + i, 8);
+      c = _mm_crc32_u64(c, w0);
+      c1 = _mm_crc32_u64(c1, w1);
+      c2 = _mm_crc32_u64(c2, w2);
+      std::memcpy(d + i, &w0, 8);
+      std::memcpy(d + len + i, &w1, 8);
+      std::memcpy(d + 2 * len + i, &w2, 8);
+    }
+    c = shift(shift(static_cast<uint32_t>(c)) ^ static_cast<uint32_t>(c1)) ^ c2;
+  }
+  dst = d, src = p;
+  return c;
+}
+
+uint32_t hw_copy_update(uint32_t crc, uint8_t* d, const uint8_t* p, size_t n) {
+  static const ShiftTable long_shift(kLong), short_shift(kShort);
+  uint64_t c = copy_stripes(crc, d, p, n, kLong, long_shift);
+  c = copy_stripes(c, d, p, n, kShort, short_shift);
+  std::memcpy(d, p, n);  // the tail, under 768 bytes
+  return hw_update(static_cast<uint32_t>(c), p, n);
+}
+
 bool have_hw() {
   static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("sse4.2"));
   return yes;
@@ -140,6 +178,14 @@ uint32_t crc32c_software(uint32_t crc, const uint8_t* data, size_t n) {
 
 uint32_t crc32c(uint32_t crc, const uint8_t* data, size_t n) {
   return have_hw() ? ~hw_update(~crc, data, n) : crc32c_software(crc, data, n);
+}
+
+uint32_t copy_crc32c(uint8_t* dst, const uint8_t* src, size_t n, uint32_t crc) {
+#if KVBM_X86
+  if (have_hw()) return ~hw_copy_update(~crc, dst, src, n);
+#endif
+  std::memcpy(dst, src, n);
+  return crc32c(crc, src, n);
 }
 
 const char* crc32c_impl() { return have_hw() ? "sse4.2" : "software"; }

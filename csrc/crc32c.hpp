@@ -14,6 +14,11 @@ uint32_t crc32c(uint32_t crc, const uint8_t* data, size_t n);
 // The portable slicing-by-8 path, whatever the CPU (kept callable for tests).
 uint32_t crc32c_software(uint32_t crc, const uint8_t* data, size_t n);
 
+// Copies n bytes from src to dst (the ranges must not overlap) and returns crc extended over
+// them, in one pass: each 8-byte word is loaded once, fed to the CRC and stored (plain
+// stores; copy_blocks_crc32c streams large batches its own way).
+uint32_t copy_crc32c(uint8_t* dst, const uint8_t* src, size_t n, uint32_t crc);
+
 // "sse4.2" or "software": the path crc32c() takes on this CPU.
 const char* crc32c_impl();
 

@@ -97,27 +97,46 @@ struct Job {
 
   uint32_t crc_of(size_t i) const { return crc32c(0, bufs[i], static_cast<size_t>(nbytes)); }
 
+  // Moves block i alone. A block that needs the bounce buffer (an unaligned buffer or size
+  // under O_DIRECT) is copied through it with its CRC-32C taken in the same pass
+  // (copy_crc32c), instead of a copy and then a second read of the block for the checksum.
   int single(size_t i, Bounce& bounce) const {
     const auto len = static_cast<size_t>(nbytes);
     if (!needs_bounce(i))
       return write ? write_all(fd, bufs[i], len, offs[i]) : read_all(fd, bufs[i], len, len, offs[i]);
     const auto padded = static_cast<size_t>(align_up(nbytes));
     uint8_t* p = bounce.get(padded);
-    if (p == nullptr) return ENOMEM;
+    if (p == nullptr) {
+      if (crcs) crcs[i] = write ? crc_of(i) : 0;
+      return ENOMEM;
+    }
     if (write) {
-      std::memcpy(p, bufs[i], len);
+      if (crcs)
+        crcs[i] = copy_crc32c(p, bufs[i], len, 0);
+      else
+        std::memcpy(p, bufs[i], len);
       std::memset(p + len, 0, padded - len);
       return write_all(fd, p, padded, offs[i]);
     }
     const int err = read_all(fd, p, padded, len, offs[i]);
-    if (err == 0) std::memcpy(bufs[i], p, len);  // a failed read leaves the buffer alone
+    if (err == 0) {  // a failed read leaves the buffer alone
+      if (crcs)
+        crcs[i] = copy_crc32c(bufs[i], p, len, 0);
+      else
+        std::memcpy(bufs[i], p, len);
+    } else if (crcs) {
+      crcs[i] = 0;
+    }
     return err;
   }
 
   void run(const Run& r, Bounce& bounce, std::vector<iovec>& iov) const {
     const size_t end = r.first + r.count;
-    if (write && crcs)  // of the source bytes, in the task: the checksum overlaps other I/O
-      for (size_t i = r.first; i < end; ++i) crcs[i] = crc_of(i);
+    // of the source bytes, in the task: the checksum overlaps other I/O (single() takes a
+    // bounced block's with its copy)
+    if (write && crcs)
+      for (size_t i = r.first; i < end; ++i)
+        if (!needs_bounce(i)) crcs[i] = crc_of(i);
     bool done = false;
     if (r.count > 1) {
       iov.clear();
@@ -134,7 +153,7 @@ struct Job {
       // A merged call that failed or came up short is redone block by block, so the
       // blocks that can move do, and each failed one gets its own errno.
       status[i] = done ? 0 : single(i, bounce);
-      if (!write && crcs) crcs[i] = status[i] == 0 ? crc_of(i) : 0;
+      if (!write && crcs && !needs_bounce(i)) crcs[i] = status[i] == 0 ? crc_of(i) : 0;
     }
   }
 };

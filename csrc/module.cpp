@@ -84,46 +84,46 @@ nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>> crc32c_blocks_py(nb::handle data, 
   return nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(out.release(), {n}, owner);
 }
 
+// The arguments of a gather/scatter (copy_blocks, copy_blocks_crc32c), checked once: src
+// readable, dst writable, one dst offset per src offset, every block inside its buffer.
+struct CopyBatch {
+  Buffer in, out;
+  size_t n;
+
+  CopyBatch(const char* op, nb::handle src, const Offsets& src_offsets, nb::handle dst,
+            const Offsets& dst_offsets, int64_t nbytes)
+      : in(src, false, op, "src"), out(dst, true, op, "dst"), n(src_offsets.shape(0)) {
+    if (dst_offsets.shape(0) != n)
+      throw std::invalid_argument(std::string(op) + ": len(src_offsets) = " + std::to_string(n) +
+                                  " but len(dst_offsets) = " + std::to_string(dst_offsets.shape(0)));
+    check_batch(op, n, nbytes);
+    kvbm::check_ranges(op, "src_offsets", src_offsets.data(), n, nbytes, in.size());
+    kvbm::check_ranges(op, "dst_offsets", dst_offsets.data(), n, nbytes, out.size());
+  }
+};
+
 void copy_blocks_py(nb::handle src, Offsets src_offsets, nb::handle dst, Offsets dst_offsets,
                     int64_t nbytes, unsigned threads) {
-  const char* op = "copy_blocks";
-  Buffer in(src, false, op, "src");
-  Buffer out(dst, true, op, "dst");
-  const size_t n = src_offsets.shape(0);
-  if (dst_offsets.shape(0) != n)
-    throw std::invalid_argument(std::string(op) + ": len(src_offsets) = " + std::to_string(n) +
-                                " but len(dst_offsets) = " + std::to_string(dst_offsets.shape(0)));
-  check_batch(op, n, nbytes);
-  kvbm::check_ranges(op, "src_offsets", src_offsets.data(), n, nbytes, in.size());
-  kvbm::check_ranges(op, "dst_offsets", dst_offsets.data(), n, nbytes, out.size());
+  CopyBatch b("copy_blocks", src, src_offsets, dst, dst_offsets, nbytes);
   nb::gil_scoped_release release;
-  threads = kvbm::pick_threads(threads, uint64_t(n) * uint64_t(nbytes));
-  kvbm::copy_blocks(in.data(), src_offsets.data(), out.data(), dst_offsets.data(), n, nbytes,
+  threads = kvbm::pick_threads(threads, uint64_t(b.n) * uint64_t(nbytes));
+  kvbm::copy_blocks(b.in.data(), src_offsets.data(), b.out.data(), dst_offsets.data(), b.n, nbytes,
                     threads);
 }
 
 nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>> copy_blocks_crc32c_py(nb::handle src, Offsets src_offsets,
                                                                      nb::handle dst, Offsets dst_offsets,
                                                                      int64_t nbytes, unsigned threads) {
-  const char* op = "copy_blocks_crc32c";
-  Buffer in(src, false, op, "src");
-  Buffer out(dst, true, op, "dst");
-  const size_t n = src_offsets.shape(0);
-  if (dst_offsets.shape(0) != n)
-    throw std::invalid_argument(std::string(op) + ": len(src_offsets) = " + std::to_string(n) +
-                                " but len(dst_offsets) = " + std::to_string(dst_offsets.shape(0)));
-  check_batch(op, n, nbytes);
-  kvbm::check_ranges(op, "src_offsets", src_offsets.data(), n, nbytes, in.size());
-  kvbm::check_ranges(op, "dst_offsets", dst_offsets.data(), n, nbytes, out.size());
-  std::unique_ptr<uint32_t[]> crcs(new uint32_t[n]);
+  CopyBatch b("copy_blocks_crc32c", src, src_offsets, dst, dst_offsets, nbytes);
+  std::unique_ptr<uint32_t[]> crcs(new uint32_t[b.n]);
   {
     nb::gil_scoped_release release;
-    threads = kvbm::pick_threads(threads, uint64_t(n) * uint64_t(nbytes));
-    kvbm::copy_blocks_crc32c(in.data(), src_offsets.data(), out.data(), dst_offsets.data(), n, nbytes,
-                             crcs.get(), threads);
+    threads = kvbm::pick_threads(threads, uint64_t(b.n) * uint64_t(nbytes));
+    kvbm::copy_blocks_crc32c(b.in.data(), src_offsets.data(), b.out.data(), dst_offsets.data(), b.n,
+                             nbytes, crcs.get(), threads);
   }
   nb::capsule owner(crcs.get(), [](void* p) noexcept { delete[] static_cast<uint32_t*>(p); });
-  return nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(crcs.release(), {n}, owner);
+  return nb::ndarray<nb::numpy, uint32_t, nb::ndim<1>>(crcs.release(), {b.n}, owner);
 }
 
 void copy_buffer_py(nb::handle dst, nb::handle src, bool stream) {

@@ -92,6 +92,9 @@ def test_fused_copy_returns_the_crc32c_of_each_block(rng, use_native):
 @example(nbytes=65536, n=3, threads=2, shift=1, seed=0)   # exactly one 64 KiB piece per block
 @example(nbytes=65537, n=2, threads=0, shift=0, seed=0)   # a 1-byte second piece
 @example(nbytes=0, n=4, threads=1, shift=0, seed=0)
+@example(nbytes=3 * 8192, n=2, threads=1, shift=3, seed=0)  # exactly one set of three 8 KiB stripes
+@example(nbytes=3 * 8192 + 3 * 256 + 7, n=2, threads=0, shift=5, seed=0)  # long, short stripes, tail
+@example(nbytes=767, n=3, threads=1, shift=1, seed=0)  # under one short stripe set: tail only
 def test_fused_copy_equals_the_fallback(nbytes, n, threads, shift, seed):
     rng = np.random.default_rng(seed)
     src = random_bytes(rng, max(1, n) * nbytes + 64)

@@ -183,6 +183,40 @@ def test_aligned_and_bounced_blocks_in_one_direct_batch(tmp_path, rng, threads):
 
 
 @native
+@pytest.mark.parametrize("nbytes", [777, 3 * 8192 * 2 + 100], ids=["tail", "stripes"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bounced_blocks_copy_and_checksum_in_one_pass_as_the_fallback_does(tmp_path, rng, nbytes, threads):
+    # A size O_DIRECT cannot take as it is (not a multiple of 4 KiB): every block goes
+    # through the bounce buffer, its CRC-32C taken in the same pass as that copy, both ways.
+    n = 5
+    stride = align_up(nbytes)
+    src = [aligned_bytes(rng, nbytes) for _ in range(n)]
+    slots = np.array([3, 0, 4, 1, 2]) * stride
+    files, crcs = {}, {}
+    for use_native in (False, True):
+        path = tmp_path / f"f{use_native}"
+        fd = open_file(path, True, bytes(n * stride))
+        crcs[use_native] = np.zeros(n, np.uint32)
+        try:
+            assert not ops.pwrite_blocks(fd, src, slots, nbytes, threads=threads, crcs=crcs[use_native],
+                                         use_native=use_native).any()
+            dst = [aligned_bytes(rng, nbytes + 5)[5:] for _ in range(n + 1)]
+            read_crcs = np.full(n + 1, 7, np.uint32)
+            before = bytes(dst[n])
+            status = ops.pread_blocks(fd, dst, np.append(slots, 9 * stride), nbytes, threads=threads,
+                                      crcs=read_crcs, use_native=use_native)
+        finally:
+            os.close(fd)
+        assert status.tolist() == [0] * n + [errno.ENODATA]
+        assert [bytes(d) for d in dst[:n]] == [bytes(b) for b in src]
+        assert bytes(dst[n]) == before  # a failed read leaves its buffer alone
+        assert read_crcs.tolist() == crcs[use_native].tolist() + [0]
+        files[use_native] = path.read_bytes()
+    assert files[True] == files[False]
+    assert crcs[True].tolist() == crcs[False].tolist() == [ops.crc32c(b, use_native=False) for b in src]
+
+
+@native
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_direct_io_in_a_forked_child(tmp_path):
     # AIO contexts belong to one process: the child must make its own, not hang or fail.
