@@ -455,9 +455,8 @@ class DiskStorage(Storage):
             for slot in slots:  # its bytes are about to change: the old block is gone
                 self._unmap(slot)
         crcs = np.zeros(len(items), dtype=np.uint32)
-        stride = self.stride
-        status = ops.pwrite_blocks(self._fd, views, [s * stride for s in slots], self.block_nbytes,
-                                   threads=self.threads, crcs=crcs)
+        offsets = np.array(slots, dtype=np.int64) * self.stride
+        status = ops.pwrite_blocks(self._fd, views, offsets, self.block_nbytes, threads=self.threads, crcs=crcs)
         ok = np.flatnonzero(status == 0).tolist()
         crc_list = crcs.tolist()
         result = [False] * len(items)
@@ -466,8 +465,16 @@ class DiskStorage(Storage):
             record = _put_record(first, [(slots[i], crc_list[i], names[i]) for i in ok])
             if ok and self._append(record, len(ok)):
                 self._seq += len(ok)
-                for j, i in enumerate(ok):
-                    self._map(slots[i], items[i][0], crc_list[i], first + j)
+                index, slot_of, unmap = self._index, self._slot_of, self._unmap
+                for j, i in enumerate(ok):  # _map, inlined: this loop runs once per block
+                    slot, key = slots[i], items[i][0]
+                    if slot in index:
+                        unmap(slot)
+                    old = slot_of.pop(key, None)
+                    if old is not None:
+                        index.pop(old, None)
+                    index[slot] = Entry(key, crc_list[i], first + j)
+                    slot_of[key] = slot
                     result[i] = True
             self.errors.io_errors += len(items) - result.count(True)  # write or record failed
         if len(ok) < len(items):
@@ -487,8 +494,9 @@ class DiskStorage(Storage):
             return result
         crcs = np.zeros(len(todo), dtype=np.uint32)
         stride = self.stride
-        status = ops.pread_blocks(self._fd, [views[i] for i in todo], [slots[i] * stride for i in todo],
-                                  self.block_nbytes, threads=self.threads, crcs=crcs)
+        offsets = np.array([slots[i] for i in todo], dtype=np.int64) * stride
+        status = ops.pread_blocks(self._fd, [views[i] for i in todo], offsets, self.block_nbytes,
+                                  threads=self.threads, crcs=crcs)
         bad_io = bad_crc = 0
         for i, st, crc in zip(todo, status.tolist(), crcs.tolist()):
             if st:
