@@ -235,6 +235,12 @@ class DaemonBackend:
 
     pins = False  # the daemon's lookup pins nothing yet: a promised block can still go before its load
 
+    @property
+    def rehellos(self) -> int:
+        """Sessions reopened (daemon restarted) on either lane."""
+        store = self._store_client if self._store_client not in (None, self.client) else None
+        return self.client.rehellos + (store.rehellos if store is not None else 0)
+
     def pin(self, keys: Sequence[Any]) -> int:
         return 0
 
