@@ -121,8 +121,8 @@ def replay(ctx: zmq.Context, address: str, topic: bytes, start: int, token: str 
 class Engine:
     """One engine's connector halves (scheduler + worker) over its own daemon clients."""
 
-    def __init__(self, address: str, seed: int, salt: str = "") -> None:
-        self.backend = core.DaemonBackend.connect(address, LAYOUT, "tiny", salt=salt)
+    def __init__(self, address: str, seed: int, salt: str = "", token: str | None = None) -> None:
+        self.backend = core.DaemonBackend.connect(address, LAYOUT, "tiny", salt=salt, token=token)
         self.sched = core.SchedulerSide(self.backend, None, Namespace("tiny", LAYOUT, salt), BS)
         self.worker = core.WorkerSide(self.backend)
         g = torch.Generator().manual_seed(seed)
@@ -301,3 +301,29 @@ def test_store_prepare_checks_the_hashes_field(daemon):
         with pytest.raises(RemoteError, match="parent_hash"):
             c.call("store_prepare", keys=k, hashes=[1, 2], parent_hash=b"")
         assert c.stats()["daemon"]["state"]["reservations"] == 0  # refused before anything was reserved
+
+
+def test_with_a_token_both_sockets_take_plain_peers_only(daemon):
+    from test_daemon_events import _handshake
+
+    d = daemon(token="kv-token")
+    a = Engine(d.address, 5, token="kv-token")
+    ctx = zmq.Context()
+    try:
+        for address in (d.kv, d.kvr):
+            for creds, outcome in ((None, "failed"), ("wrong", "failed"), ("kv-token", "ok")):
+                sock = ctx.socket(zmq.SUB if address == d.kv else zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                if creds is not None:
+                    sock.plain_username, sock.plain_password = b"kvbm", creds.encode()
+                assert _handshake(sock, address) == outcome, (address, creds)
+                sock.close(0)
+        f = Follower(ctx, d.kv, d.kvr, a.backend.client.topic, token="kv-token")
+        _until_joined(f, a)
+        a.prompt("t", chain("tok", 2), [0, 1])
+        f.pump()
+        assert f.held() == truth([a])
+        f.sub.close(0)
+    finally:
+        a.close()
+        ctx.term()
