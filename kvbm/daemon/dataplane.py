@@ -99,20 +99,26 @@ class DataPlane:
         keys, skeys = self._keys(msg, s, unique=True)
         wslots = self._scratch(s, msg, len(keys))
         hashes = self._engine_hashes(msg, len(skeys))  # events.py: checked before anything is reserved
-        job, slots, extra = self._reserve(skeys, *self._store_fields(msg, s, len(skeys)))
-        self._adopt_hashes(s, skeys, job, hashes)
-        if job is None:
-            return {"stored": 0, "rejected": extra}
-        if not job.runs:
-            return {"stored": 0}
-        want = [i for i, slot in enumerate(slots) if slot >= 0]
-        if want:
-            ops.copy_blocks(s.window.buf, s.window.offsets([wslots[i] for i in want]), self.pool.pool,
-                            self.pool.offsets([slots[i] for i in want]), self.nbytes)
-        for i in want:
-            self.origin[skeys[i]] = (s.namespace, keys[i])
-        self.manager.complete_store(job, failed=set(extra))
-        return {"stored": self._stored(job)}
+        fields = self._store_fields(msg, s, len(skeys))
+
+        def answer() -> dict:
+            job, slots, extra = self._reserve(skeys, *fields)
+            self._adopt_hashes(s, skeys, job, hashes)
+            if job is None:
+                return {"stored": 0, "rejected": extra}
+            if not job.runs:
+                return {"stored": 0}
+            want = [i for i, slot in enumerate(slots) if slot >= 0]
+            if want:
+                ops.copy_blocks(s.window.buf, s.window.offsets([wslots[i] for i in want]), self.pool.pool,
+                                self.pool.offsets([slots[i] for i in want]), self.nbytes)
+            for i in want:
+                self.origin[skeys[i]] = (s.namespace, keys[i])
+            self.manager.complete_store(job, failed=set(extra))
+            return {"stored": self._stored(job)}
+
+        later = self._defer_for_room(s, skeys, answer, op="store")  # onboard.py: G2 full, offloader behind
+        return later if later is not None else answer()
 
     def _stored(self, job) -> int:
         for k in job.failed:  # rolled back: no event will ever name it again
@@ -142,11 +148,20 @@ class DataPlane:
         self.counters["client_load_bytes"] += n * self.nbytes
         return {"n": n}
 
-    def op_store_prepare(self, msg: dict, now: float) -> dict:
+    def op_store_prepare(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)
         keys, skeys = self._keys(msg, s, unique=True, busy=True)
         hashes = self._engine_hashes(msg, len(skeys))  # events.py: checked before anything is reserved
-        job, slots, extra = self._reserve(skeys, *self._store_fields(msg, s, len(skeys)))
+        fields = self._store_fields(msg, s, len(skeys))
+        later = self._defer_for_room(s, skeys, lambda: self._prepared(s, keys, skeys, fields, hashes, True),
+                                     op="store_prepare")  # onboard.py: G2 full, offloader behind
+        return later if later is not None else self._prepared(s, keys, skeys, fields, hashes)
+
+    def _prepared(self, s: Session, keys: list, skeys: list, fields: tuple, hashes: Any,
+                  waited: bool = False) -> dict:
+        if waited:  # what the session holds may have grown while this request waited for room
+            self._check_quota(s, len(keys))
+        job, slots, extra = self._reserve(skeys, *fields)
         self._adopt_hashes(s, skeys, job, hashes)
         if job is None:
             return {"handle": 0, "slots": slots, "rejected": extra}
@@ -164,7 +179,7 @@ class DataPlane:
             self.origin[skeys[i]] = (s.namespace, keys[i])
         h = s.handle()
         s.stores[h] = Reservation(job, skeys, extra, want, [slots[i] for i in want], wslots,
-                                  now + self.dcfg.reserve_s)
+                                  time.monotonic() + self.dcfg.reserve_s)
         self.sessions.charge(s, len(job.keys))
         self._undo_info = ("store", h)
         out = [-1] * len(skeys)

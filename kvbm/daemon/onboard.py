@@ -8,7 +8,8 @@
     Onboarder.service(now)                 complete finished transfers, run finished waiters
     refuse_object_writes(manager, owner)   a G4 put asked of the owner thread fails at once
     Onboarding                             Daemon's mixin: _defer_for_lower(session, skeys, answer)
-                                           -> DEFERRED, or None (answer now)
+                                           and _defer_for_room(session, skeys, answer) -> DEFERRED, or
+                                           None (answer now)
 
 A client's load_prepare (and a peer's peer_lookup) used to copy G3/G4 blocks into G2 inside the
 request (manager.load): a hung object store (SIGSTOPped, a black-holed route) stalled the whole
@@ -22,6 +23,14 @@ The one other place G4 I/O could run on the loop is a store into a full G2 whose
 offloader fell behind (a hung store holds it): the manager then demotes victims synchronously.
 `refuse_object_writes` makes that cascade's G4 put fail at once on the owner thread, so those
 victims drop (counted as the tier's `failed`) instead of the loop waiting on the store.
+
+So that a burst of stores larger than G2's headroom does not drop blocks that way, a store whose
+new blocks do not fit G2's free room waits for it (`_defer_for_room`): its reply is deferred, the
+offloader is asked for that much room (its headroom raised while stores wait) and each demotion
+it completes answers the waiters that now fit. A waiter goes ahead anyway, with the synchronous
+cascade, at ROOM_WAIT_S, or once the offloader moved nothing for STALL_S (a hung object store
+holds it): then no store waits again until a demotion lands a block below, so a client storing
+into G2 waits STALL_S once per hang, not once per store.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..offload import complete_demote, free_room
 from . import protocol as P
 from .leases import PEER_NS
 from .peering import DEFERRED
@@ -39,6 +49,8 @@ log = logging.getLogger("kvbm.daemon")
 WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (clients time out at 10 s)
 MAX_JOBS = 64        # onboarding transfers in flight; beyond this a request is answered from G2
 G4_TIMEOUT_S = 2.0   # the daemon's default object-store timeout per put/get (was the client's 10 s)
+ROOM_WAIT_S = 2.0    # a store waits at most this for the offloader to make room in G2
+STALL_S = 0.4        # ... and less once the offloader moved nothing for this long (hung below)
 
 
 class _Waiter:
@@ -170,12 +182,83 @@ def refuse_object_writes(manager: Any, owner: Callable[[], int]) -> int:
     return changed
 
 
+class _RoomWaiter:
+    __slots__ = ("need", "since", "deadline", "finish")
+
+    def __init__(self, need: int, since: float, finish: Callable[[], None]) -> None:
+        self.need, self.since, self.deadline, self.finish = need, since, since + ROOM_WAIT_S, finish
+
+
 class Onboarding:
-    """Mixin of Daemon: requests whose blocks sit below G2 wait for them off the loop."""
+    """Mixin of Daemon: requests whose blocks sit below G2 wait for them off the loop; stores
+    into a full G2 wait for the offloader to make room."""
 
     def _init_onboarding(self) -> None:
         self.onboarder = Onboarder(self.manager, self._wake_onboarder)
         refuse_object_writes(self.manager, lambda: self._owner_ident)
+        self._room_waiters: list[_RoomWaiter] = []
+        self._room_freed_at = 0.0  # when a demotion out of G2 last landed a block below
+        self._room_stalled: float | None = None  # _room_freed_at when waiting last gave up
+        self._room_counts = {"waited": 0, "stalled": 0}
+        self._headroom = 0  # the offloader's own G2 headroom (raised while stores wait)
+
+    def _offload_call(self, fn: Callable, *args: Any) -> Any:
+        """The offloader's owner-thread calls; a completed demotion out of G2 may let stores go."""
+        if fn is complete_demote and args[1].src is self.top:
+            def completed(*a: Any) -> None:
+                fn(*a)
+                if any(a[2]):  # some landed below: the offloader moves (slots freed by drops: it may not)
+                    self._room_freed_at = time.monotonic()
+                    self._room_stalled = None
+                self._service_room(time.monotonic())
+            return self._owner(completed, *args)
+        return self._owner(fn, *args)
+
+    def _defer_for_room(self, s: Any, skeys: list, answer: Callable[[], dict], op: str) -> Any:
+        """DEFERRED when skeys' new blocks do not fit G2's free room, G2 has a tier below and the
+        offloader could make room: answer() runs once it did (or it stalled, or ROOM_WAIT_S
+        passed). None: answer now."""
+        off = self.offloader
+        if self._current is None or 0 not in off.headroom or not off.alive:
+            return None
+        need = sum(1 for k in skeys if k not in self.manager)
+        if need <= free_room(self.top) or need > self.top.capacity - len(self.top.busy):
+            return None  # it fits, or no demotion could ever make that room
+        if self._room_stalled is not None and self._room_stalled >= self._room_freed_at:
+            return None  # waiting gave up since the last demotion: the offloader is stuck
+        if not self._room_waiters:
+            self._headroom = off.headroom[0]
+        self._room_waiters.append(_RoomWaiter(need, time.monotonic(), self._finisher(s, op, answer)))
+        self._room_counts["waited"] += 1
+        off.headroom[0] = max(self._headroom, sum(w.need for w in self._room_waiters))
+        off.kick()
+        return DEFERRED
+
+    def _service_room(self, now: float) -> None:
+        """Owner thread: answer the store waiters that fit now, stalled or are past their deadline."""
+        if not self._room_waiters:
+            return
+        waiting, self._room_waiters = self._room_waiters, []
+        for i, w in enumerate(waiting):
+            room = free_room(self.top)
+            stalled = now - max(w.since, self._room_freed_at) > STALL_S
+            if w.need <= room or stalled or now >= w.deadline:
+                if stalled and w.need > room:
+                    self._room_stalled = self._room_freed_at
+                    self._room_counts["stalled"] += 1
+                w.finish()
+            else:
+                self._room_waiters.append(w)
+        off = self.offloader
+        if self._room_waiters:
+            off.headroom[0] = max(self._headroom, sum(w.need for w in self._room_waiters))
+            off.kick()
+        elif 0 in off.headroom:
+            off.headroom[0] = self._headroom
+
+    def _close_room(self) -> None:
+        """At shutdown: every store waiting for room goes ahead now."""
+        self._service_room(float("inf"))
 
     def _wake_onboarder(self) -> None:
         """A transfer thread: an onboarding ended; the owner completes it and answers waiters."""
@@ -192,13 +275,20 @@ class Onboarding:
         open. None when nothing is on its way: answer now."""
         if self._current is None or not self.onboarder.start(skeys):
             return None
+        self.onboarder.wait(skeys, self._finisher(s, "peer_lookup" if s.namespace == PEER_NS else op, answer),
+                            wait_s)
+        return DEFERRED
+
+    def _finisher(self, s: Any, op: str, answer: Callable[[], dict]) -> Callable[[], None]:
+        """finish() for the request being handled, deferred: on the owner thread, later, it runs
+        answer() if session s is still open and the request was not cancelled, and sends the
+        reply (remembered for a retry or cancel of its id)."""
         envelope, rid, t0 = self._current
-        op = "peer_lookup" if s.namespace == PEER_NS else op
 
         def finish() -> None:
             try:
                 if self.sessions.get(s.sid) is not s:
-                    raise P.ProtocolError("no_session", "the session ended while its blocks came up")
+                    raise P.ProtocolError("no_session", "the session ended while this request waited")
                 cancelled = getattr(s, "cancelled", None)  # the client gave up meanwhile (op_cancel)
                 if cancelled is not None and rid in cancelled:
                     del cancelled[rid]
@@ -213,9 +303,8 @@ class Onboarding:
             except P.ProtocolError as exc:
                 out = P.error_reply(rid, exc.code, str(exc))
             except Exception as exc:
-                log.exception("request %s failed after onboarding", op)
+                log.exception("request %s failed after waiting", op)
                 out = P.error_reply(rid, "internal", f"{type(exc).__name__}: {exc}")
             self._answer(envelope, out, op, t0)
 
-        self.onboarder.wait(skeys, finish, wait_s)
-        return DEFERRED
+        return finish

@@ -137,7 +137,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         # keeps room free in G2 (and below): a client's store then never waits, with every
         # other client, for the owner thread to demote victims to disk
         self.offloader = Offloader(self.manager, None, offload_headroom(self.config, self.manager),
-                                   call=self._owner)
+                                   call=self._offload_call)  # (onboard.py: stores may wait for room)
         self._publish_metrics()
 
     # ---------------------------------------------------------------- loop
@@ -172,6 +172,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                         self.handle(frames)
                         self._run_calls()  # a pull's commit goes before the next request
                 now = time.monotonic()
+                if self._room_waiters:  # stores waiting for G2 room: some may go (onboard.py)
+                    self._service_room(now)
                 if now - last > stall_s:  # this loop did not run (stopped, starved, a long step):
                     self.sessions.extend(now - last)  # no client could be heard, so no lease counts it
                     self.counters["stalls"] += 1
@@ -282,6 +284,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "peers": [p.address for p in self.peers.live()] if self.peers else [],
             "offloaded_blocks": self.offloader.moved,  # demoted ahead of time, off the request loop
             "onboard": {"started": self.onboarder.started, "deferred": self.onboarder.deferred},
+            "room": {**self._room_counts, "waiting": len(self._room_waiters)},  # stores that waited for G2 room
             "onboarding_keys": len(self.onboarder), "origin_keys": len(self.origin),
             "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
             "state": self._state_sizes(),
@@ -363,6 +366,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             self.offloader.join(0.01)
         self._stop_puller()
         self.onboarder.close()  # requests waiting on G3/G4 get their answer now
+        self._close_room()  # and stores waiting for room in G2
         for s in list(self.sessions.by_id.values()):
             self._release(s)
         self._close_peering()
