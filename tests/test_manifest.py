@@ -25,7 +25,8 @@ def test_page_bytes_and_ranges():
     assert m.offsets == [0, 2 * per_layer]
     assert m.ranges() == [(0, 0, 0, per_layer), (0, 1, per_layer, 2 * per_layer),
                           (1, 0, 2 * per_layer, 3 * per_layer)]
-    assert m.layout().block_nbytes == m.page_nbytes
+    assert m.layout().block_nbytes == m.page_nbytes == m.page_stride
+    assert m.layout().block_size == BS
 
 
 def test_mamba_state_buffers_have_their_own_shapes_and_dtypes():
@@ -35,6 +36,9 @@ def test_mamba_state_buffers_have_their_own_shapes_and_dtypes():
     assert m.pieces[0].nbytes == 3 * 96 * 2 + 4 * 16 * 32 * 4
     assert m.page_nbytes == m.pieces[0].nbytes + 2 * BS * 2 * 64 * 2
     assert m.has_state and not gemma().has_state
+    # a kvbm block holds whole tokens' worth of bytes: the page is padded to a multiple of BS
+    assert m.page_stride % BS == 0 and 0 <= m.page_stride - m.page_nbytes < BS
+    assert m.layout().block_nbytes == m.page_stride
 
 
 def test_what_a_hit_needs_per_kind():

@@ -4,6 +4,8 @@
     Piece(kind, buffers, window)        one group's part of a page: kind "full" | "sliding" | "mamba"
     PageManifest(block_size, pieces)    a page: its pieces side by side, each at a byte offset
       .page_nbytes / .offsets           bytes per page; where each piece starts in it
+      .page_stride                      bytes a kvbm block holds: page_nbytes rounded up to a
+                                        multiple of block_size (zero padding)
       .ranges()                         (piece, buffer, start, end) for every buffer, in page order
       .fingerprint                      versioned hash of all of the above
       .namespace(ns)                    ns with the fingerprint folded into its root: a page written
@@ -109,6 +111,7 @@ class PageManifest:
             self.offsets.append(off)
             off += p.nbytes
         self.page_nbytes = off
+        self.page_stride = -(-off // block_size) * block_size
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PageManifest) and self.to_dict() == other.to_dict()
@@ -144,8 +147,9 @@ class PageManifest:
         return base.derive("page_manifest", self.fingerprint)
 
     def layout(self, tp_rank: int = 0, tp_size: int = 1) -> KVLayout:
-        """The manager's view of a page: page_nbytes opaque bytes (its identity is the manifest)."""
-        return KVLayout(num_layers=1, num_kv_heads=1, head_dim=self.page_nbytes, block_size=1,
+        """The manager's view of a page: page_stride opaque bytes (its identity is the manifest)."""
+        return KVLayout(num_layers=1, num_kv_heads=1, head_dim=self.page_stride // self.block_size,
+                        block_size=self.block_size,
                         dtype="uint8", kv_factor=1, tp_rank=tp_rank, tp_size=tp_size)
 
     # ------------------------------------------------------------ bytes

@@ -69,6 +69,7 @@ try:
         KVConnectorBase_V1,
         KVConnectorMetadata,
         KVConnectorRole,
+        SupportsHMA,
     )
 except ImportError as exc:  # pragma: no cover - exercised only without vLLM
     raise ImportError(
@@ -190,8 +191,22 @@ def _shard_rank(vllm_config: "VllmConfig", role: Any) -> int:
                            f"({exc}); with {shards} shards per block each worker must key its own") from exc
 
 
-class KVBMConnector(KVConnectorBase_V1):
-    """kvbm tiers (G2 host, G3 disk, G4 object) behind vLLM's v1 connector API."""
+class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
+    """kvbm tiers (G2 host, G3 disk, G4 object) behind vLLM's v1 connector API.
+
+    Hybrid KV cache configs (several groups: sliding window, Mamba) get KVBMHybridConnector
+    (vllm_hma.py): pages holding every group's piece."""
+
+    def __new__(cls, vllm_config: Any = None, role: Any = None, kv_cache_config: Any = None, *args: Any, **kwargs: Any):
+        if cls is KVBMConnector and kv_cache_config is not None:
+            from .vllm_hma import KVBMHybridConnector, is_hybrid
+
+            if is_hybrid(kv_cache_config):
+                cls = KVBMHybridConnector
+        return super().__new__(cls)
+
+    def _layout(self, vllm_config: "VllmConfig", kv_cache_config: Any) -> Any:
+        return layout_from_vllm(vllm_config)
 
     def __init__(self, vllm_config: "VllmConfig", role: "KVConnectorRole",
                  kv_cache_config: Any = None) -> None:
@@ -199,7 +214,7 @@ class KVBMConnector(KVConnectorBase_V1):
         from ..blocks import Namespace
 
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        layout = layout_from_vllm(vllm_config)
+        layout = self._layout(vllm_config, kv_cache_config)
         dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) or 1
         if dcp > 1:
             raise ValueError(f"kvbm connector: decode context parallel ({dcp}) is not supported "
@@ -302,8 +317,14 @@ class KVBMConnector(KVConnectorBase_V1):
         self._block_ids.pop(req_id, None)
         return False, None
 
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+
     def take_events(self):
-        return ()
+        # kvbm's tiers by vLLM's block hashes (medium "CPU" G2, "DISK" G3, ...: kvbm/held.py), with
+        # the in-process manager; through a daemon it is the daemon's stream (daemon.kv_events)
+        take = getattr(getattr(self, "scheduler", None), "take_events", None)
+        return _vllm_events(take()) if take is not None else ()
 
     # ------------------------------------------------------------ worker half
 
@@ -370,3 +391,12 @@ class KVBMConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.worker.kv is not None:
             self.worker.poll(wait=True)
+
+
+def _vllm_events(events: list) -> list:
+    """kvbm/held.py's event dicts as vLLM's KVCacheEvent classes (BlockStored, BlockRemoved, ...)."""
+    if not events:
+        return []
+    from vllm.distributed import kv_events
+
+    return [getattr(kv_events, e["type"])(**{k: v for k, v in e.items() if k != "type"}) for e in events]
