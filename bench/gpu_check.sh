@@ -36,12 +36,21 @@ step "GPU tests (-m gpu must not skip)"
 KVBM_EXPECT_CUDA=1 KVBM_REQUIRE_NATIVE=1 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs \
   tests/test_gpu.py tests/test_ops.py tests/test_connector_paged.py tests/test_connector_trtllm.py
 
+step "issue 17's native ops built by this machine's compiler, on its CPU: native == fallback"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_ops_copy.py tests/test_ops_file_io.py
+
 step "data-plane and connector suites with a GPU present (pinned host pools)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_dataplane.py tests/test_tiers_e2e.py \
   tests/test_disk.py tests/test_offload.py
 
 step "G1 <-> G2 bandwidth per path and block size; interference with a matmul loop"
 timeout 240 python3 bench/bench_device.py --repeat 3
+
+step "issue 17 on real hardware: G2 gather vs one thread's sequential copy; G2 <-> G3 vs dd, fio, NIXL POSIX"
+timeout 90 python3 bench/bench_ops.py --blocks 2048 --repeat 5
+timeout 150 python3 bench/bench_disk.py --gib 1 --sizes 2M,256K --repeat 2 --json > "$out/bench_disk.json" \
+  && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('limits', d['limits']); \
+[print(r['block'], {k: round(v, 2) for k, v in r.items() if k.startswith('ratio')}) for r in d['rows']]" "$out/bench_disk.json"
 
 step "vLLM TTFT vs OffloadingConnector"
 if python3 -c "import vllm, torch; assert torch.cuda.is_available()" 2>/dev/null; then

@@ -415,6 +415,26 @@ def section_daemon(run: Run) -> tuple[str, dict | None]:
 # ---------------------------------------------------------------- the file
 
 
+# Each benchmark's section title in RESULTS.md: a bench that `--only` leaves out keeps its last section.
+TITLES = {"replay": "### Replay", "sweep": "### Eviction quality", "ops": "### G2 -> G2 batched gather",
+          "cost": "### Policy cost", "demo": "### `kvbm demo`", "disk": "### G2 <-> G3", "object": "### G2 <-> G4",
+          "daemon": "### Daemon peer pull"}
+KEPT = "_Not re-run by this report (`--only` or `--quick`): carried over from the previous RESULTS.md._"
+
+
+def kept_sections(previous: Path) -> dict[str, str]:
+    """The measured sections of the RESULTS.md being replaced, by benchmark, each marked as carried over."""
+    text = previous.read_text() if previous.exists() else ""
+    measured = text.split("## Measured by this report", 1)[-1].split("\n## Recorded", 1)[0] if text else ""
+    out = {}
+    for part in re.split(r"^(?=### )", measured, flags=re.M):
+        bench = next((b for b, t in TITLES.items() if part.startswith(t)), None)
+        if bench is not None:
+            head, _, body = part.partition("\n")
+            out[bench] = f"{head}\n\n{KEPT}\n\n{body.strip().removeprefix(KEPT).strip()}\n"
+    return out
+
+
 def recorded(previous: Path) -> str:
     """The hand-recorded text to carry over from the RESULTS.md being replaced."""
     if not previous.exists():
@@ -449,6 +469,7 @@ def main(argv=None) -> int:
     out, plots = Path(args.out).resolve(), Path(args.plots).resolve()
     plots.mkdir(parents=True, exist_ok=True)
     carried = recorded(out if out.exists() else HERE / "RESULTS.md")
+    kept = kept_sections(out if out.exists() else HERE / "RESULTS.md")
     t0 = time.perf_counter()
     mach = machine()
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
@@ -462,11 +483,12 @@ def main(argv=None) -> int:
 
     not_run = "Not run (`--quick` or `--only`); see the recorded figures below.\n"
     ops_text, numpy_gbs, ops_json = section_ops(ops, plots, out) if ops else (
-        "### G2 -> G2 batched gather and checksums\n\n" + not_run, None, None)
+        kept.get("ops", "### G2 -> G2 batched gather and checksums\n\n" + not_run), None, None)
     disk_text, disk_limits = section_disk(disk, plots, out) if disk else (
-        "### G2 <-> G3 (O_DIRECT slot file)\n\n" + not_run, None)
-    obj_text, obj_json = section_object(obj, plots, out) if obj else ("### G2 <-> G4 (objects)\n\n" + not_run, None)
-    daemon_text, daemon_json = section_daemon(daemon) if daemon else ("", None)
+        kept.get("disk", "### G2 <-> G3 (O_DIRECT slot file)\n\n" + not_run), None)
+    obj_text, obj_json = section_object(obj, plots, out) if obj else (
+        kept.get("object", "### G2 <-> G4 (objects)\n\n" + not_run), None)
+    daemon_text, daemon_json = section_daemon(daemon) if daemon else (kept.get("daemon", ""), None)
     disk_json = disk.json() if disk and disk.ok else None
     load = os.getloadavg()[0]
     history = History(Path(args.history))
@@ -478,7 +500,7 @@ def main(argv=None) -> int:
                                  f"--only {args.only}" if only != set(BENCHES) else "") if a)
 
     def section(name: str, fn, *a) -> str:
-        return fn(runs[name], *a) if name in runs else ""
+        return fn(runs[name], *a) if name in runs else kept.get(name, "")
 
     parts = [
         "# Benchmark results\n",

@@ -105,13 +105,19 @@ class History:
         return self.data.get(condition, {})
 
     def record(self, condition: str, figures: dict[str, float], load: float) -> list[str]:
-        """Stores this run's figures; returns a line per ratio that fell by more than DROP."""
-        before = self.last(condition).get("ratios", {})
+        """Stores this run's figures; returns a line per ratio that fell by more than DROP.
+        A row this run did not measure (`--only`, a failed bench) keeps its last figure, with
+        that run's time and load, under "earlier"."""
+        last = self.last(condition)
+        earlier = {k: e for k, e in last.get("earlier", {}).items() if k not in figures}
+        earlier.update({k: {"ratio": v, "when": last["when"], "loadavg": last["loadavg"]}
+                        for k, v in last.get("ratios", {}).items() if k not in figures})
+        before = {**{k: e["ratio"] for k, e in last.get("earlier", {}).items()}, **last.get("ratios", {})}
         flags = [f"{k}: {v:.2f} now, {before[k]:.2f} in the last {condition} run ({v / before[k] - 1:+.0%})"
                  for k, v in figures.items() if before.get(k) and v < before[k] * (1 - DROP)]
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         self.data[condition] = {"when": when, "loadavg": round(load, 1), "ratios": {k: round(v, 3) for k, v in figures.items()},
-                                "previous": before, "flags": flags}
+                                "previous": before, "flags": flags, "earlier": earlier}
         self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
         return flags
 
@@ -119,7 +125,8 @@ class History:
 def _cell(entry: dict, key: str) -> str:
     now = entry.get("ratios", {}).get(key)
     if now is None:
-        return "not run"
+        e = entry.get("earlier", {}).get(key)
+        return f"{e['ratio']:.2f}× (not re-run; {e['when']}, load {e['loadavg']})" if e else "not run"
     old = entry.get("previous", {}).get(key)
     flag = " ⚠" if old and now < old * (1 - DROP) else ""
     return f"**{now:.2f}×**{flag}" + (f" (last run {old:.2f}×)" if old else "")
@@ -142,7 +149,7 @@ def issue17_section(history: History, causes: dict[str, str]) -> str:
     s += "| path | ratio | issue's figure | quiet | beside a hog | target | cause of the gap |\n"
     s += "| --- | --- | --- | --- | --- | --- | --- |\n"
     for key, (path, what, before, target) in ROWS.items():
-        figs = [e.get("ratios", {}).get(key) for e in (quiet, hog) if e]
+        figs = [e.get("ratios", {}).get(key, e.get("earlier", {}).get(key, {}).get("ratio")) for e in (quiet, hog) if e]
         figs = [f for f in figs if f is not None]
         if target is None:
             status = "-"

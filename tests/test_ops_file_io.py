@@ -217,6 +217,30 @@ def test_bounced_blocks_copy_and_checksum_in_one_pass_as_the_fallback_does(tmp_p
 
 
 @native
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_checked_read_larger_than_its_window_checksums_every_block(tmp_path, rng, threads):
+    # 12 MiB in 1 MiB blocks, more than the bytes a checksummed O_DIRECT read keeps in flight:
+    # the checksum task waits for each run to land; a block past the end fails alone, crc 0.
+    nbytes, n = 1 << 20, 12
+    src = aligned_bytes(rng, n * nbytes)
+    slots = np.array([5, 0, 7, 1, 2, 3, 11, 4, 6, 8, 9, 10]) * nbytes
+    fd = open_file(tmp_path / "f", True, bytes(n * nbytes))
+    try:
+        assert not ops.pwrite_blocks(fd, src, slots, nbytes, src_offsets=np.arange(n) * nbytes).any()
+        dst = aligned_bytes(rng, (n + 1) * nbytes)
+        crcs = np.full(n + 1, 7, np.uint32)
+        status = ops.pread_blocks(fd, dst, np.insert(slots, 6, 40 * nbytes), nbytes,
+                                  dst_offsets=np.arange(n + 1) * nbytes, threads=threads, crcs=crcs)
+    finally:
+        os.close(fd)
+    assert status.tolist() == [0] * 6 + [errno.ENODATA] + [0] * 6
+    got = np.delete(dst.reshape(n + 1, nbytes), 6, axis=0)
+    np.testing.assert_array_equal(got, src.reshape(n, nbytes))
+    want = [ops.crc32c(b) for b in src.reshape(n, nbytes)]
+    assert crcs.tolist() == want[:6] + [0] + want[6:]
+
+
+@native
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_direct_io_in_a_forked_child(tmp_path):
     # AIO contexts belong to one process: the child must make its own, not hang or fail.

@@ -58,3 +58,22 @@ def test_the_section_shows_both_conditions_targets_and_flags(tmp_path):
     assert "≥ 0.9: **not met**" in g4 and g4.endswith("the MAC |")  # 0.85 beside the hog
     assert "g2_gather_1t: 0.70 now, 1.00 in the last quiet run" in text
     assert "| daemon peer pull" in text and "not run" in text
+
+
+def test_a_row_not_measured_keeps_its_last_figure_with_its_time_and_load(tmp_path):
+    path = tmp_path / "last.json"
+    History(path).record("quiet", {"g4_write": 0.95, "daemon_nixl": 1.5}, load=2.0)
+    # a `--only ops` run: the G4 and daemon rows are not measured, so they keep their figures
+    assert History(path).record("quiet", {"g2_gather_1t": 1.0}, load=3.0) == []
+    kept = json.loads(path.read_text())["quiet"]
+    assert kept["ratios"] == {"g2_gather_1t": 1.0}
+    assert {k: e["ratio"] for k, e in kept["earlier"].items()} == {"g4_write": 0.95, "daemon_nixl": 1.5}
+    assert kept["earlier"]["g4_write"]["loadavg"] == 2.0
+    # measured again: compared with the kept figure, and no longer "earlier"
+    flags = History(path).record("quiet", {"g4_write": 0.7}, load=1.0)
+    assert flags and flags[0].startswith("g4_write: 0.70 now, 0.95 in the last quiet run")
+    kept = json.loads(path.read_text())["quiet"]
+    assert set(kept["earlier"]) == {"g2_gather_1t", "daemon_nixl"}
+    text = issue17_section(History(path), {})
+    daemon = next(line for line in text.splitlines() if line.startswith("| daemon peer pull"))
+    assert "1.50× (not re-run;" in daemon and "load 2.0)" in daemon and "≥ 0.9: met" in daemon
