@@ -21,6 +21,7 @@ import json
 from statistics import median
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -103,12 +104,20 @@ def size_run(folder: str, nbytes: int, total: int, batch_bytes: int, threads: in
         movers["kvbm"][0]()  # warm-up: the first write into preallocated extents converts them
         out = {"block": nbytes, "blocks": n, "bytes": n * nbytes, "direct": disk.direct}
         rounds: dict[str, list[float]] = {}
+        costs: dict[str, list[tuple[float, float]]] = {}
         for _ in range(repeat):
             for d, k in (("write", 0), ("read", 1)):
                 for name, fns in movers.items():
+                    c0, t0 = cpu_and_ticks()
                     s = fns[k]()
+                    c1, t1 = cpu_and_ticks()
+                    costs.setdefault(f"{name}_{d}", []).append(
+                        (c1 - c0, (t1[0] - t0[0]) / max(1, t1[1] - t0[1])))
                     rounds.setdefault(f"{name}_{d}", []).append(s)
                     out[f"{name}_{d}_s"] = min(s, out.get(f"{name}_{d}_s", s))
+        gib = n * nbytes / (1 << 30)
+        out["cpu_s_per_gib"] = {k: round(median(c for c, _ in v) / gib, 3) for k, v in costs.items()}
+        out["steal"] = {k: round(median(st for _, st in v), 3) for k, v in costs.items()}
         for d in ("write", "read"):
             times = [v for k, v in out.items() if k.startswith("nixl_") and k.endswith(f"_{d}_s")]
             if times:
@@ -125,6 +134,18 @@ def size_run(folder: str, nbytes: int, total: int, batch_bytes: int, threads: in
         disk.close()
         host.close()
         shutil.rmtree(disk.folder, ignore_errors=True)
+
+
+def cpu_and_ticks() -> tuple[float, tuple[int, int]]:
+    """This process's CPU seconds (all threads), and the machine's (steal, all) clock ticks:
+    in a VM the host may emulate the disk on the CPUs behind ours, which shows as steal."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        steal = (ticks[7] if len(ticks) > 7 else 0, sum(ticks))
+    except OSError:
+        steal = (0, 0)
+    return r.ru_utime + r.ru_stime, steal
 
 
 def nixl_bench():
@@ -282,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         nw, nr = r.get("nixl_write_s"), r.get("nixl_read_s")
         cells.append(f"{rate(r['bytes'], nw):6.2f}/{rate(r['bytes'], nr):<6.2f}" if nw else f"{'-':>13}")
         print(" ".join(cells))
+    print("  where the time goes (medians): this process's CPU s/GiB, and steal (the share of all CPU ticks the"
+          " host took) while each ran")
+    for r in rows:
+        costs = ", ".join(f"{k} {v:.2f} s ({r['steal'][k]:.0%})" for k, v in r["cpu_s_per_gib"].items())
+        print(f"  {r['block'] >> 10:>5}K: {costs}")
     return 0
 
 

@@ -39,25 +39,35 @@ ROWS = {
 
 # Issue 17: what bounds each data path where it trails its limit (measured; see RESULTS.md).
 CAUSES = {
-    "g2_gather_1t": "glibc's memcpy uses streaming (non-temporal) stores only above 192 MiB here (`ld.so "
-                    "--list-diagnostics`), so each 256 KiB block copy paid a read-for-ownership per line: 3 bytes of "
-                    "memory traffic per byte vs the sequential copy's 2. Fixed: batches ≥ 8 MiB stream (csrc/stream_copy.cpp).",
-    "g2_gather_auto": "The second thread shares two cores with every other job, so it adds bandwidth only when a core "
-                      "is free; tasks are now ≤ 1/16 of a thread's share, so a descheduled worker holds the batch back "
-                      "by one small task, not half of it.",
-    "g2_fused_crc": "A copy then crc32c_blocks reads each byte from memory twice; the fused op checksums each 64 KiB "
-                    "piece and copies it from cache. Bound: the CRC's CPU time (one core, serial with the copy).",
+    "g2_gather_1t": "Cause found last session: glibc's memcpy streams only above 192 MiB here, so each 256 KiB block "
+                    "copy paid a read-for-ownership per line; fixed by streaming stores for batches ≥ 8 MiB "
+                    "(csrc/stream_copy.cpp): 1.00× at load 2.2 (`bench_ops.py --blocks 2048`, 21:33 UTC). Left: "
+                    "load. The copy is memory-bound and shares the bus with every job on the 2 cores; minor faults "
+                    "are 0 and the G2 pool sits on 2 MiB pages in every run.",
+    "g2_gather_auto": "Memory-bound: one thread already copies at the bus's rate here (crc32c_blocks: 9.5 GB/s on two "
+                      "threads, 9.1 on one), so a second thread can only match it (1.01× at load 2.2); a descheduled "
+                      "worker holds the batch back by one task of ≤ 1/16 of its share.",
+    "g2_fused_crc": "Copy then crc32c_blocks reads each byte twice. Below 8 MiB copy_crc32c now loads each word once, "
+                    "CRCs and stores it (a 7 MiB batch: 5.3 vs 3.8 GB/s of one core's time). Streamed batches still "
+                    "checksum a 64 KiB piece, then stream it out of cache: streaming stores to three stripes 8 KiB "
+                    "apart ran at a fifth of one stream's speed here (measured in C). Bound: CRC and copy run one "
+                    "after the other on one core.",
     "g4_write": "kvbm adds CRC-32C, HMAC-SHA256 (H12b's MAC, 0.77 s CPU/GiB) and the body copy, ~1 s CPU/GiB that "
                 "moto needs on 2 busy cores; botocore's own CRC32 of every PUT body (0.5 s/GiB), redundant with ours, is "
-                "now off for kvbm's client. Left: the MAC (Poly1305 would cost 17× less here).",
+                "off for kvbm's client. Left: the MAC (Poly1305 would cost 17× less here); not changed this session.",
     "g4_read": "Same: kvbm verifies CRC-32C + HMAC-SHA256 and copies into G2 (~1 s CPU/GiB) where a raw ranged GET "
                "does nothing with the bytes (botocore never checks ranged GETs, so nothing to take back). Bound: the MAC.",
     "g4_write_strict": "The raw client with kvbm's own settings (no botocore CRC32): the MAC's full cost shows.",
     "g4_read_strict": "As above.",
-    "g3_write": "kvbm's native I/O alone matches NIXL POSIX (io-only in the G3 section); the gap is the CRC-32C of "
-                "every block, which NIXL does not compute: ~0.1 s CPU/GiB that a loaded machine stretches.",
-    "g3_read": "Same: the CRC-32C pass over the bytes the disk DMA'd into G2 (a torn or stale block must be a miss), "
-               "which NIXL skips; io-only reads match NIXL. Bound: one memory pass of CPU per byte read.",
+    "g3_write": "kvbm's native I/O alone matches or beats NIXL POSIX (io-only, G3 section); the gap is the CRC-32C of "
+                "each block, which NIXL does not compute. This VM's disk is emulated on the host CPUs behind our two "
+                "vCPUs: steal time is 0.5 % of all ticks idle and 27–28 % during O_DIRECT I/O, and a CRC thread over "
+                "other memory beside a raw write stretched it from 0.52 to 0.95 s/GiB (load 17). Bound: the CRC's CPU "
+                "(0.1 s/GiB), which a host whose disk does its own DMA overlaps.",
+    "g3_read": "Same bound; and a read's CRC starts only when its run has landed: the whole 64 MiB batch was in flight, "
+               "which the virtio disk completes at once, and the checksum task spun on the vCPU the host needs. "
+               "Fixed: 8 MiB in flight for checksummed reads, a condition-variable wait (read+CRC CPU 0.25 → "
+               "0.12 s/GiB).",
     "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools stay 4 KiB pages "
                    "(shmem_enabled=never), so MADV_HUGEPAGE in HostStorage does not reach them.",
 }
