@@ -194,6 +194,26 @@ class ManagerBackend:
         """Blocks of a finished load that arrived intact (a prefix of its keys)."""
         return ticket.job.loaded if ticket.error is None else 0
 
+    held = None  # HeldMedia (kvbm/held.py), from the first take_events: the engine asks for KV events
+
+    def name(self, keys: Sequence[Any], hashes: Sequence[Any], parent_hash: Any = None) -> None:
+        """The engine's block hashes of keys, for the KV events of take_events."""
+        if self.held is not None:
+            with self.lock:
+                self.held.name(None, list(keys), list(hashes), parent_hash)
+
+    def take_events(self, block_size: int) -> list[dict]:
+        """vLLM-shaped KV events (kvbm/held.py) of what the tiers hold, by engine block hashes,
+        since the last call; drains the manager's own events (else they pile up)."""
+        with self.lock:
+            events = self.manager.take_events()
+            if self.held is None:
+                from ..held import HeldMedia
+
+                self.held = HeldMedia(self.manager, block_size)
+                return []
+            return self.held.diff(ev.key for ev in events).get(None, [])
+
     def close(self) -> None:
         if self.offloader is not None:
             self.offloader.close()
@@ -516,6 +536,8 @@ class SchedulerSide:
             plan.pinned = n > 0
         r.match_blocks = 0
         r.stored = max(r.stored, start + n)  # loaded blocks are in kvbm already
+        if len(r.hashes) >= start + n:
+            self._name(plan.keys, r.hashes[start:start + n], r.hashes[start - 1] if start else None)
         self.loads.append(plan)
         return plan
 
@@ -535,9 +557,21 @@ class SchedulerSide:
                          parent=r.keys[start - 1] if start else None, position=start, hints=hints)
         if len(r.hashes) >= full:  # published by the daemon under the engine's names (kv_events.py)
             plan.hashes, plan.parent_hash = r.hashes[start:full], r.hashes[start - 1] if start else None
+            self._name(plan.keys, plan.hashes, plan.parent_hash)
         r.stored = full
         self.stores.append(plan)
         return plan
+
+    def _name(self, keys: list, hashes: list, parent_hash: Any) -> None:
+        name = getattr(self.backend, "name", None)  # the in-process manager's KV events
+        if name is not None:
+            name(keys, hashes, parent_hash)
+
+    def take_events(self) -> list[dict]:
+        """KV events in vLLM's shape (kvbm/held.py) of the in-process manager's tiers, by engine
+        block hashes; [] through a daemon (it publishes its own stream: daemon.kv_events)."""
+        take = getattr(self.backend, "take_events", None)
+        return take(self.block_size) if take is not None else []
 
     def preempted(self, req_id: str) -> None:
         """The engine freed the request's blocks: its planned stores already ran (they gather

@@ -3,15 +3,16 @@
     check_hashes(msg, n)            the optional `hashes` / `parent_hash` fields of store_prepare
     KVEventPublisher(daemon)        a PUB socket and a replay ROUTER (daemon.kv_events, .kv_events_replay)
       .adopt(ns, skeys, hashes, parent)   a client names its blocks' engine hashes (its own namespace only)
-      .changed(events)                    after each drained batch: held media diffed -> one KVEventBatch
+      .changed(events)                    after each drained batch: held media diffed (kvbm/held.py)
+                                          -> one KVEventBatch per namespace that changed
       .view(ns)                           {medium: {hash}} as the tiers hold it now (owner thread)
       .close()
 
 The stream is vLLM's (vllm/distributed/kv_events.py), so a KV-aware router that follows vLLM
 engines follows kvbm's tiers with the same decoder: each message is [topic, seq (8 bytes, big
 endian), msgpack KVEventBatch [ts, [BlockStored | BlockRemoved | AllBlocksCleared]]], BlockStored
-and BlockRemoved carry `medium` (MEDIUM below: G2 host "CPU", G3 disk "DISK", G4 object "OBJECT")
-and the engine's block hashes. Token ids are not sent (the daemon never sees tokens).
+and BlockRemoved carry `medium` (kvbm/held.py: G2 host "CPU", G3 disk "DISK", G4 object
+"OBJECT") and the engine's block hashes. Token ids are not sent (the daemon never sees tokens).
 
 What the events say is a diff of what the tiers hold: after every request the publisher compares,
 for each block the request touched, the media whose tier holds it ready with what it last
@@ -34,8 +35,7 @@ Hashes are attached by the client that stores a block (store_prepare's `hashes`,
 bin of 1-64 bytes, an integer, or nil; `parent_hash` for the block before the first key). A
 client can only name keys of its own namespace (server keys are derived from it), so a wrong
 hash misleads that namespace's routers only. A hash is kept while its block is held in some
-tier or in flight; the map is swept like the origin map (events.py), so it is bounded by what
-the manager holds.
+tier or in flight (kvbm/held.py), so what is kept is bounded by what the manager holds.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ import msgpack
 import zmq
 
 from . import protocol as P
-from .events import PLAIN_USER, SWEEP_SLACK, topic_of
+from ..held import HeldMedia
+from .events import PLAIN_USER, topic_of
 
 log = logging.getLogger("kvbm.daemon")
-MEDIUM = {"host": "CPU", "disk": "DISK", "object": "OBJECT", "device": "GPU"}
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MAX_HASH_BYTES = 64
 MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
@@ -88,21 +88,13 @@ class _Stream:
     def __init__(self, buffer: int) -> None:
         self.seq = -1  # last published
         self.buffer: collections.deque = collections.deque(maxlen=buffer)  # (seq, payload)
-        self.blocks = 0  # hashed blocks of this namespace in the map
 
 
 class KVEventPublisher:
     def __init__(self, daemon: Any) -> None:
         dcfg = daemon.dcfg
         self.daemon = daemon
-        self.manager = daemon.manager
-        self.block_size = daemon.config.layout.block_size
-        # medium per tier, and a bit per distinct medium
-        names = [MEDIUM.get(t.storage.name, t.name.upper()) for t in daemon.config.tiers]
-        self.media = list(dict.fromkeys(names))
-        self.tier_bits = [(t, 1 << self.media.index(m)) for t, m in zip(self.manager.tiers, names)]
-        self.hashes: dict = {}  # server key -> [namespace, hash, parent hash, published media bits]
-        self.dirty: list = []  # keys adopted since the last drain: published at the next one
+        self.held = HeldMedia(daemon.manager, daemon.config.layout.block_size)
         self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
         self.buffer = dcfg.kv_events_buffer
@@ -139,114 +131,43 @@ class KVEventPublisher:
 
     # ---------------------------------------------------------------- owner thread
 
+    @property
+    def dirty(self) -> list:
+        return self.held.dirty
+
     def adopt(self, ns: bytes, skeys: list, hashes: list | None, parent: Any) -> None:
-        """Engine hashes for a store_prepare's keys (in the caller's namespace). A key already
-        published keeps the hash it was published under."""
+        """Engine hashes for a store's keys (in the caller's namespace: skeys derive from it)."""
         if hashes is None:
             return
-        for i, (k, h) in enumerate(zip(skeys, hashes)):
-            if h is None:
-                continue
-            e = self.hashes.get(k)
-            if e is not None and e[3]:
-                continue
-            if e is None:
-                self._stream(ns).blocks += 1
-            self.hashes[k] = [ns, h, hashes[i - 1] if i else parent, 0]
-            self.dirty.append(k)  # already held (recovered, pulled): published at the next drain
+        self._stream(ns)
+        self.held.name(ns, skeys, hashes, parent)
 
     def changed(self, events: list) -> None:
         """After a drained batch of manager events (and at any drain with adopted keys)."""
-        keys = self.dirty + [ev.key for ev in events]
-        self.dirty = []
-        out: dict[bytes, tuple[dict, dict]] = {}  # ns -> (stored per medium, removed per medium)
-        seen = set()
-        for k in keys:
-            if k in seen:
-                continue
-            seen.add(k)
-            e = self.hashes.get(k)
-            if e is None:
-                continue
-            now = self._media_of(k)
-            old = e[3]
-            if now != old:
-                stored, removed = out.setdefault(e[0], ({}, {}))
-                for bit, medium in self._bits(now & ~old):
-                    stored.setdefault(medium, []).append(e)
-                for bit, medium in self._bits(old & ~now):
-                    removed.setdefault(medium, []).append(e[1])
-                e[3] = now
-            if not now and not self._pending(k):
-                self._forget(k, e)
-        for ns, (stored, removed) in out.items():
-            evs = [ev for m, es in stored.items() for ev in self._stored(es, m)]
-            evs += [{"type": "BlockRemoved", "block_hashes": hs, "medium": m} for m, hs in removed.items()]
+        for ns, evs in self.held.diff(ev.key for ev in events).items():
             self._publish(ns, evs)
-        self._sweep()
-
-    def _sweep(self) -> None:
-        """Drop keys abandoned without an event (a rolled-back reservation) once the map holds
-        more than twice what the manager holds: amortised O(1) per abandoned key."""
-        held = sum(len(t.ready) + len(t.pending) for t in self.manager.tiers)
-        if len(self.hashes) <= 2 * held + SWEEP_SLACK:
-            return
-        for k in [k for k, e in self.hashes.items() if not e[3] and not self._media_of(k) and not self._pending(k)]:
-            self._forget(k, self.hashes[k])
 
     def view(self, ns: bytes) -> dict[str, set]:
         """{medium: {engine hash}} of the namespace's blocks as the tiers hold them now."""
-        out: dict[str, set] = {}
-        for k, e in self.hashes.items():
-            if e[0] == ns:
-                for _, medium in self._bits(self._media_of(k)):
-                    out.setdefault(medium, set()).add(e[1])
-        return out
+        return self.held.view(ns)
 
     def _snapshot(self, ns: bytes) -> tuple[int, bytes]:
-        """(seq, one batch: AllBlocksCleared + what is held now) for a subscriber that lost track."""
+        """(seq, one batch: AllBlocksCleared + what was published) for a subscriber that lost track."""
         st = self.streams.get(ns)
-        seq = st.seq if st is not None else -1
-        return seq, _batch(self._snapshot_events(ns))
-
-    def _snapshot_events(self, ns: bytes) -> list:
-        """What was published for ns so far, as one batch (exactly the state at its last seq)."""
-        evs: list = [{"type": "AllBlocksCleared"}]
-        by_medium: dict[str, list] = {}
-        for e in self.hashes.values():
-            if e[0] == ns:
-                for _, medium in self._bits(e[3]):
-                    by_medium.setdefault(medium, []).append(e)
-        for m, es in by_medium.items():
-            evs += self._stored(es, m)
-        return evs
-
-    def _stored(self, entries: list, medium: str) -> list:
-        """BlockStored events; a run of blocks each the parent of the next goes in one event."""
-        evs: list = []
-        for _, h, parent, _ in entries:
-            last = evs[-1] if evs else None
-            if last is not None and last["block_hashes"][-1] == parent:
-                last["block_hashes"].append(h)
-                continue
-            evs.append({"type": "BlockStored", "block_hashes": [h], "parent_block_hash": parent, "token_ids": [],
-                        "block_size": self.block_size, "lora_id": None, "medium": medium, "lora_name": None})
-        return evs
+        return (st.seq if st is not None else -1), _batch(self.held.snapshot(ns))
 
     def _publish(self, ns: bytes, evs: list) -> None:
-        first = ns not in self.streams or self.streams[ns].seq < 0
         st = self._stream(ns)
-        if first:  # a new stream (daemon start, or a namespace back after a while): start clean
-            evs = self._snapshot_events(ns)
+        if st.seq < 0:  # a new stream (daemon start, or a namespace back after a while): start clean
+            evs = self.held.snapshot(ns)
         payload = _batch(evs)
-        topic = topic_of(ns)
         with self._lock:
             st.seq += 1
             st.buffer.append((st.seq, payload))
             seq = st.seq
         self.streams.move_to_end(ns)
         try:
-            self.pub.send_multipart([topic, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+            self.pub.send_multipart([topic_of(ns), seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
         except zmq.Again:  # a slow subscriber: it sees the gap and replays
             pass
 
@@ -255,33 +176,12 @@ class KVEventPublisher:
         if st is None:
             st = self.streams[ns] = _Stream(self.buffer)
             self.topics[topic_of(ns)] = ns
-            idle = [n for n, s in self.streams.items() if not s.blocks]
+            idle = [n for n in self.streams if n != ns and not self.held.blocks(n)]
             for n in idle[:max(0, len(idle) - MAX_IDLE_NAMESPACES)]:
                 with self._lock:
                     del self.streams[n]
                 self.topics.pop(topic_of(n), None)
         return st
-
-    def _forget(self, k: Any, e: list) -> None:
-        del self.hashes[k]
-        st = self.streams.get(e[0])
-        if st is not None:
-            st.blocks -= 1
-
-    def _media_of(self, k: Any) -> int:
-        bits = 0
-        for t, bit in self.tier_bits:
-            if k in t.ready:
-                bits |= bit
-        return bits
-
-    def _pending(self, k: Any) -> bool:
-        return any(k in t.pending for t in self.manager.tiers)
-
-    def _bits(self, bits: int):
-        for i, m in enumerate(self.media):
-            if bits & (1 << i):
-                yield 1 << i, m
 
     # ---------------------------------------------------------------- replay thread
 

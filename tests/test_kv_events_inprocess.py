@@ -1,0 +1,91 @@
+"""The in-process connector's KV events: vLLM's scheduler takes them from the connector each step.
+
+Issue 14 (5), without a daemon: SchedulerSide.take_events (kvbm/held.py) reports what the
+in-process manager's tiers hold by the engine's block hashes, and KVBMConnector.take_events
+turns them into vLLM's BlockStored / BlockRemoved. A view built from those vLLM objects equals
+what the tiers hold (asked with lookups), through stores, demotions to G3 and promotions back;
+and the manager's own event list is drained (before, nothing took it: it grew for ever).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+
+import pytest
+
+torch = pytest.importorskip("torch")
+kv_events = pytest.importorskip("vllm.distributed.kv_events")
+
+from kvbm.blocks import KVLayout, Namespace
+from kvbm.config import KVBMConfig
+from kvbm.connectors import core
+from kvbm.connectors.vllm import _vllm_events
+from kvbm.manager import BlockManager
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
+BS = LAYOUT.block_size
+MEDIUM = {"g2": "CPU", "g3": "DISK"}
+
+
+def chain(tag: str, n: int) -> list[bytes]:
+    return [uuid.uuid5(uuid.NAMESPACE_OID, f"{tag}/{i}").bytes * 2 for i in range(n)]
+
+
+@pytest.fixture
+def engine(tmp_path):
+    cfg = KVBMConfig.from_dict({
+        "layout": {f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__},
+        "tiers": [{"name": "g2", "capacity": 6, "eviction": "lru", "storage": "host"},
+                  {"name": "g3", "capacity": 64, "eviction": "lru",
+                   "storage": {"name": "disk", "path": str(tmp_path / "g3")}}]})
+    manager = BlockManager.from_config(cfg)
+    lock = __import__("threading").RLock()
+    sched = core.SchedulerSide(manager, lock, Namespace("tiny", LAYOUT), BS)
+    worker = core.WorkerSide(manager, lock)
+    g = torch.Generator().manual_seed(0)
+    worker.register([torch.randn(32, 2, 2, BS, 64, generator=g).to(torch.bfloat16) for _ in range(2)])
+    yield manager, sched, worker
+    manager.close()
+
+
+def _prompt(sched, worker, req, hashes, blocks, names):
+    keys = sched.keys(req, hashes)
+    names.update(zip(hashes, keys))
+    hit = sched.match(req, keys, len(hashes) * BS + 1, 0, must_compute_one=True) // BS
+    plan = sched.plan_load(req, blocks, hit * BS)
+    if plan is not None:
+        worker.start_load(plan)
+    store = sched.plan_store(req, blocks, len(hashes) * BS + 1)
+    if store is not None:
+        worker.start_store(store)
+    worker.poll(wait=True)
+    sched.finished(req)
+    return hit
+
+
+def test_connector_events_follow_the_in_process_tiers(engine):
+    manager, sched, worker = engine
+    assert sched.take_events() == []  # the first call starts naming blocks (vLLM calls it every step)
+    view: dict[str, set] = defaultdict(set)
+
+    def follow():
+        for ev in _vllm_events(sched.take_events()):
+            assert isinstance(ev, (kv_events.BlockStored, kv_events.BlockRemoved))
+            (view[ev.medium].update if isinstance(ev, kv_events.BlockStored)
+             else view[ev.medium].difference_update)(ev.block_hashes)
+
+    names: dict = {}
+    for i in range(3):  # 12 blocks through a 6-block G2: the oldest go down to G3
+        assert _prompt(sched, worker, f"a{i}", chain(f"p{i}", 4), [0, 1, 2, 3], names) == 0
+        follow()
+    assert _prompt(sched, worker, "b", chain("p0", 4), [4, 5, 6, 7], names) == 4  # from G3, promoted
+    follow()
+    truth: dict[str, set] = defaultdict(set)
+    for h, k in names.items():
+        n, where = manager.lookup([k])
+        if n:
+            truth[MEDIUM[where[0]]].add(h)
+    assert set(truth) == {"CPU", "DISK"}
+    assert {m: v for m, v in view.items() if v} == dict(truth)
+    assert manager.take_events() == []  # drained by the connector
