@@ -348,6 +348,13 @@ def section_disk(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
         s += ("kvbm's native I/O alone (the same batches through `ops.pwrite_blocks`/`pread_blocks`, no CRC-32C, "
               "no index), ÷ NIXL POSIX: " + "; ".join(io_only) + ".\n\n")
     s += _table(["block", "write GB/s", "÷ dd", "÷ fio", "÷ NIXL", "read GB/s", "÷ dd", "÷ fio", "÷ NIXL"], table)
+    costs = [f"{row['block'] >> 10} KiB: " + ", ".join(f"{k} {v:.2f} s ({row['steal'][k]:.0%})"
+                                                       for k, v in row["cpu_s_per_gib"].items())
+             for row in r["rows"] if "cpu_s_per_gib" in row]
+    if costs:
+        s += ("\nWhere the time goes (medians): the bench process's CPU seconds per GiB moved, and in brackets "
+              "steal, the share of all CPU ticks the host took while each ran (in a VM the disk may be emulated "
+              "on the CPUs behind ours). " + "; ".join(costs) + ".\n")
     series = {k: v for k, v in series.items() if any(v)}
     _grouped(plots / "disk.png", [f"{row['block'] >> 10} KiB blocks" for row in r["rows"]], series,
              "GB/s", "G2 <-> G3: kvbm DiskStorage beside dd and NIXL POSIX")

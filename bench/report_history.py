@@ -62,7 +62,7 @@ CAUSES = {
     "g3_write": "kvbm's native I/O alone matches or beats NIXL POSIX (io-only, G3 section); the gap is the CRC-32C of "
                 "each block, which NIXL does not compute. This VM's disk is emulated on the host CPUs behind our two "
                 "vCPUs: steal time is 0.5 % of all ticks idle and 27–28 % during O_DIRECT I/O, and a CRC thread over "
-                "other memory beside a raw write stretched it from 0.52 to 0.95 s/GiB (load 17). Bound: the CRC's CPU "
+                "other memory beside a raw write stretched it from 0.52 to 0.95 s/GiB (load 19). Bound: the CRC's CPU "
                 "(0.1 s/GiB), which a host whose disk does its own DMA overlaps.",
     "g3_read": "Same bound; and a read's CRC starts only when its run has landed: the whole 64 MiB batch was in flight, "
                "which the virtio disk completes at once, and the checksum task spun on the vCPU the host needs. "
