@@ -67,13 +67,17 @@ def parse_layout(spec: str | None, block_size: int):
         return None
     if spec in LAYOUT_PRESETS:
         return KVLayout(block_size=block_size, **LAYOUT_PRESETS[spec])
+    from .hybrid_presets import HYBRID_PRESETS, hybrid_manifest
+
+    if spec in HYBRID_PRESETS:  # one page holds every KV cache group's piece
+        return hybrid_manifest(spec, block_size).layout()
     fields: dict[str, Any] = {}
     aliases = {"layers": "num_layers", "kv_heads": "num_kv_heads", "heads": "num_kv_heads"}
     for item in spec.split(","):
         k, eq, v = item.partition("=")
         if not eq:
             raise UsageError(
-                f"--layout {spec!r}: use a preset ({', '.join(LAYOUT_PRESETS)}) or "
+                f"--layout {spec!r}: use a preset ({', '.join([*LAYOUT_PRESETS, *HYBRID_PRESETS])}) or "
                 f"layers=32,kv_heads=8,head_dim=128,dtype=bfloat16"
             )
         k = aliases.get(k.strip(), k.strip())

@@ -122,3 +122,25 @@ def test_state_key_is_apart_from_the_page_key():
 def test_bad_manifests_say_what_is_wrong(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+def test_hybrid_paged_kv_moves_each_piece_to_its_own_group():
+    torch = pytest.importorskip("torch")
+    from kvbm.connectors.paged_hybrid import HybridPagedKV
+
+    m = gemma()
+    g = torch.Generator().manual_seed(1)
+    kv = {name: torch.randn(12, 2, BS, 2 * 64, generator=g).to(torch.bfloat16) for name in ("l0", "l1", "l2")}
+    hp = HybridPagedKV(m, kv)
+    pages = [(1, 5), (None, 6), (3, 7)]  # page 1 holds no sliding piece: zero in its row
+    rows = hp.gather(pages, staging=torch.full((3, m.page_stride), 0xAB, dtype=torch.uint8))
+    lo, hi = m.piece_range(0)
+    assert int(rows[1, lo:hi].abs().sum()) == 0
+    assert torch.equal(rows[0, lo:lo + kv["l0"][1].numel() * 2], kv["l0"][1].flatten().view(torch.uint8))
+    before = {k: v.clone() for k, v in kv.items()}
+    # scatter: the full piece everywhere (consecutive rows: written through a view), the
+    # sliding piece of rows 0 and 2 (not consecutive: copied)
+    hp.scatter(rows, [(9, 10), (None, 11), (8, 0)])
+    assert torch.equal(kv["l2"][10], before["l2"][5]) and torch.equal(kv["l2"][0], before["l2"][7])
+    assert torch.equal(kv["l0"][9], before["l0"][1]) and torch.equal(kv["l1"][8], before["l1"][3])
+    assert torch.equal(kv["l0"][11], before["l0"][11])  # no sliding piece: untouched

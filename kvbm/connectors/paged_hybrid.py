@@ -46,25 +46,40 @@ class HybridPagedKV:
         self.direct = False
 
     def staging(self, n: int) -> Any:
-        return self.torch.zeros((n, self.block_nbytes), dtype=self.torch.uint8)
+        """Rows for n pages (uninitialised: gather zeroes what it does not fill)."""
+        return self.torch.empty((n, self.block_nbytes), dtype=self.torch.uint8)
 
-    def _rows(self, pages: Sequence[Sequence[int | None]], i: int) -> tuple[list[int], list[int]]:
+    def _piece(self, staging: Any, pages: Sequence[Sequence[int | None]], i: int):
+        """(rows of `staging` for piece i as a view when they are consecutive, else None; their row
+        indices; the piece's block ids)."""
         rows = [r for r, page in enumerate(pages) if page[i] is not None]
-        return rows, [pages[r][i] for r in rows]
+        ids = [pages[r][i] for r in rows]
+        lo, hi = self.manifest.piece_range(i)
+        view = None
+        if rows and rows[-1] - rows[0] == len(rows) - 1:  # the usual case: a tail of the hit
+            view = staging[rows[0]:rows[-1] + 1, lo:hi]  # rows are strided: PagedKV copies in place
+        return view, rows, ids
 
     def gather(self, pages: Sequence[Sequence[int | None]], staging: Any = None) -> Any:
         staging = self.staging(len(pages)) if staging is None else staging
         for i, kv in enumerate(self.groups):
-            rows, ids = self._rows(pages, i)
-            if rows:
-                lo, hi = self.manifest.piece_range(i)
+            view, rows, ids = self._piece(staging, pages, i)
+            lo, hi = self.manifest.piece_range(i)
+            if len(rows) < len(pages):  # a piece a page does not hold is zero, never stale bytes
+                staging[:, lo:hi] = 0
+            if view is not None:
+                kv.gather(ids, staging=view)
+            elif rows:
                 staging[rows, lo:hi] = kv.gather(ids)
+        staging[:, self.manifest.page_nbytes:] = 0  # the padding
         return staging
 
     def scatter(self, staging: Any, pages: Sequence[Sequence[int | None]]) -> None:
         for i, kv in enumerate(self.groups):
-            rows, ids = self._rows(pages, i)
-            if rows:
+            view, rows, ids = self._piece(staging, pages, i)
+            if view is not None:
+                kv.scatter(view, ids)
+            elif rows:
                 lo, hi = self.manifest.piece_range(i)
                 kv.scatter(staging[rows, lo:hi].contiguous(), ids)
 
