@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 DROP = 0.20  # a ratio this much below the last run's is flagged
+BUSY = 4.0  # a "quiet" run above this load average (2 cores) was not quiet
 
 # id: (path, what, the issue's "today" figure, target, higher is better)
 ROWS = {
@@ -156,6 +157,9 @@ def issue17_section(history: History, causes: dict[str, str]) -> str:
          f"engineers' tests: the load average says how quiet \"quiet\" was. ⚠ = more than {DROP:.0%} below the "
          f"last run of the same condition (kept in `bench/report_last.json`). At load averages above ~10 a ratio "
          f"moves by ±30 % between runs, more than most gaps: each cause names the measurement that shows it.\n\n")
+    if quiet and quiet.get("loadavg", 0) > BUSY:
+        s += (f"**The last \"quiet\" run was not quiet** (load average {quiet['loadavg']} on 2 cores, other "
+              f"engineers' jobs): its ratios are this machine under load; a run on a quiet machine is pending.\n\n")
     s += "| path | ratio | issue's figure | quiet | beside a hog | target | cause of the gap |\n"
     s += "| --- | --- | --- | --- | --- | --- | --- |\n"
     for key, (path, what, before, target) in ROWS.items():

@@ -77,3 +77,11 @@ def test_a_row_not_measured_keeps_its_last_figure_with_its_time_and_load(tmp_pat
     text = issue17_section(History(path), {})
     daemon = next(line for line in text.splitlines() if line.startswith("| daemon peer pull"))
     assert "1.50× (not re-run;" in daemon and "load 2.0)" in daemon and "≥ 0.9: met" in daemon
+
+
+def test_a_quiet_run_under_load_says_a_quiet_run_is_pending(tmp_path):
+    h = History(tmp_path / "last.json")
+    h.record("quiet", {"g2_gather_1t": 1.0}, load=1.5)
+    assert "pending" not in issue17_section(h, {})
+    h.record("quiet", {"g2_gather_1t": 1.0}, load=17.2)
+    assert "(load average 17.2 on 2 cores" in issue17_section(h, {}) and "pending" in issue17_section(h, {})
