@@ -68,8 +68,14 @@ c = Client(sys.argv[1], model="bench", layout=layout)
 idx, ops = int(sys.argv[4]), int(sys.argv[5])
 rng = np.random.default_rng(7 + idx)
 print("ready", flush=True)
+import resource
+def cpu():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 for line in sys.stdin:
+    c0 = cpu()
     r = B.mixed_ops(c, idx, ops, layout.block_nbytes, rng)
+    r["cpu_s"] = cpu() - c0
     print(json.dumps(r), flush=True)
 c.close()
 '''
@@ -92,14 +98,19 @@ def daemon(root, work, name):
             return p, json.loads([l for l in txt.splitlines() if l.startswith('{"ready"')][0])["address"], shm
         time.sleep(0.1)
     raise SystemExit(open(f"{d}/out").read())
+def _cpu(pid):
+    """CPU seconds of a process, all its threads (the daemon's zmq I/O thread too)."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 def ab_load():
     """Small mixed ops: CLIENTS persistent client processes per root, rounds alternating."""
     import numpy as np
     work = tempfile.mkdtemp(prefix="kvbm-ab-")
     res, procs, clients = {}, [], {}
     try:
+        pids = {}
         for name, root in (("old", OLD), ("new", NEW)):
-            p, addr, shm = daemon(root, work, name); procs.append((p, shm))
+            p, addr, shm = daemon(root, work, name); procs.append((p, shm)); pids[name] = p.pid
             env = {**os.environ, "PYTHONPATH": (PRE + ":" if PRE else "") + root}
             clients[name] = [subprocess.Popen([sys.executable, "-c", LOAD_WORKER, addr, root, BENCH, str(i), str(OPS)],
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
@@ -109,16 +120,20 @@ def ab_load():
             res[name] = []
         for r in range(ROUNDS):
             for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                d0 = _cpu(pids[name])
                 t0 = time.perf_counter()
                 for c in clients[name]:
                     c.stdin.write("go\n"); c.stdin.flush()
                 rs = [json.loads(c.stdout.readline()) for c in clients[name]]
                 wall = time.perf_counter() - t0
+                dcpu = _cpu(pids[name]) - d0
                 lat = np.concatenate([np.array(v) for x in rs for v in x["lat"].values()])
                 res[name].append({"ops_per_s": CLIENTS * OPS / wall, "p50_us": float(np.percentile(lat, 50)) * 1e6,
                                   "p99_us": float(np.percentile(lat, 99)) * 1e6, "load": os.getloadavg()[0],
                                   "errors": sum(len(x["errors"]) for x in rs), "wrong": sum(x["wrong"] for x in rs),
-                                  "loaded": sum(x["loaded"] for x in rs)})
+                                  "loaded": sum(x["loaded"] for x in rs),
+                                  "daemon_cpu_us_per_op": dcpu / (CLIENTS * OPS) * 1e6,
+                                  "client_cpu_us_per_op": sum(x["cpu_s"] for x in rs) / (CLIENTS * OPS) * 1e6})
         for cs in clients.values():
             for c in cs:
                 c.stdin.close(); c.wait(30)
@@ -129,11 +144,15 @@ def ab_load():
             except OSError: pass
     out = {}
     for name, rs in res.items():
-        out[name] = {k: round(statistics.median(x[k] for x in rs), 1) for k in ("ops_per_s", "p50_us", "p99_us")}
+        out[name] = {k: round(statistics.median(x[k] for x in rs), 1)
+                     for k in ("ops_per_s", "p50_us", "p99_us", "daemon_cpu_us_per_op", "client_cpu_us_per_op")}
         out[name]["rounds_ops_per_s"] = [round(x["ops_per_s"]) for x in rs]
         out[name].update(errors=sum(x["errors"] for x in rs), wrong=sum(x["wrong"] for x in rs),
                          loaded=sum(x["loaded"] for x in rs))
     out["new/old median ops/s"] = round(out["new"]["ops_per_s"] / out["old"]["ops_per_s"], 3)
+    out["new/old CPU per op (daemon + clients)"] = round(
+        (out["new"]["daemon_cpu_us_per_op"] + out["new"]["client_cpu_us_per_op"])
+        / (out["old"]["daemon_cpu_us_per_op"] + out["old"]["client_cpu_us_per_op"]), 3)
     out["new/old per round"] = [round(n["ops_per_s"] / o["ops_per_s"], 3) for o, n in zip(res["old"], res["new"])]
     out.update(rounds=ROUNDS, clients=CLIENTS, ops=OPS, load_average=[round(x["load"], 1) for x in res["new"]])
     print(json.dumps(out, indent=1))
