@@ -170,6 +170,15 @@ def check_dir(path: Any, where: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         why = "is on a read-only file system" if _read_only(probe) else "is not writable by this user"
         raise ConfigError(f"{where} = {path!r}: {probe} {why}; set {where} to a writable folder on a local disk")
+    # access() says yes where a folder still cannot be made (root under /proc or /sys, a full
+    # disk): make one and remove it again, so nothing is left behind
+    trial = os.path.join(probe, f".kvbm-check-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.mkdir(trial)
+    except OSError as exc:
+        raise ConfigError(f"{where} = {path!r}: cannot make a folder in {probe}: {_hint(exc)}; "
+                          f"set {where} to a writable folder on a local disk") from None
+    os.rmdir(trial)
 
 
 def _read_only(path: str) -> bool:
@@ -182,10 +191,13 @@ def _read_only(path: str) -> bool:
 def _os_error(where: str, options: dict, exc: OSError) -> str:
     key = f"{where}.path" if "path" in options else (f"{where}.url" if "url" in options else where)
     what = exc.filename or options.get("path") or options.get("url") or ""
-    hint = {errno.EROFS: "it is on a read-only file system", errno.ENOTDIR: "a part of it is a file, not a folder",
+    return f"{key}: cannot use {what}: {_hint(exc)}; set {key} to a writable folder on a local disk"
+
+
+def _hint(exc: OSError) -> str:
+    return {errno.EROFS: "it is on a read-only file system", errno.ENOTDIR: "a part of it is a file, not a folder",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
             errno.ENOSPC: "the disk is full"}.get(exc.errno, exc.strerror or str(exc))
-    return f"{key}: cannot use {what}: {hint}; set {key} to a writable folder on a local disk"
 
 
 def _resolve(registry, name: str, where: str):

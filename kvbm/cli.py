@@ -37,6 +37,14 @@ class UsageError(ValueError):
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad command line is one line too (argparse prints its usage first): what was wrong
+    and where the options are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"kvbm: error: {message}; see `{self.prog} --help`\n")
+
+
 def parse_tier(spec: str, layout) -> Any:
     """'g2=10000:lru[:admission]' -> TierConfig (capacity in blocks or bytes with a unit)."""
     from .config import ConfigError, PolicySpec, TierConfig, parse_capacity
@@ -120,7 +128,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'kvbm-tiered[plot]'") from None
-    path = BUNDLED.get(args.trace, args.trace)
+    path = trace_path(args.trace)
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"--limit must be a positive number of requests, got {args.limit}")
     trace = load_trace(path, format=args.format, limit=args.limit)
@@ -243,13 +251,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def trace_path(name: str) -> Path:
+    """A bundled trace by name, or a file that exists."""
+    path = BUNDLED.get(name, Path(name))
+    if not path.is_file():
+        raise UsageError(f"trace file not found: {name}; give a trace file (Mooncake/Bailian JSONL, "
+                         f"Parquet) or a bundled trace by name: {', '.join(BUNDLED)}")
+    return path
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import print_report, run_demo
 
     for name in ("requests", "g2", "g3", "g4"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    report = run_demo(BUNDLED.get(args.trace, args.trace), requests=args.requests, g2=args.g2, g3=args.g3,
+    report = run_demo(trace_path(args.trace), requests=args.requests, g2=args.g2, g3=args.g3,
                       g4=args.g4, workdir=args.workdir, keep=args.keep, eviction=args.policy,
                       progress=not args.quiet)
     if args.json:
@@ -339,7 +356,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvbm", description="Tiered KV-cache block manager")
+    p = Parser(prog="kvbm", description="Tiered KV-cache block manager")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="replay a trace through the BlockManager (metadata only)")

@@ -284,7 +284,7 @@ def _set_path(node: dict[str, Any], path: list[str], value: Any) -> None:
 def read_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} does not exist; give the path of a YAML or TOML config (see README)")
     text = p.read_text()
     try:
         if p.suffix == ".toml":

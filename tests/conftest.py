@@ -9,17 +9,13 @@ from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDatabase, ReadOnlyDatabase
 
 try:
-    import kvbm  # noqa: F401
+    import kvbm
 except ModuleNotFoundError as exc:
-    # `python -m pytest` puts the checkout first on sys.path. After a non-editable install
-    # (`pip install ".[plot]"` over `pip install -e ".[dev]"`), `import kvbm` finds the source
-    # folder kvbm/, which lacks kvbm.policies (the top-level policies/ folder, mapped in by the
-    # install) and the compiled kvbm._native: say what to do instead of a traceback.
-    if not (exc.name or "").startswith("kvbm."):
+    # kvbm imports from the checkout when the install is missing or broken: say what to do
+    if not (exc.name or "").startswith("kvbm"):
         raise
-    pytest.exit(f"{exc}: kvbm is imported from the source folder, which is installed but not in "
-                f"editable mode; run: pip install --no-build-isolation -e \".[dev]\" (extras inside "
-                f"the brackets, e.g. \".[dev,plot]\")", returncode=4)
+    pytest.exit(f"{exc}: install the checkout first: pip install -e \".[dev]\" (later, extras inside the "
+                f"brackets: pip install --no-build-isolation -e \".[dev,plot]\")", returncode=4)
 
 from hypothesis_budget import examples  # noqa: E402
 from kvbm.cli import BUNDLED  # noqa: E402
@@ -53,3 +49,33 @@ settings.load_profile("thorough" if os.environ.get("KVBM_HYPOTHESIS_EXAMPLES")
 def mooncake():
     """The bundled Mooncake conversation trace (a copy of ../shared/traces, with attribution)."""
     return load_trace(BUNDLED["mooncake"])
+
+
+def _not_the_installed_copy() -> str | None:
+    """`python -m pytest` imports the checkout's kvbm/ first. After a non-editable install
+    (`pip install ".[plot]"` over `pip install -e ".[dev]"`) that folder is not what is
+    installed, and it has no compiled kvbm._native: the tests still run, the native ones skip."""
+    import importlib.metadata
+    import json
+
+    from kvbm import ops
+
+    try:
+        dist = importlib.metadata.distribution("kvbm-tiered")
+    except importlib.metadata.PackageNotFoundError:
+        return "kvbm-tiered is not installed; tested from the source folder"
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
+        return None
+    installed = Path(dist.locate_file("kvbm")).resolve()
+    if installed == Path(kvbm.__file__).resolve().parent:
+        return None
+    native = "" if ops.HAVE_NATIVE else ", without kvbm._native (its tests skip)"
+    return f"tested the checkout's kvbm/{native}, not the non-editable install in {installed.parent}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    note = _not_the_installed_copy()
+    if note:
+        terminalreporter.write_line(f"kvbm: {note}; to test this checkout as installed: "
+                                    f"pip install --no-build-isolation -e \".[dev]\"", yellow=True)

@@ -145,6 +145,15 @@ def test_a_g3_path_that_cannot_be_created(tmp_path, monkeypatch):
     assert list(locked.iterdir()) == []
 
 
+def test_a_g3_path_where_no_folder_can_be_made(tmp_path):
+    """/proc: access() may say yes (root), yet no folder can be made there."""
+    cfg = disk_config(tmp_path, "/proc/kvbm-test/g3")
+    for argv in (("config", "check", str(cfg)), ("simulate", "mooncake", "--config", str(cfg), "--limit", "5")):
+        one_line_error(kvbm(*argv), "tiers.g3.storage.path", "/proc", "writable folder")
+    one_line_error(kvbm("demo", "--workdir", "/proc/kvbm-test", "--requests", "5"), "--workdir", "writable folder")
+    assert not os.path.exists("/proc/kvbm-test")
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only tmpfs (root), else a folder the storage sees as EROFS (injected)."""
@@ -220,6 +229,24 @@ def test_a_repeated_block_in_a_trace_request_names_its_line(tmp_path):
     bad.write_text('{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1, 2]}\n'
                    '{"timestamp": 1, "input_length": 1, "output_length": 1, "hash_ids": [3, 4, 3]}\n')
     one_line_error(kvbm("simulate", str(bad), "--quiet"), f"{bad}:2:", "repeats block id 3")
+
+
+def test_a_missing_trace_or_config_file_says_what_to_give(tmp_path):
+    for argv in (("simulate", "nope.jsonl"), ("demo", "nope.jsonl")):
+        one_line_error(kvbm(*argv, cwd=tmp_path), "trace file not found: nope.jsonl", "bundled trace by name: mooncake")
+    one_line_error(kvbm("config", "check", "nope.yaml", cwd=tmp_path), "config file nope.yaml does not exist",
+                   "YAML or TOML")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (("simulate", "mooncake", "--capacity", "100"), ("unrecognized arguments: --capacity 100", "kvbm --help")),
+    (("demo", "--requests", "x"), ("--requests: invalid int value: 'x'", "kvbm demo --help")),
+    (("replay",), ("required: trace, --url", "kvbm replay --help")),
+    ((), ("required: command", "kvbm --help")),
+])
+def test_a_bad_command_line_is_one_line_too(argv, needles):
+    one_line_error(kvbm(*argv), *needles)
 
 
 @pytest.mark.parametrize("argv", [("policies",), ("simulate", "mooncake", "--limit", "300", "--quiet")])
