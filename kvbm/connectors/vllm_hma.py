@@ -78,6 +78,10 @@ def manifest_from_vllm(kv_cache_config: Any) -> PageManifest:
         kind = _spec_kind(spec)
         sizes.add(spec.block_size)
         if kind == "mamba":
+            if getattr(spec, "mamba_cache_mode", "align") != "align":
+                raise ConfigError("kvbm connector: Mamba layers need vLLM's prefix caching for Mamba "
+                                  "(--enable-prefix-caching, mamba_cache_mode 'align'): with "
+                                  f"{spec.mamba_cache_mode!r} vLLM keeps no state at block boundaries to store")
             buffers = tuple(Buffer(f"{name}[{i}]", shape, _dtype(dt)) for name in group.layer_names
                             for i, (shape, dt) in enumerate(zip(spec.shapes, spec.dtypes)))
         else:
