@@ -5,7 +5,9 @@
 The real KVBMConnector (scheduler role) on a real vLLM 0.32 config, driven with real vLLM
 Request / SchedulerOutput objects, as vLLM's scheduler calls it for one request's life:
 get_num_new_matched_tokens (adopt the block hashes, look up, pin) + update_state_after_alloc
-(plan the load) + build_connector_meta (plan the stores) + request_finished. Three cases per
+(plan the load) + build_connector_meta (plan the stores) + request_finished + take_events (vLLM
+calls it once per step; here once per request: the KV events of the stores and loads since the
+last call, by engine hash, in-process manager only). Two cases per
 backend, each timed over --requests fresh requests of --blocks full blocks:
 
     miss     nothing of the prompt is cached (lookup answers 0; all blocks planned for store)
@@ -77,6 +79,7 @@ def main() -> int:
         out.total_num_scheduled_tokens = req.num_tokens - (n or 0)
         meta = conn.build_connector_meta(out)
         conn.request_finished(req, block_ids)
+        conn.take_events()
         return n or 0, time.perf_counter() - t, meta
 
     results = {}
@@ -92,6 +95,7 @@ def main() -> int:
         if backend == "engine daemon":  # as under vLLM's multiprocessing executor
             vcfg.parallel_config.distributed_executor_backend = "mp"
         conn = KVBMConnector(vcfg, KVConnectorRole.SCHEDULER, None)
+        conn.take_events()  # the first call starts naming blocks (vLLM's scheduler makes it at its first step)
         ids = list(range(args.blocks + 1))
         miss, hit = [], []
         backend_obj = conn.scheduler.backend

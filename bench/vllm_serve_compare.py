@@ -19,6 +19,9 @@ tiny dummy-weight Llama, 128-token blocks, vLLM's own prefix cache on, its pool 
     d   two engines sharing one `kvbm serve` (G2 --g2-small + G3 --g3), the slice split between
         them by conversation, both halves at once
     e   c in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0: the in-process BlockManager, no daemon)
+    f   e's one process with the daemon backend (kvbm_daemon: a `kvbm serve` with c's G2 + G3): the
+        same executor as e, so f vs e is the daemon backend's own cost
+    g   a in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0): g vs a is vLLM's executor's cost
 
 Reported per config: TTFT p50/p99, E2E p50, completed/failed, kvbm hit tokens (vLLM's
 external_prefix_cache_hits) and vLLM's own prefix-cache hit tokens, from the servers' /metrics
@@ -41,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 SLICE = HERE / "data" / "mooncake_sessions.jsonl"
 CONFIGS = {"a": "vLLM alone", "b": "+ kvbm G2", "c": "+ kvbm G2 + G3", "d": "2 engines, 1 kvbm daemon",
-           "e": "+ kvbm G2 + G3, one process"}
+           "e": "+ kvbm G2 + G3, one process", "f": "+ kvbm daemon G2 + G3, one process",
+           "g": "vLLM alone, one process"}
 
 
 def make_slice(sessions: int, path: Path) -> None:
@@ -106,17 +110,20 @@ def run_config(name: str, args, work: Path) -> dict:
     g2s = {**g2, "capacity": args.g2_small}
     g3 = {"name": "g3", "capacity": args.g3, "storage": {"name": "disk", "path": str(work / "g3")}}
     daemon = None
-    if name == "a":
-        servers = [Server(work, model, args=pool, env=env, name="a")]
+    layout = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
+              "head_dim": CONFIG["head_dim"], "block_size": BLOCK, "dtype": "bfloat16"}
+    if name in ("e", "f", "g"):  # engine core and worker in the API server's process
+        env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if name in ("a", "g"):
+        servers = [Server(work, model, args=pool, env=env, name=name)]
+    elif name == "f":
+        daemon = KvbmServe(work, layout, g2=args.g2_small, g3=args.g3).start()
+        servers = [Server(work, model, kv=kv_config(daemon.extra()), args=pool, env=env, name="f")]
     elif name in ("b", "c", "e"):
         tiers = [g2] if name == "b" else [g2s, g3]
-        if name == "e":  # engine core and worker in the API server's process: an in-process manager
-            env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         servers = [Server(work, model, kv=kv_config({"kvbm_config": {"tiers": tiers}}), args=pool, env=env,
                           name=name)]
     else:
-        layout = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
-                  "head_dim": CONFIG["head_dim"], "block_size": BLOCK, "dtype": "bfloat16"}
         daemon = KvbmServe(work, layout, g2=args.g2_small, g3=args.g3).start()
         servers = [Server(work, model, kv=kv_config(daemon.extra()), args=pool, env=env, name=f"d{i}")
                    for i in range(2)]

@@ -58,6 +58,7 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MAX_HASH_BYTES = 64
 MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
 ZAP_DOMAIN = "kvbm-kv-events"
+SNAPSHOT_EVERY_S = 1.0  # per namespace, at most one owner-thread scan for replays this often
 
 
 def _valid_hash(h: Any) -> bool:
@@ -124,6 +125,7 @@ class KVEventPublisher:
         self.address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replay_address = self.replay.getsockopt(zmq.LAST_ENDPOINT).decode() if self.replay else ""
         self._stop = threading.Event()
+        self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
         self._thread = None
         if self.replay is not None:
             self._thread = threading.Thread(target=self._serve_replay, name="kvbm-kv-events-replay", daemon=True)
@@ -217,7 +219,7 @@ class KVEventPublisher:
                 batches = list(st.buffer) if st is not None else []
             first = batches[0][0] if batches else (st.seq + 1 if st is not None else 0)
             if start < 0 or start < first:
-                seq, payload = self.daemon._owner(self._snapshot, ns)  # consistent with the owner's seq
+                seq, payload = self._snapshot_for(ns, first)
                 if seq >= 0:
                     out.append((seq, payload))
                     with self._lock:
@@ -231,6 +233,20 @@ class KVEventPublisher:
         for seq, payload in out:
             self.replay.send_multipart([ident, b"", topic, seq.to_bytes(8, "big"), payload])
         self.replay.send_multipart([ident, b"", b"", END_SEQ, b""])
+
+    def _snapshot_for(self, ns: bytes, first: int) -> tuple[int, bytes]:
+        """A snapshot taken on the owner thread (a scan of what is held), at most one per namespace
+        per SNAPSHOT_EVERY_S: a recent one still serves while the buffer holds every batch after it
+        (so a flood of replay requests cannot keep the owner thread scanning)."""
+        now = time.monotonic()
+        cached = self._snaps.get(ns)
+        if cached is not None and now - cached[0] < SNAPSHOT_EVERY_S and cached[1] >= first - 1:
+            return cached[1], cached[2]
+        seq, payload = self.daemon._owner(self._snapshot, ns)  # consistent with the owner's seq
+        if len(self._snaps) > 4 * MAX_IDLE_NAMESPACES:
+            self._snaps.clear()
+        self._snaps[ns] = (now, seq, payload)
+        return seq, payload
 
     def close(self) -> None:
         self._stop = getattr(self, "_stop", threading.Event())
