@@ -327,3 +327,21 @@ def test_with_a_token_both_sockets_take_plain_peers_only(daemon):
     finally:
         a.close()
         ctx.term()
+
+
+def test_config_names_a_bad_kv_events_key():
+    from kvbm.config import ConfigError
+    from kvbm.daemon.config import DaemonConfig
+
+    with pytest.raises(ConfigError, match="daemon.kv_events "):
+        DaemonConfig.from_dict({"kv_events": "http://127.0.0.1:5560"})
+    with pytest.raises(ConfigError, match="daemon.kv_events_replay needs daemon.kv_events"):
+        DaemonConfig.from_dict({"kv_events_replay": "tcp://127.0.0.1:5561"})
+    with pytest.raises(ConfigError, match="daemon.kv_events 'tcp://0.0.0.0:5560' is reachable"):
+        DaemonConfig.from_dict({"kv_events": "tcp://0.0.0.0:5560"})  # beyond loopback: a token first
+    with pytest.raises(ConfigError, match="kv_events_buffer"):
+        DaemonConfig.from_dict({"kv_events": "tcp://127.0.0.1:5560", "kv_events_buffer": 0})
+    ok = DaemonConfig.from_dict({"kv_events": "tcp://0.0.0.0:5560", "kv_events_replay": "tcp://0.0.0.0:5561",
+                                 "token": "t"})
+    assert (ok.kv_events, ok.kv_events_replay, ok.kv_events_buffer) == ("tcp://0.0.0.0:5560", "tcp://0.0.0.0:5561",
+                                                                        10_000)

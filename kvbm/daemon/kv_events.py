@@ -31,6 +31,18 @@ one snapshot batch (AllBlocksCleared, then BlockStored per medium) at the latest
 publisher does not know gets the end marker only. With daemon.token both sockets take ZMQ PLAIN
 peers only (username kvbm, password the token).
 
+What a subscriber learns (the trust line): the stream is for routers, i.e. whoever holds the
+token (or, without one, whoever reaches the loopback/ipc address: config.py refuses anything
+wider). PUB/SUB cannot filter per peer, so a subscriber to the empty prefix receives every
+namespace's batches: their topics (one-way hashes of namespace ids), their timing and the engine
+block hashes in them, never a namespace id, a kvbm key, a server key or a byte of a block.
+Engine hashes are the engines' own (vLLM: sha256 over the parent hash and the block's tokens,
+rooted in a per-engine random seed unless PYTHONHASHSEED fixes it); with a known seed a
+subscriber could test whether some namespace holds a guessed prefix, which is what a vLLM
+engine's own KV-event stream discloses too. Tenants that must not be observed by the routers'
+operator need a daemon (or no KV events) of their own. A replay request returns only the named
+topic's batches; sequence numbers are per namespace, so gaps never count another's batches.
+
 Hashes are attached by the client that stores a block (store_prepare's `hashes`, one per key:
 bin of 1-64 bytes, an integer, or nil; `parent_hash` for the block before the first key). A
 client can only name keys of its own namespace (server keys are derived from it), so a wrong
