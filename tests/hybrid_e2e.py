@@ -53,7 +53,7 @@ def main(out: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               block_size=BLOCK, enforce_eager=True, kv_cache_memory_bytes=1 << 28,
-              enable_prefix_caching=False, max_model_len=4096, seed=0,
+              enable_prefix_caching=True, max_model_len=4096, seed=0,
               kv_transfer_config={"kv_connector": "KVBMConnector", "kv_connector_module_path": "kvbm.connectors.vllm",
                                   "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                                   "kv_connector_extra_config": {"kvbm_config": kvbm}})

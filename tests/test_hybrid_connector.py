@@ -325,3 +325,40 @@ def test_hybrid_request_finished_all_groups_forgets_the_request(make):
     assert sched.request_finished_all_groups(req, ([1, 2, 3], [11, 12, 13])) == (False, None)
     assert "a" not in sched._pages and "a" not in sched._requests
     json.dumps(sched.manifest.to_dict())  # plain data
+
+
+def test_sliding_hit_through_the_engines_own_daemon(vllm_config, tmp_path):  # noqa: F811
+    # vLLM's multiprocessing executor: scheduler and workers apart, one kvbm daemon for the
+    # engine, holding pages (its layout is the page's: opaque bytes)
+    import uuid
+
+    cfg = {"tiers": [{"name": "g2", "capacity": 32, "storage": {"name": "host", "pin": "never"}}]}
+    vllm_config.kv_transfer_config.kv_connector_extra_config = {"kvbm_config": cfg}
+    pc = vllm_config.parallel_config
+    backend, engine_id = pc.distributed_executor_backend, vllm_config.kv_transfer_config.engine_id
+    pc.distributed_executor_backend = "mp"
+    vllm_config.kv_transfer_config.engine_id = f"hybrid-{uuid.uuid4().hex[:8]}"
+    try:
+        sched = KVBMConnector(vllm_config, KVConnectorRole.SCHEDULER, gemma_config())
+        worker = KVBMConnector(vllm_config, KVConnectorRole.WORKER, gemma_config())
+        assert isinstance(sched.manager, core.DaemonBackend)
+        kv = tensors(gemma_config())
+        worker.register_kv_caches(kv)
+        toks = tokens(9, 4 * BLOCK + 3)
+        store(sched, worker, "a", toks, [[1, 2, 3, 4, 5], [11, 12, 13, 14, 15]])
+        worker.worker.poll(wait=True)  # the daemon's stores have landed
+        before = {name: [page(kv, name, b) for b in range(NBLOCKS)] for name in kv}
+        again = request("b", toks)
+        n, _ = sched.get_num_new_matched_tokens(again, 0)
+        assert n == 4 * BLOCK
+        sched.update_state_after_alloc(again, alloc([None, None, 23, 24, 25], [31, 32, 33, 34, 35]), n)
+        meta = schedule(sched, again, [[0, 0, 23, 24, 25], [31, 32, 33, 34, 35]], num_computed=n)
+        results, errors = step(worker, meta)
+        assert results.finished_recving == {"b"} and not results.failed_recving and not errors
+        assert all(same(page(kv, "f2", 31 + j), before["f2"][11 + j]) for j in range(4))
+        for name in ("s0", "s1"):
+            assert same(page(kv, name, 23), before[name][3]) and same(page(kv, name, 24), before[name][4])
+    finally:
+        pc.distributed_executor_backend = backend
+        vllm_config.kv_transfer_config.engine_id = engine_id
+        core.release_managers()
