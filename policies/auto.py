@@ -1,61 +1,58 @@
 """Auto: run the candidate that miniature simulations of this very workload say is best.
 
 No single eviction policy wins everywhere on KV traffic: hitdensity leads on chat traffic, the
-leaf-first `prefix` policy on agent sessions whose contexts grow, ARC and S3-FIFO on one-off
-documents at small tiers, LRU where recency is all there is. So `auto` does not guess: it keeps
-one *miniature simulation* per candidate policy, fed with a spatially hashed sample of the keys
-at a proportionally scaled capacity (SHARDS, Waldspurger et al., FAST'15; "Cache Modeling and
-Optimization using Miniature Simulations", Waldspurger et al., ATC'17), counts the prefix hits
-each would have served, and lets the best of them order the real tier.
+leaf-first `prefix` policy on agent sessions whose contexts grow, S3-FIFO on one-off documents
+at small tiers. So `auto` does not guess: it keeps one *miniature simulation* per candidate,
+fed with a spatially hashed sample of the keys at a proportionally scaled capacity (SHARDS,
+Waldspurger et al., FAST'15; "Cache Modeling and Optimization using Miniature Simulations",
+Waldspurger et al., ATC'17), counts the prefix hits each would have served, and lets the best
+of them order the real tier.
 
     sample     a key is in the sample iff a multiplicative hash of hash(key) falls below
                rate * 2**32 (the same keys always, whatever the access order); the mini caches
-               hold rate * capacity blocks, rate = clamp(sample_slots / capacity, 1/64, 1/4)
-    minis      one instance of each candidate (lru, arc, s3fifo, prefix, hitdensity), seeing
-               only sampled keys: hits are touched, misses make room and are inserted, as the
-               manager does; a run of new blocks stays a run (hitdensity learns from runs)
-    prefix     a request starts at a root block (no parent); within a request the minis see its
-               sampled keys in order, and a sampled key counts as a prefix hit for a candidate
-               while every earlier sampled key of that request hit in its mini cache. The
-               parent a structure-aware mini sees is the previous *sampled* key of the request
-    score      prefix hits per candidate over a sliding window (halved every check)
-    choose     every `check` sampled accesses, the best score replaces the active policy when
-               it leads by more than noise: 3 standard deviations of the difference and 0.1 %
-               of the window's accesses; at most one switch per two checks
+               hold rate * capacity blocks, rate = clamp(sample_slots / capacity, 1/64, 1)
+    candidates prefix, s3fifo, hitdensity. lru and arc are left out: on the tune rows of the
+               grid `prefix` (LRU among leaves) is never below lru by more than noise, and
+               hitdensity or s3fifo lead wherever arc does; each extra mini costs time per
+               sampled key and adds a noisy maximum for the switch test to chase
+    minis      one instance of each candidate, seeing only sampled keys: hits are touched,
+               misses make room and are inserted, as the manager does; a run of new blocks
+               stays a run (hitdensity learns from runs)
+    prefix     a request starts at a root block (no parent); a sampled key counts as a prefix
+               hit for a candidate while every earlier sampled key of that request hit in its
+               mini. The parent a structure-aware mini sees is the previous *sampled* key
+    deepest    s3fifo (real and mini) gets each call's keys deepest block first: its FIFO
+               queues then drop a request's tail before its head, which is what a prefix
+               cache wants (a child is useless without its parent). On the tune rows this
+               took auto from -0.006 to +0.005..+0.011 against plain s3fifo where s3fifo leads
+    own blocks a request longer than the tier evicts its own blocks to store its tail; the
+               victims auto gives back from that request are its deepest ones, never its
+               head (leaf first, as `prefix` does), whatever the active candidate chose
+    score      prefix hits per candidate over a sliding window (KEEP of it kept per check)
+    choose     every max(CHECK_MIN, CHECK_SCALE * mini capacity) sampled accesses, the best
+               score replaces the active policy when it leads by Z=2 standard deviations of
+               the paired difference and MARGIN=0.2 % of the window, PERSIST=2 checks running
     switch     the new policy is built from the old one's resident keys, inserted in the old
                one's eviction order (least valuable first); the real tier keeps its blocks
     start      hitdensity (plain LRU until it has learned), until the minis disagree
 
-Why these choices (fixed, not fitted to a trace; chosen on the grid's `tune` rows only, chat,
-agent, docqa and fanout of kvbm/sim/synth.py, never on Mooncake): the candidates are the
-policies the issue names plus the project's best learned one, hitdensity, which is also where
-auto starts (before it has learned, hitdensity is plain LRU). sample_slots=1024: below 1024
-blocks the minis run at full rate (exact), above it at 1024/capacity (at least 1/64), the
-sizes at which SHARDS' error stays well under the gaps that matter. A switch needs a lead of
-Z=2 standard deviations of the paired difference (the variance of a difference of prefix-hit
-counts is at most the number of accesses where the two disagree) and MARGIN=0.2 % of the
-window, held PERSIST=2 checks in a row; the window keeps KEEP=0.8 of its counts per check (a
-memory of ~5 checks). With Z=3 and KEEP=0.5 auto switched later and thrashed more (agent at
-10 %: 0.4992 against 0.5042).
+Constants were chosen on the grid's `tune` rows only (chat, agent, docqa, fanout of
+kvbm/sim/synth.py), never on Mooncake or the held-out rows. Checking faster (every 128
+sampled accesses, one check to switch) helped tiny traces but thrashed on the tune rows
+(agent at 10 %: -0.018, docqa at 5 %: -0.020 against the best reference): a switch loses the
+old policy's learned state, so it must be worth it.
 
-Measured (bench/RESULTS.md, "Robustness grid"): on Mooncake it runs hitdensity throughout
-(0.2362 at 10k blocks on the policy-level stream); it follows s3fifo at small tiers of chat and
-document traffic and prefix on agent sessions where the minis see them lead. Where it falls
-short of the best of lru/arc/s3fifo/prefix by more than 0.002: small tiers of the Mooncake
-halves (s3fifo leads there by up to 0.009: the minis see it late), document QA at 5 % (s3fifo
-+0.006), and tiers smaller than one request (agent sessions of 206-block requests in a 127-block
-tier: auto 0.171, prefix 0.261), where a mini cache cannot model the manager's refusal of a
-store larger than the tier and the run protections of a long store. Switching keeps only keys,
-not the old policy's learned state (hitdensity's tables are warm-started from its mini).
+Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the cells where
+auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
 
-Memory per resident key: the active policy's own (LRU ~100 B ... hitdensity ~200 B), a parent
-entry (~100 B, for a switch to a structured policy) and, for root blocks only, a set entry; the
-minis hold `rate` x their per-key state per resident key, ghosts included: about 1.2 KB x rate
-(all of it at rate 1, i.e. tiers under 1024 blocks; under 20 B at 1/64).
-Cost per operation: the active policy's, one hash per key, and the minis' on sampled keys. On
-the Mooncake stream at 10k blocks (rate 0.1) auto costs about 1.15x hitdensity, which is itself
-well above 5x LRU per operation (bench/bench_policy_cost.py): the 5x bound is not met while
-hitdensity is the active policy.
+Memory per resident key: the active policy's own state (s3fifo ~150 B, prefix ~250 B,
+hitdensity ~200 B with its per-key class), a parent entry (~100 B, for a switch to a
+structured policy), for root blocks a set entry, and while a request is served one dict
+entry per key of that request (~100 B x request length, freed at the next request). The
+minis hold `rate` x their per-key state per resident key, ghosts included: about 0.6 KB x
+rate (all of it at rate 1, i.e. tiers under 1024 blocks; under 10 B at 1/64).
+Cost per operation: the active policy's, one hash per key, a dict insert per key for the
+request being served, and the minis' on sampled keys (bench/bench_policy_cost.py).
 """
 
 from __future__ import annotations
@@ -82,9 +79,19 @@ class AutoPolicy(EvictionPolicy):
     MARGIN = 0.002  # and this share of the window's sampled accesses
     PERSIST = 2  # checks in a row
     KEEP = 0.8  # share of the scores kept at each check (the window's memory)
+    DEFAULT_CANDIDATES = ("prefix", "s3fifo", "hitdensity")  # lru and arc: see the docstring
+    DEFAULT_START = "hitdensity"
+    LEAF_FIRST = True  # a request's own victims are its deepest blocks (see _deepest_first)
+    REVERSED = frozenset({"s3fifo"})  # candidates fed each call deepest block first
+    CHECK_MIN = 2048  # sampled accesses between checks, at least
+    CHECK_SCALE = 4  # ... and this many mini capacities
 
-    def __init__(self, capacity, *, candidates=tuple(CANDIDATES), sample_slots=1024, start="hitdensity", **kw):
+    def __init__(self, capacity, *, candidates=None, sample_slots=1024, start=None, **kw):
         super().__init__(capacity, **kw)
+        if candidates is None:
+            candidates = self.DEFAULT_CANDIDATES
+        if start is None:
+            start = self.DEFAULT_START
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"auto policy: capacity={capacity!r} must be an int >= 0 (it sizes the samples)")
         unknown = [c for c in candidates if c not in CANDIDATES]
@@ -103,7 +110,7 @@ class AutoPolicy(EvictionPolicy):
         self._score = [0.0] * len(self.names)
         self._window = 0.0  # sampled accesses in the (halving) window
         self._seen = 0
-        self._check = max(2048, 4 * self.mini_capacity)
+        self._check = max(self.CHECK_MIN, round(self.CHECK_SCALE * self.mini_capacity))
         self._next_check = self._check
         self._last = None  # previous sampled key of the current request
         self._new_request = True
@@ -117,6 +124,7 @@ class AutoPolicy(EvictionPolicy):
         self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
         self._real = CANDIDATES[start](capacity)
         self.switches: list[tuple[int, str]] = []  # (sampled accesses so far, new policy)
+        self._req: dict = {}  # keys of the request being served, in order (LEAF_FIRST)
 
     # ---------------------------------------------------------------- verbs
 
@@ -135,11 +143,20 @@ class AutoPolicy(EvictionPolicy):
         if first is None:  # no structure given: a store after a store starts a new request
             if self._stored_last:
                 self._new_request = True
+                self._req = {}
         elif first.parent is None:
             self._structured = True
             self._roots.add(keys[0])
             self._new_request = True
-        self._real.insert_many(keys, hints if self._real.wants_structure else None)
+            self._req = {}
+        if self.LEAF_FIRST:
+            self._req.update(dict.fromkeys(keys))
+        if self._real.wants_structure:
+            self._real.insert_many(keys, hints)
+        elif self.active in self.REVERSED:
+            self._real.insert_many(keys[::-1], None)
+        else:
+            self._real.insert_many(keys, None)
         if per_key:
             roots, parents = self._roots, self._parents
             for k, h in zip(keys, hints):
@@ -160,8 +177,11 @@ class AutoPolicy(EvictionPolicy):
             return
         if keys[0] in self._roots or (self._stored_last and not self._structured):
             self._new_request = True
+            self._req = {}
+        if self.LEAF_FIRST:
+            self._req.update(dict.fromkeys(keys))
         self._stored_last = False
-        self._real.touch(keys)
+        self._real.touch(keys[::-1] if self.active in self.REVERSED else keys)
         self._feed(keys, False)
 
     def batch_stored(self, keys):
@@ -174,12 +194,42 @@ class AutoPolicy(EvictionPolicy):
 
     def evict(self, n, protected=()):
         victims = self._real.evict(n, protected)
+        if victims and len(self._req) + n > len(self._real) + len(victims) and not self._real.wants_structure:
+            victims = self._deepest_first(victims, protected)
         if victims:
             discard, pop = self._roots.discard, self._parents.pop
             for v in victims:
                 discard(v)
                 pop(v, None)
         return victims
+
+    def _deepest_first(self, victims, protected):
+        """Victims from the request being served are its deepest blocks, never its head.
+
+        A request longer than what the tier can spare evicts its own blocks to store its tail;
+        a recency or frequency order picks the head first (touched first, or least often),
+        and the next turn of the session then misses from block 0. Leaf first, as the `prefix`
+        policy does, keeps the head. Victims outside the request are left as chosen."""
+        req = self._req
+        own = [v for v in victims if v in req]
+        if not own:
+            return victims
+        chosen = set(victims)
+        real = self._real
+        deepest = []
+        for k in reversed(req):  # deepest first: the request's own victims, or resident keys
+            if k in chosen or (k in real and k not in protected):
+                deepest.append(k)
+                if len(deepest) == len(own):
+                    break
+        keep = [v for v in own if v not in set(deepest)]
+        if not keep:
+            return victims
+        fresh = [k for k in deepest if k not in chosen]
+        for k in fresh:
+            real.remove(k)
+        real.insert_many(keep[::-1], None)  # back in, head last: the most recent
+        return [v for v in victims if v not in req] + deepest
 
     def __len__(self):
         return len(self._real)
@@ -220,7 +270,7 @@ class AutoPolicy(EvictionPolicy):
                 self._score[i] += j
             counted.append(j)
             if hits:
-                mini.touch(hits)
+                mini.touch(hits[::-1] if self.names[i] in self.REVERSED else hits)
             if len(hits) == n:
                 continue
             new = [k for k in sample if k not in mini] if hits else sample
@@ -240,7 +290,7 @@ class AutoPolicy(EvictionPolicy):
                 hs = [Hints(parent=before[k], position=0 if before[k] is None else 1) for k in new]
                 mini.insert_many(new, hs)
             else:
-                mini.insert_many(new, None)
+                mini.insert_many(new[::-1] if self.names[i] in self.REVERSED else new, None)
         ja = counted[self._active_index]
         if any(j != ja for j in counted):  # a paired test: where the two outcomes differ
             differ = self._differ

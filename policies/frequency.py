@@ -45,7 +45,7 @@ class FrequencyPolicy(EvictionPolicy):
         self._entry: dict = {}  # key -> (weight, seq) of its live heap entry
         self._heap: list = []  # (weight, seq, key); seq is unique, so keys are never compared
         self._seq = 0
-        self._parked: list = []  # protected entries set aside by evict (see pop_victims)
+        self._parked: dict = {}  # key -> protected entry set aside by evict (see pop_victims)
 
     def count(self, key) -> float:
         """The decayed access count of `key` now (0.0 if unknown)."""
@@ -58,7 +58,7 @@ class FrequencyPolicy(EvictionPolicy):
         self._seq += 1
         self._entry[key] = (weight, self._seq)
         heappush(self._heap, (weight, self._seq, key))
-        if len(self._heap) > 2 * len(self._entry) + 1024:
+        if len(self._heap) + len(self._parked) > 2 * len(self._entry) + 1024:
             self._heap = [(w, s, k) for k, (w, s) in self._entry.items()]
             heapify(self._heap)
             self._parked.clear()
@@ -82,7 +82,7 @@ class FrequencyPolicy(EvictionPolicy):
             entries[key] = (weight, seq)
             heappush(heap, (weight, seq, key))
         self._seq = seq
-        if len(heap) > 2 * len(entries) + 1024:
+        if len(heap) + len(self._parked) > 2 * len(entries) + 1024:
             self._heap = [(w, s, k) for k, (w, s) in entries.items()]
             heapify(self._heap)
             self._parked.clear()

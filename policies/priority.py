@@ -32,7 +32,7 @@ class PriorityPolicy(EvictionPolicy):
         self._heap: list = []  # (priority, access seq, key); live iff it matches _state
         self._expiry: list = []  # (time, insert seq, key); live iff the insert seq matches
         self._seq = 0
-        self._parked: list = []  # protected entries set aside by evict (see pop_victims)
+        self._parked: dict = {}  # key -> protected entry set aside by evict (see pop_victims)
 
     def priority(self, key) -> int | None:
         """The effective priority of `key` now (None if unknown)."""
@@ -51,7 +51,7 @@ class PriorityPolicy(EvictionPolicy):
 
     def _push(self, key, state) -> None:
         heappush(self._heap, (state[0], state[1], key))
-        if len(self._heap) > 2 * len(self._state) + 1024:
+        if len(self._heap) + len(self._parked) > 2 * len(self._state) + 1024:
             self._heap = [(p, s, k) for k, (p, s, _) in self._state.items()]
             heapify(self._heap)
             self._parked.clear()

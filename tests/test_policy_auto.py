@@ -1,11 +1,22 @@
 """auto: miniature simulations choose the policy that orders the tier.
 
-The reduced grid below is the issue's criterion on small workloads of kvbm.sim.synth: at every
-cell auto's prefix hit ratio is within 0.002 of the best of lru, arc, s3fifo and prefix. It
-replays through the real BlockManager (kvbm.sim.replay), as `kvbm simulate` does.
+Two grids, both replayed through the real BlockManager (kvbm.sim.replay), as `kvbm simulate`
+does. The issue's criterion is that at every cell auto's prefix hit ratio is within 0.002 of
+the best of lru, arc, s3fifo and prefix:
+
+- TUNE_CELLS: cells of the robustness grid's tune rows (bench/eval_policies.py) where a
+  different reference policy leads (s3fifo on document QA at 5 %, prefix on fan-out agents at
+  2 %): the 0.002 bar is asserted there. The full grid is in bench/RESULTS.md.
+- REDUCED: small members of the family (11k-16k block accesses). Here the bar is not met
+  (auto has too few accesses to learn on before the trace ends, and agent sessions whose
+  requests are longer than the tier favour `prefix` late in the trace): an expected failure,
+  with a hard bound on the cells whose tier holds the longest request.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +25,13 @@ from kvbm.policies.base import Hints
 from kvbm.sim.replay import simulate, single_tier
 from kvbm.sim.synth import generate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from eval_policies import capacities, load  # noqa: E402
+
 REFERENCE = ("lru", "arc", "s3fifo", "prefix")
-# small members of the family: chat, agent tool loops, document QA, fan-out, a tenant blend
+TOLERANCE = 0.002
+TUNE_CELLS = [("docqa", 0.05), ("fanout", 0.02)]
+# small members of the family: chat, agent tool loops, document QA, fan-out
 REDUCED = {
     "chat": dict(n_sessions=600, seed=21, mode="chat"),
     "agent": dict(n_sessions=20, seed=22, mode="agent"),
@@ -23,16 +39,21 @@ REDUCED = {
     "fanout": dict(n_sessions=15, seed=24, mode="agent", fanout_prob=0.25, fanout=4),
 }
 FRACTIONS = (0.02, 0.10)
-# The issue's bar is 0.002; it is not met yet (bench/RESULTS.md), so the 0.002 test is an
-# expected failure and the hard assertion is the bound auto does keep on this grid, on cells
-# where the tier holds the longest request: below that, miniature simulations of a tier
-# smaller than one request misjudge (agent at 10 % here: 206-block requests in a 127-block tier,
-# auto 0.171 against prefix 0.261).
 HARD = 0.015
 
 
 def _ratio(trace, policy, capacity):
     return simulate(trace, single_tier(capacity, policy), progress=False).prefix_hit_ratio
+
+
+@pytest.mark.parametrize("workload,fraction", TUNE_CELLS)
+def test_auto_is_within_0002_of_the_best_reference_policy_on_tune_cells(workload, fraction):
+    trace = load(workload)
+    capacity = capacities(trace, [fraction])[0]
+    ref = {p: _ratio(trace, p, capacity) for p in REFERENCE}
+    auto = _ratio(trace, "auto", capacity)
+    print(workload, fraction, capacity, f"auto {auto:.4f}", ref)
+    assert auto >= max(ref.values()) - TOLERANCE, (workload, fraction, auto, ref)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +78,11 @@ def test_auto_is_never_far_below_the_best_reference_policy(grid):
     assert sum(cell[4] for cell in grid) >= 4
 
 
-@pytest.mark.xfail(reason="the issue's 0.002 bar is not met on every cell yet (bench/RESULTS.md)", strict=False)
-def test_auto_is_within_0002_of_the_best_reference_policy(grid):
+@pytest.mark.xfail(reason="short traces: the 0.002 bar is not met on every small cell (module docstring)",
+                   strict=False)
+def test_auto_is_within_0002_on_the_small_traces(grid):
     for name, fraction, auto, best, _ in grid:
-        assert auto >= best - 0.002, (name, fraction, auto, best)
+        assert auto >= best - TOLERANCE, (name, fraction, auto, best)
 
 
 def _request(policy, keys):
@@ -85,7 +107,8 @@ def test_a_loop_larger_than_the_tier_moves_auto_off_lru():
     # 150 one-block requests cycled through a 100-block tier: LRU misses every time, policies
     # that keep part of the loop (arc, s3fifo, hitdensity) hit; the minis see it and auto
     # switches away from its start, after which it hits too.
-    policy = AutoPolicy(100, start="lru", sample_slots=100)
+    policy = AutoPolicy(100, candidates=("lru", "arc", "s3fifo", "prefix", "hitdensity"),
+                        start="lru", sample_slots=100)
     assert policy.rate == 1.0 and policy.active == "lru"
     hits = 0
     for rnd in range(80):
@@ -98,7 +121,7 @@ def test_a_loop_larger_than_the_tier_moves_auto_off_lru():
 
 
 def test_switch_keeps_the_resident_keys_and_structure():
-    policy = AutoPolicy(50, start="lru", sample_slots=50)
+    policy = AutoPolicy(50, candidates=("lru", "prefix"), start="lru", sample_slots=50)
     for s in range(10):
         _request(policy, [(s, i) for i in range(5)])
     before = {k for s in range(10) for k in [(s, i) for i in range(5)] if k in policy}
@@ -107,6 +130,37 @@ def test_switch_keeps_the_resident_keys_and_structure():
     assert all(k in policy for k in before)
     # prefix evicts leaves first: the deepest block of the oldest sequence, never its head
     assert policy.evict(1, ()) == [(0, 4)]
+
+
+def test_a_request_longer_than_the_tier_keeps_its_head():
+    # a 10-block tier under lru alone: request a = [0..7] is stored, then it grows to [0..11]
+    policy = AutoPolicy(10, candidates=("lru",), start="lru", sample_slots=10)
+    _request(policy, list(range(8)))
+    # hits 0..7 touched, 8..11 need 2 slots -> lru would evict 0 and 1, the head; the request
+    # no longer fits the tier, so its own victims are its deepest blocks instead -> 6 and 7
+    _request(policy, list(range(12)))
+    assert [k for k in range(12) if k in policy] == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]
+    # the next turn hits its first 6 blocks (lru alone: none)
+    assert all(k in policy for k in range(6))
+
+
+def test_deepest_first_leaves_other_requests_victims_alone():
+    # two requests fill the tier; a third that fits takes lru's victims unchanged
+    policy = AutoPolicy(6, candidates=("lru",), start="lru", sample_slots=6)
+    _request(policy, ["a0", "a1", "a2"])
+    _request(policy, ["b0", "b1", "b2"])
+    _request(policy, ["c0", "c1"])  # -> evicts a0, a1 (lru order)
+    assert sorted(k for k in ["a0", "a1", "a2", "b0", "b1", "b2", "c0", "c1"] if k in policy) == \
+        ["a2", "b0", "b1", "b2", "c0", "c1"]
+
+
+def test_s3fifo_is_fed_deepest_first():
+    # one 4-block request into a 4-block tier under s3fifo: its FIFO order is tail first, so
+    # a new request evicts the tail of the old one before its head
+    policy = AutoPolicy(4, candidates=("s3fifo",), start="s3fifo", sample_slots=4)
+    _request(policy, ["a0", "a1", "a2", "a3"])
+    _request(policy, ["b0"])
+    assert "a3" not in policy and all(k in policy for k in ["a0", "a1", "a2", "b0"])
 
 
 def test_bad_options():
