@@ -217,6 +217,7 @@ def test_a_page_missing_a_piece_is_never_stored(make):
     # page 2's sliding block is null (vLLM freed it): pages 0 and 1 are stored, nothing after
     _, meta = store(sched, worker, "a", toks, [[1, 2, 0, 4, 5], [11, 12, 13, 14, 15]])
     assert [len(p.keys) for p in meta.stores] == [2]
+    assert len(meta.stores[0].hashes) == 2  # the engine's names of what is stored (KV events)
     assert sched.get_num_new_matched_tokens(request("b", toks), 0) == (2 * BLOCK, True)
 
 

@@ -188,6 +188,8 @@ class HybridSchedulerSide(SchedulerSide):
             tuple(None if i in self.state_pieces else b for i, b in enumerate(page)) for page in plan.block_ids[:good]]
         if plan.hints:
             plan.hints = plan.hints[:good]
+        if getattr(plan, "hashes", None):  # the engine's names of the pages (KV events)
+            plan.hashes = plan.hashes[:good]
         if self.state_pieces and last is not None and num_computed_tokens % self.block_size == 0 \
                 and plan.position + good == num_computed_tokens // self.block_size \
                 and all(last[i] is not None for i in self.state_pieces):
