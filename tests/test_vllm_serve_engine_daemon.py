@@ -197,3 +197,25 @@ def test_a_runtime_dir_too_long_for_a_socket_is_one_line_error(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="set KVBM_RUNTIME_DIR to a shorter folder") as err:
         engine_daemon.attach("engine-long", CONFIG)
     assert "\n" not in str(err.value)
+
+
+def test_a_timed_out_request_has_the_daemon_log_its_stacks(tmp_path, monkeypatch, capfd):
+    """report_stall (called when a load times out) makes the engine's own daemon write every
+    thread's stack to its stderr, i.e. the engine's log: a stall is diagnosed where it happened."""
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    instance = f"engine-{uuid.uuid4().hex[:8]}"
+    spec = engine_daemon.attach(instance, CONFIG)
+    err = ""
+    try:
+        engine_daemon.report_stall(spec["address"])
+        engine_daemon.report_stall(spec["address"])  # at most once a minute: one dump
+
+        def dumped() -> bool:
+            nonlocal err
+            err += capfd.readouterr().err
+            return "kvbm/daemon/server.py" in err and "in run" in err
+
+        assert _wait(dumped), err[-2000:]
+        assert err.count("Current thread") + err.count("Thread 0x") >= 1
+    finally:
+        engine_daemon._STARTED.pop(engine_daemon._name(instance)).stdin.close()  # the daemon stops

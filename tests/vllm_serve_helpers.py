@@ -102,8 +102,14 @@ class Server:
         return "\n".join(errors[-n:] + ["..."] + lines[-n:])
 
     def kvbm_lines(self) -> str:
-        """What kvbm logged in this server (warnings: failed loads, lookups, stores)."""
-        return "\n".join(line for line in self.log.read_text(errors="replace").splitlines() if "kvbm" in line)
+        """What kvbm logged in this server (warnings: failed loads, lookups, stores), and the
+        stacks an engine's own daemon dumped when a request to it timed out (report_stall)."""
+        out, stack = [], False
+        for line in self.log.read_text(errors="replace").splitlines():
+            stack = line.startswith(("Thread 0x", "Current thread 0x")) or (stack and line.startswith("  File "))
+            if stack or "kvbm" in line:
+                out.append(line)
+        return "\n".join(out)
 
     def complete(self, tokens: list[int], max_tokens: int = 8, timeout: float = 600.0) -> list[int]:
         """Greedy output token ids of one non-streaming completion (raises on an HTTP error)."""

@@ -317,6 +317,9 @@ class DaemonBackend:
         exc = ticket.exception()
         if exc is not None:
             log.warning("kvbm daemon load failed: %s", exc)
+            if isinstance(exc, TimeoutError):  # an engine's own daemon writes its stacks to the log
+                from .engine_daemon import report_stall
+                report_stall(self.client.address)
             return 0
         return ticket.result()
 

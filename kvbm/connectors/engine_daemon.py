@@ -39,6 +39,8 @@ from ..config import ConfigError
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, less the terminating NUL)
 READY_TIMEOUT_S = 120.0  # a loaded machine: the daemon imports numpy, zmq and the tiers first
 _STARTED: dict[str, subprocess.Popen] = {}  # instance -> daemon this process started (keeps its stdin open)
+_PIDS: dict[str, int] = {}  # address -> pid of the engine daemons this process attached to
+_DUMPED: dict[int, float] = {}  # pid -> when report_stall last asked it for its stacks
 
 
 def runtime_dir() -> str:
@@ -73,9 +75,23 @@ def attach(instance: str, config: Mapping[str, Any]) -> dict[str, Any]:
             _sweep(root)
             info = _start(name, root, config)
             _write_private(info_path, json.dumps(info))
+    _PIDS[info["address"]] = int(info["pid"])
     ns = config["namespace"]
     return {"address": info["address"], "token": info["token"], "salt": str(ns.get("salt") or ""),
             "model": ns["model"], "layout": dict(config["layout"])}
+
+
+def report_stall(address: str) -> None:
+    """A request to the engine daemon at `address` timed out: have it write every thread's stack
+    to its stderr (the engine's log), at most once a minute, so the cause is on record."""
+    pid = _PIDS.get(address)
+    if pid is None or time.monotonic() - _DUMPED.get(pid, -120.0) < 60.0:
+        return
+    _DUMPED[pid] = time.monotonic()
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        pass
 
 
 def _read_info(path: str) -> dict | None:
@@ -175,11 +191,14 @@ def _watch_parent(stdin: Any) -> None:
 def main(argv: list[str]) -> int:
     import logging
 
+    import faulthandler
+
     cfg_path, ready_path = argv
     if os.fork() > 0:  # detach: the daemon is no child of the engine's processes
         os._exit(0)
     base = ready_path[:-len(".ready")]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s kvbm-engine-daemon %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # report_stall: every stack to the engine's log
     try:
         fd = os.open(ready_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as ready:
