@@ -99,6 +99,17 @@ def main(out: str) -> None:
     res["tiers_after_warm"] = {t.name: len(t.ready) for t in manager.tiers}
     for seed in (2, 3):  # 16 more pages: A's 8 leave the 12-page G2 for G3
         run(prompt(seed, n_a))
+    # G3 loses one group's piece of page 7 (its sliding piece, on disk): the page fails its
+    # checksum, the load cannot bring every piece, the request recomputes (and stores it again)
+    lo, hi = manifest.piece_range([p.kind for p in manifest.pieces].index("sliding"))
+    slot = g3.ready[keys[7]]
+    with open(g3.storage.slots_path, "r+b") as f:
+        f.seek(g3.storage.offset(slot) + lo + 100)
+        f.write(b"\xff" * 64)
+    res["a_piece_lost"] = run(a)
+    res["piece_lost_dropped"] = keys[7] not in g3.ready
+    for seed in (4, 5):  # A's pages back out to G3
+        run(prompt(seed, n_a))
     res["a_in_g3"] = sum(1 for k in keys if k in g3.ready)
     g3_hits = g3.stats.hits
     res["a_from_g3"] = run(a)

@@ -242,6 +242,9 @@ def test_a_load_short_of_one_page_fails_the_whole_request(make):
     # the scheduler learns it and does not match that request again (no load/fail loop)
     sched.update_connector_output(results)
     assert sched.get_num_new_matched_tokens(again, 0) == (0, False)
+    # its recompute stores every page again (a page whose load failed comes back)
+    meta = schedule(sched, again, [[41, 42, 43, 44, 45], [51, 52, 53, 54, 55]], num_computed=0)
+    assert [len(p.keys) for p in meta.stores] == [4] and not meta.loads
     assert sched.get_num_new_matched_tokens(request("c", toks), 0) == (4 * BLOCK, True)
 
 

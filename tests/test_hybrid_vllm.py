@@ -34,7 +34,10 @@ def test_gemma3_hybrid_end_to_end(tmp_path):
     assert r["a_cold"]["cached"] == 0 and len(ref) == 16
     # served from kvbm (G2): 8 whole pages, greedy output identical to the recompute
     assert r["a_warm"]["cached"] == 8 * 128 and r["a_warm"]["ids"] == ref
-    # A's pages demoted to G3, served from there
+    # G3 lost page 7's sliding piece (bytes on disk): that page fails its checksum, the load
+    # cannot bring every piece, so the request is recomputed whole, never partly restored
+    assert r["a_piece_lost"]["cached"] == 0 and r["a_piece_lost"]["ids"] == ref and r["piece_lost_dropped"]
+    # A's pages (page 7 stored again by that recompute) demoted to G3, served from there
     assert r["a_in_g3"] == 8 and r["g3_hits"] >= 8
     assert r["a_from_g3"]["cached"] == 8 * 128 and r["a_from_g3"]["ids"] == ref
     # a page gone from kvbm: the hit ends before it; a load short of a page: all recomputed

@@ -137,6 +137,13 @@ class HybridSchedulerSide(SchedulerSide):
         r.match_blocks = e - start
         return r.match_blocks * self.block_size
 
+    def load_failed(self, req_id: str) -> None:
+        """vLLM recomputes the request from scratch: what it computes is stored again (pages
+        kvbm still holds are only touched), so a page whose load failed comes back."""
+        r = self._reqs.get(req_id)
+        if r is not None:
+            r.stored, r.match_blocks = 0, 0
+
     def _release(self, r: Any) -> None:
         super()._release(r)
         sk = getattr(r, "state_pin", None)
@@ -231,7 +238,9 @@ class KVBMHybridConnector(KVBMConnector):
         return super().get_num_new_matched_tokens(request, num_computed_tokens, *args, **kwargs)
 
     def update_connector_output(self, connector_output: Any) -> None:
-        self._recompute.update(getattr(connector_output, "failed_recving", None) or ())
+        for req_id in getattr(connector_output, "failed_recving", None) or ():
+            self._recompute.add(req_id)
+            self.scheduler.load_failed(req_id)
 
     def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
         self._requests[request.request_id] = request
