@@ -141,6 +141,8 @@ def test_hybrid_configs_get_the_hybrid_connector(make):
     assert supports_hma(KVBMConnector)
     assert is_hybrid(gemma_config()) and is_hybrid(mamba_config())
     assert not is_hybrid(kv_config((["a", "b"], FullAttentionSpec(**ATTN))))
+    assert is_hybrid(kv_config((["a"], SlidingWindowSpec(sliding_window=512, **ATTN))))  # all layers windowed
+    assert not is_hybrid(None) and not is_hybrid(kv_config())
     sched, worker = make(gemma_config())
     assert type(sched) is KVBMHybridConnector and type(worker) is KVBMHybridConnector
     plain = KVBMConnector(sched._vllm_config, KVConnectorRole.SCHEDULER, kv_config((["a"], FullAttentionSpec(**ATTN))))

@@ -58,10 +58,12 @@ def _spec_kind(spec: Any) -> str:
 
 def is_hybrid(kv_cache_config: Any) -> bool:
     """Whether vLLM gave this engine more than one KV cache group (or one of another kind)."""
+    from vllm.v1.kv_cache_interface import MambaSpec, SlidingWindowSpec
+
     groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
     if len(groups) > 1:
-        return True
-    return len(groups) == 1 and _spec_kind(groups[0].kv_cache_spec) != "full"
+        return True  # an unsupported kind among them is refused by manifest_from_vllm, at start
+    return len(groups) == 1 and isinstance(groups[0].kv_cache_spec, (SlidingWindowSpec, MambaSpec))
 
 
 def _dtype(dtype: Any) -> str:
