@@ -3,6 +3,8 @@
     core          engine-independent logic: shared manager per config, prefix match, load and
                   store plans, paged-KV gather/scatter (used by every adapter and tested alone)
     vllm          KVBMConnector, a vLLM KVConnectorBase_V1 (scheduler and worker halves)
+    vllm_hma      hybrid models through vLLM's hybrid memory allocator (sliding window, Mamba):
+                  pages holding every KV cache group's piece (manifest.py, paged_hybrid.py)
     vllm_policy   KVBMCachePolicy: any kvbm EvictionPolicy as a vLLM offloading CachePolicy
     trtllm        TensorRT-LLM KvCacheConnectorScheduler / KvCacheConnectorWorker adapters
 

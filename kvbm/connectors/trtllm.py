@@ -16,9 +16,8 @@ Engine-independent parts (plain Python, tested without tensorrt_llm):
     layout_from_hf       KVLayout of one TRT-LLM block from the model's HF config.json
     hybrid_reason        (hybrid_layouts.py) why a model or KV cache config is hybrid
                          (variable attention windows, sliding-window or SSM layers), or None:
-                         such engines are refused at
-                         start (their pool is not one row per block of every layer; the vLLM
-                         connector handles hybrid models, see vllm_hma.py)
+                         such engines are refused at start (their pool is not one row per
+                         block of every layer; the vLLM connector handles hybrid models)
     TrtllmPlanner        the scheduler half: match, load plans, store plans with Hints
     TrtllmTransfers      the worker half: runs the plans against the registered KV pool
 Adapters (need tensorrt_llm, built on first attribute access, API-checked):
