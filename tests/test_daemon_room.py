@@ -19,7 +19,8 @@ def test_a_burst_beyond_the_headroom_waits_for_room_and_drops_nothing(tmp_path):
     tiers = [{"name": "g2", "capacity": 32, "eviction": "lru", "storage": "host", "headroom": 4},
              {"name": "g4", "capacity": 512, "eviction": "lru",
               "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]
-    d = Served(tmp_path, "d", tiers=tiers).start()
+    # generous bounds: the stores wait until the offloader made room, however slow the box
+    d = Served(tmp_path, "d", tiers=tiers, daemon={"room_wait_s": 60.0, "room_stall_s": 60.0}).start()
     try:
         one_shot = make_keys("burst", 96)  # 6 one-shot stores of 16 (the scratch), back to back
         two_phase = make_keys("long", 64)  # 2 stores of 32, each in two-phase batches of 8

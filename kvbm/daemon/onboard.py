@@ -28,9 +28,9 @@ So that a burst of stores larger than G2's headroom does not drop blocks that wa
 new blocks do not fit G2's free room waits for it (`_defer_for_room`): its reply is deferred, the
 offloader is asked for that much room (its headroom raised while stores wait) and each demotion
 it completes answers the waiters that now fit. A waiter goes ahead anyway, with the synchronous
-cascade, at ROOM_WAIT_S, or once the offloader moved nothing for STALL_S (a hung object store
-holds it): then no store waits again until a demotion lands a block below, so a client storing
-into G2 waits STALL_S once per hang, not once per store.
+cascade, at daemon.room_wait_s (2 s), or once the offloader moved nothing for daemon.room_stall_s
+(0.4 s; a hung object store holds it): then no store waits again until a demotion lands a block
+below, so a client storing into G2 waits room_stall_s once per hang, not once per store.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ log = logging.getLogger("kvbm.daemon")
 WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (clients time out at 10 s)
 MAX_JOBS = 64        # onboarding transfers in flight; beyond this a request is answered from G2
 G4_TIMEOUT_S = 2.0   # the daemon's default object-store timeout per put/get (was the client's 10 s)
-ROOM_WAIT_S = 2.0    # a store waits at most this for the offloader to make room in G2
-STALL_S = 0.4        # ... and less once the offloader moved nothing for this long (hung below)
 
 
 class _Waiter:
@@ -185,8 +183,8 @@ def refuse_object_writes(manager: Any, owner: Callable[[], int]) -> int:
 class _RoomWaiter:
     __slots__ = ("need", "since", "deadline", "finish")
 
-    def __init__(self, need: int, since: float, finish: Callable[[], None]) -> None:
-        self.need, self.since, self.deadline, self.finish = need, since, since + ROOM_WAIT_S, finish
+    def __init__(self, need: int, since: float, wait_s: float, finish: Callable[[], None]) -> None:
+        self.need, self.since, self.deadline, self.finish = need, since, since + wait_s, finish
 
 
 class Onboarding:
@@ -216,7 +214,7 @@ class Onboarding:
 
     def _defer_for_room(self, s: Any, skeys: list, answer: Callable[[], dict], op: str) -> Any:
         """DEFERRED when skeys' new blocks do not fit G2's free room, G2 has a tier below and the
-        offloader could make room: answer() runs once it did (or it stalled, or ROOM_WAIT_S
+        offloader could make room: answer() runs once it did (or it stalled, or room_wait_s
         passed). None: answer now."""
         off = self.offloader
         if self._current is None or 0 not in off.headroom or not off.alive:
@@ -228,7 +226,8 @@ class Onboarding:
             return None  # waiting gave up since the last demotion: the offloader is stuck
         if not self._room_waiters:
             self._headroom = off.headroom[0]
-        self._room_waiters.append(_RoomWaiter(need, time.monotonic(), self._finisher(s, op, answer)))
+        self._room_waiters.append(_RoomWaiter(need, time.monotonic(), self.dcfg.room_wait_s,
+                                              self._finisher(s, op, answer)))
         self._room_counts["waited"] += 1
         off.headroom[0] = max(self._headroom, sum(w.need for w in self._room_waiters))
         off.kick()
@@ -241,7 +240,7 @@ class Onboarding:
         waiting, self._room_waiters = self._room_waiters, []
         for i, w in enumerate(waiting):
             room = free_room(self.top)
-            stalled = now - max(w.since, self._room_freed_at) > STALL_S
+            stalled = now - max(w.since, self._room_freed_at) > self.dcfg.room_stall_s
             if w.need <= room or stalled or now >= w.deadline:
                 if stalled and w.need > room:
                     self._room_stalled = self._room_freed_at
