@@ -419,7 +419,7 @@ class DiskStorage(Storage):
 
     def _check(self, items: Sequence[tuple[Any, Any, Any]], writable: bool) -> tuple[list, list[int]]:
         """(buffers, slots), each buffer checked to be one C-contiguous block (ValueError)."""
-        nbytes, capacity = self.block_nbytes, self.capacity_blocks
+        nbytes, capacity, ndarray = self.block_nbytes, self.capacity_blocks, np.ndarray
         views, slots = [], []
         for _, slot, buf in items:
             if type(slot) is not int:
@@ -429,8 +429,8 @@ class DiskStorage(Storage):
             if not 0 <= slot < capacity:
                 raise ValueError(f"disk storage: slot {slot} is outside [0, {capacity})")
             # numpy blocks (host slot views) pass as they are: the common case, kept cheap
-            if not (type(buf) is np.ndarray and buf.nbytes == nbytes and buf.flags.c_contiguous
-                    and (buf.flags.writeable or not writable)):
+            if not (type(buf) is ndarray and buf.nbytes == nbytes and (flags := buf.flags).c_contiguous
+                    and (flags.writeable or not writable)):
                 buf = memoryview(buf).cast("B")
                 if buf.nbytes != nbytes:
                     raise ValueError(f"disk storage: a {buf.nbytes}-byte buffer for a {nbytes}-byte block")
@@ -452,8 +452,10 @@ class DiskStorage(Storage):
             if not self._writable_now():
                 self.errors.writes_refused += len(items)
                 return [False] * len(items)
+            index, unmap = self._index, self._unmap
             for slot in slots:  # its bytes are about to change: the old block is gone
-                self._unmap(slot)
+                if slot in index:
+                    unmap(slot)
         crcs = np.zeros(len(items), dtype=np.uint32)
         offsets = np.array(slots, dtype=np.int64) * self.stride
         status = ops.pwrite_blocks(self._fd, views, offsets, self.block_nbytes, threads=self.threads, crcs=crcs)
