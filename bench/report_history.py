@@ -51,7 +51,8 @@ CAUSES = {
     "g2_fused_crc": "Copy then crc32c_blocks reads each byte twice. Below 8 MiB copy_crc32c now loads each word once, "
                     "CRCs and stores it (a 7 MiB batch: 5.3 vs 3.8 GB/s of one core's time). Streamed batches still "
                     "checksum a 64 KiB piece, then stream it out of cache: streaming stores to three stripes 8 KiB "
-                    "apart ran at a fifth of one stream's speed here (measured in C). Bound: CRC and copy run one "
+                    "apart ran at a fifth of one stream's speed here (measured in C), so the bench's 1 GiB batch runs the "
+                    "same code as last run: its 0.62× at load 12.5 against 0.80× is load. Bound: CRC and copy run one "
                     "after the other on one core.",
     "g4_write": "kvbm adds CRC-32C, HMAC-SHA256 (H12b's MAC, 0.77 s CPU/GiB) and the body copy, ~1 s CPU/GiB that "
                 "moto needs on 2 busy cores; botocore's own CRC32 of every PUT body (0.5 s/GiB), redundant with ours, is "
@@ -68,7 +69,9 @@ CAUSES = {
     "g3_read": "Same bound; and a read's CRC starts only when its run has landed: the whole 64 MiB batch was in flight, "
                "which the virtio disk completes at once, and the checksum task spun on the vCPU the host needs. "
                "Fixed: 8 MiB in flight for checksummed reads, a condition-variable wait (read+CRC CPU 0.25 → "
-               "0.12 s/GiB).",
+               "0.12 s/GiB). Left: the CRC is on the read's critical path and, at load 12–19, gets a fraction of a "
+               "core (kvbm's read used 0.11–0.13 s CPU/GiB, NIXL's 0.10–0.19 polling beside its I/O, io-only "
+               "1.22–1.33× NIXL).",
     "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools stay 4 KiB pages "
                    "(shmem_enabled=never), so MADV_HUGEPAGE in HostStorage does not reach them.",
 }
