@@ -52,7 +52,7 @@ CAUSES = {
                     "CRCs and stores it (a 7 MiB batch: 5.3 vs 3.8 GB/s of one core's time). Streamed batches still "
                     "checksum a 64 KiB piece, then stream it out of cache: streaming stores to three stripes 8 KiB "
                     "apart ran at a fifth of one stream's speed here (measured in C), so the bench's 1 GiB batch runs the "
-                    "same code as last run: its 0.62× at load 12.5 against 0.80× is load. Bound: CRC and copy run one "
+                    "same code as last run: its 0.62× (the ops bench read load 18.9) against 0.80× is load. Bound: CRC and copy run one "
                     "after the other on one core.",
     "g4_write": "kvbm adds CRC-32C, HMAC-SHA256 (H12b's MAC, 0.77 s CPU/GiB) and the body copy, ~1 s CPU/GiB that "
                 "moto needs on 2 busy cores; botocore's own CRC32 of every PUT body (0.5 s/GiB), redundant with ours, is "
