@@ -124,7 +124,8 @@ class AutoPolicy(EvictionPolicy):
         self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
         self._real = CANDIDATES[start](capacity)
         self.switches: list[tuple[int, str]] = []  # (sampled accesses so far, new policy)
-        self._req: dict = {}  # keys of the request being served, in order (LEAF_FIRST)
+        self._req: dict = {}  # resident keys of the request being served, in order (LEAF_FIRST)
+        self._req_len = 0  # that request's keys seen so far, evicted ones included
 
     # ---------------------------------------------------------------- verbs
 
@@ -143,14 +144,16 @@ class AutoPolicy(EvictionPolicy):
         if first is None:  # no structure given: a store after a store starts a new request
             if self._stored_last:
                 self._new_request = True
-                self._req = {}
+                self._req, self._req_len = {}, 0
         elif first.parent is None:
             self._structured = True
             self._roots.add(keys[0])
             self._new_request = True
-            self._req = {}
-        if self.LEAF_FIRST:
+            self._req, self._req_len = {}, 0
+        if self.LEAF_FIRST and self._structured:
+            before = len(self._req)
             self._req.update(dict.fromkeys(keys))
+            self._req_len += len(self._req) - before
         if self._real.wants_structure:
             self._real.insert_many(keys, hints)
         elif self.active in self.REVERSED:
@@ -177,9 +180,11 @@ class AutoPolicy(EvictionPolicy):
             return
         if keys[0] in self._roots or (self._stored_last and not self._structured):
             self._new_request = True
-            self._req = {}
-        if self.LEAF_FIRST:
+            self._req, self._req_len = {}, 0
+        if self.LEAF_FIRST and self._structured:
+            before = len(self._req)
             self._req.update(dict.fromkeys(keys))
+            self._req_len += len(self._req) - before
         self._stored_last = False
         self._real.touch(keys[::-1] if self.active in self.REVERSED else keys)
         self._feed(keys, False)
@@ -191,16 +196,19 @@ class AutoPolicy(EvictionPolicy):
         self._real.remove(key)
         self._roots.discard(key)
         self._parents.pop(key, None)
+        self._req.pop(key, None)
 
     def evict(self, n, protected=()):
         victims = self._real.evict(n, protected)
-        if victims and len(self._req) + n > len(self._real) + len(victims) and not self._real.wants_structure:
+        if (victims and self._req and self._req_len + n > len(self._real) + len(victims)
+                and not self._real.wants_structure):  # the request does not fit the tier
             victims = self._deepest_first(victims, protected)
         if victims:
-            discard, pop = self._roots.discard, self._parents.pop
+            discard, pop, forget = self._roots.discard, self._parents.pop, self._req.pop
             for v in victims:
                 discard(v)
                 pop(v, None)
+                forget(v, None)
         return victims
 
     def _deepest_first(self, victims, protected):
