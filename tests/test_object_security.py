@@ -18,8 +18,8 @@ from kvbm import BlockManager, KVBMConfig, KVLayout
 from kvbm.config import ConfigError
 from kvbm.demo import block_content
 from kvbm.ops import crc32c
-from kvbm.tiers.object import HEADER, HEADER_MIN, MAGIC, VERSION, ObjectStorage
-from kvbm.tiers.seal import MAC_BYTES, Seal, SecretError, default_secret_file, object_secret
+from kvbm.tiers.object import HEADER, HEADER_MIN, HMAC_VERSION, MAGIC, VERSION, ObjectStorage
+from kvbm.tiers.seal import MAC_BYTES, NONCE_BYTES, POLY_TAG_BYTES, Seal, SecretError, default_secret_file, object_secret
 
 KiB = 1024
 A, B = b"a" * 32, b"b" * 32  # two deployments' secrets
@@ -81,10 +81,16 @@ def test_two_secrets_on_one_prefix_never_load_or_overwrite_each_other(url):
     assert load(a, keys, sa)[0] == [True] * 3
 
 
-def forge(g4, key, payload: np.ndarray, mac: bytes) -> None:
-    """A header a CRC check accepts (magic, version, size, CRC-32C of the payload), any MAC."""
-    fields = HEADER.pack(MAGIC, VERSION, MAC_BYTES, crc32c(payload), payload.nbytes)
-    g4.fs.pipe_file(g4.path_of(key), (fields + mac).ljust(HEADER_MIN, b"\0") + payload.tobytes())
+def forge(g4, key, payload: np.ndarray, mac: bytes, version: int = HMAC_VERSION) -> None:
+    """A header a CRC check accepts (magic, version, size, CRC-32C of the payload), any MAC
+    (v2: 32 bytes after the fields; v3: 16-byte nonce + 16-byte tag, placed at the end)."""
+    mac_len = MAC_BYTES if version == HMAC_VERSION else POLY_TAG_BYTES
+    fields = HEADER.pack(MAGIC, version, mac_len, crc32c(payload), payload.nbytes)
+    if version == HMAC_VERSION:
+        head = (fields + mac).ljust(HEADER_MIN, b"\0")
+    else:
+        head = (fields + mac[:NONCE_BYTES]).ljust(HEADER_MIN - POLY_TAG_BYTES, b"\0") + mac[NONCE_BYTES:]
+    g4.fs.pipe_file(g4.path_of(key), head + payload.tobytes())
 
 
 def test_a_forged_object_with_a_valid_crc_is_a_counted_miss(url):
@@ -98,13 +104,23 @@ def test_a_forged_object_with_a_valid_crc_is_a_counted_miss(url):
     # the MAC of another deployment (it knows the key, not our secret) fails the same way
     other = Seal(B, "ns").mac(key)
     other.update(evil.tobytes())
-    other.update(HEADER.pack(MAGIC, VERSION, MAC_BYTES, crc32c(evil), evil.nbytes))
+    other.update(HEADER.pack(MAGIC, HMAC_VERSION, MAC_BYTES, crc32c(evil), evil.nbytes))
     forge(g4, key, evil, other.digest())
     assert load(g4, [key], [slot])[0] == [False] and g4.errors.foreign_objects == 2
+    # the same as v3: a random nonce and tag, then a real Poly1305 tag under B's one-time key
+    forge(g4, key, evil, os.urandom(32), VERSION)
+    assert load(g4, [key], [slot])[0] == [False] and g4.errors.foreign_objects == 3
+    nonce = os.urandom(NONCE_BYTES)
+    fields = HEADER.pack(MAGIC, VERSION, POLY_TAG_BYTES, crc32c(evil), evil.nbytes)
+    tag = Seal(B, "ns").one_time_mac(key, fields, nonce)
+    tag.update(evil.tobytes())
+    tag.update((fields + nonce).ljust(HEADER_MIN - POLY_TAG_BYTES, b"\0"))
+    forge(g4, key, evil, nonce + tag.finalize(), VERSION)
+    assert load(g4, [key], [slot])[0] == [False] and g4.errors.foreign_objects == 4
     # a valid object of ours for another key, copied under this key's name: also a miss
     (s2,) = store(g4, [99], blocks(1, 4 * KiB, 4))
     g4.fs.pipe_file(g4.path_of(key), g4.fs.cat_file(g4.path_of(99)))
-    assert load(g4, [key, 99], [slot, s2])[0] == [False, True] and g4.errors.foreign_objects == 3
+    assert load(g4, [key, 99], [slot, s2])[0] == [False, True] and g4.errors.foreign_objects == 5
 
 
 def test_one_secret_two_namespaces_never_share_a_name_or_a_mac(url):

@@ -7,17 +7,25 @@
     read([(key, handle, buf)])   get, verify header + length + CRC-32C + MAC, copy into buf
     recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first
 
-An object is `<url>/<namespace>/<Seal.name(key)>`: a 64-byte header (magic, version,
-block_nbytes, CRC-32C of the payload, HMAC-SHA256) and then the payload. The name is the key
-sealed under the deployment secret (seal.py: `secret` / `secret_file`, else a per-user file
-made on first use), and the MAC covers the namespace, the key, the payload and the header
-fields. So another deployment sharing the bucket (another secret) can neither find nor
+An object is `<url>/<namespace>/<Seal.name(key)>`: a 64-byte header and then the payload. The
+name is the key sealed under the deployment secret (seal.py: `secret` / `secret_file`, else a
+per-user file made on first use), and the MAC covers the namespace, the key, the payload and
+the header. So another deployment sharing the bucket (another secret) can neither find nor
 overwrite our objects, and an object it wrote, forged with a valid header and CRC-32C, or
 renamed, is a counted miss (`errors.foreign_objects`, within `checksum_errors`), never
-served. Objects of kvbm before the MAC (header version 1) are never looked up: misses.
-CRC and MAC are computed in one pass, chunk by chunk, beside the copy; so a read that
-fails verification may have filled part of its buffer: False means use none of it (the
-manager frees that slot; as with G3, the caller never sees the bytes).
+served. Headers (little-endian; the payload always starts 64 bytes in):
+
+    v3 (written when `cryptography` is installed)  magic "KVB4", 3, 16, CRC-32C, block_nbytes |
+        16-byte random nonce | 12 zero bytes | Poly1305 tag under Seal.one_time_key(key,
+        fields, nonce), over payload + header bytes 0-47
+    v2 (written without it; still read)            magic, 2, 32, CRC-32C, block_nbytes |
+        HMAC-SHA256 over namespace, key, payload, fields | zero padding
+    v1 (kvbm before the MAC)                       never looked up: misses
+
+A v3 put CRCs its block first (the CRC keys the tag), then tags it beside the copy; a get
+checks CRC and tag in one pass, chunk by chunk, beside the copy, so a read that fails
+verification may have filled part of its buffer: False means use none of it (the manager
+frees that slot; as with G3, the caller never sees the bytes).
 
 `file://` objects are created 0600 and the folders kvbm makes 0700, whatever the umask.
 
@@ -31,9 +39,10 @@ blocks verify in parallel); a thread cannot be cancelled, so there `timeout` doe
 `file://`, the embedded default, writes a temporary name and renames it: a reader or a
 restart sees the whole object or none of it.
 
-The MAC is the price of a shared bucket: HMAC-SHA256 runs ~1.4 GB/s per core (SHA-NI) on a
-16 MiB block, against ~7 GB/s for the copy and ~12 GB/s for the CRC-32C here, so it bounds
-one thread's G4 throughput; puts and gets of a batch run on max_concurrency threads.
+The MAC is the price of a shared bucket: HMAC-SHA256 (v2) runs ~1.4 GB/s per core (SHA-NI) on
+a 16 MiB block, against ~7 GB/s for the copy and ~12 GB/s for the CRC-32C here, so it bounded
+one thread's G4 throughput; Poly1305 (v3) runs ~5 GB/s. Puts and gets of a batch run on
+max_concurrency threads.
 
 `s3://` gets small timeouts by default (S3_CONFIG, merged under the user's config_kwargs;
 `retries` in storage_options sets s3fs's own loop). A connection failure marks the endpoint
@@ -45,7 +54,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import logging
 import os
 import struct
 import threading
@@ -60,15 +71,22 @@ import numpy as np
 
 from .. import ops
 from .base import Region, Storage, make_private_dir
-from .seal import MAC_BYTES, Seal, object_secret
+from .seal import MAC_BYTES, NONCE_BYTES, POLY_TAG_BYTES, Seal, object_secret, poly1305_available
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"KVB4"
-VERSION = 2
-# magic, version, MAC length, CRC-32C of the payload, block_nbytes; then the MAC, zero-padded
-# so that every object of a layout has one size (HEADER_MIN + block_nbytes) and the payload
-# starts 64 bytes in. One size lets puts reuse their bodies and lets recover() spot torn objects.
+VERSION = 3  # Poly1305 under a one-time key (needs `cryptography`)
+HMAC_VERSION = 2  # HMAC-SHA256: written without `cryptography`, read always
+# magic, version, MAC length, CRC-32C of the payload, block_nbytes; then (v2) the MAC, or (v3)
+# the nonce, zero bytes and the tag; zero-padded so that every object of a layout has one size
+# (HEADER_MIN + block_nbytes) and the payload starts 64 bytes in. One size lets puts reuse
+# their bodies and lets recover() spot torn objects.
 HEADER = struct.Struct("<4sHHIQ")
 HEADER_MIN = 64
+NONCE_AT = HEADER.size  # v3: 20..36 nonce, 36..48 zero, 48..64 tag
+TAG_AT = HEADER_MIN - POLY_TAG_BYTES
+MAC_LEN = {HMAC_VERSION: MAC_BYTES, VERSION: POLY_TAG_BYTES}
 CHUNK = 1 << 20  # CRC and MAC run over a chunk while it is in cache from the copy
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
@@ -116,6 +134,9 @@ class ObjectStorage(Storage):
         import fsspec
 
         self._seal = Seal(object_secret(secret, secret_file), namespace)
+        self._poly = poly1305_available()
+        # what puts write: v3 when `cryptography` is here, else v2 (both are read)
+        self.write_version = VERSION if self._poly else HMAC_VERSION
         self.url = url or default_url()
         protocol = fsspec.core.split_protocol(self.url)[0] or "file"
         opts = _with_defaults(protocol, storage_options or {}, max_concurrency)
@@ -261,17 +282,16 @@ class ObjectStorage(Storage):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
             with open(fd, "wb") as f:
-                # one pass: each chunk is written, then CRC'd and MAC'd while still in cache;
+                # each chunk is written, then MAC'd (and for v2 CRC'd) while still in cache;
                 # the header, which holds both, goes in last
                 f.write(bytes(HEADER_MIN))
-                crc, mac = 0, self._seal.mac(key)
+                tagger = self._tagger(key, data)
                 for at in range(0, len(data), CHUNK):
                     piece = data[at:at + CHUNK]
                     f.write(piece)
-                    crc = ops.crc32c(piece, crc)
-                    mac.update(piece)
+                    tagger.update(piece)
                 f.seek(0)
-                f.write(_pack(crc, len(data), mac))
+                f.write(tagger.header())
             # A rename that replaces a file makes ext4 (auto_da_alloc) flush the new one at
             # once: 3-4x slower rewrites. Unlinking first skips that; a reader in between
             # sees no object (a miss), never half of one.
@@ -285,20 +305,17 @@ class ObjectStorage(Storage):
     def _get_into(self, path: str, key: Any, dst: np.ndarray) -> None:
         with (open(path, "rb") if self._local else self.fs.open(path, "rb")) as f:
             head = f.read(HEADER_MIN)
-            self._check_header(path, head)
+            check = self._checker(path, key, head)
             view, got = memoryview(dst), 0
-            crc, mac = 0, self._seal.mac(key)
             while got < self.block_nbytes:
                 n = f.readinto(view[got:got + CHUNK])
                 if not n:
                     raise Corrupt(f"{path}: short payload")
-                piece = view[got:got + n]
-                crc = ops.crc32c(piece, crc)
-                mac.update(piece)
+                check.update(view[got:got + n])
                 got += n
             if f.read(1):
                 raise Corrupt(f"{path}: longer than one block")
-        self._verify(path, head, crc, mac)
+        check.verify()
 
     def _delete(self, path: str) -> None:
         try:
@@ -335,45 +352,44 @@ class ObjectStorage(Storage):
     # ------------------------------------------------------------------ verification
 
     def _header(self, key: Any, data: memoryview) -> bytes:
-        crc, mac = 0, self._seal.mac(key)
+        tagger = self._tagger(key, data)
         for at in range(0, len(data), CHUNK):
-            piece = data[at:at + CHUNK]
-            crc = ops.crc32c(piece, crc)
-            mac.update(piece)
-        return _pack(crc, len(data), mac)
+            tagger.update(data[at:at + CHUNK])
+        return tagger.header()
+
+    def _tagger(self, key: Any, data: memoryview) -> _SealV2 | _SealV3:
+        if self.write_version == VERSION:
+            return _SealV3(self._seal, key, data)
+        return _SealV2(self._seal.mac(key), len(data))
 
     def _unpack(self, key: Any, path: str, dst: np.ndarray, data: bytes) -> None:
         view = memoryview(data)
-        head = view[:HEADER_MIN]
-        self._check_header(path, head)
+        check = self._checker(path, key, view[:HEADER_MIN])
         if len(view) != HEADER_MIN + self.block_nbytes:
             raise Corrupt(f"{path}: {len(view) - HEADER_MIN} payload bytes, expected {self.block_nbytes}")
-        crc, mac = 0, self._seal.mac(key)
         for at in range(0, self.block_nbytes, CHUNK):  # verify and copy chunk by chunk: one pass
             piece = view[HEADER_MIN + at:HEADER_MIN + at + CHUNK]
-            crc = ops.crc32c(piece, crc)
-            mac.update(piece)
+            check.update(piece)
             dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-        self._verify(path, head, crc, mac)
+        check.verify()
 
-    def _check_header(self, path: str, head: bytes | memoryview) -> None:
-        """Raises Corrupt unless the header is a kvbm object of this layout."""
+    def _checker(self, path: str, key: Any, head: bytes | memoryview) -> _Check:
+        """Raises Corrupt unless the header is a kvbm object of this layout (v2 or v3); else
+        what checks its payload, fed chunk by chunk, then verify()."""
         if len(head) != HEADER_MIN:
             raise Corrupt(f"{path}: short header")
+        head = bytes(head)
         magic, version, mac_len, _, nbytes = HEADER.unpack_from(head)
-        if magic != MAGIC or version != VERSION or mac_len != MAC_BYTES:
+        if magic != MAGIC or version not in MAC_LEN or mac_len != MAC_LEN[version]:
             raise Corrupt(f"{path}: not a kvbm object (magic {bytes(magic)!r}, version {version})")
         if nbytes != self.block_nbytes:
             raise Corrupt(f"{path}: the header names another layout ({nbytes}-byte blocks)")
-
-    def _verify(self, path: str, head: bytes | memoryview, crc: int, mac: Any) -> None:
-        """The payload's CRC, then the MAC over namespace, key, payload and header fields."""
-        fields = bytes(head[:HEADER.size])
-        if HEADER.unpack(fields)[3] != crc:
-            raise Corrupt(f"{path}: CRC-32C mismatch")
-        mac.update(fields)
-        if not hmac.compare_digest(mac.digest(), bytes(head[HEADER.size:HEADER.size + MAC_BYTES])):
-            raise Foreign(f"{path}: valid CRC but no valid MAC: not this deployment's block")
+        if version == HMAC_VERSION:
+            return _Check(path, head, self._seal.mac(key))
+        if not self._poly:
+            _warn_no_poly1305()
+            raise Corrupt(f"{path}: a v3 (Poly1305) object and `cryptography` is not installed")
+        return _Check(path, head, self._seal.one_time_mac(key, head[:NONCE_AT], head[NONCE_AT:NONCE_AT + NONCE_BYTES]))
 
     # ------------------------------------------------------------------ running jobs
 
@@ -453,11 +469,79 @@ class ObjectStorage(Storage):
             self.errors.foreign_objects += foreign_objects
 
 
-def _pack(crc: int, nbytes: int, mac: Any) -> bytes:
-    """The header: fields, then the MAC (fed the fields last, after the payload), zero-padded."""
-    fields = HEADER.pack(MAGIC, VERSION, MAC_BYTES, crc, nbytes)
-    mac.update(fields)
-    return (fields + mac.digest()).ljust(HEADER_MIN, b"\0")
+class _SealV2:
+    """A v2 put: CRC-32C and HMAC-SHA256 fed chunk by chunk, then the header."""
+
+    def __init__(self, mac: Any, nbytes: int) -> None:
+        self.crc, self.mac, self.nbytes = 0, mac, nbytes
+
+    def update(self, piece: memoryview) -> None:
+        self.crc = ops.crc32c(piece, self.crc)
+        self.mac.update(piece)
+
+    def header(self) -> bytes:
+        """Fields, then the MAC (fed the fields last, after the payload), zero-padded."""
+        fields = HEADER.pack(MAGIC, HMAC_VERSION, MAC_BYTES, self.crc, self.nbytes)
+        self.mac.update(fields)
+        return (fields + self.mac.digest()).ljust(HEADER_MIN, b"\0")
+
+
+class _SealV3:
+    """A v3 put: the CRC-32C first (it keys the tag), a fresh nonce, then Poly1305 fed chunk by
+    chunk and the header bytes before the tag last."""
+
+    def __init__(self, seal: Seal, key: Any, data: memoryview) -> None:
+        fields = HEADER.pack(MAGIC, VERSION, POLY_TAG_BYTES, ops.crc32c(data), len(data))
+        self.head = (fields + _nonce()).ljust(TAG_AT, b"\0")
+        self.mac = seal.one_time_mac(key, fields, self.head[NONCE_AT:NONCE_AT + NONCE_BYTES])
+
+    def update(self, piece: memoryview) -> None:
+        self.mac.update(piece)
+
+    def header(self) -> bytes:
+        self.mac.update(self.head)
+        return self.head + self.mac.finalize()
+
+
+class _Check:
+    """A get: the payload's CRC-32C and MAC, fed chunk by chunk; verify() raises Corrupt when
+    the CRC fails, Foreign when the CRC holds and the MAC does not."""
+
+    def __init__(self, path: str, head: bytes, mac: Any) -> None:
+        self.path, self.head, self.mac, self.crc = path, head, mac, 0
+
+    def update(self, piece: memoryview) -> None:
+        self.crc = ops.crc32c(piece, self.crc)
+        self.mac.update(piece)
+
+    def verify(self) -> None:
+        magic, version, mac_len, crc, nbytes = HEADER.unpack_from(self.head)
+        if crc != self.crc:
+            raise Corrupt(f"{self.path}: CRC-32C mismatch")
+        if version == HMAC_VERSION:
+            self.mac.update(self.head[:HEADER.size])
+            good = hmac.compare_digest(self.mac.digest(), self.head[HEADER.size:HEADER.size + MAC_BYTES])
+        else:  # v3: the tag covers the payload and every header byte before it (nonce, zeros)
+            self.mac.update(self.head[:TAG_AT])
+            try:
+                self.mac.verify(self.head[TAG_AT:])
+                good = True
+            except Exception:  # cryptography.exceptions.InvalidSignature
+                good = False
+        if not good:
+            raise Foreign(f"{self.path}: valid CRC but no valid MAC: not this deployment's block")
+
+
+def _nonce() -> bytes:
+    """A v3 object's nonce: 16 bytes from the kernel's CSPRNG (getrandom: fork-safe), never a
+    counter, never given by a caller."""
+    return os.urandom(NONCE_BYTES)
+
+
+@functools.cache
+def _warn_no_poly1305() -> None:
+    log.warning("object storage: v3 (Poly1305) objects are misses here: install `cryptography` "
+                "(pip install 'kvbm-tiered[s3]') to read them")
 
 
 def _bytes(buf: Any, nbytes: int, writable: bool = False) -> Any:

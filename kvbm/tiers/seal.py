@@ -6,7 +6,10 @@
     Seal(secret, namespace)                 one namespace's keys derived from the secret
     Seal.name(key) -> str                   the object name of a block key (keyed: unfindable without the secret)
     Seal.key_of(name) -> key | None         the block key back from a name; None for a foreign or forged name
-    Seal.mac(key) -> hmac object            HMAC-SHA256 over namespace, key, payload and header fields
+    Seal.mac(key) -> hmac object            HMAC-SHA256 over namespace, key, payload and header fields (v2)
+    Seal.one_time_key(key, context, nonce)  a Poly1305 key for one object (v3): never the same twice
+    Seal.one_time_mac(key, context, nonce)  Poly1305 under that key (needs `cryptography`)
+    poly1305_available() -> bool            whether `cryptography` is importable (else objects are v2)
 
 Names are a deterministic authenticated encryption of the key (SIV: a synthetic tag, then
 the key XORed with a stream drawn from the tag), so recover() gets every key back from a
@@ -15,12 +18,18 @@ blocks by their keys nor write under our names, and a listing shows no key in th
 (a bucket reader cannot test whether a guessed prompt was cached). Each namespace derives its
 own keys, so one namespace's names and MACs say nothing in another.
 
-HMAC-SHA256 rather than keyed BLAKE2b: OpenSSL's SHA-256 (SHA-NI) runs ~1.4 GB/s per core
-on a 16 MiB payload here against ~0.7 GB/s for hashlib's blake2b.
+Payload MACs. Version 2 objects carry HMAC-SHA256 over the whole payload: ~0.75 s of CPU per
+GiB here, the bound of G4 reads (issue 17). Version 3 objects carry a Poly1305 tag (~0.2 s/GiB,
+OpenSSL via `cryptography`) under a one-time key: HMAC-SHA256(namespace's poly key, namespace,
+header fields, a random 16-byte nonce, block key), ~1 us per object. The header fields hold the
+payload's CRC-32C and length, so a writer that ever repeated a nonce (Poly1305's one weakness:
+two tags under one key give the key away) would still key two different payloads differently
+unless their CRCs collide too. Without the secret nobody derives a key; see SECURITY.md (G4).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -29,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 TAG_BYTES = 16
-MAC_BYTES = 32
+MAC_BYTES = 32  # HMAC-SHA256 (v2 objects)
+POLY_TAG_BYTES = 16  # Poly1305 (v3 objects)
+NONCE_BYTES = 16
 MIN_SECRET_BYTES = 16
 DEFAULT_SECRET_NAME = "object.secret"
 
@@ -131,6 +142,7 @@ class Seal:
         self._name_key = _derive(secret, b"kvbm-g4-name", ns)
         self._stream_key = _derive(secret, b"kvbm-g4-stream", ns)
         self._mac = hmac.new(_derive(secret, b"kvbm-g4-mac", ns), _field(ns), hashlib.sha256)
+        self._otk = hmac.new(_derive(secret, b"kvbm-g4-poly1305", ns), _field(ns), hashlib.sha256)
 
     def name(self, key: Any) -> str:
         plain = _plain(key)
@@ -157,8 +169,39 @@ class Seal:
         m.update(_field(_plain(key)))
         return m
 
+    def one_time_key(self, key: Any, context: bytes, nonce: bytes) -> bytes:
+        """The 32-byte Poly1305 key of one object: keyed by the namespace's secret, over the
+        header fields (`context`: version, lengths, CRC-32C), the object's nonce and the block
+        key, each length-prefixed. Another key, header or nonce gives an unrelated key."""
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError(f"a one-time key needs a {NONCE_BYTES}-byte nonce, got {len(nonce)}")
+        m = self._otk.copy()
+        m.update(_field(bytes(context)) + _field(bytes(nonce)) + _field(_plain(key)))
+        return m.digest()
+
+    def one_time_mac(self, key: Any, context: bytes, nonce: bytes) -> Any:
+        """Poly1305 under one_time_key(): feed it the payload, then the header, then
+        finalize() (writer) or verify(tag) (reader). ImportError without `cryptography`."""
+        return _poly1305()(self.one_time_key(key, context, nonce))
+
     def _stream(self, tag: bytes, n: int) -> bytes:
         return hashlib.shake_256(self._stream_key + tag).digest(n)
+
+
+@functools.cache
+def _poly1305() -> Any:
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    return Poly1305
+
+
+def poly1305_available() -> bool:
+    """Whether v3 objects can be written and verified here (`cryptography` importable)."""
+    try:
+        _poly1305()
+    except ImportError:
+        return False
+    return True
 
 
 def _plain(key: Any) -> bytes:
