@@ -13,6 +13,10 @@ MAC and no copy into G2: the limit ObjectStorage is measured against, on two cli
     raw, kvbm's config  the very S3FileSystem ObjectStorage uses (botocore's checksums off:
                         kvbm's CRC-32C and MAC cover the payload): the strict limit
 
+kvbm writes v3 objects (Poly1305 MAC) when `cryptography` is installed; "kvbm write/read, v2
+HMAC" is the same storage writing and reading v2 objects (HMAC-SHA256, what kvbm wrote before
+and writes without `cryptography`), in its own namespace, taking turns with the rest.
+
 The ratio is the faster raw way's time over kvbm's (1.0 = no overhead), against each. Every
 timing is the median of --repeat runs, all ways taking turns so drift hits them alike; client
 CPU (this process, all threads) per GiB beside it. Reports, never asserts; every block read
@@ -59,8 +63,9 @@ def machine() -> str:
 
 def per_byte_costs(buf: np.ndarray) -> dict[str, float]:
     """CPU seconds per GiB, on this machine now, of what kvbm adds to each object: the CRC-32C,
-    the HMAC-SHA256 (kvbm/tiers/seal.py's MAC), the copy into or out of G2, and botocore's
-    zlib CRC32 (what a stock client computes over each PUT body; kvbm's client skips it)."""
+    the MAC (kvbm/tiers/seal.py: Poly1305 for v3 objects, HMAC-SHA256 for v2), the copy into or
+    out of G2, and botocore's zlib CRC32 (what a stock client computes over each PUT body;
+    kvbm's client skips it)."""
     import hashlib
     import hmac
     import zlib
@@ -68,6 +73,12 @@ def per_byte_costs(buf: np.ndarray) -> dict[str, float]:
     view, out = memoryview(buf), np.empty_like(buf)
     ways = {"crc32c": lambda: ops.crc32c(view), "hmac_sha256": lambda: hmac.new(b"k" * 32, view, hashlib.sha256).digest(),
             "copy": lambda: np.copyto(out, buf), "botocore_crc32": lambda: zlib.crc32(view)}
+    try:
+        from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+        ways["poly1305"] = lambda: Poly1305.generate_tag(b"k" * 32, view)
+    except ImportError:
+        pass
     costs = {}
     for name, fn in ways.items():
         best = float("inf")
@@ -89,12 +100,14 @@ class Case:
     """One medium: ObjectStorage and raw fsspec batches over the same filesystem instance."""
 
     def __init__(self, name: str, g4: ObjectStorage, src: HostStorage, dst: HostStorage, conc: int,
-                 stock=None) -> None:
+                 stock=None, g4_v2: ObjectStorage | None = None) -> None:
         self.name, self.g4, self.src, self.dst, self.conc = name, g4, src, dst, conc
         self.stock = stock  # a stock S3FileSystem on the same endpoint (async cases)
+        self.g4_v2 = g4_v2  # the same storage writing v2 (HMAC-SHA256) objects, own namespace
         n = src.capacity_blocks
         self.keys = [i.to_bytes(16, "little") for i in range(1, n + 1)]
         self.slots = [g4.allocate() for _ in range(n)]
+        self.slots_v2 = [g4_v2.allocate() for _ in range(n)] if g4_v2 is not None else []
         self.raw_paths = [f"{g4.prefix}-raw/{k.hex()}" for k in self.keys]
         if not g4._async:
             g4.fs.makedirs(f"{g4.prefix}-raw", exist_ok=True)
@@ -102,10 +115,14 @@ class Case:
         # baseline is the strict limit (kvbm pays its header copy and CRC inside its time)
         self.raw_data = {p: src.view(i).tobytes() for i, p in enumerate(self.raw_paths)}
         self.ops = {"kvbm write": self.kvbm_write, "raw write": self.raw_write}
+        if g4_v2 is not None:
+            self.ops["kvbm write, v2 HMAC"] = lambda: self.kvbm_write(v2=True)
         if stock is not None:
             self.ops["raw write, kvbm's config"] = lambda: self.raw_write(self.g4.fs)
             self.ops["raw write"] = lambda: self.raw_write(stock)
         self.ops.update({"kvbm read": self.kvbm_read, "raw read": self.raw_read})
+        if g4_v2 is not None:
+            self.ops["kvbm read, v2 HMAC"] = lambda: self.kvbm_read(v2=True)
         if stock is not None:  # s3fs sends a HEAD before each plain GET; a ranged GET does not
             self.ops["raw read"] = lambda: self.raw_read(stock)
             self.ops["raw read, ranged"] = lambda: self.raw_read_ranged(stock)
@@ -113,13 +130,15 @@ class Case:
         self.wall: dict[str, list[float]] = {k: [] for k in self.ops}
         self.cpu: dict[str, list[float]] = {k: [] for k in self.ops}
 
-    def kvbm_write(self) -> None:
-        items = [(k, s, self.src.view(i)) for i, (k, s) in enumerate(zip(self.keys, self.slots))]
-        assert all(self.g4.write(items)), f"{self.name}: a write failed ({self.g4.errors})"
+    def kvbm_write(self, v2: bool = False) -> None:
+        g4, slots = (self.g4_v2, self.slots_v2) if v2 else (self.g4, self.slots)
+        items = [(k, s, self.src.view(i)) for i, (k, s) in enumerate(zip(self.keys, slots))]
+        assert all(g4.write(items)), f"{self.name}: a write failed ({g4.errors})"
 
-    def kvbm_read(self) -> None:
-        items = [(k, s, self.dst.view(i)) for i, (k, s) in enumerate(zip(self.keys, self.slots))]
-        assert all(self.g4.read(items)), f"{self.name}: a read failed ({self.g4.errors})"
+    def kvbm_read(self, v2: bool = False) -> None:
+        g4, slots = (self.g4_v2, self.slots_v2) if v2 else (self.g4, self.slots)
+        items = [(k, s, self.dst.view(i)) for i, (k, s) in enumerate(zip(self.keys, slots))]
+        assert all(g4.read(items)), f"{self.name}: a read failed ({g4.errors})"
 
     def raw_write(self, fs=None) -> None:
         fs = fs or self.g4.fs
@@ -157,6 +176,10 @@ class Case:
             self.dst.pool[:] = 0  # every run must land its bytes again
         self.kvbm_read()
         assert np.array_equal(self.dst.pool, self.src.pool), f"{self.name}: bytes differ after the round trip"
+        if self.g4_v2 is not None:
+            self.dst.pool[:] = 0
+            self.kvbm_read(v2=True)
+            assert np.array_equal(self.dst.pool, self.src.pool), f"{self.name}: v2 bytes differ after the round trip"
 
     def report(self) -> dict:
         gib = self.src.capacity_blocks * self.src.block_nbytes / 2**30
@@ -166,7 +189,8 @@ class Case:
         for op in ("write", "read"):
             raws = [k for k in med if k.startswith(f"raw {op}")]
             peers = [k for k in raws if "kvbm's config" not in k]
-            for label in [f"kvbm {op}", *raws]:
+            v2 = [f"kvbm {op}, v2 HMAC"] if f"kvbm {op}, v2 HMAC" in med else []
+            for label in [f"kvbm {op}", *v2, *raws]:
                 out["rows"].append({"label": label, "gibs": gib / med[label], "cpu_s_per_gib": cpu[label] / gib,
                                     "runs": self.wall[label]})
                 print(f"  {self.name:<8} {label:<32} {gib / med[label]:6.3f} GiB/s  "
@@ -177,7 +201,21 @@ class Case:
                 out["ratios"][f"{op} {kind}"] = {"ratio": ratio, "limit": limit}
                 if kind == "peer" or among != peers:
                     print(f"  {self.name:<8} {op:<5} ratio kvbm / {limit}: {ratio:.2f}")
+                if v2:  # the same ratio for v2 (HMAC-SHA256) objects, for the record
+                    out["ratios"][f"{op} {kind}, v2 HMAC"] = {"ratio": med[limit] / med[v2[0]], "limit": limit}
+                    if kind == "peer" or among != peers:
+                        print(f"  {self.name:<8} {op:<5} ratio kvbm v2 HMAC / {limit}: {med[limit] / med[v2[0]]:.2f}")
         return out
+
+
+def _v2(g4: ObjectStorage, other: ObjectStorage) -> ObjectStorage | None:
+    """`other` writing v2 (HMAC-SHA256) objects, beside g4 writing v3; None when g4 itself
+    writes v2 (no `cryptography`): nothing to compare."""
+    if g4.write_version == 2:
+        other.close()
+        return None
+    other.write_version = 2
+    return other
 
 
 def _runs(ts: list[float]) -> str:
@@ -227,25 +265,33 @@ def main() -> None:
             g4 = ObjectStorage(n, nbytes, namespace="bench", url=f"s3://{BUCKET}/g4",
                                max_concurrency=conc, storage_options=opts, timeout=120)
             g4.fs.mkdir(BUCKET)
+            g4_v2 = _v2(g4, ObjectStorage(n, nbytes, namespace="bench-v2", url=f"s3://{BUCKET}/g4",
+                                          max_concurrency=conc, storage_options=opts, timeout=120))
             import s3fs
 
             stock = s3fs.S3FileSystem(endpoint_url=server.endpoint, skip_instance_cache=True,
                                       config_kwargs={"max_pool_connections": max(10, conc)})
-            case = Case("s3/moto", g4, src, dst, conc, stock=stock)
+            case = Case("s3/moto", g4, src, dst, conc, stock=stock, g4_v2=g4_v2)
             case.run(args.repeat, sync=False)
             results["cases"].append(case.report())
-            print(f"  s3/moto  errors {g4.errors}")
+            print(f"  s3/moto  errors {g4.errors}" + (f", v2 {g4_v2.errors}" if g4_v2 else ""))
             g4.close()
+            if g4_v2 is not None:
+                g4_v2.close()
 
     if not args.skip_file:
         tmp = tempfile.mkdtemp(prefix="kvbm-bench-g4-", dir=args.dir)
         try:
             g4 = ObjectStorage(n, nbytes, namespace="bench", url=f"file://{tmp}", max_concurrency=conc)
-            case = Case("file://", g4, src, dst, conc)
+            g4_v2 = _v2(g4, ObjectStorage(n, nbytes, namespace="bench-v2", url=f"file://{tmp}",
+                                          max_concurrency=conc))
+            case = Case("file://", g4, src, dst, conc, g4_v2=g4_v2)
             case.run(args.repeat, sync=True)
             print(f"  file://  in {tmp} (page cache; os.sync() before each timed run)")
             results["cases"].append(case.report())
             g4.close()
+            if g4_v2 is not None:
+                g4_v2.close()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"total {time.perf_counter() - t_start:.0f} s")

@@ -224,3 +224,17 @@ def test_any_flipped_byte_is_never_served(at, xor, version):
     put(g4, 3, bytes(bad))
     assert load(g4, [3], [slot])[0] == [False]
     assert g4.errors.checksum_errors == 1
+
+
+def test_a_damaged_v3_payload_is_counted_corrupt_not_foreign(url):
+    """v3 gets check only the tag; when it fails, the CRC tells damage from a foreign object."""
+    g4 = ObjectStorage(4, N, namespace="ns", url=url, secret=A)
+    payload = blocks(1, 11)[0]
+    (slot,) = store(g4, [4], [payload])
+    bad = bytearray(raw(g4, 4))
+    bad[HEADER_MIN + N // 2] ^= 0x10  # a bit flipped in storage
+    put(g4, 4, bytes(bad))
+    assert load(g4, [4], [slot])[0] == [False] and counts(g4) == (1, 0, 0)
+    store(g4, [4], [payload])
+    ok, out = load(g4, [4], [slot])
+    assert ok == [True] and np.array_equal(out[0], payload)

@@ -23,7 +23,9 @@ served. Headers (little-endian; the payload always starts 64 bytes in):
     v1 (kvbm before the MAC)                       never looked up: misses
 
 A v3 put CRCs its block first (the CRC keys the tag), then tags it beside the copy; a get
-checks CRC and tag in one pass, chunk by chunk, beside the copy, so a read that fails
+checks the tag (v2: CRC and MAC) in one pass, chunk by chunk, beside the copy (a v3 get
+computes the CRC only when the tag fails, to count the object as damaged or foreign; a tag
+that holds vouches for the header's CRC and the payload together), so a read that fails
 verification may have filled part of its buffer: False means use none of it (the manager
 frees that slot; as with G3, the caller never sees the bytes).
 
@@ -315,7 +317,7 @@ class ObjectStorage(Storage):
                 got += n
             if f.read(1):
                 raise Corrupt(f"{path}: longer than one block")
-        check.verify()
+        check.verify(view)
 
     def _delete(self, path: str) -> None:
         try:
@@ -371,7 +373,7 @@ class ObjectStorage(Storage):
             piece = view[HEADER_MIN + at:HEADER_MIN + at + CHUNK]
             check.update(piece)
             dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-        check.verify()
+        check.verify(view[HEADER_MIN:])
 
     def _checker(self, path: str, key: Any, head: bytes | memoryview) -> _Check:
         """Raises Corrupt unless the header is a kvbm object of this layout (v2 or v3); else
@@ -504,32 +506,39 @@ class _SealV3:
 
 
 class _Check:
-    """A get: the payload's CRC-32C and MAC, fed chunk by chunk; verify() raises Corrupt when
-    the CRC fails, Foreign when the CRC holds and the MAC does not."""
+    """A get: the payload's MAC (and, v2, its CRC-32C) fed chunk by chunk; verify(payload)
+    raises Corrupt when the CRC fails, Foreign when the CRC holds and the MAC does not.
+
+    v3 computes the CRC only when the tag fails, to tell a damaged object from a foreign one:
+    a tag that holds authenticates the payload and the header's CRC of it together, so the
+    CRC can only agree (saves ~0.1 s of CPU per GiB read)."""
 
     def __init__(self, path: str, head: bytes, mac: Any) -> None:
         self.path, self.head, self.mac, self.crc = path, head, mac, 0
+        self.v2 = HEADER.unpack_from(head)[1] == HMAC_VERSION
 
     def update(self, piece: memoryview) -> None:
-        self.crc = ops.crc32c(piece, self.crc)
+        if self.v2:
+            self.crc = ops.crc32c(piece, self.crc)
         self.mac.update(piece)
 
-    def verify(self) -> None:
-        magic, version, mac_len, crc, nbytes = HEADER.unpack_from(self.head)
-        if crc != self.crc:
-            raise Corrupt(f"{self.path}: CRC-32C mismatch")
-        if version == HMAC_VERSION:
+    def verify(self, payload: memoryview) -> None:
+        crc = HEADER.unpack_from(self.head)[3]
+        if self.v2:
+            if crc != self.crc:
+                raise Corrupt(f"{self.path}: CRC-32C mismatch")
             self.mac.update(self.head[:HEADER.size])
-            good = hmac.compare_digest(self.mac.digest(), self.head[HEADER.size:HEADER.size + MAC_BYTES])
+            if hmac.compare_digest(self.mac.digest(), self.head[HEADER.size:HEADER.size + MAC_BYTES]):
+                return
         else:  # v3: the tag covers the payload and every header byte before it (nonce, zeros)
             self.mac.update(self.head[:TAG_AT])
             try:
                 self.mac.verify(self.head[TAG_AT:])
-                good = True
+                return
             except Exception:  # cryptography.exceptions.InvalidSignature
-                good = False
-        if not good:
-            raise Foreign(f"{self.path}: valid CRC but no valid MAC: not this deployment's block")
+                if ops.crc32c(payload) != crc:
+                    raise Corrupt(f"{self.path}: CRC-32C mismatch") from None
+        raise Foreign(f"{self.path}: valid CRC but no valid MAC: not this deployment's block")
 
 
 def _nonce() -> bytes:
