@@ -15,6 +15,9 @@ Two streams, each run on a fresh policy per repeat; best of --repeat is reported
     micro    N single-key calls on a synthetic key range: insert into an empty policy, touch of
              resident keys in random order, evict(1) from a full policy until empty.
 
+    memory   --memory: bytes traced (tracemalloc) per resident key after the trace stream, at
+             --capacity: the policy's whole state, ghosts and samples included.
+
 The hit ratio each policy reaches on the trace stream is printed as a check that the streams
 did the same work (they differ only where the policies choose different victims).
 """
@@ -99,6 +102,41 @@ def trace_stream(name: str, requests, capacity: int, overhead: float) -> tuple[d
     return out, hits / accesses
 
 
+def memory(name: str, requests, capacity: int) -> float:
+    """Bytes held per resident key after the trace stream (the stream's own lists freed)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        policy = EVICTION.get(name)(capacity)
+        for keys in requests:
+            n = 0
+            while n < len(keys) and keys[n] in policy:
+                n += 1
+            if n:
+                policy.touch(list(keys[:n]))
+            later = [k for k in keys[n:] if k in policy]
+            if later:
+                policy.touch(later)
+            new = [k for k in dict.fromkeys(keys[n:]) if k not in policy]
+            if not new:
+                continue
+            room = len(policy) + len(new) - capacity
+            if room > 0:
+                policy.evict(room, ())
+            hints = None
+            if policy.wants_structure:
+                pos = {k: i for i, k in enumerate(keys)}
+                hints = [Hints(parent=keys[pos[k] - 1] if pos[k] else None, position=pos[k]) for k in new]
+            policy.insert_many(new, hints)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] / max(1, len(policy))
+    finally:
+        tracemalloc.stop()
+
+
 def micro(name: str, n: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     keys = list(range(n))
@@ -127,9 +165,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--micro-n", type=int, default=50_000)
     ap.add_argument("--policies", default="lru,hitdensity,auto")
+    ap.add_argument("--memory", action="store_true", help="report bytes per resident key only")
     args = ap.parse_args(argv)
     names = args.policies.split(",")
     requests = [r.hash_ids for r in load_trace(BUNDLED["mooncake"]).requests]
+    if args.memory:
+        for name in args.policies.split(","):
+            print(f"{name}: {memory(name, requests, args.capacity):.0f} B per resident key "
+                  f"(capacity {args.capacity:,})", flush=True)
+        return 0
     overhead = _timer_overhead()
 
     results: dict = {}

@@ -1,7 +1,9 @@
 """Every eviction policy over a grid of workloads and capacities: prefix hit ratio, gap closed, worst cell.
 
     python bench/eval_policies.py [--split tune|held-out|all] [--policies NAMES] [--fractions F,...]
-                                  [--jobs 2] [--json OUT] [--out DIR]
+                                  [--jobs 2] [--json OUT]
+    python bench/eval_policies.py --merge A.json,B.json [--json OUT]   (runs of different policies:
+                                  one grid, printed per split; later files win on a repeated cell)
 
 Grid
     rows      workloads: the synthetic family of kvbm/sim/synth.py (WORKLOADS; seeds fixed there)
@@ -144,9 +146,38 @@ def markdown(records, policies) -> str:
         cell = lambda k: f"{k[0]} {k[1]:.0%}" if k else "-"  # noqa: E731
         wg = f"{s['worst_gap_closed']:+.0%} ({cell(s['worst_gap_cell'])})" if s["worst_gap_closed"] is not None else "-"
         mg = f"{s['median_gap_closed']:+.0%}" if s["median_gap_closed"] is not None else "-"
-        lines.append(f"| {p} | {wg} | {mg} | {s['worst_shortfall']:+.4f} ({cell(s['worst_shortfall_cell'])}) "
+        wf = f"{s['worst_shortfall']:+.4f}" if s["worst_shortfall"] is not None else "-"
+        lines.append(f"| {p} | {wg} | {mg} | {wf} ({cell(s['worst_shortfall_cell'])}) "
                      f"| {s['cells_below_lru']} of {s['cells']} |")
     return "\n".join(lines)
+
+
+def merge(paths, out=None) -> int:
+    """One grid from runs of different policies over the same rows; markdown per split."""
+    records: dict = {}
+    policies: list = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            print(f"eval_policies: cannot read {path}: {e}; give record files written by --json", file=sys.stderr)
+            return 2
+        policies += [p for p in data["policies"] if p not in policies]
+        for r in data["records"]:
+            records[(r["workload"], r["fraction"], r["policy"])] = r
+    order = [BASELINE, *[p for p in policies if p not in (BASELINE, CEILING)], CEILING]
+    policies = [p for p in order if p in policies]
+    rows = list(dict.fromkeys(w for w, _, _ in records))
+    merged = sorted(records.values(), key=lambda r: (rows.index(r["workload"]), r["fraction"],
+                                                     policies.index(r["policy"])))
+    if out:
+        Path(out).write_text(json.dumps({"policies": policies, "records": merged}, indent=1))
+    for split, names in (("tune", TUNE), ("held-out", HELD_OUT), ("other", None)):
+        part = [r for r in merged if (r["workload"] in names if names else
+                                      r["workload"] not in TUNE + HELD_OUT)]
+        if part:
+            print(f"\n**{split} rows**\n\n" + markdown(part, policies))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -157,7 +188,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", help="write the records here (bench/plots and notebook 01 read them)")
+    ap.add_argument("--merge", help="comma-separated record files of earlier runs: merge, print, write --json")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge.split(","), args.json)
     policies = args.policies.split(",") if args.policies else every_policy()
     for p in policies:
         EVICTION.get(p)
