@@ -45,14 +45,16 @@ old policy's learned state, so it must be worth it.
 Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the cells where
 auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
 
-Memory per resident key: the active policy's own state (s3fifo ~150 B, prefix ~250 B,
-hitdensity ~200 B with its per-key class), a parent entry (~100 B, for a switch to a
-structured policy), for root blocks a set entry, and while a request is served one dict
-entry per key of that request (~100 B x request length, freed at the next request). The
-minis hold `rate` x their per-key state per resident key, ghosts included: about 0.6 KB x
-rate (all of it at rate 1, i.e. tiers under 1024 blocks; under 10 B at 1/64).
-Cost per operation: the active policy's, one hash per key, a dict insert per key for the
-request being served, and the minis' on sampled keys (bench/bench_policy_cost.py).
+Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream):
+645 B at 10,000 blocks (sample rate 0.1; hitdensity alone 452 B), 1,874 B at 1,000 blocks
+(rate 1: every key in every mini; hitdensity alone 623 B). It is the active policy's state,
+a parent entry per key (for a switch to a structured policy), a set entry per root block,
+the minis' `rate` x their per-key state (ghosts included), and a map of the request being
+served (resident keys only: bounded by the tier).
+Cost per operation: the active policy's, one hash per key, a dict entry per key for the
+request being served, and the minis' on sampled keys. On the Mooncake stream at 10,000 blocks
+auto costs ~28x LRU per access, hitdensity (its active policy there) ~17x: the issue's 5x
+bound is not met (bench/RESULTS.md).
 """
 
 from __future__ import annotations
