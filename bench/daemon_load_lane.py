@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def main() -> int:
             b.close()
     finally:
         daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
     res = {m: {"p50_ms": statistics.median(v) * 1e3, "p90_ms": sorted(v)[int(0.9 * len(v))] * 1e3}
            for m, v in lat.items()}
     ratio = res["two lanes"]["p50_ms"] / res["one lane"]["p50_ms"]
