@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from kvbm.ops import crc32c
 from kvbm.tiers import object as objmod
+from kvbm.tiers import seal as sealmod
 from kvbm.tiers.object import HEADER, HEADER_MIN, HMAC_VERSION, MAGIC, VERSION, ObjectStorage
 from kvbm.tiers.seal import NONCE_BYTES, POLY_TAG_BYTES, Seal
 
@@ -163,7 +164,7 @@ def test_truncated_or_extended_objects_are_misses(url):
 def test_a_repeated_nonce_still_keys_different_payloads_apart(url, monkeypatch):
     """A writer whose nonces repeated (the CSPRNG is the only source, but say it did): two
     payloads of one key have different CRCs, so different one-time keys; both still verify."""
-    monkeypatch.setattr(objmod, "_nonce", lambda: b"\x42" * NONCE_BYTES)
+    monkeypatch.setattr(sealmod, "_nonce", lambda: b"\x42" * NONCE_BYTES)
     g4 = ObjectStorage(4, N, namespace="ns", url=url, secret=A)
     d1, d2 = blocks(2, 7)
     (slot,) = store(g4, [8], [d1])

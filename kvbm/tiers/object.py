@@ -56,11 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hmac
-import logging
 import os
-import struct
 import threading
 import time
 import uuid
@@ -73,22 +69,10 @@ import numpy as np
 
 from .. import ops
 from .base import Region, Storage, make_private_dir
-from .seal import MAC_BYTES, NONCE_BYTES, POLY_TAG_BYTES, Seal, object_secret, poly1305_available
+from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
+    HEADER, HEADER_MIN, HMAC_VERSION, MAC_LEN, MAGIC, NONCE_AT, NONCE_BYTES, VERSION, Corrupt, Foreign,
+    Seal, _Check, _SealV2, _SealV3, _warn_no_poly1305, object_secret, poly1305_available)
 
-log = logging.getLogger(__name__)
-
-MAGIC = b"KVB4"
-VERSION = 3  # Poly1305 under a one-time key (needs `cryptography`)
-HMAC_VERSION = 2  # HMAC-SHA256: written without `cryptography`, read always
-# magic, version, MAC length, CRC-32C of the payload, block_nbytes; then (v2) the MAC, or (v3)
-# the nonce, zero bytes and the tag; zero-padded so that every object of a layout has one size
-# (HEADER_MIN + block_nbytes) and the payload starts 64 bytes in. One size lets puts reuse
-# their bodies and lets recover() spot torn objects.
-HEADER = struct.Struct("<4sHHIQ")
-HEADER_MIN = 64
-NONCE_AT = HEADER.size  # v3: 20..36 nonce, 36..48 zero, 48..64 tag
-TAG_AT = HEADER_MIN - POLY_TAG_BYTES
-MAC_LEN = {HMAC_VERSION: MAC_BYTES, VERSION: POLY_TAG_BYTES}
 CHUNK = 1 << 20  # CRC and MAC run over a chunk while it is in cache from the copy
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
@@ -107,14 +91,6 @@ S3_CHECKSUMS = {"request_checksum_calculation": "when_required", "response_check
 def default_url() -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return "file://" + os.path.join(cache, "kvbm", "g4")
-
-
-class Corrupt(Exception):
-    """The object exists but is not this block (header, length or CRC mismatch)."""
-
-
-class Foreign(Corrupt):
-    """Header and CRC hold but the MAC does not: another deployment's object, or a forgery."""
 
 
 class ObjectStorage(Storage):
@@ -469,88 +445,6 @@ class ObjectStorage(Storage):
             self.errors.io_errors += io_errors
             self.errors.checksum_errors += checksum_errors
             self.errors.foreign_objects += foreign_objects
-
-
-class _SealV2:
-    """A v2 put: CRC-32C and HMAC-SHA256 fed chunk by chunk, then the header."""
-
-    def __init__(self, mac: Any, nbytes: int) -> None:
-        self.crc, self.mac, self.nbytes = 0, mac, nbytes
-
-    def update(self, piece: memoryview) -> None:
-        self.crc = ops.crc32c(piece, self.crc)
-        self.mac.update(piece)
-
-    def header(self) -> bytes:
-        """Fields, then the MAC (fed the fields last, after the payload), zero-padded."""
-        fields = HEADER.pack(MAGIC, HMAC_VERSION, MAC_BYTES, self.crc, self.nbytes)
-        self.mac.update(fields)
-        return (fields + self.mac.digest()).ljust(HEADER_MIN, b"\0")
-
-
-class _SealV3:
-    """A v3 put: the CRC-32C first (it keys the tag), a fresh nonce, then Poly1305 fed chunk by
-    chunk and the header bytes before the tag last."""
-
-    def __init__(self, seal: Seal, key: Any, data: memoryview) -> None:
-        fields = HEADER.pack(MAGIC, VERSION, POLY_TAG_BYTES, ops.crc32c(data), len(data))
-        self.head = (fields + _nonce()).ljust(TAG_AT, b"\0")
-        self.mac = seal.one_time_mac(key, fields, self.head[NONCE_AT:NONCE_AT + NONCE_BYTES])
-
-    def update(self, piece: memoryview) -> None:
-        self.mac.update(piece)
-
-    def header(self) -> bytes:
-        self.mac.update(self.head)
-        return self.head + self.mac.finalize()
-
-
-class _Check:
-    """A get: the payload's MAC (and, v2, its CRC-32C) fed chunk by chunk; verify(payload)
-    raises Corrupt when the CRC fails, Foreign when the CRC holds and the MAC does not.
-
-    v3 computes the CRC only when the tag fails, to tell a damaged object from a foreign one:
-    a tag that holds authenticates the payload and the header's CRC of it together, so the
-    CRC can only agree (saves ~0.1 s of CPU per GiB read)."""
-
-    def __init__(self, path: str, head: bytes, mac: Any) -> None:
-        self.path, self.head, self.mac, self.crc = path, head, mac, 0
-        self.v2 = HEADER.unpack_from(head)[1] == HMAC_VERSION
-
-    def update(self, piece: memoryview) -> None:
-        if self.v2:
-            self.crc = ops.crc32c(piece, self.crc)
-        self.mac.update(piece)
-
-    def verify(self, payload: memoryview) -> None:
-        crc = HEADER.unpack_from(self.head)[3]
-        if self.v2:
-            if crc != self.crc:
-                raise Corrupt(f"{self.path}: CRC-32C mismatch")
-            self.mac.update(self.head[:HEADER.size])
-            if hmac.compare_digest(self.mac.digest(), self.head[HEADER.size:HEADER.size + MAC_BYTES]):
-                return
-        else:  # v3: the tag covers the payload and every header byte before it (nonce, zeros)
-            self.mac.update(self.head[:TAG_AT])
-            try:
-                self.mac.verify(self.head[TAG_AT:])
-                return
-            except Exception:  # cryptography.exceptions.InvalidSignature
-                if ops.crc32c(payload) != crc:
-                    raise Corrupt(f"{self.path}: CRC-32C mismatch") from None
-        raise Foreign(f"{self.path}: valid CRC but no valid MAC: not this deployment's block")
-
-
-def _nonce() -> bytes:
-    """A v3 object's nonce: 16 bytes from the kernel's CSPRNG (getrandom: fork-safe), never a
-    counter, never given by a caller."""
-    return os.urandom(NONCE_BYTES)
-
-
-@functools.cache
-def _warn_no_poly1305() -> None:
-    log.warning("object storage: v3 (Poly1305) objects are misses here: install `cryptography` "
-                "(pip install 'kvbm-tiered[s3]') to read them")
 
 
 def _bytes(buf: Any, nbytes: int, writable: bool = False) -> Any:
