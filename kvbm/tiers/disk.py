@@ -14,7 +14,7 @@ Files live in `<path>/<namespace>/`:
                 so every slot is aligned for O_DIRECT), preallocated at open
     index.log   a header (block size, capacity), then put records (key, slot, crc32c and
                 sequence for each block of one write call) and delete records (slot), each
-                framed with its own length and checksum
+                framed with its own length and checksum (the record format: disk_index.py)
 
 A write lands the bytes first and appends their put record after, and syncs neither (the
 files are synced at close and when the index is compacted). After a crash a record may
@@ -47,89 +47,28 @@ import os
 import re
 import shutil
 import stat
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import ops
-from .base import Region, Storage, decode_key, encode_key, make_private_dir
+from .base import Region, Storage, encode_key, make_private_dir
+from .disk_index import DELETE, PUT, Entry, compacted, delete_record, put_record, replay
 
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-MAGIC = b"KVBM-G3\0"
-VERSION = 1
 SLOTS_FILE = "slots.bin"
 INDEX_FILE = "index.log"
-
-# Every record: payload length and its checksum (zlib's crc32: framing, not block data), then
-# the payload: its kind and sequence number, then a body. A put record holds one entry per
-# block of a write call (entry j has sequence seq + j), so a batch costs one frame.
-FRAME = struct.Struct("<II")
-HEAD = struct.Struct("<BQ")
-HEADER, PUT, DELETE = 0, 1, 2
-HEADER_BODY = struct.Struct("<8sIQQ")  # magic, version, block_nbytes, capacity_blocks
-PUT_ENTRY = struct.Struct("<IIH")  # slot, crc32c of the block, key length; the key's name follows
-DELETE_BODY = struct.Struct("<I")  # slot
-MAX_RECORD = 1 << 30  # a garbled length beyond this ends the replay
-COMPACT_ENTRIES = 65536  # put entries per frame when the index is rewritten
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def align_up(n: int, a: int = PAGE) -> int:
     return (n + a - 1) // a * a
-
-
-@dataclass(slots=True)
-class Entry:
-    key: Any
-    crc: int
-    seq: int
-
-
-def _frame(kind: int, seq: int, body: bytes) -> bytes:
-    payload = HEAD.pack(kind, seq) + body
-    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def _put_record(seq: int, entries: Sequence[tuple[int, int, bytes]]) -> bytes:
-    """One frame for [(slot, crc, key name)], sequences seq, seq + 1, ..."""
-    pack = PUT_ENTRY.pack
-    return _frame(PUT, seq, b"".join([pack(slot, crc, len(name)) + name for slot, crc, name in entries]))
-
-
-def _put_entries(body: bytes):
-    pos = 0
-    while pos < len(body):
-        slot, crc, n = PUT_ENTRY.unpack_from(body, pos)
-        pos += PUT_ENTRY.size + n
-        yield slot, crc, body[pos - n : pos]
-
-
-def _records(data: bytes):
-    """(kind, seq, body) for each intact record; returns at the first torn or garbled one."""
-    pos = 0
-    while pos + FRAME.size <= len(data):
-        length, crc = FRAME.unpack_from(data, pos)
-        end = pos + FRAME.size + length
-        if not HEAD.size <= length <= MAX_RECORD or end > len(data):
-            break
-        payload = data[pos + FRAME.size : end]
-        if zlib.crc32(payload) != crc:
-            break
-        kind, seq = HEAD.unpack_from(payload)
-        yield kind, seq, payload[HEAD.size :]
-        pos = end
-    if pos < len(data):
-        log.warning("disk storage: ignoring %d bytes of torn or garbled index records at the end",
-                    len(data) - pos)
 
 
 class DiskStorage(Storage):
@@ -183,36 +122,15 @@ class DiskStorage(Storage):
             data = self.index_path.read_bytes()
         except FileNotFoundError:
             return
-        records = _records(data)
-        first = next(records, None)
-        if first is None or first[0] != HEADER or HEADER_BODY.unpack_from(first[2])[:2] != (MAGIC, VERSION):
-            log.warning("disk storage: %s has no readable header; starting empty", self.index_path)
-            return
-        nbytes, capacity = HEADER_BODY.unpack_from(first[2])[2:]
-        if (nbytes, capacity) != (self.block_nbytes, self.capacity_blocks):
-            log.warning("disk storage: %s was written for block_nbytes=%d, capacity_blocks=%d, but this "
-                        "store has block_nbytes=%d, capacity_blocks=%d; starting empty (the old blocks are "
-                        "dropped, never read with the wrong layout)", self.index_path, nbytes, capacity,
-                        self.block_nbytes, self.capacity_blocks)
-            return
-        for kind, seq, body in records:
-            try:  # the frame's checksum held, so this only fails for bytes we did not write
-                if kind == PUT:
-                    entries = [(slot, crc, decode_key(name.decode())) for slot, crc, name in _put_entries(body)]
-                elif kind == DELETE:
-                    deleted = DELETE_BODY.unpack(body)[0]
-            except (struct.error, ValueError) as exc:
-                log.warning("disk storage: %s has a malformed record (%s); ignoring it and all after it",
-                            self.index_path, exc)
-                break
+        for kind, seq, body in replay(data, self.index_path, self.block_nbytes, self.capacity_blocks):
             self._seq = max(self._seq, seq)
             if kind == PUT:
-                for j, (slot, crc, key) in enumerate(entries):
+                for j, (slot, crc, key) in enumerate(body):
                     if slot < self.capacity_blocks:
                         self._map(slot, key, crc, seq + j)
-                self._seq = max(self._seq, seq + len(entries) - 1)
+                self._seq = max(self._seq, seq + len(body) - 1)
             elif kind == DELETE:
-                self._unmap(deleted)
+                self._unmap(body)
 
     def _enter_read_only(self, exc: OSError) -> None:
         """The index could not be rewritten for lack of space: serve what it holds, take no writes."""
@@ -293,20 +211,7 @@ class DiskStorage(Storage):
 
     def _compact(self) -> None:
         """Rewrite the index as header + one put per live block (atomic: temp, fsync, rename)."""
-        header = _frame(HEADER, 0, HEADER_BODY.pack(MAGIC, VERSION, self.block_nbytes, self.capacity_blocks))
-        live = sorted(self._index.items(), key=lambda item: item[1].seq)
-        # Sequences stay as they were (gaps and all); a frame holds consecutive ones only.
-        frames, run, run_seq = [header], [], 0
-        for slot, e in live:
-            if run and (len(run) == COMPACT_ENTRIES or e.seq != run_seq + len(run)):
-                frames.append(_put_record(run_seq, run))
-                run = []
-            if not run:
-                run_seq = e.seq
-            run.append((slot, e.crc, encode_key(e.key).encode()))
-        if run:
-            frames.append(_put_record(run_seq, run))
-        data = b"".join(frames)
+        data = compacted(self.block_nbytes, self.capacity_blocks, self._index)
         tmp = self.index_path.with_name(INDEX_FILE + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
@@ -387,7 +292,7 @@ class DiskStorage(Storage):
             # so a block that comes back after a restart still matches its record
             if self._unmap(slot) is not None and not self.read_only:
                 self._seq += 1
-                if not self._append(_frame(DELETE, self._seq, DELETE_BODY.pack(slot))):
+                if not self._append(delete_record(self._seq, slot)):
                     self.errors.io_errors += 1  # it may come back after a restart; its crc still holds
 
     @property
@@ -464,7 +369,7 @@ class DiskStorage(Storage):
         result = [False] * len(items)
         with self._lock:
             first = self._seq + 1
-            record = _put_record(first, [(slots[i], crc_list[i], names[i]) for i in ok])
+            record = put_record(first, [(slots[i], crc_list[i], names[i]) for i in ok])
             if ok and self._append(record, len(ok)):
                 self._seq += len(ok)
                 index, slot_of, unmap = self._index, self._slot_of, self._unmap
