@@ -9,11 +9,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -187,8 +185,11 @@ std::vector<Run> plan_runs(const Job& job, uint64_t max_bytes) {
 // ---- Linux AIO: O_DIRECT I/O is truly asynchronous, so one thread keeps a deep queue ----
 //
 // A thread pool sized for memory copies (one worker per CPU) gives an NVMe drive a queue
-// depth of a few; kernel AIO gives it kAioDepth from one thread. Checksums run beside the
-// I/O on a second task: a write's over its source at once, a read's over each run as it lands.
+// depth of a few; kernel AIO gives it kAioDepth from one thread. The same thread checksums
+// while the device works: a write's source once its runs are submitted, a read's runs as
+// they land (the queue refilled first). A second thread for the checksums lost here: on a
+// busy 2-core box its wake-up came late, so the caller's thread often ran the I/O and then
+// every checksum after it, in series, and each hand-off cost a context switch.
 
 struct AioContext {
   aio_context_t ctx = 0;
@@ -209,9 +210,11 @@ struct AioContext {
 
 // Moves the runs (none needs a bounce) with AIO on this thread's context. Each run's blocks
 // get their status before on_done(r); a run that fails or comes up short, or that AIO
-// refuses (no context, say), is redone block by block (Job::single).
-template <typename OnDone>
-void aio_move(const Job& job, const std::vector<Run>& runs, OnDone on_done) {
+// refuses (no context, say), is redone block by block (Job::single). work() is called
+// whenever the queue is as full as it may be: it does one piece of other work (a checksum)
+// and returns true, or false when there is none, and then this thread sleeps on the device.
+template <typename OnDone, typename Work>
+void aio_move(const Job& job, const std::vector<Run>& runs, OnDone on_done, Work work) {
   const aio_context_t ctx = AioContext::get();
   const auto len = static_cast<size_t>(job.nbytes);
   std::vector<iovec> iov(job.n);
@@ -257,14 +260,18 @@ void aio_move(const Job& job, const std::vector<Run>& runs, OnDone on_done) {
       finish(next++, false);  // refused: done by hand
     }
     if (inflight == 0) continue;
+    // Other work first, then whatever landed meanwhile; sleep only when there is none.
+    const bool worked = work();
+    timespec now{0, 0};
     long got;
     do {
-      got = syscall(SYS_io_getevents, ctx, 1L, static_cast<long>(kAioDepth), events, nullptr);
+      got = syscall(SYS_io_getevents, ctx, worked ? 0L : 1L, static_cast<long>(kAioDepth), events,
+                    worked ? &now : nullptr);
     } while (got < 0 && errno == EINTR);
     if (got < 0) {  // only for a broken context: no more events will come
       for (size_t r = 0; r < runs.size(); ++r)
         if (!done[r]) on_done(r);  // its blocks keep their EIO
-      return;
+      break;
     }
     for (long e = 0; e < got; ++e) {
       const size_t r = events[e].data;
@@ -273,48 +280,37 @@ void aio_move(const Job& job, const std::vector<Run>& runs, OnDone on_done) {
       finish(r, events[e].res == static_cast<int64_t>(runs[r].count * len));
     }
   }
+  while (work()) {
+  }
 }
 
-// AIO for the runs, with checksums on a second task; false (nothing done) without AIO.
+// AIO for the runs, checksummed on this thread beside the I/O; false (nothing done) without AIO.
 bool aio_runs(const Job& job, const std::vector<Run>& runs) {
   if (AioContext::get() == 0) return false;
   if (job.crcs == nullptr) {
-    aio_move(job, runs, [](size_t) {});
+    aio_move(job, runs, [](size_t) {}, [] { return false; });
     return true;
   }
-  // Landed runs in completion order, published by the I/O task to the checksum task(s).
-  // A read's checksum task sleeps until its run lands: spinning would take the CPU that,
-  // in a VM, the host's emulation of the disk runs on (steal time rises from 0.5 % to 28 %
-  // of all ticks during O_DIRECT I/O here).
-  std::vector<size_t> landed(runs.size());
-  std::atomic<size_t> claimed{0};
-  std::mutex mu;
-  std::condition_variable arrived;
-  size_t published = 0;  // guarded by mu
+  auto checksum = [&](size_t r) {
+    for (size_t i = runs[r].first; i < runs[r].first + runs[r].count; ++i)
+      job.crcs[i] = job.write || job.status[i] == 0 ? job.crc_of(i) : 0;
+  };
+  // A write checksums its source in run order, without waiting for the device; a read, the
+  // runs that landed, in completion order.
+  std::vector<size_t> landed;
+  landed.reserve(runs.size());
+  size_t checked = 0;
   auto on_done = [&](size_t r) {
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      landed[published++] = r;
-    }
-    arrived.notify_all();
+    if (!job.write) landed.push_back(r);
   };
-  auto checksum = [&] {
-    for (size_t k; (k = claimed.fetch_add(1)) < runs.size();) {
-      size_t r = k;  // a write checksums its source in any order, without waiting
-      if (!job.write) {
-        std::unique_lock<std::mutex> lk(mu);
-        arrived.wait(lk, [&] { return published > k; });
-        r = landed[k];
-      }
-      for (size_t i = runs[r].first; i < runs[r].first + runs[r].count; ++i)
-        job.crcs[i] = job.write || job.status[i] == 0 ? job.crc_of(i) : 0;
-    }
+  auto work = [&] {
+    const size_t ready = job.write ? runs.size() : landed.size();
+    if (checked == ready) return false;
+    checksum(job.write ? checked : landed[checked]);
+    ++checked;
+    return true;
   };
-  // With no pool worker, the tasks run one after the other on this thread: I/O first.
-  parallel_for(2, [&](size_t t) {
-    if (t == 0) aio_move(job, runs, on_done);
-    checksum();
-  });
+  aio_move(job, runs, on_done, work);
   return true;
 }
 
