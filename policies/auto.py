@@ -60,9 +60,13 @@ bound is not met (bench/RESULTS.md).
 from __future__ import annotations
 
 import math
+from collections import deque
+from functools import partial
+from itertools import repeat
+from operator import attrgetter
 
 from .arc import ARCPolicy
-from .base import EvictionPolicy, Hints
+from .base import EvictionPolicy
 from .hitdensity import HitDensityPolicy
 from .lru import LRUPolicy
 from .prefix import PrefixPolicy
@@ -70,8 +74,22 @@ from .s3fifo import S3FIFOPolicy
 
 CANDIDATES = {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy,
               "prefix": PrefixPolicy, "hitdensity": HitDensityPolicy}
+_NO_KEY = object()
+_parent_of = attrgetter("parent")
 _MIX = 2654435761  # Knuth's multiplicative hash constant: spreads sequential ids too
 _MASK = 0xFFFFFFFF
+
+
+_drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
+
+
+class _Link:
+    """The one hint a structured mini or a switch needs, without Hints' validation per key."""
+
+    __slots__ = ("parent",)
+
+    def __init__(self, parent):
+        self.parent = parent
 
 
 class AutoPolicy(EvictionPolicy):
@@ -118,8 +136,9 @@ class AutoPolicy(EvictionPolicy):
         self._new_request = True
         self._stored_last = False
         self._structured = False  # hints with parents seen: roots mark requests
-        self._roots: set = set()  # resident keys that begin a sequence (no parent)
-        self._parents: dict = {}  # resident key -> parent, for a switch to a structured policy
+        # resident key -> its parent (None: it begins a sequence, a root), for a switch to a
+        # structured policy and to see where a request begins
+        self._parents: dict = {}
         self._ahead = [0] * len(self.names)  # consecutive checks each candidate led by enough
         self.active = start
         self._active_index = self.names.index(start)
@@ -149,7 +168,7 @@ class AutoPolicy(EvictionPolicy):
                 self._req, self._req_len = {}, 0
         elif first.parent is None:
             self._structured = True
-            self._roots.add(keys[0])
+            self._parents[keys[0]] = None
             self._new_request = True
             self._req, self._req_len = {}, 0
         if self.LEAF_FIRST and self._structured:
@@ -163,14 +182,11 @@ class AutoPolicy(EvictionPolicy):
         else:
             self._real.insert_many(keys, None)
         if per_key:
-            roots, parents = self._roots, self._parents
-            for k, h in zip(keys, hints):
-                if h is not None:
-                    if h.parent is None:
-                        roots.add(k)
-                    else:
-                        parents[k] = h.parent
-        elif hints is not None and hints.parent is not None:
+            if None in hints:
+                self._parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None)
+            else:  # the usual case: at C speed
+                self._parents.update(zip(keys, map(_parent_of, hints)))
+        elif hints is not None:
             self._parents[keys[0]] = hints.parent
         self._stored_last = True
         self._feed(keys, True)
@@ -180,7 +196,7 @@ class AutoPolicy(EvictionPolicy):
             keys = list(keys)
         if not keys:
             return
-        if keys[0] in self._roots or (self._stored_last and not self._structured):
+        if self._parents.get(keys[0], _NO_KEY) is None or (self._stored_last and not self._structured):
             self._new_request = True
             self._req, self._req_len = {}, 0
         if self.LEAF_FIRST and self._structured:
@@ -196,7 +212,6 @@ class AutoPolicy(EvictionPolicy):
 
     def remove(self, key):
         self._real.remove(key)
-        self._roots.discard(key)
         self._parents.pop(key, None)
         self._req.pop(key, None)
 
@@ -205,12 +220,10 @@ class AutoPolicy(EvictionPolicy):
         if (victims and self._req and self._req_len + n > len(self._real) + len(victims)
                 and not self._real.wants_structure):  # the request does not fit the tier
             victims = self._deepest_first(victims, protected)
-        if victims:
-            discard, pop, forget = self._roots.discard, self._parents.pop, self._req.pop
-            for v in victims:
-                discard(v)
-                pop(v, None)
-                forget(v, None)
+        if victims:  # forget them here too, at C speed
+            _drain(map(self._parents.pop, victims, repeat(None)))
+            if self._req:
+                _drain(map(self._req.pop, victims, repeat(None)))
         return victims
 
     def _deepest_first(self, victims, protected):
@@ -297,8 +310,7 @@ class AutoPolicy(EvictionPolicy):
                     for k in sample:
                         before[k] = prev
                         prev = k
-                hs = [Hints(parent=before[k], position=0 if before[k] is None else 1) for k in new]
-                mini.insert_many(new, hs)
+                mini.insert_many(new, [_Link(before[k]) for k in new])
             else:
                 mini.insert_many(new[::-1] if self.names[i] in self.REVERSED else new, None)
         ja = counted[self._active_index]
@@ -341,7 +353,7 @@ class AutoPolicy(EvictionPolicy):
         if new.wants_structure:
             parents = self._parents
             for k in order:
-                new.insert(k, Hints(parent=parents.get(k)))
+                new.insert(k, _Link(parents.get(k)))
         else:
             for k in order:
                 new.insert(k, None)
