@@ -51,7 +51,7 @@ from pathlib import Path
 from common import cpu_model  # bench/common.py
 from report_history import CAUSES, History, issue17_section, ratios  # bench/report_history.py
 from report_sections import (section_daemon, section_demo, section_disk, section_object,  # bench/report_sections.py
-                             section_ops, section_policy_cost, section_replay, section_sweep, table)
+                             section_ops, section_policy_cost, section_replay, section_sweep, md_table)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         f"shared or small machine expect ±20–30 % between runs (every ratio is taken inside one run). "
         f"No figure here is asserted by a test.\n",
         "## Machine\n",
-        table(["machine", "this run"], [[k, v] for k, v in mach.items()]),
+        md_table(["machine", "this run"], [[k, v] for k, v in mach.items()]),
         "## Measured by this report\n",
         issue17_section(history, CAUSES),
         section("replay", section_replay, plots, out),

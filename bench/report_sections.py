@@ -3,7 +3,7 @@
     section_replay / section_sweep / section_ops / section_policy_cost / section_demo /
     section_disk / section_object / section_daemon (run, ...) -> markdown (and the figures
                                                                   later sections or the history need)
-    table(head, rows)                                          a markdown table
+    md_table(head, rows)                                          a markdown table
 
 `run` is report.py's Run: the command as shown, its exit status and output. A benchmark that
 failed gets its exit status and the tail of its output instead of a table.
@@ -80,7 +80,7 @@ def _grouped(path: Path, groups, series: dict[str, list[float]], ylabel, title):
 # ---------------------------------------------------------------- sections
 
 
-def table(head: list[str], rows: list[list]) -> str:
+def md_table(head: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -98,7 +98,7 @@ def section_replay(run: Run, plots: Path, out: Path) -> str:
     ratio = r["manager_over_plain_time"]
     s += (f"{r['block_accesses']:,} block accesses at capacity {r['capacity']:,}; both give prefix hit "
           f"ratio {r['prefix_hit_ratio']:.4f} (checked by the bench).\n\n")
-    s += table(["replay", "accesses/s"], [
+    s += md_table(["replay", "accesses/s"], [
         ["plain OrderedDict LRU loop (peer)", f"{r['plain_lru_accesses_per_s'] / 1e6:.2f} M"],
         ["BlockManager.serve per request (locate, load, store; pins, stats)", f"{r['manager_accesses_per_s'] / 1e6:.2f} M"],
         ["**manager / plain time**", f"**{ratio:.2f}×** (target ≤ 2×: {'met' if ratio <= 2 else '**not met**'})"],
@@ -122,7 +122,7 @@ def section_sweep(run: Run, plots: Path, out: Path) -> str:
     policies = sorted({r["policy"] for r in rows}, key=lambda p: (p == "belady", -ratio.get((p, 10_000), 0)))
     table = [[f"**{p}**" if p == "belady" else p] + [f"{ratio[p, c]:.4f}" for c in caps] for p in policies]
     table.append(["LRU reference"] + [f"{LRU_REFERENCE[c]:.4f}" if c in LRU_REFERENCE else "-" for c in caps])
-    s += table(["policy"] + [f"{c:,}" for c in caps], table)
+    s += md_table(["policy"] + [f"{c:,}" for c in caps], table)
     if all(("lru", c) in ratio for c in LRU_REFERENCE):
         worst = max(abs(ratio["lru", c] - v) for c, v in LRU_REFERENCE.items())
         s += f"\nLRU vs the reference: largest difference {worst:.4f} ({'matches to 4 decimals' if worst < 5e-5 else 'check'}).\n"
@@ -141,7 +141,7 @@ def section_ops(run: Run, plots: Path, out: Path) -> tuple[str, float | None, di
     r = run.json()
     s += f"`{r['head']}`; limit: {r['limit']}, {r['limit_gbs']:.2f} GB/s; G2 pool huge pages: " \
          f"{r['host_pool_hugepages_kib']} KiB.\n\n"
-    s += table(["operation", "GB/s best", "GB/s median", "minor faults", "÷ limit"],
+    s += md_table(["operation", "GB/s best", "GB/s median", "minor faults", "÷ limit"],
                 [[x["label"], f"{x['gbs']:.2f}", f"{x['gbs_median']:.2f}", x["faults"],
                   f"{x['ratio']:.2f}×" if x["ratio"] else "-"] for x in r["rows"]])
     shown = [x for x in r["rows"] if "pure Python" not in x["label"]]
@@ -183,7 +183,7 @@ def section_demo(run: Run, plots: Path, out: Path, numpy_gbs, disk_limits) -> st
 
     rows = [[p, f"{t['blocks']:,}", f"{t['bytes'] / 1e9:.2f}", f"{t['gb_per_s']:.2f}", limit(p)]
             for p, t in ((p, r["transfers"][p]) for p in paths)]
-    s += table(["path", "blocks", "GB", "GB/s", "limit GB/s"], rows)
+    s += md_table(["path", "blocks", "GB", "GB/s", "limit GB/s"], rows)
     _barh(plots / "demo_paths.png", paths, [r["transfers"][p]["gb_per_s"] for p in paths], "GB/s",
           "kvbm demo: bandwidth per transfer path", limit=numpy_gbs,
           limit_label="numpy copy, same machine (memory limit)" if numpy_gbs else None)
@@ -225,7 +225,12 @@ def section_disk(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
     if io_only:
         s += ("kvbm's native I/O alone (the same batches through `ops.pwrite_blocks`/`pread_blocks`, no CRC-32C, "
               "no index), ÷ NIXL POSIX: " + "; ".join(io_only) + ".\n\n")
-    s += table(["block", "write GB/s", "÷ dd", "÷ fio", "÷ NIXL", "read GB/s", "÷ dd", "÷ fio", "÷ NIXL"], table)
+    beside = [f"{row['block'] >> 10} KiB: write {row['ratio_nixl_io_other_crc_write']:.2f}×, read "
+              f"{row['ratio_nixl_io_other_crc_read']:.2f}×" for row in r["rows"] if "ratio_nixl_io_other_crc_write" in row]
+    if beside:
+        s += ("The same native I/O while another thread checksums as many bytes of other memory (the CRC's CPU, "
+              "off the data path), ÷ NIXL POSIX: " + "; ".join(beside) + ".\n\n")
+    s += md_table(["block", "write GB/s", "÷ dd", "÷ fio", "÷ NIXL", "read GB/s", "÷ dd", "÷ fio", "÷ NIXL"], table)
     costs = [f"{row['block'] >> 10} KiB: " + ", ".join(f"{k} {v:.2f} s ({row['steal'][k]:.0%})"
                                                        for k, v in row["cpu_s_per_gib"].items())
              for row in r["rows"] if "cpu_s_per_gib" in row]
@@ -268,7 +273,7 @@ def section_object(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
             groups.append(f"{case['case']}\n{d}")
             ours.append(figs[f"kvbm {d}"]["gibs"])
             raw.append(figs[peer["limit"]]["gibs"])
-    s += table(["case", "way", "GiB/s (median)", "client CPU s/GiB", "ratio (raw time / kvbm time)"], rows)
+    s += md_table(["case", "way", "GiB/s (median)", "client CPU s/GiB", "ratio (raw time / kvbm time)"], rows)
     if groups:
         _grouped(plots / "object.png", groups, {"kvbm ObjectStorage": ours, "raw s3fs (peer)": raw},
                  "GiB/s", "G2 <-> G4: kvbm beside raw s3fs")
@@ -292,6 +297,6 @@ def section_daemon(run: Run) -> tuple[str, dict | None]:
             if f"bare_read_{kind}" in n:
                 rows.append([f"bare READ, {kind}", n[f"bare_read_{kind}"]["median_gbps"],
                              f"{n[f'ratio_vs_bare_{kind}']['median']:.2f}×"])
-        s += table(["what", "GB/s (median)", "pull ÷ this"], rows)
+        s += md_table(["what", "GB/s (median)", "pull ÷ this"], rows)
         s += f"\nWrong blocks: {n.get('wrong_blocks')}.\n"
     return s, r

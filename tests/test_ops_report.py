@@ -85,3 +85,31 @@ def test_a_quiet_run_under_load_says_a_quiet_run_is_pending(tmp_path):
     assert "pending" not in issue17_section(h, {})
     h.record("quiet", {"g2_gather_1t": 1.0}, load=17.2)
     assert "(load average 17.2 on 2 cores" in issue17_section(h, {}) and "pending" in issue17_section(h, {})
+
+
+class _Run:
+    """What report_sections reads of report.py's Run: a finished bench and its JSON."""
+
+    def __init__(self, data: dict):
+        self.shown, self.ok, self.out = "python bench/bench_disk.py --json", True, json.dumps(data)
+
+    def json(self):
+        return json.loads(self.out)
+
+
+def test_the_disk_section_shows_each_block_size_beside_its_limits_and_the_cpu_bound(tmp_path):
+    pytest.importorskip("matplotlib")
+    from report_sections import section_disk
+
+    row = {"block": 2 << 20, "bytes": 1 << 30, "kvbm_write_s": 0.25, "kvbm_read_s": 0.5, "nixl_write_s": 0.2,
+           "nixl_read_s": 0.25, "ratio_nixl_write": 0.8, "ratio_nixl_read": 0.5, "ratio_nixl_io_only_write": 1.1,
+           "ratio_nixl_io_only_read": 1.2, "ratio_nixl_io_other_crc_write": 0.9, "ratio_nixl_io_other_crc_read": 1.0,
+           "cpu_s_per_gib": {"kvbm_write": 0.1}, "steal": {"kvbm_write": 0.25}}
+    disk = {"limits": {"dd_write_s": 0.5, "dd_read_s": 1.0}, "rows": [row], "nixl": "ok"}
+    text, limits = section_disk(_Run(disk), tmp_path, tmp_path / "RESULTS.md")
+    # 1 GiB in 0.25 s = 4.29 GB/s; dd's 0.5 s over kvbm's 0.25 s = 2.00; NIXL: the paired median as given
+    assert "| 2048 KiB | 4.29 | 2.00 | - | 0.80 | 2.15 | 2.00 | - | 0.50 |" in text
+    assert "2048 KiB: write 1.10×, read 1.20×" in text  # native I/O alone
+    assert "other memory" in text and "2048 KiB: write 0.90×, read 1.00×" in text
+    assert "kvbm_write 0.10 s (25%)" in text
+    assert limits["_bytes"] == 1 << 30 and (tmp_path / "disk.png").exists()
