@@ -26,7 +26,7 @@ pytest.importorskip("zmq")
 pytest.importorskip("yaml")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_serve_helpers import BLOCK, CONFIG, KvbmServe, Server, kv_config, prompt, write_model  # noqa: E402
+from vllm_serve_helpers import BLOCK, CONFIG, KvbmServe, Server, kv_config, prompt, stored_blocks, wait_stored, write_model  # noqa: E402
 
 PROMPT = 8 * BLOCK + 60
 LAYOUT = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
@@ -56,7 +56,9 @@ def test_engine_b_hits_what_engine_a_stored(stack):
     daemon, a, b = stack
     tokens = prompt(11, PROMPT)
     before = b.external_hits()
+    stores = stored_blocks(daemon.address, daemon.token, LAYOUT)
     recompute = a.complete(tokens)  # A computes and stores 8 full blocks in the daemon
+    wait_stored(daemon.address, daemon.token, LAYOUT, stores + 8)  # (A's store lane ends after its reply)
     served = b.complete(tokens)  # B's first sight of the prompt
     assert b.external_hits() - before == 8 * BLOCK, b.kvbm_lines()
     assert served == recompute and len(served) == 8

@@ -39,15 +39,27 @@ PART = textwrap.dedent("""
     import numpy as np
     from kvbm.connectors import core, engine_daemon
     instance, act, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if act == "bound-store":  # as vLLM's CPU worker: its main thread bound to one core first
+        import os
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     spec = engine_daemon.attach(instance, cfg)
     backend = core.shared_backend(spec)
     keys = [bytes([i]) * 16 for i in range(4)]
     rows = [np.full(backend.block_nbytes, i + 7, np.uint8) for i in range(4)]
     out = {"address": spec["address"], "pid": __import__("os").getpid()}
-    if act == "store":
+    if act.endswith("store"):
         t = backend.start_store(keys, rows)
         backend.poll([t], wait=True)
         out["stored"] = t.result()
+        t = backend.start_load(keys, [np.zeros(backend.block_nbytes, np.uint8) for _ in range(4)])
+        backend.poll([t], wait=True)
+        out["loaded"] = backend.loaded(t)
+        import os
+        import threading
+        tasks = {int(t): open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")}
+        tasks = {tid: n for tid, n in tasks.items() if n.startswith("ZMQbg") or tid == os.getpid()}
+        tasks.update({t.native_id: t.name for t in threading.enumerate() if t.name.startswith("kvbm-")})
+        out["cpus"] = {f"{name}/{tid}": sorted(os.sched_getaffinity(tid)) for tid, name in tasks.items()}
     else:
         out["hit"] = backend.lookup(keys)[0]
         dst = [np.zeros(backend.block_nbytes, np.uint8) for _ in range(4)]
@@ -109,6 +121,39 @@ def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
     assert _wait(lambda: not glob.glob(shm + "*"))
     left = [f for f in os.listdir(root) if not f.endswith(".lock")]
     assert left == []  # socket, rendezvous, config and ready files all gone
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to bind one")
+def test_daemon_and_lanes_leave_the_engine_workers_bound_core(tmp_path, monkeypatch):
+    # vLLM's CPU worker binds its main thread to its core(s) and spins on sched_yield while a
+    # load goes; kvbm's daemon (started by the worker) and its lanes inherited that binding and
+    # starved there (every load timed out beside a busy node). They run on every core now.
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    every = sorted(os.sched_getaffinity(0))
+    part = _part(f"engine-{uuid.uuid4().hex[:8]}", "bound-store", {**os.environ})
+    try:
+        got = _line(part)
+        assert got["stored"] == got["loaded"] == 4
+        cpus = got["cpus"]
+        assert cpus[f"python/{got['pid']}"] == every[:1]  # the engine's own binding is untouched
+        lanes = {k: v for k, v in cpus.items() if not k.startswith("python/")}
+        for name in ("kvbm-daemon-load", "kvbm-daemon-store", "kvbm-heartbeat"):
+            assert any(k.startswith(name) for k in lanes), lanes
+        assert sum(k.startswith("ZMQbg") for k in lanes) >= 2  # each lane's client has its own zmq I/O
+        assert all(v == every for v in lanes.values()), lanes
+        info = json.loads(open(os.path.join(engine_daemon.runtime_dir(), _info_name(engine_daemon.runtime_dir()))).read())
+        assert sorted(os.sched_getaffinity(info["pid"])) == every
+        for tid in os.listdir(f"/proc/{info['pid']}/task"):  # every thread of the daemon
+            assert sorted(os.sched_getaffinity(int(tid))) == every
+    finally:
+        part.stdin.write("\n")
+        part.stdin.flush()
+        part.wait(timeout=60)
+
+
+def _info_name(root: str) -> str:
+    (name,) = [f for f in os.listdir(root) if f.endswith(".json") and not f.endswith(".config.json")]
+    return name
 
 
 def test_a_second_engine_gets_its_own_daemon(tmp_path, monkeypatch):

@@ -211,3 +211,34 @@ class KvbmServe:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def stored_blocks(address: str, token: str, layout: dict) -> int:
+    """Blocks the daemon at `address` (serving `layout`) has had written from engines (every
+    tier's `stores`)."""
+    from kvbm.client import Client
+
+    with Client(address, model="kvbm-test-probe", layout=layout, token=token, heartbeat=False) as c:
+        return sum(t["stores"] for t in c.stats()["tiers"].values())
+
+
+def engine_daemon(runtime: Path) -> dict:
+    """The engine's own daemon in `runtime` (KVBM_RUNTIME_DIR/kvbm-UID): its rendezvous info
+    (address, token, pid) and the layout of its config."""
+    (info,) = [p for p in runtime.glob("*.json") if not p.name.endswith(".config.json")]
+    config = json.loads(info.with_name(info.name[:-len(".json")] + ".config.json").read_text())
+    return {**json.loads(info.read_text()), "layout": config["layout"]}
+
+
+def wait_stored(address: str, token: str, layout: dict, at_least: int, timeout: float = 300.0) -> None:
+    """Until the daemon holds `at_least` stored blocks: an engine's stores finish after its
+    response went out (they run on the connector's store lane), so a request sent right after
+    another could otherwise look up before the blocks are there."""
+    deadline = time.monotonic() + timeout
+    n = -1
+    while time.monotonic() < deadline:
+        n = stored_blocks(address, token, layout)
+        if n >= at_least:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the daemon at {address} stored {n} blocks, not {at_least}, in {timeout:.0f} s")

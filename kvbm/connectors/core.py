@@ -40,6 +40,7 @@ from ..config import ConfigError, KVBMConfig, load_config
 from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
 from ..policies.base import Hints
+from .cpus import unbind_cpus
 from .paged import PagedKV
 
 log = logging.getLogger(__name__)
@@ -240,8 +241,11 @@ class DaemonBackend:
         self.block_nbytes = client.block_nbytes
         self._store_client = store_client
         self._connect_store = connect_store  # () -> a Client, on the store lane at first use
-        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load")
-        self._stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-store")
+        # (cpus.py: lanes run on any core, not on the engine worker's bound one)
+        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load",
+                                         initializer=unbind_cpus)
+        self._stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-store",
+                                          initializer=unbind_cpus)
 
     @classmethod
     def connect(cls, address: str, layout: KVLayout, model: str, salt: str = "",
@@ -251,7 +255,14 @@ class DaemonBackend:
         def opener() -> Client:
             return Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout)
 
-        return cls(opener(), connect_store=opener)
+        # Each client is opened on its lane's thread, so that its zmq I/O thread and heartbeat
+        # start unbound too (cpus.py); the store lane's at its first store.
+        loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load", initializer=unbind_cpus)
+        try:
+            backend = cls(loads.submit(opener).result(), connect_store=opener)
+        finally:
+            loads.shutdown(wait=True)
+        return backend
 
     pins = False  # the daemon's lookup pins nothing yet: a promised block can still go before its load
 

@@ -35,6 +35,7 @@ import time
 from typing import Any, Mapping
 
 from ..config import ConfigError
+from .cpus import unbind_cpus
 
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, less the terminating NUL)
 READY_TIMEOUT_S = 120.0  # a loaded machine: the daemon imports numpy, zmq and the tiers first
@@ -196,6 +197,7 @@ def main(argv: list[str]) -> int:
     cfg_path, ready_path = argv
     if os.fork() > 0:  # detach: the daemon is no child of the engine's processes
         os._exit(0)
+    unbind_cpus()  # not on the core the engine worker that started it is bound to (cpus.py)
     base = ready_path[:-len(".ready")]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s kvbm-engine-daemon %(levelname)s %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # report_stall: every stack to the engine's log
