@@ -159,6 +159,11 @@ def truth(engines: list[Engine]) -> dict[str, set]:
     return dict(out)
 
 
+def kv_view(e: Engine) -> dict[str, set]:
+    """The daemon's view of the engine's namespace: {medium: {engine hash}} (the kv_view op)."""
+    return {m: set(hs) for m, hs in e.backend.client.call("kv_view")["view"].items() if hs}
+
+
 def chain(tag: str, n: int) -> list[bytes]:
     """Engine block hashes as vLLM 0.32 makes them: 32 bytes each."""
     return [uuid.uuid5(uuid.NAMESPACE_OID, f"{tag}/{i}").bytes * 2 for i in range(n)]
@@ -217,6 +222,7 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
         want = truth([a, b])
         assert set(want) == {"CPU", "DISK"}, want  # both media are in play
         assert f.held() == want
+        assert kv_view(b) == want  # the daemon's own view (the kv_view op) says the same
         # the replay socket's snapshot (start -1) is the same view
         snap = Follower.__new__(Follower)
         snap.decoder, snap.view = f.decoder, defaultdict(set)
@@ -276,6 +282,9 @@ def test_a_tenant_sees_and_replays_nothing_of_another(daemon):
         _until_joined(fb, other)
         assert fb.last >= 0
         assert all(h not in fb.view[m] for m in fb.view for h in chain("secret", 3))
+        # the kv_view op answers with the caller's own namespace only
+        assert set(chain("secret", 3)) <= set().union(*kv_view(a).values())
+        assert all(h not in v for v in kv_view(other).values() for h in chain("secret", 3))
         # a replay naming an unknown topic gets the end marker only
         assert replay(ctx, d.kvr, b"not-a-topic", 0) == []
     finally:

@@ -6,6 +6,8 @@
       .changed(events)                    after each drained batch: held media diffed (kvbm/held.py)
                                           -> one KVEventBatch per namespace that changed
       .view(ns)                           {medium: {hash}} as the tiers hold it now (owner thread)
+      .op_view(msg, now)                  the `kv_view` op: that view of the caller's own namespace
+                                          (what a subscriber must reach; tests and operators compare)
       .close()
 
 The stream is vLLM's (vllm/distributed/kv_events.py), so a KV-aware router that follows vLLM
@@ -164,6 +166,11 @@ class KVEventPublisher:
     def view(self, ns: bytes) -> dict[str, set]:
         """{medium: {engine hash}} of the namespace's blocks as the tiers hold them now."""
         return self.held.view(ns)
+
+    def op_view(self, msg: dict, now: float) -> dict:
+        """`kv_view` -> view: {medium: [engine hash]} of the session's namespace (no other's)."""
+        s = self.daemon._session(msg, now)
+        return {"view": {m: list(hs) for m, hs in self.view(s.namespace).items()}}
 
     def _snapshot(self, ns: bytes) -> tuple[int, bytes]:
         """(seq, one batch: AllBlocksCleared + what was published) for a subscriber that lost track."""

@@ -136,6 +136,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "bye": self.op_bye, "cancel": self.op_cancel, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
             "peer_release": self.op_peer_release,
         }
+        if self.kv_events is not None:  # the vLLM-format stream's ground truth (kv_events.py)
+            self._ops["kv_view"] = self.kv_events.op_view
         # keeps room free in G2 (and below): a client's store then never waits, with every
         # other client, for the owner thread to demote victims to disk
         self.offloader = Offloader(self.manager, None, offload_headroom(self.config, self.manager),
