@@ -35,7 +35,8 @@ Async filesystems (s3fs, gcsfs, ...) run each put/get as a coroutine on fsspec's
 under a semaphore of max_concurrency, each cancelled after `timeout` seconds (botocore's
 read timeout does not end a PUT that an endpoint accepted and never answers; this bound
 always holds). CRCs and MACs are computed and checked in the calling thread, so the IO loop
-only moves bytes. Synchronous filesystems (local, memory) use a thread pool that reads
+only moves bytes: from s3fs straight into the caller's buffer, chunk by chunk as they arrive
+(object_s3.get_into; other async filesystems hand over the whole object, copied after). Synchronous filesystems (local, memory) use a thread pool that reads
 straight into the caller's buffers and seals or verifies there (hashlib releases the GIL, so
 blocks verify in parallel); a thread cannot be cancelled, so there `timeout` does not apply.
 `file://`, the embedded default, writes a temporary name and renames it: a reader or a
@@ -46,7 +47,7 @@ a 16 MiB block, against ~7 GB/s for the copy and ~12 GB/s for the CRC-32C here, 
 one thread's G4 throughput; Poly1305 (v3) runs ~5 GB/s. Puts and gets of a batch run on
 max_concurrency threads.
 
-`s3://` gets small timeouts by default (S3_CONFIG, merged under the user's config_kwargs;
+`s3://` gets small timeouts by default (object_s3.S3_CONFIG, under the user's config_kwargs;
 `retries` in storage_options sets s3fs's own loop). A connection failure marks the endpoint
 down for `retry_after` seconds: meanwhile every put/get fails at once, a counted miss,
 instead of each waiting out its own timeout.
@@ -69,6 +70,7 @@ import numpy as np
 
 from .. import ops
 from .base import Region, Storage, make_private_dir
+from .object_s3 import S3_RETRIES, SINGLE_PUT_BYTES, PutBody, get_into, streams, unreachable, with_defaults
 from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
     HEADER, HEADER_MIN, HMAC_VERSION, MAC_LEN, MAGIC, NONCE_AT, NONCE_BYTES, VERSION, Corrupt, Foreign,
     Seal, _Check, _SealV2, _SealV3, _warn_no_poly1305, object_secret, poly1305_available)
@@ -76,17 +78,6 @@ from .seal import (  # noqa: F401  (the header's names are re-exported: tests an
 CHUNK = 1 << 20  # CRC and MAC run over a chunk while it is in cache from the copy
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
-
-# s3fs defaults are 5 s connect, 15 s read and 5 (s3fs) x 5 (botocore legacy) attempts with
-# backoff: minutes against a dead endpoint. A cache would rather miss: 2 s to connect, 5 s
-# between response bytes, one retry (botocore's), none from s3fs's loop around it.
-S3_CONFIG = {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
-S3_RETRIES = 1
-# botocore >= 1.36 CRC32s every PUT body and every whole-object GET in Python (zlib, ~1 s of
-# CPU per GiB here): as much CPU as our CRC-32C and MAC together, which already cover the
-# payload end to end. Only when required, then (issue 17: the G4 path's CPU per byte).
-S3_CHECKSUMS = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
-
 
 def default_url() -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -117,7 +108,7 @@ class ObjectStorage(Storage):
         self.write_version = VERSION if self._poly else HMAC_VERSION
         self.url = url or default_url()
         protocol = fsspec.core.split_protocol(self.url)[0] or "file"
-        opts = _with_defaults(protocol, storage_options or {}, max_concurrency)
+        opts = with_defaults(protocol, storage_options or {}, max_concurrency)
         retries = opts.pop("retries", S3_RETRIES) if protocol in ("s3", "s3a") else None
         # our own instance: the timeouts and retries set here must not leak to other users
         opts.setdefault("skip_instance_cache", True)
@@ -129,6 +120,7 @@ class ObjectStorage(Storage):
         self.timeout = timeout
         self.retry_after = retry_after
         self._async = bool(getattr(self.fs, "async_impl", False))
+        self._streams = streams(self.fs)
         self._local = "file" in _protocols(self.fs)
         if self._local:
             make_private_dir(self.prefix)
@@ -139,7 +131,7 @@ class ObjectStorage(Storage):
         self._down_until = 0.0
         self._pool: ThreadPoolExecutor | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._bodies: dict[int, list[bytearray]] = {}  # spare put bodies by size (async fs)
+        self._bodies: dict[int, list[Any]] = {}  # spare put bodies by size (async fs)
 
     # ------------------------------------------------------------------ handles
 
@@ -194,6 +186,9 @@ class ObjectStorage(Storage):
                 for key, _, buf in items]
         if not self._async:  # worker threads read straight into the buffers and verify there
             return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs])
+        if self._streams:  # s3fs: the payload lands in its buffer as it arrives; verified here
+            futures = [self._submit("get_into", path, dst) for _, path, dst in jobs]
+            return self._collect(futures, lambda i, head: self._verify(*jobs[i], head))
         # the IO loop only fetches; this thread verifies each object as it arrives and copies it
         futures = [self._submit("get", path) for _, path, _ in jobs]
         return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data))
@@ -304,15 +299,22 @@ class ObjectStorage(Storage):
     # ------------------------------------------------------------------ one object, async fs
 
     async def _aput(self, path: str, header: bytes, data: memoryview) -> None:
-        # botocore takes bytes or bytearray, not a view of G2: the object is assembled in a
-        # body reused across puts. A fresh 16 MiB buffer per put costs more in page faults
-        # than the copy itself. Only the IO loop touches the spares; at most max_concurrency
-        # bodies exist, as at most that many puts run.
+        # botocore takes bytes, bytearray or a file, not a view of G2: the object is assembled
+        # in a body reused across puts (a fresh 16 MiB buffer per put costs more in page faults
+        # than the copy itself). A file (PutBody), because aiohttp sends a file in 256 KiB reads,
+        # where a bytes-like body is sliced, joined to the headers and buffered by asyncio's
+        # transport whole: three more copies of each object, each into fresh pages (issue 17:
+        # 2.5 vs 1.7 s of CPU per GiB). Only the IO loop touches the spares; at most
+        # max_concurrency bodies exist, as at most that many puts run.
         size = len(header) + data.nbytes
         spare = self._bodies.get(size)
-        body = spare.pop() if spare else bytearray(size)
-        body[:len(header)] = header
-        body[len(header):] = data
+        if self._streams and size < SINGLE_PUT_BYTES:
+            body = spare.pop() if spare else PutBody()
+            body.fill(header, data)
+        else:  # another async fs, or a multipart upload (its parts are slices of the body)
+            body = spare.pop() if spare else bytearray(size)
+            body[:len(header)] = header
+            body[len(header):] = data
         await self.fs._pipe_file(path, body)
         # back to the spares only after success: a cancelled put's writer may still hold it
         self._bodies.setdefault(size, []).append(body)
@@ -320,6 +322,9 @@ class ObjectStorage(Storage):
     async def _aget(self, path: str) -> bytes:
         # start=0 makes it one ranged GET: without a range s3fs sends a HEAD first for the size
         return await self.fs._cat_file(path, start=0)
+
+    async def _aget_into(self, path: str, dst: np.ndarray) -> bytes:
+        return await get_into(self.fs, path, dst)
 
     async def _adelete(self, path: str) -> None:
         try:
@@ -351,6 +356,13 @@ class ObjectStorage(Storage):
             dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
         check.verify(view[HEADER_MIN:])
 
+    def _verify(self, key: Any, path: str, dst: np.ndarray, head: bytes) -> None:
+        """The payload already in dst (get_into): its MAC (v2: and CRC) against the header."""
+        check, view = self._checker(path, key, head), memoryview(dst)
+        for at in range(0, self.block_nbytes, CHUNK):
+            check.update(view[at:at + CHUNK])
+        check.verify(view)
+
     def _checker(self, path: str, key: Any, head: bytes | memoryview) -> _Check:
         """Raises Corrupt unless the header is a kvbm object of this layout (v2 or v3); else
         what checks its payload, fed chunk by chunk, then verify()."""
@@ -373,7 +385,8 @@ class ObjectStorage(Storage):
 
     def _submit(self, op: str, *args: Any) -> Future:
         if self._async:
-            coro = {"put": self._aput, "get": self._aget, "delete": self._adelete}[op]
+            coro = {"put": self._aput, "get": self._aget, "delete": self._adelete,
+                    "get_into": self._aget_into}[op]
             return asyncio.run_coroutine_threadsafe(self._bounded(coro, *args), self.fs.loop)
         fn = {"put": self._put_local if self._local else self._put,
               "get": self._get_into, "delete": self._delete}[op]
@@ -430,7 +443,7 @@ class ObjectStorage(Storage):
             raise ConnectionError(f"object store {self.url} is down; retrying after {self.retry_after} s")
 
     def _note(self, exc: Exception) -> None:
-        if self.retry_after > 0 and _unreachable(exc):
+        if self.retry_after > 0 and unreachable(exc):
             self._down_until = time.monotonic() + self.retry_after
 
     def _deleted(self, path: str, fut: Future) -> None:
@@ -466,28 +479,6 @@ def _quietly(fn: Callable, *args: Any) -> None:
         pass
 
 
-def _with_defaults(protocol: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:
-    opts = dict(options)
-    if protocol in ("s3", "s3a"):
-        # botocore pools 10 connections by default: more puts than that would queue for one
-        pool = {"max_pool_connections": max(10, concurrency)}
-        # a fresh `retries` dict each time: botocore rewrites it in place (max_attempts ->
-        # total_max_attempts), which would otherwise change the defaults of every later storage
-        defaults = {**S3_CONFIG, "retries": dict(S3_CONFIG["retries"]), **_checksum_options()}
-        opts["config_kwargs"] = {**defaults, **pool, **(opts.get("config_kwargs") or {})}
-    return opts
-
-
-def _checksum_options() -> dict[str, str]:
-    """S3_CHECKSUMS where this botocore knows the options (older ones refuse unknown ones)."""
-    try:
-        from botocore.config import Config
-    except ImportError:
-        return {}
-    known = getattr(Config, "OPTION_DEFAULTS", {})
-    return {k: v for k, v in S3_CHECKSUMS.items() if k in known}
-
-
 def _protocols(fs: Any) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
@@ -506,15 +497,3 @@ def _mtime(info: dict[str, Any]) -> float:
             except ValueError:
                 continue
     return 0.0
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The endpoint (not the object) failed: refused, reset, timed out."""
-    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
-        return True
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
-    except ImportError:
-        return False
-    return isinstance(exc, (BotoConnectionError, HTTPClientError))
