@@ -5,6 +5,11 @@ served by engine A is a kvbm hit on engine B's first request, with B's greedy ou
 A's recompute. Then the daemon is killed (SIGKILL) while both engines take traffic: no HTTP
 request fails (lookups miss, loads fall back to recompute), and once a daemon is back on the
 same address, a prompt stored through A is again a hit on B.
+
+The daemon also publishes vLLM-format KV events (daemon/kv_events.py): a router's subscriber
+built from vLLM's own KVEventBatch decoder follows both engines' traffic, per medium (G2 "CPU",
+G3 "DISK"), and its view equals the daemon's own (the `kv_view` op); after a dropped
+subscription it resyncs through the replay socket (buffered batches, or a snapshot).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ LAYOUT = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm-daemon")
-    daemon = KvbmServe(work, LAYOUT, g2=96).start()
+    # G2 of 24 blocks over a G3 disk: the KV-event test's traffic demotes blocks to disk
+    daemon = KvbmServe(work, LAYOUT, g2=24, g3=256, kv_events=f"ipc://{work}/kv.sock",
+                       kv_events_replay=f"ipc://{work}/kvr.sock").start()
     model = write_model(work)
     # vLLM's own prefix cache is off: every reused block on these engines comes from kvbm
     a = Server(work, model, kv=kv_config(daemon.extra()), prefix_caching=False, name="a").start()
@@ -62,6 +69,129 @@ def test_engine_b_hits_what_engine_a_stored(stack):
     served = b.complete(tokens)  # B's first sight of the prompt
     assert b.external_hits() - before == 8 * BLOCK, b.kvbm_lines()
     assert served == recompute and len(served) == 8
+
+
+def engine_hashes(tokens: list[int]) -> list[bytes]:
+    """vLLM's own block hashes of a prompt's full blocks (sha256, its default, and the fixed
+    default seed, or PYTHONHASHSEED when set: what both engines compute)."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils
+
+    fn = get_hash_fn_by_name("sha256")
+    kv_cache_utils.init_none_hash(fn)
+    out, parent = [], None
+    for i in range(len(tokens) // BLOCK):
+        parent = kv_cache_utils.hash_block_tokens(fn, parent, tokens[i * BLOCK:(i + 1) * BLOCK])
+        out.append(bytes(parent))
+    return out
+
+
+def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
+    """Runs before the daemon-kill test (the stream starts over with a new daemon)."""
+    import zmq
+    from test_kv_events import Follower, replay
+
+    from kvbm.client import Client
+
+    daemon, a, b = stack
+    ctx = zmq.Context()
+    # a client in the engines' namespace (same model and layout): its topic is theirs, and the
+    # daemon's `kv_view` op answers with what the tiers hold of it, by engine block hash
+    probe = Client(daemon.address, model=a.model, layout=LAYOUT, token=daemon.token)
+    f = Follower(ctx, daemon.kv_events, daemon.kv_events_replay, probe.topic, token=daemon.token)
+    joins = iter(range(100, 200))
+    sent: list[bytes] = []  # engine hashes of every full block this test's prompts have
+
+    def send(server: Server, tokens: list[int], max_tokens: int = 2) -> None:
+        server.complete(tokens, max_tokens=max_tokens)
+        sent.extend(engine_hashes(tokens))
+
+    def join(server: Server) -> None:
+        """PUB/SUB joins late: one-block prompts until the subscriber hears a batch (a gap
+        before it is resynced through the replay socket)."""
+        deadline = time.monotonic() + 600
+        while not f.sub.poll(0):
+            assert time.monotonic() < deadline, "the subscriber never heard a batch"
+            send(server, prompt(next(joins), BLOCK + 1), max_tokens=1)
+            f.sub.poll(2000)
+        f.pump()
+
+    try:
+        before = _held(probe)  # what earlier tests left (the subscriber must learn it too)
+        join(a)
+        # joined a running daemon (earlier tests' batches): seq 0 on came from the replay socket
+        assert f.last >= 0 and f.resyncs == (1 if before else 0)
+        # A and B store four 8-block prompts: 32 blocks more than G2's 24 hold, so the oldest demote to G3
+        prompts = [prompt(40 + i, PROMPT) for i in range(4)]
+        for server, tokens in zip((a, b, a, b), prompts):
+            send(server, tokens)
+        view = _settled(f, probe, sent)
+        assert set(view) == {"CPU", "DISK"}, {m: len(v) for m, v in view.items()}
+        assert set(engine_hashes(prompts[0])) <= view["DISK"]  # A's first prompt went to disk
+        # B asks for A's first prompt: a kvbm hit from G3, promoted into G2 (exclusive: moved)
+        hits = b.external_hits()
+        send(b, prompts[0])
+        view = _settled(f, probe, sent)
+        assert b.external_hits() - hits == 8 * BLOCK, b.kvbm_lines()[-2000:]
+        assert set(engine_hashes(prompts[0])) <= view["CPU"] and not view["CPU"] & view["DISK"]
+        assert view["CPU"] | view["DISK"] == _union(before) | set(sent)  # every block stored, by vLLM's hash
+        # the replay socket's snapshot (start -1: a router that knows nothing) is the same view
+        snap = _apply(f, replay(ctx, daemon.kv_events_replay, f.topic, -1, daemon.token))
+        assert snap == view
+
+        # the subscription drops; both engines take traffic meanwhile
+        f.drop()
+        last, resyncs = f.last, f.resyncs
+        send(b, prompt(50, PROMPT))
+        send(a, prompts[1])  # on disk: promoted again
+        _wait(lambda: set(sent) <= _union(_held(probe)))
+        missed = replay(ctx, daemon.kv_events_replay, f.topic, last + 1, daemon.token)
+        assert missed and [s for s, _ in missed] == list(range(last + 1, last + 1 + len(missed)))
+        f.subscribe()
+        join(a)  # its first live batch shows the gap: the missed batches come from the replay socket
+        assert f.resyncs == resyncs + 1 and f.last >= last + len(missed)
+        view = _settled(f, probe, sent)
+        assert set(view) == {"CPU", "DISK"} and view["CPU"] | view["DISK"] == _union(before) | set(sent)
+        assert set(engine_hashes(prompts[1])) <= view["CPU"]
+    finally:
+        if f.sub is not None:
+            f.sub.close(0)
+        probe.close()
+        ctx.term()
+
+
+def _held(probe) -> dict[str, set]:
+    """The daemon's own view of the namespace: {medium: {engine hash}} (the kv_view op)."""
+    return {m: set(hs) for m, hs in probe.call("kv_view")["view"].items() if hs}
+
+
+def _union(view: dict[str, set]) -> set:
+    return set().union(*view.values())
+
+
+def _apply(f, batches: list) -> dict[str, set]:
+    """A fresh view from replayed batches, with the follower's decoder."""
+    from collections import defaultdict
+
+    fresh = type(f).__new__(type(f))
+    fresh.decoder, fresh.view = f.decoder, defaultdict(set)
+    for _, payload in batches:
+        fresh.apply(payload)
+    return fresh.held()
+
+
+def _settled(f, probe, stored: list, timeout: float = 600.0) -> dict[str, set]:
+    """The daemon's view once it holds every block in `stored` (an engine's stores end after its
+    reply) and the subscriber's equals it; on the deadline the assertion shows both."""
+    deadline = time.monotonic() + timeout
+    while True:
+        f.pump(100)
+        truth = _held(probe)
+        if set(stored) <= _union(truth) and f.held() == truth:
+            return truth
+        if time.monotonic() > deadline:
+            assert f.held() == truth and set(stored) <= _union(truth)
+        time.sleep(0.2)
 
 
 def test_daemon_killed_mid_traffic_no_request_fails(stack):

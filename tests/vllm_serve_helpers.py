@@ -163,9 +163,11 @@ class Server:
 
 
 class KvbmServe:
-    """A `kvbm serve` daemon for engines: G2 host (+ optional G3 disk), on an ipc socket."""
+    """A `kvbm serve` daemon for engines: G2 host (+ optional G3 disk), on an ipc socket (+ optional
+    vLLM-format KV events and their replay socket)."""
 
-    def __init__(self, workdir: Path, layout: dict, g2: int = 64, g3: int = 0, token: str = "") -> None:
+    def __init__(self, workdir: Path, layout: dict, g2: int = 64, g3: int = 0, token: str = "",
+                 kv_events: str = "", kv_events_replay: str = "") -> None:
         import yaml
 
         self.workdir = Path(workdir)
@@ -178,7 +180,9 @@ class KvbmServe:
         self.config.write_text(yaml.safe_dump({
             "layout": layout, "tiers": tiers,
             "daemon": {"address": self.address, "events": "", "metrics": "", "token": self.token,
-                       "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False, "lease_s": 5.0}}))
+                       "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False, "lease_s": 5.0,
+                       "kv_events": kv_events, "kv_events_replay": kv_events_replay}}))
+        self.kv_events, self.kv_events_replay = kv_events, kv_events_replay  # vLLM-format stream ("" = off)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
