@@ -94,8 +94,10 @@ class Follower:
         return {m: set(v) for m, v in self.view.items() if v}
 
 
-def replay(ctx: zmq.Context, address: str, topic: bytes, start: int, token: str | None = None) -> list:
-    """The batches from `start` on (a DEALER: vLLM's replay answers one request with many replies)."""
+def replay(ctx: zmq.Context, address: str, topic: bytes, start: int, token: str | None = None,
+           request: list | None = None) -> list:
+    """The batches from `start` on (a DEALER: vLLM's replay answers one request with many replies);
+    `request`: other frames to send (vLLM's own form is [b"", start] with no topic)."""
     req = ctx.socket(zmq.DEALER)
     req.setsockopt(zmq.LINGER, 0)
     if token is not None:
@@ -103,7 +105,7 @@ def replay(ctx: zmq.Context, address: str, topic: bytes, start: int, token: str 
         req.plain_password = token.encode()
     req.connect(address)
     try:
-        req.send_multipart([b"", topic, start.to_bytes(8, "big", signed=True)])
+        req.send_multipart(request or [b"", topic, start.to_bytes(8, "big", signed=True)])
         out = []
         while True:
             assert req.poll(int(DEADLINE_S * 1000)), "no replay answer within the deadline"
@@ -237,6 +239,8 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
         b.prompt("b2", chain("r", 2), [4, 5])
         missed = replay(ctx, d.kvr, f.topic, last + 1)  # the buffered batches, in order, no snapshot
         assert [s for s, _ in missed] == list(range(last + 1, last + 1 + len(missed))) and missed
+        # vLLM's own replay request names no topic: with one namespace on the daemon, the same answer
+        assert replay(ctx, d.kvr, f.topic, 0, request=[b"", (last + 1).to_bytes(8, "big")]) == missed
         f.subscribe()
         _until_joined(f, b)  # the first live batch shows the gap: replayed from last + 1
         assert f.resyncs == resyncs + 1 and f.last > last
@@ -285,8 +289,12 @@ def test_a_tenant_sees_and_replays_nothing_of_another(daemon):
         # the kv_view op answers with the caller's own namespace only
         assert set(chain("secret", 3)) <= set().union(*kv_view(a).values())
         assert all(h not in v for v in kv_view(other).values() for h in chain("secret", 3))
-        # a replay naming an unknown topic gets the end marker only
+        # a replay naming an unknown topic gets the end marker only; so does vLLM's topic-less
+        # request with two namespaces on the daemon (which one it means is unknown), and garbage
         assert replay(ctx, d.kvr, b"not-a-topic", 0) == []
+        assert replay(ctx, d.kvr, b"", 0, request=[b"", (0).to_bytes(8, "big")]) == []
+        assert replay(ctx, d.kvr, b"", 0, request=[b"", b"x"]) == []
+        assert replay(ctx, d.kvr, b"", 0, request=[b"", b"a", b"b", b"c"]) == []
     finally:
         for f in (fa, fb):
             f.sub.close(0)

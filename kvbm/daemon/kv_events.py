@@ -30,7 +30,10 @@ names none: it has one stream per engine; a REQ socket would take only the first
 replies); the answer is vLLM's, [b"", topic, seq, batch] per buffered batch from `start`, then
 [b"", b"", -1, b""]. A start older than the buffer, or -1, is answered with
 one snapshot batch (AllBlocksCleared, then BlockStored per medium) at the latest seq. A topic the
-publisher does not know gets the end marker only. With daemon.token both sockets take ZMQ PLAIN
+publisher does not know gets the end marker only. vLLM's own request, [b"", start seq] with no
+topic, is answered from the one namespace's stream while the publisher has exactly one (a
+daemon serving one model: a subscriber written for a vLLM engine replays unchanged), else with
+the end marker only; so is any request that cannot be parsed (a subscriber never hangs on it). With daemon.token both sockets take ZMQ PLAIN
 peers only (username kvbm, password the token).
 
 What a subscriber learns (the trust line): the stream is for routers, i.e. whoever holds the
@@ -227,31 +230,33 @@ class KVEventPublisher:
         ident, rest = frames[0], frames[1:]
         if rest and rest[0] == b"":  # a REQ socket's delimiter
             rest = rest[1:]
-        if len(rest) != 2 or len(rest[1]) != 8:
-            return  # not [topic, start seq]: nothing to answer
-        topic, start = rest[0], int.from_bytes(rest[1], "big", signed=True)
-        ns = self.topics.get(topic)
-        out: list = []
+        if len(rest) == 1 and len(rest[0]) == 8:  # vLLM's [start seq]: its publisher has one stream
+            topics = list(self.topics)
+            rest = [topics[0] if len(topics) == 1 else b"", rest[0]]
+        ns, out = None, []
+        if len(rest) == 2 and len(rest[1]) == 8:  # else not [topic, start seq]: the end marker only
+            topic, start = rest[0], int.from_bytes(rest[1], "big", signed=True)
+            ns = self.topics.get(topic)
         if ns is not None:
-            with self._lock:
-                st = self.streams.get(ns)
-                batches = list(st.buffer) if st is not None else []
-            first = batches[0][0] if batches else (st.seq + 1 if st is not None else 0)
-            if start < 0 or start < first:
-                seq, payload = self._snapshot_for(ns, first)
-                if seq >= 0:
-                    out.append((seq, payload))
-                    with self._lock:
-                        batches = list(st.buffer) if st is not None else []
-                    batches = [b for b in batches if b[0] > seq]
-                else:
-                    batches = []
-            else:
-                batches = [b for b in batches if b[0] >= start]
-            out += batches
+            out = self._from(ns, start)
         for seq, payload in out:
             self.replay.send_multipart([ident, b"", topic, seq.to_bytes(8, "big"), payload])
         self.replay.send_multipart([ident, b"", b"", END_SEQ, b""])
+
+    def _from(self, ns: bytes, start: int) -> list:
+        """[(seq, batch)] of ns from `start`: buffered, or a snapshot first when `start` is older."""
+        with self._lock:
+            st = self.streams.get(ns)
+            batches = list(st.buffer) if st is not None else []
+        first = batches[0][0] if batches else (st.seq + 1 if st is not None else 0)
+        if start >= first:
+            return [b for b in batches if b[0] >= start]
+        seq, payload = self._snapshot_for(ns, first)
+        if seq < 0:
+            return []
+        with self._lock:
+            batches = list(st.buffer) if st is not None else []
+        return [(seq, payload)] + [b for b in batches if b[0] > seq]
 
     def _snapshot_for(self, ns: bytes, first: int) -> tuple[int, bytes]:
         """A snapshot taken on the owner thread (a scan of what is held), at most one per namespace
