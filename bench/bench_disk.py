@@ -83,7 +83,8 @@ def kvbm_movers(host, disk, slots, batches) -> dict:
     # The bound on this machine: the same raw I/O while a second thread checksums as many bytes
     # of *other* memory (what kvbm's CRC costs the CPUs, with nothing to do with the I/O). In a
     # VM whose disk is emulated on the CPUs behind ours, any guest CPU during I/O stretches it.
-    scratch = np.ones(min(64 << 20, len(slots) * disk.block_nbytes), dtype=np.uint8)
+    # 256 MiB: more than any last-level cache, so the CRC reads DRAM as kvbm's does
+    scratch = np.ones(min(256 << 20, len(slots) * disk.block_nbytes), dtype=np.uint8)
     per = max(1, len(scratch) // disk.block_nbytes)
     scratch_offs = np.arange(per, dtype=np.int64) * disk.block_nbytes
 

@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -185,11 +187,10 @@ std::vector<Run> plan_runs(const Job& job, uint64_t max_bytes) {
 // ---- Linux AIO: O_DIRECT I/O is truly asynchronous, so one thread keeps a deep queue ----
 //
 // A thread pool sized for memory copies (one worker per CPU) gives an NVMe drive a queue
-// depth of a few; kernel AIO gives it kAioDepth from one thread. The same thread checksums
-// while the device works: a write's source once its runs are submitted, a read's runs as
-// they land (the queue refilled first). A second thread for the checksums lost here: on a
-// busy 2-core box its wake-up came late, so the caller's thread often ran the I/O and then
-// every checksum after it, in series, and each hand-off cost a context switch.
+// depth of a few; kernel AIO gives it kAioDepth from one thread. Checksums run beside the
+// I/O: a write's on the I/O thread once all its runs are in flight (no hand-off to a pool
+// worker that, on a busy 2-core box, woke late enough that the I/O and then every checksum
+// ran in series), a read's on a second task as each run lands (see aio_runs).
 
 struct AioContext {
   aio_context_t ctx = 0;
@@ -284,33 +285,60 @@ void aio_move(const Job& job, const std::vector<Run>& runs, OnDone on_done, Work
   }
 }
 
-// AIO for the runs, checksummed on this thread beside the I/O; false (nothing done) without AIO.
+// AIO for the runs, with their checksums; false (nothing done) without AIO.
 bool aio_runs(const Job& job, const std::vector<Run>& runs) {
   if (AioContext::get() == 0) return false;
+  auto none = [] { return false; };
   if (job.crcs == nullptr) {
-    aio_move(job, runs, [](size_t) {}, [] { return false; });
+    aio_move(job, runs, [](size_t) {}, none);
     return true;
   }
   auto checksum = [&](size_t r) {
     for (size_t i = runs[r].first; i < runs[r].first + runs[r].count; ++i)
       job.crcs[i] = job.write || job.status[i] == 0 ? job.crc_of(i) : 0;
   };
-  // A write checksums its source in run order, without waiting for the device; a read, the
-  // runs that landed, in completion order.
-  std::vector<size_t> landed;
-  landed.reserve(runs.size());
-  size_t checked = 0;
-  auto on_done = [&](size_t r) {
-    if (!job.write) landed.push_back(r);
-  };
-  auto work = [&] {
-    const size_t ready = job.write ? runs.size() : landed.size();
-    if (checked == ready) return false;
-    checksum(job.write ? checked : landed[checked]);
-    ++checked;
+  if (job.write) {
+    // Every run goes in flight at once, so the device never waits on this thread: it
+    // checksums the sources meanwhile, in run order.
+    size_t next = 0;
+    aio_move(job, runs, [](size_t) {}, [&] {
+      if (next == runs.size()) return false;
+      checksum(next++);
+      return true;
+    });
     return true;
+  }
+  // A read keeps kAioCheckedReadBytes in flight, so the thread that refills the queue must
+  // stay light: one busy checksumming is preempted on a loaded box while the device idles
+  // (0.51x NIXL at load 13). So the I/O task only reaps and refills, and a second task
+  // checksums each run as it lands, sleeping meanwhile (spinning would take the CPU that, in
+  // a VM, the host's emulation of the disk runs on). The I/O task joins in once it is done.
+  std::vector<size_t> landed(runs.size());
+  std::atomic<size_t> claimed{0};
+  std::mutex mu;
+  std::condition_variable arrived;
+  size_t published = 0;  // guarded by mu
+  auto on_done = [&](size_t r) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      landed[published++] = r;
+    }
+    arrived.notify_all();
   };
-  aio_move(job, runs, on_done, work);
+  auto checksums = [&] {
+    for (size_t k; (k = claimed.fetch_add(1)) < runs.size();) {
+      std::unique_lock<std::mutex> lk(mu);
+      arrived.wait(lk, [&] { return published > k; });
+      const size_t r = landed[k];
+      lk.unlock();
+      checksum(r);
+    }
+  };
+  // With no pool worker, the tasks run one after the other on this thread: I/O first.
+  parallel_for(2, [&](size_t t) {
+    if (t == 0) aio_move(job, runs, on_done, none);
+    checksums();
+  });
   return true;
 }
 

@@ -14,8 +14,8 @@
 // its blocks are redone one by one, so statuses stay per block.
 //
 // threads == 1 keeps every call on the calling thread. Otherwise an O_DIRECT descriptor
-// goes through Linux AIO (up to 32 requests of <= 2 MiB in flight from one thread, which
-// checksums while the device works), since a pool sized for memory copies would give the drive a queue depth of
+// goes through Linux AIO (up to 32 requests of <= 2 MiB in flight from one thread; a write's
+// checksums on that thread, a read's on a second as each run lands), since a pool sized for memory copies would give the drive a queue depth of
 // a few; a buffered one (or one where AIO is unavailable) spreads over the thread pool.
 #pragma once
 
