@@ -54,24 +54,28 @@ CAUSES = {
                     "apart ran at a fifth of one stream's speed here (measured in C), so the bench's 1 GiB batch runs the "
                     "same code as last run: its 0.62× (the ops bench read load 18.9) against 0.80× is load. Bound: CRC and copy run one "
                     "after the other on one core.",
-    "g4_write": "kvbm adds CRC-32C, HMAC-SHA256 (H12b's MAC, 0.77 s CPU/GiB) and the body copy, ~1 s CPU/GiB that "
-                "moto needs on 2 busy cores; botocore's own CRC32 of every PUT body (0.5 s/GiB), redundant with ours, is "
-                "off for kvbm's client. Left: the MAC (Poly1305 would cost 17× less here); not changed this session.",
-    "g4_read": "Same: kvbm verifies CRC-32C + HMAC-SHA256 and copies into G2 (~1 s CPU/GiB) where a raw ranged GET "
-               "does nothing with the bytes (botocore never checks ranged GETs, so nothing to take back). Bound: the MAC.",
-    "g4_write_strict": "The raw client with kvbm's own settings (no botocore CRC32): the MAC's full cost shows.",
+    "g4_write": "Cause (py-spy, per-thread CPU): kvbm handed botocore one bytearray per object, which aiohttp sliced "
+                "(a copy), joined to the request headers (a copy) and asyncio's transport buffered whole (a copy), each "
+                "into fresh pages: the IO loop used 2.3 s CPU/GiB against raw s3fs's 1.5. Fixed: a reused file body "
+                "(object_s3.PutBody) that aiohttp sends 256 KiB at a time; kvbm's client CPU 2.5 -> 1.7-2.0 s/GiB, "
+                "at or below the raw client's. Left: CRC-32C + Poly1305 + the copy into the body (~0.3 s/GiB).",
+    "g4_read": "Cause: s3fs's GET joins aiohttp's chunks into one bytes (a copy), then kvbm copied the payload into G2 "
+               "(a second). Fixed: the GET streams each chunk straight into the G2 block (object_s3.get_into; never "
+               "past it), then the tag is checked over G2 on the calling thread: client CPU 1.45-1.67 -> 0.85-1.0 s/GiB, "
+               "below the raw ranged GET's 1.2-1.7 (which pays the join).",
+    "g4_write_strict": "The raw client with kvbm's own settings (no botocore CRC32).",
     "g4_read_strict": "As above.",
-    "g3_write": "kvbm's native I/O alone matches or beats NIXL POSIX (io-only, G3 section); the gap is the CRC-32C of "
-                "each block, which NIXL does not compute. This VM's disk is emulated on the host CPUs behind our two "
-                "vCPUs: steal time is 0.5 % of all ticks idle and 27–28 % during O_DIRECT I/O, and a CRC thread over "
-                "other memory beside a raw write stretched it from 0.52 to 0.95 s/GiB (load 19). Bound: the CRC's CPU "
-                "(0.1 s/GiB), which a host whose disk does its own DMA overlaps.",
-    "g3_read": "Same bound; and a read's CRC starts only when its run has landed: the whole 64 MiB batch was in flight, "
-               "which the virtio disk completes at once, and the checksum task spun on the vCPU the host needs. "
-               "Fixed: 8 MiB in flight for checksummed reads, a condition-variable wait (read+CRC CPU 0.25 → "
-               "0.12 s/GiB). Left: the CRC is on the read's critical path and, at load 12–19, gets a fraction of a "
-               "core (kvbm's read used 0.11–0.13 s CPU/GiB, NIXL's 0.10–0.19 polling beside its I/O, io-only "
-               "1.22–1.33× NIXL).",
+    "g3_write": "kvbm's native I/O alone is NIXL's speed (io-only, G3 section); kvbm adds the CRC-32C of each block "
+                "(0.08-0.10 s CPU/GiB), which NIXL does not compute. It ran on a pool task: on the loaded box the "
+                "worker woke late and the caller ran the I/O, then every CRC, in series. Fixed: with every run in "
+                "flight, the I/O thread checksums the sources itself (write+CRC 0.72-0.79 -> 0.84-0.94x raw I/O, "
+                "A/B at load 13). Left: the CRC's CPU at high load.",
+    "g3_read": "A read's CRC can only follow its run's landing, so the checksummed read keeps 8 MiB in flight and "
+               "the I/O thread refills that window as runs land; at load 13 that thread wakes late and the device "
+               "idles (raw I/O and NIXL submit the whole 64 MiB batch). Bound, in the same run: the same raw I/O "
+               "with as many bytes of other memory checksummed beside it keeps NIXL's speed (io+other-crc, G3 "
+               "section), so the cost is the CRC's place on the critical path, not its CPU alone; whole-batch "
+               "submission was worse here (the virtio disk completes it at once: 0.72-0.75x raw I/O).",
     "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools stay 4 KiB pages "
                    "(shmem_enabled=never), so MADV_HUGEPAGE in HostStorage does not reach them.",
 }

@@ -245,7 +245,7 @@ def section_disk(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
 
 
 def section_object(run: Run, plots: Path, out: Path) -> tuple[str, dict | None]:
-    s = (f"### G2 <-> G4 (objects)\n\n`{run.shown}` — ObjectStorage (header, CRC-32C, HMAC, copy into G2) vs "
+    s = (f"### G2 <-> G4 (objects)\n\n`{run.shown}` — ObjectStorage (header, CRC-32C, MAC: v3 Poly1305, the payload into G2) vs "
          f"raw s3fs `pipe`/`cat` of the bare payloads: the peer is a stock s3fs client, the strict limit the "
          f"client ObjectStorage itself uses (botocore's own CRC32 off); moto's S3 server on loopback, and "
          f"`file://` (target ≥ 0.9× for S3).\n\n")
