@@ -182,10 +182,10 @@ class AutoPolicy(EvictionPolicy):
         else:
             self._real.insert_many(keys, None)
         if per_key:
-            if None in hints:
+            try:  # the usual case, a Hints per key: at C speed (`None in hints` would call
+                self._parents.update(zip(keys, map(_parent_of, hints)))  # Hints.__eq__ per key)
+            except AttributeError:  # some are None: those keys are left out
                 self._parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None)
-            else:  # the usual case: at C speed
-                self._parents.update(zip(keys, map(_parent_of, hints)))
         elif hints is not None:
             self._parents[keys[0]] = hints.parent
         self._stored_last = True
