@@ -147,6 +147,10 @@ def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
         _wait(lambda: set(sent) <= _union(_held(probe)))
         missed = replay(ctx, daemon.kv_events_replay, f.topic, last + 1, daemon.token)
         assert missed and [s for s, _ in missed] == list(range(last + 1, last + 1 + len(missed)))
+        # vLLM's own replay request ([start], no topic) gets the same batches: one model on this daemon
+        plain = replay(ctx, daemon.kv_events_replay, f.topic, 0, daemon.token,
+                       request=[b"", (last + 1).to_bytes(8, "big")])
+        assert plain[:len(missed)] == missed
         f.subscribe()
         join(a)  # its first live batch shows the gap: the missed batches come from the replay socket
         assert f.resyncs == resyncs + 1 and f.last >= last + len(missed)
