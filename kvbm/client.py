@@ -38,6 +38,7 @@ try:
 except ImportError as exc:  # the daemon extra
     raise ImportError("kvbm.client needs pyzmq and msgpack: pip install 'kvbm-tiered[daemon]'") from exc
 
+from . import ops
 from .blocks import KVLayout
 from .daemon.events import topic_of
 from .daemon.leases import namespace_of
@@ -61,6 +62,7 @@ class LoadPins:
     handle: int
     views: list  # the loaded prefix, read-only views of window slots
     session: bytes | None = None
+    slots: list = dataclasses.field(default_factory=list)  # their window slots
 
 
 class Client:
@@ -70,20 +72,27 @@ class Client:
         self.address = address or default_address()  # the daemon's same-node default socket
         self.token = token if token is not None else os.environ.get("KVBM_DAEMON__TOKEN", "")
         self.timeout = timeout
+        lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)
+        self._hello_fields = {"model": model, "layout": lay, "salt": salt}
+        # the namespace's topic on the daemon's KV-event stream (bad fields raise here, before
+        # anything is opened)
+        self.topic = topic_of(namespace_of(model, KVLayout(**lay).fingerprint, salt))
         self._ctx = zmq.Context()
+        self._rcvtimeo = -1  # the request socket's receive timeout (ms) as last set
         self._sock = self._socket()
         self._lock = threading.RLock()
         self._next = 1
         self.session: bytes | None = None
         self.rehellos = 0  # sessions reopened after the daemon forgot ours (restart, idle eviction)
         self._stash: dict[int, dict] = {}  # replies to submitted requests that came before their turn
-        lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)
-        self._hello_fields = {"model": model, "layout": lay, "salt": salt}
-        # the namespace's topic on the daemon's KV-event stream
-        self.topic = topic_of(namespace_of(model, KVLayout(**lay).fingerprint, salt))
         self._map: mmap.mmap | None = None
         self._stop = threading.Event()
-        self._hello()
+        try:
+            self._hello()
+        except BaseException:  # refused (token, layout), no daemon: nothing of this client stays open
+            self._sock.close(0)  # (a zmq context left to the garbage collector can hang the process in term())
+            self._ctx.term()
+            raise
         self._beat: threading.Thread | None = None
         if heartbeat:
             self._beat = threading.Thread(target=self._heartbeat, name="kvbm-heartbeat", daemon=True)
@@ -117,6 +126,25 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.address)
         return sock
+
+    def _new_request_socket(self) -> None:
+        self._sock = self._socket()
+        self._rcvtimeo = -1
+
+    def _recv(self, left: float) -> bytes | None:
+        """The next message on the request socket, waiting at most `left` seconds; None then.
+        A blocking recv with a timeout (set only when it changes): a poll before each recv cost
+        a zmq Poller and its syscalls on every request."""
+        if left <= 0:
+            return None
+        ms = int(left * 1000) + 1
+        if ms != self._rcvtimeo:
+            self._sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            return self._sock.recv()
+        except zmq.Again:
+            return None
 
     def call(self, op: str, **fields: Any) -> dict:
         """One request, one reply; RemoteError on an error reply, TimeoutError if none comes.
@@ -174,14 +202,16 @@ class Client:
         """The reply to a submitted request; replies to other submitted ones are kept for later."""
         reply = self._stash.pop(rid, None) or None
         deadline = time.monotonic() + self.timeout
+        left = self.timeout
         while reply is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+            data = self._recv(left)
+            if data is None:
                 self._sock.close(0)
-                self._sock = self._socket()
+                self._new_request_socket()
                 self._stash.clear()
                 raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
-            r = unpack(self._sock.recv(), 1 << 22)
+            left = deadline - time.monotonic()
+            r = unpack(data, 1 << 22)
             if r.get("id") == rid:
                 reply = r
             elif r.get("id") in self._stash:
@@ -193,9 +223,10 @@ class Client:
     def _roundtrip(self, op: str, rid: int, msg: bytes) -> dict:
         self._sock.send(msg)
         deadline = time.monotonic() + self.timeout
+        left = self.timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+            data = self._recv(left)
+            if data is None:
                 # a fresh socket, so a late reply cannot be taken for the next request's. The
                 # cancel goes out on the old, connected socket, lingering so that it reaches the
                 # daemon's socket even while the daemon is stopped (a fresh socket cannot finish
@@ -210,11 +241,12 @@ class Client:
                     old.close(2000)
                 else:
                     old.close(0)
-                self._sock = self._socket()
+                self._new_request_socket()
                 raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
-            reply = unpack(self._sock.recv(), 1 << 22)
+            reply = unpack(data, 1 << 22)
             if reply.get("id") == rid:
                 return reply
+            left = deadline - time.monotonic()  # a late reply to an older request: wait on
 
     def _heartbeat(self) -> None:
         period = max(0.05, self.lease_s / 4)
@@ -238,6 +270,28 @@ class Client:
     def view(self, slot: int) -> np.ndarray:
         off = slot * self.stride
         return self._pool[off:off + self.block_nbytes]
+
+    def _fill(self, slots: Sequence[int], source: Any, rows: Sequence[int]) -> None:
+        """Window slots[j] <- source[rows[j]]. Rows of one contiguous 2-D buffer (the
+        connector's staging) move in one native copy: one GIL release, where a copy per row
+        waited for the GIL once per block beside a busy engine thread (up to 5 ms each)."""
+        flat = _rows(source, self.block_nbytes)
+        if flat is not None:
+            nb = self.block_nbytes
+            ops.copy_blocks(flat, [r * nb for r in rows], self._pool, [s * self.stride for s in slots], nb)
+            return
+        for slot, r in zip(slots, rows):
+            self.view(slot)[:] = _bytes(source[r], self.block_nbytes)
+
+    def _drain(self, slots: Sequence[int], destination: Any, rows: Sequence[int]) -> None:
+        """destination[rows[j]] <- window slots[j] (as _fill, the other way)."""
+        flat = _rows(destination, self.block_nbytes)
+        if flat is not None:
+            nb = self.block_nbytes
+            ops.copy_blocks(self._pool, [s * self.stride for s in slots], flat, [r * nb for r in rows], nb)
+            return
+        for slot, r in zip(slots, rows):
+            _bytes(destination[r], self.block_nbytes)[:] = self.view(slot)
 
     # ---------------------------------------------------------------- blocks
 
@@ -307,14 +361,13 @@ class Client:
             if exc.code in ("quota", "window_full"):  # no room for this client now: not stored
                 return 0, exc.code
             raise
-        failed = []
+        want = [i for i, slot in enumerate(res.slots) if slot >= 0]
         try:
-            for i, v in enumerate(res.views):
-                if v is not None:
-                    v[:] = _bytes(source[i], self.block_nbytes)
+            with self._lock:  # the window mapped now is the reservation's (else commit says 0)
+                if res.session == self.session:
+                    self._fill([res.slots[i] for i in want], source, want)
         except BaseException:
-            failed = [i for i, v in enumerate(res.views) if v is not None]
-            self.commit_store(res, failed)
+            self.commit_store(res, want)
             raise
         return self.commit_store(res), res.rejected
 
@@ -324,7 +377,7 @@ class Client:
             views = [self.view(s) for s in r["slots"]]
             for v in views:
                 v.flags.writeable = False
-            return LoadPins(r["handle"], views, self.session)
+            return LoadPins(r["handle"], views, self.session, list(r["slots"]))
 
     def release_load(self, pins: LoadPins) -> None:
         if pins.handle and pins.session == self.session:
@@ -360,9 +413,8 @@ class Client:
                 while True:
                     slots = r["slots"]
                     try:
-                        for j, slot in enumerate(slots):
-                            if slot >= 0:
-                                self.view(slot)[:] = _bytes(source[i + j], self.block_nbytes)
+                        want = [j for j, slot in enumerate(slots) if slot >= 0]
+                        self._fill([slots[j] for j in want], source, [i + j for j in want])
                     except BaseException:
                         if r["handle"]:
                             commits.append(self._submit("store_commit", handle=r["handle"],
@@ -416,8 +468,7 @@ class Client:
                     full = len(slots) == len(keys[i:i + b])
                     nxt = self._submit("load_prepare", keys=list(keys[i + b:i + 2 * b])) if (
                         full and i + b < len(keys)) else None
-                    for j, slot in enumerate(slots):
-                        _bytes(destination[i + j], self.block_nbytes)[:] = self.view(slot)
+                    self._drain(slots, destination, range(i, i + len(slots)))
                     if r["handle"]:
                         releases.append(self._submit("load_release", handle=r["handle"]))
                     loaded += len(slots)
@@ -458,8 +509,7 @@ class Client:
     def _load(self, keys: Sequence[bytes], destination: Sequence[Any]) -> int:
         pins = self.prepare_load(keys)
         try:
-            for v, dst in zip(pins.views, destination):
-                _bytes(dst, self.block_nbytes)[:] = v
+            self._drain(pins.slots, destination, range(len(pins.slots)))
         finally:
             self.release_load(pins)
         return len(pins.views)
@@ -476,8 +526,7 @@ class Client:
                     return None
                 slots = list(range(self.scratch[0], self.scratch[0] + len(keys)))
                 if op == "store":
-                    for slot, src in zip(slots, buffers):
-                        self.view(slot)[:] = _bytes(src, self.block_nbytes)
+                    self._fill(slots, buffers, range(len(slots)))
                 try:
                     r = self._call(op, {"keys": list(keys), "slots": slots, **fields})
                 except RemoteError as exc:
@@ -491,8 +540,7 @@ class Client:
                     raise
                 if op == "store":
                     return r["stored"]
-                for slot, dst in zip(slots[:r["n"]], buffers):
-                    _bytes(dst, self.block_nbytes)[:] = self.view(slot)
+                self._drain(slots[:r["n"]], buffers, range(r["n"]))
                 return r["n"]
         return None  # pragma: no cover - the second attempt returns or raises
 
@@ -566,6 +614,25 @@ def _unmap(m: mmap.mmap) -> None:
         m.close()
     except BufferError:  # a caller still holds a view; the GC unmaps it
         pass
+
+
+def _rows(bufs: Any, nbytes: int) -> np.ndarray | None:
+    """bufs as one flat uint8 array when it is a C-contiguous 2-D numpy array or CPU torch
+    tensor of whole blocks (one row each); None for anything else (a list of buffers)."""
+    if isinstance(bufs, np.ndarray):
+        arr = bufs
+    elif hasattr(bufs, "numpy") and getattr(getattr(bufs, "device", None), "type", None) == "cpu":
+        try:
+            if bufs.dim() != 2 or not bufs.is_contiguous():
+                return None
+            arr = bufs.view(__import__("torch").uint8).numpy()
+        except (RuntimeError, TypeError, ValueError):  # grad, an odd dtype: row by row then
+            return None
+    else:
+        return None
+    if arr.ndim != 2 or not arr.flags.c_contiguous or arr.shape[1] * arr.itemsize != nbytes:
+        return None
+    return arr.reshape(-1).view(np.uint8)
 
 
 def _bytes(buf: Any, nbytes: int) -> np.ndarray:

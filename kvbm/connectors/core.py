@@ -20,6 +20,7 @@ from and load into staging rows; poll for completion):
     ManagerBackend   the process's BlockManager (the default)
     DaemonBackend    a `kvbm serve` daemon through kvbm.client.Client, chosen with
                      extra config {"kvbm_daemon": "tcp://127.0.0.1:5557", "kvbm_token": ...}
+                     (daemon_backend.py; its names are re-exported here)
 SchedulerSide and WorkerSide take either a backend or (manager, lock) as before.
 """
 
@@ -30,8 +31,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -40,13 +39,12 @@ from ..config import ConfigError, KVBMConfig, load_config
 from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
 from ..policies.base import Hints
-from .cpus import unbind_cpus
+from .daemon_backend import DaemonBackend, daemon_spec, release_backends, shared_backend
 from .paged import PagedKV
 
 log = logging.getLogger(__name__)
 
 _MANAGERS: dict[str, tuple[BlockManager, threading.RLock]] = {}
-_BACKENDS: dict[str, DaemonBackend] = {}
 _OFFLOADERS: dict[int, Offloader] = {}  # id(manager) -> its background offloader
 _MANAGERS_LOCK = threading.Lock()
 
@@ -117,15 +115,12 @@ def release_managers() -> None:
         _MANAGERS.clear()
         offloaders = list(_OFFLOADERS.values())
         _OFFLOADERS.clear()
-        backends = list(_BACKENDS.values())
-        _BACKENDS.clear()
     for offloader in offloaders:
         offloader.close()
     for manager, lock in entries:
         with lock:
             manager.close()
-    for backend in backends:
-        backend.close()
+    release_backends()
 
 
 # ---------------------------------------------------------------- backends
@@ -222,163 +217,14 @@ class ManagerBackend:
             self.manager.close()
 
 
-class DaemonBackend:
-    """The daemon path: kvbm.client.Client sessions; transfers run on two lanes, tickets are futures.
-
-    Loads and stores go on lanes of their own, each a thread with its own client (session,
-    socket, window): a load the engine waits on (time to first token) never queues behind the
-    stores submitted before it, on this side or in the client's lock. Lookups use the load
-    lane's client (short round trips, also on the critical path). The store lane's client is
-    opened on its thread at the first store, so a scheduler-only process (vLLM's
-    multiprocessing executor) holds one session.
-
-    The daemon owns the tiers and their policies. A store that fails (daemon gone, timeout) is
-    a future miss; a load that fails reports its blocks as not arrived, never scattered.
-    """
-
-    def __init__(self, client: Any, store_client: Any = None, connect_store: Any = None) -> None:
-        self.client = client  # lookups and loads
-        self.block_nbytes = client.block_nbytes
-        self._store_client = store_client
-        self._connect_store = connect_store  # () -> a Client, on the store lane at first use
-        # (cpus.py: lanes run on any core, not on the engine worker's bound one)
-        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load",
-                                         initializer=unbind_cpus)
-        self._stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-store",
-                                          initializer=unbind_cpus)
-
-    @classmethod
-    def connect(cls, address: str, layout: KVLayout, model: str, salt: str = "",
-                token: str | None = None, timeout: float = 10.0) -> DaemonBackend:
-        from ..client import Client
-
-        def opener() -> Client:
-            return Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout)
-
-        # Each client is opened on its lane's thread, so that its zmq I/O thread and heartbeat
-        # start unbound too (cpus.py); the store lane's at its first store.
-        loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load", initializer=unbind_cpus)
-        try:
-            backend = cls(loads.submit(opener).result(), connect_store=opener)
-        finally:
-            loads.shutdown(wait=True)
-        return backend
-
-    pins = False  # the daemon's lookup pins nothing yet: a promised block can still go before its load
-
-    @property
-    def rehellos(self) -> int:
-        """Sessions reopened (daemon restarted) on either lane."""
-        store = self._store_client if self._store_client not in (None, self.client) else None
-        return self.client.rehellos + (store.rehellos if store is not None else 0)
-
-    def pin(self, keys: Sequence[Any]) -> int:
-        return 0
-
-    def unpin(self, keys: Sequence[Any]) -> None:
-        return
-
-    def lookup(self, keys: Sequence[Any]) -> tuple[int, list[str]]:
-        keys = list(keys)
-        n, where, step = 0, [], max(1, self.client.max_keys)
-        while n < len(keys):  # the daemon caps keys per request
-            part = keys[n:n + step]
-            hit, w = self.client.lookup(part)
-            n += hit
-            where += list(w)[:hit]
-            if hit < len(part):
-                break
-        return n, where
-
-    takes_hashes = True  # the daemon publishes them (vLLM-format KV events, daemon/kv_events.py)
-
-    def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
-                    position: int = 0, hashes: Sequence[Any] | None = None, parent_hash: Any = None) -> Future:
-        per_key = None if hints is None else list(hints)  # retention priorities cross to the daemon
-        ticket = self._stores.submit(self._store, list(keys), list(staging), parent, position, per_key,
-                                     None if hashes is None else list(hashes), parent_hash)
-        ticket.add_done_callback(_log_store_error)
-        return ticket
-
-    def _store(self, keys: list, staging: list, parent: Any, position: int, hints: Any,
-               hashes: list | None = None, parent_hash: Any = None) -> int:
-        """On the store lane: its own client, opened here at the first store (or reopened after
-        a failed open: the daemon may be back)."""
-        if self._store_client is None:
-            if self._connect_store is None:
-                self._store_client = self.client  # built around one client: one session for both
-            else:
-                self._store_client = self._connect_store()
-        if hashes is None:
-            return self._store_client.store(keys, staging, parent, position, hints)
-        return self._store_client.store(keys, staging, parent, position, hints, hashes=hashes,
-                                        parent_hash=parent_hash)
-
-    def start_load(self, keys: Sequence[Any], staging: Any) -> Future:
-        return self._loads.submit(self.client.load, list(keys), list(staging))
-
-    def poll(self, tickets: Sequence[Any], wait: bool = False) -> None:
-        if wait:
-            _wait_futures([t for t in tickets if t is not None])
-
-    def done(self, ticket: Future) -> bool:
-        return ticket.done()
-
-    def loaded(self, ticket: Future) -> int:
-        exc = ticket.exception()
-        if exc is not None:
-            log.warning("kvbm daemon load failed: %s", exc)
-            if isinstance(exc, TimeoutError):  # an engine's own daemon writes its stacks to the log
-                from .engine_daemon import report_stall
-                report_stall(self.client.address)
-            return 0
-        return ticket.result()
-
-    def close(self) -> None:
-        self._loads.shutdown(wait=True)
-        self._stores.shutdown(wait=True)
-        if self._store_client is not None and self._store_client is not self.client:
-            self._store_client.close()
-        self.client.close()
-
-
-def _log_store_error(ticket: Future) -> None:
-    exc = ticket.exception()
-    if exc is not None:  # a future miss, not an error for the engine
-        log.warning("kvbm daemon store failed: %s", exc)
-
-
-def daemon_spec(extra: Mapping[str, Any], layout: KVLayout, model: str) -> dict[str, Any] | None:
-    """The daemon to use from the connector's extra config, or None for the in-process manager.
-
-    extra: kvbm_daemon (address), kvbm_token (else $KVBM_DAEMON__TOKEN), kvbm_salt (namespace salt).
-    """
-    address = extra.get("kvbm_daemon")
-    if not address:
-        return None
-    if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-        raise ConfigError(f"kvbm_daemon must be tcp://HOST:PORT or ipc://PATH, got {address!r}")
-    return {"address": address, "token": extra.get("kvbm_token"), "salt": str(extra.get("kvbm_salt") or ""),
-            "model": model, "layout": {f: getattr(layout, f) for f in layout.__dataclass_fields__}}
-
-
-def shared_backend(spec: Mapping[str, Any]) -> DaemonBackend:
-    """The process's daemon backend for this spec (one client, shared by both halves)."""
-    key = json.dumps(spec, sort_keys=True)
-    with _MANAGERS_LOCK:
-        backend = _BACKENDS.get(key)
-        if backend is None:
-            backend = _BACKENDS[key] = DaemonBackend.connect(
-                spec["address"], KVLayout(**spec["layout"]), spec["model"], spec.get("salt", ""),
-                spec.get("token"))
-        return backend
-
-
 def as_backend(manager: Any, lock: threading.RLock | None = None) -> Any:
     """A backend as given, or a BlockManager (with its lock) wrapped as one."""
     if isinstance(manager, (ManagerBackend, DaemonBackend)):
         return manager
     return ManagerBackend(manager, lock if lock is not None else threading.RLock())
+
+
+__all__ = ["DaemonBackend", "daemon_spec", "shared_backend"]  # re-exported (daemon_backend.py)
 
 
 # ---------------------------------------------------------------- plans

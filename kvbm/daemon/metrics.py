@@ -1,7 +1,8 @@
 """Prometheus metrics and the health endpoint of the daemon.
 
     Metrics(daemon_stats)          a registry: request latencies + a collector over a snapshot
-    Metrics.observe(op, seconds)   one request's latency (the loop thread)
+    Metrics.observe(op, seconds)   one request's latency (the loop thread): a bisect and two adds;
+                                   the histogram kvbm_request_seconds{op} is built at scrape time
     Metrics.publish(snapshot)      the loop thread hands over fresh counters (every ~0.5 s)
     Metrics.serve("127.0.0.1:9400", token) -> (host, port)    GET /metrics, GET /health
 
@@ -13,6 +14,7 @@ loopback) every path answers 401 unless the request carries `Authorization: Bear
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import json
 import threading
@@ -20,9 +22,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0)
 _TIER_COUNTERS = ("hits", "stores", "evictions", "drops", "demotions_in", "promotions_out",
                   "rejected", "failed", "load_failures", "recovered", "io_errors", "checksum_errors",
                   "foreign_objects", "writes_refused")
@@ -33,6 +36,7 @@ class _Collector:
         self.owner = owner
 
     def collect(self):
+        yield self.owner.latency_family()
         snap = self.owner.snapshot
         if not snap:
             return
@@ -84,16 +88,33 @@ class _Collector:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.latency = Histogram("kvbm_request_seconds", "daemon request latency", ["op"],
-                                 registry=self.registry,
-                                 buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0))
         self.registry.register(_Collector(self))
         self.snapshot: dict[str, Any] = {}
         self.started = time.monotonic()
         self._server: ThreadingHTTPServer | None = None
+        # op -> [count per bucket (the last one past 1 s), sum of seconds]; only the loop thread
+        # writes (prometheus_client's Histogram.observe took a lock and a Python scan of the
+        # buckets per request: a few us of each request's time)
+        self._latency: dict[str, list] = {}
 
     def observe(self, op: str, seconds: float) -> None:
-        self.latency.labels(op).observe(seconds)
+        row = self._latency.get(op)
+        if row is None:
+            row = self._latency[op] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0]
+        row[0][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        row[1] += seconds
+
+    def latency_family(self) -> HistogramMetricFamily:
+        """kvbm_request_seconds{op}: cumulative buckets of what observe() counted."""
+        fam = HistogramMetricFamily("kvbm_request_seconds", "daemon request latency", labels=["op"])
+        for op, (counts, total) in list(self._latency.items()):
+            counts = list(counts)  # one copy: buckets and count agree even while the loop counts on
+            acc, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts):
+                acc += n
+                buckets.append((_bound(bound), acc))
+            fam.add_metric([op], buckets, total)
+        return fam
 
     def publish(self, snapshot: dict[str, Any]) -> None:
         self.snapshot = snapshot  # one reference swap: readers see an old or a new one
@@ -140,3 +161,7 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _bound(b: float) -> str:
+    return "+Inf" if b == float("inf") else repr(b)
