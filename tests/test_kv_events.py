@@ -268,6 +268,38 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
         ctx.term()
 
 
+def test_a_subscriber_follows_a_restarted_daemon(daemon):
+    d = daemon()
+    a = Engine(d.address, 6)
+    ctx = zmq.Context()
+    f = Follower(ctx, d.kv, d.kvr, a.backend.client.topic)
+    b = None
+    try:
+        _until_joined(f, a)
+        a.prompt("old", chain("old", 3), [0, 1, 2])
+        f.pump()
+        assert set(chain("old", 3)) <= f.held()["CPU"]
+        last, resyncs = f.last, f.resyncs
+        a.close()
+        a = None
+        d.stop()
+        d.start()  # the same sockets; G2 (host memory) starts empty: the old blocks are gone
+        b = Engine(d.address, 7)
+        # the new daemon's stream numbers on above the old one's (not from 0 again, which the
+        # subscriber would drop as batches it has): a gap, so it replays and gets a snapshot
+        _until_joined(f, b)
+        assert f.last > last and f.resyncs == resyncs + 1
+        b.prompt("new", chain("new", 2), [3, 4])
+        f.pump()
+        want = truth([b])
+        assert set(chain("new", 2)) <= want["CPU"] and not set(chain("old", 3)) & set().union(*want.values())
+        assert f.held() == want == kv_view(b)
+    finally:
+        f.sub.close(0)
+        for e in (a, b):
+            e is not None and e.close()
+        ctx.term()
+
 def test_a_tenant_sees_and_replays_nothing_of_another(daemon):
     d = daemon()
     a, other = Engine(d.address, 3), Engine(d.address, 4, salt="tenant-b")

@@ -23,7 +23,10 @@ exactly the daemon's view, whatever the manager did in between (cascades, promot
 
 Per namespace, as for kvbm's own stream (events.py): the topic is `topic_of(namespace)` (a
 one-way hash of the namespace id: `Client.topic`), each namespace has its own sequence numbers
-(from 0, a batch that starts with AllBlocksCleared and the namespace's blocks held so far) and its
+(the first, a batch that starts with AllBlocksCleared and the namespace's blocks held so far, is
+numbered by the wall clock in microseconds, so a restarted daemon's stream goes on above the one
+it replaces: a subscriber that followed the old one sees a gap, replays, and gets a snapshot,
+where numbers from 0 again would look like batches it already has) and its
 own replay buffer, so no tenant sees another's batches, counts them through gaps, or replays
 them. A replay request names the topic: [b"", topic, start seq] from a DEALER socket (vLLM's
 names none: it has one stream per engine; a REQ socket would take only the first of the many
@@ -104,7 +107,8 @@ class _Stream:
     """One namespace's sequence numbers and replay buffer."""
 
     def __init__(self, buffer: int) -> None:
-        self.seq = -1  # last published
+        self.seq = time.time_ns() // 1000 - 1  # last published (the first is "now": see the docstring)
+        self.fresh = True  # nothing published yet
         self.buffer: collections.deque = collections.deque(maxlen=buffer)  # (seq, payload)
 
 
@@ -178,12 +182,12 @@ class KVEventPublisher:
     def _snapshot(self, ns: bytes) -> tuple[int, bytes]:
         """(seq, one batch: AllBlocksCleared + what was published) for a subscriber that lost track."""
         st = self.streams.get(ns)
-        return (st.seq if st is not None else -1), _batch(self.held.snapshot(ns))
+        return (st.seq if st is not None and not st.fresh else -1), _batch(self.held.snapshot(ns))
 
     def _publish(self, ns: bytes, evs: list) -> None:
         st = self._stream(ns)
-        if st.seq < 0:  # a new stream (daemon start, or a namespace back after a while): start clean
-            evs = self.held.snapshot(ns)
+        if st.fresh:  # a new stream (daemon start, or a namespace back after a while): start clean
+            evs, st.fresh = self.held.snapshot(ns), False
         payload = _batch(evs)
         with self._lock:
             st.seq += 1
