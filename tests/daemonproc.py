@@ -29,7 +29,7 @@ def write_peer_secret(folder: Path) -> str:
     return str(path)
 
 
-def wait_ready(proc: subprocess.Popen, stdout: Path, timeout: float = 30.0) -> dict | None:
+def wait_ready(proc: subprocess.Popen, stdout: Path, timeout: float = 180.0) -> dict | None:
     """The daemon's `{"ready": ...}` line, or None if it exited or stayed silent past timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

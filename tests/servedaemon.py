@@ -59,7 +59,7 @@ class Served:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self, timeout: float = 60.0) -> "Served":
+    def start(self, timeout: float = 180.0) -> "Served":
         out = self.dir / "stdout.txt"
         out.write_text("")
         self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(self.config)],

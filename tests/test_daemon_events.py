@@ -35,7 +35,7 @@ def served(tmp_path):
         d.stop()
 
 
-def _handshake(sub: zmq.Socket, address: str, timeout: float = 30.0) -> str:
+def _handshake(sub: zmq.Socket, address: str, timeout: float = 120.0) -> str:
     """Connect; 'ok' or 'failed': the first handshake outcome the SUB socket's monitor reports
     (the monitor is attached before the connect, so no outcome can slip past it)."""
     mon = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH

@@ -129,7 +129,7 @@ class NsDaemon:
                 stdout=o, stderr=e, env=self.env)
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> NsDaemon:
+    def wait_ready(self, timeout: float = 180.0) -> NsDaemon:
         self.info = wait_ready(self.proc, self.dir / "stdout.txt", timeout)
         if self.info is not None:
             return self

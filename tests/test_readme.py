@@ -91,7 +91,7 @@ def daemon(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
     proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(path)],
                             stdout=out.open("w"), stderr=(tmp_path / "stderr.txt").open("w"), env=env)
-    info = wait_ready(proc, out, timeout=60)
+    info = wait_ready(proc, out, timeout=180)
     try:
         assert info is not None, (tmp_path / "stderr.txt").read_text()[-2000:]
         yield info["address"]
