@@ -99,7 +99,6 @@ def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
     # daemon's `kv_view` op answers with what the tiers hold of it, by engine block hash
     probe = Client(daemon.address, model=a.model, layout=LAYOUT, token=daemon.token)
     f = Follower(ctx, daemon.kv_events, daemon.kv_events_replay, probe.topic, token=daemon.token)
-    joins = iter(range(100, 200))
     sent: list[bytes] = []  # engine hashes of every full block this test's prompts have
 
     def send(server: Server, tokens: list[int], max_tokens: int = 2) -> None:
@@ -107,20 +106,13 @@ def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
         sent.extend(engine_hashes(tokens))
 
     def join(server: Server) -> None:
-        """PUB/SUB joins late: one-block prompts until the subscriber hears a batch (a gap
-        before it is resynced through the replay socket)."""
-        deadline = time.monotonic() + 600
-        while not f.sub.poll(0):
-            assert time.monotonic() < deadline, "the subscriber never heard a batch"
-            send(server, prompt(next(joins), BLOCK + 1), max_tokens=1)
-            f.sub.poll(2000)
-        f.pump()
+        sent.extend(_join(f, server))
 
     try:
         before = _held(probe)  # what earlier tests left (the subscriber must learn it too)
         join(a)
-        # joined a running daemon (earlier tests' batches): seq 0 on came from the replay socket
-        assert f.last >= 0 and f.resyncs == (1 if before else 0)
+        # joined a running stream: what came before came from the replay socket
+        assert f.last >= 0 and f.resyncs == 1
         # A and B store four 8-block prompts: 32 blocks more than G2's 24 hold, so the oldest demote to G3
         prompts = [prompt(40 + i, PROMPT) for i in range(4)]
         for server, tokens in zip((a, b, a, b), prompts):
@@ -164,6 +156,24 @@ def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
         ctx.term()
 
 
+_JOINS = iter(range(100, 1000))  # one-block prompts' seeds
+
+
+def _join(f, server: Server) -> list[bytes]:
+    """PUB/SUB joins late: one-block prompts until the subscriber hears a batch (what came
+    before is resynced through the replay socket); the engine hashes of the prompts sent."""
+    sent: list[bytes] = []
+    deadline = time.monotonic() + 600
+    while not f.sub.poll(0):
+        assert time.monotonic() < deadline, "the subscriber never heard a batch"
+        tokens = prompt(next(_JOINS), BLOCK + 1)
+        server.complete(tokens, max_tokens=1)
+        sent += engine_hashes(tokens)
+        f.sub.poll(2000)
+    f.pump()
+    return sent
+
+
 def _held(probe) -> dict[str, set]:
     """The daemon's own view of the namespace: {medium: {engine hash}} (the kv_view op)."""
     return {m: set(hs) for m, hs in probe.call("kv_view")["view"].items() if hs}
@@ -199,7 +209,18 @@ def _settled(f, probe, stored: list, timeout: float = 600.0) -> dict[str, set]:
 
 
 def test_daemon_killed_mid_traffic_no_request_fails(stack):
+    import zmq
+    from test_kv_events import Follower
+
+    from kvbm.client import Client
+
     daemon, a, b = stack
+    ctx = zmq.Context()
+    with Client(daemon.address, model=a.model, layout=LAYOUT, token=daemon.token) as probe:
+        topic = probe.topic
+    f = Follower(ctx, daemon.kv_events, daemon.kv_events_replay, topic, token=daemon.token)  # a router
+    _join(f, a)
+    followed, resyncs = f.last, f.resyncs
     failures: list[str] = []
     done = {"n": 0}
     stop = threading.Event()
@@ -242,6 +263,18 @@ def test_daemon_killed_mid_traffic_no_request_fails(stack):
         if hits[-1] < 8 * BLOCK:
             time.sleep(2)
     assert hits[-1] == 8 * BLOCK, (hits, a.kvbm_lines()[-2000:], b.kvbm_lines()[-2000:])
+    # the router that followed the killed daemon follows the new one: its stream numbers on above
+    # the old one's, so the subscriber sees a gap, replays (a snapshot) and ends equal to the new
+    # daemon's view (G2's blocks went with the old one; the new one knows engine hashes only of
+    # blocks stored since it started: G3's recovered blocks are not on its stream)
+    f.pump()
+    stored = _join(f, a) + engine_hashes(tokens)
+    assert f.last > followed and f.resyncs > resyncs
+    with Client(daemon.address, model=a.model, layout=LAYOUT, token=daemon.token) as probe:
+        view = _settled(f, probe, stored)
+    assert set(engine_hashes(tokens)) <= _union(view)
+    f.sub.close(0)
+    ctx.term()
 
 
 def _wait(cond, timeout: float = 600.0) -> None:
