@@ -87,7 +87,7 @@ def engine_hashes(tokens: list[int]) -> list[bytes]:
 
 
 def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
-    """Runs before the daemon-kill test (the stream starts over with a new daemon)."""
+    """(Before the daemon-kill test, which follows the stream across the daemon's restart.)"""
     import zmq
     from test_kv_events import Follower, replay
 
