@@ -1,16 +1,19 @@
 """auto: miniature simulations choose the policy that orders the tier.
 
-Two grids, both replayed through the real BlockManager (kvbm.sim.replay), as `kvbm simulate`
-does. The issue's criterion is that at every cell auto's prefix hit ratio is within 0.002 of
-the best of lru, arc, s3fifo and prefix:
+Grids replayed through the real BlockManager (kvbm.sim.replay), as `kvbm simulate` does. The
+issue's criterion is that at every cell auto's prefix hit ratio is within 0.002 of the best of
+lru, arc, s3fifo and prefix (bench/eval_policies.py; the full grid is in bench/RESULTS.md):
 
-- TUNE_CELLS: cells of the robustness grid's tune rows (bench/eval_policies.py) where a
-  different reference policy leads (s3fifo on document QA at 5 %, prefix on fan-out agents at
-  2 %): the 0.002 bar is asserted there. The full grid is in bench/RESULTS.md.
-- REDUCED: small members of the family (11k-16k block accesses). Here the bar is not met
-  (auto has too few accesses to learn on before the trace ends, and agent sessions whose
-  requests are longer than the tier favour `prefix` late in the trace): an expected failure,
-  with a hard bound on the cells whose tier holds the longest request.
+- TUNE_CELLS: cells of the robustness grid's tune rows where a different reference policy
+  leads (s3fifo on document QA at 5 %, prefix on fan-out agents at 2 %).
+- COLUMN: the reduced grid, the 5 % column of every synthetic row of the robustness grid
+  (tune and held-out): the 0.002 bar is asserted on each cell.
+- KNOWN_MISSES: the grid's synthetic cells where auto is more than 0.002 below the best
+  reference (bench/RESULTS.md says why): strict expected failures, so a change that closes one
+  shows up here and the list must shrink with it. (The two Mooncake misses, mooncake-1 at 1 %
+  and 2 %, are left to bench/eval_policies.py: a Mooncake half costs more than this test.)
+- REDUCED: small members of the family (11k-16k block accesses), too short for auto to learn
+  on: a hard bound (0.015) on the cells whose tier holds the longest request.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from eval_policies import capacities, load  # noqa: E402
 REFERENCE = ("lru", "arc", "s3fifo", "prefix")
 TOLERANCE = 0.002
 TUNE_CELLS = [("docqa", 0.05), ("fanout", 0.02)]
+COLUMN = [(w, 0.05) for w in ("chat", "agent", "fanout", "mix", "agent@12", "tenants", "rag",
+                              "docqa@14", "assistant")]  # docqa 5 % is a tune cell above
+KNOWN_MISSES = [("chat", 0.02), ("agent@12", 0.25), ("tenants", 0.25)]
 # small members of the family: chat, agent tool loops, document QA, fan-out
 REDUCED = {
     "chat": dict(n_sessions=600, seed=21, mode="chat"),
@@ -46,14 +52,26 @@ def _ratio(trace, policy, capacity):
     return simulate(trace, single_tier(capacity, policy), progress=False).prefix_hit_ratio
 
 
-@pytest.mark.parametrize("workload,fraction", TUNE_CELLS)
-def test_auto_is_within_0002_of_the_best_reference_policy_on_tune_cells(workload, fraction):
+def _cell(workload, fraction):
     trace = load(workload)
     capacity = capacities(trace, [fraction])[0]
     ref = {p: _ratio(trace, p, capacity) for p in REFERENCE}
     auto = _ratio(trace, "auto", capacity)
-    print(workload, fraction, capacity, f"auto {auto:.4f}", ref)
-    assert auto >= max(ref.values()) - TOLERANCE, (workload, fraction, auto, ref)
+    print(workload, fraction, capacity, f"auto {auto:.4f}", {p: round(r, 4) for p, r in ref.items()})
+    return auto, max(ref.values())
+
+
+@pytest.mark.parametrize("workload,fraction", TUNE_CELLS + COLUMN)
+def test_auto_is_within_0002_of_the_best_reference_policy(workload, fraction):
+    auto, best = _cell(workload, fraction)
+    assert auto >= best - TOLERANCE, (workload, fraction, auto, best)
+
+
+@pytest.mark.parametrize("workload,fraction", KNOWN_MISSES)
+@pytest.mark.xfail(strict=True, reason="known miss of the 0.002 bar (bench/RESULTS.md, issue 15)")
+def test_known_misses_of_the_0002_bar(workload, fraction):
+    auto, best = _cell(workload, fraction)
+    assert auto >= best - TOLERANCE, (workload, fraction, auto, best)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +94,6 @@ def test_auto_is_never_far_below_the_best_reference_policy(grid):
     bad = [cell for cell in grid if cell[4] and cell[2] < cell[3] - HARD]
     assert not bad
     assert sum(cell[4] for cell in grid) >= 4
-
-
-@pytest.mark.xfail(reason="short traces: the 0.002 bar is not met on every small cell (module docstring)",
-                   strict=False)
-def test_auto_is_within_0002_on_the_small_traces(grid):
-    for name, fraction, auto, best, _ in grid:
-        assert auto >= best - TOLERANCE, (name, fraction, auto, best)
 
 
 def _request(policy, keys):
