@@ -69,6 +69,45 @@ def session_of(r) -> int:
     return r.hash_ids[1] if len(r.hash_ids) > 1 else r.hash_ids[0]
 
 
+def _processes() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds so far, command line) of every process we can read."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmd)
+    return out
+
+
+def cpu_split(roots: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the process trees under roots: vLLM's processes, and kvbm daemons
+    among them or among roots (an engine's own daemon, a `kvbm serve`)."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {"vllm_cpu_s": 0.0, "kvbm_daemon_cpu_s": 0.0}
+    todo, seen = list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in procs:
+            continue
+        seen.add(pid)
+        _, cpu, cmd = procs[pid]
+        daemon = "kvbm.connectors.engine_daemon" in cmd or "kvbm.cli serve" in cmd
+        out["kvbm_daemon_cpu_s" if daemon else "vllm_cpu_s"] += cpu
+        todo += children.get(pid, [])
+    return out
+
+
 def replay(servers, traces, args):
     """Replay traces[i] against servers[i], all at once; (merged results, wall seconds, metric deltas)."""
     from kvbm.loadgen.prompts import trace_jobs
@@ -140,7 +179,10 @@ def run_config(name: str, args, work: Path) -> dict:
             traces = halves
         else:
             traces = [trace]
+        roots = [s.proc.pid for s in servers] + ([daemon.proc.pid] if daemon is not None else [])
+        cpu0 = cpu_split(roots)
         results, wall, delta = replay(servers, traces, args)
+        cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_split(roots).items()}
     finally:
         for s in servers:
             s.stop()
@@ -152,19 +194,21 @@ def run_config(name: str, args, work: Path) -> dict:
             "e2e_p50_s": rep["e2e_s"]["p50"], "wall_s": wall,
             "kvbm_hit_tokens": delta.get("vllm:external_prefix_cache_hits", 0.0),
             "vllm_hit_tokens": delta.get("vllm:prefix_cache_hits", 0.0),
-            "prompt_tokens_queried": delta.get("vllm:prefix_cache_queries", 0.0), "errors": rep["errors"]}
+            "prompt_tokens_queried": delta.get("vllm:prefix_cache_queries", 0.0), "errors": rep["errors"],
+            **cpu}  # CPU seconds over the replay: vLLM's processes, kvbm daemons
 
 
 def table(rows: list[dict]) -> str:
     base = next((r["ttft_p50_s"] for r in rows if r["config"] == "a"), None)
     out = ["| config | requests (failed) | TTFT p50 (s) | TTFT p99 (s) | vs a | E2E p50 (s) | kvbm hit tokens "
-           "| vLLM prefix-cache hit tokens | prompt tokens | load avg (start, end) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| vLLM prefix-cache hit tokens | prompt tokens | CPU s: vLLM, kvbm daemon | load avg (start, end) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['ttft_p50_s'] / base:.2f}x" if base and r["ttft_p50_s"] else "-"
         out.append(f"| {r['config']}: {r['label']} | {r['completed']} ({r['failed']}) | {r['ttft_p50_s']:.3f} | "
                    f"{r['ttft_p99_s']:.3f} | {ratio} | {r['e2e_p50_s']:.3f} | {r['kvbm_hit_tokens']:.0f} | "
-                   f"{r['vllm_hit_tokens']:.0f} | {r['prompt_tokens_queried']:.0f} | {r.get('load_avg', '-')} |")
+                   f"{r['vllm_hit_tokens']:.0f} | {r['prompt_tokens_queried']:.0f} | "
+                   f"{r.get('vllm_cpu_s', '-')}, {r.get('kvbm_daemon_cpu_s', '-')} | {r.get('load_avg', '-')} |")
     return "\n".join(out)
 
 
