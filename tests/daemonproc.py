@@ -42,14 +42,16 @@ def wait_ready(proc: subprocess.Popen, stdout: Path, timeout: float = 180.0) -> 
     return None
 
 
-def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tuple, conn) -> None:
+def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tuple, conn, gate: str = "") -> None:
     """A stand-in peer daemon, run in its own process (a NIXL agent must not live in the test
     process: nixl's wheel crashes at exit once UCX's IB module is loaded). A real NIXL agent
     over a pool holding `keys`' bytes (shake_128 of the key, as the tests store them), and a
     ROUTER that answers peer_hello / peer_lookup / peer_release after `delay` seconds each.
     `bad` block indices get a wrong crc32c; `later`: crc32c come with peer_release (this
-    version's protocol) instead of with the lookup. Sends its address, then on "stop" the ops
-    it was asked, and exits.
+    version's protocol) instead of with the lookup. `gate`: a path; each peer_lookup creates
+    `gate`.asked, then is answered only once `gate` exists (the test holds a pull open for as long
+    as it needs, no clock involved). Sends its address, then on "stop" the ops it was asked, and
+    exits.
     """
     import hashlib
     import os
@@ -90,6 +92,10 @@ def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tupl
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and not conn.poll(0):
             time.sleep(0.01)
+        if gate and op == "peer_lookup":
+            open(gate + ".asked", "w").close()
+            while not os.path.exists(gate) and not conn.poll(0):
+                time.sleep(0.01)
         reply: dict = {"id": msg["id"], "ok": True}
         if op == "peer_hello" and "proof" not in msg:  # the handshake's first step (peerauth.py)
             challenge, proof = challenges.issue(msg["nonce"])
