@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self, port: int | None = None, start_timeout: float = 20.0) -> None:
+    def __init__(self, port: int | None = None, start_timeout: float = 180.0) -> None:
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.start_timeout = start_timeout
@@ -49,7 +49,7 @@ class MotoServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"moto server exited with {self.proc.returncode} before listening")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", self.port), timeout=30).close()
                 return self
             except OSError:
                 if time.monotonic() > deadline:
@@ -61,7 +61,7 @@ class MotoServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=60)
 
     def __enter__(self) -> MotoServer:
         return self.start()
