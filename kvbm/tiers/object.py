@@ -23,8 +23,9 @@ served. Headers (little-endian; the payload always starts 64 bytes in):
     v1 (kvbm before the MAC)                       never looked up: misses
 
 A v3 put CRCs its block first (the CRC keys the tag), then tags it beside the copy; a get
-checks the tag (v2: CRC and MAC) in one pass, chunk by chunk, beside the copy (a v3 get
-computes the CRC only when the tag fails, to count the object as damaged or foreign; a tag
+checks the tag (v2: CRC and MAC) in one pass, chunk by chunk, beside the copy (on s3fs once
+the payload has streamed into the buffer; a v3 get computes the CRC only when the tag fails,
+to count the object as damaged or foreign; a tag
 that holds vouches for the header's CRC and the payload together), so a read that fails
 verification may have filled part of its buffer: False means use none of it (the manager
 frees that slot; as with G3, the caller never sees the bytes).
