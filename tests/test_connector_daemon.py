@@ -47,14 +47,14 @@ def daemon(tmp_path_factory):
            "layout": {f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__},
            "tiers": [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
            "daemon": {"address": address, "events": "", "metrics": "", "shm_name": shm,
-                      "lease_s": 2.0, "nixl": False}}
+                      "lease_s": 60.0, "nixl": False}}  # no session lapses under a starved heartbeat
     (d / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
     out, err = d / "stdout.txt", d / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
     proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(d / "kvbm.yaml")],
                             stdout=out.open("w"), stderr=err.open("w"), env=env)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180  # a condition wait: a loaded box starts a daemon slowly
         info = None
         while info is None and time.monotonic() < deadline and proc.poll() is None:
             for line in out.read_text().splitlines():
@@ -69,10 +69,10 @@ def daemon(tmp_path_factory):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(10)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(5)
+                proc.wait(60)
         try:
             os.unlink(f"/dev/shm/{shm}")
         except FileNotFoundError:
@@ -92,7 +92,7 @@ class Engine:
     """One engine's connector halves over its own daemon client (as if in its own process)."""
 
     def __init__(self, address: str, seed: int, salt: str = "") -> None:
-        self.backend = core.DaemonBackend.connect(address, LAYOUT, "tiny", salt=salt)
+        self.backend = core.DaemonBackend.connect(address, LAYOUT, "tiny", salt=salt, timeout=60.0)
         ns = Namespace("tiny", LAYOUT, salt)
         self.sched = core.SchedulerSide(self.backend, None, ns, BS)
         self.worker = core.WorkerSide(self.backend)

@@ -39,7 +39,7 @@ def spawn(script: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(cond, what: str, timeout: float = 60.0) -> None:
+def wait_for(cond, what: str, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -50,10 +50,11 @@ def test_frozen_writer_never_lands_bytes_in_a_recycled_slot(daemons, tmp_path):
     """Issue 12 (1): A reserves 16 slots, is SIGSTOPped past its lease, B's 16 blocks take the
     recycled G2 slots, A wakes and writes 16 blocks of garbage where it was told to: B loads
     16 of 16 right (before: 1 of 16 came back holding A's bytes)."""
-    d = daemons(g2=16, lease_s=1.0, namespace_share=1.0)
+    # A is held by SIGSTOP past its lease; B heartbeats 4 times a lease (no loaded box starves it that long)
+    d = daemons(g2=16, lease_s=5.0, namespace_share=1.0)
     go = tmp_path / "go"
     writer = spawn("""
-        c = Client(address, model="tenant-a", layout=LAYOUT)
+        c = Client(address, model="tenant-a", layout=LAYOUT, timeout=120)
         res = c.prepare_store(make_keys("frozen", 16))
         print("reserved", sum(v is not None for v in res.views), flush=True)
         while not os.path.exists(sys.argv[2]):  # SIGSTOPped in here
@@ -66,13 +67,14 @@ def test_frozen_writer_never_lands_bytes_in_a_recycled_slot(daemons, tmp_path):
         assert writer.stdout.readline().split() == ["reserved", "16"], writer.stderr.read()
         writer.send_signal(signal.SIGSTOP)
         with d.client(model="tenant-b") as b:
-            wait_for(lambda: b.stats()["daemon"]["lease_expiries"] >= 1, "A's lease to expire")
+            wait_for(lambda: (lambda st: st["lease_expiries"] >= 1 and st["state"]["reservations"] == 0)(
+                b.stats()["daemon"]), "A's lease to expire and its reservation to go")
             keys = make_keys("victim", 16)
             assert b.store(keys, [block(k) for k in keys]) == 16  # all 16 G2 slots: A's old ones
             go.touch()
             writer.send_signal(signal.SIGCONT)
             assert writer.stdout.readline().split() == ["committed", "0"], writer.stderr.read()
-            assert writer.wait(30) == 0
+            assert writer.wait(120) == 0
             out = [np.zeros(NB, np.uint8) for _ in keys]
             assert b.load(keys, out) == 16
             wrong = sum(not np.array_equal(o, block(k)) for o, k in zip(out, keys))
@@ -87,7 +89,7 @@ def test_a_client_maps_no_byte_of_another_namespace(daemons):
     """Issue 12 (1, 3): B's blocks pass through G2 and B's window; A, in another process, maps
     exactly one daemon file (its own window, already unlinked) and none of B's bytes are in it.
     The G2 pool has no file at all."""
-    d = daemons(g2=64)
+    d = daemons(g2=64, lease_s=60.0)  # A's one session throughout (a lapsed lease maps a second window)
     assert d.info["shm"] is None
     with d.client(model="tenant-b") as b:
         kb = make_keys("secret", 24)
@@ -95,7 +97,7 @@ def test_a_client_maps_no_byte_of_another_namespace(daemons):
         out = [np.zeros(NB, np.uint8) for _ in kb]
         assert b.load(kb, out) == 24
         a = spawn("""
-            c = Client(address, model="tenant-a", layout=LAYOUT)
+            c = Client(address, model="tenant-a", layout=LAYOUT, timeout=120)
             ka = make_keys("own", 8)
             assert c.store(ka, [block(k) for k in ka]) == 8
             out = [np.zeros(NB, np.uint8) for _ in ka]
@@ -107,7 +109,7 @@ def test_a_client_maps_no_byte_of_another_namespace(daemons):
             print("rows", " ".join(hashlib.blake2b(r.tobytes(), digest_size=8).hexdigest() for r in rows), flush=True)
             c.close()
         """, d.address)
-        outs, err = a.communicate(timeout=60)
+        outs, err = a.communicate(timeout=300)
         assert a.returncode == 0, err
         lines = dict(line.split(" ", 1) for line in outs.splitlines())
         assert lines["maps"] == "1 True"  # one mapping of a daemon file: its own, unlinked window
@@ -122,7 +124,7 @@ def test_a_client_maps_no_byte_of_another_namespace(daemons):
 def test_window_scribbler_cannot_touch_other_tenants(daemons):
     """A hostile client writes every byte of its window, non-stop, while B stores and loads:
     B never sees a wrong byte, and A's own scribbles never reach G2 unless A commits them."""
-    d = daemons(g2=48, lease_s=2.0)
+    d = daemons(g2=48, lease_s=60.0)  # A's reservation is open throughout
     stop = threading.Event()
     with d.client(model="tenant-a") as a, d.client(model="tenant-b") as b:
         res = a.prepare_store(make_keys("a-open", 4))  # a reservation it holds open throughout

@@ -8,10 +8,12 @@ import numpy as np
 
 from kvbm.client import RemoteError
 from test_daemon import NB, block, daemons, make_keys  # noqa: F401  (daemons is a fixture)
+# (lease_s 60: the fixture's 1 s lease could lapse under a heartbeat starved on a loaded box,
+# taking the session's pins and reservations with it)
 
 
 def test_pipelined_store_and_load_move_exact_bytes(daemons):
-    d = daemons(g2=512, window_mib=1)  # 64 window slots of 16 KiB: batches of 32
+    d = daemons(g2=512, lease_s=60.0, window_mib=1)  # 64 window slots of 16 KiB: batches of 32
     keys = make_keys("pipe", 200)
     with d.client() as c:
         assert c.batch == 32
@@ -32,7 +34,7 @@ def test_pipelined_store_and_load_move_exact_bytes(daemons):
 def test_pipelined_store_stays_within_the_quota(daemons):
     """max_session_blocks 40: batches of 20; with 10 blocks pinned two batches in flight would
     exceed it, so the store falls back to one batch at a time and still stores all 100."""
-    d = daemons(g2=512, window_mib=1, max_session_blocks=40)
+    d = daemons(g2=512, lease_s=60.0, window_mib=1, max_session_blocks=40)
     keys = make_keys("quota-pipe", 110)
     with d.client() as c:
         assert c.batch == 20
@@ -47,7 +49,7 @@ def test_pipelined_store_stays_within_the_quota(daemons):
 
 
 def test_pipelined_store_with_a_bad_buffer_rolls_back_and_raises(daemons):
-    d = daemons(g2=512, window_mib=1)
+    d = daemons(g2=512, lease_s=60.0, window_mib=1)
     keys = make_keys("bad-pipe", 100)
     bufs = [block(k) for k in keys]
     bufs[70] = np.zeros(3, np.uint8)  # wrong size, in the third batch

@@ -35,15 +35,23 @@ def test_a_burst_beyond_the_headroom_waits_for_room_and_drops_nothing(tmp_path):
             assert st["tiers"]["g2"]["drops"] == 0 and st["tiers"]["g4"]["failed"] == 0, st["tiers"]
             assert st["daemon"]["room"]["waited"] >= 1 and st["daemon"]["room"]["waiting"] == 0
             for c, keys in ((a, one_shot), (b, two_phase)):  # all 160 held, in G2 or G4
-                deadline = time.monotonic() + 60  # a block on its way down is a brief miss
+                deadline = time.monotonic() + 180  # a block on its way down is a brief miss
                 while c.lookup(keys, remote=False)[0] < len(keys):
                     assert time.monotonic() < deadline, (len(keys), c.lookup(keys, remote=False), c.stats()["tiers"])
                     time.sleep(0.05)
             # bytes: b's last blocks (G2), then a's first ones (G4: they come up off the loop)
+            # (a load waits onboard.WAIT_S for blocks coming up, then answers G2's prefix: on a
+            # loaded box that may be short; the onboarding goes on, and a later load has them)
             for c, keys in ((b, two_phase[-8:]), (a, one_shot[:8])):
-                out = [np.zeros(NB, np.uint8) for _ in keys]
-                assert c.load(keys, out) == len(keys)
-                assert all(np.array_equal(o, block(k)) for o, k in zip(out, keys))
+                deadline = time.monotonic() + 180
+                while True:
+                    out = [np.zeros(NB, np.uint8) for _ in keys]
+                    n = c.load(keys, out)
+                    assert all(np.array_equal(o, block(k)) for o, k in zip(out[:n], keys))
+                    if n == len(keys):
+                        break
+                    assert time.monotonic() < deadline, (n, c.stats()["tiers"])
+                    time.sleep(0.05)
             state = a.stats()["daemon"]["state"]
             assert state["reservations"] == 0 and state["busy_blocks"] == 0
     finally:

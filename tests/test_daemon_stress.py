@@ -47,7 +47,7 @@ WORKER = textwrap.dedent("""
     while True:
         try:
             if c is None:
-                c = Client(address, model=tenant, layout=layout, timeout=5.0)
+                c = Client(address, model=tenant, layout=layout, timeout=30.0)
             lo = rng.randrange(0, 512 - 64)
             ks = keys[lo:lo + rng.randint(8, 64)]
             if rng.random() < 0.5:
@@ -97,7 +97,7 @@ def test_chaos_four_tenants_100k_blocks_zero_wrong(tmp_path):
 
     def count_expiries() -> None:
         try:
-            with Client(d.address, model="observer", layout=KVLayout(**SMALL_LAYOUT), timeout=5.0) as c:
+            with Client(d.address, model="observer", layout=KVLayout(**SMALL_LAYOUT), timeout=120.0) as c:
                 st = c.stats()["daemon"]
                 faults["expiries"] += st["lease_expiries"] + st["dead_clients"]
         except Exception:
@@ -106,14 +106,14 @@ def test_chaos_four_tenants_100k_blocks_zero_wrong(tmp_path):
     try:
         for i in range(TENANTS * PER_TENANT):
             spawn(i)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 1200  # a condition wait: ends when enough() holds
         step = 0
         def enough() -> bool:  # the target and every kind of fault, however fast the machine
             return (totals()["loaded"] >= TARGET and faults["sigstop"] >= 2 and faults["sigkill"] >= 2
                     and faults["daemon_kill"] >= 1)
 
         while not enough():
-            assert time.monotonic() < deadline, f"only {totals()} after 300 s"
+            assert time.monotonic() < deadline, f"only {totals()} after 1200 s"
             step += 1
             time.sleep(0.5)
             i = rng.randrange(TENANTS * PER_TENANT)
@@ -125,7 +125,7 @@ def test_chaos_four_tenants_100k_blocks_zero_wrong(tmp_path):
                 faults["sigstop"] += 1
             elif step % 3 == 1:  # killed mid-request, replaced
                 p.kill()
-                p.wait(10)
+                p.wait(60)
                 for k, v in read(progress).items():
                     if k in done:
                         done[k] += v
@@ -134,7 +134,7 @@ def test_chaos_four_tenants_100k_blocks_zero_wrong(tmp_path):
             if step % 8 == 4:  # the daemon itself: SIGKILL, restart on the same socket
                 count_expiries()
                 d.proc.kill()
-                d.proc.wait(10)
+                d.proc.wait(60)
                 d.start()
                 faults["daemon_kill"] += 1
             for j, (q, _) in workers.items():
@@ -150,5 +150,8 @@ def test_chaos_four_tenants_100k_blocks_zero_wrong(tmp_path):
         for p, _ in workers.values():
             p.send_signal(signal.SIGCONT)
             p.kill()
-        d.stop(10)
+        try:
+            d.stop(60)
+        except subprocess.TimeoutExpired:
+            pass
         d.kill()
