@@ -6,7 +6,8 @@ test process: nixl's wheel can crash at exit once UCX's IB module is loaded).
 A process that knows the client token (or nothing, on a loopback bind) but not the cluster's
 peer secret:
   1. subscribes to the daemon's KV-event stream (with the token as PLAIN credentials too, in case
-     the stream asks for them) and tells the test it has joined once any event arrives;
+     the stream asks for them) and tells the test it has joined once any event arrives; once
+     told the victim stored, it listens until a second namespace's events came (no clock);
   2. takes every (topic, client key) of a `stored` event, reads the topic as a namespace id and
      derives the daemon's server key for each client key;
   3. opens a peer session with peer_hello (the old one-step form, then the challenge form with a
@@ -46,7 +47,7 @@ def _ask(sock, rid: list, token: str, op: str, session=None, **fields):
 
     rid[0] += 1
     sock.send(request(op, rid[0], token, session, **fields))
-    if not sock.poll(10_000):
+    if not sock.poll(120_000):
         return {"ok": False, "error": "timeout"}
     reply = unpack(sock.recv(), 1 << 20)
     return reply
@@ -66,7 +67,8 @@ def attack(address: str, events: str, token: str, conn) -> None:
     stored: dict[bytes, list] = {}
     joined = False
     quiet_until = None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
+    victim_stored = False
     while time.monotonic() < deadline:
         ready = dict(poller.poll(100))
         for s in subs:
@@ -81,8 +83,10 @@ def attack(address: str, events: str, token: str, conn) -> None:
                     joined = True
                     conn.send("joined")
         if joined and conn.poll(0):
-            conn.recv()  # the victim has stored: collect what is still in flight, then go
-            quiet_until = time.monotonic() + 1.0
+            conn.recv()  # the victim has stored: its events are on their way
+            victim_stored = True
+        if victim_stored and quiet_until is None and len(stored) >= 2:
+            quiet_until = time.monotonic() + 1.0  # the victim's topic arrived: stragglers, then go
         if quiet_until is not None and time.monotonic() > quiet_until:
             break
     stages: list = []
@@ -133,7 +137,7 @@ def attack(address: str, events: str, token: str, conn) -> None:
                 remote = agent.get_xfer_descs(np.array([[a, nb, 0] for a in r["addrs"]], dtype=np.uint64), "DRAM")
                 h = agent.initialize_xfer("READ", local, remote, hello["agent"])
                 state = agent.transfer(h)
-                t_end = time.monotonic() + 30
+                t_end = time.monotonic() + 120
                 while state not in ("DONE", "ERR") and time.monotonic() < t_end:
                     time.sleep(0.001)
                     state = agent.check_xfer_state(h)

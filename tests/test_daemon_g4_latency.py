@@ -226,7 +226,7 @@ def test_onboarder_waits_bounded_then_releases_everything(tmp_path):
         ob.service(time.monotonic() + 601)
         assert finished == [["g4", "g4"]] and len(ob) == 2  # answered at the deadline: still below G2
         gate.set()
-        assert woken.wait(60)
+        assert woken.wait(180)
         ob.service()
         assert len(ob) == 0 and not m.tiers[1].pins and not m.tiers[0].pending
         assert m.lookup(cold[:2]) == (2, ["g2", "g2"])
@@ -239,7 +239,7 @@ def test_onboarder_waits_bounded_then_releases_everything(tmp_path):
         assert m.pin(hot) == 4
         woken.clear()
         assert not ob.start(cold[2:4])
-        assert woken.wait(60)
+        assert woken.wait(180)
         ob.service()
         assert not m.tiers[1].pins and len(ob) == 0
         m.unpin(hot)

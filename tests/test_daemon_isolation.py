@@ -147,7 +147,7 @@ def test_window_scribbler_cannot_touch_other_tenants(daemons):
                 wrong += sum(not np.array_equal(o, block(k)) for o, k in zip(out[:n], keys))
         finally:
             stop.set()
-            t.join(10)
+            t.join(60)
         assert loaded >= 100 and wrong == 0
         a.commit_store(res, failed=list(range(4)))  # A says it wrote nothing: nothing is stored
         assert b.lookup(make_keys("a-open", 4))[0] == 0

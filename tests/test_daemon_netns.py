@@ -43,7 +43,7 @@ NB = KVLayout(**LAYOUT).block_nbytes  # 16 KiB (checked against the daemon's bel
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=check)
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=60, check=check)
 
 
 def _cannot_make_namespaces() -> str | None:
@@ -115,7 +115,7 @@ class NsDaemon:
         self.shm = f"kvbm-test-{uuid.uuid4().hex[:12]}"
         cfg = {"namespace": {"model": "tiny"}, "layout": LAYOUT,
                "tiers": [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
-               "daemon": {"events": "", "metrics": "", "shm_name": self.shm, "lease_s": 2.0,
+               "daemon": {"events": "", "metrics": "", "shm_name": self.shm, "lease_s": 60.0,
                           "nixl": True, "peer_secret_file": write_peer_secret(tmp), **daemon}}
         self.config = self.dir / "kvbm.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
@@ -147,10 +147,10 @@ class NsDaemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(5)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(5)
+                self.proc.wait(60)
         try:
             os.unlink(f"/dev/shm/{self.shm}")  # a killed daemon leaves its pool file behind
         except FileNotFoundError:
@@ -166,7 +166,7 @@ CLIENT_PRELUDE = textwrap.dedent("""
     def block(key): return np.frombuffer(hashlib.shake_128(key).digest(NB), dtype=np.uint8)
     def make_keys(tag, n): return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest() for i in range(n)]
     address, token, tag = sys.argv[1], sys.argv[2], sys.argv[3]
-    c = Client(address, model="tiny", layout=LAYOUT, token=token)
+    c = Client(address, model="tiny", layout=LAYOUT, token=token, timeout=120)
 """)
 
 STORE = """
@@ -222,7 +222,7 @@ def netns_daemons(tmp_path):
 
         def run_client(side: str, script: str, *args: str) -> dict:
             r = subprocess.run([*pair.exec(side), sys.executable, "-c", CLIENT_PRELUDE + textwrap.dedent(script),
-                                *args], check=False, capture_output=True, text=True, timeout=30, env=env)
+                                *args], check=False, capture_output=True, text=True, timeout=300, env=env)
             if r.returncode != 0:
                 logs = "\n".join(d.log() for d in started)
                 raise AssertionError(f"client in ns {side} failed ({r.returncode}):\n{r.stderr[-3000:]}\n{logs}")
@@ -246,7 +246,7 @@ def test_daemon_in_other_netns_pulls_prefix_over_nixl(netns_daemons):
     # token. A fixed port is safe: nothing else lives in these namespaces. B's only peer is A.
     a_addr, b_addr = f"tcp://{pair.ip['a']}:{PORT}", f"tcp://{pair.ip['b']}:{PORT}"
     a, b = netns_daemons(a={"address": a_addr, "token": token},
-                         b={"address": b_addr, "token": token, "peers": [a_addr], "peer_timeout_s": 5.0})
+                         b={"address": b_addr, "token": token, "peers": [a_addr], "peer_timeout_s": 60.0})
     assert a.info["address"] == a_addr and b.info["address"] == b_addr, (a.info, b.info)
     assert a.info["nixl"] and b.info["nixl"], (a.info, b.info)
 

@@ -62,7 +62,7 @@ def test_attack_reads_no_byte_of_another_namespace(started, token):
     victim_keys = make_keys("victim", 8)
     try:
         with d.client(salt="victim-tenant", token=token) as victim, d.client(salt="probe", token=token) as probe:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180
             i = 0
             while not conn.poll(0.05):  # PUB/SUB: store until the attacker sees events
                 assert time.monotonic() < deadline and proc.is_alive(), "the attacker never joined"
@@ -72,7 +72,7 @@ def test_attack_reads_no_byte_of_another_namespace(started, token):
             conn.recv()
             assert victim.store(victim_keys, [block(k) for k in victim_keys]) == 8
             conn.send("stored")
-            assert conn.poll(90), "the attacker did not finish"
+            assert conn.poll(600), "the attacker did not finish"
             result = conn.recv()
     finally:
         proc.join(10)
@@ -103,7 +103,7 @@ class _Peer:
     def ask(self, op: str, **fields) -> dict:
         self.rid += 1
         self.sock.send(request(op, self.rid, "", self.session, **fields))
-        assert self.sock.poll(30_000), f"no answer to {op}"
+        assert self.sock.poll(180_000), f"no answer to {op}"
         return unpack(self.sock.recv(), 1 << 20)
 
     def hello(self) -> dict:
@@ -170,13 +170,13 @@ def test_peer_without_a_secret_or_with_another_one_pulls_nothing(started, tmp_pa
     with a.client() as ca:
         assert ca.store(keys, [block(k) for k in keys]) == 6
     other = peer_secret(tmp_path, "other.secret")
-    b = started("b", peers=[a.address], peer_timeout_s=5.0, peer_secret_file=other)
+    b = started("b", peers=[a.address], peer_timeout_s=60.0, peer_secret_file=other)
     with b.client() as cb:
         assert cb.lookup(keys) == (0, [])
         assert cb.stats()["daemon"]["peer_auth_failures"] >= 1  # a's proof did not verify here
     with a.client() as ca:
         assert ca.stats()["daemon"]["peer_pull_blocks"] == 0
-    c = Served(tmp_path, "c", daemon={"nixl": True, "peers": [a.address], "peer_timeout_s": 5.0}).start()
+    c = Served(tmp_path, "c", daemon={"nixl": True, "peers": [a.address], "peer_timeout_s": 60.0}).start()
     try:
         assert "peer_secret_file" in c.stderr()  # peers configured without a secret: said so, no pulls
         with c.client() as cc:
@@ -188,7 +188,7 @@ def test_peer_without_a_secret_or_with_another_one_pulls_nothing(started, tmp_pa
 @pytest.mark.skipif(not HAS_PEER_SECRET, reason="before daemon.peer_secret_file")
 def test_pull_is_bound_to_the_pulling_clients_namespace(started):
     a = started("a", address="tcp://127.0.0.1:*")
-    b = started("b", address="tcp://127.0.0.1:*", peers=[a.address], peer_timeout_s=5.0)
+    b = started("b", address="tcp://127.0.0.1:*", peers=[a.address], peer_timeout_s=60.0)
     keys = make_keys("x-only", 8)
     with a.client(salt="tenant-x") as x:
         assert x.store(keys, [block(k) for k in keys]) == 8
@@ -205,7 +205,7 @@ def test_pull_is_bound_to_the_pulling_clients_namespace(started):
 def test_random_peer_lookups_leave_no_state(started, tmp_path):
     """Issue 12 (5): every peer lookup of a random key left ~236 B in the `origin` map, forever."""
     a = started("a", address="tcp://127.0.0.1:*")
-    b = started("b", address="tcp://127.0.0.1:*", peers=[a.address], peer_timeout_s=5.0)
+    b = started("b", address="tcp://127.0.0.1:*", peers=[a.address], peer_timeout_s=60.0)
     with a.client() as ca, b.client() as cb:
         base_a, base_b = ca.stats()["daemon"], cb.stats()["daemon"]
         for i in range(20):  # 10,000 random keys missed at b: b asks a for each
@@ -284,7 +284,7 @@ def test_bad_peer_secret_file_is_one_line_error(tmp_path):
         "daemon": {"address": f"ipc://{tmp_path}/d.sock", "events": "", "metrics": "", "shm_name": shm,
                    "nixl": False, "peer_secret_file": str(loose)}}))
     out = subprocess.run([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=180)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "peer_secret_file" in out.stderr, out.stderr
     assert not os.path.exists(f"/dev/shm/{shm}")
