@@ -62,8 +62,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from functools import partial
-from itertools import repeat
-from operator import attrgetter
+from itertools import chain, compress, repeat
+from operator import and_, attrgetter, lt, mul
 
 from .arc import ARCPolicy
 from .base import EvictionPolicy
@@ -145,8 +145,11 @@ class AutoPolicy(EvictionPolicy):
         self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
         self._real = CANDIDATES[start](capacity)
         self.switches: list[tuple[int, str]] = []  # (sampled accesses so far, new policy)
-        self._req: dict = {}  # resident keys of the request being served, in order (LEAF_FIRST)
-        self._req_len = 0  # that request's keys seen so far, evicted ones included
+        # the key lists of the calls of the request being served (LEAF_FIRST): kept as given,
+        # made into one ordered map only when the request outgrows the tier (rarely)
+        self._req: list = []
+        self._req_len = 0  # that request's keys seen so far, evicted ones included (an upper
+        #                    bound: a key given twice counts twice until the map is made)
 
     # ---------------------------------------------------------------- verbs
 
@@ -165,16 +168,15 @@ class AutoPolicy(EvictionPolicy):
         if first is None:  # no structure given: a store after a store starts a new request
             if self._stored_last:
                 self._new_request = True
-                self._req, self._req_len = {}, 0
+                self._req, self._req_len = [], 0
         elif first.parent is None:
             self._structured = True
             self._parents[keys[0]] = None
             self._new_request = True
-            self._req, self._req_len = {}, 0
+            self._req, self._req_len = [], 0
         if self.LEAF_FIRST and self._structured:
-            before = len(self._req)
-            self._req.update(dict.fromkeys(keys))
-            self._req_len += len(self._req) - before
+            self._req.append(keys)
+            self._req_len += len(keys)
         if self._real.wants_structure:
             self._real.insert_many(keys, hints)
         elif self.active in self.REVERSED:
@@ -198,11 +200,10 @@ class AutoPolicy(EvictionPolicy):
             return
         if self._parents.get(keys[0], _NO_KEY) is None or (self._stored_last and not self._structured):
             self._new_request = True
-            self._req, self._req_len = {}, 0
+            self._req, self._req_len = [], 0
         if self.LEAF_FIRST and self._structured:
-            before = len(self._req)
-            self._req.update(dict.fromkeys(keys))
-            self._req_len += len(self._req) - before
+            self._req.append(keys)
+            self._req_len += len(keys)
         self._stored_last = False
         self._real.touch(keys[::-1] if self.active in self.REVERSED else keys)
         self._feed(keys, False)
@@ -213,28 +214,27 @@ class AutoPolicy(EvictionPolicy):
     def remove(self, key):
         self._real.remove(key)
         self._parents.pop(key, None)
-        self._req.pop(key, None)
 
     def evict(self, n, protected=()):
         victims = self._real.evict(n, protected)
-        if (victims and self._req and self._req_len + n > len(self._real) + len(victims)
-                and not self._real.wants_structure):  # the request does not fit the tier
-            victims = self._deepest_first(victims, protected)
+        room = len(self._real) + len(victims) if victims else 0
+        if (victims and self._req_len + n > room and not self._real.wants_structure):
+            req = dict.fromkeys(chain.from_iterable(self._req))  # in order, each key once
+            self._req, self._req_len = [list(req)], len(req)
+            if self._req_len + n > room:  # the request does not fit the tier
+                victims = self._deepest_first(victims, protected, req)
         if victims:  # forget them here too, at C speed
             _drain(map(self._parents.pop, victims, repeat(None)))
-            if self._req:
-                _drain(map(self._req.pop, victims, repeat(None)))
         return victims
 
-    def _deepest_first(self, victims, protected):
+    def _deepest_first(self, victims, protected, req):
         """Victims from the request being served are its deepest blocks, never its head.
 
         A request longer than what the tier can spare evicts its own blocks to store its tail;
         a recency or frequency order picks the head first (touched first, or least often),
         and the next turn of the session then misses from block 0. Leaf first, as the `prefix`
         policy does, keeps the head. Victims outside the request are left as chosen."""
-        req = self._req
-        own = [v for v in victims if v in req]
+        own = [v for v in victims if v in req]  # req: the request's keys, resident or gone
         if not own:
             return victims
         chosen = set(victims)
@@ -265,7 +265,9 @@ class AutoPolicy(EvictionPolicy):
     def _feed(self, keys, stored):
         """Give the sampled keys of one call, in order, to every mini; count prefix hits."""
         thr = self._threshold
-        sample = [k for k in keys if (hash(k) * _MIX) & _MASK < thr]
+        # [k for k in keys if (hash(k) * _MIX) & _MASK < thr], at C speed
+        sample = list(compress(keys, map(lt, map(and_, map(mul, map(hash, keys), repeat(_MIX)),
+                                                 repeat(_MASK)), repeat(thr))))
         if not sample:
             return
         if self._new_request:
