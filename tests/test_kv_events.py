@@ -1,11 +1,13 @@
 """Routers see kvbm's tiers: the daemon's vLLM-format KV-event stream, read with vLLM's own decoder.
 
 Issue 14 (5): two engines (connector halves over their own daemon clients) store and load
-through one `kvbm serve` with a small G2 over a G3 disk, so blocks are stored, demoted and
-promoted. A subscriber built from vLLM's KVEventBatch / BlockStored / BlockRemoved /
-AllBlocksCleared classes follows the stream by sequence number; its per-medium view of which
-engine block hashes kvbm holds must equal the daemon's (each block's tier, asked with a lookup),
-also after it drops its subscription and resyncs through the replay socket.
+through one `kvbm serve` with a small G2 over a small G3 disk over a G4 object store, so blocks
+are stored, demoted and promoted. A subscriber built from vLLM's KVEventBatch / BlockStored /
+BlockRemoved / AllBlocksCleared classes follows the stream by sequence number; its view of which
+engine block hashes kvbm holds, keyed by vLLM 0.32's (medium, locality) (G2 CPU/LOCAL, G3
+STORAGE/LOCAL, G4 STORAGE/REMOTE: G3 and G4 share the medium), must equal the daemon's (each
+block's tier, asked with a lookup), also after it drops its subscription and resyncs through the
+replay socket. Every event says ownership "kvbm" (kvbm/held.py).
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ from kvbm.connectors import core
 from servedaemon import LAYOUT, Served
 
 BS = LAYOUT.block_size
-MEDIUM = {"g2": "CPU", "g3": "DISK"}
+PLACE = {"g2": ("CPU", "LOCAL"), "g3": ("STORAGE", "LOCAL"), "g4": ("STORAGE", "REMOTE")}
+ALL_EVENTS = {(t, *p, "kvbm") for t in ("BlockStored", "BlockRemoved") for p in PLACE.values()}
 DEADLINE_S = 60.0
+# G3 keeps G3_HEADROOM free by demoting to G4 on the daemon's offloader thread (the request loop
+# never puts to G4: daemon/onboard.py); each prompt (<= 4 blocks) waits for that to finish, so
+# G2's synchronous cascade into G3 always finds room and no block drops
+G3, G3_HEADROOM = 8, 4
 
 
 class Follower:
-    """A router's view of one topic, from vLLM's decoder classes: {medium: {block hash}}."""
+    """A router's view of one topic, from vLLM's decoder classes: {(medium, locality): {block hash}};
+    `seen`: (type, medium, locality, ownership) of every BlockStored / BlockRemoved applied."""
 
     def __init__(self, ctx: zmq.Context, pub: str, replay: str, topic: bytes, token: str | None = None) -> None:
         self.ctx, self.pub_address, self.replay_address, self.topic, self.token = ctx, pub, replay, topic, token
         self.decoder = msgspec.msgpack.Decoder(type=kv_events.KVEventBatch)
-        self.view: dict[str, set] = defaultdict(set)
+        self.view: dict[tuple, set] = defaultdict(set)
+        self.seen: set = set()
         self.last = -1
         self.resyncs = 0
         self.sub = None
@@ -62,10 +71,13 @@ class Follower:
         for ev in self.decoder.decode(payload).events:
             if isinstance(ev, kv_events.AllBlocksCleared):
                 self.view.clear()
-            elif isinstance(ev, kv_events.BlockStored):
-                self.view[ev.medium].update(ev.block_hashes)
-            elif isinstance(ev, kv_events.BlockRemoved):
-                self.view[ev.medium].difference_update(ev.block_hashes)
+            else:
+                place = (ev.medium, ev.locality)
+                self.seen.add((type(ev).__name__, *place, ev.ownership))
+                if isinstance(ev, kv_events.BlockStored):
+                    self.view[place].update(ev.block_hashes)
+                else:
+                    self.view[place].difference_update(ev.block_hashes)
 
     def on(self, seq: int, payload: bytes) -> None:
         if seq <= self.last:
@@ -90,8 +102,8 @@ class Follower:
             assert topic == self.topic
             self.on(int.from_bytes(seq, "big"), payload)
 
-    def held(self) -> dict[str, set]:
-        return {m: set(v) for m, v in self.view.items() if v}
+    def held(self) -> dict[tuple, set]:
+        return {p: set(v) for p, v in self.view.items() if v}
 
 
 def replay(ctx: zmq.Context, address: str, topic: bytes, start: int, token: str | None = None,
@@ -144,26 +156,41 @@ class Engine:
             self.worker.start_store(store)
         self.worker.poll(wait=True)
         self.sched.finished(req)
+        self.settle()
         return hit
+
+    def settle(self) -> None:
+        """Until the offloader has made G3's headroom (its demotions to G4 complete: a block on
+        its way stays counted in G3 until it is ready in G4)."""
+        deadline = time.monotonic() + DEADLINE_S
+        while self.backend.client.stats()["tiers"]["g3"]["used"] > G3 - G3_HEADROOM:
+            assert time.monotonic() < deadline, "G3 never got its headroom back"
+            time.sleep(0.02)
 
     def close(self) -> None:
         self.backend.close()
 
 
-def truth(engines: list[Engine]) -> dict[str, set]:
+def truth(engines: list[Engine]) -> dict[tuple, set]:
     """Where the daemon holds each engine hash the engines stored, by lookups (not the stream)."""
-    out: dict[str, set] = defaultdict(set)
+    out: dict[tuple, set] = defaultdict(set)
     e = engines[0]
     for h, k in {h: k for en in engines for h, k in en.keys.items()}.items():
         n, where = e.backend.client.lookup([k], remote=False)
         if n:
-            out[MEDIUM[where[0]]].add(h)
+            out[PLACE[where[0]]].add(h)
     return dict(out)
 
 
-def kv_view(e: Engine) -> dict[str, set]:
-    """The daemon's view of the engine's namespace: {medium: {engine hash}} (the kv_view op)."""
-    return {m: set(hs) for m, hs in e.backend.client.call("kv_view")["view"].items() if hs}
+def kv_view(e: Engine) -> dict[tuple, set]:
+    """The daemon's view of the engine's namespace, {medium: {locality: [engine hash]}} from the
+    kv_view op, as {(medium, locality): {engine hash}}."""
+    return places(e.backend.client.call("kv_view")["view"])
+
+
+def places(view: dict) -> dict[tuple, set]:
+    """The kv_view op's {medium: {locality: [hash]}} as {(medium, locality): {hash}}."""
+    return {(m, loc): set(hs) for m, by in view.items() for loc, hs in by.items() if hs}
 
 
 def chain(tag: str, n: int) -> list[bytes]:
@@ -181,7 +208,10 @@ def daemon(tmp_path):
         extra = {"token": token} if token else {}
         served = Served(tmp_path, "kv", tiers=[
             {"name": "g2", "capacity": 6, "eviction": "lru", "storage": "host"},
-            {"name": "g3", "capacity": 64, "eviction": "lru", "storage": {"name": "disk", "path": str(d / "g3")}}],
+            {"name": "g3", "capacity": G3, "eviction": "lru", "headroom": G3_HEADROOM,
+             "storage": {"name": "disk", "path": str(d / "g3")}},
+            {"name": "g4", "capacity": 64, "eviction": "lru",
+             "storage": {"name": "object", "url": f"file://{d}/g4"}}],
             daemon={"kv_events": f"ipc://{d}/kv.sock", "kv_events_replay": f"ipc://{d}/kvr.sock",
                     "kv_events_buffer": 32, **extra}).start()
         served.kv, served.kvr = f"ipc://{d}/kv.sock", f"ipc://{d}/kvr.sock"
@@ -214,20 +244,26 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
     try:
         _until_joined(f, a)
         assert f.last >= 0
-        # engine A: three 4-block prompts (12 blocks > G2's 6: the oldest demote to G3, "DISK")
-        for i in range(3):
+        # engine A: four 4-block prompts (16 blocks > G2's 6 + G3's 4 kept: the oldest demote to
+        # G3, STORAGE/LOCAL, and on to G4, STORAGE/REMOTE)
+        for i in range(4):
             assert a.prompt(f"a{i}", chain(f"p{i}", 4), [0, 1, 2, 3]) == 0
-        # engine B: prompt 0 again (a G3 hit: promoted back to G2), and a prompt of its own
+        # engine B: prompt 0 again (a G4 hit: promoted back to G2), and a prompt of its own
         assert b.prompt("b0", chain("p0", 4), [4, 5, 6, 7]) == 4  # A's blocks, loaded by B
-        b.prompt("b1", chain("q", 5), [8, 9, 10, 11, 12])
+        assert set(chain("p0", 4)) <= truth([a, b])[("CPU", "LOCAL")]  # promoted out of G4
+        b.prompt("b1", chain("q", 4), [8, 9, 10, 11])
         f.pump()
         want = truth([a, b])
-        assert set(want) == {"CPU", "DISK"}, want  # both media are in play
+        assert set(want) == set(PLACE.values()), want  # every tier is in play, two of them STORAGE
+        stored = {h for e in (a, b) for h in e.keys}  # none dropped: G2 6, G3 4, G4 the rest
+        assert {p: len(hs) for p, hs in want.items()} == {
+            ("CPU", "LOCAL"): 6, ("STORAGE", "LOCAL"): G3 - G3_HEADROOM, ("STORAGE", "REMOTE"): len(stored) - 10}
+        assert f.seen == ALL_EVENTS  # stored in and removed from each place, all owned by kvbm
         assert f.held() == want
         assert kv_view(b) == want  # the daemon's own view (the kv_view op) says the same
         # the replay socket's snapshot (start -1) is the same view
         snap = Follower.__new__(Follower)
-        snap.decoder, snap.view = f.decoder, defaultdict(set)
+        snap.decoder, snap.view, snap.seen = f.decoder, defaultdict(set), set()
         for _, payload in replay(ctx, d.kvr, f.topic, -1):
             snap.apply(payload)
         assert snap.held() == want
@@ -278,7 +314,7 @@ def test_a_subscriber_follows_a_restarted_daemon(daemon):
         _until_joined(f, a)
         a.prompt("old", chain("old", 3), [0, 1, 2])
         f.pump()
-        assert set(chain("old", 3)) <= f.held()["CPU"]
+        assert set(chain("old", 3)) <= f.held()[("CPU", "LOCAL")]
         last, resyncs = f.last, f.resyncs
         a.close()
         a = None
@@ -292,7 +328,7 @@ def test_a_subscriber_follows_a_restarted_daemon(daemon):
         b.prompt("new", chain("new", 2), [3, 4])
         f.pump()
         want = truth([b])
-        assert set(chain("new", 2)) <= want["CPU"] and not set(chain("old", 3)) & set().union(*want.values())
+        assert set(chain("new", 2)) <= want[("CPU", "LOCAL")] and not set(chain("old", 3)) & set().union(*want.values())
         assert f.held() == want == kv_view(b)
     finally:
         f.sub.close(0)

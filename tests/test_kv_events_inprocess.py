@@ -2,8 +2,10 @@
 
 Issue 14 (5), without a daemon: SchedulerSide.take_events (kvbm/held.py) reports what the
 in-process manager's tiers hold by the engine's block hashes, and KVBMConnector.take_events
-turns them into vLLM's BlockStored / BlockRemoved. A view built from those vLLM objects equals
-what the tiers hold (asked with lookups), through stores, demotions to G3 and promotions back;
+turns them into vLLM's BlockStored / BlockRemoved. A view built from those vLLM objects, keyed
+by (medium, locality) as vLLM 0.32 names a tier (G2 CPU/LOCAL, G3 STORAGE/LOCAL, G4
+STORAGE/REMOTE: G3 and G4 share a medium), equals what the tiers hold (asked with lookups),
+through stores, demotions down to G4 and promotions back; every event says ownership "kvbm";
 and the manager's own event list is drained (before, nothing took it: it grew for ever).
 """
 
@@ -25,7 +27,7 @@ from kvbm.manager import BlockManager
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
 BS = LAYOUT.block_size
-MEDIUM = {"g2": "CPU", "g3": "DISK"}
+PLACE = {"g2": ("CPU", "LOCAL"), "g3": ("STORAGE", "LOCAL"), "g4": ("STORAGE", "REMOTE")}
 
 
 def chain(tag: str, n: int) -> list[bytes]:
@@ -37,8 +39,10 @@ def engine(tmp_path):
     cfg = KVBMConfig.from_dict({
         "layout": {f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__},
         "tiers": [{"name": "g2", "capacity": 6, "eviction": "lru", "storage": "host"},
-                  {"name": "g3", "capacity": 64, "eviction": "lru",
-                   "storage": {"name": "disk", "path": str(tmp_path / "g3")}}]})
+                  {"name": "g3", "capacity": 6, "eviction": "lru",
+                   "storage": {"name": "disk", "path": str(tmp_path / "g3")}},
+                  {"name": "g4", "capacity": 64, "eviction": "lru",
+                   "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
     manager = BlockManager.from_config(cfg)
     lock = __import__("threading").RLock()
     sched = core.SchedulerSide(manager, lock, Namespace("tiny", LAYOUT), BS)
@@ -67,25 +71,50 @@ def _prompt(sched, worker, req, hashes, blocks, names):
 def test_connector_events_follow_the_in_process_tiers(engine):
     manager, sched, worker = engine
     assert sched.take_events() == []  # the first call starts naming blocks (vLLM calls it every step)
-    view: dict[str, set] = defaultdict(set)
+    view: dict[tuple, set] = defaultdict(set)
+    seen: set = set()  # (type, medium, locality, ownership) of every event
 
     def follow():
         for ev in _vllm_events(sched.take_events()):
             assert isinstance(ev, (kv_events.BlockStored, kv_events.BlockRemoved))
-            (view[ev.medium].update if isinstance(ev, kv_events.BlockStored)
-             else view[ev.medium].difference_update)(ev.block_hashes)
+            place = (ev.medium, ev.locality)
+            seen.add((type(ev).__name__, *place, ev.ownership))
+            (view[place].update if isinstance(ev, kv_events.BlockStored)
+             else view[place].difference_update)(ev.block_hashes)
 
     names: dict = {}
-    for i in range(3):  # 12 blocks through a 6-block G2: the oldest go down to G3
+    for i in range(5):  # 20 blocks through a 6-block G2 and a 6-block G3: the oldest go down to G4
         assert _prompt(sched, worker, f"a{i}", chain(f"p{i}", 4), [0, 1, 2, 3], names) == 0
         follow()
-    assert _prompt(sched, worker, "b", chain("p0", 4), [4, 5, 6, 7], names) == 4  # from G3, promoted
+    assert _prompt(sched, worker, "b", chain("p0", 4), [4, 5, 6, 7], names) == 4  # from G4, promoted
     follow()
-    truth: dict[str, set] = defaultdict(set)
+    truth: dict[tuple, set] = defaultdict(set)
     for h, k in names.items():
         n, where = manager.lookup([k])
         if n:
-            truth[MEDIUM[where[0]]].add(h)
-    assert set(truth) == {"CPU", "DISK"}
-    assert {m: v for m, v in view.items() if v} == dict(truth)
+            truth[PLACE[where[0]]].add(h)
+    assert {p: len(hs) for p, hs in truth.items()} == {  # exclusive tiers, all 20 blocks held
+        ("CPU", "LOCAL"): 6, ("STORAGE", "LOCAL"): 6, ("STORAGE", "REMOTE"): 8}
+    assert set(chain("p0", 4)) <= truth[("CPU", "LOCAL")]  # promoted out of G4 into G2
+    assert {p: v for p, v in view.items() if v} == dict(truth)
+    assert seen == {(t, *p, "kvbm") for t in ("BlockStored", "BlockRemoved") for p in PLACE.values()}
     assert manager.take_events() == []  # drained by the connector
+
+
+def test_events_convert_for_a_vllm_without_locality(monkeypatch):
+    """A vLLM before 0.32 has no locality / ownership fields: the conversion leaves them out."""
+    import msgspec
+
+    class OldStored(msgspec.Struct, omit_defaults=True, tag="BlockStored"):
+        block_hashes: list
+        parent_block_hash: object
+        token_ids: list
+        block_size: int
+        lora_id: object
+        medium: object
+
+    monkeypatch.setattr(kv_events, "BlockStored", OldStored)
+    ev = {"type": "BlockStored", "block_hashes": [b"h"], "parent_block_hash": None, "token_ids": [],
+          "block_size": BS, "lora_id": None, "medium": "STORAGE", "lora_name": None,
+          "locality": "REMOTE", "ownership": "kvbm"}
+    assert _vllm_events([ev]) == [OldStored([b"h"], None, [], BS, None, "STORAGE")]

@@ -321,7 +321,7 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
         return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def take_events(self):
-        # kvbm's tiers by vLLM's block hashes (medium "CPU" G2, "DISK" G3, ...: kvbm/held.py), with
+        # kvbm's tiers by vLLM's block hashes (G2 CPU/LOCAL, G3 STORAGE/LOCAL, ...: kvbm/held.py), with
         # the in-process manager; through a daemon it is the daemon's stream (daemon.kv_events)
         take = getattr(getattr(self, "scheduler", None), "take_events", None)
         return _vllm_events(take()) if take is not None else ()
@@ -394,9 +394,15 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
 
 
 def _vllm_events(events: list) -> list:
-    """kvbm/held.py's event dicts as vLLM's KVCacheEvent classes (BlockStored, BlockRemoved, ...)."""
+    """kvbm/held.py's event dicts as vLLM's KVCacheEvent classes (BlockStored, BlockRemoved, ...);
+    a field the installed vLLM's class lacks (locality, ownership before 0.32) is left out."""
     if not events:
         return []
     from vllm.distributed import kv_events
 
-    return [getattr(kv_events, e["type"])(**{k: v for k, v in e.items() if k != "type"}) for e in events]
+    out = []
+    for e in events:
+        cls = getattr(kv_events, e["type"])
+        fields = getattr(cls, "__struct_fields__", ())
+        out.append(cls(**{k: v for k, v in e.items() if k in fields}))
+    return out

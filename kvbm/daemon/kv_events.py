@@ -5,16 +5,20 @@
       .adopt(ns, skeys, hashes, parent)   a client names its blocks' engine hashes (its own namespace only)
       .changed(events)                    after each drained batch: held media diffed (kvbm/held.py)
                                           -> one KVEventBatch per namespace that changed
-      .view(ns)                           {medium: {hash}} as the tiers hold it now (owner thread)
-      .op_view(msg, now)                  the `kv_view` op: that view of the caller's own namespace
-                                          (what a subscriber must reach; tests and operators compare)
+      .view(ns)                           {(medium, locality): {hash}} as the tiers hold it now (owner thread)
+      .op_view(msg, now)                  the `kv_view` op: that view of the caller's own namespace, as
+                                          {medium: {locality: [hash]}} (what a subscriber must reach;
+                                          tests and operators compare)
       .close()
 
 The stream is vLLM's (vllm/distributed/kv_events.py), so a KV-aware router that follows vLLM
 engines follows kvbm's tiers with the same decoder: each message is [topic, seq (8 bytes, big
 endian), msgpack KVEventBatch [ts, [BlockStored | BlockRemoved | AllBlocksCleared]]], BlockStored
-and BlockRemoved carry `medium` (kvbm/held.py: G2 host "CPU", G3 disk "DISK", G4 object
-"OBJECT") and the engine's block hashes. Token ids are not sent (the daemon never sees tokens).
+and BlockRemoved carry vLLM 0.32's `medium` and `locality` (kvbm/held.py: G2 host CPU/LOCAL, G3
+disk STORAGE/LOCAL, G4 object STORAGE/REMOTE; a subscriber keys its view by the pair, since G3 and
+G4 share a medium), `ownership` "kvbm" (a secondary tier with its own inventory, which no one
+engine owns: held.py says why) and the engine's block hashes. Token ids are not sent (the daemon
+never sees tokens).
 
 What the events say is a diff of what the tiers hold: after every request the publisher compares,
 for each block the request touched, the media whose tier holds it ready with what it last
@@ -32,7 +36,7 @@ them. A replay request names the topic: [b"", topic, start seq] from a DEALER so
 names none: it has one stream per engine; a REQ socket would take only the first of the many
 replies); the answer is vLLM's, [b"", topic, seq, batch] per buffered batch from `start`, then
 [b"", b"", -1, b""]. A start older than the buffer, or -1, is answered with
-one snapshot batch (AllBlocksCleared, then BlockStored per medium) at the latest seq. A topic the
+one snapshot batch (AllBlocksCleared, then BlockStored per place) at the latest seq. A topic the
 publisher does not know gets the end marker only. vLLM's own request, [b"", start seq] with no
 topic, is answered from the one namespace's stream while the publisher has exactly one (a
 daemon serving one model: a subscriber written for a vLLM engine replays unchanged), else with
@@ -170,14 +174,18 @@ class KVEventPublisher:
         for ns, evs in self.held.diff(ev.key for ev in events).items():
             self._publish(ns, evs)
 
-    def view(self, ns: bytes) -> dict[str, set]:
-        """{medium: {engine hash}} of the namespace's blocks as the tiers hold them now."""
+    def view(self, ns: bytes) -> dict[tuple[str, str], set]:
+        """{(medium, locality): {engine hash}} of the namespace's blocks as the tiers hold them now."""
         return self.held.view(ns)
 
     def op_view(self, msg: dict, now: float) -> dict:
-        """`kv_view` -> view: {medium: [engine hash]} of the session's namespace (no other's)."""
+        """`kv_view` -> view: {medium: {locality: [engine hash]}} of the session's namespace (no
+        other's): nested, since msgpack map keys are strings and G3 / G4 share the medium STORAGE."""
         s = self.daemon._session(msg, now)
-        return {"view": {m: list(hs) for m, hs in self.view(s.namespace).items()}}
+        out: dict[str, dict[str, list]] = {}
+        for (medium, locality), hs in self.view(s.namespace).items():
+            out.setdefault(medium, {})[locality] = list(hs)
+        return {"view": out}
 
     def _snapshot(self, ns: bytes) -> tuple[int, bytes]:
         """(seq, one batch: AllBlocksCleared + what was published) for a subscriber that lost track."""

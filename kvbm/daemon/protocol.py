@@ -24,7 +24,7 @@ Ops (fields beyond op/id/auth/session):
     pin / unpin   keys: [bin16]                          -> n
     events        max: int?                              -> events: [[kind, key, tier]]
     stats                                                -> stats
-    kv_view                                              -> view: {medium: [engine hash]} of the caller's
+    kv_view                                              -> view: {medium: {locality: [engine hash]}} of the caller's
                                                             namespace (with daemon.kv_events; kv_events.py)
     bye                                                  -> {}
     cancel        cancels: int (a request id)            -> undone: bool; what that request created is
