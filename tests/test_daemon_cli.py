@@ -21,7 +21,7 @@ NOBODY = 65534
 def serve(cfg_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
     return subprocess.run([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(cfg_path)],
-                          capture_output=True, text=True, timeout=60, env=env)
+                          capture_output=True, text=True, timeout=180, env=env)
 
 
 def second_config(d: Daemon, tmp_path: Path, address: str) -> Path:
@@ -40,7 +40,7 @@ def test_serve_on_a_socket_in_use_is_one_line_and_leaves_nothing(daemons, tmp_pa
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "address already in use" in r.stderr and d.address in r.stderr
     assert set(os.listdir("/dev/shm")) - before == set()  # no G2 or window file left
-    with d.client() as c:  # the first daemon's socket was not taken over
+    with d.client(timeout=120) as c:  # the first daemon's socket was not taken over
         assert c.lookup(make_keys("x", 1)) == (0, [])
 
 
@@ -128,14 +128,14 @@ def test_quota_per_uid_holds_across_sessions_and_namespaces(daemons):
     import uuid
 
     folder = f"/tmp/kvbm-uq-{uuid.uuid4().hex[:10]}"  # (pytest's tmp folders are closed to others)
-    d = daemons(g2=64, namespace_share=0.25, address=f"ipc://{folder}/d.sock")
+    d = daemons(g2=64, namespace_share=0.25, address=f"ipc://{folder}/d.sock", lease_s=60.0)  # pins held throughout
     keys = make_keys("uq", 40)
     os.chmod(folder, 0o755)
     os.chmod(f"{folder}/d.sock", 0o666)
 
     def nobody() -> str:
         pinned = refused = 0
-        cs = [Client(d.address, model=f"tenant-{i}", layout=LAYOUT) for i in range(4)]
+        cs = [Client(d.address, model=f"tenant-{i}", layout=LAYOUT, timeout=120) for i in range(4)]
         for i, c in enumerate(cs):
             assert c.store(keys[i * 10:i * 10 + 8], [np.zeros(LAYOUT.block_nbytes, np.uint8)] * 8) == 8
         for i, c in enumerate(cs):
@@ -148,7 +148,7 @@ def test_quota_per_uid_holds_across_sessions_and_namespaces(daemons):
             c.close()
         return f"{pinned} {refused} {uids}"
 
-    with d.client() as mine:  # root's own client is not held to nobody's quota
+    with d.client(timeout=120) as mine:  # root's own client is not held to nobody's quota
         assert mine.store(keys[:4], [block(k) for k in keys[:4]]) == 4
         assert mine.pin(keys[:4]) == 4
         out = as_uid(NOBODY, nobody)

@@ -265,7 +265,7 @@ def test_fuzz_never_crashes_never_leaks(tmp_path):
         assert report["wrong"] == 0
         assert report["ops"] > 30 and report["loaded"] > 0
         assert attacker.leaks == [] and attacker.checked > 50
-        with d.client(token=TOKEN) as c:  # still serving, and it counted the garbage
+        with d.client(timeout=120, token=TOKEN) as c:  # still serving, and it counted the garbage
             st_ = c.stats()["daemon"]
             assert st_["bad_requests"] > 1000 and st_["unauthorized"] > 100
             assert c.lookup(GOOD_KEYS[:1])[0] in (0, 1)

@@ -66,7 +66,7 @@ def test_frozen_writer_never_lands_bytes_in_a_recycled_slot(daemons, tmp_path):
     try:
         assert writer.stdout.readline().split() == ["reserved", "16"], writer.stderr.read()
         writer.send_signal(signal.SIGSTOP)
-        with d.client(model="tenant-b") as b:
+        with d.client(timeout=120, model="tenant-b") as b:
             wait_for(lambda: (lambda st: st["lease_expiries"] >= 1 and st["state"]["reservations"] == 0)(
                 b.stats()["daemon"]), "A's lease to expire and its reservation to go")
             keys = make_keys("victim", 16)
@@ -91,7 +91,7 @@ def test_a_client_maps_no_byte_of_another_namespace(daemons):
     The G2 pool has no file at all."""
     d = daemons(g2=64, lease_s=60.0)  # A's one session throughout (a lapsed lease maps a second window)
     assert d.info["shm"] is None
-    with d.client(model="tenant-b") as b:
+    with d.client(timeout=120, model="tenant-b") as b:
         kb = make_keys("secret", 24)
         assert b.store(kb, [block(k) for k in kb]) == 24
         out = [np.zeros(NB, np.uint8) for _ in kb]
@@ -126,7 +126,7 @@ def test_window_scribbler_cannot_touch_other_tenants(daemons):
     B never sees a wrong byte, and A's own scribbles never reach G2 unless A commits them."""
     d = daemons(g2=48, lease_s=60.0)  # A's reservation is open throughout
     stop = threading.Event()
-    with d.client(model="tenant-a") as a, d.client(model="tenant-b") as b:
+    with d.client(timeout=120, model="tenant-a") as a, d.client(timeout=120, model="tenant-b") as b:
         res = a.prepare_store(make_keys("a-open", 4))  # a reservation it holds open throughout
 
         def scribble() -> None:

@@ -96,7 +96,7 @@ def test_10000_abandoned_reservations_return_to_baseline(daemons):
     daemon.reserve_s although the session heartbeats, and every map is back at its baseline."""
     # the abandoner heartbeats once per wave: its lease outlasts any wave on a loaded box
     d = daemons(g2=2048, layout=SMALL_LAYOUT, reserve_s=0.5, namespace_share=1.0, window_mib=16, lease_s=600.0)
-    with Client(d.address, model="tiny", layout=SMALL) as c:
+    with Client(d.address, model="tiny", layout=SMALL, timeout=120) as c:
         base = state(c)
         origin0 = c.stats()["daemon"]["origin_keys"]
         raw = Raw(d.address, "abandoner", SMALL_LAYOUT)
@@ -126,7 +126,7 @@ def test_10000_timed_out_requests_are_cancelled(daemons):
     d = daemons(g2=256, layout=SMALL_LAYOUT, reserve_s=600.0, pin_s=600.0, namespace_share=1.0, window_mib=4,
                 lease_s=600.0)
     keys = make_keys("held", 64)
-    with Client(d.address, model="tiny", layout=SMALL) as c:
+    with Client(d.address, model="tiny", layout=SMALL, timeout=120) as c:
         assert c.store(keys, [np.full(SMALL.block_nbytes, 7, np.uint8)] * 64) == 64
         base = state(c)
         raw = Raw(d.address, "tiny", SMALL_LAYOUT)
@@ -190,10 +190,10 @@ def test_pins_are_bounded_by_namespace_share_and_time(daemons):
     # three leases long, so the pins lapse under heartbeating sessions
     d = daemons(g2=64, namespace_share=0.25, pin_s=30.0, lease_s=10.0, max_session_blocks=12)
     keys = make_keys("p", 48)
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         assert c.store(keys, [block(k) for k in keys]) == 48
         base = state(c)
-        clients = [d.client() for _ in range(8)]
+        clients = [d.client(timeout=120) for _ in range(8)]
         try:
             pinned = 0
             for i, cl in enumerate(clients):
@@ -203,7 +203,7 @@ def test_pins_are_bounded_by_namespace_share_and_time(daemons):
                     assert "quota" in str(exc)
             assert pinned == 16  # 0.25 of 64, across sessions
             assert state(c)["busy_blocks"] == 16
-            other = d.client(model="other-tenant")
+            other = d.client(timeout=120, model="other-tenant")
             assert other.store(make_keys("o", 4), [block(k) for k in make_keys("o", 4)]) == 4  # room for others
             other.close()
             assert c.stats()["daemon"]["pin_expiries"] == 0  # all of the above ran within pin_s
@@ -221,7 +221,7 @@ def test_hello_flood_cannot_lock_out_clients(daemons):
     and says hello again on its next call, transparently."""
     d = daemons(g2=64, max_clients=16, lease_s=300.0)
     keys = make_keys("f", 4)
-    with d.client() as busy, d.client() as idle:
+    with d.client(timeout=120) as busy, d.client(timeout=120) as idle:
         assert busy.store(keys, [block(k) for k in keys]) == 4
         assert busy.pin(keys[:2]) == 2
         raw = Raw(d.address, "flood", {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16})
@@ -267,7 +267,7 @@ def test_300_clients_survive_a_daemon_stall_of_twice_the_lease(daemons, tmp_path
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "ready", p.stderr.read()
-        with d.client() as c:
+        with d.client(timeout=120) as c:
             assert c.stats()["daemon"]["clients"] == 301
             time.sleep(lease)  # heartbeats flowing (a wait for them, not a timing assertion)
             os.kill(d.proc.pid, signal.SIGSTOP)

@@ -20,7 +20,7 @@ def test_one_shot_ops_are_one_request_each_and_hold_nothing(daemons):
     # requests are counted: no heartbeat may fall between the two stats calls
     d = daemons(g2=64, lease_s=600.0)
     keys = make_keys("one", 4)
-    with d.client(heartbeat=False) as c:
+    with d.client(timeout=120, heartbeat=False) as c:
         first, count = c.scratch
         assert count >= 4 and first >= c.batch  # past the slots the daemon hands out
         before = c.stats()["daemon"]["requests"]
@@ -40,9 +40,9 @@ def test_one_shot_ops_are_one_request_each_and_hold_nothing(daemons):
 
 
 def test_the_daemon_takes_only_the_sessions_own_scratch_slots(daemons):
-    d = daemons(g2=64)
+    d = daemons(g2=64, lease_s=60.0)  # one session (its scratch) throughout
     keys = make_keys("slots", 2)
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         first, count = c.scratch
         for slots in ([first, first], [0, 1], [first + count, first], [first], [first, -1], [first, True]):
             with pytest.raises(RemoteError) as err:

@@ -15,7 +15,7 @@ from test_daemon import NB, block, daemons, make_keys  # noqa: F401  (daemons is
 def test_pipelined_store_and_load_move_exact_bytes(daemons):
     d = daemons(g2=512, lease_s=60.0, window_mib=1)  # 64 window slots of 16 KiB: batches of 32
     keys = make_keys("pipe", 200)
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         assert c.batch == 32
         assert c.store(keys, [block(k) for k in keys]) == 200
         out = [np.zeros(NB, np.uint8) for _ in keys]
@@ -36,7 +36,7 @@ def test_pipelined_store_stays_within_the_quota(daemons):
     exceed it, so the store falls back to one batch at a time and still stores all 100."""
     d = daemons(g2=512, lease_s=60.0, window_mib=1, max_session_blocks=40)
     keys = make_keys("quota-pipe", 110)
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         assert c.batch == 20
         assert c.store(keys[100:], [block(k) for k in keys[100:]]) == 10
         assert c.pin(keys[100:]) == 10
@@ -53,7 +53,7 @@ def test_pipelined_store_with_a_bad_buffer_rolls_back_and_raises(daemons):
     keys = make_keys("bad-pipe", 100)
     bufs = [block(k) for k in keys]
     bufs[70] = np.zeros(3, np.uint8)  # wrong size, in the third batch
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         try:
             c.store(keys, bufs)
             raise AssertionError("a wrong-sized buffer must raise")

@@ -21,7 +21,7 @@ LAYOUT_DICT = {f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__}
 def test_client_says_hello_again_after_a_restart(daemons):
     d = daemons(g2=64, lease_s=60.0)  # no lease runs out under a starved heartbeat: rehellos is exact
     keys = make_keys("r", 8)
-    with d.client() as c:
+    with d.client(timeout=120) as c:
         assert c.store(keys, [block(k) for k in keys]) == 8
         res = c.prepare_store(make_keys("open", 2))  # a reservation that dies with the daemon
         d.proc.kill()
