@@ -5,9 +5,9 @@
       .diff(keys) -> {ns: [event]}      for the keys a batch of manager events touched: what the tiers
                                         hold now vs what was last published (BlockStored / BlockRemoved)
       .snapshot(ns) -> [event]          AllBlocksCleared + everything published as held (one batch)
-      .view(ns) -> {place: {hash}}      what the tiers hold now (the ground truth a subscriber must reach)
+      .view(ns) -> {place: {hash}}      what the tiers hold now, by place (medium, locality): the ground
+                                        truth a subscriber must reach
       .blocks(ns)                       named blocks of ns still tracked
-    place_of(event) -> place            (medium, locality) of a BlockStored / BlockRemoved (dict or vLLM's)
 
 Events are dicts with vLLM 0.32's field names (vllm/distributed/kv_events.py: "type" BlockStored,
 BlockRemoved or AllBlocksCleared), so the daemon packs them without vLLM installed
@@ -179,10 +179,3 @@ class HeldMedia:
         """The places of a bit set."""
         return [p for i, p in enumerate(self.places) if bits & (1 << i)]
 
-
-def place_of(event: Any) -> tuple[Any, Any]:
-    """(medium, locality) of a BlockStored / BlockRemoved: a dict of this module or vLLM's class
-    (a vLLM before 0.32 has no locality: None)."""
-    if isinstance(event, dict):
-        return event.get("medium"), event.get("locality")
-    return event.medium, getattr(event, "locality", None)

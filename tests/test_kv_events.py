@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
+from typing import Any, Union
 
 import pytest
 
@@ -430,3 +431,48 @@ def test_config_names_a_bad_kv_events_key():
                                  "token": "t"})
     assert (ok.kv_events, ok.kv_events_replay, ok.kv_events_buffer) == ("tcp://0.0.0.0:5560", "tcp://0.0.0.0:5561",
                                                                         10_000)
+
+
+
+class _OldStored(msgspec.Struct, omit_defaults=True, tag="BlockStored"):
+    """vLLM's BlockStored before locality / ownership (an older router's decoder)."""
+    block_hashes: list
+    parent_block_hash: Any
+    token_ids: list
+    block_size: int
+    lora_id: Any
+    medium: Any
+    lora_name: Any = None
+
+
+class _OldRemoved(msgspec.Struct, omit_defaults=True, tag="BlockRemoved"):
+    block_hashes: list
+    medium: Any
+
+
+class _OldCleared(msgspec.Struct, omit_defaults=True, tag="AllBlocksCleared"):
+    pass
+
+
+class _OldBatch(msgspec.Struct, array_like=True, omit_defaults=True):
+    ts: float
+    events: list[Union[_OldStored, _OldRemoved, _OldCleared]]
+
+
+def test_a_decoder_of_an_older_vllm_reads_the_batches():
+    """A vLLM before 0.32 has BlockStored / BlockRemoved without locality and ownership: its
+    decoder (msgspec ignores unknown fields) reads kvbm's batches, medium and hashes intact."""
+    from kvbm.daemon.kv_events import _batch
+
+    evs = [{"type": "AllBlocksCleared"},
+           {"type": "BlockStored", "block_hashes": [b"a", b"b"], "parent_block_hash": None, "token_ids": [],
+            "block_size": BS, "lora_id": None, "medium": "STORAGE", "lora_name": None,
+            "locality": "REMOTE", "ownership": "kvbm"},
+           {"type": "BlockRemoved", "block_hashes": [b"a"], "medium": "CPU", "locality": "LOCAL", "ownership": "kvbm"}]
+    old = msgspec.msgpack.Decoder(type=_OldBatch).decode(_batch(evs)).events
+    assert old == [_OldCleared(), _OldStored([b"a", b"b"], None, [], BS, None, "STORAGE"), _OldRemoved([b"a"], "CPU")]
+    new = msgspec.msgpack.Decoder(type=kv_events.KVEventBatch).decode(_batch(evs)).events
+    assert [(type(e).__name__, getattr(e, "medium", None), getattr(e, "locality", None),
+             getattr(e, "ownership", None)) for e in new] == [
+        ("AllBlocksCleared", None, None, None), ("BlockStored", "STORAGE", "REMOTE", "kvbm"),
+        ("BlockRemoved", "CPU", "LOCAL", "kvbm")]

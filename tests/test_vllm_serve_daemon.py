@@ -7,9 +7,10 @@ request fails (lookups miss, loads fall back to recompute), and once a daemon is
 same address, a prompt stored through A is again a hit on B.
 
 The daemon also publishes vLLM-format KV events (daemon/kv_events.py): a router's subscriber
-built from vLLM's own KVEventBatch decoder follows both engines' traffic, per medium (G2 "CPU",
-G3 "DISK"), and its view equals the daemon's own (the `kv_view` op); after a dropped
-subscription it resyncs through the replay socket (buffered batches, or a snapshot).
+built from vLLM's own KVEventBatch decoder follows both engines' traffic, per (medium, locality)
+as vLLM 0.32 names a tier (G2 CPU/LOCAL, G3 STORAGE/LOCAL; every event with ownership "kvbm"),
+and its view equals the daemon's own (the `kv_view` op); after a dropped subscription it
+resyncs through the replay socket (buffered batches, or a snapshot).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from vllm_serve_helpers import BLOCK, CONFIG, KvbmServe, Server, kv_config, prompt, stored_blocks, wait_stored, write_model  # noqa: E402
 
 PROMPT = 8 * BLOCK + 60
+CPU, DISK = ("CPU", "LOCAL"), ("STORAGE", "LOCAL")  # G2's and G3's (medium, locality)
 LAYOUT = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
           "head_dim": CONFIG["head_dim"], "block_size": BLOCK, "dtype": "bfloat16", "kv_factor": 2,
           "tp_rank": 0, "tp_size": 1}
@@ -118,15 +120,17 @@ def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
         for server, tokens in zip((a, b, a, b), prompts):
             send(server, tokens)
         view = _settled(f, probe, sent)
-        assert set(view) == {"CPU", "DISK"}, {m: len(v) for m, v in view.items()}
-        assert set(engine_hashes(prompts[0])) <= view["DISK"]  # A's first prompt went to disk
+        assert set(view) == {CPU, DISK}, {p: len(v) for p, v in view.items()}
+        assert set(engine_hashes(prompts[0])) <= view[DISK]  # A's first prompt went to disk
         # B asks for A's first prompt: a kvbm hit from G3, promoted into G2 (exclusive: moved)
         hits = b.external_hits()
         send(b, prompts[0])
         view = _settled(f, probe, sent)
         assert b.external_hits() - hits == 8 * BLOCK, b.kvbm_lines()[-2000:]
-        assert set(engine_hashes(prompts[0])) <= view["CPU"] and not view["CPU"] & view["DISK"]
-        assert view["CPU"] | view["DISK"] == _union(before) | set(sent)  # every block stored, by vLLM's hash
+        assert set(engine_hashes(prompts[0])) <= view[CPU] and not view[CPU] & view[DISK]
+        assert view[CPU] | view[DISK] == _union(before) | set(sent)  # every block stored, by vLLM's hash
+        # stored in and removed from both places (demoted, then promoted), all owned by kvbm
+        assert f.seen == {(t, *p, "kvbm") for t in ("BlockStored", "BlockRemoved") for p in (CPU, DISK)}
         # the replay socket's snapshot (start -1: a router that knows nothing) is the same view
         snap = _apply(f, replay(ctx, daemon.kv_events_replay, f.topic, -1, daemon.token))
         assert snap == view
@@ -147,8 +151,8 @@ def test_a_vllm_subscriber_follows_both_engines_per_medium_and_resyncs(stack):
         join(a)  # its first live batch shows the gap: the missed batches come from the replay socket
         assert f.resyncs == resyncs + 1 and f.last >= last + len(missed)
         view = _settled(f, probe, sent)
-        assert set(view) == {"CPU", "DISK"} and view["CPU"] | view["DISK"] == _union(before) | set(sent)
-        assert set(engine_hashes(prompts[1])) <= view["CPU"]
+        assert set(view) == {CPU, DISK} and view[CPU] | view[DISK] == _union(before) | set(sent)
+        assert set(engine_hashes(prompts[1])) <= view[CPU]
     finally:
         if f.sub is not None:
             f.sub.close(0)
@@ -174,27 +178,29 @@ def _join(f, server: Server) -> list[bytes]:
     return sent
 
 
-def _held(probe) -> dict[str, set]:
-    """The daemon's own view of the namespace: {medium: {engine hash}} (the kv_view op)."""
-    return {m: set(hs) for m, hs in probe.call("kv_view")["view"].items() if hs}
+def _held(probe) -> dict[tuple, set]:
+    """The daemon's own view of the namespace: {(medium, locality): {engine hash}} (the kv_view op)."""
+    from test_kv_events import places
+
+    return places(probe.call("kv_view")["view"])
 
 
-def _union(view: dict[str, set]) -> set:
+def _union(view: dict[tuple, set]) -> set:
     return set().union(*view.values())
 
 
-def _apply(f, batches: list) -> dict[str, set]:
+def _apply(f, batches: list) -> dict[tuple, set]:
     """A fresh view from replayed batches, with the follower's decoder."""
     from collections import defaultdict
 
     fresh = type(f).__new__(type(f))
-    fresh.decoder, fresh.view = f.decoder, defaultdict(set)
+    fresh.decoder, fresh.view, fresh.seen = f.decoder, defaultdict(set), set()
     for _, payload in batches:
         fresh.apply(payload)
     return fresh.held()
 
 
-def _settled(f, probe, stored: list, timeout: float = 600.0) -> dict[str, set]:
+def _settled(f, probe, stored: list, timeout: float = 600.0) -> dict[tuple, set]:
     """The daemon's view once it holds every block in `stored` (an engine's stores end after its
     reply) and the subscriber's equals it; on the deadline the assertion shows both."""
     deadline = time.monotonic() + timeout
