@@ -12,6 +12,7 @@ replay socket. Every event says ownership "kvbm" (kvbm/held.py).
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections import defaultdict
@@ -160,6 +161,16 @@ class Engine:
         self.settle()
         return hit
 
+    def hit(self, req: str, hashes: list, blocks: list[int]) -> int:
+        """prompt() until every block is a hit: the daemon waits only 2 s for blocks coming up
+        from G3/G4 (daemon/onboard.py), so a slow machine may miss once; they land in G2 anyway."""
+        deadline = time.monotonic() + DEADLINE_S
+        for i in itertools.count():
+            n = self.prompt(f"{req}.{i}", hashes, blocks)
+            if n == len(hashes) or time.monotonic() > deadline:
+                return n
+            time.sleep(0.1)
+
     def settle(self) -> None:
         """Until the offloader has made G3's headroom (its demotions to G4 complete: a block on
         its way stays counted in G3 until it is ready in G4)."""
@@ -250,7 +261,7 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
         for i in range(4):
             assert a.prompt(f"a{i}", chain(f"p{i}", 4), [0, 1, 2, 3]) == 0
         # engine B: prompt 0 again (a G4 hit: promoted back to G2), and a prompt of its own
-        assert b.prompt("b0", chain("p0", 4), [4, 5, 6, 7]) == 4  # A's blocks, loaded by B
+        assert b.hit("b0", chain("p0", 4), [4, 5, 6, 7]) == 4  # A's blocks, loaded by B
         assert set(chain("p0", 4)) <= truth([a, b])[("CPU", "LOCAL")]  # promoted out of G4
         b.prompt("b1", chain("q", 4), [8, 9, 10, 11])
         f.pump()
@@ -272,7 +283,7 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
         # the subscription drops; traffic goes on (fewer batches than the replay buffer's 32)
         f.drop()
         last, resyncs = f.last, f.resyncs
-        a.prompt("a3", chain("p1", 4), [0, 1, 2, 3])  # a G3 hit: promoted
+        assert a.hit("a3", chain("p1", 4), [0, 1, 2, 3]) == 4  # from G3 / G4: promoted
         b.prompt("b2", chain("r", 2), [4, 5])
         missed = replay(ctx, d.kvr, f.topic, last + 1)  # the buffered batches, in order, no snapshot
         assert [s for s, _ in missed] == list(range(last + 1, last + 1 + len(missed))) and missed
