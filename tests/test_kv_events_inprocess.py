@@ -118,3 +118,45 @@ def test_events_convert_for_a_vllm_without_locality(monkeypatch):
           "block_size": BS, "lora_id": None, "medium": "STORAGE", "lora_name": None,
           "locality": "REMOTE", "ownership": "kvbm"}
     assert _vllm_events([ev]) == [OldStored([b"h"], None, [], BS, None, "STORAGE")]
+
+
+def test_each_medium_is_named_as_vllm_names_it():
+    """HeldMedia over a fake manager with one tier per storage medium: the exact events of a store
+    into G1 and a move from G1 to G4 (vLLM's GPU / STORAGE with LOCAL / REMOTE, ownership kvbm); a
+    plugin's medium goes under its tier's name."""
+    from types import SimpleNamespace
+
+    from kvbm.held import HeldMedia
+
+    def tier(name, medium):
+        return SimpleNamespace(name=name, storage=SimpleNamespace(medium=medium), ready={}, pending={})
+
+    g1, g2, g3, g4, g5 = (tier("g1", "device"), tier("g2", "host"), tier("g3", "disk"), tier("g4", "object"),
+                          tier("g5", "tape"))
+    held = HeldMedia(SimpleNamespace(tiers=[g1, g2, g3, g4, g5]), BS)
+    assert held.places == [("GPU", "LOCAL"), ("CPU", "LOCAL"), ("STORAGE", "LOCAL"), ("STORAGE", "REMOTE"),
+                           ("G5", "LOCAL")]
+
+    def stored(hashes, parent, medium, locality):
+        return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": [],
+                "block_size": BS, "lora_id": None, "medium": medium, "lora_name": None,
+                "locality": locality, "ownership": "kvbm"}
+
+    held.name("ns", ["k1", "k2"], [b"h1", b"h2"], b"h0")
+    g1.ready.update(k1=0, k2=1)
+    assert held.diff([]) == {"ns": [stored([b"h1", b"h2"], b"h0", "GPU", "LOCAL")]}
+    del g1.ready["k1"], g1.ready["k2"]
+    g4.ready.update(k1=0, k2=1)
+    assert held.diff(["k1", "k2"]) == {"ns": [
+        stored([b"h1", b"h2"], b"h0", "STORAGE", "REMOTE"),
+        {"type": "BlockRemoved", "block_hashes": [b"h1", b"h2"], "medium": "GPU", "locality": "LOCAL",
+         "ownership": "kvbm"}]}
+    g3.ready["k2"] = 2  # a copy in G3 too: the same medium, another locality
+    g5.ready["k1"] = 0
+    assert held.diff(["k1", "k2"]) == {"ns": [stored([b"h1"], b"h0", "G5", "LOCAL"),
+                                              stored([b"h2"], b"h1", "STORAGE", "LOCAL")]}
+    assert held.view("ns") == {("STORAGE", "REMOTE"): {b"h1", b"h2"}, ("STORAGE", "LOCAL"): {b"h2"},
+                               ("G5", "LOCAL"): {b"h1"}}
+    assert held.snapshot("ns")[0] == {"type": "AllBlocksCleared"}
+    assert sorted((e["medium"], e["locality"], e["block_hashes"]) for e in held.snapshot("ns")[1:]) == [
+        ("G5", "LOCAL", [b"h1"]), ("STORAGE", "LOCAL", [b"h2"]), ("STORAGE", "REMOTE", [b"h1", b"h2"])]
