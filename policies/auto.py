@@ -46,15 +46,18 @@ Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the
 auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
 
 Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream):
-645 B at 10,000 blocks (sample rate 0.1; hitdensity alone 452 B), 1,874 B at 1,000 blocks
-(rate 1: every key in every mini; hitdensity alone 623 B). It is the active policy's state,
-a parent entry per key (for a switch to a structured policy), a set entry per root block,
-the minis' `rate` x their per-key state (ghosts included), and a map of the request being
-served (resident keys only: bounded by the tier).
-Cost per operation: the active policy's, one hash per key, a dict entry per key for the
-request being served, and the minis' on sampled keys. On the Mooncake stream at 10,000 blocks
-auto costs ~28x LRU per access, hitdensity (its active policy there) ~17x: the issue's 5x
-bound is not met (bench/RESULTS.md).
+646 B at 10,000 blocks (sample rate 0.1; hitdensity alone 453 B), 1,876 B at 1,000 blocks
+(rate 1: every key in every mini; hitdensity alone 627 B). It is the active policy's state,
+a parent entry per key (None for a root: for a switch to a structured policy, and to see a
+request begin), the minis' `rate` x their per-key state (ghosts included), and the key lists
+of the request being served (made into a map only when the request outgrows the tier).
+Cost per operation (CPU time of recorded Mooncake calls at 10,000 blocks, bench/RESULTS.md):
+the active policy's, the sample filter (C-level maps over the keys' hashes), a parents update
+per stored run and a pop per victim (C-level), and the minis' work on sampled keys. Where
+the time goes: hitdensity, the active policy there, ~half (16-20x LRU alone); the minis
+~a quarter (sample rate 0.1 x three candidates whose per-call overhead dominates on the few
+keys each call samples); the rest the wrapper. auto is 34-44x LRU per access: the issue's
+5x bound is not met, and cannot be while the active policy alone is above it.
 """
 
 from __future__ import annotations

@@ -97,12 +97,15 @@ not in. Where the rest of the gap to Belady lies: given a perfect per-block "wil
 return" bit, the previous version of this policy reached 0.328 at 10k; nothing known at
 insert time comes close.
 
-Costs: insert, touch and remove O(1); evict O(classes) per victim (one queue head per class,
-plus protected keys skipped); a table update every capacity/4 inserts copies each queue's
-access times once and bisects them, and is O(classes x buckets^2): amortised O(1) per insert.
-`python bench/bench_policy_cost.py` (10k blocks, Mooncake stream): insert ~1.4 us, touch
-~0.9 us, evict ~2.9 us per key, against LRU's ~0.1 us; a whole replay 1.0 s against 0.7 s for
-the previous version.
+Costs: insert, touch and remove O(1); evict O(log classes) per victim (a heap of one queue
+head per class, plus protected keys skipped); a table update every capacity/4 inserts copies
+each queue's access times once and bisects them, and is O(classes x buckets^2) (C-level
+accumulate): amortised O(1) per insert. A stored run goes in by C-level dict updates (keys
+that were ghosts one by one). `python bench/bench_policy_cost.py` (10k blocks, Mooncake
+stream, CPU time): 3.1-3.8 us per block access against LRU's ~0.19 us (16-20x; it was
+20-21x in the same runs before the bulk insert and the heap); ~60 % of it is evict (per
+victim: its score, its ghost, an expired ghost's life), a cost per victim of Python bytecode
+that a batched version did not lower (the bookkeeping per call outweighed it).
 """
 
 from __future__ import annotations
