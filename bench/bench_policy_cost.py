@@ -213,6 +213,15 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="report bytes per resident key only")
     args = ap.parse_args(argv)
     names = args.policies.split(",")
+    for name in names:
+        try:
+            EVICTION.get(name)
+        except Exception as e:  # one line, exit 2: a bad name is the caller's to fix
+            print(f"bench_policy_cost: --policies: {e}", file=sys.stderr)
+            return 2
+    if args.capacity < 1 or args.repeat < 1 or args.micro_n < 1:
+        print("bench_policy_cost: --capacity, --repeat and --micro-n must be >= 1", file=sys.stderr)
+        return 2
     requests = [r.hash_ids for r in load_trace(BUNDLED["mooncake"]).requests]
     if args.memory:
         for name in args.policies.split(","):
