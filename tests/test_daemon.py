@@ -255,6 +255,10 @@ def test_loopback_only_without_token():
         DaemonConfig.from_dict({"lease": 3})
     with pytest.raises(ConfigError, match="lease_s"):
         DaemonConfig.from_dict({"lease_s": -1})
+    assert DaemonConfig.from_dict({}).onboard_wait_s == 2.0
+    assert DaemonConfig.from_dict({"onboard_wait_s": 8}).onboard_wait_s == 8
+    with pytest.raises(ConfigError, match="onboard_wait_s must be a positive number"):
+        DaemonConfig.from_dict({"onboard_wait_s": 0})
 
 
 def test_token_is_required_on_every_request(daemons):

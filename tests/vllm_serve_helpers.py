@@ -180,8 +180,11 @@ class KvbmServe:
         self.config.write_text(yaml.safe_dump({
             "layout": layout, "tiers": tiers,
             "daemon": {"address": self.address, "events": "", "metrics": "", "token": self.token,
-                       "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False, "lease_s": 5.0,
-                       "kv_events": kv_events, "kv_events_replay": kv_events_replay}}))
+                       "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False, "lease_s": 30.0,
+                       "kv_events": kv_events, "kv_events_replay": kv_events_replay,
+                       # G3 blocks may take long to come up on a loaded CI box: wait (below the
+                       # connector clients' 10 s) rather than miss them
+                       "onboard_wait_s": 8.0}}))
         self.kv_events, self.kv_events_replay = kv_events, kv_events_replay  # vLLM-format stream ("" = off)
         self.proc: subprocess.Popen | None = None
         self.starts = 0

@@ -46,7 +46,7 @@ from .leases import PEER_NS
 from .peering import DEFERRED
 
 log = logging.getLogger("kvbm.daemon")
-WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (clients time out at 10 s)
+WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (daemon.onboard_wait_s)
 MAX_JOBS = 64        # onboarding transfers in flight; beyond this a request is answered from G2
 G4_TIMEOUT_S = 2.0   # the daemon's default object-store timeout per put/get (was the client's 10 s)
 
@@ -192,7 +192,7 @@ class Onboarding:
     into a full G2 wait for the offloader to make room."""
 
     def _init_onboarding(self) -> None:
-        self.onboarder = Onboarder(self.manager, self._wake_onboarder)
+        self.onboarder = Onboarder(self.manager, self._wake_onboarder, wait_s=self.dcfg.onboard_wait_s)
         refuse_object_writes(self.manager, lambda: self._owner_ident)
         self._room_waiters: list[_RoomWaiter] = []
         self._room_freed_at = 0.0  # when a demotion out of G2 last landed a block below
