@@ -87,10 +87,13 @@ def _processes() -> dict[int, tuple[int, float, str]]:
     return out
 
 
-def cpu_split(roots: list[int]) -> dict[str, float]:
+def cpu_split(roots: list[int], runtime: str = "") -> dict[str, float]:
     """CPU seconds so far of the process trees under roots: vLLM's processes, and kvbm daemons
-    among them or among roots (an engine's own daemon, a `kvbm serve`)."""
+    among them or among roots (a `kvbm serve`), and engine daemons whose files are under
+    `runtime` (an engine's own daemon detaches: it is no process's child)."""
     procs = _processes()
+    roots = list(roots) + [pid for pid, (_, _, cmd) in procs.items()
+                           if runtime and "kvbm.connectors.engine_daemon" in cmd and f" {runtime}/" in cmd]
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
@@ -180,9 +183,9 @@ def run_config(name: str, args, work: Path) -> dict:
         else:
             traces = [trace]
         roots = [s.proc.pid for s in servers] + ([daemon.proc.pid] if daemon is not None else [])
-        cpu0 = cpu_split(roots)
+        cpu0 = cpu_split(roots, env["KVBM_RUNTIME_DIR"])
         results, wall, delta = replay(servers, traces, args)
-        cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_split(roots).items()}
+        cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_split(roots, env["KVBM_RUNTIME_DIR"]).items()}
     finally:
         for s in servers:
             s.stop()
