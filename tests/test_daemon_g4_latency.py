@@ -113,7 +113,7 @@ def test_hung_object_store_does_not_delay_a_g2_only_client(tmp_path, s3):
                 assert a.store(cold[i:i + 8], [block(k) for k in cold[i:i + 8]]) == 8
             _until(lambda: a.lookup(cold[:64], remote=False)[1] == ["g4"] * 64, "A's oldest blocks in G4")
             # the endpoint is up: G4 blocks onboard (off the loop) and come back byte for byte
-            # (a load waits onboard.WAIT_S for them, then answers G2's prefix; a later one has them)
+            # (a load waits daemon.onboard_wait_s for them, then answers G2's prefix; a later one has them)
             out = [np.zeros(NB, np.uint8) for _ in range(4)]
             _until(lambda: a.load(cold[:4], out) == 4, "A's first G4 blocks onboarded")
             assert all(np.array_equal(o, block(k)) for o, k in zip(out, cold[:4]))

@@ -20,7 +20,8 @@ def test_a_burst_beyond_the_headroom_waits_for_room_and_drops_nothing(tmp_path):
              {"name": "g4", "capacity": 512, "eviction": "lru",
               "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]
     # generous bounds: the stores wait until the offloader made room, however slow the box
-    d = Served(tmp_path, "d", tiers=tiers, daemon={"room_wait_s": 60.0, "room_stall_s": 60.0}).start()
+    d = Served(tmp_path, "d", tiers=tiers,
+               daemon={"room_wait_s": 60.0, "room_stall_s": 60.0, "onboard_wait_s": 60.0}).start()
     try:
         one_shot = make_keys("burst", 96)  # 6 one-shot stores of 16 (the scratch), back to back
         two_phase = make_keys("long", 64)  # 2 stores of 32, each in two-phase batches of 8
@@ -40,8 +41,8 @@ def test_a_burst_beyond_the_headroom_waits_for_room_and_drops_nothing(tmp_path):
                     assert time.monotonic() < deadline, (len(keys), c.lookup(keys, remote=False), c.stats()["tiers"])
                     time.sleep(0.05)
             # bytes: b's last blocks (G2), then a's first ones (G4: they come up off the loop)
-            # (a load waits onboard.WAIT_S for blocks coming up, then answers G2's prefix: on a
-            # loaded box that may be short; the onboarding goes on, and a later load has them)
+            # (a load waits daemon.onboard_wait_s for blocks coming up, then answers G2's prefix;
+            # should a loaded box take longer, the onboarding goes on and a later load has them)
             for c, keys in ((b, two_phase[-8:]), (a, one_shot[:8])):
                 deadline = time.monotonic() + 180
                 while True:
