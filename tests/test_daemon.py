@@ -339,8 +339,8 @@ def test_killed_client_pins_released_by_lease(daemons):
         with d.client() as c:
             assert c.store(others, [block(k) for k in others]) == 0  # every G2 slot is busy
             holder.kill()  # SIGKILL: no bye, no unpin, no commit
-            holder.wait(5)
-            deadline = time.monotonic() + 5
+            holder.wait(60)
+            deadline = time.monotonic() + 120
             while c.store(others, [block(k) for k in others]) == 0:
                 assert time.monotonic() < deadline, "the killed client's pins were never released"
                 time.sleep(0.2)
@@ -375,7 +375,7 @@ def test_background_offload_keeps_room_in_g2(daemons):
     with d.client() as c:
         for i in range(0, 96, 12):
             assert c.store(keys[i:i + 12], [block(k) for k in keys[i:i + 12]]) == 12
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             tiers = c.stats()["tiers"]
             if tiers["g2"]["used"] <= 24:
