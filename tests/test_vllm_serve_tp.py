@@ -30,7 +30,7 @@ from vllm_serve_helpers import BLOCK, Server, kv_config, prompt, engine_daemon, 
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two tensor-parallel ranks need two cores to bind")
-@pytest.mark.xfail(strict=False, reason="known intermittent bug, issue 14: with TP=2 beside a CPU hog a rank's loads to the engine's own daemon sometimes get no answer in 10 s while the daemon waits for requests (engine recomputes: outputs right, hits lost); on the final code 2 of 4 runs beside a hog failed, and 1 of 1 with the daemon's older Poller loop, so the loop is not the cause; the one-worker engine-daemon test passes in every run since the CPU-binding fix (24df625). Root cause open")
+@pytest.mark.xfail(strict=False, reason="known intermittent bug, issue 14: with TP=2 beside a CPU hog a rank's loads to the engine's own daemon sometimes get no answer in 10 s while the daemon waits for requests (engine recomputes: outputs right, hits lost); on the final code 2 of 4 runs beside a hog failed, and 2 of 2 with the daemon's older Poller loop, so the loop is not the cause; the one-worker engine-daemon test passes in every run since the CPU-binding fix (24df625). Root cause open")
 def test_tensor_parallel_ranks_share_the_engine_daemon(tmp_path):
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
