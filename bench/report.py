@@ -224,6 +224,16 @@ def main(argv=None) -> int:
         kept.get("object", "### G2 <-> G4 (objects)\n\n" + not_run), None)
     daemon_text, daemon_json = section_daemon(daemon) if daemon else (kept.get("daemon", ""), None)
     disk_json = disk.json() if disk and disk.ok else None
+    dload = runs.get("daemon_load")
+    if dload is not None and dload.ok:  # one client's p50 beside the bare round trip's, in the daemon section
+        daemon_json = dict(daemon_json or {}, load=dload.json()["load"])
+        lj = daemon_json["load"]
+        bare = min(lj["bare_roundtrip"]["before"]["p50_us"], lj["bare_roundtrip"]["after"]["p50_us"])
+        daemon_text += (f"\n`{dload.shown}` — one client's small ops (lookup, store, load, pin, events) "
+                        f"against a bare zmq DEALER/ROUTER + msgpack round trip over ipc in the same run: "
+                        f"p50 **{lj['p50_us']} µs** vs bare {bare} µs = **{lj['p50_over_bare_p50']}×** "
+                        f"(target ≤ 2×), p99 {lj['p99_us']} µs, {lj['ops_per_s']} ops/s, "
+                        f"{lj['errors']} errors, {lj['wrong_bytes_blocks']} wrong-bytes blocks.\n")
     load = os.getloadavg()[0]
     history = History(Path(args.history))
     flags = history.record("hog" if args.hog else "quiet", ratios(ops_json, disk_json, obj_json, daemon_json), load)
@@ -292,6 +302,8 @@ def _run_benches(only: set[str], quick: bool) -> dict[str, Run]:
         runs["object"] = Run(py("bench_object.py", "--json", "--blocks", "16"))
     if "daemon" in only:
         runs["daemon"] = Run(py("bench_daemon.py", "nixl", "--rounds", "3"), timeout=600)
+        # issue 17's small-op row: one client's round trips vs a bare zmq+msgpack round trip, same run
+        runs["daemon_load"] = Run(py("bench_daemon.py", "load", "--clients", "1", "--ops", "3000"), timeout=600)
     if "demo" in only:
         runs["demo"] = Run(kvbm_cli("demo", "--json", "--quiet"))
     return runs

@@ -35,6 +35,9 @@ ROWS = {
     "g3_read": ("G3 → G2, O_DIRECT slot file (worst block size)", "÷ NIXL POSIX", "quiet 0.94–1.12×", 1.0),
     "daemon_nixl": ("daemon peer pull over NIXL (bench_daemon.py nixl)", "÷ bare two-agent READ, anonymous memory like G2 (median)",
                     "0.59–0.81× (recorded)", 0.9),
+    "daemon_1client": ("daemon, one client, small ops (bench_daemon.py load --clients 1)",
+                       "bare zmq+msgpack round trip p50 ÷ daemon p50 (≥ 0.5 = within 2×)",
+                       "p50 237 µs, 2,007 ops/s (recorded)", 0.5),
 }
 
 
@@ -76,6 +79,12 @@ CAUSES = {
                "with as many bytes of other memory checksummed beside it keeps NIXL's speed (io+other-crc, G3 "
                "section), so the cost is the CRC's place on the critical path, not its CPU alone; whole-batch "
                "submission was worse here (the virtio disk completes it at once: 0.72-0.75x raw I/O).",
+    "daemon_1client": "Cause of the old gap (H12d, per-thread CPU): the daemon loop's Poller and EVENTS checks and the "
+                      "client's poll before each recv; now one blocking recv on each side. Lookups and events run at "
+                      "~1.5× the bare round trip; the mix's p50 falls among loads and stores (half the ops), which carry "
+                      "what a bare round trip does not: 4 × 64 KiB copied between G2 and the client's window on each side "
+                      "(the isolation: no client maps G2) and the manager's verbs (load 50–67 µs, store 145–164 µs of CPU). "
+                      "Bound: those copies and verbs, ~2.1–2.4× at load 8–16.",
     "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools stay 4 KiB pages "
                    "(shmem_enabled=never), so MADV_HUGEPAGE in HostStorage does not reach them.",
 }
@@ -108,6 +117,8 @@ def ratios(ops: dict | None, disk: dict | None, obj: dict | None, daemon: dict |
         # the daemons' G2 is private anonymous memory since issue 12 (clients map only their windows)
         nixl = daemon["nixl"]
         out["daemon_nixl"] = nixl.get("ratio_vs_bare_anon", nixl.get("ratio_vs_bare_shm"))["median"]
+    if daemon and "load" in daemon:
+        out["daemon_1client"] = round(1 / daemon["load"]["p50_over_bare_p50"], 3)
     return out
 
 
