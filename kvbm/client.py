@@ -20,6 +20,10 @@ reservation died with the old session counts as not done (0), never as an error.
 that times out is cancelled (the daemon undoes it when the cancel or the request arrives),
 and the ones that finish something (commit, release) are retried once under the same request
 id, which the daemon answers from its reply cache if it already did them.
+
+    client.py          Client: session (hello, window), block ops, one-shot and pipelined batches
+    client_wire.py     Wire, Client's base: the request socket, ids, timeouts, cancels, heartbeat
+    client_window.py   mapping the window; rows and buffers of block bytes
 """
 
 from __future__ import annotations
@@ -28,21 +32,17 @@ import dataclasses
 import mmap
 import os
 import threading
-import time
 from typing import Any, Sequence
 
 import numpy as np
 
-try:
-    import zmq
-except ImportError as exc:  # the daemon extra
-    raise ImportError("kvbm.client needs pyzmq and msgpack: pip install 'kvbm-tiered[daemon]'") from exc
-
 from . import ops
 from .blocks import KVLayout
+from .client_window import _bytes, _map_window, _rows, _unmap  # noqa: F401 (tests import _rows from here)
+from .client_wire import _CANCELLED_ON_TIMEOUT, _RETRIED_ON_TIMEOUT, _SESSION_BOUND, Wire, zmq  # noqa: F401
 from .daemon.events import topic_of
 from .daemon.leases import namespace_of
-from .daemon.protocol import RemoteError, pack, request, unpack
+from .daemon.protocol import RemoteError, request
 from .daemon.transport import default_address
 
 __all__ = ["Client", "RemoteError", "StoreReservation", "LoadPins"]
@@ -65,7 +65,7 @@ class LoadPins:
     slots: list = dataclasses.field(default_factory=list)  # their window slots
 
 
-class Client:
+class Client(Wire):
     def __init__(self, address: str | None = None, *, model: str, layout: KVLayout | dict,
                  salt: str = "", token: str | None = None, timeout: float = 10.0,
                  heartbeat: bool = True) -> None:
@@ -118,152 +118,6 @@ class Client:
                                 reply.get("share_blocks", 2**32) // 2, (reply["max_session_blocks"] or 2**32) // 2))
         if old is not None:
             _unmap(old)
-
-    # ---------------------------------------------------------------- wire
-
-    def _socket(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
-        return sock
-
-    def _new_request_socket(self) -> None:
-        self._sock = self._socket()
-        self._rcvtimeo = -1
-
-    def _recv(self, left: float) -> bytes | None:
-        """The next message on the request socket, waiting at most `left` seconds; None then.
-        A blocking recv with a timeout (set only when it changes): a poll before each recv cost
-        a zmq Poller and its syscalls on every request."""
-        if left <= 0:
-            return None
-        ms = int(left * 1000) + 1
-        if ms != self._rcvtimeo:
-            self._sock.setsockopt(zmq.RCVTIMEO, ms)
-            self._rcvtimeo = ms
-        try:
-            return self._sock.recv()
-        except zmq.Again:
-            return None
-
-    def call(self, op: str, **fields: Any) -> dict:
-        """One request, one reply; RemoteError on an error reply, TimeoutError if none comes.
-
-        A session the daemon no longer knows is reopened and the request retried once, for
-        requests that name no handle of the old session (those raise RemoteError no_session)."""
-        with self._lock:
-            try:
-                return self._call(op, fields)
-            except RemoteError as exc:
-                if exc.code != "no_session" or op in _SESSION_BOUND or self._stop.is_set():
-                    raise
-            self._hello()
-            self.rehellos += 1
-            return self._call(op, fields)
-
-    def _call(self, op: str, fields: dict) -> dict:
-        with self._lock:
-            rid = self._next
-            self._next += 1
-            msg = request(op, rid, self.token, self.session, **fields)
-            try:
-                reply = self._roundtrip(op, rid, msg)
-            except TimeoutError:
-                if op in _CANCELLED_ON_TIMEOUT and self.session is not None:
-                    # The daemon may still do it later: _roundtrip sent a cancel so that it is
-                    # undone then (or refused, if the cancel gets there first).
-                    raise
-                if op not in _RETRIED_ON_TIMEOUT:
-                    raise
-                reply = self._roundtrip(op, rid, msg)  # same id: answered from the daemon's cache if done
-        if not reply.get("ok"):
-            raise RemoteError(str(reply.get("error")), str(reply.get("message")))
-        return reply
-
-    def _take_id(self) -> int:
-        rid = self._next
-        self._next += 1
-        return rid
-
-    def _send(self, msg: bytes) -> None:
-        try:
-            self._sock.send(msg, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-
-    def _submit(self, op: str, **fields: Any) -> int:
-        """Send a request without waiting for it (under the lock); _collect takes its reply."""
-        rid = self._take_id()
-        self._stash[rid] = {}
-        self._sock.send(request(op, rid, self.token, self.session, **fields))
-        return rid
-
-    def _collect(self, rid: int, op: str) -> dict:
-        """The reply to a submitted request; replies to other submitted ones are kept for later."""
-        reply = self._stash.pop(rid, None) or None
-        deadline = time.monotonic() + self.timeout
-        left = self.timeout
-        while reply is None:
-            data = self._recv(left)
-            if data is None:
-                self._sock.close(0)
-                self._new_request_socket()
-                self._stash.clear()
-                raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
-            left = deadline - time.monotonic()
-            r = unpack(data, 1 << 22)
-            if r.get("id") == rid:
-                reply = r
-            elif r.get("id") in self._stash:
-                self._stash[r["id"]] = r
-        if not reply.get("ok"):
-            raise RemoteError(str(reply.get("error")), str(reply.get("message")))
-        return reply
-
-    def _roundtrip(self, op: str, rid: int, msg: bytes) -> dict:
-        self._sock.send(msg)
-        deadline = time.monotonic() + self.timeout
-        left = self.timeout
-        while True:
-            data = self._recv(left)
-            if data is None:
-                # a fresh socket, so a late reply cannot be taken for the next request's. The
-                # cancel goes out on the old, connected socket, lingering so that it reaches the
-                # daemon's socket even while the daemon is stopped (a fresh socket cannot finish
-                # its handshake then, and its queue was dropped at close: the request leaked)
-                old = self._sock
-                if op in _CANCELLED_ON_TIMEOUT and self.session is not None:
-                    try:
-                        old.send(request("cancel", self._take_id(), self.token, self.session,
-                                         cancels=rid), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
-                    old.close(2000)
-                else:
-                    old.close(0)
-                self._new_request_socket()
-                raise TimeoutError(f"kvbm daemon at {self.address} did not answer {op} in {self.timeout}s")
-            reply = unpack(data, 1 << 22)
-            if reply.get("id") == rid:
-                return reply
-            left = deadline - time.monotonic()  # a late reply to an older request: wait on
-
-    def _heartbeat(self) -> None:
-        period = max(0.05, self.lease_s / 4)
-        sock = self._socket()  # its own socket: zmq sockets are not shared across threads
-        try:
-            while not self._stop.wait(period):
-                msg = {"op": "heartbeat", "id": 0, "session": self.session}
-                if self.token:
-                    msg["auth"] = self.token
-                try:
-                    sock.send(pack(msg), zmq.NOBLOCK)
-                    while sock.poll(0):
-                        sock.recv()
-                except zmq.ZMQError:
-                    pass
-        finally:
-            sock.close(0)
 
     # ---------------------------------------------------------------- views
 
@@ -591,66 +445,8 @@ class Client:
         self.close()
 
 
-_SESSION_BOUND = frozenset({"hello", "bye", "store_commit", "load_release", "cancel",  # name a handle
-                            "store", "load"})  # or scratch slots of the old window: _one_shot redoes them
-_CANCELLED_ON_TIMEOUT = frozenset({"store_prepare", "load_prepare", "pin"})  # they leave state behind
-_RETRIED_ON_TIMEOUT = frozenset({"store_commit", "load_release", "unpin"})  # they release state
-
-
 def _hash_fields(hashes: Sequence[Any] | None, parent_hash: Any, i: int, n: int) -> dict:
     """store_prepare's engine-hash fields for keys[i:i + n] (none without hashes)."""
     if hashes is None:
         return {}
     return {"hashes": list(hashes[i:i + n]), "parent_hash": hashes[i - 1] if i else parent_hash}
-
-
-def _map_window(path: str, nbytes: int) -> tuple[np.ndarray, mmap.mmap]:
-    """Map this session's window and unlink its name: no other process can open it after."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        m = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
-    finally:
-        os.close(fd)
-    try:
-        os.unlink(path)
-    except OSError:  # the daemon did it already, or runs as another user
-        pass
-    return np.frombuffer(m, dtype=np.uint8), m
-
-
-def _unmap(m: mmap.mmap) -> None:
-    try:
-        m.close()
-    except BufferError:  # a caller still holds a view; the GC unmaps it
-        pass
-
-
-def _rows(bufs: Any, nbytes: int) -> np.ndarray | None:
-    """bufs as one flat uint8 array when it is a C-contiguous 2-D numpy array or CPU torch
-    tensor of whole blocks (one row each); None for anything else (a list of buffers)."""
-    if isinstance(bufs, np.ndarray):
-        arr = bufs
-    elif hasattr(bufs, "numpy") and getattr(getattr(bufs, "device", None), "type", None) == "cpu":
-        try:
-            if bufs.dim() != 2 or not bufs.is_contiguous():
-                return None
-            arr = bufs.view(__import__("torch").uint8).numpy()
-        except (RuntimeError, TypeError, ValueError):  # grad, an odd dtype: row by row then
-            return None
-    else:
-        return None
-    if arr.ndim != 2 or not arr.flags.c_contiguous or arr.shape[1] * arr.itemsize != nbytes:
-        return None
-    return arr.reshape(-1).view(np.uint8)
-
-
-def _bytes(buf: Any, nbytes: int) -> np.ndarray:
-    if isinstance(buf, np.ndarray):
-        arr = buf.reshape(-1).view(np.uint8)
-    elif hasattr(buf, "numpy"):  # a CPU torch tensor
-        arr = buf.reshape(-1).view(__import__("torch").uint8).numpy()
-    else:
-        arr = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
-    if arr.nbytes != nbytes:
-        raise ValueError(f"a block buffer must be {nbytes} bytes, got {arr.nbytes}")
-    return arr
