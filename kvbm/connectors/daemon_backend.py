@@ -69,7 +69,14 @@ class DaemonBackend:
             loads.shutdown(wait=True)
         return backend
 
-    pins = False  # the daemon's lookup pins nothing yet: a promised block can still go before its load
+    # The scheduler's lookup pins what it promises, through the scheduler's own session (its
+    # client). A worker in another process has another session and cannot release those pins
+    # (the daemon unpins only what the asking session pinned), so the scheduler releases them
+    # itself once vLLM reports the load done, or the request gone (vllm_pins.py). The daemon
+    # bounds them per session, namespace and uid, and drops them at bye, lease expiry, the
+    # client's death or daemon.pin_s (kvbm/daemon/sessions.py, SECURITY.md).
+    pins = True
+    scheduler_releases = True
 
     @property
     def rehellos(self) -> int:
@@ -78,10 +85,44 @@ class DaemonBackend:
         return self.client.rehellos + (store.rehellos if store is not None else 0)
 
     def pin(self, keys: Sequence[Any]) -> int:
-        return 0
+        """Pin the ready prefix of keys in this session; returns how many are pinned. A refusal
+        (quota, daemon gone) after some were pinned returns those: each pin has an owner that
+        knows it, else it would only go at daemon.pin_s."""
+        keys = list(keys)
+        n, step = 0, max(1, self.client.max_keys)
+        while n < len(keys):  # the daemon caps keys per request
+            part = keys[n:n + step]
+            try:
+                got = self.client.pin(part)
+            except Exception as exc:  # noqa: BLE001 - the first part refused: the caller promises nothing
+                if not n:
+                    raise
+                log.warning("kvbm daemon pin stopped at %d blocks: %s", n, exc)
+                return n
+            n += got
+            if got < len(part):
+                break
+        return n
 
     def unpin(self, keys: Sequence[Any]) -> None:
-        return
+        """Release pins taken by pin(), on the load lane: after every load submitted before it,
+        so a caller that unpins right after start_load never lets a block go before its load
+        holds it; and off the engine's scheduler thread (no round trip there)."""
+        keys = list(keys)
+        if not keys or self._closing:
+            return
+        try:
+            self._loads.submit(self._unpin, keys).add_done_callback(_log_unpin_error)
+        except RuntimeError:  # closing: the session's bye releases every pin it holds
+            pass
+
+    def _unpin(self, keys: list) -> int:
+        if self._closing:  # the session's bye releases them, without a round trip per request
+            return 0
+        n, step = 0, max(1, self.client.max_keys)
+        for i in range(0, len(keys), step):
+            n += self.client.unpin(keys[i:i + step])
+        return n
 
     def lookup(self, keys: Sequence[Any]) -> tuple[int, list[str]]:
         keys = list(keys)
@@ -139,7 +180,10 @@ class DaemonBackend:
             return 0
         return ticket.result()
 
+    _closing = False
+
     def close(self) -> None:
+        self._closing = True
         self._loads.shutdown(wait=True)
         self._stores.shutdown(wait=True)
         if self._store_client is not None and self._store_client is not self.client:
@@ -151,6 +195,12 @@ def _rows_of(staging: Any) -> Any:
     """Staging as the client takes it: a 2-D buffer of rows as is (the client copies it in one
     native call, kvbm.client._rows), anything else as a list of rows."""
     return staging if getattr(staging, "ndim", 0) == 2 else list(staging)
+
+
+def _log_unpin_error(ticket: Future) -> None:
+    exc = ticket.exception()
+    if exc is not None:  # the daemon's lease, bye or pin_s releases them
+        log.warning("kvbm daemon unpin failed: %s", exc)
 
 
 def _log_store_error(ticket: Future) -> None:

@@ -23,7 +23,7 @@ Worker half (model runner):
                                  transfer thread
     get_finished                 completes transfers; scatters loaded blocks; reports loads
     get_block_ids_with_load_errors  blocks that did not arrive intact (a checksum; matched blocks
-                                 are pinned until the load holds them): vLLM recomputes them
+                                 are pinned until the load holds them, vllm_pins.py): vLLM recomputes them
                                  when kv_load_failure_policy is "recompute"; its default,
                                  "fail", fails the request (warned at start)
     reset_cache                  a new key generation: nothing stored before is matched again
@@ -58,6 +58,7 @@ from .core import (
     shared_backend,
     shared_manager,
 )
+from .vllm_pins import LoadPins, LoadsDone
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,9 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
         self._block_ids: dict[str, list[int]] = {}
         self._load_errors: set[int] = set()
         self._recved: set[str] = set()  # loads completed, not yet reported to vLLM
+        # through a daemon the scheduler releases the pins of its lookups itself (vllm_pins.py)
+        self.pins = LoadPins(self.scheduler)
+        self._loads_done: set[str] = set()  # rank 0's loads completed, for LoadsDone
 
     # ------------------------------------------------------------ scheduler half
 
@@ -279,7 +283,9 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
         self._requests[request.request_id] = request
         if num_external_tokens > 0:
             block_ids = blocks.get_block_ids()[0]
-            self.scheduler.plan_load(request.request_id, block_ids, num_external_tokens)
+            self.pins.hold(self.scheduler.plan_load(request.request_id, block_ids, num_external_tokens))
+        else:
+            self.pins.unclaimed(request.request_id)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVBMConnectorMetadata:
         for new in scheduler_output.scheduled_new_reqs:
@@ -297,8 +303,12 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
             self._plan_store(req_id, cached.num_computed_tokens[i], scheduler_output)
         for req_id in scheduler_output.preempted_req_ids or ():
             self.scheduler.preempted(req_id)
+            self.pins.unclaimed(req_id)
         loads, stores = self.scheduler.take_plans()
         return KVBMConnectorMetadata(loads, stores)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self.pins.done(connector_output)  # loads that ended: their pins go (vllm_pins.py)
 
     def _plan_store(self, req_id: str, num_computed: int, out: "SchedulerOutput") -> None:
         request = self._requests.get(req_id)
@@ -313,6 +323,7 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
         # out synchronously), so vLLM may free the blocks now; the writes finish on their own.
         req_id = request.request_id
         self.scheduler.finished(req_id)
+        self.pins.release(req_id)  # finished or aborted with its load in flight
         self._requests.pop(req_id, None)
         self._block_ids.pop(req_id, None)
         return False, None
@@ -376,6 +387,18 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
             self._load_errors.update(failed)
         if self.async_load:
             self._recved.update(loads)
+        self._note_loads(loads)
+
+    def _note_loads(self, loads: dict) -> None:
+        """Rank 0's loads hold the keys the scheduler pinned: it reports them done (LoadsDone)."""
+        if loads and not self.worker.rank and self.pins.active:
+            self._loads_done.update(loads)
+
+    def build_connector_worker_meta(self) -> Any:
+        if not self._loads_done:
+            return None
+        done, self._loads_done = self._loads_done, set()
+        return LoadsDone(done)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self.worker.kv is None:

@@ -32,6 +32,7 @@ from .core import LoadPlan, SchedulerSide, StorePlan
 from .manifest import Buffer, PageManifest, Piece, state_key
 from .paged_hybrid import HybridPagedKV
 from .vllm import KVBMConnector
+from .vllm_pins import LoadPins
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
@@ -225,6 +226,7 @@ class KVBMHybridConnector(KVBMConnector):
         self.namespace = self.manifest.namespace(self.namespace).derive("kv_cache_layout", kv_layout)
         self.scheduler = HybridSchedulerSide(self.manager, self.lock, self.namespace, self.block_size,
                                              shards=self.scheduler.shards, manifest=self.manifest)
+        self.pins = LoadPins(self.scheduler)
         self.async_load = True  # failures are reported per request (failed_recving): loads are async
         self._pages: dict[str, list[list[int]]] = {}
         self._failed: set[str] = set()
@@ -240,6 +242,7 @@ class KVBMHybridConnector(KVBMConnector):
         return super().get_num_new_matched_tokens(request, num_computed_tokens, *args, **kwargs)
 
     def update_connector_output(self, connector_output: Any) -> None:
+        super().update_connector_output(connector_output)
         for req_id in getattr(connector_output, "failed_recving", None) or ():
             self._recompute.add(req_id)
             self.scheduler.load_failed(req_id)
@@ -248,7 +251,9 @@ class KVBMHybridConnector(KVBMConnector):
         self._requests[request.request_id] = request
         if num_external_tokens > 0:
             groups = [[None if getattr(b, "is_null", False) else b.block_id for b in group] for group in blocks.blocks]
-            self.scheduler.plan_load(request.request_id, pages_of(groups), num_external_tokens)
+            self.pins.hold(self.scheduler.plan_load(request.request_id, pages_of(groups), num_external_tokens))
+        else:
+            self.pins.unclaimed(request.request_id)
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         from .vllm import KVBMConnectorMetadata
@@ -270,6 +275,7 @@ class KVBMHybridConnector(KVBMConnector):
             self._plan_store(req_id, cached.num_computed_tokens[i], scheduler_output)
         for req_id in scheduler_output.preempted_req_ids or ():
             self.scheduler.preempted(req_id)
+            self.pins.unclaimed(req_id)
         loads, stores = self.scheduler.take_plans()
         return KVBMConnectorMetadata(loads, stores)
 
@@ -303,6 +309,7 @@ class KVBMHybridConnector(KVBMConnector):
             if failed:  # some page did not arrive whole: the request recomputes, all of it
                 self._failed.add(req_id)
         self._recved.update(loads)
+        self._note_loads(loads)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set()  # vLLM takes no block-level errors with several groups: see get_transfer_results

@@ -264,12 +264,20 @@ class DataPlane:
 
     def op_pin(self, msg: dict, now: float) -> dict:
         s = self._session(msg, now)
-        _, skeys = self._keys(msg, s, busy=True)
+        _, skeys = self._keys(msg, s)
+        # A block this session pins again keeps no more of G2 busy: the quota and the charge
+        # count its distinct pinned blocks (the count per key says how many unpins release it),
+        # so requests sharing a prefix do not exhaust the quota with one block counted many times.
+        self._check_quota(s, len(set(skeys).difference(s.pins)))
         n = self.manager.pin(skeys)
+        new = 0
         for k in skeys[:n]:
-            entry = s.pins.setdefault(k, [0, now])
+            entry = s.pins.get(k)
+            if entry is None:
+                entry = s.pins[k] = [0, now]
+                new += 1
             entry[0] += 1
-        self.sessions.charge(s, n)
+        self.sessions.charge(s, new)
         self._undo_info = ("pin", skeys[:n])
         return {"n": n}
 

@@ -157,11 +157,11 @@ class SessionOps:
             entry = s.pins.get(k)
             if entry:
                 self.manager.unpin([k])
-                self.sessions.charge(s, -1)
                 n += 1
                 entry[0] -= 1
                 if not entry[0]:
                     del s.pins[k]
+                    self.sessions.charge(s, -1)  # a distinct pinned block (dataplane.op_pin)
         return n
 
     def _release(self, s: Session) -> None:
