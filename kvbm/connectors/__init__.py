@@ -2,6 +2,9 @@
 
     core          engine-independent logic: shared manager per config, prefix match, load and
                   store plans, paged-KV gather/scatter (used by every adapter and tested alone)
+    worker        WorkerSide: runs the plans against the engine's paged KV (re-exported by core)
+    manager_backend / daemon_backend   the two backends both halves reach kvbm through: the
+                  process's BlockManager, or a `kvbm serve` daemon (re-exported by core)
     vllm          KVBMConnector, a vLLM KVConnectorBase_V1 (scheduler and worker halves)
     vllm_hma      hybrid models through vLLM's hybrid memory allocator (sliding window, Mamba):
                   pages holding every KV cache group's piece (manifest.py, paged_hybrid.py)

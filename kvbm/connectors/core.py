@@ -1,11 +1,13 @@
 """Engine-independent connector logic, shared by the vLLM and TensorRT-LLM adapters.
 
     shared_manager(config)        one BlockManager per config in this process (scheduler and
-                                  worker halves of one engine share it)
+                                  worker halves of one engine share it; manager_backend.py)
     SchedulerSide                 engine block hashes -> keys, prefix match, load/store plans
-    WorkerSide                    runs the plans: gather/scatter paged KV, async store/load
+    LoadPlan, StorePlan           what the scheduler half hands the worker half, per request
+    WorkerSide (worker.py)        runs the plans: gather/scatter paged KV, async store/load
     PagedKV (paged.py)            an engine's per-layer paged tensors; one kvbm block = one
                                   engine block id across all layers, staged contiguously
+    api_differences(cls, methods) what an engine class changed under an adapter (version checks)
 
 A kvbm block is the bytes of one engine block (all layers), so the block keys are the engine's
 own chained block hashes adopted into the kvbm namespace (model + layout + salt + cache salt).
@@ -17,212 +19,32 @@ processes) need the cache daemon, where every process talks to one manager.
 
 Both halves reach kvbm through a backend with the few operations they need (lookup; store
 from and load into staging rows; poll for completion):
-    ManagerBackend   the process's BlockManager (the default)
+    ManagerBackend   the process's BlockManager (the default; manager_backend.py)
     DaemonBackend    a `kvbm serve` daemon through kvbm.client.Client, chosen with
                      extra config {"kvbm_daemon": "tcp://127.0.0.1:5557", "kvbm_token": ...}
                      (daemon_backend.py; its names are re-exported here)
 SchedulerSide and WorkerSide take either a backend or (manager, lock) as before.
+Every name of worker.py, manager_backend.py and daemon_backend.py that adapters, tests and
+benchmarks use is re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-from ..blocks import KVLayout, Namespace
-from ..config import ConfigError, KVBMConfig, load_config
-from ..manager import BlockManager
-from ..offload import Offloader, offload_headroom
+from ..blocks import Namespace
+from ..config import ConfigError  # noqa: F401 (re-exported: tests use core.ConfigError)
 from ..policies.base import Hints
-from .daemon_backend import DaemonBackend, daemon_spec, release_backends, shared_backend
-from .paged import PagedKV
+from .daemon_backend import DaemonBackend, daemon_spec, shared_backend  # noqa: F401 (re-exported)
+from .manager_backend import (  # noqa: F401 (re-exported)
+    _MANAGERS, _OFFLOADERS, ManagerBackend, as_backend, release_managers, resolve_config, shared_manager)
+from .worker import WorkerSide, shard_key  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-_MANAGERS: dict[str, tuple[BlockManager, threading.RLock]] = {}
-_OFFLOADERS: dict[int, Offloader] = {}  # id(manager) -> its background offloader
-_MANAGERS_LOCK = threading.Lock()
-
-
-def resolve_config(spec: str | Mapping[str, Any] | None, layout: KVLayout, model: str) -> dict[str, Any]:
-    """The kvbm config as a plain dict, from a file path or an inline dict, with the engine's layout.
-
-    A config without `layout` takes the engine's; a config with one must match it exactly
-    (a block of another shape would be served as garbage). A default namespace takes the model.
-    """
-    if spec is None:
-        raise ConfigError("kv_connector_extra_config.kvbm_config is missing: give a path to kvbm.yaml "
-                          "or an inline config dict")
-    if isinstance(spec, str):
-        data = _as_dict(load_config(spec))
-    elif isinstance(spec, Mapping):
-        data = json.loads(json.dumps(dict(spec)))  # a private deep copy
-    else:
-        raise ConfigError(f"kvbm_config must be a path or a mapping, got {type(spec).__name__}")
-    engine = {f: getattr(layout, f) for f in layout.__dataclass_fields__}
-    if data.get("layout") is None:
-        data["layout"] = engine
-    else:
-        given = KVBMConfig.from_dict({"tiers": [{"name": "g2", "capacity": 1}], "layout": data["layout"]}).layout
-        if given != layout:
-            raise ConfigError(f"layout in the kvbm config {given} does not match the engine's KV cache {layout}; "
-                              f"remove `layout` from the config (the connector fills it) or fix it")
-    ns = dict(data.get("namespace") or {})
-    if ns.get("model", "default") == "default":
-        ns["model"] = model
-    data["namespace"] = ns
-    KVBMConfig.from_dict(data)  # validate now: errors name the key
-    return data
-
-
-def _as_dict(config: KVBMConfig) -> dict[str, Any]:
-    return {
-        "layout": None if config.layout is None else
-        {f: getattr(config.layout, f) for f in config.layout.__dataclass_fields__},
-        "namespace": {"model": config.namespace.model, "salt": config.namespace.salt},
-        "mode": config.mode, "promote_on_hit": config.promote_on_hit, "events": config.events,
-        "tiers": [{"name": t.name, "capacity": t.capacity,
-                   "eviction": {"name": t.eviction.name, **t.eviction.options},
-                   "admission": {"name": t.admission.name, **t.admission.options},
-                   "storage": {"name": t.storage.name, **t.storage.options},
-                   **({} if t.headroom is None else {"headroom": t.headroom})} for t in config.tiers],
-    }
-
-
-def shared_manager(config: Mapping[str, Any]) -> tuple[BlockManager, threading.RLock]:
-    """The process's BlockManager for this config (built on first use) and its lock."""
-    key = json.dumps(config, sort_keys=True)
-    with _MANAGERS_LOCK:
-        entry = _MANAGERS.get(key)
-        if entry is None:
-            cfg = KVBMConfig.from_dict(config)
-            manager, lock = BlockManager.from_config(cfg), threading.RLock()
-            entry = (manager, lock)
-            _MANAGERS[key] = entry
-            _OFFLOADERS[id(manager)] = Offloader(manager, lock, offload_headroom(cfg, manager))
-        return entry
-
-
-def release_managers() -> None:
-    """Close every shared manager and daemon backend (tests, engine shutdown)."""
-    with _MANAGERS_LOCK:
-        entries = list(_MANAGERS.values())
-        _MANAGERS.clear()
-        offloaders = list(_OFFLOADERS.values())
-        _OFFLOADERS.clear()
-    for offloader in offloaders:
-        offloader.close()
-    for manager, lock in entries:
-        with lock:
-            manager.close()
-    release_backends()
-
-
-# ---------------------------------------------------------------- backends
-
-
-class ManagerBackend:
-    """The in-process path: a BlockManager behind its lock; tickets are the manager's."""
-
-    def __init__(self, manager: BlockManager, lock: threading.RLock) -> None:
-        self.manager = manager
-        self.lock = lock
-        # keeps room free in G2 (and below) so a store never demotes on the engine's thread
-        self.offloader = _OFFLOADERS.get(id(manager))
-
-    @property
-    def block_nbytes(self) -> int:
-        return self.manager.block_nbytes
-
-    def lookup(self, keys: Sequence[Any]) -> tuple[int, list[str]]:
-        with self.lock:
-            self.manager.poll()  # stores that landed since the last step are servable now
-            return self.manager.lookup(keys)
-
-    pins = True  # match() pins what it promises until the worker's load holds it
-
-    def pin(self, keys: Sequence[Any]) -> int:
-        """Pin the ready prefix of keys where it is (no eviction, no demotion); returns count."""
-        with self.lock:
-            return self.manager.pin(keys)
-
-    def unpin(self, keys: Sequence[Any]) -> None:
-        with self.lock:
-            self.manager.unpin(keys)
-
-    def start_store(self, keys: Sequence[Any], staging: Any, hints: Any = None, parent: Any = None,
-                    position: int = 0) -> Any:
-        """A ticket, or None when the store was rejected (no room: a future miss, not an error)."""
-        with self.lock:
-            ticket = self.manager.submit_store(keys, list(staging), hints=hints, parent=parent,
-                                               position=position)
-        if self.offloader is not None:
-            self.offloader.kick()
-        return None if ticket.job.rejected else ticket
-
-    def start_load(self, keys: Sequence[Any], staging: Any) -> Any:
-        with self.lock:
-            ticket = self.manager.submit_load(keys, list(staging))
-        if self.offloader is not None:
-            self.offloader.kick()  # promotions fill the top tier too
-        return ticket
-
-    def poll(self, tickets: Sequence[Any], wait: bool = False) -> None:
-        with self.lock:
-            if wait:
-                for t in tickets:
-                    if t is not None and not t.done:
-                        try:
-                            self.manager.wait(t)
-                        except Exception:  # reported through the job's failed keys
-                            pass
-            self.manager.poll()
-
-    def done(self, ticket: Any) -> bool:
-        return ticket.done
-
-    def loaded(self, ticket: Any) -> int:
-        """Blocks of a finished load that arrived intact (a prefix of its keys)."""
-        return ticket.job.loaded if ticket.error is None else 0
-
-    held = None  # HeldMedia (kvbm/held.py), from the first take_events: the engine asks for KV events
-
-    def name(self, keys: Sequence[Any], hashes: Sequence[Any], parent_hash: Any = None) -> None:
-        """The engine's block hashes of keys, for the KV events of take_events."""
-        if self.held is not None:
-            with self.lock:
-                self.held.name(None, list(keys), list(hashes), parent_hash)
-
-    def take_events(self, block_size: int) -> list[dict]:
-        """vLLM-shaped KV events (kvbm/held.py) of what the tiers hold, by engine block hashes,
-        since the last call; drains the manager's own events (else they pile up)."""
-        with self.lock:
-            events = self.manager.take_events()
-            if self.held is None:
-                from ..held import HeldMedia
-
-                self.held = HeldMedia(self.manager, block_size)
-                return []
-            return self.held.diff(ev.key for ev in events).get(None, [])
-
-    def close(self) -> None:
-        if self.offloader is not None:
-            self.offloader.close()
-        with self.lock:
-            self.manager.close()
-
-
-def as_backend(manager: Any, lock: threading.RLock | None = None) -> Any:
-    """A backend as given, or a BlockManager (with its lock) wrapped as one."""
-    if isinstance(manager, (ManagerBackend, DaemonBackend)):
-        return manager
-    return ManagerBackend(manager, lock if lock is not None else threading.RLock())
-
 
 __all__ = ["DaemonBackend", "daemon_spec", "shared_backend"]  # re-exported (daemon_backend.py)
 
@@ -452,161 +274,6 @@ class SchedulerSide:
         loads, stores = self.loads, self.stores
         self.loads, self.stores = [], []
         return loads, stores
-
-
-# ---------------------------------------------------------------- worker
-
-
-@dataclass
-class _Transfer:
-    req_id: str
-    ticket: Any
-    block_ids: list[int]
-    staging: Any
-    event: Any = None  # a GPU copy in flight: the gather before a store, the scatter after a load
-    failed: list = field(default_factory=list)
-
-
-def shard_key(key: Any, rank: int) -> bytes:
-    """The key of tensor/pipeline-parallel rank `rank`'s shard of block `key` (rank 0: the key)."""
-    if not rank:
-        return key
-    raw = key if isinstance(key, bytes) else repr(key).encode()
-    return hashlib.blake2b(raw + b"\0rank" + rank.to_bytes(4, "little"), digest_size=16).digest()
-
-
-class WorkerSide:
-    """Worker-half logic: run load and store plans against the registered paged KV.
-
-    Stores gather the blocks' pages into staging rows, then write them to kvbm on a transfer
-    thread. Synchronously by default (the engine may reuse the blocks right after the step);
-    with `async_save` on a GPU the gather is a copy kernel on kvbm's own stream, ordered after
-    the step that wrote the pages, and `fence()` (called before the next step's work) orders
-    the engine's next kernels after it, so a block freed and reused next step is read first.
-    Loads read on a transfer thread into staging and are scattered when `poll` sees them
-    complete (on a GPU: a kernel, and the load is reported once it has run); a block that did
-    not arrive intact is reported as failed, never scattered.
-    """
-
-    def __init__(self, manager: Any, lock: threading.RLock | None = None, async_save: bool = False,
-                 rank: int = 0) -> None:
-        self.manager = manager  # a BlockManager or a backend
-        self.lock = lock
-        # This worker's shard of every block (its tensor/pipeline-parallel rank): rank 0 keeps the
-        # scheduler's keys, which its lookups see; another rank keys its shard apart, so workers
-        # sharing one cache (the daemon, a G4 bucket) never read each other's shard.
-        self.rank = rank
-        self.backend = as_backend(manager, lock)
-        self.async_save = async_save
-        self.kv: PagedKV | None = None
-        self._gathers: list[tuple[StorePlan, Any, Any]] = []  # (plan, staging, event) on the GPU
-        self._loads: list[_Transfer] = []
-        self._scatters: list[_Transfer] = []
-        self._stores: list[_Transfer] = []
-        self.corrupt_hook = None  # tests only: called with (staging, block_ids) before scatter
-
-    def register(self, tensors: Sequence[Any], block_dim: int | None = None) -> PagedKV:
-        kv = PagedKV(tensors, block_dim)
-        if kv.block_nbytes != self.backend.block_nbytes:
-            raise ConfigError(
-                f"the engine's KV cache holds {kv.block_nbytes} bytes per block (all layers) but the "
-                f"kvbm layout says {self.backend.block_nbytes}; check layout (dtype, heads, head_dim, block_size)"
-            )
-        self.kv = kv
-        return kv
-
-    def _shard(self, keys: Sequence[Any]) -> list:
-        return list(keys) if not self.rank else [shard_key(k, self.rank) for k in keys]
-
-    def start_load(self, plan: LoadPlan) -> None:
-        staging = self.kv.staging(len(plan.keys))
-        ticket = self.backend.start_load(self._shard(plan.keys), staging)
-        if plan.pinned:  # the load pins its sources now: the scheduler's pins can go
-            self.backend.unpin(plan.keys)
-        self._loads.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
-
-    def start_store(self, plan: StorePlan, after: Any = None) -> None:
-        """Gather the plan's blocks and write them to kvbm; when async, the gather runs after
-        the work on CUDA stream `after` (default: the current one)."""
-        if self.async_save:
-            staging, event = self.kv.gather_async(plan.block_ids, after)
-            if event is not None:
-                self._gathers.append((plan, staging, event))
-                return
-        else:
-            staging = self.kv.gather(plan.block_ids)
-        self._submit_store(plan, staging)
-
-    def _submit_store(self, plan: StorePlan, staging: Any) -> None:
-        # None: rejected, no room (everything busy): a future miss, not an error
-        parent = None if plan.parent is None else shard_key(plan.parent, self.rank)
-        # rank 0's shard stands for the block on the KV-event stream: the others' carry no hashes
-        named = {"hashes": plan.hashes, "parent_hash": plan.parent_hash} if (
-            plan.hashes is not None and not self.rank and getattr(self.backend, "takes_hashes", False)) else {}
-        ticket = self.backend.start_store(self._shard(plan.keys), staging, hints=plan.hints, parent=parent,
-                                          position=plan.position, **named)
-        self._stores.append(_Transfer(plan.req_id, ticket, plan.block_ids, staging))
-
-    def fence(self, stream: Any = None) -> None:
-        """Order the engine's next GPU work (on `stream`, default the current one) after the
-        gathers still in flight, without a host wait."""
-        if self._gathers:
-            if stream is None:
-                stream = self.kv.torch.cuda.current_stream(self.kv.device)
-            for _, _, event in self._gathers:
-                stream.wait_event(event)
-
-    def poll(self, wait: bool = False) -> tuple[dict[str, list[int]], set[str]]:
-        """Complete transfers: ({req_id: failed block ids} of finished loads, finished store req ids)."""
-        pending = []
-        for plan, staging, event in self._gathers:  # gathered rows go on to kvbm
-            if wait:
-                event.synchronize()
-            if event.query():
-                self._submit_store(plan, staging)
-            else:
-                pending.append((plan, staging, event))
-        self._gathers = pending
-        self.backend.poll([t.ticket for t in self._loads + self._stores], wait=wait)
-        pending = []
-        for t in self._loads:
-            if not self.backend.done(t.ticket):
-                pending.append(t)
-                continue
-            n = self.backend.loaded(t.ticket)
-            if self.corrupt_hook is not None:
-                self.corrupt_hook(t.staging, t.block_ids[:n])
-            t.event = self.kv.scatter_async(t.staging, t.block_ids[:n]) if n else None
-            t.failed = t.block_ids[n:]
-            self._scatters.append(t)
-        self._loads = pending
-        loads: dict[str, list[int]] = {}
-        pending = []
-        for t in self._scatters:  # a load counts once its bytes are in the engine's pages
-            if t.event is not None and wait:
-                t.event.synchronize()
-            if t.event is None or t.event.query():
-                loads.setdefault(t.req_id, []).extend(t.failed)
-            else:
-                pending.append(t)
-        self._scatters = pending
-        stores: set[str] = set()
-        pending = []
-        for t in self._stores:
-            if t.ticket is not None and not self.backend.done(t.ticket):
-                pending.append(t)
-            else:
-                stores.add(t.req_id)
-        self._stores = pending
-        return loads, stores - self.saving()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._loads or self._stores or self._gathers or self._scatters)
-
-    def saving(self) -> set:
-        """Requests whose blocks are still being gathered or written."""
-        return {t.req_id for t in self._stores} | {plan.req_id for plan, _, _ in self._gathers}
 
 
 def api_differences(cls: Any, methods: dict, prefix: str = "") -> list[str]:
