@@ -114,6 +114,10 @@ class Probe:
         st = self.state()
         return st["pins"], st["busy_blocks"]
 
+    def taken(self) -> int:
+        """Pins ever taken (the daemon's counter)."""
+        return self.client.stats()["daemon"]["pinned_blocks"]
+
     def settles_at(self, want: tuple[int, int]) -> bool:
         """Unpins go out on the load lane, after the reply to the step: wait for the count."""
         return _wait(lambda: self.pinned() == want)
@@ -196,11 +200,12 @@ def test_a_promised_hit_outlives_another_tenants_flood_and_its_pins_go_after_the
     want = {name: t[[0, 1, 2, 3]].clone() for name, t in layers.items()}
 
     # the scheduler promises prompt a's 4 blocks: they are pinned in its own session
+    taken = probe.taken()
     req, n, meta = _promise(sched, "x", toks_a, [10, 11, 12, 13, 14])
     assert n == 4 * BLOCK
     (plan,) = meta.loads
     assert plan.pinned is False  # the worker (another session) releases nothing
-    assert probe.pinned() == (4, 4)
+    assert probe.pinned() == (4, 4) and probe.taken() - taken == 4
 
     # before the worker loads, another tenant stores 12 blocks into the 4 slots left: LRU evicts
     # every unpinned block (prompt b is gone), never a promised one

@@ -27,6 +27,7 @@ pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vllm_serve_helpers import BLOCK, Server, kv_config, prompt, engine_daemon, stored_blocks, wait_stored, write_model  # noqa: E402
+from vllm_serve_helpers import daemon_pins, wait_unpinned  # noqa: E402
 
 PROMPT = 8 * BLOCK + 60  # 8 full blocks and a partial one
 
@@ -62,9 +63,14 @@ def test_engine_core_and_worker_share_one_cache(server):
     cold = server.complete(tokens)  # computed by the engine; its 8 full blocks stored in kvbm
     wait_stored(d["address"], d["token"], d["layout"], stores + 8)  # (the worker's store lane ends after the reply)
     server.reset_prefix_cache()  # vLLM forgets its own copy
+    pinned = daemon_pins(d["address"], d["token"], d["layout"])[2]
     warm = server.complete(tokens)
     assert server.external_hits() - before == 8 * BLOCK, server.kvbm_lines()
     assert warm == cold and len(cold) == 8
+    # the scheduler pinned the 8 blocks it promised (its own daemon session) and released them
+    # once the worker's load was reported: nothing stays pinned (vllm_pins.py)
+    assert daemon_pins(d["address"], d["token"], d["layout"])[2] - pinned >= 8
+    wait_unpinned(d["address"], d["token"], d["layout"])
 
 
 def test_replay_against_vllm_serve(server, tmp_path):

@@ -229,6 +229,29 @@ def stored_blocks(address: str, token: str, layout: dict) -> int:
         return sum(t["stores"] for t in c.stats()["tiers"].values())
 
 
+def daemon_pins(address: str, token: str, layout: dict) -> tuple[int, int, int]:
+    """(blocks pinned now, G2 blocks kept busy now, pins ever taken) over every session of the
+    daemon at `address`."""
+    from kvbm.client import Client
+
+    with Client(address, model="kvbm-test-probe", layout=layout, token=token, heartbeat=False) as c:
+        st = c.stats()["daemon"]
+        return st["state"]["pins"], st["state"]["busy_blocks"], st["pinned_blocks"]
+
+
+def wait_unpinned(address: str, token: str, layout: dict, timeout: float = 120.0) -> None:
+    """Until the daemon holds no pins and no busy block: the scheduler releases a load's pins once
+    vLLM reports it done, and its unpins go out on the connector's load lane."""
+    deadline = time.monotonic() + timeout
+    got = (-1, -1)
+    while time.monotonic() < deadline:
+        got = daemon_pins(address, token, layout)[:2]
+        if got == (0, 0):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the daemon at {address} still holds (pins, busy blocks) {got} after {timeout:.0f} s")
+
+
 def engine_daemon(runtime: Path) -> dict:
     """The engine's own daemon in `runtime` (KVBM_RUNTIME_DIR/kvbm-UID): its rendezvous info
     (address, token, pid) and the layout of its config."""

@@ -278,6 +278,7 @@ class DataPlane:
                 new += 1
             entry[0] += 1
         self.sessions.charge(s, new)
+        self.counters["pinned_blocks"] += n  # pins taken, ever (stats: tests see a hit was pinned)
         self._undo_info = ("pin", skeys[:n])
         return {"n": n}
 

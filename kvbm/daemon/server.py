@@ -96,7 +96,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             ("lookup_blocks", "prefix_hit_blocks", "lease_expiries", "peer_pull_blocks", "peer_pull_bytes",
              "peer_pull_seconds", "peer_errors", "bad_requests", "unauthorized", "client_store_bytes",
              "client_load_bytes", "requests", "reservation_expiries", "pin_expiries", "cancelled",
-             "sessions_evicted", "stalls", "dead_clients"), 0)
+             "sessions_evicted", "stalls", "dead_clients", "pinned_blocks"), 0)
         self.metrics = Metrics()
         self._token = dcfg.token.encode()
         self._stop = False
