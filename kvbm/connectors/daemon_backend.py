@@ -41,9 +41,8 @@ class DaemonBackend:
     a future miss; a load that fails reports its blocks as not arrived, never scattered.
     """
 
-    def __init__(self, client: Any, store_client: Any = None, connect_store: Any = None) -> None:
-        self.client = client  # lookups and loads
-        self.block_nbytes = client.block_nbytes
+    def __init__(self, client: Any = None, store_client: Any = None, connect_store: Any = None,
+                 connect_load: Any = None) -> None:
         self._store_client = store_client
         self._connect_store = connect_store  # () -> a Client, on the store lane at first use
         # (cpus.py: lanes run on any core, not on the engine worker's bound one)
@@ -51,6 +50,15 @@ class DaemonBackend:
                                          initializer=unbind_cpus)
         self._stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-store",
                                           initializer=unbind_cpus)
+        if client is None:  # connect_load: () -> a Client, opened now on the load lane's thread
+            try:
+                client = self._loads.submit(connect_load).result()
+            except BaseException:  # refused, no daemon: no lane thread stays behind
+                self._loads.shutdown(wait=True)
+                self._stores.shutdown(wait=True)
+                raise
+        self.client = client  # lookups and loads
+        self.block_nbytes = client.block_nbytes
 
     @classmethod
     def connect(cls, address: str, layout: KVLayout, model: str, salt: str = "",
@@ -61,13 +69,8 @@ class DaemonBackend:
             return Client(address, model=model, layout=layout, salt=salt, token=token, timeout=timeout)
 
         # Each client is opened on its lane's thread, so that its zmq I/O thread and heartbeat
-        # start unbound too (cpus.py); the store lane's at its first store.
-        loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load", initializer=unbind_cpus)
-        try:
-            backend = cls(loads.submit(opener).result(), connect_store=opener)
-        finally:
-            loads.shutdown(wait=True)
-        return backend
+        # start unbound too (cpus.py): the load lane's now, the store lane's at its first store.
+        return cls(connect_load=opener, connect_store=opener)
 
     # The scheduler's lookup pins what it promises, through the scheduler's own session (its
     # client). A worker in another process has another session and cannot release those pins
