@@ -10,6 +10,7 @@
                   pages holding every KV cache group's piece (manifest.py, paged_hybrid.py)
     vllm_policy   KVBMCachePolicy: any kvbm EvictionPolicy as a vLLM offloading CachePolicy
     trtllm        TensorRT-LLM KvCacheConnectorScheduler / KvCacheConnectorWorker adapters
+                  (their engine-independent halves in trtllm_core)
 
 Only the engine modules import their engine; importing this package imports none.
 """
