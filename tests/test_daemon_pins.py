@@ -303,3 +303,31 @@ def test_one_session_for_both_halves_releases_each_pin_once(halves):
     sched.request_finished(r1, [])
     sched.request_finished(r2, [])
     assert probe.settles_at((0, 0))
+
+
+def test_a_hit_past_the_quota_is_promised_unpinned_and_releases_only_real_pins(halves):
+    # daemon.namespace_share 0.5 of a G2 of 8: this tenant may keep 4 blocks pinned. r1's 3 are
+    # pinned; r2's 6 would make 6 distinct: refused, so r2's hit is promised unpinned (as before
+    # pins), never lost. Releasing r1 first spends r2's claims on the shared keys, so r1's real
+    # pins stay and protect r2; r2's release then sends the unpins. No pin leaks, none goes twice.
+    make, probe = halves
+    sched, worker, _ = make(apart=True)
+    toks = tokens(606, 6 * BLOCK + 1)
+    _store(sched, worker, "s", toks, [0, 1, 2, 3, 4, 5, 6])
+    assert probe.settles_at((0, 0))
+    r1, n1, _ = _promise(sched, "r1", toks[:3 * BLOCK + 1], [8, 9, 10, 11])
+    assert n1 == 3 * BLOCK and probe.pinned() == (3, 3)
+    r2, n2, meta2 = _promise(sched, "r2", toks, [12, 13, 14, 15, 16, 17, 18])
+    assert n2 == 6 * BLOCK  # the whole hit, past the quota
+    assert probe.pinned() == (3, 3) and sched.scheduler.backend.quota_claims == 6
+    sched.request_finished(r1, [])
+    _flush(sched)
+    assert probe.pinned() == (3, 3)  # r1's release spent r2's claims: the real pins now hold r2's
+    recving, errors = step(worker, meta2)
+    worker._finish_loads(wait=True)
+    _, late = worker.get_finished(set())
+    assert (recving or late) == {"r2"} and not errors
+    sched.update_connector_output(KVConnectorOutput(finished_recving={"r2"}))
+    assert probe.settles_at((0, 0))
+    assert not sched.scheduler.backend._claims  # every claim released
+    sched.request_finished(r2, [])

@@ -216,6 +216,12 @@ def test_a_cache_that_stops_answering_is_a_miss_never_an_error(monkeypatch):
                 raise TimeoutError("kvbm daemon at ipc://x did not answer lookup in 10s")
             return len(keys), ["g2"] * len(keys)
 
+        def pin(self, keys):  # (pins through a real daemon: test_daemon_pins.py)
+            return len(keys)
+
+        def unpin(self, keys):
+            return None
+
     clock = [100.0]
     monkeypatch.setattr(core.time, "monotonic", lambda: clock[0])
     backend = Flaky()

@@ -25,6 +25,7 @@ log = logging.getLogger("kvbm.connectors.core")  # the name its warnings always 
 
 _BACKENDS: dict[str, "DaemonBackend"] = {}
 _BACKENDS_LOCK = threading.Lock()
+_CLAIMS_LOCK = threading.Lock()  # DaemonBackend._claims (the scheduler's and a worker's thread)
 
 
 class DaemonBackend:
@@ -88,9 +89,14 @@ class DaemonBackend:
         return self.client.rehellos + (store.rehellos if store is not None else 0)
 
     def pin(self, keys: Sequence[Any]) -> int:
-        """Pin the ready prefix of keys in this session; returns how many are pinned. A refusal
-        (quota, daemon gone) after some were pinned returns those: each pin has an owner that
-        knows it, else it would only go at daemon.pin_s."""
+        """Pin the ready prefix of keys (just looked up) in this session; returns how many are held.
+
+        A refusal for the daemon's quota (this tenant keeps its share of G2 busy) holds the rest
+        unpinned, as before pins: a hit is never lost to the quota, only its protection. Those
+        claims are counted here and their unpins never sent: a key's pins are interchangeable
+        counts, and a release spends a claim first, so a real pin (another request's) outlives it.
+        Another refusal (daemon gone, timeout) after some were pinned returns those: each pin has
+        an owner that knows it, else it would only go at daemon.pin_s."""
         keys = list(keys)
         n, step = 0, max(1, self.client.max_keys)
         while n < len(keys):  # the daemon caps keys per request
@@ -98,6 +104,12 @@ class DaemonBackend:
             try:
                 got = self.client.pin(part)
             except Exception as exc:  # noqa: BLE001 - the first part refused: the caller promises nothing
+                if getattr(exc, "code", None) == "quota":  # a RemoteError
+                    self._claim(keys[n:])
+                    if not self.quota_claims:
+                        log.warning("kvbm daemon refused pins (%s): hits past the quota are promised unpinned", exc)
+                    self.quota_claims += len(keys) - n
+                    return len(keys)
                 if not n:
                     raise
                 log.warning("kvbm daemon pin stopped at %d blocks: %s", n, exc)
@@ -107,11 +119,38 @@ class DaemonBackend:
                 break
         return n
 
+    quota_claims = 0  # blocks promised unpinned because the daemon's quota refused their pins
+    _claims: dict | None = None  # key -> blocks promised unpinned, not yet released
+
+    def _claim(self, keys: list) -> None:
+        with _CLAIMS_LOCK:
+            if self._claims is None:
+                self._claims = {}
+            for k in keys:
+                self._claims[k] = self._claims.get(k, 0) + 1
+
+    def _pinned_of(self, keys: list) -> list:
+        """keys less one claim each where there is one (those were never pinned)."""
+        if not self._claims:
+            return keys
+        out = []
+        with _CLAIMS_LOCK:
+            claims = self._claims
+            for k in keys:
+                c = claims.get(k, 0)
+                if c > 1:
+                    claims[k] = c - 1
+                elif c == 1:
+                    del claims[k]
+                else:
+                    out.append(k)
+        return out
+
     def unpin(self, keys: Sequence[Any]) -> None:
         """Release pins taken by pin(), on the load lane: after every load submitted before it,
         so a caller that unpins right after start_load never lets a block go before its load
         holds it; and off the engine's scheduler thread (no round trip there)."""
-        keys = list(keys)
+        keys = self._pinned_of(list(keys))
         if not keys or self._closing:
             return
         try:

@@ -58,7 +58,7 @@ from .core import (
     shared_backend,
     shared_manager,
 )
-from .vllm_pins import LoadPins, LoadsDone
+from .vllm_pins import LoadsDone, SchedulerPins
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
         self._load_errors: set[int] = set()
         self._recved: set[str] = set()  # loads completed, not yet reported to vLLM
         # through a daemon the scheduler releases the pins of its lookups itself (vllm_pins.py)
-        self.pins = LoadPins(self.scheduler)
+        self.pins = SchedulerPins(self.scheduler)
         self._loads_done: set[str] = set()  # rank 0's loads completed, for LoadsDone
 
     # ------------------------------------------------------------ scheduler half

@@ -32,7 +32,7 @@ from .core import LoadPlan, SchedulerSide, StorePlan
 from .manifest import Buffer, PageManifest, Piece, state_key
 from .paged_hybrid import HybridPagedKV
 from .vllm import KVBMConnector
-from .vllm_pins import LoadPins
+from .vllm_pins import SchedulerPins
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
@@ -226,7 +226,7 @@ class KVBMHybridConnector(KVBMConnector):
         self.namespace = self.manifest.namespace(self.namespace).derive("kv_cache_layout", kv_layout)
         self.scheduler = HybridSchedulerSide(self.manager, self.lock, self.namespace, self.block_size,
                                              shards=self.scheduler.shards, manifest=self.manifest)
-        self.pins = LoadPins(self.scheduler)
+        self.pins = SchedulerPins(self.scheduler)
         self.async_load = True  # failures are reported per request (failed_recving): loads are async
         self._pages: dict[str, list[list[int]]] = {}
         self._failed: set[str] = set()

@@ -1,14 +1,15 @@
 """Pins the vLLM connector's scheduler half holds for a load, when it alone may release them.
 
-    LoadPins(scheduler)        on for a backend with `scheduler_releases` (the daemon's), else inert
-    LoadPins.hold(plan)        after plan_load: the plan's pins stay with the scheduler; the
-                               worker releases nothing (plan.pinned = False)
-    LoadPins.release(req_id)   the load is done (vLLM's finished_recving / failed_recving, or the
-                               rank-0 worker's report LoadsDone for a sync load), or the request
-                               finished or was aborted: its pins go, once
-    LoadPins.unclaimed(req_id) matched but not taken (vLLM allocated no external tokens, or
-                               preempted before its load was planned): the match's pins go
-    LoadsDone                  worker -> scheduler: requests whose loads rank 0 completed this step
+    SchedulerPins(scheduler)        on for a backend with `scheduler_releases` (the daemon's),
+                                    else inert
+    SchedulerPins.hold(plan)        after plan_load: the plan's pins stay with the scheduler;
+                                    the worker releases nothing (plan.pinned = False)
+    SchedulerPins.release(req_id)   the load is done (vLLM's finished_recving / failed_recving,
+                                    or the rank-0 worker's LoadsDone for a sync load), or the
+                                    request finished or was aborted: its pins go, once
+    SchedulerPins.unclaimed(req_id) matched but not taken (vLLM allocated no external tokens, or
+                                    preempted before its load was planned): the match's pins go
+    LoadsDone                       worker -> scheduler: requests whose loads rank 0 completed
 
 Why: the daemon counts pins per session, and under vLLM's multiprocessing executor (and tensor
 parallelism) the scheduler and the workers are different processes with different sessions.
@@ -47,7 +48,7 @@ class LoadsDone(KVConnectorWorkerMetadata):
         return LoadsDone(self.req_ids | set(getattr(other, "req_ids", ())))
 
 
-class LoadPins:
+class SchedulerPins:
     """The keys pinned for each request's planned load, released by the scheduler half."""
 
     def __init__(self, scheduler: Any) -> None:
