@@ -223,7 +223,7 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
         policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         if policy != "recompute":
             log.warning("kvbm connector: kv_load_failure_policy is %r, so a block kvbm cannot deliver "
-                        "(failing its checksum, or through the daemon evicted since the lookup) fails its request; set "
+                        "(failing its checksum, or, promised past the daemon's pin quota, evicted since the lookup) fails its request; set "
                         "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to recompute it",
                         policy)
         hash_bs = getattr(vllm_config.cache_config, "hash_block_size", None)
