@@ -6,6 +6,8 @@
     manager_backend / daemon_backend   the two backends both halves reach kvbm through: the
                   process's BlockManager, or a `kvbm serve` daemon (re-exported by core)
     vllm          KVBMConnector, a vLLM KVConnectorBase_V1 (scheduler and worker halves)
+    vllm_pins     through a daemon, the scheduler half holds the pins of what its lookups
+                  promise and releases each once (load reported done, request ended)
     vllm_hma      hybrid models through vLLM's hybrid memory allocator (sliding window, Mamba):
                   pages holding every KV cache group's piece (manifest.py, paged_hybrid.py)
     vllm_policy   KVBMCachePolicy: any kvbm EvictionPolicy as a vLLM offloading CachePolicy
