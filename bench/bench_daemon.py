@@ -6,7 +6,7 @@
                                                                     trip (ipc, same run, p50 and ratio)
     python bench/bench_daemon.py local  [--blocks 256 --mib 1]      same-node client path vs in-process
                                                                     manager (store and load GB/s, ratio)
-    python bench/bench_daemon.py nixl   [--blocks 256 --mib 1 --rounds 5]
+    python bench/bench_daemon.py nixl   [--blocks 256 --mib 1 --rounds 5 --trace]
                                                                     cross-daemon pull GB/s vs bare two-agent
                                                                     NIXL READs of the same bytes (min/median)
     python bench/bench_daemon.py guard  [--blocks 256 --mib 1]      the daemon's window <-> G2 copy vs a crc32c of
@@ -57,9 +57,25 @@ def keys_of(tag: str, n: int) -> list[bytes]:
     return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest() for i in range(n)]
 
 
+# `kvbm serve` with some of kvbm.daemon's modules replaced by the files of another folder (an
+# older peering.py from `git show`, say): the A/B of bench_daemon.py nixl --ab DIR
+_BOOT = """
+import importlib.util, pathlib, runpy, sys
+import kvbm.daemon
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.py")):
+    name = "kvbm.daemon." + f.stem
+    spec = importlib.util.spec_from_file_location(name, f)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+sys.argv = ["kvbm"] + sys.argv[2:]
+runpy.run_module("kvbm.cli", run_name="__main__")
+"""
+
+
 class Daemon:
     def __init__(self, work: Path, name: str, layout: KVLayout, g2: int, nixl: bool = False,
-                 peers: list | None = None, address: str = "tcp://127.0.0.1:*") -> None:
+                 peers: list | None = None, address: str = "tcp://127.0.0.1:*", modules: str = "") -> None:
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shm = f"kvbm-bench-{uuid.uuid4().hex[:10]}"
@@ -77,7 +93,8 @@ class Daemon:
             cfg["daemon"]["peer_secret_file"] = str(secret)
         (self.dir / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
         out = self.dir / "stdout.txt"
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(self.dir / "kvbm.yaml")],
+        head = [sys.executable, "-c", _BOOT, modules] if modules else [sys.executable, "-m", "kvbm.cli"]
+        self.proc = subprocess.Popen([*head, "serve", "--config", str(self.dir / "kvbm.yaml")],
                                      stdout=out.open("w"), stderr=(self.dir / "stderr.txt").open("w"))
         deadline = time.monotonic() + 60
         self.info: dict = {}
@@ -330,60 +347,202 @@ def bench_guard(blocks: int, mib: float, rounds: int = 5) -> dict:
 
 # ---------------------------------------------------------------- NIXL
 
-def bench_nixl(work: Path, blocks: int, mib: float, rounds: int = 5) -> dict:
+def bench_nixl(work: Path, blocks: int, mib: float, rounds: int = 5, trace: bool = False, ab: str = "") -> dict:
     """Daemon-to-daemon pull vs bare two-agent NIXL READs of the same bytes, in one run.
 
-    Bare READs run in two memory kinds: /dev/shm files (what the daemons' G2 pools are, so
-    clients can map them) and anonymous memory (numpy; transparent huge pages where the kernel
-    gives them). Both bare runs use the daemon's agent setup (peers.new_agent); `stock` is
-    nixl_agent's own default (a progress thread that spins), on anonymous memory, as the
-    figure recorded before.
+    Each round times one pull, then one bare READ of each memory kind, so a change of load
+    between them hits both (the ratio per round is `paired`). Bare READs run in two memory
+    kinds: /dev/shm files (4 KiB pages here) and anonymous memory (numpy; transparent huge
+    pages where the kernel gives them), like the daemons' G2 pools since issue 12. Both use the
+    daemon's agent setup (peers.new_agent). `stock` is nixl_agent's own default (a progress
+    thread that spins a core, so it runs after the others, not between them), on anonymous
+    memory, as the figure recorded before. `trace`: per round, the pulling daemon's phases
+    (stats counters peer_pull_*_s) and each daemon thread's CPU and run-queue seconds.
+    `ab`: a folder of kvbm.daemon modules (an older peering.py, say); a second pair of daemons
+    runs them, and each round pulls through both pairs in turns (the order alternating).
     """
-    from kvbm.client import Client
-
     layout = layout_of(mib)
     nb = layout.block_nbytes
-    a = Daemon(work, "a", layout, g2=blocks * 2, nixl=True)
-    b = Daemon(work, "b", layout, g2=blocks * 2, nixl=True, peers=[a.address])
-    pulls = []
+    pairs = [PullPair(work, "new", layout, blocks)]
+    if ab:
+        pairs.append(PullPair(work, "ab", layout, blocks, modules=ab))
+    bare = {kind: BareRead(blocks, nb, kind) for kind in ("anon", "shm")}
+    times: dict = {kind: [] for kind in bare}
+    bare_traces: list = []  # the bench process's threads during each bare READ (its reader agent)
     try:
-        ca = Client(a.address, model="bench", layout=layout)
-        cb = Client(b.address, model="bench", layout=layout)
-        warm = keys_of("warm", 1)  # connect peers and UCX endpoints outside the timing
-        ca.store(warm, [block(warm[0], nb)])
-        cb.lookup(warm)
-        for r in range(rounds):  # fresh keys each round, so each is a miss at b
-            ks = keys_of(f"nixl{r}", blocks)
-            assert ca.store(ks, [block(k, nb) for k in ks]) == blocks
-            t0 = time.perf_counter()
-            n, _ = cb.lookup(ks)  # miss at b -> peer_lookup at a -> NIXL READ -> crc32c -> commit
-            pulls.append(time.perf_counter() - t0)
-            assert n == blocks, n
-        out = [np.empty(nb, np.uint8) for _ in ks]
-        assert cb.load(ks, out) == blocks
-        wrong = sum(not np.array_equal(o, block(k, nb)) for o, k in zip(out, ks))
-        read_gbps = cb.stats()["transfers"].get("peer->host", {}).get("gb_per_s")
-        ca.close()
-        cb.close()
+        for kind in bare:
+            bare[kind].read()  # connect the bare agents outside the timing, as the pairs do
+        for r in range(rounds):
+            for pair in (pairs if r % 2 == 0 else pairs[::-1]):
+                pair.pull(f"nixl{r}", trace)
+            for kind in bare:
+                before = _thread_cpu(os.getpid()) if trace else None
+                times[kind].append(bare[kind].read())
+                if trace:
+                    bare_traces.append({"kind": kind, "read_s": round(times[kind][-1], 4),
+                                        "cpu_s": _cpu_delta(before, _thread_cpu(os.getpid()))})
+        for pair in pairs:
+            pair.finish()
     finally:
-        b.stop()
-        a.stop()
-    bare = {kind: _bare_nixl(blocks, nb, kind, rounds) for kind in ("shm", "anon", "stock")}
+        for one in bare.values():
+            one.close()
+        for pair in pairs:
+            pair.stop()
+    times["stock"] = _bare_nixl(blocks, nb, "stock", rounds)
     gb = blocks * nb / 1e9
 
     def fig(times: list) -> dict:
         return {"min_gbps": round(gb / max(times), 3), "median_gbps": round(gb / float(np.median(times)), 3),
                 "max_gbps": round(gb / min(times), 3)}
 
-    d = fig(pulls)
-    out = {"blocks": blocks, "block_bytes": nb, "rounds": rounds, "wrong_blocks": wrong,
-           "daemon_pull_end_to_end": d, "daemon_read_only_gbps_mean": read_gbps}
-    for kind, times in bare.items():
-        f = fig(times)
-        out[f"bare_read_{kind}"] = f
-        out[f"ratio_vs_bare_{kind}"] = {"best": round(d["max_gbps"] / f["max_gbps"], 3),
-                                        "median": round(d["median_gbps"] / f["median_gbps"], 3)}
+    def versus(pulls: list, d: dict) -> dict:
+        out = {}
+        for kind, t in times.items():
+            f = fig(t)
+            out[f"ratio_vs_bare_{kind}"] = {"best": round(d["max_gbps"] / f["max_gbps"], 3),
+                                            "median": round(d["median_gbps"] / f["median_gbps"], 3)}
+            if kind in bare:  # the same round's pull and bare READ, one after the other
+                out[f"ratio_vs_bare_{kind}"]["paired"] = [round(x / p, 3) for p, x in zip(pulls, t)]
+        return out
+
+    new = pairs[0]
+    d = fig(new.times)
+    out = {"blocks": blocks, "block_bytes": nb, "rounds": rounds, "wrong_blocks": new.wrong,
+           "daemon_pull_end_to_end": d, "daemon_read_only_gbps_mean": new.read_gbps}
+    out.update({f"bare_read_{kind}": fig(t) for kind, t in times.items()})
+    out.update(versus(new.times, d))
+    if trace:
+        out["trace"] = new.traces
+        out["bare_trace"] = bare_traces
+    if ab:
+        old = pairs[1]
+        out["ab"] = {"modules": ab, "wrong_blocks": old.wrong, "daemon_pull_end_to_end": fig(old.times),
+                     "new_over_ab_paired": [round(o / n, 3) for n, o in zip(new.times, old.times)],
+                     **versus(old.times, fig(old.times))}
+        if trace:
+            out["ab"]["trace"] = old.traces
     return out
+
+
+class PullPair:
+    """Two daemons a and b (b pulls from a over NIXL) and a client of each."""
+
+    def __init__(self, work: Path, tag: str, layout: KVLayout, blocks: int, modules: str = "") -> None:
+        from kvbm.client import Client
+
+        self.tag, self.layout, self.blocks, self.nb = tag, layout, blocks, layout.block_nbytes
+        self.times: list = []
+        self.traces: list = []
+        self.wrong = None
+        self.read_gbps = None
+        self.a = Daemon(work, f"{tag}-a", layout, g2=blocks * 2, nixl=True, modules=modules)
+        self.b = Daemon(work, f"{tag}-b", layout, g2=blocks * 2, nixl=True, peers=[self.a.address], modules=modules)
+        self.ca = Client(self.a.address, model="bench", layout=layout)
+        self.cb = Client(self.b.address, model="bench", layout=layout)
+        warm = keys_of(f"{tag}-warm", 1)  # connect peers and UCX endpoints outside the timing
+        self.ca.store(warm, [block(warm[0], self.nb)])
+        self.cb.lookup(warm)
+
+    def pull(self, round_tag: str, trace: bool) -> None:
+        """Fresh keys stored at a, then one lookup at b (a miss there: peer_lookup at a -> NIXL
+        READ -> crc32c -> commit), timed."""
+        self.keys = ks = keys_of(f"{self.tag}/{round_tag}", self.blocks)
+        assert self.ca.store(ks, [block(k, self.nb) for k in ks]) == self.blocks
+        a, b = self.a.proc.pid, self.b.proc.pid
+        before = (_phases(self.cb), _thread_cpu(a), _thread_cpu(b)) if trace else None
+        t0 = time.perf_counter()
+        n, _ = self.cb.lookup(ks)
+        self.times.append(time.perf_counter() - t0)
+        assert n == self.blocks, n
+        if trace:
+            after = (_phases(self.cb), _thread_cpu(a), _thread_cpu(b))
+            self.traces.append({"pull_s": round(self.times[-1], 4),
+                                "phases_s": {k: round(v - before[0].get(k, 0.0), 4) for k, v in after[0].items()},
+                                "cpu_s_a": _cpu_delta(before[1], after[1]), "cpu_s_b": _cpu_delta(before[2], after[2])})
+
+    def finish(self) -> None:
+        """Every byte of the last round's blocks, loaded from b and checked."""
+        out = [np.empty(self.nb, np.uint8) for _ in self.keys]
+        assert self.cb.load(self.keys, out) == self.blocks
+        self.wrong = sum(not np.array_equal(o, block(k, self.nb)) for o, k in zip(out, self.keys))
+        self.read_gbps = self.cb.stats()["transfers"].get("peer->host", {}).get("gb_per_s")
+
+    def stop(self) -> None:
+        for c in (self.ca, self.cb):
+            try:
+                c.close()
+            except Exception:
+                pass
+        self.b.stop()
+        self.a.stop()
+
+
+def _phases(c) -> dict:
+    st = c.stats()["daemon"]
+    return {k[len("peer_pull_"):-2]: v for k, v in st.items() if k.startswith("peer_pull_") and k.endswith("_s")}
+
+
+def _thread_cpu(pid: int) -> dict:
+    """Per thread of a process, by name/tid: [seconds on a CPU, seconds runnable but waiting for
+    one] (/proc/PID/task/TID/schedstat, nanoseconds)."""
+    out: dict = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            run, wait = (task / "schedstat").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        out[f"{name}/{task.name}"] = (int(run) / 1e9, int(wait) / 1e9)
+    return out
+
+
+def _cpu_delta(before: dict, after: dict) -> dict:
+    """Threads that ran in between: name/tid -> [CPU seconds, run-queue wait seconds]."""
+    d = {k: [round(v[0] - before.get(k, (0, 0))[0], 4), round(v[1] - before.get(k, (0, 0))[1], 4)]
+         for k, v in after.items()}
+    return {k: v for k, v in sorted(d.items(), key=lambda kv: -kv[1][0]) if v[0] >= 0.0005}
+
+
+class BareRead:
+    """A bare two-agent NIXL READ kept ready between rounds: a target process holding `blocks`
+    blocks, and a reader agent here. read() -> seconds of one READ of every block, timed like
+    the daemon's (descriptor lists, transfer, completion)."""
+
+    def __init__(self, blocks: int, nb: int, kind: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_bare_agent_target, args=(blocks * nb, kind, child))
+        self.proc.start()
+        meta, self.base = self.conn.recv()
+        self.blocks, self.nb, self.kind = blocks, nb, kind
+        self.agent = _agent(f"bare-reader-{kind}", kind)
+        self.dst, self._keep = _buffer(kind, blocks * nb)
+        self.reg = self.agent.register_memory([(self.dst.ctypes.data, self.dst.nbytes, 0, "")], "DRAM")
+        self.agent.add_remote_agent(meta)
+
+    def read(self) -> float:
+        r, nb = self.agent, self.nb
+        t0 = time.perf_counter()
+        local = r.get_xfer_descs([(self.dst.ctypes.data + i * nb, nb, 0) for i in range(self.blocks)], "DRAM")
+        remote = r.get_xfer_descs([(self.base + i * nb, nb, 0) for i in range(self.blocks)], "DRAM")
+        h = r.initialize_xfer("READ", local, remote, "bare-target")
+        state = r.transfer(h)
+        while state not in ("DONE", "ERR"):
+            state = r.check_xfer_state(h)
+        dt = time.perf_counter() - t0
+        r.release_xfer_handle(h)
+        assert state == "DONE"
+        assert self.dst[12345] == np.frombuffer(hashlib.shake_128(b"bare").digest(1 << 20), np.uint8)[12345]
+        return dt
+
+    def close(self) -> None:
+        if self.agent is None:
+            return
+        self.conn.send("done")
+        self.proc.join(10)
+        self.agent.remove_remote_agent("bare-target")
+        self.agent.deregister_memory(self.reg)
+        self.agent = None  # the agent goes before its buffer is unmapped
 
 
 def _buffer(kind: str, nbytes: int) -> tuple[np.ndarray, object]:
@@ -465,7 +624,18 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=256)
     ap.add_argument("--mib", type=float, default=1.0, help="block size in MiB (via num_layers)")
     ap.add_argument("--rounds", type=int, default=5, help="nixl: pulls (and bare READs) per run")
+    ap.add_argument("--ab", default="", metavar="DIR", help="nixl: a folder of kvbm.daemon modules (e.g. an "
+                    "older peering.py) that a second daemon pair runs, pulls alternating with this code's")
+    ap.add_argument("--trace", action="store_true", help="nixl: per round, the pull's phases and each "
+                                                         "daemon thread's CPU seconds")
     args = ap.parse_args()
+    if args.ab and not Path(args.ab).is_dir():
+        print(f"bench_daemon.py: --ab {args.ab!r} is not a folder; give one holding kvbm/daemon modules "
+              f"(e.g. git show HEAD:kvbm/daemon/peering.py > DIR/peering.py)", file=sys.stderr)
+        return 2
+    if min(args.rounds, args.blocks, args.clients, args.ops) < 1 or args.mib <= 0:
+        print("bench_daemon.py: --rounds, --blocks, --clients and --ops must be >= 1 and --mib > 0", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="kvbm-bench-") as tmp:
         work = Path(tmp)
         out = {}
@@ -476,7 +646,7 @@ def main() -> int:
         if args.what in ("guard", "all"):
             out["guard"] = bench_guard(args.blocks, args.mib)
         if args.what in ("nixl", "all"):
-            out["nixl"] = bench_nixl(work, args.blocks, args.mib, args.rounds)
+            out["nixl"] = bench_nixl(work, args.blocks, args.mib, args.rounds, args.trace, args.ab)
     print(json.dumps(out, indent=2), flush=True)
     if "nixl" in out:  # nixl 1.5.1's teardown at interpreter exit can segfault: skip it
         sys.stderr.flush()

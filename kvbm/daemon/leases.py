@@ -66,7 +66,7 @@ class Session:
     pins: dict = field(default_factory=dict)  # server key -> [count, time of the first pin]
     stores: dict = field(default_factory=dict)  # handle -> Reservation
     loads: dict = field(default_factory=dict)  # handle -> WindowLoad (client) | LoadJob (peer)
-    crcs: dict = field(default_factory=dict)  # handle -> Future of crc32c per block (a peer's pull)
+    crcs: dict = field(default_factory=dict)  # handle -> (crc32c per block, indices pending, Future) (a peer's pull)
     events: list = field(default_factory=list)  # (kind, client key, tier), bounded
     replies: OrderedDict = field(default_factory=OrderedDict)  # request id -> (op, reply, undo)
     cancelled: OrderedDict = field(default_factory=OrderedDict)  # request ids cancelled early

@@ -15,6 +15,12 @@ at most MAX_PENDING_PULLS wait, beyond that a lookup is answered from local tier
 
 On the serving side a peer_lookup pins the blocks and answers their addresses at once; their
 crc32c is computed on a helper thread while the peer READs and goes back with peer_release.
+G2 keeps a block's crc32c once computed (HostStorage.remember_crcs) until its slot is reused, so
+a block served before, or one this daemon pulled and verified, is not checksummed again. A
+crc32c pass leaves one core to the READ (CRC_THREADS: one thread on a 2-core node).
+The puller READs in PULL_CHUNK_BYTES chunks and checksums each landed chunk during the next
+one, so only the last chunk's checksum follows the READ. Seconds per phase of this daemon's
+pulls are summed in the counters peer_pull_<phase>_s (stats()["daemon"], PULL_PHASES).
 
 Who may pull (SECURITY.md): only a daemon that proves, in peer_hello, that it holds the cluster's
 peer secret (daemon.peer_secret_file, separate from the client token; peerauth.py). Without one
@@ -48,8 +54,16 @@ from .peers import Agent, Peers
 
 log = logging.getLogger("kvbm.daemon")
 MAX_PENDING_PULLS = 64  # lookups waiting for the puller; beyond this, local answers only
-PULL_CHUNK_BYTES = 64 << 20  # a pull READs in chunks; each landed chunk is checksummed during the next
+PULL_CHUNK_BYTES = 16 << 20  # a pull READs in chunks; each landed chunk is checksummed during the next
+# threads of a pull's crc32c pass, on either side: every core but one, which the READ needs (over
+# shared memory UCX's cma copies on the puller's thread). Before, each side's pass took two
+# threads on a 2-core node: five busy threads beside the READ's one
+CRC_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) - 1)) if hasattr(os, "sched_getaffinity") else 1
 DEFERRED = object()  # an op's result when the reply is sent later (a lookup waiting for a pull)
+# a pull's phases, each summed into counters peer_pull_<phase>_s: the peer_lookup round trip (with
+# peer_hello when needed), the owner's reservation, the READs, peer_release (the server's crc32c),
+# waiting for our own crc32c of the last chunk, the owner's commit
+PULL_PHASES = ("ask", "reserve", "read", "release", "verify", "commit")
 
 
 class _Pending:
@@ -89,6 +103,10 @@ class Peering:
         elif dcfg.peers:
             self.peers = Peers(self.ctx, dcfg.peers, dcfg.token, dcfg.peer_timeout_s, secret)
         self.counters.setdefault("peer_auth_failures", 0)
+        for phase in PULL_PHASES:  # seconds per phase of this daemon's pulls, summed (stats: where time goes)
+            self.counters.setdefault(f"peer_pull_{phase}_s", 0.0)
+        self.counters.setdefault("peer_serve_crc_s", 0.0)  # the serving side's crc32c, on its helper
+        self.counters.setdefault("peer_serve_crc_blocks", 0)  # blocks it checksummed (not kept from before)
         self._pending = 0  # lookups waiting for a pull
         self._pull_jobs: dict = {}  # id(job) -> (StoreJob, keys reserved below G2): pulls in flight
         self._stopping = False  # shutdown began: queued pulls are answered from local tiers
@@ -99,7 +117,8 @@ class Peering:
             self._puller.start()
         self._crc_pool: ThreadPoolExecutor | None = None  # crc32c of blocks a peer is reading
         if self.agent is not None:
-            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-peer-crc")
+            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-peer-crc",
+                                                initializer=_name_thread, initargs=("kvbm-peer-crc",))
 
     def _ask_peers(self, s: Session, keys: list, skeys: list, n: int) -> Any:
         """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None.
@@ -168,16 +187,26 @@ class Peering:
         if not job.keys:
             self.manager.complete_load(job)
             return {"handle": 0, "n": 0}
-        offsets = np.array([self.pool.offset(slot) for slot in job.slots], dtype=np.uint64)
+        slots = np.asarray(job.slots, dtype=np.int64)
+        offsets = self.pool.offsets(slots).astype(np.uint64)
         h = s.handle()
         s.loads[h] = job
         base = self.pool.address
         reply = {"handle": h, "n": len(job.keys), "addrs": [base + int(o) for o in offsets], "nbytes": self.nbytes}
-        if later and self._crc_pool is not None:
-            s.crcs[h] = self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offsets, self.nbytes)
+        # a block served or pulled before keeps its crc32c (HostStorage.remember_crcs): only the
+        # others are checksummed, leaving a core to the READ (CRC_THREADS)
+        crcs, known = self.pool.known_crcs(slots)
+        todo = np.flatnonzero(~known)
+        if not len(todo):
+            reply["crcs"] = crcs.tolist()
+        elif later and self._crc_pool is not None:
+            s.crcs[h] = (crcs, todo, self._crc_pool.submit(_timed_crcs, self.pool.pool, offsets[todo], self.nbytes))
             reply["crcs_later"] = True
         else:
-            reply["crcs"] = [int(c) for c in ops.crc32c_blocks(self.pool.pool, offsets, self.nbytes)]
+            crcs[todo] = ops.crc32c_blocks(self.pool.pool, offsets[todo], self.nbytes, threads=CRC_THREADS)
+            self.pool.remember_crcs(slots[todo], crcs[todo])
+            self.counters["peer_serve_crc_blocks"] += len(todo)
+            reply["crcs"] = crcs.tolist()
         return reply
 
     def op_peer_release(self, msg: dict, now: float) -> dict:
@@ -186,13 +215,20 @@ class Peering:
         job = s.loads.pop(h, None)
         if job is None:
             raise P.ProtocolError("bad_handle", f"no load {h} in this session")
-        crcs = s.crcs.pop(h, None)
+        pending = s.crcs.pop(h, None)
         out: dict = {}
-        if crcs is not None and P.field(msg, "crcs", bool, required=False, default=False):
+        if pending is not None and P.field(msg, "crcs", bool, required=False, default=False):
+            crcs, todo, fut = pending
             try:  # computed while the peer READ (pinned, so the bytes cannot change); done by now
-                out["crcs"] = [int(c) for c in crcs.result(timeout=30)]
+                got, seconds = fut.result(timeout=30)
             except Exception as exc:
                 log.warning("crc32c for a peer's pull failed: %s", exc)
+            else:
+                crcs[todo] = got
+                self.pool.remember_crcs(np.asarray(job.slots, dtype=np.int64)[todo], got)  # still pinned
+                out["crcs"] = crcs.tolist()
+                self.counters["peer_serve_crc_s"] += seconds
+                self.counters["peer_serve_crc_blocks"] += len(todo)
         self.manager.complete_load(job)
         return out
 
@@ -201,6 +237,7 @@ class Peering:
     # puller's alone too (it is created without thread-safety: sync mode none).
 
     def _pull_loop(self) -> None:
+        _name_thread("kvbm-puller")
         while True:
             try:
                 item = self._pulls.get(timeout=0.25 if self._late else None)
@@ -229,10 +266,12 @@ class Peering:
         """Ask peers, in order, for the prefix of namespace ns's client keys (skeys: our server
         keys of them); READ it into our G2. Blocks landed."""
         ask = {"namespace": ns, "keys": keys, "crcs_later": True, "wait_s": self.dcfg.peer_timeout_s / 2}
+        clock = dict.fromkeys(PULL_PHASES, 0.0)
         try:
             for peer in self.peers.live():
                 if self._stopping:
                     return 0
+                t0 = time.perf_counter()
                 if not self.peers.connect(peer):
                     continue
                 reply = self.peers.ask(peer, "peer_lookup", **ask)
@@ -240,21 +279,25 @@ class Peering:
                     # our session there lapsed (idle past its lease, or it restarted): hello, retry once
                     if self.peers.connect(peer):
                         reply = self.peers.ask(peer, "peer_lookup", **ask)
+                clock["ask"] += time.perf_counter() - t0
                 if reply is None or not reply.get("handle"):
                     continue
                 released = [False]
                 try:
-                    return self._read_from(peer, (ns, keys, skeys), reply, released)
+                    return self._read_from(peer, (ns, keys, skeys), reply, released, clock)
                 finally:
                     if not released[0]:
                         self.peers.ask(peer, "peer_release", handle=reply["handle"])
             return 0
         finally:
             failures, self.peers.auth_failures = self.peers.auth_failures, 0
+            counts = {f"peer_pull_{k}_s": v for k, v in clock.items() if v}
             if failures:
-                self._owner(partial(self._count, peer_auth_failures=failures))
+                counts["peer_auth_failures"] = failures
+            if counts:
+                self._owner(partial(self._count, **counts), wait=False)
 
-    def _read_from(self, peer: Any, want_keys: tuple, reply: dict, released: list) -> int:
+    def _read_from(self, peer: Any, want_keys: tuple, reply: dict, released: list, clock: dict) -> int:
         ns, keys, skeys = want_keys
         n = reply.get("n")
         addrs, crcs = reply.get("addrs"), reply.get("crcs")
@@ -264,16 +307,20 @@ class Peering:
                 or not (later or isinstance(crcs, list) and len(crcs) == n)):
             self._owner(partial(self._count, peer_errors=1))
             return 0
+        t0 = time.perf_counter()
         job, slots = self._owner(self._reserve_pull, ns, keys[:n], skeys[:n])
+        clock["reserve"] += time.perf_counter() - t0
         if job is None:
             return 0
         want = [i for i, slot in enumerate(slots) if slot >= 0]
         failed = {skeys[i] for i in want}  # until verified
+        verified: list = []  # (slot, crc32c) of the blocks that matched: G2 keeps their checksum
         counts: dict = {}
         landed = 0
         try:
             if want:
                 state, late, dt, local_crcs = self._read_chunks(peer, want, slots, addrs)
+                clock["read"] += dt
                 if late is not None:
                     # The READ may still land in these slots: they stay reserved (never served,
                     # never reused) until it ends, then roll back (_reap_late, or at shutdown).
@@ -283,22 +330,29 @@ class Peering:
                     return 0
                 if state == "DONE" and later:
                     released[0] = True
+                    t0 = time.perf_counter()
                     got = self.peers.ask(peer, "peer_release", handle=reply["handle"], crcs=True)
+                    clock["release"] += time.perf_counter() - t0
                     crcs = got.get("crcs") if got else None
                     if not isinstance(crcs, list) or len(crcs) != n:
                         log.warning("peer %s sent no checksums for a pull; dropping it", peer.address)
                         state = "ERR"
                 if state == "DONE":
+                    t0 = time.perf_counter()
                     got_crcs = [c for fut in local_crcs for c in fut.result()]
+                    clock["verify"] += time.perf_counter() - t0
                     bad = [skeys[i] for i, c in zip(want, got_crcs) if int(c) != crcs[i]]
                     failed = set(bad)
+                    verified = [(slots[i], int(c)) for i, c in zip(want, got_crcs) if int(c) == crcs[i]]
                     counts.update(peer_errors=len(bad), peer_pull_blocks=len(want) - len(bad),
                                   peer_pull_bytes=(len(want) - len(bad)) * self.nbytes, peer_pull_seconds=dt)
                 else:
                     counts["peer_errors"] = len(want)
         finally:
             if job is not None:
-                landed = self._owner(self._commit_pull, job, failed, counts)
+                t0 = time.perf_counter()
+                landed = self._owner(self._commit_pull, job, failed, counts, verified)
+                clock["commit"] += time.perf_counter() - t0
         return landed
 
     def _read_chunks(self, peer: Any, want: list, slots: list, addrs: list) -> tuple:
@@ -321,7 +375,8 @@ class Peering:
                 state, late = "ERR", None
             if state != "DONE":
                 break
-            futures.append(self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offs, self.nbytes))
+            futures.append(self._crc_pool.submit(ops.crc32c_blocks, self.pool.pool, offs, self.nbytes,
+                                                 threads=CRC_THREADS))
         return state, late, time.perf_counter() - t0, futures
 
     # owner-thread halves of a pull
@@ -337,8 +392,10 @@ class Peering:
         self._pull_jobs[id(job)] = (job, set(extra))
         return job, slots
 
-    def _commit_pull(self, job: Any, failed: set, counts: dict) -> int:
+    def _commit_pull(self, job: Any, failed: set, counts: dict, verified: list = ()) -> int:
         _, extra = self._pull_jobs.pop(id(job), (job, set()))
+        if verified:  # a block that rolls back below frees its slot, which forgets the checksum
+            self.pool.remember_crcs([slot for slot, _ in verified], [crc for _, crc in verified])
         self.manager.complete_store(job, failed=failed | extra)
         for k in job.failed:  # rolled back: no event will ever name it again
             if k not in self.manager:
@@ -397,6 +454,22 @@ class Peering:
         self._late = []  # their jobs were in _pull_jobs, rolled back above
         if self.agent is not None:
             self.agent.close()
+
+
+def _name_thread(name: str) -> None:
+    """The OS name of the calling thread (top -H, /proc/PID/task/*/comm), where Linux allows it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _timed_crcs(pool: np.ndarray, offsets: np.ndarray, nbytes: int) -> tuple:
+    t0 = time.perf_counter()
+    crcs = ops.crc32c_blocks(pool, offsets, nbytes, threads=CRC_THREADS)
+    return crcs, time.perf_counter() - t0
 
 
 def _bin(msg: dict, name: str) -> bytes:

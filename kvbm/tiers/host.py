@@ -7,6 +7,11 @@ With `shm_name` the pool is a named shared-memory file (/dev/shm/<shm_name>, mod
 other processes of the same user map: the cache daemon's clients read and write slots there.
 Slots are `stride` bytes apart, `block_nbytes` rounded up to 4 KiB, so every slot is aligned
 for O_DIRECT and DMA.
+
+A slot's bytes change only between allocate() and the store that fills it, so a CRC-32C a
+caller computed or verified over a stored slot (`remember_crcs`) stays true until the slot is
+handed out again (allocate and free forget it): the daemon serves a block to a second peer, or
+a block it pulled, without checksumming it again (`known_crcs`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class HostStorage(Storage):
         else:
             self.pool = self._allocate(pin)
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out slot 0 first
+        self._crcs = np.zeros(capacity_blocks, dtype=np.uint32)  # CRC-32C of a slot's bytes, where known
+        self._crc_known = np.zeros(capacity_blocks, dtype=bool)
 
     def _allocate(self, pin: str) -> np.ndarray:
         if pin != "never":
@@ -110,10 +117,28 @@ class HostStorage(Storage):
         return int(self.pool.ctypes.data)
 
     def allocate(self) -> int | None:
-        return self._free.pop() if self._free else None
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._crc_known[slot] = False  # its bytes are about to change
+        return slot
 
     def free(self, slot: int) -> None:
+        self._crc_known[slot] = False
         self._free.append(slot)
+
+    def remember_crcs(self, slots, crcs) -> None:
+        """Keep the CRC-32C of the bytes now in each slot (the caller computed or verified them
+        over these very bytes) until the slot is allocated or freed again."""
+        idx = np.asarray(slots, dtype=np.int64)
+        self._crcs[idx] = np.asarray(crcs, dtype=np.uint32)
+        self._crc_known[idx] = True
+
+    def known_crcs(self, slots) -> tuple[np.ndarray, np.ndarray]:
+        """(CRC-32C per slot, a bool array: which of them are known); unknown entries are 0."""
+        idx = np.asarray(slots, dtype=np.int64)
+        known = self._crc_known[idx]
+        return np.where(known, self._crcs[idx], 0).astype(np.uint32), known
 
     @property
     def free_slots(self) -> int:
