@@ -119,6 +119,9 @@ class Client(Wire):
         if old is not None:
             _unmap(old)
 
+    # ---------------------------------------------------------------- wire
+    # call / _call / _submit / _collect / _send / _heartbeat: Wire (client_wire.py)
+
     # ---------------------------------------------------------------- views
 
     def view(self, slot: int) -> np.ndarray:
