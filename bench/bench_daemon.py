@@ -60,14 +60,15 @@ def keys_of(tag: str, n: int) -> list[bytes]:
 # `kvbm serve` with some of kvbm.daemon's modules replaced by the files of another folder (an
 # older peering.py from `git show`, say): the A/B of bench_daemon.py nixl --ab DIR
 _BOOT = """
-import importlib.util, pathlib, runpy, sys
-import kvbm.daemon
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.py")):
-    name = "kvbm.daemon." + f.stem
-    spec = importlib.util.spec_from_file_location(name, f)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+import importlib.abc, importlib.util, pathlib, runpy, sys
+folder = pathlib.Path(sys.argv[1])
+class Older(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        f = folder / (name.rpartition(".")[2] + ".py")
+        if name.startswith("kvbm.daemon.") and f.is_file():
+            return importlib.util.spec_from_file_location(name, f)
+        return None
+sys.meta_path.insert(0, Older())
 sys.argv = ["kvbm"] + sys.argv[2:]
 runpy.run_module("kvbm.cli", run_name="__main__")
 """
@@ -354,7 +355,8 @@ def bench_nixl(work: Path, blocks: int, mib: float, rounds: int = 5, trace: bool
     between them hits both (the ratio per round is `paired`). Bare READs run in two memory
     kinds: /dev/shm files (4 KiB pages here) and anonymous memory (numpy; transparent huge
     pages where the kernel gives them), like the daemons' G2 pools since issue 12. Both use the
-    daemon's agent setup (peers.new_agent). `stock` is nixl_agent's own default (a progress
+    daemon's agent setups (peers.new_agent as the target, peers.new_pull_agent as the reader: no
+    progress thread). `stock` is nixl_agent's own default (a progress
     thread that spins a core, so it runs after the others, not between them), on anonymous
     memory, as the figure recorded before. `trace`: per round, the pulling daemon's phases
     (stats counters peer_pull_*_s) and each daemon thread's CPU and run-queue seconds.
@@ -515,7 +517,7 @@ class BareRead:
         self.proc.start()
         meta, self.base = self.conn.recv()
         self.blocks, self.nb, self.kind = blocks, nb, kind
-        self.agent = _agent(f"bare-reader-{kind}", kind)
+        self.agent = _agent(f"bare-reader-{kind}", kind, reader=True)
         self.dst, self._keep = _buffer(kind, blocks * nb)
         self.reg = self.agent.register_memory([(self.dst.ctypes.data, self.dst.nbytes, 0, "")], "DRAM")
         self.agent.add_remote_agent(meta)
@@ -565,12 +567,16 @@ def _buffer(kind: str, nbytes: int) -> tuple[np.ndarray, object]:
     return buf, None
 
 
-def _agent(name: str, kind: str):
+def _agent(name: str, kind: str, reader: bool = False):
+    """The daemon's agent setups (peers.py): a READ's target as it serves, a reader as it pulls;
+    `stock`: nixl_agent's own default for both."""
     from nixl._api import nixl_agent, nixl_agent_config
 
-    from kvbm.daemon.peers import new_agent
+    from kvbm.daemon.peers import new_agent, new_pull_agent
 
-    return nixl_agent(name, nixl_agent_config(backends=["UCX"])) if kind == "stock" else new_agent(name, ["UCX"])
+    if kind == "stock":
+        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    return new_pull_agent(name, ["UCX"]) if reader else new_agent(name, ["UCX"])
 
 
 def _bare_agent_target(nbytes: int, kind: str, conn) -> None:
@@ -591,7 +597,7 @@ def _bare_nixl(blocks: int, nb: int, kind: str = "shm", rounds: int = 5) -> list
     p = ctx.Process(target=_bare_agent_target, args=(blocks * nb, kind, child))
     p.start()
     meta, base = parent.recv()
-    r = _agent(f"bare-reader-{kind}", kind)
+    r = _agent(f"bare-reader-{kind}", kind, reader=True)
     dst, _keep = _buffer(kind, blocks * nb)
     reg = r.register_memory([(dst.ctypes.data, dst.nbytes, 0, "")], "DRAM")
     r.add_remote_agent(meta)
