@@ -72,7 +72,9 @@ CAUSES = {
                 "(0.08-0.10 s CPU/GiB), which NIXL does not compute. It ran on a pool task: on the loaded box the "
                 "worker woke late and the caller ran the I/O, then every CRC, in series. Fixed: with every run in "
                 "flight, the I/O thread checksums the sources itself (write+CRC 0.72-0.79 -> 0.84-0.94x raw I/O, "
-                "A/B at load 13). Left: the CRC's CPU at high load.",
+                "A/B at load 13). Left: the CRC's CPU at high load. H17c: the 0.45x at 64 KiB of the 03:44 run "
+                "did not reproduce (0.98x and 1.10x in two bench_disk.py --sizes 64K --repeat 5 runs, load 2-6); "
+                "a 64 KiB block costs ~6 µs of CPU beyond its bytes (kvbm write 0.18 s/GiB vs 0.107 at 256 KiB).",
     "g3_read": "A read's CRC can only follow its run's landing, so the checksummed read keeps 8 MiB in flight and "
                "the I/O thread refills that window as runs land; at load 13 that thread wakes late and the device "
                "idles (raw I/O and NIXL submit the whole 64 MiB batch). Bound, in the same run: the same raw I/O "
@@ -85,8 +87,17 @@ CAUSES = {
                       "what a bare round trip does not: 4 × 64 KiB copied between G2 and the client's window on each side "
                       "(the isolation: no client maps G2) and the manager's verbs (load 50–67 µs, store 145–164 µs of CPU). "
                       "Bound: those copies and verbs, ~2.1–2.4× at load 8–16.",
-    "daemon_nixl": "H12a's path (bench_daemon.py, not changed here); /dev/shm pools stay 4 KiB pages "
-                   "(shmem_enabled=never), so MADV_HUGEPAGE in HostStorage does not reach them.",
+    "daemon_nixl": "Cause (bench_daemon.py nixl --trace: phase counters, per-thread CPU and run-queue time; H17c): "
+                   "CPU on the 2 cores both daemons share. Per 256 MiB pull the READ (UCX cma, on the puller's "
+                   "thread) ran beside the puller's and the server's crc32c, 2 threads each, and the puller agent's "
+                   "UCX progress thread (3-24 ms of CPU per READ); lookup/reserve/release/commit 2-10 ms. Fixed: "
+                   "each crc pass leaves a core to the READ, 16 MiB chunks, the daemon's READs on a second agent "
+                   "without a progress thread, G2 keeps a block's crc32c once computed or verified (a block served "
+                   "again or onward is not checksummed again): new/old 1.17x (8 of 8 paired rounds, load 4-6), "
+                   "0.61x a bare READ whose reader has no progress thread either (a limit up to 2x faster than the "
+                   "old one; the old limit gave 0.74-0.79x). Bound: fresh blocks still cost both crc passes "
+                   "(~40 ms of CPU) and slow the READ's copy (42-48 ms vs 35 bare): ~85 ms of CPU on 2 cores, "
+                   "<= ~0.8x here; the server's pass would go only with a crc at every client store (not done).",
 }
 
 
