@@ -110,6 +110,11 @@ def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
         root = engine_daemon.runtime_dir()
         assert root.startswith(str(tmp_path)) and os.stat(root).st_mode & 0o777 == 0o700
         info = json.loads(open(os.path.join(root, f"{instance}.json")).read())
+        # In the engine's session (one autogroup with the engine: a session of its own was starved
+        # beside spinning TP workers, engine_daemon._start), in a process group of its own (an
+        # engine's kill of its group leaves it to stop cleanly)
+        assert os.getsid(info["pid"]) == os.getsid(starter.pid)
+        assert os.getpgid(info["pid"]) == info["pid"] != os.getpgid(starter.pid)
         shm = f"/dev/shm/kvbm-{os.getuid()}-{instance}"  # the prefix of the daemon's shared-memory files
     finally:
         for p in [starter, *joiners]:

@@ -126,10 +126,17 @@ def _start(name: str, root: str, config: Mapping[str, Any]) -> dict[str, Any]:
     _write_private(cfg_path, json.dumps({**dict(config), "daemon": daemon}))
     if os.path.exists(ready_path):
         os.unlink(ready_path)
-    # The daemon detaches (a second fork: no process's child), so an engine that kills its own
-    # process tree at shutdown leaves it to stop cleanly when its stdin closes.
+    # The daemon detaches (a second fork: no process's child) into its own process group (main()), so an
+    # engine that kills its own process tree or group at shutdown leaves it to stop cleanly when
+    # its stdin closes. It stays in the engine's session, not a new one: with the kernel's
+    # autogroup scheduling (sched_autogroup_enabled, the default on desktop and many server
+    # kernels) every session is one CPU group, and a session of one mostly-sleeping process was
+    # starved for 8-28 s at a time beside the engine's spinning TP workers and a CPU hog (its
+    # threads runnable, 0.15 s run against 8.5 s of run-queue wait, /proc/PID/task/*/schedstat):
+    # every load of the tensor-parallel ranks timed out. In the engine's session it waited
+    # 0.05-0.18 s in all (issue 14; tests/test_vllm_serve_tp.py).
     proc = subprocess.Popen([sys.executable, "-m", "kvbm.connectors.engine_daemon", cfg_path, ready_path],
-                            stdin=subprocess.PIPE, start_new_session=True)
+                            stdin=subprocess.PIPE)  # main() makes its own group
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         ready = _ready_line(ready_path)
@@ -197,6 +204,7 @@ def main(argv: list[str]) -> int:
     cfg_path, ready_path = argv
     if os.fork() > 0:  # detach: the daemon is no child of the engine's processes
         os._exit(0)
+    os.setpgid(0, 0)  # its own process group, in the engine's session (see _start)
     unbind_cpus()  # not on the core the engine worker that started it is bound to (cpus.py)
     base = ready_path[:-len(".ready")]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s kvbm-engine-daemon %(levelname)s %(message)s")
