@@ -433,6 +433,7 @@ class BlockManager(Placement, Onboard, ByteJobs):
             for t in self.tiers:
                 if key in t.pins:
                     self._unpin(t, key)
+                    self._settle(t, key)
                     break
 
     @atomic

@@ -113,6 +113,8 @@ class Onboard:
                 t.stats.load_failures += 1
                 if key in t.ready and key not in t.busy:
                     self._drop(t, key)
+            else:
+                self._settle(t, key)  # another job's promotion moved it up while this load held it
         top = self.tiers[0]
         ev = self._events if self._record_events else None
         undo = failed | set(promotion_failed)

@@ -286,6 +286,14 @@ class Placement:
         t.pins[key] = t.pins.get(key, 0) + 1
         t.busy.add(key)
 
+    def _settle(self, t: Tier, key: Any) -> None:
+        """Exclusive mode: a copy in t that a faster tier now holds ready goes, once nothing holds
+        it. A promotion that finds its source pinned (a scheduler's pin, another load) leaves the
+        source where it is (onboard.complete_load); the last release ends the move here."""
+        if (self.exclusive and key in t.ready and key not in t.busy
+                and any(key in u.ready for u in self.tiers[:t.index])):
+            self._drop(t, key)
+
     def _unpin(self, t: Tier, key: Any) -> None:
         if self._j is not None:
             self._j.saw(t, key)

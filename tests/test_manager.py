@@ -91,6 +91,23 @@ def test_eviction_cascades_down_and_promotion_moves_up():
     assert m.tiers[1].stats.drops == 1
 
 
+def test_a_promotion_of_a_pinned_block_ends_when_its_last_pin_goes():
+    # exclusive: a block lives in one tier, even when its promotion found the source pinned
+    m = manager(("g2", 2, "lru"), ("g3", 4, "lru"))
+    m.store([1, 2])
+    m.store([3, 4])  # 1 and 2 demoted to g3
+    assert where(m, [1, 2]) == ["g3", "g3"]
+    m.take_events()
+    # a scheduler pins [1] where it is (g3); the worker's load promotes it while the pin holds
+    assert m.pin([1]) == 1
+    m.load([1])
+    assert 1 in m.tiers[0].ready and 1 in m.tiers[1].ready  # the g3 copy stays while pinned
+    # the last pin goes -> the move completes: 1 only in g2, its g3 copy removed (an event)
+    m.unpin([1])
+    assert where(m, [1]) == ["g2"] and 1 not in m.tiers[1].ready
+    assert ("removed", 1, "g3") in [tuple(e)[:3] for e in m.take_events()]
+
+
 def test_inclusive_keeps_the_lower_copy():
     m = manager(("g2", 2, "lru"), ("g3", 6, "lru"), mode="inclusive")
     m.store([1, 2])
