@@ -106,7 +106,14 @@ def daemon(tmp_path):
             f.unlink()
 
 
-def test_python_snippets_run_as_written(daemon):
+def test_python_snippets_run_as_written(daemon, monkeypatch):
+    # the README registers a policy of its own (mru): it must not outlive this test, or every
+    # later sweep of "all registered policies" (test_reference) replays it too
+    from kvbm import registry
+
+    for reg in (registry.EVICTION, registry.ADMISSION):
+        monkeypatch.setattr(reg, "_known", dict(reg._known))
+        monkeypatch.setattr(reg, "_loaded", dict(reg._loaded))
     snippets = blocks("python")
     assert len(snippets) >= 5
     namespace: dict = {"__name__": "readme"}
