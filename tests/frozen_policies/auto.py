@@ -1,0 +1,370 @@
+"""Auto: run the candidate that miniature simulations of this very workload say is best.
+
+No single eviction policy wins everywhere on KV traffic: hitdensity leads on chat traffic, the
+leaf-first `prefix` policy on agent sessions whose contexts grow, S3-FIFO on one-off documents
+at small tiers. So `auto` does not guess: it keeps one *miniature simulation* per candidate,
+fed with a spatially hashed sample of the keys at a proportionally scaled capacity (SHARDS,
+Waldspurger et al., FAST'15; "Cache Modeling and Optimization using Miniature Simulations",
+Waldspurger et al., ATC'17), counts the prefix hits each would have served, and lets the best
+of them order the real tier.
+
+    sample     a key is in the sample iff a multiplicative hash of hash(key) falls below
+               rate * 2**32 (the same keys always, whatever the access order); the mini caches
+               hold rate * capacity blocks, rate = clamp(sample_slots / capacity, 1/64, 1)
+    candidates prefix, s3fifo, hitdensity. lru and arc are left out: on the tune rows of the
+               grid `prefix` (LRU among leaves) is never below lru by more than noise, and
+               hitdensity or s3fifo lead wherever arc does; each extra mini costs time per
+               sampled key and adds a noisy maximum for the switch test to chase
+    minis      one instance of each candidate, seeing only sampled keys: hits are touched,
+               misses make room and are inserted, as the manager does; a run of new blocks
+               stays a run (hitdensity learns from runs)
+    prefix     a request starts at a root block (no parent); a sampled key counts as a prefix
+               hit for a candidate while every earlier sampled key of that request hit in its
+               mini. The parent a structure-aware mini sees is the previous *sampled* key
+    deepest    s3fifo (real and mini) gets each call's keys deepest block first: its FIFO
+               queues then drop a request's tail before its head, which is what a prefix
+               cache wants (a child is useless without its parent). On the tune rows this
+               took auto from -0.006 to +0.005..+0.011 against plain s3fifo where s3fifo leads
+    own blocks a request longer than the tier evicts its own blocks to store its tail; the
+               victims auto gives back from that request are its deepest ones, never its
+               head (leaf first, as `prefix` does), whatever the active candidate chose
+    score      prefix hits per candidate over a sliding window (KEEP of it kept per check)
+    choose     every max(CHECK_MIN, CHECK_SCALE * mini capacity) sampled accesses, the best
+               score replaces the active policy when it leads by Z=2 standard deviations of
+               the paired difference and MARGIN=0.2 % of the window, PERSIST=2 checks running
+    switch     the new policy is built from the old one's resident keys, inserted in the old
+               one's eviction order (least valuable first); the real tier keeps its blocks
+    start      hitdensity (plain LRU until it has learned), until the minis disagree
+
+Constants were chosen on the grid's `tune` rows only (chat, agent, docqa, fanout of
+kvbm/sim/synth.py), never on Mooncake or the held-out rows. Checking faster (every 128
+sampled accesses, one check to switch) helped tiny traces but thrashed on the tune rows
+(agent at 10 %: -0.018, docqa at 5 %: -0.020 against the best reference): a switch loses the
+old policy's learned state, so it must be worth it.
+
+Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the cells where
+auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
+
+Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream):
+646 B at 10,000 blocks (sample rate 0.1; hitdensity alone 453 B), 1,876 B at 1,000 blocks
+(rate 1: every key in every mini; hitdensity alone 627 B). It is the active policy's state,
+a parent entry per key (None for a root: for a switch to a structured policy, and to see a
+request begin), the minis' `rate` x their per-key state (ghosts included), and the key lists
+of the request being served (made into a map only when the request outgrows the tier).
+Cost per operation (CPU time of recorded Mooncake calls at 10,000 blocks, bench/RESULTS.md):
+the active policy's, the sample filter (C-level maps over the keys' hashes), a parents update
+per stored run and a pop per victim (C-level), and the minis' work on sampled keys. Where
+the time goes: hitdensity, the active policy there, ~half (16-20x LRU alone); the minis
+~a quarter (sample rate 0.1 x three candidates whose per-call overhead dominates on the few
+keys each call samples); the rest the wrapper. auto is 34-44x LRU per access: the issue's
+5x bound is not met, and cannot be while the active policy alone is above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from functools import partial
+from itertools import chain, compress, repeat
+from operator import and_, attrgetter, lt, mul
+
+from kvbm.policies.arc import ARCPolicy
+from kvbm.policies.base import EvictionPolicy
+from .hitdensity import HitDensityPolicy
+from kvbm.policies.lru import LRUPolicy
+from kvbm.policies.prefix import PrefixPolicy
+from kvbm.policies.s3fifo import S3FIFOPolicy
+
+CANDIDATES = {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy,
+              "prefix": PrefixPolicy, "hitdensity": HitDensityPolicy}
+_NO_KEY = object()
+_parent_of = attrgetter("parent")
+_MIX = 2654435761  # Knuth's multiplicative hash constant: spreads sequential ids too
+_MASK = 0xFFFFFFFF
+
+
+_drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
+
+
+class _Link:
+    """The one hint a structured mini or a switch needs, without Hints' validation per key."""
+
+    __slots__ = ("parent",)
+
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class AutoPolicy(EvictionPolicy):
+    name = "auto-frozen"
+    wants_structure = True
+    Z = 2.0  # standard deviations a lead must pass
+    MARGIN = 0.002  # and this share of the window's sampled accesses
+    PERSIST = 2  # checks in a row
+    KEEP = 0.8  # share of the scores kept at each check (the window's memory)
+    DEFAULT_CANDIDATES = ("prefix", "s3fifo", "hitdensity")  # lru and arc: see the docstring
+    DEFAULT_START = "hitdensity"
+    LEAF_FIRST = True  # a request's own victims are its deepest blocks (see _deepest_first)
+    REVERSED = frozenset({"s3fifo"})  # candidates fed each call deepest block first
+    CHECK_MIN = 2048  # sampled accesses between checks, at least
+    CHECK_SCALE = 4  # ... and this many mini capacities
+
+    def __init__(self, capacity, *, candidates=None, sample_slots=1024, start=None, **kw):
+        super().__init__(capacity, **kw)
+        if candidates is None:
+            candidates = self.DEFAULT_CANDIDATES
+        if start is None:
+            start = self.DEFAULT_START
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"auto policy: capacity={capacity!r} must be an int >= 0 (it sizes the samples)")
+        unknown = [c for c in candidates if c not in CANDIDATES]
+        if unknown or not candidates:
+            raise ValueError(f"auto policy: candidates={list(candidates)!r}; choose from {', '.join(CANDIDATES)}")
+        if start not in candidates:
+            raise ValueError(f"auto policy: start={start!r} must be one of the candidates {list(candidates)}")
+        if isinstance(sample_slots, bool) or not isinstance(sample_slots, int) or sample_slots < 1:
+            raise ValueError(f"auto policy: sample_slots={sample_slots!r} must be an int >= 1")
+        self.names = list(candidates)
+        self.rate = min(1.0, max(1 / 64, sample_slots / max(1, capacity)))
+        self._threshold = int(self.rate * (1 << 32))
+        self.mini_capacity = max(1, round(self.rate * capacity))
+        self._minis = [CANDIDATES[n](self.mini_capacity) for n in self.names]
+        self._alive = [True] * len(self.names)
+        self._score = [0.0] * len(self.names)
+        self._window = 0.0  # sampled accesses in the (halving) window
+        self._seen = 0
+        self._check = max(self.CHECK_MIN, round(self.CHECK_SCALE * self.mini_capacity))
+        self._next_check = self._check
+        self._last = None  # previous sampled key of the current request
+        self._new_request = True
+        self._stored_last = False
+        self._structured = False  # hints with parents seen: roots mark requests
+        # resident key -> its parent (None: it begins a sequence, a root), for a switch to a
+        # structured policy and to see where a request begins
+        self._parents: dict = {}
+        self._ahead = [0] * len(self.names)  # consecutive checks each candidate led by enough
+        self.active = start
+        self._active_index = self.names.index(start)
+        self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
+        self._real = CANDIDATES[start](capacity)
+        self.switches: list[tuple[int, str]] = []  # (sampled accesses so far, new policy)
+        # the key lists of the calls of the request being served (LEAF_FIRST): kept as given,
+        # made into one ordered map only when the request outgrows the tier (rarely)
+        self._req: list = []
+        self._req_len = 0  # that request's keys seen so far, evicted ones included (an upper
+        #                    bound: a key given twice counts twice until the map is made)
+
+    # ---------------------------------------------------------------- verbs
+
+    def insert(self, key, hints=None):
+        self.insert_many((key,), (hints,))
+
+    def insert_many(self, keys, hints=None):
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        if not keys:
+            return
+        per_key = isinstance(hints, (list, tuple))
+        first = hints[0] if per_key else hints
+        if first is not None:
+            self._structured = True
+        if first is None:  # no structure given: a store after a store starts a new request
+            if self._stored_last:
+                self._new_request = True
+                self._req, self._req_len = [], 0
+        elif first.parent is None:
+            self._structured = True
+            self._parents[keys[0]] = None
+            self._new_request = True
+            self._req, self._req_len = [], 0
+        if self.LEAF_FIRST and self._structured:
+            self._req.append(keys)
+            self._req_len += len(keys)
+        if self._real.wants_structure:
+            self._real.insert_many(keys, hints)
+        elif self.active in self.REVERSED:
+            self._real.insert_many(keys[::-1], None)
+        else:
+            self._real.insert_many(keys, None)
+        if per_key:
+            try:  # the usual case, a Hints per key: at C speed (`None in hints` would call
+                self._parents.update(zip(keys, map(_parent_of, hints)))  # Hints.__eq__ per key)
+            except AttributeError:  # some are None: those keys are left out
+                self._parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None)
+        elif hints is not None:
+            self._parents[keys[0]] = hints.parent
+        self._stored_last = True
+        self._feed(keys, True)
+
+    def touch(self, keys):
+        if not isinstance(keys, (list, tuple)):
+            keys = list(keys)
+        if not keys:
+            return
+        if self._parents.get(keys[0], _NO_KEY) is None or (self._stored_last and not self._structured):
+            self._new_request = True
+            self._req, self._req_len = [], 0
+        if self.LEAF_FIRST and self._structured:
+            self._req.append(keys)
+            self._req_len += len(keys)
+        self._stored_last = False
+        self._real.touch(keys[::-1] if self.active in self.REVERSED else keys)
+        self._feed(keys, False)
+
+    def batch_stored(self, keys):
+        self._real.batch_stored(keys)
+
+    def remove(self, key):
+        self._real.remove(key)
+        self._parents.pop(key, None)
+
+    def evict(self, n, protected=()):
+        victims = self._real.evict(n, protected)
+        room = len(self._real) + len(victims) if victims else 0
+        if (victims and self._req_len + n > room and not self._real.wants_structure):
+            req = dict.fromkeys(chain.from_iterable(self._req))  # in order, each key once
+            self._req, self._req_len = [list(req)], len(req)
+            if self._req_len + n > room:  # the request does not fit the tier
+                victims = self._deepest_first(victims, protected, req)
+        if victims:  # forget them here too, at C speed
+            _drain(map(self._parents.pop, victims, repeat(None)))
+        return victims
+
+    def _deepest_first(self, victims, protected, req):
+        """Victims from the request being served are its deepest blocks, never its head.
+
+        A request longer than what the tier can spare evicts its own blocks to store its tail;
+        a recency or frequency order picks the head first (touched first, or least often),
+        and the next turn of the session then misses from block 0. Leaf first, as the `prefix`
+        policy does, keeps the head. Victims outside the request are left as chosen."""
+        own = [v for v in victims if v in req]  # req: the request's keys, resident or gone
+        if not own:
+            return victims
+        chosen = set(victims)
+        real = self._real
+        deepest = []
+        for k in reversed(req):  # deepest first: the request's own victims, or resident keys
+            if k in chosen or (k in real and k not in protected):
+                deepest.append(k)
+                if len(deepest) == len(own):
+                    break
+        keep = [v for v in own if v not in set(deepest)]
+        if not keep:
+            return victims
+        fresh = [k for k in deepest if k not in chosen]
+        for k in fresh:
+            real.remove(k)
+        real.insert_many(keep[::-1], None)  # back in, head last: the most recent
+        return [v for v in victims if v not in req] + deepest
+
+    def __len__(self):
+        return len(self._real)
+
+    def __contains__(self, key):
+        return key in self._real
+
+    # ---------------------------------------------------------------- miniature simulations
+
+    def _feed(self, keys, stored):
+        """Give the sampled keys of one call, in order, to every mini; count prefix hits."""
+        thr = self._threshold
+        # [k for k in keys if (hash(k) * _MIX) & _MASK < thr], at C speed
+        sample = list(compress(keys, map(lt, map(and_, map(mul, map(hash, keys), repeat(_MIX)),
+                                                 repeat(_MASK)), repeat(thr))))
+        if not sample:
+            return
+        if self._new_request:
+            self._new_request = False
+            self._alive = [True] * len(self._minis)
+            self._last = None
+        parent = self._last
+        self._last = sample[-1]
+        n = len(sample)
+        self._window += n
+        self._seen += n
+        ends_run = stored and sample[-1] is keys[-1]
+        counted = []
+        before = None
+        for i, mini in enumerate(self._minis):
+            hits = [k for k in sample if k in mini]
+            j = 0
+            if self._alive[i]:
+                if len(hits) == n:
+                    j = n
+                else:
+                    while sample[j] in mini:
+                        j += 1
+                    self._alive[i] = False
+                self._score[i] += j
+            counted.append(j)
+            if hits:
+                mini.touch(hits[::-1] if self.names[i] in self.REVERSED else hits)
+            if len(hits) == n:
+                continue
+            new = [k for k in sample if k not in mini] if hits else sample
+            room = len(mini) + len(new) - self.mini_capacity
+            if room > 0 and len(new) > self.mini_capacity:
+                continue  # the manager refuses a store larger than the tier
+            if room > 0:
+                mini.evict(room, ())
+            if mini.__class__ is HitDensityPolicy:
+                mini.insert_run(new, len(keys), ends_run)
+            elif mini.wants_structure:
+                if before is None:  # each sampled key's parent: the sampled key before it
+                    before, prev = {}, parent
+                    for k in sample:
+                        before[k] = prev
+                        prev = k
+                mini.insert_many(new, [_Link(before[k]) for k in new])
+            else:
+                mini.insert_many(new[::-1] if self.names[i] in self.REVERSED else new, None)
+        ja = counted[self._active_index]
+        if any(j != ja for j in counted):  # a paired test: where the two outcomes differ
+            differ = self._differ
+            for i, j in enumerate(counted):
+                differ[i] += abs(j - ja)
+        if self._seen >= self._next_check:
+            self._choose()
+
+    def _choose(self):
+        self._next_check = self._seen + self._check
+        score, names, cur = self._score, self.names, self._active_index
+        for i in range(len(names)):  # a lead counts when it is beyond noise and worth a switch
+            lead = score[i] - score[cur]
+            real = (i != cur and lead > self.Z * math.sqrt(self._differ[i])
+                    and lead > self.MARGIN * self._window)
+            self._ahead[i] = self._ahead[i] + 1 if real else 0
+        best = max(range(len(names)), key=score.__getitem__)
+        if self._ahead[best] >= self.PERSIST:  # held for PERSIST checks in a row: switch
+            self._switch(best)
+        keep = self.KEEP
+        self._score = [x * keep for x in score]
+        self._differ = [d * keep for d in self._differ]
+        self._window *= keep
+
+    def _switch(self, index):
+        """The real tier's keys, least valuable first, into a fresh instance of the winner,
+        warm-started from its miniature simulation where it learns (hitdensity's tables,
+        ARC's target size)."""
+        old = self._real
+        order = old.evict(len(old), ()) or []
+        name = self.names[index]
+        new = CANDIDATES[name](self.capacity)
+        mini = self._minis[index]
+        if isinstance(new, HitDensityPolicy):
+            new.adopt(mini, 1 / self.rate)
+        elif isinstance(new, ARCPolicy):
+            new.p = min(float(self.capacity), mini.p / self.rate)
+        if new.wants_structure:
+            parents = self._parents
+            for k in order:
+                new.insert(k, _Link(parents.get(k)))
+        else:
+            for k in order:
+                new.insert(k, None)
+        self._real = new
+        self.active = name
+        self._active_index = index
+        self._ahead = [0] * len(self.names)
+        self._differ = [0.0] * len(self.names)  # measured against the active policy only
+        self.switches.append((self._seen, name))
