@@ -8,6 +8,11 @@
       .view(ns) -> {place: {hash}}      what the tiers hold now, by place (medium, locality): the ground
                                         truth a subscriber must reach
       .blocks(ns)                       named blocks of ns still tracked
+      .meta(key) -> bytes | None        a named block's (ns, hash, parent hash) as a blob that persistent
+                                        tiers keep beside it (BlockManager.keep_meta: G3's index)
+      .recovered(metas, accept)         names the blocks recovered with such a blob (take_recovered_meta),
+                                        of the namespaces accept(ns) allows: published at the next diff,
+                                        in the place their tier holds them, as if just stored
 
 Events are dicts with vLLM 0.32's field names (vllm/distributed/kv_events.py: "type" BlockStored,
 BlockRemoved or AllBlocksCleared), so the daemon packs them without vLLM installed
@@ -45,6 +50,13 @@ Older subscribers: msgspec (vLLM's decoder) ignores fields a class lacks, so a v
 decodes these batches (without locality and ownership); one that matched kvbm's former media
 "DISK" / "OBJECT" must match ("STORAGE", "LOCAL") / ("STORAGE", "REMOTE") now.
 
+After a restart: G3 (disk) keeps each block's blob in its index (tiers/disk_index.py, version 2), so
+a block it recovers is named again with the namespace and hashes it was stored under. The blob is
+META_FORMAT, then the namespace, the hash and the parent hash, each None, bytes (<= 255) or an
+integer in [-2^63, 2^64); a blob that does not decode so names nothing (the block is served, not
+published). It stays in the daemon's own index file (0600, in a 0700 folder), beside the block's
+bytes: nothing in it leaves the process but what the events would have said anyway.
+
 Diffing what is held, instead of translating each manager event, keeps a subscriber exact
 whatever happened in between (a cascade, a promotion that copies or moves, a rollback): a block
 is published in a place while a tier of that place holds it ready. A named block is tracked
@@ -55,12 +67,16 @@ bounded by the manager's capacity.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import struct
+from typing import Any, Callable, Iterable
 
 LOCAL, REMOTE = "LOCAL", "REMOTE"  # vllm.v1.kv_offload.base.Locality's values
 PLACE = {"device": ("GPU", LOCAL), "host": ("CPU", LOCAL), "disk": ("STORAGE", LOCAL), "object": ("STORAGE", REMOTE)}
 OWNERSHIP = "kvbm"  # the secondary tier that generated the event (see the docstring)
 SWEEP_SLACK = 1024
+META_FORMAT = b"\x01"  # the blob's first byte (format 1: namespace, hash, parent hash)
+_NONE, _BYTES, _UINT, _NEG = range(4)  # a blob field's tag
+_U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
 
 
 class HeldMedia:
@@ -136,6 +152,30 @@ class HeldMedia:
     def blocks(self, ns: Any) -> int:
         return self._blocks.get(ns, 0)
 
+    def meta(self, key: Any) -> bytes | None:
+        """The blob of a named key: META_FORMAT + namespace, hash, parent hash (None if unnamed).
+        Called by the tier that writes the block, maybe on a transfer thread: reads one entry."""
+        e = self.entries.get(key)
+        if e is None:
+            return None
+        try:
+            return META_FORMAT + _field(e[0]) + _field(e[1]) + _field(e[2])
+        except (TypeError, ValueError, struct.error):  # a hash it cannot hold: the block goes unnamed
+            return None
+
+    def recovered(self, metas: dict, accept: Callable[[Any], bool]) -> dict[Any, int]:
+        """Name the recovered blocks whose blob decodes, of the namespaces accept(ns) allows;
+        -> {namespace: blocks named}. Published at the next diff where their tiers hold them."""
+        out: dict[Any, int] = {}
+        for key, blob in metas.items():
+            fields = unpack_meta(blob)
+            if fields is None or fields[1] is None or not accept(fields[0]):
+                continue
+            ns, h, parent = fields
+            self.name(ns, [key], [h], parent)
+            out[ns] = out.get(ns, 0) + 1
+        return out
+
     def _stored(self, entries: list, place: tuple[str, str]) -> list:
         """BlockStored events; a run of blocks each the parent of the next goes in one event."""
         evs: list = []
@@ -179,3 +219,39 @@ class HeldMedia:
         """The places of a bit set."""
         return [p for i, p in enumerate(self.places) if bits & (1 << i)]
 
+
+def _field(v: Any) -> bytes:
+    if v is None:
+        return bytes((_NONE,))
+    if isinstance(v, bytes):
+        if len(v) > 255:
+            raise ValueError("a blob field holds at most 255 bytes")
+        return bytes((_BYTES, len(v))) + v
+    return bytes((_UINT,)) + _U64.pack(v) if v >= 0 else bytes((_NEG,)) + _I64.pack(v)
+
+
+def unpack_meta(blob: bytes) -> tuple | None:
+    """(namespace, hash, parent hash) of a blob from HeldMedia.meta, or None if it is not one."""
+    if blob[:1] != META_FORMAT:
+        return None
+    out, pos = [], 1
+    try:
+        for _ in range(3):
+            tag = blob[pos]
+            if tag == _NONE:
+                out.append(None)
+                pos += 1
+            elif tag == _BYTES:
+                n = blob[pos + 1]
+                if pos + 2 + n > len(blob):
+                    return None
+                out.append(bytes(blob[pos + 2:pos + 2 + n]))
+                pos += 2 + n
+            elif tag in (_UINT, _NEG):
+                out.append((_U64 if tag == _UINT else _I64).unpack_from(blob, pos + 1)[0])
+                pos += 9
+            else:
+                return None
+    except (IndexError, struct.error):
+        return None
+    return tuple(out) if pos == len(blob) else None

@@ -60,6 +60,15 @@ bin of 1-64 bytes, an integer, or nil; `parent_hash` for the block before the fi
 client can only name keys of its own namespace (server keys are derived from it), so a wrong
 hash misleads that namespace's routers only. A hash is kept while its block is held in some
 tier or in flight (kvbm/held.py), so what is kept is bounded by what the manager holds.
+
+Across a restart: G3 writes each block with a blob of (namespace id, engine hash, parent hash)
+from HeldMedia.meta into its index (tiers/disk_index.py version 2; the index file is the daemon's
+own, 0600 in a 0700 folder, beside the blocks' bytes, so the namespace id never leaves the
+daemon). A restarted daemon names the blocks G3 recovers with them before it serves anything, and
+publishes them at once, each in its namespace's stream (the stream's first batch, a snapshot:
+AllBlocksCleared then BlockStored STORAGE/LOCAL), as if they had just been stored; a router that
+followed the old daemon sees the gap and replays it. Blocks stored without hashes, or recovered
+from a version 1 index, have no blob: served as before, never published.
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ import zmq
 from . import protocol as P
 from ..held import HeldMedia
 from .events import PLAIN_USER, topic_of
+from .leases import PEER_NS
 
 log = logging.getLogger("kvbm.daemon")
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -121,6 +131,7 @@ class KVEventPublisher:
         dcfg = daemon.dcfg
         self.daemon = daemon
         self.held = HeldMedia(daemon.manager, daemon.config.layout.block_size)
+        daemon.manager.keep_meta(self.held.meta)  # G3 keeps each block's names (see the docstring)
         self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
         self.buffer = dcfg.kv_events_buffer
@@ -149,6 +160,7 @@ class KVEventPublisher:
             raise
         self.address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replay_address = self.replay.getsockopt(zmq.LAST_ENDPOINT).decode() if self.replay else ""
+        self._recovered(daemon.manager.take_recovered_meta())
         self._stop = threading.Event()
         self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
         self._thread = None
@@ -168,6 +180,15 @@ class KVEventPublisher:
             return
         self._stream(ns)
         self.held.name(ns, skeys, hashes, parent)
+
+    def _recovered(self, metas: dict) -> None:
+        """Blocks G3 recovered with their names: published now, per namespace, as if just stored."""
+        counts = self.held.recovered(metas, lambda ns: isinstance(ns, bytes) and len(ns) == 16 and ns != PEER_NS)
+        for ns in counts:
+            self._stream(ns)
+        if counts:
+            log.info("KV events: %d recovered blocks of %d namespaces named again", sum(counts.values()), len(counts))
+            self.changed([])
 
     def changed(self, events: list) -> None:
         """After a drained batch of manager events (and at any drain with adopted keys)."""

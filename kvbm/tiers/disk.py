@@ -6,15 +6,20 @@
     write([(key, slot, buf)])      batched pwrite, then put records -> per block True/False
     read([(key, slot, buf)])       batched pread, CRC-32C checked -> per block True/False
     recover() -> [(key, slot)]     the blocks the index kept, oldest write first
+    meta_of = fn                   fn(key) -> bytes | None: an opaque blob kept beside each block written
+    recovered_meta() -> {key: blob}  the blobs of the blocks the index kept (version 2 records)
     describe(slot)                 the block's file extent (for NIXL)
 
 Files live in `<path>/<namespace>/`:
 
     slots.bin   capacity_blocks slots `stride` bytes apart (block_nbytes rounded up to 4 KiB,
                 so every slot is aligned for O_DIRECT), preallocated at open
-    index.log   a header (block size, capacity), then put records (key, slot, crc32c and
+    index.log   a header (block size, capacity), then put records (key, slot, crc32c, blob and
                 sequence for each block of one write call) and delete records (slot), each
                 framed with its own length and checksum (the record format: disk_index.py)
+
+The blob is what `meta_of` (set by BlockManager.keep_meta) gives for a key as its block is
+written (<= MAX_META bytes, else none); never read here, it comes back after a restart.
 
 A write lands the bytes first and appends their put record after, and syncs neither (the
 files are synced at close and when the index is compacted). After a crash a record may
@@ -57,7 +62,7 @@ import numpy as np
 
 from .. import ops
 from .base import Region, Storage, encode_key, make_private_dir
-from .disk_index import DELETE, PUT, Entry, compacted, delete_record, put_record, replay
+from .disk_index import DELETE, MAX_META, PUT, Entry, compacted, delete_record, put_record, replay
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ def align_up(n: int, a: int = PAGE) -> int:
 class DiskStorage(Storage):
     medium = "disk"
     persistent = True
+    keeps_meta = True
 
     def __init__(self, capacity_blocks: int, block_nbytes: int, *, path: str | os.PathLike | None = None,
                  direct: bool = True, threads: int = 0, readonly_retry_s: float = 5.0,
@@ -125,9 +131,9 @@ class DiskStorage(Storage):
         for kind, seq, body in replay(data, self.index_path, self.block_nbytes, self.capacity_blocks):
             self._seq = max(self._seq, seq)
             if kind == PUT:
-                for j, (slot, crc, key) in enumerate(body):
+                for j, (slot, crc, key, meta) in enumerate(body):
                     if slot < self.capacity_blocks:
-                        self._map(slot, key, crc, seq + j)
+                        self._map(slot, key, crc, seq + j, meta)
                 self._seq = max(self._seq, seq + len(body) - 1)
             elif kind == DELETE:
                 self._unmap(body)
@@ -235,13 +241,13 @@ class DiskStorage(Storage):
 
     # ---------------------------------------------------------------- index
 
-    def _map(self, slot: int, key: Any, crc: int, seq: int) -> None:
+    def _map(self, slot: int, key: Any, crc: int, seq: int, meta: bytes = b"") -> None:
         """slot now holds key: whatever the slot held, and wherever the key was, is gone."""
         self._unmap(slot)
         old = self._slot_of.pop(key, None)
         if old is not None:
             self._index.pop(old, None)
-        self._index[slot] = Entry(key, crc, seq)
+        self._index[slot] = Entry(key, crc, seq, meta)
         self._slot_of[key] = slot
 
     def _unmap(self, slot: int) -> Entry | None:
@@ -320,6 +326,17 @@ class DiskStorage(Storage):
             self._free = [s for s in self._free if s not in slots]
             return [(e.key, slot) for slot, e in live]
 
+    def recovered_meta(self) -> dict[Any, bytes]:
+        """{key: blob} of the indexed blocks that have one, oldest write first."""
+        with self._lock:
+            return {e.key: e.meta for e in sorted(self._index.values(), key=lambda e: e.seq) if e.meta}
+
+    def _metas(self, items: Sequence[tuple[Any, Any, Any]]) -> list[bytes]:
+        """Each key's blob from meta_of: b"" without one (or for one longer than MAX_META)."""
+        fn = self.meta_of
+        metas = [b""] * len(items) if fn is None else [fn(key) or b"" for key, _, _ in items]
+        return [m if len(m) <= MAX_META else b"" for m in metas]
+
     # ---------------------------------------------------------------- bytes
 
     def _check(self, items: Sequence[tuple[Any, Any, Any]], writable: bool) -> tuple[list, list[int]]:
@@ -349,6 +366,7 @@ class DiskStorage(Storage):
         items = list(items)
         views, slots = self._check(items, writable=False)
         names = [encode_key(key).encode() for key, _, _ in items]  # TypeError before any I/O
+        metas = self._metas(items)
         if len(set(slots)) != len(slots):
             raise ValueError("disk storage: a write batch names the same slot twice")
         if not items:
@@ -369,7 +387,7 @@ class DiskStorage(Storage):
         result = [False] * len(items)
         with self._lock:
             first = self._seq + 1
-            record = put_record(first, [(slots[i], crc_list[i], names[i]) for i in ok])
+            record = put_record(first, [(slots[i], crc_list[i], names[i], metas[i]) for i in ok])
             if ok and self._append(record, len(ok)):
                 self._seq += len(ok)
                 index, slot_of, unmap = self._index, self._slot_of, self._unmap
@@ -380,7 +398,7 @@ class DiskStorage(Storage):
                     old = slot_of.pop(key, None)
                     if old is not None:
                         index.pop(old, None)
-                    index[slot] = Entry(key, crc_list[i], first + j)
+                    index[slot] = Entry(key, crc_list[i], first + j, metas[i])
                     slot_of[key] = slot
                     result[i] = True
             self.errors.io_errors += len(items) - result.count(True)  # write or record failed
