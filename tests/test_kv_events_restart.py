@@ -301,3 +301,61 @@ def test_a_blob_that_does_not_decode_names_nothing():
     assert fresh.recovered(metas, lambda ns: True) == {b"n" * 16: 1}  # only the intact blob
     assert fresh.recovered({b"k5": blob0}, lambda ns: ns is None) == {}  # another namespace's: refused
     assert set(fresh.entries) == {b"k0"}
+
+
+# ---------------------------------------------------------------- the in-process connector
+
+
+def _in_process(path):
+    """An in-process manager (G2 of 2 over G3 of 8 at `path`) and its connector halves."""
+    from kvbm.blocks import Namespace
+    from kvbm.config import KVBMConfig
+    from kvbm.connectors import core
+    from kvbm.manager import BlockManager
+    from servedaemon import LAYOUT, LAYOUT_DICT
+
+    torch = pytest.importorskip("torch")
+    manager = BlockManager.from_config(KVBMConfig.from_dict({
+        "layout": LAYOUT_DICT, "tiers": [
+            {"name": "g2", "capacity": 2, "eviction": "lru", "storage": "host"},
+            {"name": "g3", "capacity": 8, "eviction": "lru", "storage": {"name": "disk", "path": str(path)}}]}))
+    lock = __import__("threading").RLock()
+    sched = core.SchedulerSide(manager, lock, Namespace("tiny", LAYOUT), LAYOUT.block_size)
+    worker = core.WorkerSide(manager, lock)
+    g = torch.Generator().manual_seed(0)
+    worker.register([torch.randn(16, 2, 2, LAYOUT.block_size, 64, generator=g).to(torch.bfloat16) for _ in range(2)])
+    return manager, sched, worker
+
+
+def test_the_in_process_connector_publishes_what_g3_recovered(tmp_path):
+    from kvbm.connectors.vllm import _vllm_events
+
+    bs = 16
+    manager, sched, worker = _in_process(tmp_path / "g3")
+    assert sched.take_events() == []  # the first call starts naming blocks (vLLM calls it every step)
+    parents, names = {}, {}
+    for r in "abc":  # three 2-block prompts through a 2-block G2: the first two go down to G3
+        hashes = chain(f"inproc-{r}", 2)
+        names.update(zip(hashes, sched.keys(r, hashes)))
+        parents.update(zip(hashes, [None, hashes[0]]))
+        worker.start_store(sched.plan_store(r, [0, 1], 2 * bs + 1))
+        worker.poll(wait=True)
+        sched.finished(r)
+        sched.take_events()
+    in_g3 = {h for h, k in names.items() if manager.lookup([k])[1] == ["g3"]}
+    assert in_g3 == set(chain("inproc-a", 2)) | set(chain("inproc-b", 2))
+    manager.close()  # the engine goes away; G3's index stays
+
+    manager, sched, worker = _in_process(tmp_path / "g3")
+    try:
+        assert sched.take_events() == []
+        evs = _vllm_events(sched.take_events())  # the next step: what G3 recovered, as just stored
+        assert {(type(ev).__name__, ev.medium, ev.locality, ev.ownership) for ev in evs} == {
+            ("BlockStored", "STORAGE", "LOCAL", "kvbm")}
+        parent_of = {}
+        for ev in evs:
+            for i, h in enumerate(ev.block_hashes):
+                parent_of[h] = ev.block_hashes[i - 1] if i else ev.parent_block_hash
+        assert parent_of == {h: parents[h] for h in in_g3}
+    finally:
+        manager.close()

@@ -182,6 +182,9 @@ class ManagerBackend:
                 from ..held import HeldMedia
 
                 self.held = HeldMedia(self.manager, block_size)
+                # G3 keeps each block's names: what it recovered at start is published at the next call
+                self.manager.keep_meta(self.held.meta)
+                self.held.recovered(self.manager.take_recovered_meta(), lambda ns: ns is None)
                 return []
             return self.held.diff(ev.key for ev in events).get(None, [])
 
