@@ -10,7 +10,7 @@
       .blocks(ns)                       named blocks of ns still tracked
       .meta(key) -> bytes | None        a named block's (ns, hash, parent hash) as a blob that persistent
                                         tiers keep beside it (BlockManager.keep_meta: G3's index)
-      .recovered(metas, accept)         names the blocks recovered with such a blob (take_recovered_meta),
+      .recovered(metas, accept)         names the blocks recovered with such a blob (manager.kept_meta()),
                                         of the namespaces accept(ns) allows: published at the next diff,
                                         in the place their tier holds them, as if just stored
 
@@ -54,8 +54,8 @@ After a restart: G3 (disk) keeps each block's blob in its index (tiers/disk_inde
 a block it recovers is named again with the namespace and hashes it was stored under. The blob is
 META_FORMAT, then the namespace, the hash and the parent hash, each None, bytes (<= 255) or an
 integer in [-2^63, 2^64); a blob that does not decode so names nothing (the block is served, not
-published). It stays in the daemon's own index file (0600, in a 0700 folder), beside the block's
-bytes: nothing in it leaves the process but what the events would have said anyway.
+published). It stays in G3's own index file (0600, in a 0700 folder), beside the block's bytes:
+nothing in it leaves the process but what the events would have said anyway.
 
 Diffing what is held, instead of translating each manager event, keeps a subscriber exact
 whatever happened in between (a cascade, a promotion that copies or moves, a rollback): a block

@@ -8,7 +8,7 @@
     serve(keys) -> where                    one request: locate, load the ready prefix, store the rest
     pin / unpin / remove                    explicit pins, invalidation
     take_events() / stats()                 stored / removed / moved events; per-tier counters
-    keep_meta(fn) / take_recovered_meta()   an opaque blob per key that persistent tiers keep (G3)
+    keep_meta(fn) / kept_meta()             an opaque blob per key that persistent tiers keep (G3)
 
 Here: construction, queries, the store verbs, one request (serve), pins, events. Beside it:
 onboard.py (the load verbs, promotion), placement.py (where a store's keys go, room-making and
@@ -84,7 +84,6 @@ class BlockManager(Placement, Onboard, ByteJobs):
         self._tickets: list[Ticket] = []
         self._j: Journal | None = None  # open while a public verb runs (kvbm.journal)
         self.paths = PathStats()
-        self._recovered_meta: dict[Any, bytes] = {}
         self._recover()
 
     @property
@@ -105,7 +104,6 @@ class BlockManager(Placement, Onboard, ByteJobs):
         for t in self.tiers:
             if not t.storage.persistent:
                 continue
-            metas = t.storage.recovered_meta()
             for key, slot in t.storage.recover():
                 dup = key in t.ready or (self.exclusive and any(key in u.ready for u in self.tiers[:t.index]))
                 if dup or len(t.ready) >= t.capacity:
@@ -114,8 +112,6 @@ class BlockManager(Placement, Onboard, ByteJobs):
                 t.ready[key] = slot
                 t.policy.insert(key, None)
                 t.stats.recovered += 1
-                if key in metas:
-                    self._recovered_meta[key] = metas[key]
 
     def keep_meta(self, fn: Callable[[Any], bytes | None]) -> None:
         """fn(key) -> an opaque blob (or None) that tiers keeping metadata (G3) store beside a block
@@ -124,9 +120,13 @@ class BlockManager(Placement, Onboard, ByteJobs):
             if t.storage.keeps_meta:
                 t.storage.meta_of = fn
 
-    def take_recovered_meta(self) -> dict[Any, bytes]:
-        """{key: blob} of the blocks recovered at start (oldest write first); once, then empty."""
-        out, self._recovered_meta = self._recovered_meta, {}
+    def kept_meta(self) -> dict[Any, bytes]:
+        """{key: blob} that tiers keeping metadata hold for their ready blocks, oldest write first:
+        at start, the blobs of the blocks they recovered."""
+        out: dict[Any, bytes] = {}
+        for t in self.tiers:
+            if t.storage.keeps_meta:
+                out.update((k, m) for k, m in t.storage.kept_meta().items() if k in t.ready)
         return out
 
     def close(self) -> None:

@@ -155,6 +155,14 @@ def test_recovered_g3_blocks_are_published_per_namespace_after_a_restart(tmp_pat
         assert fa.held() == now_a == a.kv_view()
         assert now_a[STORAGE_LOCAL] >= after_a[STORAGE_LOCAL]  # the recovered blocks, still in G3
         assert not set().union(*fa.held().values()) & set(b.keys)  # nothing of B on A's topic
+        # a router of B's topic joining now (its first live batch: a gap from nothing, so a replay)
+        fb = Follower(ctx, d.kv, d.kvr, b.c.topic)
+        join(fb, b)
+        fb.pump()
+        now_b = b.truth()
+        assert fb.held() == now_b == b.kv_view() and now_b[STORAGE_LOCAL] >= after_b[STORAGE_LOCAL]
+        assert not set().union(*fb.held().values()) & set(a.keys)  # nothing of A on B's topic
+        fb.sub.close(0)
     finally:
         fa.sub.close(0)
         for t in (a, b):
@@ -224,7 +232,7 @@ def test_a_version_1_index_at_the_storage(tmp_path):
     store = DiskStorage(8, NB, path=tmp_path, namespace="ns")
     try:
         assert store.recover() == [(b"k0", slots[0]), (b"k1", slots[1])]
-        assert store.recovered_meta() == {}  # version 1 kept no blobs
+        assert store.kept_meta() == {}  # version 1 kept no blobs
         bufs = [np.zeros(NB, np.uint8) for _ in slots]
         assert store.read([(k, s, buf) for k, s, buf in zip((b"k0", b"k1"), slots, bufs)]) == [True, True]
         assert all(np.array_equal(buf, block(k)) for k, buf in zip((b"k0", b"k1"), bufs))
@@ -264,7 +272,7 @@ def test_a_torn_version_2_record_ends_the_replay(tmp_path, caplog):
         store = DiskStorage(8, NB, path=tmp_path, namespace="ns")
         try:
             assert store.recover() == [(k, slots[k]) for k in (b"k0", b"k1", b"k2")], cut
-            assert store.recovered_meta() == {k: blobs[k] for k in (b"k0", b"k1", b"k2")}, cut
+            assert store.kept_meta() == {k: blobs[k] for k in (b"k0", b"k1", b"k2")}, cut
             assert cut == last or "torn or garbled index records" in caplog.text
         finally:
             store.close()
@@ -281,7 +289,7 @@ def test_a_garbled_blob_length_ends_the_replay(tmp_path, caplog):
     store = DiskStorage(8, NB, path=tmp_path, namespace="ns")
     try:
         assert [k for k, _ in store.recover()] == [b"k0", b"k1", b"k2", b"k3", b"k4"]  # nothing after it
-        assert store.recovered_meta() == blobs
+        assert store.kept_meta() == blobs
         assert "malformed record" in caplog.text
     finally:
         store.close()

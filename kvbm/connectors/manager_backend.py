@@ -184,7 +184,7 @@ class ManagerBackend:
                 self.held = HeldMedia(self.manager, block_size)
                 # G3 keeps each block's names: what it recovered at start is published at the next call
                 self.manager.keep_meta(self.held.meta)
-                self.held.recovered(self.manager.take_recovered_meta(), lambda ns: ns is None)
+                self.held.recovered(self.manager.kept_meta(), lambda ns: ns is None)
                 return []
             return self.held.diff(ev.key for ev in events).get(None, [])
 

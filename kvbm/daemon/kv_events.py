@@ -160,7 +160,7 @@ class KVEventPublisher:
             raise
         self.address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replay_address = self.replay.getsockopt(zmq.LAST_ENDPOINT).decode() if self.replay else ""
-        self._recovered(daemon.manager.take_recovered_meta())
+        self._recovered(daemon.manager.kept_meta())
         self._stop = threading.Event()
         self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
         self._thread = None

@@ -6,8 +6,8 @@
     Storage.read([(key, slot, buf)])      fill buffers; per block True, or False (missing,
                                           I/O error, checksum mismatch): a miss, never wrong bytes
     Storage.recover() -> [(key, slot)]    persistent media: the blocks that survived a restart
-    Storage.meta_of / recovered_meta()    media that keep_meta: an opaque blob per key (meta_of(key)
-                                          as the block is written), given back after a restart
+    Storage.meta_of / kept_meta()         media that keeps_meta: an opaque blob per key (meta_of(key)
+                                          as the block is written), kept across a restart
     Storage.writable                      False while the medium takes no new blocks (G3 on a full disk)
     Storage.describe(slot)                the block as regions (memory ranges or file extents), for NIXL
     Storage.close()                       flush indexes and release the medium
@@ -63,7 +63,7 @@ class Storage(ABC):
     medium: ClassVar[str] = ""
     instant: ClassVar[bool] = False  # metadata only: nothing to copy
     persistent: ClassVar[bool] = False  # blocks survive close/reopen (recover())
-    keeps_meta: ClassVar[bool] = False  # keeps meta_of(key)'s blob beside each block (recovered_meta())
+    keeps_meta: ClassVar[bool] = False  # keeps meta_of(key)'s blob beside each block (kept_meta())
     meta_of: Any = None  # fn(key) -> bytes | None, set by BlockManager.keep_meta
 
     def __init__(self, capacity_blocks: int, block_nbytes: int = 0, *, namespace: str = "default",
@@ -99,7 +99,7 @@ class Storage(ABC):
     def recover(self) -> list[tuple[Any, Any]]:
         return []
 
-    def recovered_meta(self) -> dict[Any, bytes]:
+    def kept_meta(self) -> dict[Any, bytes]:
         return {}
 
     def close(self) -> None:

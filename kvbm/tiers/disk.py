@@ -7,7 +7,7 @@
     read([(key, slot, buf)])       batched pread, CRC-32C checked -> per block True/False
     recover() -> [(key, slot)]     the blocks the index kept, oldest write first
     meta_of = fn                   fn(key) -> bytes | None: an opaque blob kept beside each block written
-    recovered_meta() -> {key: blob}  the blobs of the blocks the index kept (version 2 records)
+    kept_meta() -> {key: blob}     the blobs of the indexed blocks (after a restart: those it recovered)
     describe(slot)                 the block's file extent (for NIXL)
 
 Files live in `<path>/<namespace>/`:
@@ -326,7 +326,7 @@ class DiskStorage(Storage):
             self._free = [s for s in self._free if s not in slots]
             return [(e.key, slot) for slot, e in live]
 
-    def recovered_meta(self) -> dict[Any, bytes]:
+    def kept_meta(self) -> dict[Any, bytes]:
         """{key: blob} of the indexed blocks that have one, oldest write first."""
         with self._lock:
             return {e.key: e.meta for e in sorted(self._index.values(), key=lambda e: e.seq) if e.meta}
