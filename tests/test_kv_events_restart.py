@@ -89,6 +89,17 @@ def decoded(ctx, d: Served, topic: bytes, start: int = -1) -> list:
     return [ev for _, payload in replay(ctx, d.kvr, topic, start) for ev in dec.decode(payload).events]
 
 
+def caught_up(f: Follower, t: Tenant) -> dict:
+    """Pump until the follower's view is the tenant's truth (a batch may still be on its way: the
+    daemon publishes after it answers); -> that truth."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        f.pump(100)
+        truth = t.truth()
+        if f.held() == truth or time.monotonic() > deadline:
+            return truth
+
+
 def join(f: Follower, t: Tenant) -> None:
     """PUB/SUB joins late: store throw-away hashed blocks until the follower hears one."""
     deadline = time.monotonic() + DEADLINE_S
@@ -109,8 +120,7 @@ def test_recovered_g3_blocks_are_published_per_namespace_after_a_restart(tmp_pat
         # unsigned, and a negative parent hash): 14 blocks > G2's 4, so most are demoted to G3
         a.store("p", chain("a", 8))
         b.store("q", [2**64 - 1 - i for i in range(6)], parent_hash=-5)
-        fa.pump()
-        before_a, before_b = a.truth(), b.truth()
+        before_a, before_b = caught_up(fa, a), b.truth()
         assert fa.held() == before_a == a.kv_view()  # the stream is right before the restart
         assert len(before_a[STORAGE_LOCAL]) >= 4 and len(before_b[STORAGE_LOCAL]) >= 2, (before_a, before_b)
         last, resyncs = fa.last, fa.resyncs
@@ -150,16 +160,14 @@ def test_recovered_g3_blocks_are_published_per_namespace_after_a_restart(tmp_pat
         # the replay brings the recovered blocks, and its view is the daemon's
         join(fa, a)
         assert fa.last > last and fa.resyncs == resyncs + 1
-        fa.pump()
-        now_a = a.truth()
+        now_a = caught_up(fa, a)
         assert fa.held() == now_a == a.kv_view()
         assert now_a[STORAGE_LOCAL] >= after_a[STORAGE_LOCAL]  # the recovered blocks, still in G3
         assert not set().union(*fa.held().values()) & set(b.keys)  # nothing of B on A's topic
         # a router of B's topic joining now (its first live batch: a gap from nothing, so a replay)
         fb = Follower(ctx, d.kv, d.kvr, b.c.topic)
         join(fb, b)
-        fb.pump()
-        now_b = b.truth()
+        now_b = caught_up(fb, b)
         assert fb.held() == now_b == b.kv_view() and now_b[STORAGE_LOCAL] >= after_b[STORAGE_LOCAL]
         assert not set().union(*fb.held().values()) & set(a.keys)  # nothing of A on B's topic
         fb.sub.close(0)
