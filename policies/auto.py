@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from functools import partial
-from itertools import chain, compress, repeat
+from itertools import chain, compress, filterfalse, repeat, takewhile
 from operator import and_, attrgetter, lt, mul
 
 from .arc import ARCPolicy
@@ -84,6 +84,16 @@ _MASK = 0xFFFFFFFF
 
 
 _drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
+# policies that keep exactly their tracked keys in one dict: `key in policy` is `key in` it
+_KEY_DICT = {HitDensityPolicy: "_class", PrefixPolicy: "_seq"}
+
+
+def _member_test(policy):
+    """A callable answering `key in policy`: the key dict's own C-level __contains__ where the
+    policy has one (a mini is asked about every sampled key, two or three times), else the
+    policy's __contains__."""
+    attr = _KEY_DICT.get(policy.__class__)
+    return getattr(policy, attr).__contains__ if attr else policy.__contains__
 
 
 class _Link:
@@ -129,6 +139,7 @@ class AutoPolicy(EvictionPolicy):
         self._threshold = int(self.rate * (1 << 32))
         self.mini_capacity = max(1, round(self.rate * capacity))
         self._minis = [CANDIDATES[n](self.mini_capacity) for n in self.names]
+        self._reversed = [n in self.REVERSED for n in self.names]
         self._alive = [True] * len(self.names)
         self._score = [0.0] * len(self.names)
         self._window = 0.0  # sampled accesses in the (halving) window
@@ -286,22 +297,23 @@ class AutoPolicy(EvictionPolicy):
         counted = []
         before = None
         for i, mini in enumerate(self._minis):
-            hits = [k for k in sample if k in mini]
+            member = _member_test(mini)  # `k in mini`, at C speed where it can be
+            hits = list(filter(member, sample))
             j = 0
             if self._alive[i]:
                 if len(hits) == n:
                     j = n
-                else:
-                    while sample[j] in mini:
-                        j += 1
+                else:  # the leading sampled keys it holds: its prefix hits in this request
+                    j = len(list(takewhile(member, sample)))
                     self._alive[i] = False
                 self._score[i] += j
             counted.append(j)
+            reverse = self._reversed[i]
             if hits:
-                mini.touch(hits[::-1] if self.names[i] in self.REVERSED else hits)
+                mini.touch(hits[::-1] if reverse else hits)
             if len(hits) == n:
                 continue
-            new = [k for k in sample if k not in mini] if hits else sample
+            new = list(filterfalse(member, sample)) if hits else sample
             room = len(mini) + len(new) - self.mini_capacity
             if room > 0 and len(new) > self.mini_capacity:
                 continue  # the manager refuses a store larger than the tier
@@ -311,13 +323,10 @@ class AutoPolicy(EvictionPolicy):
                 mini.insert_run(new, len(keys), ends_run)
             elif mini.wants_structure:
                 if before is None:  # each sampled key's parent: the sampled key before it
-                    before, prev = {}, parent
-                    for k in sample:
-                        before[k] = prev
-                        prev = k
+                    before = dict(zip(sample, chain((parent,), sample)))
                 mini.insert_many(new, [_Link(before[k]) for k in new])
             else:
-                mini.insert_many(new[::-1] if self.names[i] in self.REVERSED else new, None)
+                mini.insert_many(new[::-1] if reverse else new, None)
         ja = counted[self._active_index]
         if any(j != ja for j in counted):  # a paired test: where the two outcomes differ
             differ = self._differ

@@ -111,11 +111,13 @@ that a batched version did not lower (the bookkeeping per call outweighed it).
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from functools import partial
 from heapq import heapify, heappop, heapreplace
-from itertools import accumulate
-from operator import truediv
+from itertools import accumulate, chain, compress, repeat
+from operator import add, getitem, itemgetter, mul, sub, truediv
 
+from . import _gittins
 from .base import EvictionPolicy
 
 _RUN_OCTAVES = 13  # runs of 1, 2-3, ..., 2048-4095, and 4096 or more blocks
@@ -148,6 +150,16 @@ def _start(b: int) -> int:
 
 _STARTS = [_start(b) for b in range(_BUCKETS + 1)]
 _WIDTH = [max(1, _STARTS[b + 1] - _STARTS[b]) for b in range(_BUCKETS)]
+# _bucket(age) for age < _TABLE by one list index (the hot paths' ages: residents and ghosts
+# of tiers up to ~20k blocks; older ages take the arithmetic). 512 KiB, shared by all instances
+_TABLE = 1 << 16
+_BUCKET_OF = [_bucket(age) for age in range(_TABLE)]
+# C-level helpers over evict's heap entries (score, last access, class, key)
+_key_of, _class_of, _ghost_of = itemgetter(3), itemgetter(2), itemgetter(2, 1)
+_odict_del = OrderedDict.__delitem__
+_drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
+_DOWN = range(_BUCKETS - 1, -1, -1)
+_ZEROS = [0.0] * _BUCKETS
 
 
 def _run_class(n: int) -> int:
@@ -173,6 +185,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._reuses = [[0.0] * _BUCKETS for _ in range(n)]
         self._ends = [[0.0] * _BUCKETS for _ in range(n)]
         self._index = [[0.0] * _BUCKETS for _ in range(n)]
+        self._rise = [[0.0] * _BUCKETS for _ in range(n)]  # index[b + 1] - index[b], for evict
         self._period = max(_MIN_PERIOD, capacity // 4)
         self._shift = (self._period // 4).bit_length() - 1
         self._next_update = self._period
@@ -262,14 +275,26 @@ class HitDensityPolicy(EvictionPolicy):
     def evict(self, n, protected=()):
         if n <= 0:
             return []
-        now, head = self._now, self._head
-        iters, heads = {}, []
+        # _score inlined twice below for the usual ages (each class's first head, then a refill
+        # per victim): the hottest loop of the policy. The same float operations as _score:
+        # rise[b] is index[b + 1] - index[b], taken at the table update
+        now, indices, rises, bucket_of = self._now, self._index, self._rise, _BUCKET_OF
+        starts, widths, table, replace = _STARTS, _WIDTH, _TABLE, heapreplace
+        iters, heads = [None] * len(indices), []
         for c, q in enumerate(self._queues):
-            if q:
-                iters[c] = it = iter(q.items())
-                h = head(c, it, protected, now)
-                if h is not None:
-                    heads.append(h)
+            if not q:
+                continue
+            iters[c] = items = iter(q.items())
+            for key, last in items:
+                if key in protected:
+                    continue
+                age = now - last
+                if 4 <= age < table:
+                    b = bucket_of[age]
+                    heads.append((indices[c][b] + rises[c][b] * (age - starts[b]) / widths[b], last, c, key))
+                else:
+                    heads.append((self._score(c, age), last, c, key))
+                break
         heapify(heads)  # one head per class: (score, last access, class, key); the older wins a tie
         victims = []
         while len(victims) < n:
@@ -277,11 +302,19 @@ class HitDensityPolicy(EvictionPolicy):
                 return None  # atomic: nothing has changed yet
             best = heads[0]
             victims.append(best)
-            h = head(best[2], iters[best[2]], protected, now)
-            if h is None:
-                heappop(heads)
+            c = best[2]
+            for key, last in iters[c]:  # the class's next unprotected entry
+                if key in protected:
+                    continue
+                age = now - last
+                if 4 <= age < table:
+                    b = bucket_of[age]
+                    replace(heads, (indices[c][b] + rises[c][b] * (age - starts[b]) / widths[b], last, c, key))
+                else:
+                    replace(heads, (self._score(c, age), last, c, key))
+                break
             else:
-                heapreplace(heads, h)
+                heappop(heads)
         return self._forget(victims, now)
 
     def __len__(self):
@@ -377,28 +410,32 @@ class HitDensityPolicy(EvictionPolicy):
 
     def _forget(self, victims, now):
         queues, klass, ghosts, epochs, shift = self._queues, self._class, self._ghosts, self._ghost_epochs, self._shift
-        out = []
-        for _, last, c, key in victims:
-            del queues[c][key]
-            del klass[key]
-            ghosts[key] = (c, last)
+        out = list(map(_key_of, victims))
+        ghost = list(map(_ghost_of, victims))  # (class, last access) per victim
+        # out of their queues and classes, into the ghosts (in victim order): C-level maps
+        _drain(map(_odict_del, map(queues.__getitem__, map(_class_of, victims)), out))
+        _drain(map(klass.__delitem__, out))
+        ghosts.update(zip(out, ghost))
+        for c, last in ghost:
             epoch = epochs[c]
-            epoch[last >> shift] = epoch.get(last >> shift, 0) + 1
-            out.append(key)
-        ends, most = self._ends, self._max_ghosts
-        while len(ghosts) > most:  # never came back within the ghost horizon
-            _, (gc, last) = ghosts.popitem(last=False)
-            age = now - last
-            if age < 4:
-                ends[gc][age if age > 0 else 0] += 1
-            else:  # _bucket and _unghost, inlined: once per victim
-                b = age.bit_length()
-                ends[gc][min(_BUCKETS - 1, 2 * b - 2 + ((age >> (b - 2)) & 1))] += 1
-            epoch, e = epochs[gc], last >> shift
-            if epoch[e] == 1:
-                del epoch[e]
-            else:
-                epoch[e] -= 1
+            e = last >> shift
+            epoch[e] = epoch.get(e, 0) + 1
+        extra = len(ghosts) - self._max_ghosts
+        if extra > 0:  # never came back within the ghost horizon
+            ends, bucket_of, pop = self._ends, _BUCKET_OF, ghosts.popitem
+            for _ in range(extra):
+                gc, last = pop(False)[1]
+                age = now - last
+                if age < _TABLE:
+                    ends[gc][bucket_of[age] if age > 0 else 0] += 1
+                else:  # _bucket, inlined: a ghost's age at expiry is about two turnovers
+                    b = age.bit_length()
+                    ends[gc][min(_BUCKETS - 1, 2 * b - 2 + ((age >> (b - 2)) & 1))] += 1
+                epoch, e = epochs[gc], last >> shift
+                if epoch[e] == 1:
+                    del epoch[e]
+                else:
+                    epoch[e] -= 1
         return out
 
     def _unghost(self, c, last):
@@ -452,20 +489,4 @@ class HitDensityPolicy(EvictionPolicy):
         self._next_update = self._now + self._period
         self._updates += 1
         decay = self._updates % _HALF_LIFE_UPDATES == 0
-        for reuses, ends, ongoing, index in zip(self._reuses, self._ends, self._ongoing(), self._index):
-            top = max((b for b in range(_BUCKETS) if ends[b] or ongoing[b]), default=-1)
-            exposure = [0.0] * (top + 1)
-            alive = 0.0
-            for b in range(top, -1, -1):  # lives reaching bucket b spend its width there
-                leaving = ends[b] + ongoing[b]
-                alive += leaving
-                exposure[b] = (alive - leaving / 2) * _WIDTH[b]
-            for b in range(top + 1):  # exposure > 0 up to top: a life reaches every bucket there
-                best = max(map(truediv, accumulate(reuses[b:top + 1]), accumulate(exposure[b:])))
-                index[b] = best if best > 0.0 else 0.0
-            for b in range(top + 1, _BUCKETS):
-                index[b] = 0.0  # older than any life observed: nothing says it will return
-            if decay:
-                for b in range(top + 1):
-                    reuses[b] *= 0.5
-                    ends[b] *= 0.5
+        _gittins.update(self._reuses, self._ends, self._ongoing(), self._index, self._rise, _WIDTH, decay)

@@ -237,3 +237,54 @@ def test_fuzzed_calls_give_the_same_victims_auto(seed, capacity):
     twin = _fuzz(TwinAuto, seed, capacity, candidates=("prefix", "s3fifo", "hitdensity", "lru", "arc"),
                  sample_slots=capacity // 2 + 1, check=32)
     assert twin.victims > 0
+
+
+# ---------------------------------------------------------------- the compiled table update
+
+
+def _tables(rng, classes=16, buckets=64):
+    """Count tables as a run leaves them: integer counts, halved a few times, sparse tops."""
+    reuses, ends, live = [], [], []
+    for _ in range(classes):
+        top = rng.choice([-1, 0, 1, 5, 20, 40, buckets - 1])
+        r = [0.0] * buckets
+        e = [0.0] * buckets
+        o = [0] * buckets
+        for b in range(top + 1):
+            e[b] = float(rng.randint(0, 40)) * 0.5 ** rng.choice([0, 0, 1, 3, 35])
+            r[b] = min(e[b], float(rng.randint(0, 30)) * 0.5 ** rng.choice([0, 1, 7]))
+            o[b] = rng.choice([0, 0, 1, 7, 1000])
+        if top >= 0 and not (e[top] or o[top]):
+            o[top] = 1
+        reuses.append(r)
+        ends.append(e)
+        live.append(o)
+    return reuses, ends, live
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_compiled_table_update_equals_the_python_loop(seed):
+    from kvbm.policies import _gittins
+    from kvbm.policies.hitdensity import _WIDTH
+
+    if not _gittins.compiled():
+        pytest.skip("numba is not installed: only the Python loop runs")
+    rng = random.Random(seed)
+    for decay in (False, True):
+        reuses, ends, live = _tables(rng)
+        out = []
+        for use in (False, True):
+            r, e = [row[:] for row in reuses], [row[:] for row in ends]
+            index, rise = [[9.0] * 64 for _ in r], [[9.0] * 64 for _ in r]
+            _gittins.update(r, e, [row[:] for row in live], index, rise, _WIDTH, decay, use_compiled=use)
+            out.append((r, e, index, rise))
+        assert out[0] == out[1]  # floats equal to the last bit (== on every element)
+        assert any(any(row) for row in out[0][2])
+
+
+def test_python_table_update_gives_the_same_victims(monkeypatch):
+    from kvbm.policies import _gittins
+
+    monkeypatch.setattr(_gittins, "_KERNEL", False)  # as without numba
+    twin = _fuzz(TwinHitDensity, 11, 17)
+    assert twin.victims > 0 and twin.new._updates > 5

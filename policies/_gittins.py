@@ -1,0 +1,130 @@
+"""hitdensity's table update: per class and age bucket, the Gittins index of keeping a block.
+
+    update(reuses, ends, live, index, rise, widths, decay)
+                                               recompute `index` in place (and rise[b] =
+                                               index[b + 1] - index[b]); halve the counts if decay
+    compiled() -> bool                         the numba kernel runs (the `numba` extra is installed)
+
+Per class c, with lives leaving at bucket b = ends + live (ended, or going on and censored there)
+and exposure[b] = (lives reaching b - half of those leaving there) x the bucket's width:
+index[b] = max over horizons h >= b of sum(reuses[b..h]) / sum(exposure[b..h]), each sum
+accumulated from b in order; 0.0 where that is not > 0 and above the oldest life. O(buckets^2)
+per class: at small tiers (an update every 256 inserts) this was half of hitdensity's time in
+Python, each term a float object. The numba kernel does the same float64 operations in the
+same order (no fast-math, so no reassociation or fused multiply-add), so the tables are equal
+to the last bit and no decision changes; tests/test_policy_auto_equal.py compares both paths.
+The kernel works on the policy's small count tables (classes x buckets), never on KV data;
+without numba, or with KVBM_POLICY_NUMBA=0 in the environment, the Python loop runs.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import accumulate
+from operator import sub, truediv
+
+_KERNEL = None  # the compiled function once built; False: numba is not there (or turned off)
+
+
+def _python(reuses, ends, live, index, rise, widths, decay):
+    for r, e, ongoing, idx, up in zip(reuses, ends, live, index, rise):
+        top = max((b for b in range(len(idx)) if e[b] or ongoing[b]), default=-1)
+        exposure = [0.0] * (top + 1)
+        alive = 0.0
+        for b in range(top, -1, -1):  # lives reaching bucket b spend its width there
+            leaving = e[b] + ongoing[b]
+            alive += leaving
+            exposure[b] = (alive - leaving / 2) * widths[b]
+        for b in range(top + 1):  # exposure > 0 up to top: a life reaches every bucket there
+            best = max(map(truediv, accumulate(r[b:top + 1]), accumulate(exposure[b:])))
+            idx[b] = best if best > 0.0 else 0.0
+        for b in range(top + 1, len(idx)):
+            idx[b] = 0.0  # older than any life observed: nothing says it will return
+        up[:len(idx) - 1] = map(sub, idx[1:], idx)
+        up[-1] = 0.0
+        if decay:
+            for b in range(top + 1):
+                r[b] *= 0.5
+                e[b] *= 0.5
+
+
+def _build():
+    """The numba kernel, or False. Compiled once per process (cached on disk where it can be)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = False
+        if os.environ.get("KVBM_POLICY_NUMBA", "1") != "0":
+            try:
+                import numba
+                import numpy as np
+            except ImportError:
+                return False
+
+            @numba.njit(cache=True, nogil=True)
+            def kernel(reuses, ends, live, widths, decay, index, rise):
+                classes, buckets = reuses.shape
+                exposure = np.zeros(buckets)
+                for c in range(classes):
+                    top = -1
+                    for b in range(buckets - 1, -1, -1):
+                        if ends[c, b] != 0.0 or live[c, b] != 0:
+                            top = b
+                            break
+                    alive = 0.0
+                    for b in range(top, -1, -1):
+                        leaving = ends[c, b] + float(live[c, b])
+                        alive += leaving
+                        exposure[b] = (alive - leaving / 2.0) * float(widths[b])
+                    for b in range(top + 1):
+                        ar = reuses[c, b]
+                        ae = exposure[b]
+                        best = ar / ae
+                        for h in range(b + 1, top + 1):
+                            ar += reuses[c, h]
+                            ae += exposure[h]
+                            ratio = ar / ae
+                            if ratio > best:
+                                best = ratio
+                        index[c, b] = best if best > 0.0 else 0.0
+                    for b in range(top + 1, buckets):
+                        index[c, b] = 0.0
+                    for b in range(buckets - 1):
+                        rise[c, b] = index[c, b + 1] - index[c, b]
+                    rise[c, buckets - 1] = 0.0
+                    if decay:
+                        for b in range(top + 1):
+                            reuses[c, b] *= 0.5
+                            ends[c, b] *= 0.5
+
+            def run(reuses, ends, live, index, rise, widths, decay):
+                r, e = np.array(reuses, dtype=np.float64), np.array(ends, dtype=np.float64)
+                out, up = np.empty_like(r), np.empty_like(r)
+                kernel(r, e, np.array(live, dtype=np.int64), np.array(widths, dtype=np.int64), decay, out, up)
+                for row, new in zip(index, out.tolist()):  # in place: callers hold the rows
+                    row[:] = new
+                for row, new in zip(rise, up.tolist()):
+                    row[:] = new
+                if decay:
+                    for row, new in zip(reuses, r.tolist()):
+                        row[:] = new
+                    for row, new in zip(ends, e.tolist()):
+                        row[:] = new
+
+            _KERNEL = run
+    return _KERNEL
+
+
+def compiled() -> bool:
+    return bool(_build())
+
+
+def update(reuses, ends, live, index, rise, widths, decay, use_compiled=None):
+    """Recompute `index` (rows of floats, in place) from the counts; halve the counts if decay.
+    use_compiled: None = the kernel where numba is there, True = require it, False = Python."""
+    kernel = _build() if use_compiled is not False else False
+    if use_compiled and not kernel:
+        raise RuntimeError("hitdensity: the compiled table update needs numba (pip install 'kvbm-tiered[numba]')")
+    if kernel:
+        kernel(reuses, ends, live, index, rise, widths, decay)
+    else:
+        _python(reuses, ends, live, index, rise, widths, decay)
