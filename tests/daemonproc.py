@@ -1,4 +1,4 @@
-"""Shared by the daemon tests: whether nixl is here, and waiting for `kvbm serve` to be ready."""
+"""Shared by the daemon tests: whether nixl is here, waiting for `kvbm serve` to be ready, waiting on a condition."""
 
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def wait_ready(proc: subprocess.Popen, stdout: Path, timeout: float = 180.0) -> 
             return None
         time.sleep(0.05)
     return None
+
+
+def wait_until(cond, timeout: float = 60.0) -> bool:
+    """Whether cond() came true before the deadline (polled every 50 ms; checked once more at it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
 
 
 def scripted_peer(keys: list, layout: dict, delay: float, later: bool, bad: tuple, conn, gate: str = "") -> None:

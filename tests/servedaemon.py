@@ -1,6 +1,6 @@
 """A `kvbm serve` subprocess with a config of the test's choosing (peer, event and G4 tests).
 
-    d = Served(tmp, "a", tiers=[...], daemon={...}, env={...}).start()
+    d = Served(tmp, "a", tiers=[...], daemon={...}, env={...}, layout={...}).start()
     d.address, d.info, d.client(salt=...), d.stop(), d.kill()
     peer_secret(tmp) -> path of a 0600 cluster secret shared by the daemons of one test
     block(key), make_keys(tag, n), LAYOUT, NB       bytes derived from the key, so any reader verifies
@@ -45,12 +45,12 @@ def peer_secret(tmp: Path, name: str = "peer.secret", data: bytes | None = None)
 
 class Served:
     def __init__(self, tmp: Path, name: str, *, tiers: list | None = None, daemon: dict | None = None,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, layout: dict | None = None) -> None:
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
         self.shm = f"kvbm-test-{uuid.uuid4().hex[:12]}"
         tiers = tiers or [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}]
-        cfg = {"namespace": {"model": "tiny"}, "layout": LAYOUT_DICT, "tiers": tiers,
+        cfg = {"namespace": {"model": "tiny"}, "layout": layout or LAYOUT_DICT, "tiers": tiers,
                "daemon": {"address": f"ipc://{self.dir}/d.sock", "events": "", "metrics": "",
                           "shm_name": self.shm, "lease_s": 10.0, "nixl": False, **(daemon or {})}}
         self.config = self.dir / "kvbm.yaml"

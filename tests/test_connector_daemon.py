@@ -1,6 +1,6 @@
 """The connectors' daemon backend: core.py's scheduler and worker halves over a real `kvbm serve`.
 
-A daemon subprocess (loopback port, its own /dev/shm pool file) serves two "engines", each
+A daemon subprocess (a Unix socket, its own /dev/shm pool file) serves two "engines", each
 with its own client, planner and paged KV: blocks stored by one are matched and loaded, byte
 for byte, by the other. The daemon is always stopped (SIGTERM, then SIGKILL) and its pool
 file removed.
@@ -8,13 +8,6 @@ file removed.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import pytest
@@ -22,61 +15,27 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
-yaml = pytest.importorskip("yaml")
+pytest.importorskip("yaml")
 
 from kvbm.blocks import KVLayout, Namespace
 from kvbm.connectors import core, trtllm
+from servedaemon import Served
 
 BS, LAYERS, HEADS, HEAD = 32, 2, 2, 16
 LAYOUT = KVLayout(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD, block_size=BS, dtype="bfloat16")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    """A `kvbm serve` subprocess on a free loopback port; yields its address."""
-    d = tmp_path_factory.mktemp("kvbm-daemon")
-    shm = f"kvbm-conn-test-{uuid.uuid4().hex[:12]}"
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    cfg = {"namespace": {"model": "tiny"},
-           "layout": {f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__},
-           "tiers": [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
-           "daemon": {"address": address, "events": "", "metrics": "", "shm_name": shm,
-                      "lease_s": 60.0, "nixl": False}}  # no session lapses under a starved heartbeat
-    (d / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
-    out, err = d / "stdout.txt", d / "stderr.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
-    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(d / "kvbm.yaml")],
-                            stdout=out.open("w"), stderr=err.open("w"), env=env)
+    """A `kvbm serve` subprocess (tests/servedaemon.py) with a G2 of 64 blocks; yields its address."""
+    served = Served(tmp_path_factory.mktemp("kvbm-daemon"), "d",
+                    daemon={"lease_s": 60.0},  # no session lapses under a starved heartbeat
+                    layout={f: getattr(LAYOUT, f) for f in LAYOUT.__dataclass_fields__}).start()
     try:
-        deadline = time.monotonic() + 180  # a condition wait: a loaded box starts a daemon slowly
-        info = None
-        while info is None and time.monotonic() < deadline and proc.poll() is None:
-            for line in out.read_text().splitlines():
-                if line.startswith('{"ready"'):
-                    info = json.loads(line)
-            time.sleep(0.05)
-        if info is None:
-            raise RuntimeError(f"daemon did not start: {err.read_text()[-2000:]}")
-        yield info["address"]
+        yield served.address
     finally:
         core.release_managers()  # clients say bye before their daemon goes
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(60)
-        try:
-            os.unlink(f"/dev/shm/{shm}")
-        except FileNotFoundError:
-            pass
+        served.stop()
 
 
 def tokens(seed, n):

@@ -11,13 +11,8 @@ show none left afterwards. Waits are condition waits with deadlines of 60 s or m
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -29,7 +24,7 @@ else:
     pytest.importorskip("vllm", reason="vLLM is not installed (see README: vLLM connector)")
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
-yaml = pytest.importorskip("yaml")
+pytest.importorskip("yaml")
 pytest.importorskip("zmq")
 
 from kvbm.client import Client  # noqa: E402
@@ -41,63 +36,26 @@ from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_connector_vllm import blocks, kv_tensors, request, schedule_new, step, tokens, vllm_config  # noqa: E402,F401
+from daemonproc import wait_until  # noqa: E402
+from servedaemon import Served  # noqa: E402
 from vllm_e2e import BLOCK  # noqa: E402
 
 G2 = 8  # blocks: a promised prompt of 4 leaves 4 for everything else
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, vllm_config):  # noqa: F811
-    """`kvbm serve` on a loopback port: G2 of 8 blocks of the tiny model's layout, LRU, no G3."""
-    d = tmp_path_factory.mktemp("kvbm-pins")
+    """`kvbm serve`: G2 of 8 blocks of the tiny model's layout, LRU, no G3."""
     layout = layout_from_vllm(vllm_config)
-    shm = f"kvbm-pins-test-{uuid.uuid4().hex[:12]}"
-    cfg = {"layout": {f: getattr(layout, f) for f in layout.__dataclass_fields__},
-           "tiers": [{"name": "g2", "capacity": G2, "eviction": "lru", "storage": {"name": "host", "pin": "never"}}],
-           "daemon": {"address": f"tcp://127.0.0.1:{_free_port()}", "events": "", "metrics": "", "shm_name": shm,
-                      "lease_s": 60.0, "nixl": False}}  # no session lapses under a starved heartbeat
-    (d / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
-    out = d / "stdout.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
-    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(d / "kvbm.yaml")],
-                            stdout=out.open("w"), stderr=subprocess.STDOUT, env=env)
+    served = Served(tmp_path_factory.mktemp("kvbm-pins"), "d",
+                    tiers=[{"name": "g2", "capacity": G2, "eviction": "lru", "storage": {"name": "host", "pin": "never"}}],
+                    daemon={"lease_s": 60.0},  # no session lapses under a starved heartbeat
+                    layout={f: getattr(layout, f) for f in layout.__dataclass_fields__}).start()
     try:
-        info = None
-        deadline = time.monotonic() + 180
-        while info is None and time.monotonic() < deadline and proc.poll() is None:
-            info = next((json.loads(line) for line in out.read_text().splitlines() if line.startswith('{"ready"')), None)
-            time.sleep(0.05)
-        if info is None:
-            raise RuntimeError(f"daemon did not start: {out.read_text()[-2000:]}")
-        yield {"address": info["address"], "layout": layout}
+        yield {"address": served.address, "layout": layout}
     finally:
         core.release_managers()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(60)
-        try:
-            os.unlink(f"/dev/shm/{shm}")
-        except FileNotFoundError:
-            pass
+        served.stop()
 
 
 class Probe:
@@ -120,7 +78,7 @@ class Probe:
 
     def settles_at(self, want: tuple[int, int]) -> bool:
         """Unpins go out on the load lane, after the reply to the step: wait for the count."""
-        return _wait(lambda: self.pinned() == want)
+        return wait_until(lambda: self.pinned() == want)
 
 
 @pytest.fixture

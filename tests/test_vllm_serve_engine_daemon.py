@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -26,6 +25,7 @@ pytest.importorskip("msgpack")
 from kvbm.blocks import KVLayout
 from kvbm.config import ConfigError
 from kvbm.connectors import engine_daemon
+from daemonproc import wait_until
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16, dtype="float16")
 CONFIG = {"namespace": {"model": "tiny", "salt": ""},
@@ -84,15 +84,6 @@ def _line(proc: subprocess.Popen) -> dict:
     return json.loads(line)
 
 
-def _wait(cond, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
     env = {**os.environ}
@@ -122,8 +113,8 @@ def test_processes_of_one_engine_share_its_daemon(tmp_path, monkeypatch):
             p.stdin.flush()
             p.wait(timeout=60)
     # The starter is gone: its daemon stops by itself and cleans up.
-    assert _wait(lambda: not _alive(info["pid"]))
-    assert _wait(lambda: not glob.glob(shm + "*"))
+    assert wait_until(lambda: not _alive(info["pid"]))
+    assert wait_until(lambda: not glob.glob(shm + "*"))
     left = [f for f in os.listdir(root) if not f.endswith(".lock")]
     assert left == []  # socket, rendezvous, config and ready files all gone
 
@@ -271,7 +262,7 @@ def test_a_timed_out_request_has_the_daemon_log_its_stacks(tmp_path, monkeypatch
             err += capfd.readouterr().err
             return "kvbm/daemon/server.py" in err and "in run" in err
 
-        assert _wait(dumped), err[-2000:]
+        assert wait_until(dumped), err[-2000:]
         assert err.count("Current thread") + err.count("Thread 0x") >= 1
     finally:
         engine_daemon._STARTED.pop(engine_daemon._name(instance)).stdin.close()  # the daemon stops
