@@ -21,6 +21,12 @@ Two streams, each run on a fresh policy per repeat; best of --repeat is reported
 
     memory   --memory: bytes traced (tracemalloc) per resident key after the trace stream, at
              --capacity: the policy's whole state, ghosts and samples included.
+    floor    --floor: hitdensity's recorded calls also replayed into a skeleton of its per-key
+             state (a class map, queues, ghosts bounded FIFO; no scores, no learning): the dict
+             traffic that any pure-Python version with that state pays, in the same run.
+
+hitdensity's table update runs as a numba kernel when numba is installed; it is built before
+any timing here (a policy builds it in the background and runs the Python loop meanwhile).
 
 The hit ratio each policy reaches on the trace stream is printed as a check that the streams
 did the same work (they differ only where the policies choose different victims).
@@ -32,6 +38,8 @@ import argparse
 import random
 import sys
 import time
+from collections import OrderedDict, deque
+from functools import partial
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -43,6 +51,7 @@ from kvbm.policies.base import Hints  # noqa: E402
 from kvbm.registry import EVICTION  # noqa: E402
 from kvbm.sim.traces import load_trace  # noqa: E402
 
+_drain = partial(deque, maxlen=0)
 TOUCH, EVICT, INSERT = 0, 1, 2
 OPS = ("touch", "evict", "insert")  # indexed by TOUCH, EVICT, INSERT
 
@@ -103,7 +112,7 @@ def replay_cpu(name: str, calls, capacity: int) -> float:
     CPU (process) time, not wall time: on a shared machine wall time measures the neighbours."""
     import gc
 
-    policy = EVICTION.get(name)(capacity)
+    policy = (EVICTION.get(name) if isinstance(name, str) else name)(capacity)
     touch, evict, insert = policy.touch, policy.evict, policy.insert_many
     gc.collect()
     clock = time.process_time_ns
@@ -182,6 +191,50 @@ def memory(name: str, requests, capacity: int) -> float:
         tracemalloc.stop()
 
 
+class _Skeleton:
+    """hitdensity's per-key state without scores or learning (--floor): a key -> class map,
+    queues (new, reused) in access order, ghosts bounded FIFO. Same calls, same dict work."""
+
+    wants_structure = False
+
+    def __init__(self, capacity):
+        self.queues, self.klass, self.ghosts = [OrderedDict(), OrderedDict()], {}, OrderedDict()
+        self.most, self.now = max(1, capacity), 0
+
+    def insert_many(self, keys, hints=None):
+        stamps = dict(zip(keys, range(self.now + 1, self.now + len(keys) + 1)))
+        self.now += len(keys)
+        if not self.klass.keys().isdisjoint(stamps):  # its victims differ from hitdensity's
+            for key in self.klass.keys() & stamps.keys():
+                del self.queues[self.klass.pop(key)][key]
+        _drain(map(self.ghosts.pop, self.ghosts.keys() & stamps.keys()))
+        self.queues[0].update(stamps)
+        self.klass.update(dict.fromkeys(stamps, 0))
+
+    def touch(self, keys):
+        klass, queues, now = self.klass, self.queues, self.now
+        for key in keys:
+            c = klass.get(key)
+            if c is not None:
+                del queues[c][key]
+                klass[key] = 1
+                queues[1][key] = now
+
+    def evict(self, n, protected=()):
+        new, reused = self.queues
+        klass, ghosts, most, out = self.klass, self.ghosts, self.most, []
+        for _ in range(n):
+            if not new and not reused:
+                break
+            key, last = (new if new else reused).popitem(last=False)
+            del klass[key]
+            ghosts[key] = (0, last)
+            out.append(key)
+            if len(ghosts) > most:
+                ghosts.popitem(last=False)
+        return out
+
+
 def micro(name: str, n: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     keys = list(range(n))
@@ -211,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-n", type=int, default=50_000)
     ap.add_argument("--policies", default="lru,hitdensity,auto")
     ap.add_argument("--memory", action="store_true", help="report bytes per resident key only")
+    ap.add_argument("--floor", action="store_true",
+                    help="also replay hitdensity's calls into a skeleton of its per-key state (no scoring)")
     args = ap.parse_args(argv)
     names = args.policies.split(",")
     for name in names:
@@ -228,9 +283,13 @@ def main(argv=None) -> int:
             print(f"{name}: {memory(name, requests, args.capacity):.0f} B per resident key "
                   f"(capacity {args.capacity:,})", flush=True)
         return 0
+    from kvbm.policies import _gittins
+
+    kernel = _gittins.compiled()  # before any timing: a policy would build it in the background
     overhead = _timer_overhead()
 
     results: dict = {}
+    floor = None
     for name in names:
         calls, accesses, ratio = record(name, requests, args.capacity)
         cpu, wall, best_micro = None, None, None
@@ -243,11 +302,14 @@ def main(argv=None) -> int:
             best_micro = m if best_micro is None else {op: min(best_micro[op], m[op]) for op in OPS}
         wall["per access (CPU)"] = cpu
         results[name] = (wall, best_micro, ratio)
+        if args.floor and name == "hitdensity":
+            floor = min(replay_cpu(_Skeleton, calls, args.capacity) for _ in range(args.repeat)) / accesses
         del calls
 
     base = names[0]
     print(f"Python {sys.version.split()[0]}, best of {args.repeat}; ns per key (timer overhead "
-          f"{overhead:.0f} ns per call subtracted on the trace stream's wall-clock breakdown)")
+          f"{overhead:.0f} ns per call subtracted on the trace stream's wall-clock breakdown); "
+          f"hitdensity's table update: {'numba kernel' if kernel else 'Python loop'}")
     for label, idx in (("trace", 0), ("micro", 1)):
         what = (f"Mooncake trace at the policy level, capacity {args.capacity:,}" if idx == 0
                 else f"{args.micro_n:,} single-key calls (wall)")
@@ -257,6 +319,10 @@ def main(argv=None) -> int:
             cells = [results[n][idx][op] for n in names]
             print(f"{op + (' (wall)' if idx == 0 and op in OPS else ''):<18}" + "".join(f"{c:>12.0f}" for c in cells)
                   + "".join(f"{c / cells[0]:>17.1f}x" for c in cells[1:]))
+    if floor is not None:
+        lru = results[base][0]["per access (CPU)"]
+        print(f"\nfloor: hitdensity's calls into a skeleton of its per-key state (no scoring, no "
+              f"learning): {floor:.0f} ns per access (CPU), {floor / lru:.1f}x {base}")
     print("\nprefix hit ratio on the trace stream: "
           + ", ".join(f"{n} {results[n][2]:.4f}" for n in names))
     return 0

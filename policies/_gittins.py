@@ -20,10 +20,14 @@ without numba, or with KVBM_POLICY_NUMBA=0 in the environment, the Python loop r
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from itertools import accumulate
 from operator import sub, truediv
 
 _KERNEL = None  # the compiled function once built; False: numba is not there (or turned off)
+_LOCK = threading.Lock()
+_STARTED = False  # a background build was started
 
 
 def _python(reuses, ends, live, index, rise, widths, decay):
@@ -48,80 +52,115 @@ def _python(reuses, ends, live, index, rise, widths, decay):
                 e[b] *= 0.5
 
 
+def _kernel(reuses, ends, live, widths, decay, index, rise, exposure):
+    """_python over 2-D float64 tables (live: int64), compiled by numba: the same operations."""
+    classes, buckets = reuses.shape
+    for c in range(classes):
+        top = -1
+        for b in range(buckets - 1, -1, -1):
+            if ends[c, b] != 0.0 or live[c, b] != 0:
+                top = b
+                break
+        alive = 0.0
+        for b in range(top, -1, -1):
+            leaving = ends[c, b] + float(live[c, b])
+            alive += leaving
+            exposure[b] = (alive - leaving / 2.0) * float(widths[b])
+        for b in range(top + 1):
+            ar = reuses[c, b]
+            ae = exposure[b]
+            best = ar / ae
+            for h in range(b + 1, top + 1):
+                ar += reuses[c, h]
+                ae += exposure[h]
+                ratio = ar / ae
+                if ratio > best:  # max(): the first of equal values, and they are equal
+                    best = ratio
+            index[c, b] = best if best > 0.0 else 0.0
+        for b in range(top + 1, buckets):
+            index[c, b] = 0.0
+        for b in range(buckets - 1):
+            rise[c, b] = index[c, b + 1] - index[c, b]
+        rise[c, buckets - 1] = 0.0
+        if decay:
+            for b in range(top + 1):
+                reuses[c, b] *= 0.5
+                ends[c, b] *= 0.5
+
+
 def _build():
-    """The numba kernel, or False. Compiled once per process (cached on disk where it can be)."""
+    """The compiled update, or False. Built once per process: numba's disk cache where it can
+    write one, else compiled in memory; any failure (no numba, a numba that cannot compile it)
+    leaves the Python loop, which gives the same tables."""
     global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = False
-        if os.environ.get("KVBM_POLICY_NUMBA", "1") != "0":
-            try:
-                import numba
-                import numpy as np
-            except ImportError:
-                return False
+    if _KERNEL is not None:
+        return _KERNEL
+    _KERNEL = False
+    if os.environ.get("KVBM_POLICY_NUMBA", "1") == "0":
+        return False
+    try:
+        import numba
+        import numpy as np
+    except ImportError:
+        return False
+    kernel = None
+    for options in ({"cache": True}, {}):
+        try:
+            jit = numba.njit(nogil=True, **options)(_kernel)
+            r = np.zeros((1, 4))
+            jit(r, r.copy(), np.zeros((1, 4), np.int64), np.ones(4, np.int64), True, r.copy(), r.copy(), np.zeros(4))
+            kernel = jit
+            break
+        except Exception:  # e.g. no writable cache directory: try without the cache, then give up
+            continue
+    if kernel is None:
+        warnings.warn("hitdensity: numba could not compile the table update; using the Python loop", RuntimeWarning)
+        return False
 
-            @numba.njit(cache=True, nogil=True)
-            def kernel(reuses, ends, live, widths, decay, index, rise):
-                classes, buckets = reuses.shape
-                exposure = np.zeros(buckets)
-                for c in range(classes):
-                    top = -1
-                    for b in range(buckets - 1, -1, -1):
-                        if ends[c, b] != 0.0 or live[c, b] != 0:
-                            top = b
-                            break
-                    alive = 0.0
-                    for b in range(top, -1, -1):
-                        leaving = ends[c, b] + float(live[c, b])
-                        alive += leaving
-                        exposure[b] = (alive - leaving / 2.0) * float(widths[b])
-                    for b in range(top + 1):
-                        ar = reuses[c, b]
-                        ae = exposure[b]
-                        best = ar / ae
-                        for h in range(b + 1, top + 1):
-                            ar += reuses[c, h]
-                            ae += exposure[h]
-                            ratio = ar / ae
-                            if ratio > best:
-                                best = ratio
-                        index[c, b] = best if best > 0.0 else 0.0
-                    for b in range(top + 1, buckets):
-                        index[c, b] = 0.0
-                    for b in range(buckets - 1):
-                        rise[c, b] = index[c, b + 1] - index[c, b]
-                    rise[c, buckets - 1] = 0.0
-                    if decay:
-                        for b in range(top + 1):
-                            reuses[c, b] *= 0.5
-                            ends[c, b] *= 0.5
+    def run(reuses, ends, live, index, rise, widths, decay):
+        r, e = np.array(reuses, dtype=np.float64), np.array(ends, dtype=np.float64)
+        out, up = np.empty_like(r), np.empty_like(r)
+        kernel(r, e, np.array(live, dtype=np.int64), np.array(widths, dtype=np.int64), decay, out, up,
+               np.empty(r.shape[1]))
+        for row, new in zip(index, out.tolist()):  # in place: callers hold the rows
+            row[:] = new
+        for row, new in zip(rise, up.tolist()):
+            row[:] = new
+        if decay:
+            for row, new in zip(reuses, r.tolist()):
+                row[:] = new
+            for row, new in zip(ends, e.tolist()):
+                row[:] = new
 
-            def run(reuses, ends, live, index, rise, widths, decay):
-                r, e = np.array(reuses, dtype=np.float64), np.array(ends, dtype=np.float64)
-                out, up = np.empty_like(r), np.empty_like(r)
-                kernel(r, e, np.array(live, dtype=np.int64), np.array(widths, dtype=np.int64), decay, out, up)
-                for row, new in zip(index, out.tolist()):  # in place: callers hold the rows
-                    row[:] = new
-                for row, new in zip(rise, up.tolist()):
-                    row[:] = new
-                if decay:
-                    for row, new in zip(reuses, r.tolist()):
-                        row[:] = new
-                    for row, new in zip(ends, e.tolist()):
-                        row[:] = new
-
-            _KERNEL = run
-    return _KERNEL
+    _KERNEL = run
+    return run
 
 
 def compiled() -> bool:
-    return bool(_build())
+    """Build the kernel now if it is not built yet (blocking); True if it runs."""
+    with _LOCK:
+        return bool(_build())
+
+
+def _build_behind():
+    with _LOCK:
+        _build()
 
 
 def update(reuses, ends, live, index, rise, widths, decay, use_compiled=None):
     """Recompute `index` (rows of floats, in place) from the counts; halve the counts if decay.
-    use_compiled: None = the kernel where numba is there, True = require it, False = Python."""
-    kernel = _build() if use_compiled is not False else False
+    use_compiled: None = the kernel once built (the first call starts building it in a
+    background thread and runs the Python loop meanwhile: importing numba and loading the
+    kernel take seconds, which a tier must not stall for; both give the same tables), True =
+    build it now and require it, False = the Python loop."""
+    global _STARTED
+    if use_compiled is None:
+        kernel = _KERNEL
+        if kernel is None and not _STARTED:
+            _STARTED = True
+            threading.Thread(target=_build_behind, name="kvbm-hitdensity-jit", daemon=True).start()
+    else:
+        kernel = compiled() and _KERNEL if use_compiled else False
     if use_compiled and not kernel:
         raise RuntimeError("hitdensity: the compiled table update needs numba (pip install 'kvbm-tiered[numba]')")
     if kernel:

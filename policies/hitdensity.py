@@ -250,14 +250,14 @@ class HitDensityPolicy(EvictionPolicy):
 
     def touch(self, keys):
         now, klass, queues = self._now, self._class, self._queues
-        reuses, ends = self._reuses, self._ends
+        reuses, ends, bucket_of, table = self._reuses, self._ends, _BUCKET_OF, _TABLE
         for key in reversed(keys if isinstance(keys, (list, tuple)) else list(keys)):
             c = klass.get(key)
             if c is None:
                 continue
             age = now - queues[c].pop(key)
-            if age < 4:
-                b = age
+            if age < table:
+                b = bucket_of[age]
             else:  # _bucket, inlined on the hottest path
                 b = age.bit_length()
                 b = min(_BUCKETS - 1, 2 * b - 2 + ((age >> (b - 2)) & 1))
@@ -410,16 +410,26 @@ class HitDensityPolicy(EvictionPolicy):
 
     def _forget(self, victims, now):
         queues, klass, ghosts, epochs, shift = self._queues, self._class, self._ghosts, self._ghost_epochs, self._shift
-        out = list(map(_key_of, victims))
-        ghost = list(map(_ghost_of, victims))  # (class, last access) per victim
-        # out of their queues and classes, into the ghosts (in victim order): C-level maps
-        _drain(map(_odict_del, map(queues.__getitem__, map(_class_of, victims)), out))
-        _drain(map(klass.__delitem__, out))
-        ghosts.update(zip(out, ghost))
-        for c, last in ghost:
-            epoch = epochs[c]
-            e = last >> shift
-            epoch[e] = epoch.get(e, 0) + 1
+        if len(victims) > 6:  # out of their queues and classes, into the ghosts: C-level maps
+            out = list(map(_key_of, victims))
+            ghost = list(map(_ghost_of, victims))  # (class, last access) per victim
+            _drain(map(_odict_del, map(queues.__getitem__, map(_class_of, victims)), out))
+            _drain(map(klass.__delitem__, out))
+            ghosts.update(zip(out, ghost))
+            for c, last in ghost:
+                epoch = epochs[c]
+                e = last >> shift
+                epoch[e] = epoch.get(e, 0) + 1
+        else:  # the same, one by one: cheaper for a few (most calls of auto's minis)
+            out = []
+            for _, last, c, key in victims:
+                del queues[c][key]
+                del klass[key]
+                ghosts[key] = (c, last)
+                epoch = epochs[c]
+                e = last >> shift
+                epoch[e] = epoch.get(e, 0) + 1
+                out.append(key)
         extra = len(ghosts) - self._max_ghosts
         if extra > 0:  # never came back within the ghost horizon
             ends, bucket_of, pop = self._ends, _BUCKET_OF, ghosts.popitem

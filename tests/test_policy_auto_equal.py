@@ -40,12 +40,15 @@ class _Twin(EvictionPolicy):
 
     OLD: type = None
     NEW: type = None
+    made: list | None = None  # the twins made while a test collects them (the twins fixture)
 
     def __init__(self, capacity, **kw):
         super().__init__(capacity)
         self.old = self.OLD(capacity, **kw)
         self.new = self.NEW(capacity, **kw)
         self.evicts = self.victims = 0
+        if _Twin.made is not None:
+            _Twin.made.append(self)
 
     def insert(self, key, hints=None):
         self.old.insert(key, hints)
@@ -111,16 +114,12 @@ class TwinAuto(_Twin):
 
 @pytest.fixture
 def twins():
-    """Registers a factory per twin class; yields the twins made (a list, in order)."""
-    made = []
+    """Registers the twin classes by name; yields the twins made meanwhile (a list, in order)."""
+    _Twin.made = []
     for cls in (TwinHitDensity, TwinAuto):
-        def factory(capacity, *, _cls=cls, **kw):
-            made.append(_cls(capacity, **kw))
-            return made[-1]
-
-        factory.wants_structure = cls.wants_structure
-        EVICTION.register(cls.name, factory, clobber=True)
-    yield made
+        EVICTION.register(cls.name, cls, clobber=True)
+    yield _Twin.made
+    _Twin.made = None
     for cls in (TwinHitDensity, TwinAuto):
         EVICTION._loaded.pop(cls.name, None)
 
