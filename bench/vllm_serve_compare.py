@@ -22,6 +22,8 @@ tiny dummy-weight Llama, 128-token blocks, vLLM's own prefix cache on, its pool 
     f   e's one process with the daemon backend (kvbm_daemon: a `kvbm serve` with c's G2 + G3): the
         same executor as e, so f vs e is the daemon backend's own cost
     g   a in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0): g vs a is vLLM's executor's cost
+    h   f with KVBM_LANE_OMP_TEAM=0 (the daemon backend as before session 8: its load lane holds no
+        OpenMP team, so the engine's OpenMP threads spin at every wait; h vs f is that fix)
 
 Reported per config: TTFT p50/p99, E2E p50, completed/failed, kvbm hit tokens (vLLM's
 external_prefix_cache_hits) and vLLM's own prefix-cache hit tokens, from the servers' /metrics
@@ -45,7 +47,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 SLICE = HERE / "data" / "mooncake_sessions.jsonl"
 CONFIGS = {"a": "vLLM alone", "b": "+ kvbm G2", "c": "+ kvbm G2 + G3", "d": "2 engines, 1 kvbm daemon",
            "e": "+ kvbm G2 + G3, one process", "f": "+ kvbm daemon G2 + G3, one process",
-           "g": "vLLM alone, one process"}
+           "g": "vLLM alone, one process", "h": "f without the lane's OpenMP team"}
 
 
 def make_slice(sessions: int, path: Path) -> None:
@@ -111,6 +113,42 @@ def cpu_split(roots: list[int], runtime: str = "") -> dict[str, float]:
     return out
 
 
+def thread_cpu(roots: list[int]) -> dict[str, float]:
+    """CPU seconds so far of every thread under the process trees at roots, by thread name."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    tick, out, todo, seen = os.sysconf("SC_CLK_TCK"), {}, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in procs:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    head, rest = f.read().rsplit(")", 1)
+            except OSError:
+                continue
+            fields = rest.split()
+            name = head.split("(", 1)[1]
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def read_probe(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def replay(servers, traces, args):
     """Replay traces[i] against servers[i], all at once; (merged results, wall seconds, metric deltas)."""
     from kvbm.loadgen.prompts import trace_jobs
@@ -140,13 +178,22 @@ def replay(servers, traces, args):
 def run_config(name: str, args, work: Path) -> dict:
     from kvbm.loadgen.report import summarize
     from kvbm.sim.traces import Trace, load_trace
-    from vllm_serve_helpers import BLOCK, CONFIG, KvbmServe, Server, kv_config, prompt, write_model
+    from vllm_serve_helpers import BLOCK, CONFIG, KvbmServe, Server, prompt, write_model
+    from vllm_serve_helpers import kv_config as _kv_config
 
     work = work / name
     work.mkdir()
     (work / "run").mkdir(mode=0o700)
     model = write_model(work)
     env = {"KVBM_RUNTIME_DIR": str(work / "run")}
+    probe = work / "probe.json"
+    if args.probe:  # bench/vllm_step_probe.py: engine steps, empty steps, load waits (one-process configs)
+        env = {**env, "KVBM_PROBE_OUT": str(probe),
+               "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+    def kv_config(extra):
+        cfg = _kv_config(extra)
+        return {**cfg, "kv_connector_module_path": "vllm_step_probe"} if args.probe else cfg
     pool = ("--num-gpu-blocks-override", str(args.pool))
     g2 = {"name": "g2", "capacity": args.g2, "storage": {"name": "host", "pin": "never"}}
     g2s = {**g2, "capacity": args.g2_small}
@@ -154,13 +201,15 @@ def run_config(name: str, args, work: Path) -> dict:
     daemon = None
     layout = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
               "head_dim": CONFIG["head_dim"], "block_size": BLOCK, "dtype": "bfloat16"}
-    if name in ("e", "f", "g"):  # engine core and worker in the API server's process
+    if name in ("e", "f", "g", "h"):  # engine core and worker in the API server's process
         env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if name == "h":
+        env = {**env, "KVBM_LANE_OMP_TEAM": "0"}
     if name in ("a", "g"):
         servers = [Server(work, model, args=pool, env=env, name=name)]
-    elif name == "f":
+    elif name in ("f", "h"):
         daemon = KvbmServe(work, layout, g2=args.g2_small, g3=args.g3).start()
-        servers = [Server(work, model, kv=kv_config(daemon.extra()), args=pool, env=env, name="f")]
+        servers = [Server(work, model, kv=kv_config(daemon.extra()), args=pool, env=env, name=name)]
     elif name in ("b", "c", "e"):
         tiers = [g2] if name == "b" else [g2s, g3]
         servers = [Server(work, model, kv=kv_config({"kvbm_config": {"tiers": tiers}}), args=pool, env=env,
@@ -176,6 +225,8 @@ def run_config(name: str, args, work: Path) -> dict:
             s.wait()
             s.complete(prompt(99, 300), max_tokens=2)  # warm-up, not measured
         trace = load_trace(args.trace)
+        if args.limit:
+            trace = Trace(trace.requests[:args.limit], trace.block_size, "mooncake")
         if name == "d":
             halves = [Trace([r for r in trace.requests if session_of(r) % 2 == i], trace.block_size, "mooncake")
                       for i in range(2)]
@@ -183,9 +234,16 @@ def run_config(name: str, args, work: Path) -> dict:
         else:
             traces = [trace]
         roots = [s.proc.pid for s in servers] + ([daemon.proc.pid] if daemon is not None else [])
-        cpu0 = cpu_split(roots, env["KVBM_RUNTIME_DIR"])
+        time.sleep(2.0 if args.probe else 0.0)  # the probe's file: after the warm-up's steps
+        cpu0, th0, probe0 = cpu_split(roots, env["KVBM_RUNTIME_DIR"]), thread_cpu(roots), read_probe(probe)
         results, wall, delta = replay(servers, traces, args)
         cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_split(roots, env["KVBM_RUNTIME_DIR"]).items()}
+        th = {k: round(v - th0.get(k, 0.0), 2) for k, v in thread_cpu(roots).items()}
+        cpu["threads_cpu_s"] = dict(sorted(((k, v) for k, v in th.items() if v >= 0.05), key=lambda kv: -kv[1]))
+        if args.probe:
+            time.sleep(2.0)
+            probe1 = read_probe(probe)
+            cpu["probe"] = {k: round(v - probe0.get(k, 0), 4) for k, v in probe1.items()}
     finally:
         for s in servers:
             s.stop()
@@ -228,6 +286,9 @@ def main() -> int:
     ap.add_argument("--g2-small", type=int, default=256, help="kvbm G2 blocks in configs c, d (default 256)")
     ap.add_argument("--g3", type=int, default=4096, help="kvbm G3 blocks in configs c, d (default 4096)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--probe", action="store_true",
+                    help="count engine steps, empty steps and load waits (bench/vllm_step_probe.py)")
+    ap.add_argument("--limit", type=int, default=0, help="replay only the first N requests of the slice")
     args = ap.parse_args()
     if args.make_slice:
         make_slice(args.make_slice, Path(args.trace))

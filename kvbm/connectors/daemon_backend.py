@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
@@ -46,9 +48,10 @@ class DaemonBackend:
                  connect_load: Any = None) -> None:
         self._store_client = store_client
         self._connect_store = connect_store  # () -> a Client, on the store lane at first use
-        # (cpus.py: lanes run on any core, not on the engine worker's bound one)
+        # (cpus.py: lanes run on any core, not on the engine worker's bound one; lane_omp_team:
+        # the engine's OpenMP threads wait as they do beside the in-process backend)
         self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-load",
-                                         initializer=unbind_cpus)
+                                         initializer=_start_lane)
         self._stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbm-daemon-store",
                                           initializer=unbind_cpus)
         if client is None:  # connect_load: () -> a Client, opened now on the load lane's thread
@@ -231,6 +234,36 @@ class DaemonBackend:
         if self._store_client is not None and self._store_client is not self.client:
             self._store_client.close()
         self.client.close()
+
+
+def _start_lane() -> None:
+    unbind_cpus()
+    lane_omp_team()
+
+
+def lane_omp_team() -> bool:
+    """Give the calling thread an OpenMP team of its own, when the engine already loaded torch:
+    returns whether it ran.
+
+    Why: libgomp (vLLM's CPU build preloads it) lets a waiting OpenMP thread spin 300,000 times
+    before it sleeps, unless the process manages more OpenMP threads than it has CPUs; then it
+    spins 1,000 times. The in-process backend's transfer threads copy staging rows with torch,
+    so each gets a team and the engine's OpenMP threads sleep soon when they wait; the daemon
+    backend's threads never touched torch, so beside it the engine's main and OpenMP threads
+    spun at every wait (between ops, at barriers while a core was taken by another process):
+    on a 2-core box, ~1.8x the engine's CPU seconds for the same steps (bench/RESULTS.md,
+    session 8). One small parallel copy here puts the daemon backend in the same state.
+    KVBM_LANE_OMP_TEAM=0 leaves it out (A/B runs); OMP_WAIT_POLICY / GOMP_SPINCOUNT in the
+    engine's environment set the policy for both backends."""
+    torch = sys.modules.get("torch")  # never imported here: kvbm does not need torch
+    if torch is None or os.environ.get("KVBM_LANE_OMP_TEAM", "1") == "0":
+        return False
+    try:
+        src = torch.zeros(1 << 17, dtype=torch.uint8)  # over at::parallel_for's grain: a team
+        torch.empty_like(src).copy_(src)
+    except Exception:  # noqa: BLE001 - a policy nicety, never a reason for a lane to fail
+        return False
+    return True
 
 
 def _rows_of(staging: Any) -> Any:
