@@ -25,6 +25,10 @@ Two streams, each run on a fresh policy per repeat; best of --repeat is reported
              state (a class map, queues, ghosts bounded FIFO; no scores, no learning): the dict
              traffic that any pure-Python version with that state pays, in the same run.
 
+    a/b      --ab: hitdensity and auto as they were before session 8's cost work
+             (tests/frozen_policies, kept for the decision-equality test) replayed on the same
+             recorded calls, alternating with the current code, --repeat pairs: new/old per pair.
+
 hitdensity's table update runs as a numba kernel when numba is installed; it is built before
 any timing here (a policy builds it in the background and runs the Python loop meanwhile).
 
@@ -264,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-n", type=int, default=50_000)
     ap.add_argument("--policies", default="lru,hitdensity,auto")
     ap.add_argument("--memory", action="store_true", help="report bytes per resident key only")
+    ap.add_argument("--ab", action="store_true",
+                    help="hitdensity and auto against their frozen pre-session-8 code, same calls, alternating")
     ap.add_argument("--floor", action="store_true",
                     help="also replay hitdensity's calls into a skeleton of its per-key state (no scoring)")
     args = ap.parse_args(argv)
@@ -302,6 +308,17 @@ def main(argv=None) -> int:
             best_micro = m if best_micro is None else {op: min(best_micro[op], m[op]) for op in OPS}
         wall["per access (CPU)"] = cpu
         results[name] = (wall, best_micro, ratio)
+        if args.ab and name in ("hitdensity", "auto"):
+            sys.path.insert(0, str(Path(_ROOT) / "tests"))
+            from frozen_policies.auto import AutoPolicy as OldAuto
+            from frozen_policies.hitdensity import HitDensityPolicy as OldHitDensity
+
+            old = OldHitDensity if name == "hitdensity" else OldAuto
+            pairs = [(replay_cpu(old, calls, args.capacity), replay_cpu(name, calls, args.capacity))
+                     for _ in range(args.repeat)]
+            print(f"a/b {name}: new/old per pair " + ", ".join(f"{n / o:.2f}" for o, n in pairs)
+                  + f" (old best {min(o for o, _ in pairs) / accesses:.0f}, new best "
+                  f"{min(n for _, n in pairs) / accesses:.0f} ns per access, CPU)", flush=True)
         if args.floor and name == "hitdensity":
             floor = min(replay_cpu(_Skeleton, calls, args.capacity) for _ in range(args.repeat)) / accesses
         del calls

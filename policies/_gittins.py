@@ -14,7 +14,9 @@ Python, each term a float object. The numba kernel does the same float64 operati
 same order (no fast-math, so no reassociation or fused multiply-add), so the tables are equal
 to the last bit and no decision changes; tests/test_policy_auto_equal.py compares both paths.
 The kernel works on the policy's small count tables (classes x buckets), never on KV data;
-without numba, or with KVBM_POLICY_NUMBA=0 in the environment, the Python loop runs.
+it is built on the first update in a background thread (numba's import and the kernel's load
+take seconds, which no tier may stall for) and the Python loop runs until it is there; without
+numba, or with KVBM_POLICY_NUMBA=0 in the environment, the Python loop runs throughout.
 """
 
 from __future__ import annotations

@@ -99,13 +99,17 @@ insert time comes close.
 
 Costs: insert, touch and remove O(1); evict O(log classes) per victim (a heap of one queue
 head per class, plus protected keys skipped); a table update every capacity/4 inserts copies
-each queue's access times once and bisects them, and is O(classes x buckets^2) (C-level
-accumulate): amortised O(1) per insert. A stored run goes in by C-level dict updates (keys
-that were ghosts one by one). `python bench/bench_policy_cost.py` (10k blocks, Mooncake
-stream, CPU time): 3.1-3.8 us per block access against LRU's ~0.19 us (16-20x; it was
-20-21x in the same runs before the bulk insert and the heap); ~60 % of it is evict (per
-victim: its score, its ghost, an expired ghost's life), a cost per victim of Python bytecode
-that a batched version did not lower (the bookkeeping per call outweighed it).
+each queue's access times once and bisects them, and is O(classes x buckets^2): amortised O(1)
+per insert. A stored run goes in by C-level dict updates (keys that were ghosts one by one).
+The table update runs as a numba kernel where numba is installed (policies/_gittins.py: the
+same float operations in the same order, built in the background; the Python loop meanwhile
+and without numba). `python bench/bench_policy_cost.py` (10k blocks, Mooncake stream, CPU
+time): 14.5-16x LRU per block access (bench/RESULTS.md, "Cost per operation, session 8";
+12 % below the code before in the same process, 25 % at 1k blocks where the table update was
+half of it). What bounds it: the per-key state alone (a class map, queues in access order,
+ghosts with a FIFO bound: `--floor`, no scores and no learning) costs 5-6x LRU in Python;
+each victim's score, heap step and ghost life add the rest. Under 5x needs that state in
+compiled code, not fewer bytecodes.
 """
 
 from __future__ import annotations
@@ -114,8 +118,7 @@ from bisect import bisect_right
 from collections import OrderedDict, deque
 from functools import partial
 from heapq import heapify, heappop, heapreplace
-from itertools import accumulate, chain, compress, repeat
-from operator import add, getitem, itemgetter, mul, sub, truediv
+from operator import itemgetter
 
 from . import _gittins
 from .base import EvictionPolicy
@@ -158,8 +161,6 @@ _BUCKET_OF = [_bucket(age) for age in range(_TABLE)]
 _key_of, _class_of, _ghost_of = itemgetter(3), itemgetter(2), itemgetter(2, 1)
 _odict_del = OrderedDict.__delitem__
 _drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
-_DOWN = range(_BUCKETS - 1, -1, -1)
-_ZEROS = [0.0] * _BUCKETS
 
 
 def _run_class(n: int) -> int:
@@ -389,24 +390,6 @@ class HitDensityPolicy(EvictionPolicy):
         c = MANY if gc >= ONCE else ONCE
         self._class[key] = c
         self._queues[c][key] = now
-
-    def _head(self, c, items, protected, now):
-        """The oldest unprotected entry left in `items` of class c, with its score (_score,
-        inlined: this runs once per victim)."""
-        index = self._index[c]
-        for key, last in items:
-            if key in protected:
-                continue
-            age = now - last
-            if age < 4:
-                return index[age if age > 0 else 0], last, c, key
-            b = age.bit_length()
-            b = 2 * b - 2 + ((age >> (b - 2)) & 1)
-            if b >= _BUCKETS - 1:
-                return index[_BUCKETS - 1], last, c, key
-            lo = index[b]
-            return lo + (index[b + 1] - lo) * (age - _STARTS[b]) / _WIDTH[b], last, c, key
-        return None
 
     def _forget(self, victims, now):
         queues, klass, ghosts, epochs, shift = self._queues, self._class, self._ghosts, self._ghost_epochs, self._shift
