@@ -55,11 +55,11 @@ Cost per operation (CPU time of recorded Mooncake calls at 10,000 blocks, bench/
 the active policy's, the sample filter (C-level maps over the keys' hashes), a parents update
 per stored run and a pop per victim (C-level), and the minis' work on sampled keys (membership
 through their key dicts where they keep one). Where the time goes: hitdensity, the active
-policy there, ~45 % (14.5-16x LRU alone); the minis ~30 % (sample rate 0.1 x three
+policy there, ~45 % (12-16x LRU alone); the minis ~30 % (sample rate 0.1 x three
 candidates whose per-call overhead dominates on the few keys each call samples); the rest the
-wrapper. auto is 32-35x LRU per access (6 % below the code before in the same process, 14 %
-at 1,000 blocks): the issue's 5x bound is not met, and cannot be while the active policy
-alone is above it (see hitdensity's docstring for what bounds that).
+wrapper. auto is 24-36x LRU per access (2-6 % below the code before in the same process; at
+1,000 blocks within the noise): the issue's 5x bound is not met, and cannot be while the
+active policy alone is above it (see hitdensity's docstring for what bounds that).
 """
 
 from __future__ import annotations

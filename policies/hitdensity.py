@@ -104,9 +104,9 @@ per insert. A stored run goes in by C-level dict updates (keys that were ghosts 
 The table update runs as a numba kernel where numba is installed (policies/_gittins.py: the
 same float operations in the same order, built in the background; the Python loop meanwhile
 and without numba). `python bench/bench_policy_cost.py` (10k blocks, Mooncake stream, CPU
-time): 14.5-16x LRU per block access (bench/RESULTS.md, "Cost per operation, session 8";
-12 % below the code before in the same process, 25 % at 1k blocks where the table update was
-half of it). What bounds it: the per-key state alone (a class map, queues in access order,
+time): 12-16x LRU per block access (bench/RESULTS.md, "Cost per operation, session 8";
+7-17 % below the code before in the same process, 7-28 % at 1k blocks, where the table update
+was half of it). What bounds it: the per-key state alone (a class map, queues in access order,
 ghosts with a FIFO bound: `--floor`, no scores and no learning) costs 5-6x LRU in Python;
 each victim's score, heap step and ghost life add the rest. Under 5x needs that state in
 compiled code, not fewer bytecodes.
