@@ -27,7 +27,7 @@ from kvbm.connectors.vllm import KVBMConnector as _Base
 _LOCK = threading.Lock()
 C: dict[str, float] = {
     "steps": 0, "empty_steps": 0, "scheduled_tokens": 0, "busy_cpu_s": 0.0, "busy_wall_s": 0.0,
-    "empty_cpu_s": 0.0, "empty_wall_s": 0.0, "matched_calls": 0, "async_loads": 0, "matched_tokens": 0,
+    "empty_cpu_s": 0.0, "empty_wall_s": 0.0, "matched_calls": 0, "matched_s": 0.0, "async_loads": 0, "matched_tokens": 0,
     "loads_started": 0, "loads_reported": 0, "load_wait_steps": 0, "load_wait_s": 0.0,
     "load_wait_empty_steps": 0, "get_finished_calls": 0, "get_finished_s": 0.0,
     "start_load_kv_s": 0.0, "wait_for_save_s": 0.0, "steps_with_loads_waiting": 0,
@@ -65,8 +65,10 @@ threading.Thread(target=_dumper, name="kvbm-probe-dump", daemon=True).start()
 
 class KVBMConnector(_Base):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int, *args: Any, **kwargs: Any):
+        t = time.perf_counter()
         n, is_async = super().get_num_new_matched_tokens(request, num_computed_tokens, *args, **kwargs)
         with _LOCK:
+            C["matched_s"] += time.perf_counter() - t
             C["matched_calls"] += 1
             C["matched_tokens"] += n or 0
             C["async_loads"] += bool(is_async)
