@@ -6,6 +6,7 @@
     write([(key, handle, buf)])  put objects concurrently -> per block True/False (never raises)
     read([(key, handle, buf)])   get, verify header + length + CRC-32C + MAC, copy into buf
     recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first
+    meta_of / kept_meta()        an opaque blob per block in the object's sealed trailer (object_meta.py)
 
 An object is `<url>/<namespace>/<Seal.name(key)>`: a 64-byte header and then the payload. The
 name is the key sealed under the deployment secret (seal.py: `secret` / `secret_file`, else a
@@ -64,21 +65,19 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from .. import ops
 from .base import Region, Storage, make_private_dir
+from .object_meta import MAX_TRAILER, STALE_TMP_S, TMP_PREFIX, Trailers, listed, parse, trailer  # noqa: F401
 from .object_s3 import S3_RETRIES, SINGLE_PUT_BYTES, PutBody, get_into, streams, unreachable, with_defaults
 from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
     HEADER, HEADER_MIN, HMAC_VERSION, MAC_LEN, MAGIC, NONCE_AT, NONCE_BYTES, VERSION, Corrupt, Foreign,
     Seal, _Check, _SealV2, _SealV3, _warn_no_poly1305, object_secret, poly1305_available)
 
 CHUNK = 1 << 20  # CRC and MAC run over a chunk while it is in cache from the copy
-TMP_PREFIX = ".tmp-"
-STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
 
 def default_url() -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -88,6 +87,7 @@ def default_url() -> str:
 class ObjectStorage(Storage):
     medium = "object"
     persistent = True
+    keeps_meta = True
 
     def __init__(self, capacity_blocks: int, block_nbytes: int, *, namespace: str = "default",
                  url: str | None = None, max_concurrency: int = 16,
@@ -133,6 +133,7 @@ class ObjectStorage(Storage):
         self._pool: ThreadPoolExecutor | None = None
         self._sem: asyncio.Semaphore | None = None
         self._bodies: dict[int, list[Any]] = {}  # spare put bodies by size (async fs)
+        self._trailers = Trailers(self)  # blobs of recovered objects, read when kept_meta() asks
 
     # ------------------------------------------------------------------ handles
 
@@ -168,18 +169,20 @@ class ObjectStorage(Storage):
     # ------------------------------------------------------------------ data
 
     def write(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
-        jobs = [(slot, key, self.path_of(key), _bytes(buf, self.block_nbytes)) for key, slot, buf in items]
+        fn = self.meta_of
+        jobs = [(slot, key, self.path_of(key), _bytes(buf, self.block_nbytes),
+                 trailer(self._seal, key, fn(key)) if fn is not None else b"") for key, slot, buf in items]
         with self._mu:
-            for slot, _, path, _ in jobs:
+            for slot, _, path, _, _ in jobs:
                 self._names[slot] = path  # before the put: free() must delete even a failed one
-        pending = [f for _, _, p, _ in jobs if (f := self._deleting.get(p)) is not None]
+        pending = [f for _, _, p, _, _ in jobs if (f := self._deleting.get(p)) is not None]
         if pending:  # a block freed and stored again: its delete must land before the new put
             wait(pending, timeout=self.timeout)
         if not self._async:  # worker threads seal each block as they write it
-            return self._collect([self._submit("put", path, key, data) for _, key, path, data in jobs])
+            return self._collect([self._submit("put", path, key, data, tail) for _, key, path, data, tail in jobs])
         # Seal each block just before its put is queued (the IO loop only moves bytes): the
         # first puts overlap the later MACs.
-        futures = [self._submit("put", path, self._header(key, data), data) for _, key, path, data in jobs]
+        futures = [self._submit("put", path, self._header(key, data), data, tail) for _, key, path, data, tail in jobs]
         return self._collect(futures)
 
     def read(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
@@ -206,35 +209,24 @@ class ObjectStorage(Storage):
             return []
         with self._mu:
             known = set(self._names.values())
-        found = []
-        foreign = 0
-        now = time.time()
-        for info in listing:
-            path = info["name"].rstrip("/")
-            name = path.rsplit("/", 1)[-1]
-            if info.get("type") != "file" or path in known:
-                continue
-            if name.startswith(TMP_PREFIX):
-                if self._local and now - _mtime(info) > STALE_TMP_S:
-                    _quietly(self.fs.rm_file, path)
-                continue
-            key = self._seal.key_of(name)
-            if key is None:  # another secret's (or an old kvbm's) object: left alone, never ours
-                foreign += 1
-                continue
-            if info.get("size") not in (None, HEADER_MIN + self.block_nbytes):
-                continue  # torn or foreign: it could never be served
-            found.append((_mtime(info), name, key, path))
-        found.sort(reverse=True)
-        out = []
+        found, foreign = listed(self, listing, known)
+        out, base = [], HEADER_MIN + self.block_nbytes
         with self._mu:
             self.errors.foreign_objects += foreign
-            for _, _, key, path in found[:len(self._free)]:
+            for key, path, size in found[:len(self._free)]:
                 slot = self._free.pop()
                 self._names[slot] = path
                 out.append((key, slot))
+                if size != base:  # a trailer (or, size unknown, maybe one): read if kept_meta() asks
+                    self._trailers.found(key, path, size, base)
         out.reverse()  # oldest first: a recency policy fed in this order ranks them right
+        self._trailers.pending = dict(reversed(self._trailers.pending.items()))
         return out
+
+    def kept_meta(self) -> dict[Any, bytes]:
+        """{key: blob} of the objects recover() found with a trailer that opens here, oldest
+        first: read on the first call (one small read per object), then forgotten."""
+        return self._trailers.take()
 
     def close(self) -> None:
         pending = list(self._deleting.values())
@@ -247,10 +239,10 @@ class ObjectStorage(Storage):
 
     # ------------------------------------------------------------------ one object, synchronous fs
 
-    def _put(self, path: str, key: Any, data: memoryview) -> None:
-        self.fs.pipe_file(path, b"".join((self._header(key, data), data)))
+    def _put(self, path: str, key: Any, data: memoryview, tail: bytes = b"") -> None:
+        self.fs.pipe_file(path, b"".join((self._header(key, data), data, tail)))
 
-    def _put_local(self, path: str, key: Any, data: memoryview) -> None:
+    def _put_local(self, path: str, key: Any, data: memoryview, tail: bytes = b"") -> None:
         head, name = path.rsplit("/", 1)
         tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
         try:
@@ -264,6 +256,7 @@ class ObjectStorage(Storage):
                     piece = data[at:at + CHUNK]
                     f.write(piece)
                     tagger.update(piece)
+                f.write(tail)
                 f.seek(0)
                 f.write(tagger.header())
             # A rename that replaces a file makes ext4 (auto_da_alloc) flush the new one at
@@ -287,9 +280,16 @@ class ObjectStorage(Storage):
                     raise Corrupt(f"{path}: short payload")
                 check.update(view[got:got + n])
                 got += n
-            if f.read(1):
-                raise Corrupt(f"{path}: longer than one block")
+            self._tail_ok(path, key, f.read(MAX_TRAILER + 1))
         check.verify(view)
+
+    def _tail(self, path: str, n: int) -> bytes:
+        base = HEADER_MIN + self.block_nbytes
+        if self._local:
+            with open(path, "rb") as f:
+                f.seek(base)
+                return f.read(n)
+        return self.fs.cat_file(path, start=base, end=base + n)
 
     def _delete(self, path: str) -> None:
         try:
@@ -299,7 +299,7 @@ class ObjectStorage(Storage):
 
     # ------------------------------------------------------------------ one object, async fs
 
-    async def _aput(self, path: str, header: bytes, data: memoryview) -> None:
+    async def _aput(self, path: str, header: bytes, data: memoryview, tail: bytes = b"") -> None:
         # botocore takes bytes, bytearray or a file, not a view of G2: the object is assembled
         # in a body reused across puts (a fresh 16 MiB buffer per put costs more in page faults
         # than the copy itself). A file (PutBody), because aiohttp sends a file in 256 KiB reads,
@@ -307,15 +307,16 @@ class ObjectStorage(Storage):
         # transport whole: three more copies of each object, each into fresh pages (issue 17:
         # 2.5 vs 1.7 s of CPU per GiB). Only the IO loop touches the spares; at most
         # max_concurrency bodies exist, as at most that many puts run.
-        size = len(header) + data.nbytes
+        size = len(header) + data.nbytes + len(tail)
         spare = self._bodies.get(size)
         if self._streams and size < SINGLE_PUT_BYTES:
             body = spare.pop() if spare else PutBody()
-            body.fill(header, data)
+            body.fill(header, data, tail)
         else:  # another async fs, or a multipart upload (its parts are slices of the body)
             body = spare.pop() if spare else bytearray(size)
             body[:len(header)] = header
-            body[len(header):] = data
+            body[len(header):len(header) + data.nbytes] = data
+            body[len(header) + data.nbytes:] = tail
         await self.fs._pipe_file(path, body)
         # back to the spares only after success: a cancelled put's writer may still hold it
         self._bodies.setdefault(size, []).append(body)
@@ -325,7 +326,11 @@ class ObjectStorage(Storage):
         return await self.fs._cat_file(path, start=0)
 
     async def _aget_into(self, path: str, dst: np.ndarray) -> bytes:
-        return await get_into(self.fs, path, dst)
+        return await get_into(self.fs, path, dst, MAX_TRAILER)
+
+    async def _atail(self, path: str, n: int) -> bytes:
+        base = HEADER_MIN + self.block_nbytes
+        return await self.fs._cat_file(path, start=base, end=base + n)
 
     async def _adelete(self, path: str) -> None:
         try:
@@ -349,20 +354,27 @@ class ObjectStorage(Storage):
     def _unpack(self, key: Any, path: str, dst: np.ndarray, data: bytes) -> None:
         view = memoryview(data)
         check = self._checker(path, key, view[:HEADER_MIN])
-        if len(view) != HEADER_MIN + self.block_nbytes:
+        if len(view) < HEADER_MIN + self.block_nbytes:
             raise Corrupt(f"{path}: {len(view) - HEADER_MIN} payload bytes, expected {self.block_nbytes}")
+        self._tail_ok(path, key, view[HEADER_MIN + self.block_nbytes:])
         for at in range(0, self.block_nbytes, CHUNK):  # verify and copy chunk by chunk: one pass
             piece = view[HEADER_MIN + at:HEADER_MIN + at + CHUNK]
             check.update(piece)
             dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-        check.verify(view[HEADER_MIN:])
+        check.verify(view[HEADER_MIN:HEADER_MIN + self.block_nbytes])
 
     def _verify(self, key: Any, path: str, dst: np.ndarray, head: bytes) -> None:
         """The payload already in dst (get_into): its MAC (v2: and CRC) against the header."""
-        check, view = self._checker(path, key, head), memoryview(dst)
+        check, view = self._checker(path, key, head[:HEADER_MIN]), memoryview(dst)
         for at in range(0, self.block_nbytes, CHUNK):
             check.update(view[at:at + CHUNK])
         check.verify(view)
+        self._tail_ok(path, key, head[HEADER_MIN:])
+
+    def _tail_ok(self, path: str, key: Any, tail: bytes | memoryview) -> None:
+        """Bytes past the payload: none, or this block's own sealed trailer (object_meta.py)."""
+        if len(tail) and (len(tail) > MAX_TRAILER or parse(self._seal, key, bytes(tail)) is None):
+            raise Corrupt(f"{path}: longer than one block, and not by this block's trailer")
 
     def _checker(self, path: str, key: Any, head: bytes | memoryview) -> _Check:
         """Raises Corrupt unless the header is a kvbm object of this layout (v2 or v3); else
@@ -387,10 +399,10 @@ class ObjectStorage(Storage):
     def _submit(self, op: str, *args: Any) -> Future:
         if self._async:
             coro = {"put": self._aput, "get": self._aget, "delete": self._adelete,
-                    "get_into": self._aget_into}[op]
+                    "get_into": self._aget_into, "tail": self._atail}[op]
             return asyncio.run_coroutine_threadsafe(self._bounded(coro, *args), self.fs.loop)
         fn = {"put": self._put_local if self._local else self._put,
-              "get": self._get_into, "delete": self._delete}[op]
+              "get": self._get_into, "delete": self._delete, "tail": self._tail}[op]
         if self._pool is None:
             with self._mu:
                 if self._pool is None:
@@ -483,18 +495,3 @@ def _quietly(fn: Callable, *args: Any) -> None:
 def _protocols(fs: Any) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
-
-
-def _mtime(info: dict[str, Any]) -> float:
-    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(field)
-        if isinstance(value, datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-    return 0.0

@@ -66,10 +66,11 @@ class PutBody(io.BytesIO):
     reads of its own size, never as one 16 MiB bytes to slice and buffer. s3fs asks its len().
     Reused: every object of a layout has one size, so refilling it allocates nothing."""
 
-    def fill(self, header: bytes, payload: memoryview) -> None:
+    def fill(self, header: bytes, payload: memoryview, tail: bytes = b"") -> None:
         self.seek(0)
         self.write(header)
         self.write(payload)
+        self.write(tail)
         self.truncate()
         self.seek(0)
 
@@ -81,8 +82,9 @@ def streams(fs: Any) -> bool:
     return bool(getattr(fs, "async_impl", False)) and hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
 
 
-async def get_into(fs: Any, path: str, dst: np.ndarray) -> bytes:
-    """The object's header; its payload is in dst. Corrupt when it is not HEADER_MIN + dst.nbytes long."""
+async def get_into(fs: Any, path: str, dst: np.ndarray, slack: int = 0) -> bytes:
+    """The object's header, then any bytes after the payload (at most `slack`: a trailer,
+    object_meta.py); its payload is in dst. Corrupt when shorter than HEADER_MIN + dst.nbytes."""
     bucket, key, _ = fs.split_path(path)
     # no Range and no HEAD: one GET (s3fs's _cat_file without a range sends a HEAD first)
     resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
@@ -91,7 +93,7 @@ async def get_into(fs: Any, path: str, dst: np.ndarray) -> bytes:
     # read(n) would join what is buffered first. Any other body: read(n).
     reader = getattr(getattr(body, "_raw_stream", None), "content", None)
     chunked = reader is not None and hasattr(reader, "readchunk")
-    out, end, got = memoryview(dst).cast("B"), dst.nbytes, 0
+    out, end, got, extra = memoryview(dst).cast("B"), dst.nbytes, 0, bytearray()
     head = bytearray()
     try:
         while True:
@@ -108,10 +110,12 @@ async def get_into(fs: Any, path: str, dst: np.ndarray) -> bytes:
                 take = HEADER_MIN - len(head)
                 head += view[:take]
                 view = view[take:]
-            n = len(view)
-            if got + n > end:
-                raise Corrupt(f"{path}: longer than one block")
-            out[got:got + n] = view
+            n = min(len(view), end - got)
+            if n < len(view):
+                extra += view[n:]
+                if len(extra) > slack:
+                    raise Corrupt(f"{path}: longer than one block")
+            out[got:got + n] = view[:n]
             got += n
     except Exception as exc:
         if not _client_error(exc):
@@ -125,7 +129,7 @@ async def get_into(fs: Any, path: str, dst: np.ndarray) -> bytes:
         raise Corrupt(f"{path}: short header")
     if got != end:
         raise Corrupt(f"{path}: short payload")
-    return bytes(head)
+    return bytes(head + extra)
 
 
 def _client_error(exc: BaseException) -> bool:

@@ -9,6 +9,8 @@
     Seal.mac(key) -> hmac object            HMAC-SHA256 over namespace, key, payload and header fields (v2)
     Seal.one_time_key(key, context, nonce)  a Poly1305 key for one object (v3): never the same twice
     Seal.one_time_mac(key, context, nonce)  Poly1305 under that key (needs `cryptography`)
+    Seal.seal_meta(key, blob) -> bytes      a block's opaque blob, sealed to its key (an object's trailer)
+    Seal.open_meta(key, sealed) -> bytes | None  the blob back; None unless sealed for this key here
     poly1305_available() -> bool            whether `cryptography` is importable (else objects are v2)
 
 And the G4 object header (object.py): its layout (HEADER, v2 / v3), _SealV2 / _SealV3 (a put's
@@ -152,6 +154,8 @@ class Seal:
         self._stream_key = _derive(secret, b"kvbm-g4-stream", ns)
         self._mac = hmac.new(_derive(secret, b"kvbm-g4-mac", ns), _field(ns), hashlib.sha256)
         self._otk = hmac.new(_derive(secret, b"kvbm-g4-poly1305", ns), _field(ns), hashlib.sha256)
+        self._meta_key = _derive(secret, b"kvbm-g4-meta", ns)
+        self._meta_stream = _derive(secret, b"kvbm-g4-meta-stream", ns)
 
     def name(self, key: Any) -> str:
         plain = _plain(key)
@@ -195,6 +199,26 @@ class Seal:
 
     def _stream(self, tag: bytes, n: int) -> bytes:
         return hashlib.shake_256(self._stream_key + tag).digest(n)
+
+    def seal_meta(self, key: Any, blob: bytes) -> bytes:
+        """A block's blob as an object keeps it (object_meta.py): sealed as names are (SIV: a
+        16-byte tag over namespace, key and blob, then the blob XORed with a stream drawn from
+        the tag), so a bucket reader learns nothing of it and only this namespace's key opens it."""
+        tag = self._meta_tag(key, blob)
+        return tag + _xor(blob, hashlib.shake_256(self._meta_stream + tag).digest(len(blob)))
+
+    def open_meta(self, key: Any, sealed: bytes) -> bytes | None:
+        """The blob seal_meta(key, ...) sealed; None for one sealed for another key, another
+        namespace or another secret, or altered in any bit."""
+        if len(sealed) < TAG_BYTES:
+            return None
+        tag, body = bytes(sealed[:TAG_BYTES]), bytes(sealed[TAG_BYTES:])
+        blob = _xor(body, hashlib.shake_256(self._meta_stream + tag).digest(len(body)))
+        return blob if hmac.compare_digest(self._meta_tag(key, blob), tag) else None
+
+    def _meta_tag(self, key: Any, blob: bytes) -> bytes:
+        m = hmac.new(self._meta_key, _field(self.namespace) + _field(_plain(key)) + _field(blob), hashlib.sha256)
+        return m.digest()[:TAG_BYTES]
 
 
 @functools.cache

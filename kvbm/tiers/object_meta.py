@@ -1,0 +1,138 @@
+"""What a restarted G4 finds: its objects (listed), and the opaque per-block blob (BlockManager.keep_meta)
+each keeps in a trailer after its payload.
+
+    listed(storage, listing, known) -> ([(key, path, size)] newest first, foreign names)
+    trailer(seal, key, blob) -> bytes          what a put appends after the payload (b"" without a blob)
+    parse(seal, key, data) -> bytes | None      the blob of a trailer; None unless it is one, sealed here
+    MAX_TRAILER                                 the most bytes an object may carry past its payload
+    Trailers(storage)                           the objects recover() found with a trailer, read only when
+      .found(key, path, size)                   someone asks (kept_meta): a restart with nobody asking
+      .take() -> {key: blob}                    reads nothing; given once, then forgotten
+
+An object is its 64-byte header, the payload, then (kvbm since the trailer) the trailer:
+
+    Seal.seal_meta(key, blob) | zero padding | u16 length of the sealed blob | b"KVBm"
+
+padded to a multiple of 64 bytes (few distinct object sizes: puts reuse their bodies). The
+sealed blob is an SIV under a key of the namespace's own (seal.py): only this deployment, in
+this namespace, for this block key, makes one that opens; anything else (another secret,
+another namespace's prefix, a trailer moved from another object, a flipped bit) parses to
+None: the block is served as before, its blob names nothing. Bounded: a blob longer than
+MAX_META is not kept (as G3), an object longer than its payload by more than MAX_TRAILER is
+torn or foreign (never recovered, a miss on a get). A get reads the trailer with the rest of
+the object (no extra round trip) and ignores it; the payload's MAC is unchanged, so objects
+written before the trailer (exactly header + payload) are still read, and recover with no blob.
+
+Crash-safe as the object is: the trailer is written in the same put (file://: the same
+temporary file, renamed whole; S3: one PUT), so an object has its blob or is not there.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from concurrent.futures import Future, wait
+from datetime import datetime
+from typing import Any
+
+from .disk_index import MAX_META
+from .seal import HEADER_MIN, TAG_BYTES, Seal
+
+TMP_PREFIX = ".tmp-"
+STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
+MAGIC = b"KVBm"
+TAIL = struct.Struct("<H4s")
+ALIGN = 64
+MAX_TRAILER = -(-(TAG_BYTES + MAX_META + TAIL.size) // ALIGN) * ALIGN
+
+
+def trailer(seal: Seal, key: Any, blob: bytes | None) -> bytes:
+    if not blob or len(blob) > MAX_META:
+        return b""
+    sealed = seal.seal_meta(key, bytes(blob))
+    size = -(-(len(sealed) + TAIL.size) // ALIGN) * ALIGN
+    return sealed.ljust(size - TAIL.size, b"\0") + TAIL.pack(len(sealed), MAGIC)
+
+
+def parse(seal: Seal, key: Any, data: bytes) -> bytes | None:
+    if not TAIL.size <= len(data) <= MAX_TRAILER or len(data) % ALIGN:
+        return None
+    n, magic = TAIL.unpack_from(data, len(data) - TAIL.size)
+    if magic != MAGIC or n > len(data) - TAIL.size or any(data[n:len(data) - TAIL.size]):
+        return None
+    return seal.open_meta(key, data[:n])
+
+
+class Trailers:
+    """The trailers recover() saw, per key, until take() reads them (concurrently, each job under
+    the storage's own timeout; one that fails or times out is no blob)."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.pending: dict[Any, tuple[str, int]] = {}  # key -> (path, trailer bytes), oldest first
+
+    def found(self, key: Any, path: str, size: int | None, base: int) -> None:
+        self.pending[key] = (path, MAX_TRAILER if size is None else size - base)
+
+    def take(self) -> dict[Any, bytes]:
+        st = self.storage
+        todo, self.pending = self.pending, {}
+        with st._mu:
+            live = set(st._names.values())
+        todo = {k: v for k, v in todo.items() if v[0] in live and v[1] > 0}  # freed since: gone
+        jobs: dict[Any, Future] = {k: st._submit("tail", path, n) for k, (path, n) in todo.items()}
+        if jobs:
+            wait(jobs.values())  # each job ends: async ones under the storage's timeout, local reads
+        out: dict[Any, bytes] = {}
+        for k, fut in jobs.items():
+            try:
+                blob = parse(st._seal, k, fut.result())
+            except Exception:
+                blob = None
+            if blob is not None:
+                out[k] = blob
+        return out
+
+
+def listed(st: Any, listing: list, known: set) -> tuple[list, int]:
+    """The objects of a listing that are this namespace's blocks and could be served (sized as
+    a header, a payload and at most MAX_TRAILER), newest first; and how many names were not ours
+    (another secret's, or an old kvbm's: left alone). Stale temporary files of file:// go."""
+    found, foreign, now, base = [], 0, time.time(), HEADER_MIN + st.block_nbytes
+    for info in listing:
+        path = info["name"].rstrip("/")
+        name = path.rsplit("/", 1)[-1]
+        if info.get("type") != "file" or path in known:
+            continue
+        if name.startswith(TMP_PREFIX):
+            if st._local and now - _mtime(info) > STALE_TMP_S:
+                try:
+                    st.fs.rm_file(path)
+                except Exception:
+                    pass
+            continue
+        key = st._seal.key_of(name)
+        if key is None:
+            foreign += 1
+            continue
+        size = info.get("size")
+        if size is not None and not base <= size <= base + MAX_TRAILER:
+            continue  # torn or foreign: it could never be served
+        found.append((_mtime(info), name, key, path, size))
+    found.sort(reverse=True)
+    return [(key, path, size) for _, _, key, path, size in found], foreign
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
