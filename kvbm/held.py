@@ -13,6 +13,9 @@
       .recovered(metas, accept)         names the blocks recovered with such a blob (manager.kept_meta()),
                                         of the namespaces accept(ns) allows: published at the next diff,
                                         in the place their tier holds them, as if just stored
+    pack_meta(ns, hash, parent, ckey)   the blob: format 1 without a client key, format 2 with one (the
+                                        daemon's: the key the client named the block by; events.py)
+    unpack_meta(blob)                   -> (ns, hash, parent, ckey) or None (ckey None in format 1)
 
 Events are dicts with vLLM 0.32's field names (vllm/distributed/kv_events.py: "type" BlockStored,
 BlockRemoved or AllBlocksCleared), so the daemon packs them without vLLM installed
@@ -50,12 +53,14 @@ Older subscribers: msgspec (vLLM's decoder) ignores fields a class lacks, so a v
 decodes these batches (without locality and ownership); one that matched kvbm's former media
 "DISK" / "OBJECT" must match ("STORAGE", "LOCAL") / ("STORAGE", "REMOTE") now.
 
-After a restart: G3 (disk) keeps each block's blob in its index (tiers/disk_index.py, version 2), so
-a block it recovers is named again with the namespace and hashes it was stored under. The blob is
-META_FORMAT, then the namespace, the hash and the parent hash, each None, bytes (<= 255) or an
-integer in [-2^63, 2^64); a blob that does not decode so names nothing (the block is served, not
-published). It stays in G3's own index file (0600, in a 0700 folder), beside the block's bytes:
-nothing in it leaves the process but what the events would have said anyway.
+After a restart: G3 (disk) keeps each block's blob in its index (tiers/disk_index.py, version 2),
+G4 (object) in each object's sealed trailer (tiers/object_meta.py), so a block they recover is
+named again with the namespace and hashes it was stored under. The blob is META_FORMAT, then the
+namespace, the hash and the parent hash (format 2, the daemon's: then the client's key too), each
+None, bytes (<= 255) or an integer in [-2^63, 2^64); a blob that does not decode so names nothing
+(the block is served, not published). G3's stays in its own index file (0600, in a 0700 folder);
+G4's is sealed under the deployment secret (a bucket reader learns nothing of it, a forged or
+moved one opens nowhere).
 
 Diffing what is held, instead of translating each manager event, keeps a subscriber exact
 whatever happened in between (a cascade, a promotion that copies or moves, a rollback): a block
@@ -75,6 +80,7 @@ PLACE = {"device": ("GPU", LOCAL), "host": ("CPU", LOCAL), "disk": ("STORAGE", L
 OWNERSHIP = "kvbm"  # the secondary tier that generated the event (see the docstring)
 SWEEP_SLACK = 1024
 META_FORMAT = b"\x01"  # the blob's first byte (format 1: namespace, hash, parent hash)
+META_FORMAT_KEYED = b"\x02"  # format 2: namespace, hash, parent hash, client key (the daemon's)
 _NONE, _BYTES, _UINT, _NEG = range(4)  # a blob field's tag
 _U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
 
@@ -158,10 +164,7 @@ class HeldMedia:
         e = self.entries.get(key)
         if e is None:
             return None
-        try:
-            return META_FORMAT + _field(e[0]) + _field(e[1]) + _field(e[2])
-        except (TypeError, ValueError, struct.error):  # a hash it cannot hold: the block goes unnamed
-            return None
+        return pack_meta(e[0], e[1], e[2])
 
     def recovered(self, metas: dict, accept: Callable[[Any], bool]) -> dict[Any, int]:
         """Name the recovered blocks whose blob decodes, of the namespaces accept(ns) allows;
@@ -171,7 +174,7 @@ class HeldMedia:
             fields = unpack_meta(blob)
             if fields is None or fields[1] is None or not accept(fields[0]):
                 continue
-            ns, h, parent = fields
+            ns, h, parent, _ = fields
             self.name(ns, [key], [h], parent)
             out[ns] = out.get(ns, 0) + 1
         return out
@@ -230,13 +233,26 @@ def _field(v: Any) -> bytes:
     return bytes((_UINT,)) + _U64.pack(v) if v >= 0 else bytes((_NEG,)) + _I64.pack(v)
 
 
+def pack_meta(ns: Any, h: Any, parent: Any, ckey: bytes | None = None) -> bytes | None:
+    """A block's blob: format 1 (namespace, hash, parent hash), or with the client's key format 2;
+    None for a field it cannot hold (the block goes unnamed)."""
+    try:
+        if ckey is None:
+            return META_FORMAT + _field(ns) + _field(h) + _field(parent)
+        return META_FORMAT_KEYED + _field(ns) + _field(h) + _field(parent) + _field(bytes(ckey))
+    except (TypeError, ValueError, struct.error):
+        return None
+
+
 def unpack_meta(blob: bytes) -> tuple | None:
-    """(namespace, hash, parent hash) of a blob from HeldMedia.meta, or None if it is not one."""
-    if blob[:1] != META_FORMAT:
+    """(namespace, hash, parent hash, client key or None) of a blob from pack_meta, or None if
+    it is not one."""
+    fields = {META_FORMAT: 3, META_FORMAT_KEYED: 4}.get(bytes(blob[:1]))
+    if fields is None:
         return None
     out, pos = [], 1
     try:
-        for _ in range(3):
+        for _ in range(fields):
             tag = blob[pos]
             if tag == _NONE:
                 out.append(None)
@@ -254,4 +270,6 @@ def unpack_meta(blob: bytes) -> tuple | None:
                 return None
     except (IndexError, struct.error):
         return None
-    return tuple(out) if pos == len(blob) else None
+    if pos != len(blob) or (fields == 4 and not isinstance(out[3], bytes)):
+        return None
+    return (*out, None) if fields == 3 else tuple(out)

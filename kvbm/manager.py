@@ -8,7 +8,7 @@
     serve(keys) -> where                    one request: locate, load the ready prefix, store the rest
     pin / unpin / remove                    explicit pins, invalidation
     take_events() / stats()                 stored / removed / moved events; per-tier counters
-    keep_meta(fn) / kept_meta()             an opaque blob per key that persistent tiers keep (G3)
+    keep_meta(fn) / kept_meta()             an opaque blob per key that persistent tiers keep (G3, G4)
 
 Here: construction, queries, the store verbs, one request (serve), pins, events. Beside it:
 onboard.py (the load verbs, promotion), placement.py (where a store's keys go, room-making and
@@ -100,7 +100,8 @@ class BlockManager(Placement, Onboard, ByteJobs):
 
     def _recover(self) -> None:
         """Blocks that persistent media kept across a restart become ready again (exclusive:
-        a block recovered in a faster tier wins). Their bytes are verified when read."""
+        a block recovered in a faster tier wins), each a "stored" event of its tier, as a store
+        into that tier would give. Their bytes are verified when read."""
         for t in self.tiers:
             if not t.storage.persistent:
                 continue
@@ -112,9 +113,10 @@ class BlockManager(Placement, Onboard, ByteJobs):
                 t.ready[key] = slot
                 t.policy.insert(key, None)
                 t.stats.recovered += 1
+                self._event("stored", key, t.name)  # the first events: what came back, per tier
 
     def keep_meta(self, fn: Callable[[Any], bytes | None]) -> None:
-        """fn(key) -> an opaque blob (or None) that tiers keeping metadata (G3) store beside a block
+        """fn(key) -> an opaque blob (or None) that tiers keeping metadata (G3, G4) store beside a block
         as they write it (fn may run on transfer threads) and give back after a restart."""
         for t in self.tiers:
             if t.storage.keeps_meta:
@@ -122,7 +124,7 @@ class BlockManager(Placement, Onboard, ByteJobs):
 
     def kept_meta(self) -> dict[Any, bytes]:
         """{key: blob} that tiers keeping metadata hold for their ready blocks, oldest write first:
-        at start, the blobs of the blocks they recovered."""
+        at start, the blobs of the blocks they recovered (G4 reads its trailers here, once: ask once)."""
         out: dict[Any, bytes] = {}
         for t in self.tiers:
             if t.storage.keeps_meta:

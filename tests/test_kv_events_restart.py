@@ -310,7 +310,7 @@ def test_a_blob_that_does_not_decode_names_nothing():
     held = HeldMedia(Manager(), 16)
     held.name(b"n" * 16, [b"k0", b"k1"], [b"h" * 32, 7], -3)
     blob0, blob1 = held.meta(b"k0"), held.meta(b"k1")
-    assert unpack_meta(blob0) == (b"n" * 16, b"h" * 32, -3) and unpack_meta(blob1) == (b"n" * 16, 7, b"h" * 32)
+    assert unpack_meta(blob0) == (b"n" * 16, b"h" * 32, -3, None) and unpack_meta(blob1) == (b"n" * 16, 7, b"h" * 32, None)
     assert held.meta(b"unnamed") is None
     fresh = HeldMedia(Manager(), 16)
     metas = {b"k0": blob0, b"k1": blob1[:-1], b"k2": b"\x02" + blob0[1:], b"k3": b"", b"k4": blob0 + b"x"}

@@ -20,6 +20,21 @@ that does not already know a namespace can neither name it nor derive its server
 the PUB address when no token is set (then it must be loopback or ipc://, see config.py); with
 daemon.token, only subscribers presenting it as ZMQ PLAIN credentials (username `kvbm`).
 
+After a restart: G3 and G4 keep, beside each block, a blob of (namespace id, engine hash, parent
+hash, client key) that `_block_meta` gives them (kvbm/held.py format 2; G3 in its 0600 index, G4
+sealed in the object's trailer). A restarted daemon accepts a recovered blob only when it decodes,
+names a 16-byte namespace id and a client key, and that namespace and key derive the very server
+key the block is stored under (leases.server_key): so a blob can only name the namespace whose key
+space the block lives in, whatever a bucket holds; anything else names nothing (the block is
+served, never published). Accepted blocks get their origin entry back, are named on the vLLM-format
+stream (kv_events.py: published at once, as that namespace's first batch), and become that
+namespace's first rows here: ["stored", client key, tier] for every tier holding them, published
+on its topic and queued for its session at the first request after one of its clients said hello
+(the PUB stream keeps no backlog, so a subscriber connected by then sees them; rows describe what
+the tiers hold at that moment, so rows before them, e.g. a recovered block evicted meanwhile, and
+after them, leave a follower exact). Blocks whose tiers wrote no blob (stored before this, a
+version 1 G3 index, objects without a trailer) recover silently, as before.
+
 The origin map gets an entry per block a client reserved or a pull landed and loses it when the
 block leaves every tier. Paths that abandon a key without an event (a rolled-back reservation, a
 failed pull) are covered by `Origins.sweep`: once the map holds more than twice what the manager
@@ -36,6 +51,8 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol as P
+from ..held import pack_meta, unpack_meta
+from .leases import server_key
 
 log = logging.getLogger("kvbm.daemon")
 MAX_EVENTS = 10_000  # per session, oldest dropped
@@ -81,10 +98,14 @@ class Events:
         self._events_ctx: zmq.Context | None = None
         self._zap = None
         self.kv_events = None
+        self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
+        self.manager.keep_meta(self._block_meta)  # G3 and G4 keep each block's names (see the docstring)
+        self.manager.take_events()  # the recovered blocks' "stored": told per namespace (_tell_recovered)
         if dcfg.kv_events:
             from .kv_events import KVEventPublisher
 
             self.kv_events = KVEventPublisher(self)
+        self._recovered_metas = {}
         if not dcfg.events:
             return
         # its own context: the ZAP handler below then judges this socket's peers only
@@ -101,6 +122,50 @@ class Events:
             self.pub.zap_domain = ZAP_DOMAIN.encode()
         self.pub.bind(dcfg.events)
         self.events_address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def _recovered_origins(self, metas: dict) -> dict:
+        """The recovered blobs that name the namespace their block's server key derives from:
+        their origins come back; -> {server key: blob} (for the vLLM-format stream)."""
+        good: dict = {}
+        self._untold: dict[bytes, list] = {}  # namespace -> recovered server keys, until told
+        for skey, blob in metas.items():
+            fields = unpack_meta(blob)
+            if fields is None:
+                continue
+            ns, _, _, ck = fields
+            if not (isinstance(ns, bytes) and len(ns) == 16 and isinstance(ck, bytes)
+                    and server_key(ns, ck) == skey):
+                continue  # a key space the block does not live in, or no client key: names nothing
+            self.origin[skey] = (ns, ck)
+            self._untold.setdefault(ns, []).append(skey)
+            good[skey] = blob
+        if good:
+            log.info("events: %d recovered blocks of %d namespaces named again", len(good), len(self._untold))
+        return good
+
+    def _block_meta(self, skey: Any) -> bytes | None:
+        """The blob G3 / G4 keep beside a block as they write it (maybe on a transfer thread):
+        its origin and, when a client named it, its engine hash and parent hash."""
+        origin = self.origin.get(skey)
+        if origin is None:
+            return None
+        kv = self.kv_events
+        e = kv.held.entries.get(skey) if kv is not None else None
+        h, parent = (e[1], e[2]) if e is not None and e[0] == origin[0] else (None, None)
+        return pack_meta(origin[0], h, parent, origin[1])
+
+    def _tell_recovered(self) -> None:
+        """The recovered blocks of the namespace whose client just said hello (the newest
+        session), as its first rows: what the tiers hold of them now."""
+        s = next(reversed(self.sessions.by_id.values()), None)
+        keys = self._untold.pop(s.namespace, None) if s is not None else None
+        if not keys:
+            return
+        ns, rows = s.namespace, []
+        for t in self.manager.tiers:
+            rows.extend(["stored", self.origin[k][1], t.name] for k in keys if k in t.ready and k in self.origin)
+        if rows:
+            self._tell(ns, rows)
 
     def add_event_sink(self, fn: Callable[[bytes, list], None]) -> None:
         """fn(namespace id, rows) on the owner thread after each drained batch; it must not block."""
@@ -130,6 +195,8 @@ class Events:
         if kv is not None and (events or kv.dirty):
             kv.changed(events)
         if not events:
+            if getattr(self, "_untold", None):
+                self._tell_recovered()
             if len(self.origin) > SWEEP_SLACK:
                 self.origin.sweep(self.manager)
             return
@@ -143,21 +210,27 @@ class Events:
             ns, ck = origin
             by_ns.setdefault(ns, []).append([ev.kind, ck, ev.tier])
         for ns, rows in by_ns.items():
-            if self.pub is not None:
-                try:
-                    self.pub.send_multipart([topic_of(ns), P.pack(rows)], zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            for s in self.sessions.in_namespace(ns):
-                s.events.extend(rows)
-                if len(s.events) > MAX_EVENTS:
-                    del s.events[:len(s.events) - MAX_EVENTS]
-            for fn in self._event_sinks:
-                try:
-                    fn(ns, rows)
-                except Exception:  # a sink's bug must not stop the loop
-                    log.exception("KV-event sink %r failed", fn)
+            self._tell(ns, rows)
+        if getattr(self, "_untold", None):  # after this request's rows: what the tiers hold now
+            self._tell_recovered()
         self.origin.sweep(self.manager)
+
+    def _tell(self, ns: bytes, rows: list) -> None:
+        """Rows of one namespace: its PUB topic, its sessions' queues, the sinks."""
+        if self.pub is not None:
+            try:
+                self.pub.send_multipart([topic_of(ns), P.pack(rows)], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        for s in self.sessions.in_namespace(ns):
+            s.events.extend(rows)
+            if len(s.events) > MAX_EVENTS:
+                del s.events[:len(s.events) - MAX_EVENTS]
+        for fn in self._event_sinks:
+            try:
+                fn(ns, rows)
+            except Exception:  # a sink's bug must not stop the loop
+                log.exception("KV-event sink %r failed", fn)
 
     def _close_events(self) -> None:
         if self.kv_events is not None:

@@ -61,14 +61,17 @@ client can only name keys of its own namespace (server keys are derived from it)
 hash misleads that namespace's routers only. A hash is kept while its block is held in some
 tier or in flight (kvbm/held.py), so what is kept is bounded by what the manager holds.
 
-Across a restart: G3 writes each block with a blob of (namespace id, engine hash, parent hash)
-from HeldMedia.meta into its index (tiers/disk_index.py version 2; the index file is the daemon's
-own, 0600 in a 0700 folder, beside the blocks' bytes, so the namespace id never leaves the
-daemon). A restarted daemon names the blocks G3 recovers with them before it serves anything, and
+Across a restart: G3 and G4 write each block with a blob of (namespace id, engine hash, parent
+hash, client key) from events.py's `_block_meta` (G3: in its index, tiers/disk_index.py version 2,
+the daemon's own 0600 file; G4: sealed in the object's trailer, tiers/object_meta.py, so a bucket
+reader learns nothing of it). A restarted daemon keeps only the blobs whose namespace and client key
+derive the block's own server key (events.py), names those blocks before it serves anything, and
 publishes them at once, each in its namespace's stream (the stream's first batch, a snapshot:
-AllBlocksCleared then BlockStored STORAGE/LOCAL), as if they had just been stored; a router that
-followed the old daemon sees the gap and replays it. Blocks stored without hashes, or recovered
-from a version 1 index, have no blob: served as before, never published.
+AllBlocksCleared then BlockStored per place, STORAGE/LOCAL for G3 and STORAGE/REMOTE for G4, a
+block in both once per place, as the live stream does in inclusive mode), as if just stored; a
+router that followed the old daemon sees the gap and replays it. Blocks stored without hashes, or
+recovered without a blob (a version 1 index, an object without a trailer), are served as before,
+never published.
 """
 
 from __future__ import annotations
@@ -131,7 +134,6 @@ class KVEventPublisher:
         dcfg = daemon.dcfg
         self.daemon = daemon
         self.held = HeldMedia(daemon.manager, daemon.config.layout.block_size)
-        daemon.manager.keep_meta(self.held.meta)  # G3 keeps each block's names (see the docstring)
         self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
         self.buffer = dcfg.kv_events_buffer
@@ -160,7 +162,7 @@ class KVEventPublisher:
             raise
         self.address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replay_address = self.replay.getsockopt(zmq.LAST_ENDPOINT).decode() if self.replay else ""
-        self._recovered(daemon.manager.kept_meta())
+        self._recovered(getattr(daemon, "_recovered_metas", {}))  # verified there (events.py)
         self._stop = threading.Event()
         self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
         self._thread = None
@@ -182,7 +184,7 @@ class KVEventPublisher:
         self.held.name(ns, skeys, hashes, parent)
 
     def _recovered(self, metas: dict) -> None:
-        """Blocks G3 recovered with their names: published now, per namespace, as if just stored."""
+        """Blocks G3 / G4 recovered with their names: published now, per namespace, as if just stored."""
         counts = self.held.recovered(metas, lambda ns: isinstance(ns, bytes) and len(ns) == 16 and ns != PEER_NS)
         for ns in counts:
             self._stream(ns)
