@@ -16,6 +16,7 @@
 #include "copy_blocks.hpp"
 #include "crc32c.hpp"
 #include "file_io.hpp"
+#include "hitdensity_core.hpp"
 #include "stream_copy.hpp"
 #include "thread_pool.hpp"
 
@@ -237,6 +238,8 @@ NB_MODULE(_native, m) {
       "fd"_a, "dst"_a, "dst_offsets"_a.none(), "file_offsets"_a, "nbytes"_a, "threads"_a = 0,
       "crcs"_a.none() = nb::none(),
       "Read block i from the file at file_offsets[i]; int32 status per block (0 or errno).");
+
+  bind_hitdensity(m);  // hitdensity's per-key state (policies/hitdensity.py), via kvbm.ops
 
 #ifdef KVBM_WITH_CUDA
   m.attr("built_with_cuda") = true;

@@ -11,6 +11,7 @@
     pread_blocks(fd, dst, file_offsets, nbytes)               batched block reads -> errno per block
     cuda_copy_blocks(src, src_offsets, dst, dst_offsets, nbytes)  the same on a GPU: device or pinned host
     cuda_available()                                          kernels built, a driver and a device
+    hitdensity_core()                                         hitdensity's compiled per-key state (a class) or None
 
 Buffers are anything with the C-contiguous buffer protocol (bytes, bytearray, mmap,
 memoryview, numpy arrays of any dtype; a CPU torch tensor via `.numpy()`). gather/scatter
@@ -194,6 +195,13 @@ def pread_blocks(fd: int, dst, file_offsets, nbytes: int, *, dst_offsets=None, t
     return native.pread_blocks(fd, dst, None if dst_offsets is None else _offsets(dst_offsets, "dst_offsets"),
                                _offsets(file_offsets, "file_offsets"), _check_nbytes("pread_blocks", nbytes),
                                threads, crcs)
+
+
+def hitdensity_core():
+    """The compiled HitDensityCore class (policies/hitdensity.py's state and verbs), or None
+    where the extension is off, not built, or built before it: the policy's Python version runs
+    then, with the same decisions (tests/test_policy_auto_equal.py compares both)."""
+    return getattr(_native, "HitDensityCore", None) if HAVE_NATIVE else None
 
 
 # ---- paged pool <-> staging, on the host or a CUDA device ----

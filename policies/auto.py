@@ -87,7 +87,7 @@ _MASK = 0xFFFFFFFF
 
 _drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
 # policies that keep exactly their tracked keys in one dict: `key in policy` is `key in` it
-_KEY_DICT = {HitDensityPolicy: "_class", PrefixPolicy: "_seq"}
+_KEY_DICT = {HitDensityPolicy: "_keys", PrefixPolicy: "_seq"}
 
 
 def _member_test(policy):

@@ -120,7 +120,7 @@ from functools import partial
 from heapq import heapify, heappop, heapreplace
 from operator import itemgetter
 
-from . import _gittins
+from . import _gittins, _hitdensity_native
 from .base import EvictionPolicy
 
 _RUN_OCTAVES = 13  # runs of 1, 2-3, ..., 2048-4095, and 4096 or more blocks
@@ -170,13 +170,20 @@ def _run_class(n: int) -> int:
 class HitDensityPolicy(EvictionPolicy):
     name = "hitdensity"
 
-    def __init__(self, capacity, **kw):
+    def __init__(self, capacity, *, native=None, **kw):
         super().__init__(capacity, **kw)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"hitdensity policy: capacity={capacity!r} must be an int >= 0 (it sizes the ghosts)")
+        # native: the compiled core (policies/_hitdensity_native.py), the same decisions
+        core = _hitdensity_native.core(capacity, native)
+        if core is not None:
+            _hitdensity_native.bind(self, core)
+            return
+        self._core = None
         n = len(CLASSES)
         self._queues = [OrderedDict() for _ in range(n)]  # key -> insert count at last access
         self._class: dict = {}
+        self._keys = self._class  # the resident keys (auto asks them `in` at C speed)
         self._ghosts: OrderedDict = OrderedDict()  # key -> (class, last access)
         # ghosts per class by last access >> shift (~1/4 of an update period): their ages,
         # at the resolution the old age buckets have, without a pass over the ghosts
@@ -319,17 +326,23 @@ class HitDensityPolicy(EvictionPolicy):
         return self._forget(victims, now)
 
     def __len__(self):
-        return len(self._class)
+        return len(self._keys)
 
     def __contains__(self, key):
-        return key in self._class
+        return key in self._keys
+
+    def __getattr__(self, name):  # only names not set: the compiled core's state, on demand
+        core = self.__dict__.get("_core")
+        if core is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return _hitdensity_native.read(core, name)
 
     def class_of(self, key, detail=False):
         """"tail", "new", "once" or "many" for a tracked key, else None (for notebooks, tests).
 
         detail=True names the run-length class of a new block too ("new[4-7]")."""
-        c = self._class.get(key)
-        if c is None:
+        c = self._core.class_of(key) if self._core else self._class.get(key, -1)
+        if c < 0:
             return None
         return CLASSES[c] if detail or not NEW <= c < ONCE else "new"
 
@@ -338,27 +351,34 @@ class HitDensityPolicy(EvictionPolicy):
         "ages": [age at each bucket start], "index": [expected hits per slot-insert there]}}
         for every class that holds blocks or has an index (a plot of index against age shows
         where each class stops earning its slot)."""
-        out = {}
+        out, core = {}, self._core
+        indices = core.table(2) if core else self._index
         for c, name in enumerate(CLASSES):
-            index = self._index[c]
+            index, blocks = indices[c], core.queue_len(c) if core else len(self._queues[c])
             top = max((b for b in range(_BUCKETS) if index[b] > 0), default=-1)
-            if top < 0 and not self._queues[c]:
+            if top < 0 and not blocks:
                 continue
-            out[name] = {"blocks": len(self._queues[c]), "ages": _STARTS[:top + 1], "index": index[:top + 1]}
+            out[name] = {"blocks": blocks, "ages": _STARTS[:top + 1], "index": index[:top + 1]}
         return out
 
     def adopt(self, other, scale):
         """Warm start from `other`, a hitdensity whose clock runs `scale` times slower (auto's
         miniature simulation of this tier): its reuse and life counts, ages and counts scaled,
         then the indices recomputed with this tier's own lives."""
+        new_reuses, new_ends, old_reuses, old_ends = [], [], other._reuses, other._ends
         for c in range(len(CLASSES)):
             reuses, ends = [0.0] * _BUCKETS, [0.0] * _BUCKETS
-            for b, (r, e) in enumerate(zip(other._reuses[c], other._ends[c])):
+            for b, (r, e) in enumerate(zip(old_reuses[c], old_ends[c])):
                 if r or e:
                     to = _bucket(int(_STARTS[b] * scale))
                     reuses[to] += r * scale
                     ends[to] += e * scale
-            self._reuses[c], self._ends[c] = reuses, ends
+            new_reuses.append(reuses)
+            new_ends.append(ends)
+        if self._core:
+            self._core.set_counts(new_reuses, new_ends)
+        else:
+            self._reuses, self._ends = new_reuses, new_ends
         self._update()
 
     # ---------------------------------------------------------------- internals

@@ -13,6 +13,10 @@ same keys, and, at the end, that both learned the same tables and auto made the 
   outgrows the tier.
 - fuzz: random calls at tiny capacities, with protected keys, removals, batch_stored, failing
   evicts and table updates every few inserts.
+
+Each replay runs twice (the `impl` fixture): hitdensity's compiled core (kvbm._native's
+HitDensityCore, policies/_hitdensity_native.py; skipped where it is not built) and its Python
+version, auto's real tier and minis included, each against the frozen oracle.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from kvbm.policies import _hitdensity_native
 from kvbm.policies.auto import AutoPolicy
 from kvbm.policies.base import EvictionPolicy, Hints
 from kvbm.policies.hitdensity import HitDensityPolicy
@@ -112,8 +117,19 @@ class TwinAuto(_Twin):
     OLD, NEW = FrozenAuto, AutoPolicy
 
 
+@pytest.fixture(params=["native", "python"])
+def impl(request, monkeypatch):
+    """hitdensity (alone, auto's real tier, auto's minis) as the compiled core or in Python."""
+    native = request.param == "native"
+    if native and not _hitdensity_native._core_class():
+        pytest.skip("kvbm._native has no HitDensityCore (not built, or KVBM_POLICY_NATIVE=0)")
+    monkeypatch.setattr(_hitdensity_native, "USE", native)
+    assert (HitDensityPolicy(8)._core is not None) == native
+    return request.param
+
+
 @pytest.fixture
-def twins():
+def twins(impl):
     """Registers the twin classes by name; yields the twins made meanwhile (a list, in order)."""
     _Twin.made = []
     for cls in (TwinHitDensity, TwinAuto):
@@ -225,14 +241,14 @@ def _fuzz(cls, seed, capacity, steps=3000, check=None, **kw):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("capacity", [3, 17, 64])
-def test_fuzzed_calls_give_the_same_victims_hitdensity(seed, capacity):
+def test_fuzzed_calls_give_the_same_victims_hitdensity(impl, seed, capacity):
     twin = _fuzz(TwinHitDensity, seed, capacity)
     assert twin.victims > 0
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("capacity", [5, 40])
-def test_fuzzed_calls_give_the_same_victims_auto(seed, capacity):
+def test_fuzzed_calls_give_the_same_victims_auto(impl, seed, capacity):
     twin = _fuzz(TwinAuto, seed, capacity, candidates=("prefix", "s3fifo", "hitdensity", "lru", "arc"),
                  sample_slots=capacity // 2 + 1, check=32)
     assert twin.victims > 0
@@ -282,6 +298,7 @@ def test_compiled_table_update_equals_the_python_loop(seed):
 
 
 def test_python_table_update_gives_the_same_victims(monkeypatch):
+    monkeypatch.setattr(_hitdensity_native, "USE", False)  # the table update of the Python version
     from kvbm.policies import _gittins
 
     monkeypatch.setattr(_gittins, "_KERNEL", False)  # as without numba

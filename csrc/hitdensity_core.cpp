@@ -1,0 +1,592 @@
+// hitdensity's per-key state and verbs in compiled code (policies/hitdensity.py decides;
+// this is the same algorithm, decision for decision, with keys mapped to integer slots).
+//
+//   keys      two Python dicts, resident key -> slot and ghost key -> slot (one lookup per
+//             key, as LRU's OrderedDict pays); the slot ints are made once and reused
+//   queues    one intrusive doubly linked list per class in access order, one for the ghosts
+//             (FIFO), over per-slot arrays (prev, next, last access, class)
+//   learning  reuse and end counts per class and age bucket, ghost epochs, and the Gittins
+//             table update: the same float64 operations in the same order as the Python loop
+//             and the numba kernel (policies/_gittins.py); this file is built with
+//             -ffp-contract=off so no multiply-add is fused
+//   evict     the oldest unprotected entry of each class scored through the table, the lowest
+//             (score, last access, class) taken, the class's next entry scored in its place
+//
+// Called with the GIL held; keys are any hashable Python objects (hashed and compared by the
+// dicts, as the Python version's dicts do). Only kvbm/ops.py hands this class out.
+#include "hitdensity_core.hpp"
+
+#include <Python.h>
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+constexpr int kRunOctaves = 13;
+constexpr int kTail = 0, kNew = 1, kOnce = kNew + kRunOctaves, kMany = kOnce + 1;
+constexpr int kClasses = kMany + 1;  // 16
+constexpr int kGhosts = kClasses;    // the list id of the ghosts
+constexpr int kBuckets = 64;
+constexpr int kHalfLifeUpdates = 32;
+constexpr int64_t kMinPeriod = 256;
+constexpr int64_t kTable = 1 << 16;  // the Python version's age -> bucket table size
+
+inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+inline int bucket(int64_t age) {  // _bucket
+  if (age < 4) return age > 0 ? static_cast<int>(age) : 0;
+  int b = bit_length(static_cast<uint64_t>(age));
+  int v = 2 * b - 2 + static_cast<int>((age >> (b - 2)) & 1);
+  return v < kBuckets - 1 ? v : kBuckets - 1;
+}
+
+struct Starts {
+  int64_t start[kBuckets + 1];
+  int64_t width[kBuckets];
+  Starts() {
+    for (int b = 0; b <= kBuckets; ++b) {
+      if (b < 4) {
+        start[b] = b;
+      } else {
+        int octave = (b + 2) / 2, half = (b + 2) % 2;
+        start[b] = (int64_t(1) << (octave - 1)) + half * (int64_t(1) << (octave - 2));
+      }
+    }
+    for (int b = 0; b < kBuckets; ++b) {
+      int64_t w = start[b + 1] - start[b];
+      width[b] = w > 1 ? w : 1;
+    }
+  }
+};
+const Starts kStarts;
+
+inline int run_class(int64_t n) {
+  int g = bit_length(static_cast<uint64_t>(n)) - 1;
+  return kNew + (g < kRunOctaves - 1 ? g : kRunOctaves - 1);
+}
+
+[[noreturn]] void raise_python() { throw nb::python_error(); }
+
+// A list or tuple as an array of borrowed items (other iterables copied into a list).
+class Keys {
+ public:
+  explicit Keys(nb::handle obj) {
+    PyObject* o = obj.ptr();
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+      seq_ = o;
+      Py_INCREF(o);
+    } else {
+      seq_ = PySequence_List(o);
+      if (!seq_) raise_python();
+    }
+  }
+  ~Keys() { Py_DECREF(seq_); }
+  Keys(const Keys&) = delete;
+  Keys& operator=(const Keys&) = delete;
+  Py_ssize_t size() const { return PySequence_Fast_GET_SIZE(seq_); }
+  PyObject* operator[](Py_ssize_t i) const { return PySequence_Fast_ITEMS(seq_)[i]; }
+
+ private:
+  PyObject* seq_;
+};
+
+}  // namespace
+
+class HitDensityCore {
+ public:
+  explicit HitDensityCore(int64_t capacity) {
+    if (capacity < 0) throw std::invalid_argument("hitdensity core: capacity must be >= 0");
+    resident_ = PyDict_New();
+    ghosts_ = PyDict_New();
+    if (!resident_ || !ghosts_) raise_python();
+    max_ghosts_ = capacity > 1 ? capacity : 1;
+    period_ = capacity / 4 > kMinPeriod ? capacity / 4 : kMinPeriod;
+    shift_ = bit_length(static_cast<uint64_t>(period_ / 4)) - 1;
+    next_update_ = period_;
+    for (int l = 0; l <= kGhosts; ++l) head_[l] = tail_[l] = -1, count_[l] = 0;
+    for (int c = 0; c < kClasses; ++c)
+      for (int b = 0; b < kBuckets; ++b) reuses_[c][b] = ends_[c][b] = index_[c][b] = rise_[c][b] = 0.0;
+  }
+
+  ~HitDensityCore() {
+    Py_XDECREF(resident_);
+    Py_XDECREF(ghosts_);
+    for (PyObject* k : key_) Py_XDECREF(k);
+    for (PyObject* s : slot_int_) Py_XDECREF(s);
+  }
+
+  HitDensityCore(const HitDensityCore&) = delete;
+  HitDensityCore& operator=(const HitDensityCore&) = delete;
+
+  // ------------------------------------------------------------------ verbs
+
+  void insert(nb::handle key) { insert_key(key.ptr(), kNew); }
+
+  void insert_many(nb::handle keys) {
+    Keys k(keys);
+    insert_run_(k, k.size(), true);
+  }
+
+  void insert_run(nb::handle keys, int64_t run_length, bool ends_run) {
+    Keys k(keys);
+    insert_run_(k, run_length, ends_run);
+  }
+
+  void batch_stored(nb::handle keys) {
+    Keys k(keys);
+    std::vector<int32_t> run;
+    for (Py_ssize_t i = 0; i < k.size(); ++i) {
+      int32_t s = find(resident_, k[i]);
+      if (s >= 0 && cls_[s] == kNew) run.push_back(s);
+    }
+    if (run.empty()) return;
+    const int64_t last = static_cast<int64_t>(run.size()) - 1;
+    const int body = run_class(last + 1);
+    for (int64_t i = last; i >= 0; --i) {
+      int32_t s = run[i];
+      if (cls_[s] != kNew) {  // the same key twice: the Python version's `del queue[key]` fails
+        PyErr_SetObject(PyExc_KeyError, key_[s]);
+        raise_python();
+      }
+      unlink(s, kNew);
+      int c = i == last ? kTail : body;
+      cls_[s] = static_cast<int8_t>(c);
+      last_[s] = now_;
+      append(s, c);
+    }
+  }
+
+  void touch(nb::handle keys) {
+    Keys k(keys);
+    for (Py_ssize_t i = k.size() - 1; i >= 0; --i) {
+      int32_t s = find(resident_, k[i]);
+      if (s >= 0) touch_slot(s);
+    }
+  }
+
+  void remove(nb::handle key) {
+    int32_t s = find(resident_, key.ptr());
+    if (s < 0) return;  // observation stops here: a censored life, not a miss
+    int c = cls_[s];
+    ends_[c][bucket(now_ - last_[s])] += 1;
+    unlink(s, c);
+    if (PyDict_DelItem(resident_, key_[s]) != 0) raise_python();
+    release(s);
+  }
+
+  nb::object evict(int64_t n, nb::handle protected_keys) {
+    if (n <= 0) return nb::steal(PyList_New(0));
+    PyObject* prot = protected_keys.ptr();
+    bool check = prot != Py_None;
+    if (check) {
+      Py_ssize_t size = PyObject_Size(prot);
+      if (size < 0) PyErr_Clear();  // no len(): ask it about each key
+      else check = size > 0;
+    }
+    struct Head {
+      double score;
+      int64_t last;
+      int c;
+      int32_t slot;
+    };
+    Head heads[kClasses];
+    int32_t cursor[kClasses];
+    int nh = 0;
+    auto next_unprotected = [&](int32_t s) -> int32_t {
+      for (; s >= 0; s = next_[s]) {
+        if (!check) return s;
+        int r = PySequence_Contains(prot, key_[s]);
+        if (r < 0) raise_python();
+        if (r == 0) return s;
+      }
+      return -1;
+    };
+    for (int c = 0; c < kClasses; ++c) {
+      if (!count_[c]) continue;
+      int32_t s = next_unprotected(head_[c]);
+      if (s < 0) continue;
+      heads[nh++] = Head{score_at(c, now_ - last_[s]), last_[s], c, s};
+      cursor[c] = next_[s];
+    }
+    std::vector<int32_t> victims;
+    victims.reserve(static_cast<size_t>(n < 4096 ? n : 4096));
+    while (static_cast<int64_t>(victims.size()) < n) {
+      if (!nh) return nb::none();  // atomic: nothing has changed yet
+      int best = 0;
+      for (int i = 1; i < nh; ++i) {  // (score, last access, class): the heap order of the Python
+        const Head& a = heads[i];
+        const Head& m = heads[best];
+        if (a.score < m.score || (a.score == m.score && (a.last < m.last || (a.last == m.last && a.c < m.c))))
+          best = i;
+      }
+      victims.push_back(heads[best].slot);
+      int c = heads[best].c;
+      int32_t s = next_unprotected(cursor[c]);
+      if (s >= 0) {
+        heads[best] = Head{score_at(c, now_ - last_[s]), last_[s], c, s};
+        cursor[c] = next_[s];
+      } else {
+        heads[best] = heads[--nh];
+      }
+    }
+    return forget(victims);
+  }
+
+  // ------------------------------------------------------------------ state, for the wrapper
+
+  nb::object resident() const { return nb::borrow(resident_); }
+  int64_t now() const { return now_; }
+  int64_t updates() const { return updates_; }
+  int64_t ghost_count() const { return count_[kGhosts]; }
+  int64_t queue_len(int c) const { return c >= 0 && c < kClasses ? count_[c] : 0; }
+
+  int class_of(nb::handle key) {
+    int32_t s = find(resident_, key.ptr());
+    return s >= 0 ? cls_[s] : -1;
+  }
+
+  double score(int c, int64_t age) const {  // _score, for tests and notebooks
+    if (c < 0 || c >= kClasses) throw std::out_of_range("hitdensity core: class out of range");
+    return score_at(c, age);
+  }
+
+  nb::list table(int which) const {  // 0 reuses, 1 ends, 2 index, 3 rise
+    const double (*t)[kBuckets] = which == 0 ? reuses_ : which == 1 ? ends_ : which == 2 ? index_ : rise_;
+    nb::list out;
+    for (int c = 0; c < kClasses; ++c) {
+      nb::list row;
+      for (int b = 0; b < kBuckets; ++b) row.append(t[c][b]);
+      out.append(row);
+    }
+    return out;
+  }
+
+  void set_counts(nb::handle reuses, nb::handle ends) {  // adopt's warm start
+    for (int c = 0; c < kClasses; ++c)
+      for (int b = 0; b < kBuckets; ++b) {
+        reuses_[c][b] = nb::cast<double>(reuses[c][b]);
+        ends_[c][b] = nb::cast<double>(ends[c][b]);
+      }
+  }
+
+  nb::dict classes() const {  // key -> class of the resident keys, in slot order (tests)
+    nb::dict out;
+    for (int c = 0; c < kClasses; ++c)
+      for (int32_t s = head_[c]; s >= 0; s = next_[s]) out[nb::handle(key_[s])] = c;
+    return out;
+  }
+
+  nb::list queues() const {  // per class: key -> last access, in queue order (tests)
+    nb::list out;
+    for (int c = 0; c < kClasses; ++c) {
+      nb::dict q;
+      for (int32_t s = head_[c]; s >= 0; s = next_[s]) q[nb::handle(key_[s])] = last_[s];
+      out.append(q);
+    }
+    return out;
+  }
+
+  nb::list epochs() const {  // per class: ghost epoch -> ghosts (tests)
+    nb::list out;
+    for (int c = 0; c < kClasses; ++c) {
+      nb::dict d;
+      for (const auto& [e, n] : epochs_[c]) d[nb::int_(e)] = n;
+      out.append(d);
+    }
+    return out;
+  }
+
+  nb::list ongoing() const {  // the lives going on per class and bucket, as update counts them
+    int64_t live[kClasses][kBuckets] = {};
+    count_live(live);
+    nb::list out;
+    for (int c = 0; c < kClasses; ++c) {
+      nb::list row;
+      for (int b = 0; b < kBuckets; ++b) row.append(live[c][b]);
+      out.append(row);
+    }
+    return out;
+  }
+
+  int64_t max_ghosts() const { return max_ghosts_; }
+  int shift() const { return shift_; }
+
+  nb::list ghosts() const {  // (key, class, last access), oldest first (tests)
+    nb::list out;
+    for (int32_t s = head_[kGhosts]; s >= 0; s = next_[s])
+      out.append(nb::make_tuple(nb::handle(key_[s]), static_cast<int>(cls_[s]), last_[s]));
+    return out;
+  }
+
+  void update() {
+    next_update_ = now_ + period_;
+    updates_ += 1;
+    const bool decay = updates_ % kHalfLifeUpdates == 0;
+    int64_t live[kClasses][kBuckets] = {};
+    count_live(live);
+    gittins(live, decay);
+  }
+
+ private:
+  // Lives not ended yet per class and age bucket (_ongoing): resident blocks and ghosts.
+  void count_live(int64_t (&live)[kClasses][kBuckets]) const {
+    for (int c = 0; c < kClasses; ++c)  // resident lives, censored at their age
+      for (int32_t s = head_[c]; s >= 0; s = next_[s]) live[c][bucket(now_ - last_[s])] += 1;
+    const int64_t mid = now_ - ((int64_t(1) << shift_) >> 1);  // an epoch's ghosts count at its middle
+    for (int c = 0; c < kClasses; ++c)
+      for (const auto& [e, n] : epochs_[c]) {
+        int64_t age = mid - (e << shift_);
+        live[c][age < 4 ? (age > 0 ? age : 0) : bucket(age)] += n;
+      }
+  }
+
+  // The Gittins index per class and bucket: policies/_gittins.py's _kernel, line for line.
+  void gittins(const int64_t (&live)[kClasses][kBuckets], bool decay) {
+    double exposure[kBuckets];
+    for (int c = 0; c < kClasses; ++c) {
+      int top = -1;
+      for (int b = kBuckets - 1; b >= 0; --b)
+        if (ends_[c][b] != 0.0 || live[c][b] != 0) {
+          top = b;
+          break;
+        }
+      double alive = 0.0;
+      for (int b = top; b >= 0; --b) {
+        double leaving = ends_[c][b] + static_cast<double>(live[c][b]);
+        alive += leaving;
+        exposure[b] = (alive - leaving / 2.0) * static_cast<double>(kStarts.width[b]);
+      }
+      for (int b = 0; b <= top; ++b) {
+        double ar = reuses_[c][b], ae = exposure[b];
+        double best = ar / ae;
+        for (int h = b + 1; h <= top; ++h) {
+          ar += reuses_[c][h];
+          ae += exposure[h];
+          double ratio = ar / ae;
+          if (ratio > best) best = ratio;
+        }
+        index_[c][b] = best > 0.0 ? best : 0.0;
+      }
+      for (int b = top + 1; b < kBuckets; ++b) index_[c][b] = 0.0;
+      for (int b = 0; b < kBuckets - 1; ++b) rise_[c][b] = index_[c][b + 1] - index_[c][b];
+      rise_[c][kBuckets - 1] = 0.0;
+      if (decay)
+        for (int b = 0; b <= top; ++b) {
+          reuses_[c][b] *= 0.5;
+          ends_[c][b] *= 0.5;
+        }
+    }
+  }
+
+  // The class index at this age, linear between bucket starts: evict's inlined score for ages
+  // 4 .. table-1 (rise taken at the update), _score otherwise; the same operations as each.
+  double score_at(int c, int64_t age) const {
+    if (age < 4) return index_[c][age > 0 ? age : 0];
+    int b = bucket(age);
+    if (age < kTable)
+      return index_[c][b] + rise_[c][b] * static_cast<double>(age - kStarts.start[b]) /
+                                static_cast<double>(kStarts.width[b]);
+    if (b >= kBuckets - 1) return index_[c][b];
+    return index_[c][b] + (index_[c][b + 1] - index_[c][b]) * static_cast<double>(age - kStarts.start[b]) /
+                              static_cast<double>(kStarts.width[b]);
+  }
+
+  void insert_run_(const Keys& keys, int64_t run_length, bool ends_run) {
+    const Py_ssize_t last = keys.size() - 1;
+    if (last < 0) return;
+    const int body = run_class(run_length > 1 ? run_length : 1);
+    // the batch's last block first (the partial one the next turn replaces), then deepest
+    // first: the Python version's bulk path gives the same stamps and queues
+    insert_key(keys[last], ends_run ? kTail : body);
+    for (Py_ssize_t i = last - 1; i >= 0; --i) insert_key(keys[i], body);
+  }
+
+  void insert_key(PyObject* key, int fresh) {
+    now_ += 1;
+    if (now_ >= next_update_) update();
+    int32_t s = find(resident_, key);
+    if (s >= 0) {  // already tracked: an access
+      touch_slot(s);
+      return;
+    }
+    s = find(ghosts_, key);
+    if (s >= 0) {  // a reuse the tier missed, counted for the class the block had
+      if (PyDict_DelItem(ghosts_, key_[s]) != 0 || PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0)
+        raise_python();
+      int gc = cls_[s];
+      int64_t gl = last_[s];
+      unlink(s, kGhosts);
+      unghost(gc, gl);
+      int b = bucket(now_ - gl);
+      reuses_[gc][b] += 1;
+      ends_[gc][b] += 1;
+      int c = gc >= kOnce ? kMany : kOnce;
+      cls_[s] = static_cast<int8_t>(c);
+      last_[s] = now_;
+      append(s, c);
+      return;
+    }
+    s = take(key);
+    if (PyDict_SetItem(resident_, key, slot_int_[s]) != 0) {
+      release(s);
+      raise_python();
+    }
+    cls_[s] = static_cast<int8_t>(fresh);
+    last_[s] = now_;
+    append(s, fresh);
+  }
+
+  void touch_slot(int32_t s) {
+    int c = cls_[s];
+    int b = bucket(now_ - last_[s]);
+    reuses_[c][b] += 1;
+    ends_[c][b] += 1;
+    unlink(s, c);
+    c = c >= kOnce ? kMany : kOnce;
+    cls_[s] = static_cast<int8_t>(c);
+    last_[s] = now_;
+    append(s, c);
+  }
+
+  nb::object forget(const std::vector<int32_t>& victims) {
+    PyObject* out = PyList_New(static_cast<Py_ssize_t>(victims.size()));
+    if (!out) raise_python();
+    nb::object result = nb::steal(out);
+    Py_ssize_t i = 0;
+    for (int32_t s : victims) {  // out of their queues, into the ghosts
+      int c = cls_[s];
+      unlink(s, c);
+      append(s, kGhosts);
+      epochs_[c][last_[s] >> shift_] += 1;
+      Py_INCREF(key_[s]);
+      PyList_SET_ITEM(out, i++, key_[s]);
+      if (PyDict_SetItem(ghosts_, key_[s], slot_int_[s]) != 0 || PyDict_DelItem(resident_, key_[s]) != 0)
+        raise_python();
+    }
+    for (int64_t extra = count_[kGhosts] - max_ghosts_; extra > 0; --extra) {
+      int32_t s = head_[kGhosts];  // never came back within the ghost horizon
+      int gc = cls_[s];
+      int64_t gl = last_[s];
+      ends_[gc][bucket(now_ - gl)] += 1;
+      unghost(gc, gl);
+      unlink(s, kGhosts);
+      if (PyDict_DelItem(ghosts_, key_[s]) != 0) raise_python();
+      release(s);
+    }
+    return result;
+  }
+
+  void unghost(int c, int64_t last) {
+    auto& epoch = epochs_[c];
+    auto it = epoch.find(last >> shift_);
+    if (it != epoch.end() && --it->second == 0) epoch.erase(it);
+  }
+
+  // key -> slot in `dict`, -1 if absent; a Python error (an unhashable key) is raised
+  int32_t find(PyObject* dict, PyObject* key) const {
+    PyObject* v = PyDict_GetItemWithError(dict, key);
+    if (!v) {
+      if (PyErr_Occurred()) raise_python();
+      return -1;
+    }
+    return static_cast<int32_t>(PyLong_AsLong(v));
+  }
+
+  int32_t take(PyObject* key) {  // a free slot for key (a strong reference kept)
+    int32_t s;
+    if (!free_.empty()) {
+      s = free_.back();
+      free_.pop_back();
+    } else {
+      s = static_cast<int32_t>(key_.size());
+      PyObject* i = PyLong_FromLong(s);
+      if (!i) raise_python();
+      slot_int_.push_back(i);
+      key_.push_back(nullptr);
+      prev_.push_back(-1);
+      next_.push_back(-1);
+      last_.push_back(0);
+      cls_.push_back(0);
+    }
+    Py_INCREF(key);
+    key_[s] = key;
+    return s;
+  }
+
+  void release(int32_t s) {
+    PyObject* k = key_[s];
+    key_[s] = nullptr;
+    free_.push_back(s);
+    Py_DECREF(k);
+  }
+
+  void append(int32_t s, int l) {
+    prev_[s] = tail_[l];
+    next_[s] = -1;
+    if (tail_[l] >= 0) next_[tail_[l]] = s;
+    else head_[l] = s;
+    tail_[l] = s;
+    count_[l] += 1;
+  }
+
+  void unlink(int32_t s, int l) {
+    int32_t p = prev_[s], n = next_[s];
+    if (p >= 0) next_[p] = n;
+    else head_[l] = n;
+    if (n >= 0) prev_[n] = p;
+    else tail_[l] = p;
+    count_[l] -= 1;
+  }
+
+  PyObject* resident_ = nullptr;  // key -> slot int
+  PyObject* ghosts_ = nullptr;
+  std::vector<PyObject*> key_, slot_int_;
+  std::vector<int32_t> prev_, next_, free_;
+  std::vector<int64_t> last_;
+  std::vector<int8_t> cls_;
+  int32_t head_[kGhosts + 1], tail_[kGhosts + 1];
+  int64_t count_[kGhosts + 1];
+  std::unordered_map<int64_t, int64_t> epochs_[kClasses];
+  double reuses_[kClasses][kBuckets], ends_[kClasses][kBuckets];
+  double index_[kClasses][kBuckets], rise_[kClasses][kBuckets];
+  int64_t now_ = 0, next_update_ = 0, period_ = 0, max_ghosts_ = 1, updates_ = 0;
+  int shift_ = 0;
+};
+
+void bind_hitdensity(nb::module_& m) {
+  nb::class_<HitDensityCore>(m, "HitDensityCore",
+                             "hitdensity's per-key state and verbs (policies/hitdensity.py decides; "
+                             "kvbm.ops.hitdensity_core hands it out)")
+      .def(nb::init<int64_t>(), "capacity"_a)
+      .def("insert", [](HitDensityCore& h, nb::handle key, nb::handle) { h.insert(key); }, "key"_a,
+           "hints"_a = nb::none())
+      .def("insert_many", [](HitDensityCore& h, nb::handle keys, nb::handle) { h.insert_many(keys); },
+           "keys"_a, "hints"_a = nb::none())
+      .def("insert_run", &HitDensityCore::insert_run, "keys"_a, "run_length"_a, "ends_run"_a)
+      .def("batch_stored", &HitDensityCore::batch_stored, "keys"_a)
+      .def("touch", &HitDensityCore::touch, "keys"_a)
+      .def("remove", &HitDensityCore::remove, "key"_a)
+      .def("evict", &HitDensityCore::evict, "n"_a, "protected"_a = nb::none())
+      .def("update", &HitDensityCore::update)
+      .def("resident", &HitDensityCore::resident)
+      .def("now", &HitDensityCore::now)
+      .def("updates", &HitDensityCore::updates)
+      .def("ghost_count", &HitDensityCore::ghost_count)
+      .def("queue_len", &HitDensityCore::queue_len, "c"_a)
+      .def("class_of", &HitDensityCore::class_of, "key"_a)
+      .def("score", &HitDensityCore::score, "c"_a, "age"_a)
+      .def("table", &HitDensityCore::table, "which"_a)
+      .def("set_counts", &HitDensityCore::set_counts, "reuses"_a, "ends"_a)
+      .def("classes", &HitDensityCore::classes)
+      .def("ghosts", &HitDensityCore::ghosts)
+      .def("queues", &HitDensityCore::queues)
+      .def("epochs", &HitDensityCore::epochs)
+      .def("ongoing", &HitDensityCore::ongoing)
+      .def("max_ghosts", &HitDensityCore::max_ghosts)
+      .def("shift", &HitDensityCore::shift);
+}
