@@ -45,6 +45,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 SLICE = HERE / "data" / "mooncake_sessions.jsonl"
+MODELS = {  # tiny: tests/vllm_e2e.py's; medium: ~3.6x its compute per token, the same KV layout
+    "tiny": {},
+    "medium": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8},
+}
 CONFIGS = {"a": "vLLM alone", "b": "+ kvbm G2", "c": "+ kvbm G2 + G3", "d": "2 engines, 1 kvbm daemon",
            "e": "+ kvbm G2 + G3, one process", "f": "+ kvbm daemon G2 + G3, one process",
            "g": "vLLM alone, one process", "h": "f without the lane's OpenMP team"}
@@ -113,6 +117,12 @@ def cpu_split(roots: list[int], runtime: str = "") -> dict[str, float]:
     return out
 
 
+def engine_daemons(runtime: str) -> list[int]:
+    """pids of the engine daemons whose files are under runtime (they detach from the server)."""
+    return [pid for pid, (_, _, cmd) in _processes().items()
+            if runtime and "kvbm.connectors.engine_daemon" in cmd and f" {runtime}/" in cmd]
+
+
 def thread_cpu(roots: list[int]) -> dict[str, float]:
     """CPU seconds so far of every thread under the process trees at roots, by thread name."""
     procs = _processes()
@@ -140,6 +150,52 @@ def thread_cpu(roots: list[int]) -> dict[str, float]:
             name = head.split("(", 1)[1]
             out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def tid_stats(roots: list[int]) -> dict[str, list]:
+    """Per thread under the process trees at roots: "process comm/tid" -> [thread name, CPU seconds,
+    voluntary and involuntary context switches so far]. A thread that never sleeps while it waits
+    (a spin) shows CPU with few voluntary switches."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    tick, out, todo, seen = os.sysconf("SC_CLK_TCK"), {}, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in procs:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+            with open(f"/proc/{pid}/comm") as f:
+                pcomm = f.read().strip()
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    head, rest = f.read().rsplit(")", 1)
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+            except (OSError, ValueError):
+                continue
+            fields = rest.split()
+            out[f"{pcomm}/{tid}"] = [head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick,
+                                     int(status.get("voluntary_ctxt_switches", 0)),
+                                     int(status.get("nonvoluntary_ctxt_switches", 0))]
+    return out
+
+
+def tid_delta(before: dict, after: dict, top: int = 16) -> dict[str, list]:
+    """The threads that ran most between two tid_stats: name -> [thread name, CPU s, voluntary,
+    involuntary switches over the interval]."""
+    rows = {}
+    for k, (name, cpu, vol, invol) in after.items():
+        b = before.get(k, [name, 0.0, 0, 0])
+        rows[k] = [name, round(cpu - b[1], 2), vol - b[2], invol - b[3]]
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1][1])[:top])
 
 
 def read_probe(path: Path) -> dict:
@@ -184,8 +240,9 @@ def run_config(name: str, args, work: Path) -> dict:
     work = work / name
     work.mkdir()
     (work / "run").mkdir(mode=0o700)
-    model = write_model(work)
-    env = {"KVBM_RUNTIME_DIR": str(work / "run")}
+    model_cfg = {**CONFIG, **MODELS[args.model]}
+    model = write_model(work, model_cfg)
+    env = {**args.env, "KVBM_RUNTIME_DIR": str(work / "run")}
     probe = work / "probe.json"
     if args.probe:  # bench/vllm_step_probe.py: engine steps, empty steps, load waits (one-process configs)
         env = {**env, "KVBM_PROBE_OUT": str(probe),
@@ -199,8 +256,8 @@ def run_config(name: str, args, work: Path) -> dict:
     g2s = {**g2, "capacity": args.g2_small}
     g3 = {"name": "g3", "capacity": args.g3, "storage": {"name": "disk", "path": str(work / "g3")}}
     daemon = None
-    layout = {"num_layers": CONFIG["num_hidden_layers"], "num_kv_heads": CONFIG["num_key_value_heads"],
-              "head_dim": CONFIG["head_dim"], "block_size": BLOCK, "dtype": "bfloat16"}
+    layout = {"num_layers": model_cfg["num_hidden_layers"], "num_kv_heads": model_cfg["num_key_value_heads"],
+              "head_dim": model_cfg["head_dim"], "block_size": BLOCK, "dtype": "bfloat16"}
     if name in ("e", "f", "g", "h"):  # engine core and worker in the API server's process
         env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if name == "h":
@@ -235,11 +292,14 @@ def run_config(name: str, args, work: Path) -> dict:
             traces = [trace]
         roots = [s.proc.pid for s in servers] + ([daemon.proc.pid] if daemon is not None else [])
         time.sleep(2.0 if args.probe else 0.0)  # the probe's file: after the warm-up's steps
+        droots = roots + engine_daemons(env["KVBM_RUNTIME_DIR"])
         cpu0, th0, probe0 = cpu_split(roots, env["KVBM_RUNTIME_DIR"]), thread_cpu(roots), read_probe(probe)
+        tid0 = tid_stats(droots)
         results, wall, delta = replay(servers, traces, args)
         cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_split(roots, env["KVBM_RUNTIME_DIR"]).items()}
         th = {k: round(v - th0.get(k, 0.0), 2) for k, v in thread_cpu(roots).items()}
         cpu["threads_cpu_s"] = dict(sorted(((k, v) for k, v in th.items() if v >= 0.05), key=lambda kv: -kv[1]))
+        cpu["tids"] = tid_delta(tid0, tid_stats(droots))  # [name, CPU s, voluntary, involuntary switches]
         if args.probe:
             time.sleep(2.0)
             probe1 = read_probe(probe)
@@ -256,6 +316,7 @@ def run_config(name: str, args, work: Path) -> dict:
             "kvbm_hit_tokens": delta.get("vllm:external_prefix_cache_hits", 0.0),
             "vllm_hit_tokens": delta.get("vllm:prefix_cache_hits", 0.0),
             "prompt_tokens_queried": delta.get("vllm:prefix_cache_queries", 0.0), "errors": rep["errors"],
+            "model": args.model, "env": args.env,
             **cpu}  # CPU seconds over the replay: vLLM's processes, kvbm daemons
 
 
@@ -289,7 +350,22 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true",
                     help="count engine steps, empty steps and load waits (bench/vllm_step_probe.py)")
     ap.add_argument("--limit", type=int, default=0, help="replay only the first N requests of the slice")
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                    help="dummy Llama: tiny (tests/vllm_e2e.py) or medium (hidden 512, MLP 2048, 8 heads: ~3.6x "
+                         "the compute per token, the same KV bytes per block)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set in every config's servers alike (e.g. OMP_WAIT_POLICY=passive); repeatable")
     args = ap.parse_args()
+    env = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            ap.exit(2, f"--env takes NAME=VALUE, got {item!r}\n")
+        env[name] = value
+    args.env = env
+    bad = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if bad:
+        ap.exit(2, f"unknown config {bad[0]!r}: --configs takes letters from {','.join(CONFIGS)}\n")
     if args.make_slice:
         make_slice(args.make_slice, Path(args.trace))
         print(f"wrote {args.trace}")

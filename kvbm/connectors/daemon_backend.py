@@ -237,8 +237,13 @@ class DaemonBackend:
 
 
 def _start_lane() -> None:
-    unbind_cpus()
     lane_omp_team()
+    # After the team, not before: with GOMP_CPU_AFFINITY set (vLLM's CPU worker under its
+    # multiprocessing executor sets it to its compute cores), libgomp binds the thread that
+    # starts a team to the first of them, the worker's own main core; the lane, and the client's
+    # zmq and heartbeat threads it starts next, would then queue behind the worker's spinning
+    # main thread on that one core (bench/RESULTS.md, issue 14, session 9).
+    unbind_cpus()
 
 
 def lane_omp_team() -> bool:
