@@ -12,6 +12,9 @@
 //   evict     the oldest unprotected entry of each class scored through the table, the lowest
 //             (score, last access, class) taken, the class's next entry scored in its place
 //
+// hashed_sample is auto's filter in front of its miniature simulations (one of which is this
+// core): the keys whose (hash(key) * mix) & mask falls below threshold, as Python computes it.
+//
 // Called with the GIL held; keys are any hashable Python objects (hashed and compared by the
 // dicts, as the Python version's dicts do). Only kvbm/ops.py hands this class out.
 #include "hitdensity_core.hpp"
@@ -313,6 +316,15 @@ class HitDensityCore {
     return out;
   }
 
+  size_t native_bytes() const {  // what tracemalloc does not see: the arrays and epoch maps
+    size_t n = sizeof(*this);
+    n += (key_.capacity() + slot_int_.capacity()) * sizeof(PyObject*);
+    n += (prev_.capacity() + next_.capacity() + free_.capacity()) * sizeof(int32_t);
+    n += last_.capacity() * sizeof(int64_t) + cls_.capacity();
+    for (const auto& e : epochs_) n += e.bucket_count() * sizeof(void*) + e.size() * 32;
+    return n;
+  }
+
   int64_t max_ghosts() const { return max_ghosts_; }
   int shift() const { return shift_; }
 
@@ -558,7 +570,24 @@ class HitDensityCore {
   int shift_ = 0;
 };
 
+// [k for k in keys if (hash(k) * mix) & mask < threshold]: Python's & of the exact product
+// keeps its low bits, which the product modulo 2**64 has too (mask < 2**64).
+nb::object hashed_sample(nb::handle keys, uint64_t mix, uint64_t mask, uint64_t threshold) {
+  Keys k(keys);
+  PyObject* out = PyList_New(0);
+  if (!out) raise_python();
+  nb::object result = nb::steal(out);
+  for (Py_ssize_t i = 0; i < k.size(); ++i) {
+    Py_hash_t h = PyObject_Hash(k[i]);
+    if (h == -1 && PyErr_Occurred()) raise_python();
+    if (((static_cast<uint64_t>(h) * mix) & mask) < threshold && PyList_Append(out, k[i]) != 0) raise_python();
+  }
+  return result;
+}
+
 void bind_hitdensity(nb::module_& m) {
+  m.def("hashed_sample", &hashed_sample, "keys"_a, "mix"_a, "mask"_a, "threshold"_a,
+        "The keys whose (hash(key) * mix) & mask < threshold, in order (auto's key sample).");
   nb::class_<HitDensityCore>(m, "HitDensityCore",
                              "hitdensity's per-key state and verbs (policies/hitdensity.py decides; "
                              "kvbm.ops.hitdensity_core hands it out)")
@@ -587,6 +616,7 @@ void bind_hitdensity(nb::module_& m) {
       .def("queues", &HitDensityCore::queues)
       .def("epochs", &HitDensityCore::epochs)
       .def("ongoing", &HitDensityCore::ongoing)
+      .def("native_bytes", &HitDensityCore::native_bytes)
       .def("max_ghosts", &HitDensityCore::max_ghosts)
       .def("shift", &HitDensityCore::shift);
 }

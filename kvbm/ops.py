@@ -12,6 +12,7 @@
     cuda_copy_blocks(src, src_offsets, dst, dst_offsets, nbytes)  the same on a GPU: device or pinned host
     cuda_available()                                          kernels built, a driver and a device
     hitdensity_core()                                         hitdensity's compiled per-key state (a class) or None
+    hashed_sample()                                           auto's compiled key sample (a function) or None
 
 Buffers are anything with the C-contiguous buffer protocol (bytes, bytearray, mmap,
 memoryview, numpy arrays of any dtype; a CPU torch tensor via `.numpy()`). gather/scatter
@@ -202,6 +203,12 @@ def hitdensity_core():
     where the extension is off, not built, or built before it: the policy's Python version runs
     then, with the same decisions (tests/test_policy_auto_equal.py compares both)."""
     return getattr(_native, "HitDensityCore", None) if HAVE_NATIVE else None
+
+
+def hashed_sample():
+    """The compiled hashed_sample(keys, mix, mask, threshold) -> [k for k in keys if
+    (hash(k) * mix) & mask < threshold] (auto's key sample), or None: auto filters in Python."""
+    return getattr(_native, "hashed_sample", None) if HAVE_NATIVE else None
 
 
 # ---- paged pool <-> staging, on the host or a CUDA device ----

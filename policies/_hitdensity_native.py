@@ -4,6 +4,10 @@
                                                   kvbm.ops) for a new policy; None: the Python
                                                   version runs
     bind(policy, core)                            the policy's verbs become the core's methods
+    sampler(native=None) -> f(keys, mix, mask, threshold)
+                                                  auto's key sample, [k for k in keys if
+                                                  (hash(k) * mix) & mask < threshold]: compiled
+                                                  where kvbm._native has it, else C-level maps
     read(core, name)                              the Python version's attributes (_now, _ghosts,
                                                   _class, _queues, tables...) of a bound policy
 
@@ -18,9 +22,12 @@ require it; False = the Python version. policies/ imports without the extension.
 from __future__ import annotations
 
 import os
+from itertools import compress, repeat
+from operator import and_, lt, mul
 
 USE: bool | None = None  # the default for `native`; tests set it to run auto's minis either way
 _CLASS = None  # HitDensityCore once looked up; False: not there (or turned off)
+_SAMPLE = None  # the compiled hashed_sample, or False
 
 
 def _core_class():
@@ -34,6 +41,29 @@ def _core_class():
                 return False
             _CLASS = ops.hitdensity_core() or False
     return _CLASS
+
+
+def _native_sample():
+    global _SAMPLE
+    if _SAMPLE is None:
+        _SAMPLE = False
+        if _core_class():  # the same switch and the same build
+            from kvbm import ops
+
+            _SAMPLE = ops.hashed_sample() or False
+    return _SAMPLE
+
+
+def _sample(keys, mix, mask, threshold):
+    """hashed_sample in Python, at C speed through maps: hash, times mix, masked, compared."""
+    return list(compress(keys, map(lt, map(and_, map(mul, map(hash, keys), repeat(mix)), repeat(mask)),
+                                   repeat(threshold))))
+
+
+def sampler(native=None):
+    if native is None:
+        native = USE
+    return (native is not False and _native_sample()) or _sample
 
 
 def core(capacity, native=None):

@@ -67,9 +67,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from functools import partial
-from itertools import chain, compress, filterfalse, repeat, takewhile
-from operator import and_, attrgetter, lt, mul
+from itertools import chain, filterfalse, repeat, takewhile
+from operator import attrgetter
 
+from . import _hitdensity_native
 from .arc import ARCPolicy
 from .base import EvictionPolicy
 from .hitdensity import HitDensityPolicy
@@ -139,6 +140,7 @@ class AutoPolicy(EvictionPolicy):
         self.names = list(candidates)
         self.rate = min(1.0, max(1 / 64, sample_slots / max(1, capacity)))
         self._threshold = int(self.rate * (1 << 32))
+        self._sample = _hitdensity_native.sampler()
         self.mini_capacity = max(1, round(self.rate * capacity))
         self._minis = [CANDIDATES[n](self.mini_capacity) for n in self.names]
         self._reversed = [n in self.REVERSED for n in self.names]
@@ -282,8 +284,7 @@ class AutoPolicy(EvictionPolicy):
         """Give the sampled keys of one call, in order, to every mini; count prefix hits."""
         thr = self._threshold
         # [k for k in keys if (hash(k) * _MIX) & _MASK < thr], at C speed
-        sample = list(compress(keys, map(lt, map(and_, map(mul, map(hash, keys), repeat(_MIX)),
-                                                 repeat(_MASK)), repeat(thr))))
+        sample = self._sample(keys, _MIX, _MASK, thr)  # compiled where kvbm._native has it
         if not sample:
             return
         if self._new_request:
