@@ -147,9 +147,15 @@ class SchedulerSide:
         load), so the block holding the last token is never counted.
         """
         limit = (num_tokens - 1 if must_compute_one else num_tokens) // self.block_size
-        n_hit = self._lookup(keys[:limit])
         start = num_computed // self.block_size
         r = self._reqs.setdefault(req_id, _Request())
+        if (r.pinned and r.match_blocks == len(r.pinned) and r.match_start == start
+                and num_computed % self.block_size == 0 and start + r.match_blocks <= limit):
+            # Asked again before the engine could allocate (its pool is full: vLLM retries the
+            # waiting request every step): the last promise stands, its blocks still pinned.
+            # Through a daemon this spares the engine's scheduler two round trips per step.
+            return r.match_blocks * self.block_size
+        n_hit = self._lookup(keys[:limit])
         self._release(r)  # a second match (preempted, resumed) replaces the first
         if self.shards == 1:  # blocks the engine holds on device and kvbm holds too: never re-stored
             r.stored = max(r.stored, min(n_hit, start))
