@@ -28,6 +28,12 @@ Two streams, each run on a fresh policy per repeat; best of --repeat is reported
     a/b      --ab: hitdensity and auto as they were before session 8's cost work
              (tests/frozen_policies, kept for the decision-equality test) replayed on the same
              recorded calls, alternating with the current code, --repeat pairs: new/old per pair.
+    native   --native-ab: hitdensity and auto with hitdensity's compiled core (kvbm._native)
+             and with its Python version (what KVBM_POLICY_NATIVE=0 runs), same recorded
+             calls, alternating, --repeat pairs: compiled/Python per pair.
+
+hitdensity's per-key state runs in compiled code (kvbm._native.HitDensityCore) where the
+extension has it; --memory adds its arrays, which tracemalloc does not see (native_bytes()).
 
 hitdensity's table update runs as a numba kernel when numba is installed; it is built before
 any timing here (a policy builds it in the background and runs the Python loop meanwhile).
@@ -190,7 +196,11 @@ def memory(name: str, requests, capacity: int) -> float:
                 hints = [Hints(parent=keys[pos[k] - 1] if pos[k] else None, position=pos[k]) for k in new]
             policy.insert_many(new, hints)
         gc.collect()
-        return tracemalloc.get_traced_memory()[0] / max(1, len(policy))
+        # hitdensity's compiled cores (alone, auto's real tier and minis): arrays tracemalloc misses
+        cores = [getattr(p, "_core", None) for p in [policy, getattr(policy, "_real", None)]
+                 + list(getattr(policy, "_minis", ()))]
+        native = sum(c.native_bytes() for c in cores if c is not None)
+        return (tracemalloc.get_traced_memory()[0] + native) / max(1, len(policy))
     finally:
         tracemalloc.stop()
 
@@ -270,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="report bytes per resident key only")
     ap.add_argument("--ab", action="store_true",
                     help="hitdensity and auto against their frozen pre-session-8 code, same calls, alternating")
+    ap.add_argument("--native-ab", action="store_true",
+                    help="hitdensity and auto with the compiled core and the Python version, same calls, alternating")
     ap.add_argument("--floor", action="store_true",
                     help="also replay hitdensity's calls into a skeleton of its per-key state (no scoring)")
     args = ap.parse_args(argv)
@@ -288,6 +300,7 @@ def main(argv=None) -> int:
     # hitdensity's table kernel, built before any timing or tracing (a policy would build it in
     # the background; numba's import would then land in the timed replay or the traced bytes)
     kernel = _gittins.compiled()
+    native = EVICTION.get("hitdensity")(1)._core is not None
     requests = [r.hash_ids for r in load_trace(BUNDLED["mooncake"]).requests]
     if args.memory:
         for name in args.policies.split(","):
@@ -321,6 +334,20 @@ def main(argv=None) -> int:
             print(f"a/b {name}: new/old per pair " + ", ".join(f"{n / o:.2f}" for o, n in pairs)
                   + f" (old best {min(o for o, _ in pairs) / accesses:.0f}, new best "
                   f"{min(n for _, n in pairs) / accesses:.0f} ns per access, CPU)", flush=True)
+        if args.native_ab and name in ("hitdensity", "auto"):
+            from kvbm.policies import _hitdensity_native
+
+            pairs = []
+            for _ in range(args.repeat):
+                _hitdensity_native.USE = False  # every hitdensity made meanwhile: the Python version
+                try:
+                    python = replay_cpu(name, calls, args.capacity)
+                finally:
+                    _hitdensity_native.USE = None
+                pairs.append((python, replay_cpu(name, calls, args.capacity)))
+            print(f"native a/b {name}: compiled/Python per pair " + ", ".join(f"{n / o:.2f}" for o, n in pairs)
+                  + f" (Python best {min(o for o, _ in pairs) / accesses:.0f}, compiled best "
+                  f"{min(n for _, n in pairs) / accesses:.0f} ns per access, CPU)", flush=True)
         if args.floor and name == "hitdensity":
             floor = min(replay_cpu(_Skeleton, calls, args.capacity) for _ in range(args.repeat)) / accesses
         del calls
@@ -328,7 +355,7 @@ def main(argv=None) -> int:
     base = names[0]
     print(f"Python {sys.version.split()[0]}, best of {args.repeat}; ns per key (timer overhead "
           f"{overhead:.0f} ns per call subtracted on the trace stream's wall-clock breakdown); "
-          f"hitdensity's table update: {'numba kernel' if kernel else 'Python loop'}")
+          f"hitdensity: {'compiled core' if native else 'Python version, table update by ' + ('numba kernel' if kernel else 'Python loop')}")
     for label, idx in (("trace", 0), ("micro", 1)):
         what = (f"Mooncake trace at the policy level, capacity {args.capacity:,}" if idx == 0
                 else f"{args.micro_n:,} single-key calls (wall)")

@@ -17,6 +17,9 @@ The kernel works on the policy's small count tables (classes x buckets), never o
 it is built on the first update in a background thread (numba's import and the kernel's load
 take seconds, which no tier may stall for) and the Python loop runs until it is there; without
 numba, or with KVBM_POLICY_NUMBA=0 in the environment, the Python loop runs throughout.
+This is the Python version's update: hitdensity's compiled core (csrc/hitdensity_core.cpp,
+the default where kvbm._native is built) does the same operations in C++ on its own tables,
+so a process running it never imports numba.
 """
 
 from __future__ import annotations

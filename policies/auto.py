@@ -45,21 +45,22 @@ old policy's learned state, so it must be worth it.
 Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the cells where
 auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
 
-Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream):
-646 B at 10,000 blocks (sample rate 0.1; hitdensity alone 453 B), 1,876 B at 1,000 blocks
-(rate 1: every key in every mini; hitdensity alone 627 B). It is the active policy's state,
-a parent entry per key (None for a root: for a switch to a structured policy, and to see a
-request begin), the minis' `rate` x their per-key state (ghosts included), and the key lists
-of the request being served (made into a map only when the request outgrows the tier).
-Cost per operation (CPU time of recorded Mooncake calls at 10,000 blocks, bench/RESULTS.md):
-the active policy's, the sample filter (C-level maps over the keys' hashes), a parents update
-per stored run and a pop per victim (C-level), and the minis' work on sampled keys (membership
-through their key dicts where they keep one). Where the time goes: hitdensity, the active
-policy there, ~45 % (12-16x LRU alone); the minis ~30 % (sample rate 0.1 x three
-candidates whose per-call overhead dominates on the few keys each call samples); the rest the
-wrapper. auto is 24-36x LRU per access (2-6 % below the code before in the same process; at
-1,000 blocks within the noise): the issue's 5x bound is not met, and cannot be while the
-active policy alone is above it (see hitdensity's docstring for what bounds that).
+Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream, with
+hitdensity's compiled core, its arrays counted): 471 B at 10,000 blocks (sample rate 0.1;
+hitdensity alone 297 B), 1,542 B at 1,000 blocks (rate 1: every key in every mini). It is the
+active policy's state, a parent entry per key (None for a root: for a switch to a structured
+policy, and to see a request begin), the minis' `rate` x their per-key state (ghosts included),
+and the key lists of the request being served (made into a map only when the request outgrows
+the tier).
+Cost per operation (CPU time of recorded Mooncake calls, bench/RESULTS.md "Policy cost per
+operation"): 12.3-12.4x LRU per block access at 10,000 blocks and 36.8x at 1,000 (rate 1),
+with hitdensity (the active policy and its mini) and the key sample compiled; 0.29-0.34 of the
+time with hitdensity's Python version on the same calls at 10k, 0.53-0.60 at 1k. The issue's
+5x bound is not met. Where the time goes at 10k (py-spy over the replay): the active
+hitdensity ~24 %, the minis prefix ~14 % and s3fifo ~9 % (Python) and hitdensity ~5 %,
+`_feed`'s own bookkeeping (membership filters, prefix-hit counts, one call per mini) ~22 %,
+the parents map ~8 %, the rest the wrapper and the bench's loop. Under 5x needs `_feed` and
+the prefix and s3fifo minis compiled as well.
 """
 
 from __future__ import annotations
