@@ -37,6 +37,14 @@ def prompt(seed, n):
     return [(seed * 7919 + i * 104729) % 1000 + 3 for i in range(n)]
 
 
+def settle(cond, timeout=120.0):
+    """Wait for the connector's asynchronous stores (and the demotions they cause) to land: a
+    run returns when its tokens do, while its pages still travel to G2 and push older ones to G3."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def main(out: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -102,6 +110,7 @@ def main(out: str) -> None:
     # G3 loses one group's piece of page 7 (its sliding piece, on disk): the page fails its
     # checksum, the load cannot bring every piece, the request recomputes (and stores it again)
     lo, hi = manifest.piece_range([p.kind for p in manifest.pieces].index("sliding"))
+    settle(lambda: keys[7] in g3.ready)
     slot = g3.ready[keys[7]]
     with open(g3.storage.slots_path, "r+b") as f:
         f.seek(g3.storage.offset(slot) + lo + 100)
@@ -110,6 +119,7 @@ def main(out: str) -> None:
     res["piece_lost_dropped"] = keys[7] not in g3.ready
     for seed in (4, 5):  # A's pages back out to G3
         run(prompt(seed, n_a))
+    settle(lambda: all(k in g3.ready for k in keys))
     res["a_in_g3"] = sum(1 for k in keys if k in g3.ready)
     g3_hits = g3.stats.hits
     res["a_from_g3"] = run(a)
