@@ -18,10 +18,12 @@
 // Called with the GIL held; keys are any hashable Python objects (hashed and compared by the
 // dicts, as the Python version's dicts do). Only kvbm/ops.py hands this class out.
 #include "hitdensity_core.hpp"
+#include "hitdensity_table.hpp"
 
 #include <Python.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <unordered_map>
 #include <vector>
 
@@ -30,48 +32,13 @@ using namespace nb::literals;
 
 namespace {
 
-constexpr int kRunOctaves = 13;
-constexpr int kTail = 0, kNew = 1, kOnce = kNew + kRunOctaves, kMany = kOnce + 1;
-constexpr int kClasses = kMany + 1;  // 16
-constexpr int kGhosts = kClasses;    // the list id of the ghosts
-constexpr int kBuckets = 64;
+using namespace hitdensity;
+
+constexpr int kGhosts = kClasses;  // the list id of the ghosts
+constexpr uint8_t kFree = 0, kResident = 1, kGhost = 2;  // a slot's state
 constexpr int kHalfLifeUpdates = 32;
 constexpr int64_t kMinPeriod = 256;
 constexpr int64_t kTable = 1 << 16;  // the Python version's age -> bucket table size
-
-inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
-
-inline int bucket(int64_t age) {  // _bucket
-  if (age < 4) return age > 0 ? static_cast<int>(age) : 0;
-  int b = bit_length(static_cast<uint64_t>(age));
-  int v = 2 * b - 2 + static_cast<int>((age >> (b - 2)) & 1);
-  return v < kBuckets - 1 ? v : kBuckets - 1;
-}
-
-struct Starts {
-  int64_t start[kBuckets + 1];
-  int64_t width[kBuckets];
-  Starts() {
-    for (int b = 0; b <= kBuckets; ++b) {
-      if (b < 4) {
-        start[b] = b;
-      } else {
-        int octave = (b + 2) / 2, half = (b + 2) % 2;
-        start[b] = (int64_t(1) << (octave - 1)) + half * (int64_t(1) << (octave - 2));
-      }
-    }
-    for (int b = 0; b < kBuckets; ++b) {
-      int64_t w = start[b + 1] - start[b];
-      width[b] = w > 1 ? w : 1;
-    }
-  }
-};
-const Starts kStarts;
-
-inline int run_class(int64_t n) {
-  int g = bit_length(static_cast<uint64_t>(n)) - 1;
-  return kNew + (g < kRunOctaves - 1 ? g : kRunOctaves - 1);
-}
 
 [[noreturn]] void raise_python() { throw nb::python_error(); }
 
@@ -144,7 +111,7 @@ class HitDensityCore {
     Keys k(keys);
     std::vector<int32_t> run;
     for (Py_ssize_t i = 0; i < k.size(); ++i) {
-      int32_t s = find(resident_, k[i]);
+      int32_t s = find(resident_, kResident, k[i]);
       if (s >= 0 && cls_[s] == kNew) run.push_back(s);
     }
     if (run.empty()) return;
@@ -167,13 +134,13 @@ class HitDensityCore {
   void touch(nb::handle keys) {
     Keys k(keys);
     for (Py_ssize_t i = k.size() - 1; i >= 0; --i) {
-      int32_t s = find(resident_, k[i]);
+      int32_t s = find(resident_, kResident, k[i]);
       if (s >= 0) touch_slot(s);
     }
   }
 
   void remove(nb::handle key) {
-    int32_t s = find(resident_, key.ptr());
+    int32_t s = find(resident_, kResident, key.ptr());
     if (s < 0) return;  // observation stops here: a censored life, not a miss
     int c = cls_[s];
     ends_[c][bucket(now_ - last_[s])] += 1;
@@ -249,7 +216,7 @@ class HitDensityCore {
   int64_t queue_len(int c) const { return c >= 0 && c < kClasses ? count_[c] : 0; }
 
   int class_of(nb::handle key) {
-    int32_t s = find(resident_, key.ptr());
+    int32_t s = find(resident_, kResident, key.ptr());
     return s >= 0 ? cls_[s] : -1;
   }
 
@@ -320,7 +287,7 @@ class HitDensityCore {
     size_t n = sizeof(*this);
     n += (key_.capacity() + slot_int_.capacity()) * sizeof(PyObject*);
     n += (prev_.capacity() + next_.capacity() + free_.capacity()) * sizeof(int32_t);
-    n += last_.capacity() * sizeof(int64_t) + cls_.capacity();
+    n += last_.capacity() * sizeof(int64_t) + cls_.capacity() + state_.capacity();
     for (const auto& e : epochs_) n += e.bucket_count() * sizeof(void*) + e.size() * 32;
     return n;
   }
@@ -341,7 +308,7 @@ class HitDensityCore {
     const bool decay = updates_ % kHalfLifeUpdates == 0;
     int64_t live[kClasses][kBuckets] = {};
     count_live(live);
-    gittins(live, decay);
+    gittins(reuses_, ends_, live, index_, rise_, decay);
   }
 
  private:
@@ -355,44 +322,6 @@ class HitDensityCore {
         int64_t age = mid - (e << shift_);
         live[c][age < 4 ? (age > 0 ? age : 0) : bucket(age)] += n;
       }
-  }
-
-  // The Gittins index per class and bucket: policies/_gittins.py's _kernel, line for line.
-  void gittins(const int64_t (&live)[kClasses][kBuckets], bool decay) {
-    double exposure[kBuckets];
-    for (int c = 0; c < kClasses; ++c) {
-      int top = -1;
-      for (int b = kBuckets - 1; b >= 0; --b)
-        if (ends_[c][b] != 0.0 || live[c][b] != 0) {
-          top = b;
-          break;
-        }
-      double alive = 0.0;
-      for (int b = top; b >= 0; --b) {
-        double leaving = ends_[c][b] + static_cast<double>(live[c][b]);
-        alive += leaving;
-        exposure[b] = (alive - leaving / 2.0) * static_cast<double>(kStarts.width[b]);
-      }
-      for (int b = 0; b <= top; ++b) {
-        double ar = reuses_[c][b], ae = exposure[b];
-        double best = ar / ae;
-        for (int h = b + 1; h <= top; ++h) {
-          ar += reuses_[c][h];
-          ae += exposure[h];
-          double ratio = ar / ae;
-          if (ratio > best) best = ratio;
-        }
-        index_[c][b] = best > 0.0 ? best : 0.0;
-      }
-      for (int b = top + 1; b < kBuckets; ++b) index_[c][b] = 0.0;
-      for (int b = 0; b < kBuckets - 1; ++b) rise_[c][b] = index_[c][b + 1] - index_[c][b];
-      rise_[c][kBuckets - 1] = 0.0;
-      if (decay)
-        for (int b = 0; b <= top; ++b) {
-          reuses_[c][b] *= 0.5;
-          ends_[c][b] *= 0.5;
-        }
-    }
   }
 
   // The class index at this age, linear between bucket starts: evict's inlined score for ages
@@ -421,18 +350,19 @@ class HitDensityCore {
   void insert_key(PyObject* key, int fresh) {
     now_ += 1;
     if (now_ >= next_update_) update();
-    int32_t s = find(resident_, key);
+    int32_t s = find(resident_, kResident, key);
     if (s >= 0) {  // already tracked: an access
       touch_slot(s);
       return;
     }
-    s = find(ghosts_, key);
+    s = find(ghosts_, kGhost, key);
     if (s >= 0) {  // a reuse the tier missed, counted for the class the block had
       if (PyDict_DelItem(ghosts_, key_[s]) != 0 || PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0)
         raise_python();
       int gc = cls_[s];
       int64_t gl = last_[s];
       unlink(s, kGhosts);
+      state_[s] = kResident;
       unghost(gc, gl);
       int b = bucket(now_ - gl);
       reuses_[gc][b] += 1;
@@ -474,6 +404,7 @@ class HitDensityCore {
       int c = cls_[s];
       unlink(s, c);
       append(s, kGhosts);
+      state_[s] = kGhost;
       epochs_[c][last_[s] >> shift_] += 1;
       Py_INCREF(key_[s]);
       PyList_SET_ITEM(out, i++, key_[s]);
@@ -500,13 +431,18 @@ class HitDensityCore {
   }
 
   // key -> slot in `dict`, -1 if absent; a Python error (an unhashable key) is raised
-  int32_t find(PyObject* dict, PyObject* key) const {
+  int32_t find(PyObject* dict, uint8_t state, PyObject* key) const {
     PyObject* v = PyDict_GetItemWithError(dict, key);
     if (!v) {
       if (PyErr_Occurred()) raise_python();
       return -1;
     }
-    return static_cast<int32_t>(PyLong_AsLong(v));
+    long s = PyLong_AsLong(v);  // one of our slot ints, unless the map was written from outside
+    if (s < 0 || static_cast<size_t>(s) >= slot_int_.size() || slot_int_[s] != v || state_[s] != state) {
+      if (PyErr_Occurred()) raise_python();
+      throw std::runtime_error("hitdensity core: its key map was changed from outside");
+    }
+    return static_cast<int32_t>(s);
   }
 
   int32_t take(PyObject* key) {  // a free slot for key (a strong reference kept)
@@ -524,15 +460,18 @@ class HitDensityCore {
       next_.push_back(-1);
       last_.push_back(0);
       cls_.push_back(0);
+      state_.push_back(kFree);
     }
     Py_INCREF(key);
     key_[s] = key;
+    state_[s] = kResident;
     return s;
   }
 
   void release(int32_t s) {
     PyObject* k = key_[s];
     key_[s] = nullptr;
+    state_[s] = kFree;
     free_.push_back(s);
     Py_DECREF(k);
   }
@@ -561,6 +500,7 @@ class HitDensityCore {
   std::vector<int32_t> prev_, next_, free_;
   std::vector<int64_t> last_;
   std::vector<int8_t> cls_;
+  std::vector<uint8_t> state_;  // kFree, kResident or kGhost: which map holds the slot's key
   int32_t head_[kGhosts + 1], tail_[kGhosts + 1];
   int64_t count_[kGhosts + 1];
   std::unordered_map<int64_t, int64_t> epochs_[kClasses];

@@ -86,3 +86,20 @@ def test_compiled_key_sample_equals_the_python_one(seed):
         got = compiled(keys, 2654435761, 0xFFFFFFFF, threshold)
         assert got == want and all(a is b for a, b in zip(got, want))
     assert 0 < len(compiled(keys, 2654435761, 0xFFFFFFFF, 1 << 31)) < len(keys)
+
+
+@needs_native
+def test_a_key_map_written_from_outside_is_refused_not_trusted():
+    # `_keys` is the core's own dict (auto asks it `in` at C speed): a value the core did not
+    # put there, or a slot in another state, is an error, never an index into its arrays
+    policy = HitDensityPolicy(8, native=True)
+    policy.insert_many([1, 2, 3])
+    assert policy.evict(1, ()) == [3]
+    policy._keys[99] = 7  # no slot 7
+    with pytest.raises(RuntimeError, match="changed from outside"):
+        policy.touch([99])
+    policy._keys[98] = 0  # slot 0 holds key 3 (the run's tail, stored first), a ghost now
+    with pytest.raises(RuntimeError, match="changed from outside"):
+        policy.remove(98)
+    del policy._keys[99], policy._keys[98]
+    assert policy.evict(2, ()) == [2, 1] and len(policy) == 0
