@@ -53,7 +53,7 @@ policy, and to see a request begin), the minis' `rate` x their per-key state (gh
 and the key lists of the request being served (made into a map only when the request outgrows
 the tier).
 Cost per operation (CPU time of recorded Mooncake calls, bench/RESULTS.md "Policy cost per
-operation"): 12.3-12.4x LRU per block access at 10,000 blocks and 36.8x at 1,000 (rate 1),
+operation"): 12.1-12.4x LRU per block access at 10,000 blocks and 36.8x at 1,000 (rate 1),
 with hitdensity (the active policy and its mini) and the key sample compiled; 0.29-0.34 of the
 time with hitdensity's Python version on the same calls at 10k, 0.53-0.60 at 1k. The issue's
 5x bound is not met. Where the time goes at 10k (py-spy over the replay): the active
