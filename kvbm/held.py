@@ -239,7 +239,7 @@ def pack_meta(ns: Any, h: Any, parent: Any, ckey: bytes | None = None) -> bytes 
     try:
         if ckey is None:
             return META_FORMAT + _field(ns) + _field(h) + _field(parent)
-        return META_FORMAT_KEYED + _field(ns) + _field(h) + _field(parent) + _field(bytes(ckey))
+        return META_FORMAT_KEYED + _field(ns) + _field(h) + _field(parent) + _field(ckey)
     except (TypeError, ValueError, struct.error):
         return None
 

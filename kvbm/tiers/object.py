@@ -23,6 +23,9 @@ served. Headers (little-endian; the payload always starts 64 bytes in):
         HMAC-SHA256 over namespace, key, payload, fields | zero padding
     v1 (kvbm before the MAC)                       never looked up: misses
 
+After the payload an object may carry a trailer: the block's blob (meta_of), sealed to its key
+(object_meta.py); read with the object, checked (another one makes the get a miss), not served.
+
 A v3 put CRCs its block first (the CRC keys the tag), then tags it beside the copy; a get
 checks the tag (v2: CRC and MAC) in one pass, chunk by chunk, beside the copy (on s3fs once
 the payload has streamed into the buffer; a v3 get computes the CRC only when the tag fails,
