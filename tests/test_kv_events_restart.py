@@ -9,12 +9,14 @@ two namespaces (bytes hashes for one, integer hashes for the other, negative par
 stopped with SIGTERM and started again. A router built from vLLM's own decoder (test_kv_events's
 Follower) then sees each namespace's recovered blocks, and only its own topic's, whether it joins
 after the restart (a replay from -1: one snapshot) or followed the old daemon (a gap, then a
-replay). A version 1 index (no blobs) still recovers its blocks, served with their bytes, and
+replay). G4's counterpart, and kvbm's own stream, are in test_kv_events_restart_g4.py; here too the
+in-process connector over a memory:// G4. A version 1 index (no blobs) still recovers its blocks, served with their bytes, and
 publishes nothing; a torn or garbled version 2 record ends the replay of the index cleanly.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -373,5 +375,64 @@ def test_the_in_process_connector_publishes_what_g3_recovered(tmp_path):
             for i, h in enumerate(ev.block_hashes):
                 parent_of[h] = ev.block_hashes[i - 1] if i else ev.parent_block_hash
         assert parent_of == {h: parents[h] for h in in_g3}
+    finally:
+        manager.close()
+
+
+def test_the_in_process_connector_publishes_what_g4_recovered(tmp_path):
+    """vLLM's in-process connector over G2 (2) + G4 (8, memory://): after a restart of the engine
+    its next step publishes what G4 recovered, as BlockStored STORAGE/REMOTE with parents."""
+    from kvbm.blocks import Namespace
+    from kvbm.config import KVBMConfig
+    from kvbm.connectors import core
+    from kvbm.connectors.vllm import _vllm_events
+    from kvbm.manager import BlockManager
+    from servedaemon import LAYOUT, LAYOUT_DICT
+
+    torch = pytest.importorskip("torch")
+    secret = tmp_path / "s"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o600)
+    url = f"memory://kvbm-test-{os.urandom(8).hex()}"
+    bs = LAYOUT.block_size
+
+    def engine():
+        manager = BlockManager.from_config(KVBMConfig.from_dict({"layout": LAYOUT_DICT, "tiers": [
+            {"name": "g2", "capacity": 2, "eviction": "lru", "storage": "host"},
+            {"name": "g4", "capacity": 8, "eviction": "lru",
+             "storage": {"name": "object", "url": url, "secret_file": str(secret)}}]}))
+        lock = __import__("threading").RLock()
+        sched = core.SchedulerSide(manager, lock, Namespace("tiny", LAYOUT), bs)
+        worker = core.WorkerSide(manager, lock)
+        g = torch.Generator().manual_seed(0)
+        worker.register([torch.randn(16, 2, 2, bs, 64, generator=g).to(torch.bfloat16) for _ in range(2)])
+        return manager, sched, worker
+
+    manager, sched, worker = engine()
+    assert sched.take_events() == []
+    parents, names = {}, {}
+    for r in "abc":
+        hashes = chain(f"g4-{r}", 2)
+        names.update(zip(hashes, sched.keys(r, hashes)))
+        parents.update(zip(hashes, [None, hashes[0]]))
+        worker.start_store(sched.plan_store(r, [0, 1], 2 * bs + 1))
+        worker.poll(wait=True)
+        sched.finished(r)
+        sched.take_events()
+    in_g4 = {h for h, k in names.items() if manager.lookup([k])[1] == ["g4"]}
+    assert in_g4 == set(chain("g4-a", 2)) | set(chain("g4-b", 2))
+    manager.close()
+
+    manager, sched, worker = engine()
+    try:
+        assert sched.take_events() == []
+        evs = _vllm_events(sched.take_events())
+        assert {(type(ev).__name__, ev.medium, ev.locality, ev.ownership) for ev in evs} == {
+            ("BlockStored", "STORAGE", "REMOTE", "kvbm")}
+        parent_of = {}
+        for ev in evs:
+            for i, h in enumerate(ev.block_hashes):
+                parent_of[h] = ev.block_hashes[i - 1] if i else ev.parent_block_hash
+        assert parent_of == {h: parents[h] for h in in_g4}
     finally:
         manager.close()

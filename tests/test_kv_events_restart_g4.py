@@ -15,6 +15,7 @@ manager whose block is in G3 and G4 at once.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -26,9 +27,8 @@ zmq = pytest.importorskip("zmq")
 msgspec = pytest.importorskip("msgspec")
 kv_events = pytest.importorskip("vllm.distributed.kv_events")
 
-from kvbm.daemon.events import Events, Origins, topic_of  # noqa: E402
+from kvbm.daemon.events import Events, Origins  # noqa: E402
 from kvbm.daemon.leases import PEER_NS, namespace_of, server_key  # noqa: E402
-from kvbm.daemon.protocol import pack  # noqa: E402
 from kvbm.held import META_FORMAT_KEYED, HeldMedia, _field, pack_meta, unpack_meta  # noqa: E402
 from kvbm.tiers.object import HEADER_MIN, ObjectStorage  # noqa: E402
 from kvbm.tiers.object_meta import MAX_TRAILER, TAIL, trailer  # noqa: E402
@@ -135,6 +135,33 @@ def test_every_wrong_trailer_names_nothing(url):
         assert reads(st, got) == {k: k == b"k2" for k in got}
     finally:
         st.close()
+
+
+def test_trailers_on_an_endpoint_that_never_answers_end_in_time(monkeypatch):
+    """kept_meta() at a daemon's start reads each recovered object's trailer: on a G4 that never
+    answers each read ends at the storage's timeout (and the endpoint is marked down): no blobs,
+    no stall."""
+    pytest.importorskip("s3fs")
+    from s3server import FAKE_CREDENTIALS
+
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as hole:  # accepts connections (the kernel's backlog), never replies
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        opts = {"endpoint_url": f"http://127.0.0.1:{hole.getsockname()[1]}",
+                "config_kwargs": {"connect_timeout": 1, "read_timeout": 1}}
+        st = ObjectStorage(8, NB, namespace="ns", url="s3://kvbm-test/p", storage_options=opts, timeout=2)
+        try:
+            for i in range(6):  # as recover() leaves six objects it listed with a trailer
+                k = b"k%d" % i
+                st._names[i] = st.path_of(k)
+                st._trailers.found(k, st.path_of(k), BASE + 64, BASE)
+            t0 = time.monotonic()
+            assert st.kept_meta() == {}
+            assert time.monotonic() - t0 < 20
+        finally:
+            st.close()
 
 
 # ---------------------------------------------------------------- what a restarted daemon accepts
@@ -418,3 +445,4 @@ def test_an_inclusive_manager_publishes_a_block_once_per_place_it_recovered_in(t
         assert held.view(None) == want
     finally:
         m.close()
+
