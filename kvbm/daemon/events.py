@@ -10,6 +10,7 @@
     Events.kv_events                  the vLLM-format publisher (kv_events.py) when daemon.kv_events
                                       is set: fed every drained batch, by engine block hashes
     Events.op_events                  a client takes its namespace's queued rows
+    Events._block_meta(skey)          the blob G3 / G4 keep beside a block (see "After a restart")
     Events._close_events()            at shutdown
 
 A row is [kind, client key, tier] with kind stored / removed / moved: the client's own key, as it
@@ -29,11 +30,13 @@ space the block lives in, whatever a bucket holds; anything else names nothing (
 served, never published). Accepted blocks get their origin entry back, are named on the vLLM-format
 stream (kv_events.py: published at once, as that namespace's first batch), and become that
 namespace's first rows here: ["stored", client key, tier] for every tier holding them, published
-on its topic and queued for its session at the first request after one of its clients said hello
-(the PUB stream keeps no backlog, so a subscriber connected by then sees them; rows describe what
+on its topic and queued for its session when one of its clients says hello (drained before the
+hello's answer; the PUB stream keeps no backlog, so a subscriber connected by then sees them;
+until then the namespace's recovered keys are kept, at most what was recovered; rows describe what
 the tiers hold at that moment, so rows before them, e.g. a recovered block evicted meanwhile, and
-after them, leave a follower exact). Blocks whose tiers wrote no blob (stored before this, a
-version 1 G3 index, objects without a trailer) recover silently, as before.
+after them, leave a follower exact). Blocks whose tiers wrote no blob (a version 1 G3 index,
+objects without a trailer) or a blob without a client key (format 1, G3 before this) recover
+silently: served, never published.
 
 The origin map gets an entry per block a client reserved or a pull landed and loses it when the
 block leaves every tier. Paths that abandon a key without an event (a rolled-back reservation, a
