@@ -316,7 +316,10 @@ def test_a_vllm_subscriber_follows_two_engines_per_medium_and_resyncs(daemon):
         ctx.term()
 
 
-def test_a_subscriber_follows_a_restarted_daemon(daemon):
+@pytest.mark.parametrize("spill", [0, 10])
+def test_a_subscriber_follows_a_restarted_daemon(daemon, spill):
+    """spill: one-block prompts stored before the restart beyond what G2 (6) holds: they reach G3
+    and G4, survive the restart and come back to the follower as recovered blocks per medium."""
     d = daemon()
     a = Engine(d.address, 6)
     ctx = zmq.Context()
@@ -324,6 +327,8 @@ def test_a_subscriber_follows_a_restarted_daemon(daemon):
     b = None
     try:
         _until_joined(f, a)
+        for i in range(spill):
+            a.prompt(f"spill{i}", chain(f"spill{i}", 1), [31])
         a.prompt("old", chain("old", 3), [0, 1, 2])
         f.pump()
         assert set(chain("old", 3)) <= f.held()[("CPU", "LOCAL")]
@@ -344,6 +349,8 @@ def test_a_subscriber_follows_a_restarted_daemon(daemon):
         want = truth([b, gone])
         assert set(chain("new", 2)) <= want[("CPU", "LOCAL")] and not set(chain("old", 3)) & set().union(*want.values())
         assert not set(gone.keys) & want.get(("CPU", "LOCAL"), set())  # G2 is memory: nothing of a's there
+        if spill:  # what G3 and G4 held survived, each in its own medium
+            assert set(chain("spill0", 1)) <= want[("STORAGE", "REMOTE")] and want[("STORAGE", "LOCAL")]
         assert f.held() == want == kv_view(b)
     finally:
         f.sub.close(0)
