@@ -32,6 +32,10 @@ Two streams, each run on a fresh policy per repeat; best of --repeat is reported
              and with its Python version (what KVBM_POLICY_NATIVE=0 runs), same recorded
              calls, alternating, --repeat pairs: compiled/Python per pair.
 
+    split    --auto-split: auto's recorded calls also replayed with its miniature simulations
+             skipped (`_feed` a no-op: a measurement, not a policy; no switch can happen),
+             alternating with auto itself: what the wrapper and the active policy cost alone.
+
 hitdensity's per-key state runs in compiled code (kvbm._native.HitDensityCore) where the
 extension has it; --memory adds its arrays, which tracemalloc does not see (native_bytes()).
 
@@ -249,6 +253,22 @@ class _Skeleton:
         return out
 
 
+def _auto_without_minis():
+    from kvbm.policies.auto import AutoPolicy
+
+    class AutoWithoutMinis(AutoPolicy):
+        """auto with `_feed` skipped (--auto-split): the wrapper and the active policy alone."""
+
+        def _feed(self, keys, stored):
+            pass
+
+    return AutoWithoutMinis
+
+
+def _AutoWithoutMinis(capacity):
+    return _auto_without_minis()(capacity)
+
+
 def micro(name: str, n: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     keys = list(range(n))
@@ -282,6 +302,8 @@ def main(argv=None) -> int:
                     help="hitdensity and auto against their frozen pre-session-8 code, same calls, alternating")
     ap.add_argument("--native-ab", action="store_true",
                     help="hitdensity and auto with the compiled core and the Python version, same calls, alternating")
+    ap.add_argument("--auto-split", action="store_true",
+                    help="also replay auto's calls with its miniature simulations skipped (measurement only)")
     ap.add_argument("--floor", action="store_true",
                     help="also replay hitdensity's calls into a skeleton of its per-key state (no scoring)")
     args = ap.parse_args(argv)
@@ -348,6 +370,12 @@ def main(argv=None) -> int:
             print(f"native a/b {name}: compiled/Python per pair " + ", ".join(f"{n / o:.2f}" for o, n in pairs)
                   + f" (Python best {min(o for o, _ in pairs) / accesses:.0f}, compiled best "
                   f"{min(n for _, n in pairs) / accesses:.0f} ns per access, CPU)", flush=True)
+        if args.auto_split and name == "auto":
+            pairs = [(replay_cpu(name, calls, args.capacity), replay_cpu(_AutoWithoutMinis, calls, args.capacity))
+                     for _ in range(args.repeat)]
+            print("auto split: without its minis / auto per pair " + ", ".join(f"{w / a:.2f}" for a, w in pairs)
+                  + f" (auto best {min(a for a, _ in pairs) / accesses:.0f}, without minis best "
+                  f"{min(w for _, w in pairs) / accesses:.0f} ns per access, CPU)", flush=True)
         if args.floor and name == "hitdensity":
             floor = min(replay_cpu(_Skeleton, calls, args.capacity) for _ in range(args.repeat)) / accesses
         del calls

@@ -53,14 +53,15 @@ policy, and to see a request begin), the minis' `rate` x their per-key state (gh
 and the key lists of the request being served (made into a map only when the request outgrows
 the tier).
 Cost per operation (CPU time of recorded Mooncake calls, bench/RESULTS.md "Policy cost per
-operation"): 12.1-12.4x LRU per block access at 10,000 blocks and 36.8x at 1,000 (rate 1),
+operation"): 12.1-14.2x LRU per block access at 10,000 blocks and 36.8x at 1,000 (rate 1),
 with hitdensity (the active policy and its mini) and the key sample compiled; 0.29-0.34 of the
 time with hitdensity's Python version on the same calls at 10k, 0.53-0.60 at 1k. The issue's
 5x bound is not met. Where the time goes at 10k (py-spy over the replay): the active
 hitdensity ~24 %, the minis prefix ~14 % and s3fifo ~9 % (Python) and hitdensity ~5 %,
 `_feed`'s own bookkeeping (membership filters, prefix-hit counts, one call per mini) ~22 %,
-the parents map ~8 %, the rest the wrapper and the bench's loop. Under 5x needs `_feed` and
-the prefix and s3fifo minis compiled as well.
+the parents map ~8 %, the rest the wrapper and the bench's loop. With `_feed` skipped
+(`--auto-split`, a measurement) auto costs 3.3x LRU: under 5x needs `_feed` and the prefix
+and s3fifo minis compiled as well.
 """
 
 from __future__ import annotations
