@@ -27,7 +27,17 @@ tiny dummy-weight Llama, 128-token blocks, vLLM's own prefix cache on, its pool 
 
 Reported per config: TTFT p50/p99, E2E p50, completed/failed, kvbm hit tokens (vLLM's
 external_prefix_cache_hits) and vLLM's own prefix-cache hit tokens, from the servers' /metrics
-over the run. vLLM's OffloadingConnector is not run: its worker needs CUDA (it refuses on the
+over the run; CPU seconds of vLLM's processes and kvbm's daemons, and per thread (`tids`: CPU
+seconds, voluntary and involuntary context switches: a thread that burns CPU with few voluntary
+switches spins while it waits).
+
+    --model medium   a dummy Llama of hidden 512, MLP 2048, 8 heads (tiny: 256, 512, 4); the same KV
+                     layout (kvbm moves the same bytes per block): recompute costs several times more
+    --env NAME=VALUE set in every config's servers alike. vLLM's CPU build reserves a core for its
+                     engine core, and one more when a kv_transfer_config is given; on 2 cores the
+                     second cannot be had, so configs with a connector get no reservation: their
+                     worker computes on 2 OpenMP threads where vLLM alone gets 1.
+                     --env VLLM_CPU_NUM_OF_RESERVED_CPU=1 gives every config vLLM alone's layout. vLLM's OffloadingConnector is not run: its worker needs CUDA (it refuses on the
 CPU build); LMCache is not installed here.
 """
 
@@ -45,7 +55,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 SLICE = HERE / "data" / "mooncake_sessions.jsonl"
-MODELS = {  # tiny: tests/vllm_e2e.py's; medium: ~3.6x its compute per token, the same KV layout
+MODELS = {  # tiny: tests/vllm_e2e.py's; medium: more compute per token, the same KV layout
     "tiny": {},
     "medium": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8},
 }
@@ -351,7 +361,7 @@ def main() -> int:
                     help="count engine steps, empty steps and load waits (bench/vllm_step_probe.py)")
     ap.add_argument("--limit", type=int, default=0, help="replay only the first N requests of the slice")
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny",
-                    help="dummy Llama: tiny (tests/vllm_e2e.py) or medium (hidden 512, MLP 2048, 8 heads: ~3.6x "
+                    help="dummy Llama: tiny (tests/vllm_e2e.py) or medium (hidden 512, MLP 2048, 8 heads: more "
                          "the compute per token, the same KV bytes per block)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="set in every config's servers alike (e.g. OMP_WAIT_POLICY=passive); repeatable")
