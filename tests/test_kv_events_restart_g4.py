@@ -228,11 +228,11 @@ class Tenant4(Tenant):
 
 
 def settled(d: Served, tenants: list) -> list:
-    """Wait until the offloader is done (G3 within capacity - headroom) and every stream caught
+    """Wait until the offloader is done (G3, or without it G2, within capacity - headroom) and every stream caught
     up (kv_view is the truth); -> each tenant's truth."""
     def done():
-        st = tenants[0].c.stats()["tiers"]
-        if "g3" in st and st["g3"]["used"] > 4:
+        st = tenants[0].c.stats()["tiers"]  # used = ready + in flight: a demotion counts until it landed
+        if st["g3"]["used"] > 4 if "g3" in st else st["g2"]["used"] > 2:
             return None
         truths = [t.truth() for t in tenants]
         return truths if all(t.kv_view() == tr for t, tr in zip(tenants, truths)) else None
