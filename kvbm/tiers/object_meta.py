@@ -40,6 +40,10 @@ from .seal import HEADER_MIN, TAG_BYTES, Seal
 
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
+# A restart reads the recovered objects' trailers before the daemon serves; on a large bucket
+# (one small GET per object) that must not hold the start for minutes: past this budget the
+# trailers not read yet count as none (those blocks are served, just not published), newest read first
+TRAILER_BUDGET_S = 15.0
 MAGIC = b"KVBm"
 TAIL = struct.Struct("<H4s")
 ALIGN = 64
@@ -65,10 +69,12 @@ def parse(seal: Seal, key: Any, data: bytes) -> bytes | None:
 
 class Trailers:
     """The trailers recover() saw, per key, until take() reads them (concurrently, each job under
-    the storage's own timeout; one that fails or times out is no blob)."""
+    the storage's own timeout, all of them under `budget_s`, newest first; one that fails, times
+    out or is not read within the budget is no blob)."""
 
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: Any, budget_s: float = TRAILER_BUDGET_S) -> None:
         self.storage = storage
+        self.budget_s = budget_s
         self.pending: dict[Any, tuple[str, int]] = {}  # key -> (path, trailer bytes), oldest first
 
     def found(self, key: Any, path: str, size: int | None, base: int) -> None:
@@ -80,11 +86,16 @@ class Trailers:
         with st._mu:
             live = set(st._names.values())
         todo = {k: v for k, v in todo.items() if v[0] in live and v[1] > 0}  # freed since: gone
-        jobs: dict[Any, Future] = {k: st._submit("tail", path, n) for k, (path, n) in todo.items()}
+        jobs: dict[Any, Future] = {k: st._submit("tail", path, n) for k, (path, n) in reversed(todo.items())}
         if jobs:
-            wait(jobs.values())  # each job ends: async ones under the storage's timeout, local reads
+            _, late = wait(jobs.values(), timeout=self.budget_s)
+            for fut in late:
+                fut.cancel()
         out: dict[Any, bytes] = {}
-        for k, fut in jobs.items():
+        for k in todo:
+            fut = jobs[k]
+            if not fut.done() or fut.cancelled():
+                continue
             try:
                 blob = parse(st._seal, k, fut.result())
             except Exception:
