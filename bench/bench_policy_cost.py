@@ -28,16 +28,18 @@ Two streams, each run on a fresh policy per repeat; best of --repeat is reported
     a/b      --ab: hitdensity and auto as they were before session 8's cost work
              (tests/frozen_policies, kept for the decision-equality test) replayed on the same
              recorded calls, alternating with the current code, --repeat pairs: new/old per pair.
-    native   --native-ab: hitdensity and auto with hitdensity's compiled core (kvbm._native)
-             and with its Python version (what KVBM_POLICY_NATIVE=0 runs), same recorded
-             calls, alternating, --repeat pairs: compiled/Python per pair.
+    native   --native-ab: hitdensity, prefix, s3fifo and auto with their compiled cores
+             (kvbm._native; auto's minis and mini feed too) and with their Python versions
+             (what KVBM_POLICY_NATIVE=0 runs), same recorded calls, alternating, --repeat
+             pairs: compiled/Python per pair.
 
     split    --auto-split: auto's recorded calls also replayed with its miniature simulations
              skipped (`_feed` a no-op: a measurement, not a policy; no switch can happen),
              alternating with auto itself: what the wrapper and the active policy cost alone.
 
-hitdensity's per-key state runs in compiled code (kvbm._native.HitDensityCore) where the
-extension has it; --memory adds its arrays, which tracemalloc does not see (native_bytes()).
+hitdensity's, prefix's and s3fifo's per-key state runs in compiled code (kvbm._native's
+HitDensityCore, PrefixCore, S3FifoCore; auto's minis fed by its MiniFeed) where the extension
+has it; --memory adds their arrays, which tracemalloc does not see (native_bytes()).
 
 hitdensity's table update runs as a numba kernel when numba is installed; it is built before
 any timing here (a policy builds it in the background and runs the Python loop meanwhile).
@@ -200,7 +202,7 @@ def memory(name: str, requests, capacity: int) -> float:
                 hints = [Hints(parent=keys[pos[k] - 1] if pos[k] else None, position=pos[k]) for k in new]
             policy.insert_many(new, hints)
         gc.collect()
-        # hitdensity's compiled cores (alone, auto's real tier and minis): arrays tracemalloc misses
+        # the compiled cores (alone, auto's real tier and minis): arrays tracemalloc misses
         cores = [getattr(p, "_core", None) for p in [policy, getattr(policy, "_real", None)]
                  + list(getattr(policy, "_minis", ()))]
         native = sum(c.native_bytes() for c in cores if c is not None)
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ab", action="store_true",
                     help="hitdensity and auto against their frozen pre-session-8 code, same calls, alternating")
     ap.add_argument("--native-ab", action="store_true",
-                    help="hitdensity and auto with the compiled core and the Python version, same calls, alternating")
+                    help="hitdensity, prefix, s3fifo and auto with the compiled cores and the Python versions, same calls, alternating")
     ap.add_argument("--auto-split", action="store_true",
                     help="also replay auto's calls with its miniature simulations skipped (measurement only)")
     ap.add_argument("--floor", action="store_true",
@@ -356,16 +358,17 @@ def main(argv=None) -> int:
             print(f"a/b {name}: new/old per pair " + ", ".join(f"{n / o:.2f}" for o, n in pairs)
                   + f" (old best {min(o for o, _ in pairs) / accesses:.0f}, new best "
                   f"{min(n for _, n in pairs) / accesses:.0f} ns per access, CPU)", flush=True)
-        if args.native_ab and name in ("hitdensity", "auto"):
-            from kvbm.policies import _hitdensity_native
+        if args.native_ab and name in ("hitdensity", "auto", "prefix", "s3fifo"):
+            from kvbm.policies import _hitdensity_native, _policy_native
 
             pairs = []
             for _ in range(args.repeat):
-                _hitdensity_native.USE = False  # every hitdensity made meanwhile: the Python version
+                # every hitdensity, prefix and s3fifo made meanwhile (auto's minis too): the Python version
+                _hitdensity_native.USE = _policy_native.USE = False
                 try:
                     python = replay_cpu(name, calls, args.capacity)
                 finally:
-                    _hitdensity_native.USE = None
+                    _hitdensity_native.USE = _policy_native.USE = None
                 pairs.append((python, replay_cpu(name, calls, args.capacity)))
             print(f"native a/b {name}: compiled/Python per pair " + ", ".join(f"{n / o:.2f}" for o, n in pairs)
                   + f" (Python best {min(o for o, _ in pairs) / accesses:.0f}, compiled best "

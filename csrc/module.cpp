@@ -17,6 +17,7 @@
 #include "crc32c.hpp"
 #include "file_io.hpp"
 #include "hitdensity_core.hpp"
+#include "policy_core.hpp"
 #include "stream_copy.hpp"
 #include "thread_pool.hpp"
 
@@ -240,6 +241,9 @@ NB_MODULE(_native, m) {
       "Read block i from the file at file_offsets[i]; int32 status per block (0 or errno).");
 
   bind_hitdensity(m);  // hitdensity's per-key state (policies/hitdensity.py), via kvbm.ops
+  bind_prefix(m);  // prefix, s3fifo and auto's minis (policies/_policy_native.py), via kvbm.ops
+  bind_s3fifo(m);
+  bind_auto(m);
 
 #ifdef KVBM_WITH_CUDA
   m.attr("built_with_cuda") = true;

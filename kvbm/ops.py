@@ -13,6 +13,7 @@
     cuda_available()                                          kernels built, a driver and a device
     hitdensity_core()                                         hitdensity's compiled per-key state (a class) or None
     hashed_sample()                                           auto's compiled key sample (a function) or None
+    policy_core(name)                                         PrefixCore / S3FifoCore / MiniFeed, or None
 
 Buffers are anything with the C-contiguous buffer protocol (bytes, bytearray, mmap,
 memoryview, numpy arrays of any dtype; a CPU torch tensor via `.numpy()`). gather/scatter
@@ -209,6 +210,15 @@ def hashed_sample():
     """The compiled hashed_sample(keys, mix, mask, threshold) -> [k for k in keys if
     (hash(k) * mix) & mask < threshold] (auto's key sample), or None: auto filters in Python."""
     return getattr(_native, "hashed_sample", None) if HAVE_NATIVE else None
+
+
+def policy_core(name: str):
+    """A compiled policy piece by name: "PrefixCore", "S3FifoCore" (policies/prefix.py's and
+    s3fifo.py's state and verbs) or "MiniFeed" (auto's sample and per-mini step), or None where the
+    extension is off, not built, or built before it: the Python versions run then."""
+    if name not in ("PrefixCore", "S3FifoCore", "MiniFeed"):
+        raise ValueError(f"policy_core: unknown name {name!r}")
+    return getattr(_native, name, None) if HAVE_NATIVE else None
 
 
 # ---- paged pool <-> staging, on the host or a CUDA device ----

@@ -72,7 +72,7 @@ from functools import partial
 from itertools import chain, filterfalse, repeat, takewhile
 from operator import attrgetter
 
-from . import _hitdensity_native
+from . import _hitdensity_native, _policy_native
 from .arc import ARCPolicy
 from .base import EvictionPolicy
 from .hitdensity import HitDensityPolicy
@@ -89,16 +89,12 @@ _MASK = 0xFFFFFFFF
 
 
 _drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
-# policies that keep exactly their tracked keys in one dict: `key in policy` is `key in` it
-_KEY_DICT = {HitDensityPolicy: "_keys", PrefixPolicy: "_seq"}
-
-
 def _member_test(policy):
     """A callable answering `key in policy`: the key dict's own C-level __contains__ where the
-    policy has one (a mini is asked about every sampled key, two or three times), else the
-    policy's __contains__."""
-    attr = _KEY_DICT.get(policy.__class__)
-    return getattr(policy, attr).__contains__ if attr else policy.__contains__
+    policy keeps its keys in one (`_keys`: hitdensity, prefix, the compiled cores; a mini is
+    asked about every sampled key, two or three times), else the policy's __contains__."""
+    keys = policy.__dict__.get("_keys")
+    return keys.__contains__ if keys is not None else policy.__contains__
 
 
 class _Link:
@@ -148,6 +144,12 @@ class AutoPolicy(EvictionPolicy):
         self._reversed = [n in self.REVERSED for n in self.names]
         self._alive = [True] * len(self.names)
         self._score = [0.0] * len(self.names)
+        self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
+        # every mini a compiled core: _feed in one compiled call, the same steps; it updates
+        # these three lists in place (so they are never replaced, only refilled)
+        kinds = [0 if m.__class__ is HitDensityPolicy else 1 if m.wants_structure else 2 for m in self._minis]
+        self._feeder = _policy_native.feeder(self._minis, kinds, self._reversed, _MIX, _MASK, self._threshold,
+                                             self.mini_capacity, self._alive, self._score, self._differ)
         self._window = 0.0  # sampled accesses in the (halving) window
         self._seen = 0
         self._check = max(self.CHECK_MIN, round(self.CHECK_SCALE * self.mini_capacity))
@@ -162,7 +164,6 @@ class AutoPolicy(EvictionPolicy):
         self._ahead = [0] * len(self.names)  # consecutive checks each candidate led by enough
         self.active = start
         self._active_index = self.names.index(start)
-        self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
         self._real = CANDIDATES[start](capacity)
         self.switches: list[tuple[int, str]] = []  # (sampled accesses so far, new policy)
         # the key lists of the calls of the request being served (LEAF_FIRST): kept as given,
@@ -284,6 +285,17 @@ class AutoPolicy(EvictionPolicy):
 
     def _feed(self, keys, stored):
         """Give the sampled keys of one call, in order, to every mini; count prefix hits."""
+        if self._feeder is not None:  # the same steps compiled: (sampled keys, the last) or None
+            got = self._feeder(keys, stored, self._new_request, self._last, self._active_index)
+            if got is None:
+                return
+            self._new_request = False
+            n, self._last = got
+            self._window += n
+            self._seen += n
+            if self._seen >= self._next_check:
+                self._choose()
+            return
         thr = self._threshold
         # [k for k in keys if (hash(k) * _MIX) & _MASK < thr], at C speed
         sample = self._sample(keys, _MIX, _MASK, thr)  # compiled where kvbm._native has it
@@ -291,7 +303,7 @@ class AutoPolicy(EvictionPolicy):
             return
         if self._new_request:
             self._new_request = False
-            self._alive = [True] * len(self._minis)
+            self._alive[:] = [True] * len(self._minis)
             self._last = None
         parent = self._last
         self._last = sample[-1]
@@ -299,6 +311,22 @@ class AutoPolicy(EvictionPolicy):
         self._window += n
         self._seen += n
         ends_run = stored and sample[-1] is keys[-1]
+        self._count(self._feed_python(sample, parent, len(keys), ends_run))
+        if self._seen >= self._next_check:
+            self._choose()
+
+    def _count(self, counted):
+        """The per-mini prefix hits of one call into the paired differences."""
+        ja = counted[self._active_index]
+        if any(j != ja for j in counted):  # a paired test: where the two outcomes differ
+            differ = self._differ
+            for i, j in enumerate(counted):
+                differ[i] += abs(j - ja)
+
+    def _feed_python(self, sample, parent, run_length, ends_run):
+        """_feed's per-mini step: hits touched, prefix hits counted, misses made room for and
+        inserted (csrc/auto_core.cpp's MiniFeed is the same, step for step)."""
+        n = len(sample)
         counted = []
         before = None
         for i, mini in enumerate(self._minis):
@@ -325,20 +353,14 @@ class AutoPolicy(EvictionPolicy):
             if room > 0:
                 mini.evict(room, ())
             if mini.__class__ is HitDensityPolicy:
-                mini.insert_run(new, len(keys), ends_run)
+                mini.insert_run(new, run_length, ends_run)
             elif mini.wants_structure:
                 if before is None:  # each sampled key's parent: the sampled key before it
                     before = dict(zip(sample, chain((parent,), sample)))
                 mini.insert_many(new, [_Link(before[k]) for k in new])
             else:
                 mini.insert_many(new[::-1] if reverse else new, None)
-        ja = counted[self._active_index]
-        if any(j != ja for j in counted):  # a paired test: where the two outcomes differ
-            differ = self._differ
-            for i, j in enumerate(counted):
-                differ[i] += abs(j - ja)
-        if self._seen >= self._next_check:
-            self._choose()
+        return counted
 
     def _choose(self):
         self._next_check = self._seen + self._check
@@ -352,8 +374,8 @@ class AutoPolicy(EvictionPolicy):
         if self._ahead[best] >= self.PERSIST:  # held for PERSIST checks in a row: switch
             self._switch(best)
         keep = self.KEEP
-        self._score = [x * keep for x in score]
-        self._differ = [d * keep for d in self._differ]
+        score[:] = [x * keep for x in score]  # in place: the compiled feed holds these lists
+        self._differ[:] = [d * keep for d in self._differ]
         self._window *= keep
 
     def _switch(self, index):
@@ -380,5 +402,5 @@ class AutoPolicy(EvictionPolicy):
         self.active = name
         self._active_index = index
         self._ahead = [0] * len(self.names)
-        self._differ = [0.0] * len(self.names)  # measured against the active policy only
+        self._differ[:] = [0.0] * len(self.names)  # measured against the active policy only
         self.switches.append((self._seen, name))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from heapq import heapify, heappop, heappush
 
+from . import _policy_native
 from .base import EvictionPolicy
 
 
@@ -26,13 +27,23 @@ class PrefixPolicy(EvictionPolicy):
     name = "prefix"
     wants_structure = True
 
-    def __init__(self, capacity, **kw):
+    def __init__(self, capacity, *, native=None, **kw):
         super().__init__(capacity, **kw)
+        # native: the compiled core (policies/_policy_native.py, csrc/prefix_core.cpp), the
+        # same decisions; native=False, or KVBM_POLICY_NATIVE=0, runs the code below
+        core = _policy_native.core("PrefixCore", native=native)
+        if core is not None:
+            _policy_native.bind(self, core)
+            self.insert_linked = core.insert_linked
+            self._keys = core.tracked()  # tracked key -> slot: `in` and len() at C speed
+            return
+        self._core = None
         self._parent: dict = {}  # tracked key -> its parent key (or None)
         self._seq: dict = {}  # tracked key -> last access seq
         self._children: dict = {}  # parent key (tracked or not) -> set of tracked children
         self._heap: list = []  # (seq, key); a candidate iff key is a tracked leaf with this seq
         self._clock_seq = 0
+        self._keys = self._seq  # the tracked keys (auto asks them `in` at C speed)
 
     def _push(self, key) -> None:
         heappush(self._heap, (self._seq[key], key))
@@ -115,8 +126,32 @@ class PrefixPolicy(EvictionPolicy):
             heappush(heap, item)
         return victims if len(victims) == n else None
 
+    def insert_linked(self, keys, parents):
+        """keys with their parents as keys (auto's structured mini): insert(k, Hints(parent=p))."""
+        for key, parent in zip(keys, parents):
+            self.insert(key, _Link(parent))
+
     def __len__(self):
-        return len(self._seq)
+        return len(self._keys)
 
     def __contains__(self, key):
-        return key in self._seq
+        return key in self._keys
+
+    def __getattr__(self, name):  # only names not set: the compiled core's state, on demand
+        core = self.__dict__.get("_core")
+        if core is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name == "_seq":
+            return core.seqs()
+        if name == "_children":  # parent -> how many tracked children (the Python version: a set)
+            return core.children()
+        if name == "_clock_seq":
+            return core.clock()
+        raise AttributeError(name)
+
+
+class _Link:
+    __slots__ = ("parent",)
+
+    def __init__(self, parent):
+        self.parent = parent

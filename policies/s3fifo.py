@@ -28,13 +28,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from . import _policy_native
 from .base import EvictionPolicy
 
 
 class S3FIFOPolicy(EvictionPolicy):
     name = "s3fifo"
 
-    def __init__(self, capacity, *, small_ratio=0.1, ghost_ratio=0.9, move_to_main_threshold=1, **kw):
+    def __init__(self, capacity, *, small_ratio=0.1, ghost_ratio=0.9, move_to_main_threshold=1, native=None,
+                 **kw):
         super().__init__(capacity, **kw)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"s3fifo policy: capacity={capacity!r} must be an int >= 0 (it sizes the queues)")
@@ -47,6 +49,15 @@ class S3FIFOPolicy(EvictionPolicy):
         self.small_target = max(1, round(capacity * small_ratio))
         self.ghost_size = round(capacity * ghost_ratio)
         self.threshold = move_to_main_threshold
+        # native: the compiled core (policies/_policy_native.py, csrc/s3fifo_core.cpp), the
+        # same decisions; native=False, or KVBM_POLICY_NATIVE=0, runs the code below
+        core = _policy_native.core("S3FifoCore", self.small_target, self.ghost_size, self.threshold,
+                                   native=native)
+        if core is not None:
+            _policy_native.bind(self, core)
+            self._keys = core.resident()  # resident key -> slot: `in` and len() at C speed
+            return
+        self._core = None
         self._small: OrderedDict = OrderedDict()  # key -> freq, oldest first
         self._main: OrderedDict = OrderedDict()
         self._ghost: OrderedDict = OrderedDict()
@@ -126,10 +137,25 @@ class S3FIFOPolicy(EvictionPolicy):
             (self._small if in_small else self._main)[key] = freq
 
     def __len__(self):
+        if self._core is not None:
+            return len(self._keys)
         return len(self._small) + len(self._main) + len(self._parked)
 
     def __contains__(self, key):
+        if self._core is not None:
+            return key in self._keys
         return key in self._small or key in self._main or key in self._parked
+
+    def __getattr__(self, name):  # only names not set: the compiled core's state, on demand
+        core = self.__dict__.get("_core")
+        if core is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        queues = ("_small", "_main", "_ghost", "_parked")
+        if name in queues:  # copies, in queue order (parked: key -> [came from small, freq])
+            return core.queue(queues.index(name))
+        if name == "_since_check":
+            return core.since_check()
+        raise AttributeError(name)
 
 
 _NONE = object()

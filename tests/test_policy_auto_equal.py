@@ -16,7 +16,9 @@ same keys, and, at the end, that both learned the same tables and auto made the 
 
 Each replay runs twice (the `impl` fixture): hitdensity's compiled core (kvbm._native's
 HitDensityCore, policies/_hitdensity_native.py; skipped where it is not built) and its Python
-version, auto's real tier and minis included, each against the frozen oracle.
+version, auto's real tier and minis included, each against the frozen oracle; the native run
+also has prefix's and s3fifo's compiled cores and auto's compiled mini feed
+(policies/_policy_native.py; tests/test_policy_native_equal.py checks those cores alone).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbm.policies import _hitdensity_native
+from kvbm.policies import _hitdensity_native, _policy_native
 from kvbm.policies.auto import AutoPolicy
 from kvbm.policies.base import EvictionPolicy, Hints
 from kvbm.policies.hitdensity import HitDensityPolicy
@@ -125,6 +127,8 @@ def impl(request, monkeypatch):
         pytest.skip("kvbm._native has no HitDensityCore (not built, or KVBM_POLICY_NATIVE=0)")
     monkeypatch.setattr(_hitdensity_native, "USE", native)
     assert (HitDensityPolicy(8)._core is not None) == native
+    # prefix's and s3fifo's cores and auto's compiled mini feed with it (policies/_policy_native.py)
+    monkeypatch.setattr(_policy_native, "USE", native and bool(_policy_native._lookup("MiniFeed")))
     return request.param
 
 

@@ -72,8 +72,8 @@ from kvbm.policies.arc import ARCPolicy
 from kvbm.policies.base import EvictionPolicy
 from .hitdensity import HitDensityPolicy
 from kvbm.policies.lru import LRUPolicy
-from kvbm.policies.prefix import PrefixPolicy
-from kvbm.policies.s3fifo import S3FIFOPolicy
+from .prefix import PrefixPolicy
+from .s3fifo import S3FIFOPolicy
 
 CANDIDATES = {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy,
               "prefix": PrefixPolicy, "hitdensity": HitDensityPolicy}

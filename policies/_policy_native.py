@@ -1,0 +1,81 @@
+"""prefix's and S3-FIFO's compiled cores and auto's compiled mini feed: whether they run.
+
+    core(name, *args, native=None) -> core or None   a PrefixCore or S3FifoCore (kvbm._native,
+                                                     handed out by kvbm.ops) for a new policy;
+                                                     None: the Python version runs
+    bind(policy, core)                               the policy's verbs become the core's methods
+    feeder(minis, ...) -> feed or None               auto's sample and per-mini step compiled,
+                                                     where every mini runs a compiled core
+
+The cores are the same algorithms as policies/prefix.py and policies/s3fifo.py with keys mapped
+to integer slots (csrc/prefix_core.cpp, csrc/s3fifo_core.cpp); MiniFeed.feed is auto's _feed
+over its minis with its key sample (csrc/auto_core.cpp's MiniFeed). Same victims, same keys, same switches:
+tests/test_policy_native_equal.py and tests/test_policy_auto_equal.py replay both versions
+against the frozen code. `native`: None = compiled where kvbm._native has it, unless
+KVBM_POLICY_NATIVE=0 (or USE = False here); True = require it; False = the Python version.
+policies/ imports without the extension.
+"""
+
+from __future__ import annotations
+
+import os
+
+USE: bool | None = None  # the default for `native`; tests set it to run either version
+_FOUND: dict = {}  # name -> the compiled piece, or False
+
+
+def _lookup(name):
+    found = _FOUND.get(name)
+    if found is None:
+        found = False
+        if os.environ.get("KVBM_POLICY_NATIVE", "1") != "0":
+            try:
+                from kvbm import ops
+            except ImportError:  # policies/ used without the kvbm package around it
+                return False
+            found = ops.policy_core(name) or False
+        _FOUND[name] = found
+    return found
+
+
+def core(name, *args, native=None):
+    if native is None:
+        native = USE
+    if native is False:
+        return None
+    cls = _lookup(name)
+    if not cls:
+        if native:
+            raise RuntimeError(f"{name}: native=True needs kvbm._native with {name} "
+                               "(rebuild: pip install -e .), and KVBM_POLICY_NATIVE not 0")
+        return None
+    return cls(*args)
+
+
+_VERBS = ("insert", "insert_many", "touch", "batch_stored", "remove", "evict")
+
+
+def bind(policy, core):
+    """The verbs as the core's own methods (instance attributes): one call into C++ each."""
+    policy._core = core
+    for verb in _VERBS:
+        setattr(policy, verb, getattr(core, verb))
+
+
+def feeder(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, differ, native=None):
+    """auto's sample and per-mini step compiled (a MiniFeed's feed method) where every mini
+    runs a compiled core, else None. kinds: per mini 0 (hitdensity: insert_run), 1 (structured:
+    insert_linked), 2 (plain). alive, score, differ: auto's lists, updated in place."""
+    if native is None:
+        native = USE
+    if native is False:
+        return None
+    cls = _lookup("MiniFeed")
+    if not cls or any(getattr(m, "_core", None) is None for m in minis):
+        return None
+    specs = []
+    for mini, kind, rev in zip(minis, kinds, reverse):
+        c = mini._core
+        insert = c.insert_run if kind == 0 else c.insert_linked if kind == 1 else c.insert_many
+        specs.append((kind, mini._keys, c, c.touch, c.evict, insert, rev))
+    return cls(specs, mix, mask, threshold, capacity, alive, score, differ).feed
