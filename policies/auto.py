@@ -175,7 +175,7 @@ class AutoPolicy(EvictionPolicy):
     # ---------------------------------------------------------------- verbs
 
     def insert(self, key, hints=None):
-        self.insert_many((key,), (hints,))
+        self.insert_many((key,), hints)  # one Hints (or None) for the one key: no per-key list
 
     def insert_many(self, keys, hints=None):
         if not isinstance(keys, (list, tuple)):

@@ -13,6 +13,13 @@ evicted"). Evicting a leaf may turn its parent into a leaf, evictable in the sam
     remove     of an inner block leaves its children as orphans: still tracked, evictable as
                leaves; if the parent comes back it is an inner block again
     evict      atomic: a failed search undoes the evictions it made along the way
+
+Where kvbm._native is built, the per-key state and every verb run compiled
+(policies/_policy_native.py, csrc/prefix_core.hpp: keys -> slots through two dicts, the same
+(seq, slot) heap); native=False or KVBM_POLICY_NATIVE=0 runs the Python code below, with the
+same victims (tests/test_policy_native_equal.py). Cost (bench/RESULTS.md, "Policy cost per
+operation", CPU time of recorded Mooncake calls at 10,000 blocks): 1.4x LRU per block access
+compiled; 16x in Python.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ blocks stay protected until it completes, walk past all of them again: quadratic
 replay time on agent sessions of 10,000+-block requests.
 evict() first checks that enough unprotected keys exist; after that it cannot fail, so a
 None leaves everything as it was.
+
+Where kvbm._native is built, the per-key state and every verb run compiled
+(policies/_policy_native.py, csrc/s3fifo_core.hpp: keys -> slots through two dicts, the four
+queues as linked lists over arrays); native=False or KVBM_POLICY_NATIVE=0 runs the Python code
+below, with the same victims (tests/test_policy_native_equal.py). Cost (bench/RESULTS.md,
+"Policy cost per operation", CPU time of recorded Mooncake calls at 10,000 blocks): 0.9x LRU
+per block access compiled; 3.9x in Python.
 """
 
 from __future__ import annotations
