@@ -45,23 +45,20 @@ old policy's learned state, so it must be worth it.
 Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the cells where
 auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
 
-Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream, with
-hitdensity's compiled core, its arrays counted): 471 B at 10,000 blocks (sample rate 0.1;
-hitdensity alone 297 B), 1,542 B at 1,000 blocks (rate 1: every key in every mini). It is the
-active policy's state, a parent entry per key (None for a root: for a switch to a structured
-policy, and to see a request begin), the minis' `rate` x their per-key state (ghosts included),
-and the key lists of the request being served (made into a map only when the request outgrows
-the tier).
+Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream, the
+compiled cores' arrays counted): 438 B at 10,000 blocks (sample rate 0.1; hitdensity alone
+301 B), 1,096 B at 1,000 blocks (rate 1: every key in every mini). It is the active policy's
+state, a parent entry per key (None for a root: for a switch to a structured policy, and to see
+a request begin), the minis' `rate` x their per-key state (ghosts included), and the key lists
+of the request being served (made into a map only when the request outgrows the tier).
 Cost per operation (CPU time of recorded Mooncake calls, bench/RESULTS.md "Policy cost per
-operation"): 12.1-14.2x LRU per block access at 10,000 blocks and 36.8x at 1,000 (rate 1),
-with hitdensity (the active policy and its mini) and the key sample compiled; 0.29-0.34 of the
-time with hitdensity's Python version on the same calls at 10k, 0.53-0.60 at 1k. The issue's
-5x bound is not met. Where the time goes at 10k (py-spy over the replay): the active
-hitdensity ~24 %, the minis prefix ~14 % and s3fifo ~9 % (Python) and hitdensity ~5 %,
-`_feed`'s own bookkeeping (membership filters, prefix-hit counts, one call per mini) ~22 %,
-the parents map ~8 %, the rest the wrapper and the bench's loop. With `_feed` skipped
-(`--auto-split`, a measurement) auto costs 3.3x LRU: under 5x needs `_feed` and the prefix
-and s3fifo minis compiled as well.
+operation"): 3.8-4.3x LRU per block access at 10,000 blocks (three runs), 7.8x at 1,000 (rate 1:
+every key through all three minis), with the active policy, the minis (hitdensity, prefix and
+s3fifo cores) and `_feed` (MiniFeed: the sample and every mini's step in one call) compiled;
+0.11-0.13 of the time with all of them in Python (KVBM_POLICY_NATIVE=0) on the same calls.
+The issue's 5x bound holds per access at 10k; an insert alone costs 5.1-6.1x. Where the time
+goes at 10k (py-spy over the replay): the active hitdensity ~38 %, MiniFeed ~20 %, the parents
+map ~14 %, auto's own Python ~5 %, the rest the bench's loop.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Where kvbm._native is built, the per-key state and every verb run compiled
 (seq, slot) heap); native=False or KVBM_POLICY_NATIVE=0 runs the Python code below, with the
 same victims (tests/test_policy_native_equal.py). Cost (bench/RESULTS.md, "Policy cost per
 operation", CPU time of recorded Mooncake calls at 10,000 blocks): 1.4x LRU per block access
-compiled; 16x in Python.
+compiled; 17x in Python.
 """
 
 from __future__ import annotations
