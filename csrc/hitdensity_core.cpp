@@ -19,6 +19,7 @@
 // dicts, as the Python version's dicts do). Only kvbm/ops.py hands this class out.
 #include "hitdensity_core.hpp"
 #include "hitdensity_table.hpp"
+#include "policy_core.hpp"
 
 #include <Python.h>
 
@@ -40,30 +41,8 @@ constexpr int kHalfLifeUpdates = 32;
 constexpr int64_t kMinPeriod = 256;
 constexpr int64_t kTable = 1 << 16;  // the Python version's age -> bucket table size
 
-[[noreturn]] void raise_python() { throw nb::python_error(); }
-
-// A list or tuple as an array of borrowed items (other iterables copied into a list).
-class Keys {
- public:
-  explicit Keys(nb::handle obj) {
-    PyObject* o = obj.ptr();
-    if (PyList_Check(o) || PyTuple_Check(o)) {
-      seq_ = o;
-      Py_INCREF(o);
-    } else {
-      seq_ = PySequence_List(o);
-      if (!seq_) raise_python();
-    }
-  }
-  ~Keys() { Py_DECREF(seq_); }
-  Keys(const Keys&) = delete;
-  Keys& operator=(const Keys&) = delete;
-  Py_ssize_t size() const { return PySequence_Fast_GET_SIZE(seq_); }
-  PyObject* operator[](Py_ssize_t i) const { return PySequence_Fast_ITEMS(seq_)[i]; }
-
- private:
-  PyObject* seq_;
-};
+using policycore::Keys;  // policy_core.hpp: what the compiled policies share
+using policycore::raise_python;
 
 }  // namespace
 
