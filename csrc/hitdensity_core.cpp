@@ -121,10 +121,10 @@ class HitDensityCore {
   void remove(nb::handle key) {
     int32_t s = find(resident_, kResident, key.ptr());
     if (s < 0) return;  // observation stops here: a censored life, not a miss
+    if (PyDict_DelItem(resident_, key_[s]) != 0) raise_python();  // first: an error changes nothing
     int c = cls_[s];
     ends_[c][bucket(now_ - last_[s])] += 1;
     unlink(s, c);
-    if (PyDict_DelItem(resident_, key_[s]) != 0) raise_python();
     release(s);
   }
 
@@ -336,8 +336,14 @@ class HitDensityCore {
     }
     s = find(ghosts_, kGhost, key);
     if (s >= 0) {  // a reuse the tier missed, counted for the class the block had
-      if (PyDict_DelItem(ghosts_, key_[s]) != 0 || PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0)
+      if (PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0) raise_python();  // nothing changed yet
+      if (PyDict_DelItem(ghosts_, key_[s]) != 0) {  // still a ghost
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        if (PyDict_DelItem(resident_, key_[s]) != 0) PyErr_WriteUnraisable(key_[s]);
+        PyErr_Restore(t, v, tb);
         raise_python();
+      }
       int gc = cls_[s];
       int64_t gl = last_[s];
       unlink(s, kGhosts);
@@ -380,6 +386,15 @@ class HitDensityCore {
     nb::object result = nb::steal(out);
     Py_ssize_t i = 0;
     for (int32_t s : victims) {  // out of their queues, into the ghosts
+      // the maps first: an error leaves this victim (and the ones after it) resident, whole
+      if (PyDict_SetItem(ghosts_, key_[s], slot_int_[s]) != 0) raise_python();
+      if (PyDict_DelItem(resident_, key_[s]) != 0) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        if (PyDict_DelItem(ghosts_, key_[s]) != 0) PyErr_WriteUnraisable(key_[s]);
+        PyErr_Restore(t, v, tb);
+        raise_python();
+      }
       int c = cls_[s];
       unlink(s, c);
       append(s, kGhosts);
@@ -387,17 +402,15 @@ class HitDensityCore {
       epochs_[c][last_[s] >> shift_] += 1;
       Py_INCREF(key_[s]);
       PyList_SET_ITEM(out, i++, key_[s]);
-      if (PyDict_SetItem(ghosts_, key_[s], slot_int_[s]) != 0 || PyDict_DelItem(resident_, key_[s]) != 0)
-        raise_python();
     }
     for (int64_t extra = count_[kGhosts] - max_ghosts_; extra > 0; --extra) {
       int32_t s = head_[kGhosts];  // never came back within the ghost horizon
+      if (PyDict_DelItem(ghosts_, key_[s]) != 0) raise_python();  // first: it stays a ghost
       int gc = cls_[s];
       int64_t gl = last_[s];
       ends_[gc][bucket(now_ - gl)] += 1;
       unghost(gc, gl);
       unlink(s, kGhosts);
-      if (PyDict_DelItem(ghosts_, key_[s]) != 0) raise_python();
       release(s);
     }
     return result;

@@ -18,6 +18,7 @@ void bind_prefix(nb::module_& m) {
       .def("remove", &PrefixCore::remove, "key"_a)
       .def("evict", &PrefixCore::evict, "n"_a, "protected"_a = nb::none())
       .def("tracked", &PrefixCore::tracked)
+      .def("parents_only", &PrefixCore::parents_only)
       .def("heap_size", &PrefixCore::heap_size)
       .def("clock", &PrefixCore::clock)
       .def("parent_of", &PrefixCore::parent_of, "key"_a)

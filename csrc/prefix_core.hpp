@@ -104,7 +104,12 @@ class PrefixCore {
     int32_t s = find(tracked_, kTracked, key.ptr());
     if (s < 0) return;
     int32_t leaf = unlink(s, false);
-    untrack(s);
+    try {
+      untrack(s);
+    } catch (...) {  // s stays tracked (a root now); its parent, if a leaf now, still evictable
+      if (leaf >= 0) push(leaf);
+      throw;
+    }
     if (leaf >= 0) push(leaf);
   }
 
@@ -125,50 +130,86 @@ class PrefixCore {
     std::vector<Undo>& undo = undo_;
     undo.clear();
     pending_.clear();
-    while (!heap_.empty() && static_cast<int64_t>(undo.size()) < n) {
-      std::pop_heap(heap_.begin(), heap_.end(), std::greater<Entry>());
-      Entry item = heap_.back();
-      heap_.pop_back();
-      int32_t s = item.second;
-      if (state_[s] != kTracked || seq_[s] != item.first || nchild_[s]) continue;  // stale
-      if (prot.has(key_[s])) {
-        skipped.push_back(item);
-        continue;
+    // puts the victims from undo[from] on back (newest first), as they were; skipped to the heap
+    auto put_back = [&](size_t from) {
+      for (size_t j = undo.size(); j-- > from;) {
+        const Undo& u = undo[j];
+        state_[u.slot] = kTracked;
+        link(u.slot, u.parent);
+        skipped.push_back(Entry{u.seq, u.slot});
       }
-      undo.push_back(Undo{s, parent_[s], item.first});
-      state_[s] = kEvicting;
-      int32_t leaf = unlink(s, true);
-      if (leaf >= 0) heap_push(Entry{seq_[leaf], leaf});
+      for (const Entry& e : skipped) heap_push(e);
+      skipped.clear();
+    };
+    try {  // a protected set whose `in` raises: every victim so far put back, nothing changed
+      while (!heap_.empty() && static_cast<int64_t>(undo.size()) < n) {
+        std::pop_heap(heap_.begin(), heap_.end(), std::greater<Entry>());
+        Entry item = heap_.back();
+        heap_.pop_back();
+        int32_t s = item.second;
+        if (state_[s] != kTracked || seq_[s] != item.first || nchild_[s]) continue;  // stale
+        skipped.push_back(item);  // until it is known not to be protected
+        if (prot.has(key_[s])) continue;
+        skipped.pop_back();
+        undo.push_back(Undo{s, parent_[s], item.first});
+        state_[s] = kEvicting;
+        int32_t leaf = unlink(s, true);
+        if (leaf >= 0) heap_push(Entry{seq_[leaf], leaf});
+      }
+    } catch (...) {
+      put_back(0);
+      pending_.clear();  // all relinked: none is childless
+      throw;
     }
     const bool ok = static_cast<int64_t>(undo.size()) == n;
-    if (!ok) {
-      for (auto it = undo.rbegin(); it != undo.rend(); ++it) {
-        state_[it->slot] = kTracked;
-        link(it->slot, it->parent);
-        skipped.push_back(Entry{it->seq, it->slot});
-      }
-    }
+    if (!ok) put_back(0);
     for (const Entry& e : skipped) heap_push(e);
+    skipped.clear();
+    // parent-only keys left without children go (an error keeps one: childless, dropped later)
+    auto drop_pending = [&]() {
+      PyObject *t, *v, *tb;
+      PyErr_Fetch(&t, &v, &tb);
+      for (int32_t p : pending_)
+        if (state_[p] == kParentOnly && !nchild_[p]) {
+          if (PyDict_DelItem(parents_only_, key_[p]) == 0) release(p);
+          else PyErr_WriteUnraisable(key_[p]);
+        }
+      pending_.clear();
+      PyErr_Restore(t, v, tb);
+    };
     PyObject* out = nullptr;
     if (ok && want_list) {
       out = PyList_New(static_cast<Py_ssize_t>(undo.size()));
-      if (!out) raise_python();
+      if (!out) {
+        put_back(0);
+        drop_pending();
+        raise_python();
+      }
     }
     nb::object result = out ? nb::steal(out) : nb::none();
     if (ok) {
-      Py_ssize_t i = 0;
-      for (const Undo& u : undo) {
+      for (size_t i = 0; i < undo.size(); ++i) {
+        if (PyDict_DelItem(tracked_, key_[undo[i].slot]) == 0) continue;
+        PyObject *t, *v, *tb;  // an error: every victim back in the map and tracked, nothing changed
+        PyErr_Fetch(&t, &v, &tb);
+        for (size_t j = 0; j < i; ++j)
+          if (PyDict_SetItem(tracked_, key_[undo[j].slot], slot_int_[undo[j].slot]) != 0)
+            PyErr_WriteUnraisable(key_[undo[j].slot]);
+        PyErr_Restore(t, v, tb);
+        put_back(0);
+        drop_pending();
+        raise_python();
+      }
+      for (size_t i = 0; i < undo.size(); ++i) {
+        const Undo& u = undo[i];
         if (out) {
           Py_INCREF(key_[u.slot]);
-          PyList_SET_ITEM(out, i++, key_[u.slot]);
+          PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), key_[u.slot]);
         }
-        if (PyDict_DelItem(tracked_, key_[u.slot]) != 0) raise_python();
         release(u.slot);
       }
     }
-    for (int32_t p : pending_)  // parent-only keys left without children
-      if (state_[p] == kParentOnly && !nchild_[p]) drop_parent_only(p);
-    pending_.clear();
+    drop_pending();
     return result;
   }
 
@@ -185,6 +226,8 @@ class PrefixCore {
     }
     return parent_[s] < 0 ? nb::none() : nb::borrow(key_[parent_[s]]);
   }
+
+  nb::object parents_only() const { return nb::borrow(parents_only_); }  // (tests)
 
   nb::dict seqs() const {  // tracked key -> last access seq (tests)
     nb::dict out;
@@ -224,26 +267,51 @@ class PrefixCore {
     } else {
       s = find(parents_only_, kParentOnly, key);
       if (s >= 0) {  // a parent-only key becomes tracked, its children kept
-        if (PyDict_DelItem(parents_only_, key_[s]) != 0) raise_python();
+        if (PyDict_SetItem(tracked_, key_[s], slot_int_[s]) != 0) raise_python();  // nothing changed
+        if (PyDict_DelItem(parents_only_, key_[s]) != 0) {  // still parent-only
+          undo_map(tracked_, s);
+          raise_python();
+        }
       } else {
         s = take(key);
+        if (PyDict_SetItem(tracked_, key_[s], slot_int_[s]) != 0) {
+          release(s);
+          raise_python();
+        }
       }
-      if (PyDict_SetItem(tracked_, key_[s], slot_int_[s]) != 0) raise_python();
       state_[s] = kTracked;
     }
     int32_t p = -1;
-    if (parent != Py_None) {
-      p = find(tracked_, kTracked, parent);
-      if (p < 0) p = find(parents_only_, kParentOnly, parent);
-      if (p < 0) {
-        p = take(parent);
-        state_[p] = kParentOnly;
-        if (PyDict_SetItem(parents_only_, parent, slot_int_[p]) != 0) raise_python();
+    try {  // s is tracked: an error finding its parent leaves it a root, stamped and a leaf
+      if (parent != Py_None) {
+        p = find(tracked_, kTracked, parent);
+        if (p < 0) p = find(parents_only_, kParentOnly, parent);
+        if (p < 0) {
+          int32_t q = take(parent);
+          state_[q] = kParentOnly;
+          if (PyDict_SetItem(parents_only_, parent, slot_int_[q]) != 0) {
+            release(q);
+            raise_python();
+          }
+          p = q;
+        }
       }
+    } catch (...) {
+      seq_[s] = ++clock_;
+      if (!nchild_[s]) push(s);
+      throw;
     }
     link(s, p);
     seq_[s] = ++clock_;
     if (!nchild_[s]) push(s);
+  }
+
+  // dict[key_[s]] removed again after a later step failed; the pending error is kept
+  void undo_map(PyObject* dict, int32_t s) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    if (PyDict_DelItem(dict, key_[s]) != 0) PyErr_WriteUnraisable(key_[s]);
+    PyErr_Restore(t, v, tb);
   }
 
   void link(int32_t s, int32_t p) {
@@ -267,11 +335,15 @@ class PrefixCore {
   }
 
   void untrack(int32_t s) {  // s left the tracked keys (remove); it stays while it has children
-    if (PyDict_DelItem(tracked_, key_[s]) != 0) raise_python();
     if (nchild_[s]) {
+      if (PyDict_SetItem(parents_only_, key_[s], slot_int_[s]) != 0) raise_python();  // nothing changed
+      if (PyDict_DelItem(tracked_, key_[s]) != 0) {  // still tracked
+        undo_map(parents_only_, s);
+        raise_python();
+      }
       state_[s] = kParentOnly;
-      if (PyDict_SetItem(parents_only_, key_[s], slot_int_[s]) != 0) raise_python();
     } else {
+      if (PyDict_DelItem(tracked_, key_[s]) != 0) raise_python();
       release(s);
     }
   }

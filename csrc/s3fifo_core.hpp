@@ -123,40 +123,48 @@ class S3FifoCore {
       if (!count_[kSmall] && !count_[kMain]) unpark(prot);  // the rest are parked: some are free now
       if (count_[kSmall] && (count_[kSmall] >= small_target_ || !count_[kMain])) {
         int32_t s = head_[kSmall];
-        unlink(s);
-        if (prot.has(key_[s])) {
+        if (prot.has(key_[s])) {  // asked before s leaves its queue: an error leaves it there
+          unlink(s);
           from_small_[s] = 1;
           append(s, kParked);
         } else if (freq_[s] >= threshold_) {
+          unlink(s);
           freq_[s] = 0;
           append(s, kMain);
         } else {
+          // what can fail first, while s is still resident at the head of small
           if (out && PyList_Append(out, key_[s]) != 0) raise_python();
+          if (PyDict_DelItem(resident_, key_[s]) != 0) raise_python();
+          unlink(s);
           ++victims;
-          if (PyDict_DelItem(resident_, key_[s]) != 0 || PyDict_SetItem(ghosts_, key_[s], slot_int_[s]) != 0)
+          if (PyDict_SetItem(ghosts_, key_[s], slot_int_[s]) != 0) {  // no ghost: forgotten
+            release(s);
             raise_python();
+          }
           append(s, kGhost);
-          if (count_[kGhost] > ghost_size_) {
+          while (count_[kGhost] > ghost_size_) {  // one at a time, unless a trim failed before
             int32_t g = head_[kGhost];
-            unlink(g);
             if (PyDict_DelItem(ghosts_, key_[g]) != 0) raise_python();
+            unlink(g);
             release(g);
           }
         }
       } else {
         int32_t s = head_[kMain];
         if (s < 0) throw std::logic_error("s3fifo core: no key left to evict");
-        unlink(s);
         if (prot.has(key_[s])) {
+          unlink(s);
           from_small_[s] = 0;
           append(s, kParked);
         } else if (freq_[s] > 0) {
+          unlink(s);
           freq_[s] -= 1;
           append(s, kMain);
         } else {
           if (out && PyList_Append(out, key_[s]) != 0) raise_python();
-          ++victims;
           if (PyDict_DelItem(resident_, key_[s]) != 0) raise_python();
+          unlink(s);
+          ++victims;
           release(s);
         }
       }
@@ -209,7 +217,10 @@ class S3FifoCore {
     } else {
       s = take(key);
     }
-    if (PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0) raise_python();
+    if (PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0) {  // in neither map: forgotten
+      release(s);
+      raise_python();
+    }
     freq_[s] = 0;
     append(s, ghost ? kMain : kSmall);
   }
@@ -233,8 +244,8 @@ class S3FifoCore {
       return -1;
     }
     long s = PyLong_AsLong(v);
-    if (s < 0 || static_cast<size_t>(s) >= slot_int_.size() || slot_int_[s] != v ||
-        (list_[s] == kGhost) != (dict == ghosts_)) {
+    if (s < 0 || static_cast<size_t>(s) >= slot_int_.size() || slot_int_[s] != v || list_[s] == kFree ||
+        (list_[s] == kGhost) != (dict == ghosts_)) {  // kFree: unlink would index past the lists
       if (PyErr_Occurred()) raise_python();
       throw std::runtime_error("s3fifo core: its key map was changed from outside");
     }
