@@ -230,7 +230,7 @@ def test_a_hash_that_raises_mid_call_leaves_the_core_whole(name, structured):
     keys = [K(i) for i in range(24)]
     base = _refs(keys)
     hits = 0
-    for fuse in range(1, 400, 3):
+    for fuse in range(1, 200, 5):
         rng = random.Random(fuse)
         p = _make(name, 5)
         _FUSE[0] = fuse
@@ -246,7 +246,7 @@ def test_a_hash_that_raises_mid_call_leaves_the_core_whole(name, structured):
         del p
         gc.collect()
         assert _refs(keys) == base, fuse
-    assert hits > 50  # the fuse went off inside the calls
+    assert hits > 20  # the fuse went off inside the calls
 
 
 @pytest.mark.parametrize("name", NAMES + ("auto",))
@@ -293,6 +293,7 @@ def test_s3fifo_a_protected_check_that_raises_keeps_the_key_queued():
     p.insert_many(keys[:4])
     prot = {keys[5]}
     _armed(1, lambda: p.evict(1, prot))  # the first hash: `keys[0] in protected`
+    del prot
     _check(p, "s3fifo", keys, base)
     assert list(p._core.queue(0)) == keys[:4]
     p.remove(keys[0])
@@ -329,6 +330,7 @@ def test_prefix_an_evict_that_raises_puts_every_victim_back():
     p.insert_many(keys[:4])
     prot = {keys[5]}
     _armed(2, lambda: p.evict(3, prot))  # keys[0] taken, then `keys[1] in protected` raises
+    del prot
     _check(p, "prefix", keys, base)
     assert len(p) == 4
     assert p.evict(4) == keys[:4]
