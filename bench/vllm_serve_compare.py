@@ -133,19 +133,26 @@ def engine_daemons(runtime: str) -> list[int]:
             if runtime and "kvbm.connectors.engine_daemon" in cmd and f" {runtime}/" in cmd]
 
 
-def thread_cpu(roots: list[int]) -> dict[str, float]:
-    """CPU seconds so far of every thread under the process trees at roots, by thread name."""
+def _tree(roots: list[int]):
+    """Every pid of the process trees at roots (each once)."""
     procs = _processes()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
-    tick, out, todo, seen = os.sysconf("SC_CLK_TCK"), {}, list(roots), set()
+    todo, seen = list(roots), set()
     while todo:
         pid = todo.pop()
         if pid in seen or pid not in procs:
             continue
         seen.add(pid)
         todo += children.get(pid, [])
+        yield pid
+
+
+def thread_cpu(roots: list[int]) -> dict[str, float]:
+    """CPU seconds so far of every thread under the process trees at roots, by thread name."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in _tree(roots):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -166,17 +173,8 @@ def tid_stats(roots: list[int]) -> dict[str, list]:
     """Per thread under the process trees at roots: "process comm/tid" -> [thread name, CPU seconds,
     voluntary and involuntary context switches so far]. A thread that never sleeps while it waits
     (a spin) shows CPU with few voluntary switches."""
-    procs = _processes()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    tick, out, todo, seen = os.sysconf("SC_CLK_TCK"), {}, list(roots), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen or pid not in procs:
-            continue
-        seen.add(pid)
-        todo += children.get(pid, [])
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in _tree(roots):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
             with open(f"/proc/{pid}/comm") as f:
