@@ -325,8 +325,9 @@ class ObjectStorage(Storage):
         self._bodies.setdefault(size, []).append(body)
 
     async def _aget(self, path: str) -> bytes:
-        # start=0 makes it one ranged GET: without a range s3fs sends a HEAD first for the size
-        return await self.fs._cat_file(path, start=0)
+        # a range makes it one GET (without one s3fs sends a HEAD first for the size), and bounds
+        # it: an object swapped for a huge one costs one block and a trailer (+1: seen too long)
+        return await self.fs._cat_file(path, start=0, end=HEADER_MIN + self.block_nbytes + MAX_TRAILER + 1)
 
     async def _aget_into(self, path: str, dst: np.ndarray) -> bytes:
         return await get_into(self.fs, path, dst, MAX_TRAILER)

@@ -123,7 +123,10 @@ def listed(st: Any, listing: list, known: set) -> tuple[list, int]:
                     pass
             continue
         key = st._seal.key_of(name)
-        if key is None:
+        if key is None or bytes.fromhex(name).hex() != name:
+            # not ours; or another spelling of one of our names (upper case, spaces: the same bytes
+            # to fromhex), i.e. a copy a bucket writer made: taken as ours it would be a second
+            # object of one key, and the manager frees (deletes) one of the two, maybe ours
             foreign += 1
             continue
         size = info.get("size")
