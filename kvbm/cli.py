@@ -1,7 +1,7 @@
 """The `kvbm` command.
 
     kvbm demo [--requests N] [--json]   real bytes over G2/G3/G4, every onboarded block verified
-    kvbm simulate TRACE [--tier g2=10000:lru ...] [--json] [--sweep CAPS --policy NAMES] [--plot PNG]
+    kvbm simulate TRACE [--tier g2=10000[:EVICTION[:ADMISSION]] ...] [--json] [--sweep CAPS --policy NAMES] [--plot PNG]
     kvbm policies            list registered eviction and admission policies
     kvbm config check FILE   what serve / simulate run on a config file, without side effects
 
@@ -46,8 +46,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_tier(spec: str, layout) -> Any:
-    """'g2=10000:lru[:admission]' -> TierConfig (capacity in blocks or bytes with a unit)."""
-    from .config import ConfigError, PolicySpec, TierConfig, parse_capacity
+    """'g2=10000:lru[:admission]' -> TierConfig (capacity in blocks or bytes with a unit); an
+    eviction or admission left out is the config's default (auto, always)."""
+    from .config import DEFAULT_ADMISSION, DEFAULT_EVICTION, ConfigError, PolicySpec, TierConfig, parse_capacity
     from .tiers.base import TIER_NAMES
 
     name, eq, rest = spec.partition("=")
@@ -63,8 +64,8 @@ def parse_tier(spec: str, layout) -> Any:
         capacity = parse_capacity(parts[0], layout, f"--tier {name} capacity")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    eviction = parts[1] if len(parts) > 1 and parts[1] else "lru"
-    admission = parts[2] if len(parts) > 2 and parts[2] else "always"
+    eviction = parts[1] if len(parts) > 1 and parts[1] else DEFAULT_EVICTION
+    admission = parts[2] if len(parts) > 2 and parts[2] else DEFAULT_ADMISSION
     return TierConfig(name, capacity, PolicySpec(eviction), PolicySpec(admission))
 
 
@@ -143,7 +144,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif base is not None:
         tiers = [_tier_dict(t) for t in base.tiers]
     else:
-        tiers = [{"name": "g2", "capacity": 10000, "eviction": "lru"}]
+        tiers = [{"name": "g2", "capacity": 10000}]  # the config's default eviction (auto)
     # Order, duplicates and names are validated by the same code as config files.
     config = KVBMConfig.from_dict({
         "tiers": tiers,
@@ -356,6 +357,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_EVICTION
+
     p = Parser(prog="kvbm", description="Tiered KV-cache block manager")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -363,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("trace", help="trace file (Mooncake/Bailian JSONL, Parquet) or 'mooncake' for the bundled one")
     s.add_argument("--format", choices=["mooncake", "bailian", "parquet"], help="override format autodetection")
     s.add_argument("--tier", action="append", metavar="NAME=CAP[:EVICT[:ADMIT]]",
-                   help="a tier, fastest first, e.g. --tier g2=10000:lru --tier g3=100000:frequency")
+                   help=f"a tier, fastest first, e.g. --tier g2=10000:lru --tier g3=100000:frequency; "
+                        f"eviction left out: {DEFAULT_EVICTION}, admission: always")
     s.add_argument("--config", help="a kvbm.yaml/.toml config (tiers from --tier replace its tiers)")
     s.add_argument("--layout", help=f"KV layout for byte capacities: {', '.join(LAYOUT_PRESETS)} or "
                                     "layers=32,kv_heads=8,head_dim=128,dtype=bfloat16")
@@ -388,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--g2", type=int, default=500, help="G2 host capacity in blocks (default 500)")
     d.add_argument("--g3", type=int, default=2000, help="G3 disk capacity in blocks (default 2000)")
     d.add_argument("--g4", type=int, default=8000, help="G4 object-store capacity in blocks (default 8000)")
-    d.add_argument("--policy", default="lru", help="eviction policy of every tier (default lru)")
+    d.add_argument("--policy", default=DEFAULT_EVICTION,
+                   help=f"eviction policy of every tier (default {DEFAULT_EVICTION}, as in config)")
     d.add_argument("--workdir", help="directory for G3 and G4 (default: a temporary one, removed after)")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.add_argument("--json", action="store_true", help="print one JSON object")

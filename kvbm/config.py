@@ -13,7 +13,7 @@ Example (kvbm.yaml):
     mode: exclusive          # or inclusive
     promote_on_hit: true
     tiers:
-      - {name: g2, capacity: 8GiB, eviction: lru}
+      - {name: g2, capacity: 8GiB}            # eviction: auto (the default), admission: always
       - {name: g3, capacity: 200GiB, eviction: {name: frequency, half_life: 600}, admission: {name: n_hit, n: 2}}
 
 Environment overrides use double underscores for nesting and tier names as keys:
@@ -36,6 +36,12 @@ import yaml
 
 from .blocks import KVLayout, check_name
 from .tiers.base import TIER_NAMES
+
+
+# The eviction policy of a tier whose config names none (issue 15): `auto`, the policy that follows
+# the best of its candidates by miniature simulations of the tier's own traffic (policies/auto.py).
+DEFAULT_EVICTION = "auto"
+DEFAULT_ADMISSION = "always"
 
 
 class ConfigError(ValueError):
@@ -101,8 +107,8 @@ class PolicySpec:
 class TierConfig:
     name: str
     capacity: int  # blocks
-    eviction: PolicySpec = field(default_factory=lambda: PolicySpec("lru"))
-    admission: PolicySpec = field(default_factory=lambda: PolicySpec("always"))
+    eviction: PolicySpec = field(default_factory=lambda: PolicySpec(DEFAULT_EVICTION))
+    admission: PolicySpec = field(default_factory=lambda: PolicySpec(DEFAULT_ADMISSION))
     storage: PolicySpec = field(default_factory=lambda: PolicySpec("null"))
     # Blocks kept free by background offload (kvbm.offload) where a tier below exists; None:
     # capacity // 16. Used by the engine connectors and the daemon, not by the simulator.
@@ -196,8 +202,8 @@ def _parse_tier(raw: Any, i: int, layout: KVLayout | None) -> TierConfig:
     return TierConfig(
         name=name,
         capacity=capacity,
-        eviction=PolicySpec.parse(raw.get("eviction", "lru"), f"{where}.eviction"),
-        admission=PolicySpec.parse(raw.get("admission", "always"), f"{where}.admission"),
+        eviction=PolicySpec.parse(raw.get("eviction", DEFAULT_EVICTION), f"{where}.eviction"),
+        admission=PolicySpec.parse(raw.get("admission", DEFAULT_ADMISSION), f"{where}.admission"),
         storage=PolicySpec.parse(raw.get("storage", "null"), f"{where}.storage"),
         headroom=_parse_headroom(raw.get("headroom"), capacity, layout, f"{where}.headroom"),
     )

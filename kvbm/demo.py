@@ -24,7 +24,7 @@ import numpy as np
 
 from .blocks import KVLayout
 from .build import check_dir
-from .config import KVBMConfig
+from .config import DEFAULT_EVICTION, KVBMConfig
 from .manager import BlockManager
 from .sim.traces import TraceError, load_trace
 
@@ -44,7 +44,7 @@ def block_content(key: int, nbytes: int) -> np.ndarray:
 
 def run_demo(trace_path: str | Path, *, requests: int = 1000, g2: int = 500, g3: int = 2000,
              g4: int = 8000, layout: KVLayout | None = None, workdir: str | Path | None = None,
-             keep: bool = False, eviction: str = "lru", progress: bool = True) -> dict[str, Any]:
+             keep: bool = False, eviction: str = DEFAULT_EVICTION, progress: bool = True) -> dict[str, Any]:
     layout = layout or KVLayout(**LLAMA_8B_TP8)
     nbytes = layout.block_nbytes
     trace = load_trace(trace_path, limit=requests)

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from ..config import KVBMConfig, PolicySpec, TierConfig
+from ..config import DEFAULT_EVICTION, KVBMConfig, PolicySpec, TierConfig
 from ..manager import BlockManager
 from ..offload import offload_headroom, offload_pass
 from . import fast
@@ -159,7 +159,7 @@ def _write_accounting(trace: Trace, config: KVBMConfig, tiers: dict[str, dict[st
     return {"block_nbytes": nbytes, "layout_assumed": config.layout is None, "trace_seconds": seconds}
 
 
-def single_tier(capacity: int, policy: str | PolicySpec = "lru", name: str = "g2", **kw: Any) -> KVBMConfig:
+def single_tier(capacity: int, policy: str | PolicySpec = DEFAULT_EVICTION, name: str = "g2", **kw: Any) -> KVBMConfig:
     spec = policy if isinstance(policy, PolicySpec) else PolicySpec(policy)
     return KVBMConfig(tiers=[TierConfig(name, capacity, spec)], **kw)
 
