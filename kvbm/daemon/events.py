@@ -56,6 +56,7 @@ import zmq
 from . import protocol as P
 from ..held import pack_meta, unpack_meta
 from .leases import server_key
+from .transport import bind
 
 log = logging.getLogger("kvbm.daemon")
 MAX_EVENTS = 10_000  # per session, oldest dropped
@@ -111,20 +112,24 @@ class Events:
         self._recovered_metas = {}
         if not dcfg.events:
             return
-        # its own context: the ZAP handler below then judges this socket's peers only
-        self._events_ctx = zmq.Context()
-        self.pub = self._events_ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        if dcfg.token:
-            from zmq.auth.thread import ThreadAuthenticator
+        try:
+            # its own context: the ZAP handler below then judges this socket's peers only
+            self._events_ctx = zmq.Context()
+            self.pub = self._events_ctx.socket(zmq.PUB)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            if dcfg.token:
+                from zmq.auth.thread import ThreadAuthenticator
 
-            self._zap = ThreadAuthenticator(self._events_ctx, log=logging.getLogger("kvbm.daemon.zap"))
-            self._zap.start()
-            self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
-            self.pub.plain_server = True
-            self.pub.zap_domain = ZAP_DOMAIN.encode()
-        self.pub.bind(dcfg.events)
-        self.events_address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+                self._zap = ThreadAuthenticator(self._events_ctx, log=logging.getLogger("kvbm.daemon.zap"))
+                self._zap.start()
+                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
+                self.pub.plain_server = True
+                self.pub.zap_domain = ZAP_DOMAIN.encode()
+            # as the request socket: ipc:// born 0600 in a folder others cannot write, never over a live one
+            self.events_address = bind(self.pub, dcfg.events, "daemon.events")
+        except BaseException:  # (a refused address) the vLLM-format stream's sockets and threads go too
+            self._close_events()
+            raise
 
     def _recovered_origins(self, metas: dict) -> dict:
         """The recovered blobs that name the namespace their block's server key derives from:

@@ -89,6 +89,7 @@ from . import protocol as P
 from ..held import HeldMedia
 from .events import PLAIN_USER, topic_of
 from .leases import PEER_NS
+from .transport import bind
 
 log = logging.getLogger("kvbm.daemon")
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -149,14 +150,17 @@ class KVEventPublisher:
                 self._zap = ThreadAuthenticator(self._ctx, log=logging.getLogger("kvbm.daemon.zap"))
                 self._zap.start()
                 self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
-            for sock, addr in ((self.pub, dcfg.kv_events), (self.replay, dcfg.kv_events_replay)):
+            for sock, addr, key in ((self.pub, dcfg.kv_events, "daemon.kv_events"),
+                                    (self.replay, dcfg.kv_events_replay, "daemon.kv_events_replay")):
                 if sock is None:
                     continue
                 sock.setsockopt(zmq.LINGER, 0)
                 if dcfg.token:
                     sock.plain_server = True
                     sock.zap_domain = ZAP_DOMAIN.encode()
-                sock.bind(addr)
+                # as the request socket: ipc:// born 0600 in a folder others cannot write, never
+                # over a live one (transport.py)
+                bind(sock, addr, key)
         except BaseException:
             self.close()
             raise
