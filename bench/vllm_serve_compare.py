@@ -303,6 +303,7 @@ def run_config(name: str, args, work: Path) -> dict:
         droots = roots + engine_daemons(env["KVBM_RUNTIME_DIR"])
         cpu0, th0, probe0 = cpu_split(roots, env["KVBM_RUNTIME_DIR"]), thread_cpu(roots), read_probe(probe)
         tid0 = tid_stats(droots)
+        since = time.time()
         results, wall, delta = replay(servers, traces, args)
         cpu = {k: round(v - cpu0[k], 1) for k, v in cpu_split(roots, env["KVBM_RUNTIME_DIR"]).items()}
         th = {k: round(v - th0.get(k, 0.0), 2) for k, v in thread_cpu(roots).items()}
@@ -311,7 +312,17 @@ def run_config(name: str, args, work: Path) -> dict:
         if args.probe:
             time.sleep(2.0)
             probe1 = read_probe(probe)
-            cpu["probe"] = {k: round(v - probe0.get(k, 0), 4) for k, v in probe1.items()}
+            cpu["probe"] = {k: round(v - probe0.get(k, 0), 4) for k, v in probe1.items()
+                            if isinstance(v, (int, float))}
+            from vllm_step_probe import phases  # per request: where each hit's time went
+
+            cpu["probe"]["phases"] = phases(probe1.get("timeline", {}), since)
+            if args.timeline:  # every request's points and every step, for a closer look
+                Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
+                with open(args.timeline, "a") as f:
+                    f.write(json.dumps({"config": name, "since": since, "timeline": probe1.get("timeline", {}),
+                                        "steps": probe1.get("steps_t", []),
+                                        "client": [[r.sent, r.ttft] for r in results]}) + "\n")
     finally:
         for s in servers:
             s.stop()
@@ -357,6 +368,8 @@ def main() -> int:
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--probe", action="store_true",
                     help="count engine steps, empty steps and load waits (bench/vllm_step_probe.py)")
+    ap.add_argument("--timeline", help="with --probe: append each config's per-request timeline and steps "
+                                       "(one JSON line per config) to this file")
     ap.add_argument("--limit", type=int, default=0, help="replay only the first N requests of the slice")
     ap.add_argument("--model", choices=sorted(MODELS), default="tiny",
                     help="dummy Llama: tiny (tests/vllm_e2e.py) or medium (hidden 512, MLP 2048, 8 heads: more "

@@ -11,6 +11,18 @@ runs its loop again after a 1 ms sleep), scheduled tokens, and the engine-core m
 and wall seconds from one step to the next, split by whether the step was empty. Per load:
 requests whose load went asynchronous (WAITING_FOR_REMOTE_KVS), the steps and seconds from
 start_load_kv until get_finished reported it. bench/vllm_serve_compare.py --probe reads the file.
+
+Per request (`timeline`, wall-clock time.time() like vLLM's Request.arrival_time), so a TTFT gap
+is attributed, not guessed: arrival, first and last ask (get_num_new_matched_tokens; asks > 1 means
+vLLM retried it while its pool was full), the ask's own seconds (lookup + pin), tokens matched,
+alloc (update_state_after_alloc with external tokens: the load planned), load_start
+(start_load_kv), load_done (the backend's ticket done: a daemon future's callback; the in-process
+manager's ticket when get_finished first sees it), load_reported (get_finished returned it),
+sched (the first step that scheduled it tokens), prefill_done (get_finished of the step that
+scheduled its last prompt token: its first token is sampled there), stored (get_finished's
+finished_sending, when any), finished (request_finished), and the step numbers of these.
+Per step (`steps`): schedule time, get_finished time, tokens, requests scheduled.
+phases(timeline) turns it into per-phase p50 / mean seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +46,10 @@ C: dict[str, float] = {
 }
 _last = {"cpu": None, "wall": None, "empty": False}
 _loads: dict[str, tuple[int, int, float]] = {}  # req_id -> (step, empty steps, wall) at start_load
+T: dict[str, dict] = {}  # req_id -> its timeline (time.time() seconds, step numbers)
+S: list[list] = []  # per step: [schedule time, get_finished time, tokens, requests]
+_tickets: list[tuple[str, object]] = []  # (req_id, ticket) of loads not yet seen done
+MAX_STEPS = 20000
 
 
 def _dump() -> None:
@@ -42,6 +58,8 @@ def _dump() -> None:
         return
     with _LOCK:
         data = dict(C)
+        data["timeline"] = {k: dict(v) for k, v in T.items()}
+        data["steps_t"] = [list(x) for x in S]
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
@@ -63,16 +81,49 @@ def _dumper() -> None:  # the engine core may be killed at shutdown: keep the fi
 threading.Thread(target=_dumper, name="kvbm-probe-dump", daemon=True).start()
 
 
+def _req(req_id: str) -> dict:
+    r = T.get(req_id)
+    if r is None:
+        r = T[req_id] = {"asks": 0, "ask_s": 0.0}
+    return r
+
+
+def _first(r: dict, name: str, t: float) -> None:
+    if name not in r:
+        r[name] = t
+        r[name + "_step"] = C["steps"]
+
+
 class KVBMConnector(_Base):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int, *args: Any, **kwargs: Any):
-        t = time.perf_counter()
+        t, w = time.perf_counter(), time.time()
         n, is_async = super().get_num_new_matched_tokens(request, num_computed_tokens, *args, **kwargs)
+        dt = time.perf_counter() - t
         with _LOCK:
-            C["matched_s"] += time.perf_counter() - t
+            C["matched_s"] += dt
             C["matched_calls"] += 1
             C["matched_tokens"] += n or 0
             C["async_loads"] += bool(is_async)
+            r = _req(request.request_id)
+            r.setdefault("arrival", request.arrival_time)
+            r.setdefault("prompt_tokens", request.num_prompt_tokens)
+            _first(r, "first_ask", w)
+            r["last_ask"], r["asks"], r["ask_s"] = w, r["asks"] + 1, r["ask_s"] + dt
+            r["matched"] = n or 0
         return n, is_async
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if num_external_tokens > 0:
+            with _LOCK:
+                r = _req(request.request_id)
+                _first(r, "alloc", time.time())
+                r["external_tokens"] = num_external_tokens
+        return super().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def request_finished(self, request: Any, block_ids: list[int]):
+        with _LOCK:
+            _first(_req(request.request_id), "finished", time.time())
+        return super().request_finished(request, block_ids)
 
     def build_connector_meta(self, scheduler_output: Any):
         cpu, wall = time.thread_time(), time.perf_counter()
@@ -87,6 +138,20 @@ class KVBMConnector(_Base):
             C["empty_steps"] += empty
             C["scheduled_tokens"] += scheduler_output.total_num_scheduled_tokens
             C["steps_with_loads_waiting"] += bool(_loads)
+            now = time.time()
+            if len(S) < MAX_STEPS:
+                S.append([now, None, scheduler_output.total_num_scheduled_tokens,
+                          len(scheduler_output.num_scheduled_tokens)])
+            cached = scheduler_output.scheduled_cached_reqs
+            computed = {n.req_id: n.num_computed_tokens for n in scheduler_output.scheduled_new_reqs}
+            computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+            for req_id, k in scheduler_output.num_scheduled_tokens.items():
+                r = T.get(req_id)
+                if r is None or not k:
+                    continue
+                _first(r, "sched", now)
+                if "prefill_step" not in r and computed.get(req_id, 0) + k >= r.get("prompt_tokens", 1 << 30):
+                    r["prefill_step"] = C["steps"]
         return super().build_connector_meta(scheduler_output)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
@@ -96,7 +161,11 @@ class KVBMConnector(_Base):
             with _LOCK:
                 C["loads_started"] += 1
                 _loads[plan.req_id] = (C["steps"], C["empty_steps"], t)
+                _first(_req(plan.req_id), "load_start", time.time())
+        n0 = len(self.worker._loads)
         super().start_load_kv(forward_context, **kwargs)
+        for tr in self.worker._loads[n0:]:
+            _watch(tr.req_id, tr.ticket)
         with _LOCK:
             C["start_load_kv_s"] += time.perf_counter() - t
 
@@ -108,9 +177,19 @@ class KVBMConnector(_Base):
 
     def get_finished(self, finished_req_ids: set[str]):
         t = time.perf_counter()
+        _seen_done()
         sending, recving = super().get_finished(finished_req_ids)
-        now = time.perf_counter()
+        now, w = time.perf_counter(), time.time()
         with _LOCK:
+            if S and S[-1][1] is None:
+                S[-1][1] = w
+            for req_id in recving or ():
+                _first(_req(req_id), "load_reported", w)
+            for req_id in sending or ():
+                _first(_req(req_id), "stored", w)
+            for req_id, r in T.items():
+                if r.get("prefill_step") == C["steps"] and "prefill_done" not in r:
+                    r["prefill_done"] = w
             C["get_finished_calls"] += 1
             C["get_finished_s"] += now - t
             for req_id in recving or ():
@@ -121,3 +200,67 @@ class KVBMConnector(_Base):
                     C["load_wait_empty_steps"] += C["empty_steps"] - got[1]
                     C["load_wait_s"] += now - got[2]
         return sending, recving
+
+
+def _watch(req_id: str, ticket: Any) -> None:
+    """Note when a load's ticket completes: a future's callback (daemon), else when seen done."""
+    if hasattr(ticket, "add_done_callback"):
+        def done(_f: Any, req_id: str = req_id) -> None:
+            with _LOCK:
+                _first(_req(req_id), "load_done", time.time())
+        ticket.add_done_callback(done)
+    else:
+        with _LOCK:
+            _tickets.append((req_id, ticket))
+
+
+def _seen_done() -> None:
+    with _LOCK:
+        if not _tickets:
+            return
+        left = []
+        for req_id, ticket in _tickets:
+            if getattr(ticket, "done", False):
+                _first(_req(req_id), "load_done", time.time())
+            else:
+                left.append((req_id, ticket))
+        _tickets[:] = left
+
+
+# (phase, from, to): consecutive points of a hit request's path, then the whole
+PHASES = [("queue", "arrival", "first_ask"), ("wait_alloc", "first_ask", "alloc"),
+          ("to_load_start", "alloc", "load_start"), ("load", "load_start", "load_done"),
+          ("report", "load_done", "load_reported"), ("to_sched", "load_reported", "sched"),
+          ("miss_to_sched", "first_ask", "sched"), ("prefill", "sched", "prefill_done"),
+          ("arrival_to_first_token", "arrival", "prefill_done")]
+
+
+def phases(timeline: dict, since: float = 0.0) -> dict:
+    """Per phase over the requests that arrived at or after `since`: count, p50, mean seconds, and
+    for the hits the steps between load_start and load_reported, and sched - load_reported in steps."""
+    import statistics
+
+    reqs = [r for r in timeline.values() if r.get("arrival", 0) >= since]
+    hits = [r for r in reqs if "alloc" in r]
+    out: dict[str, Any] = {"requests": len(reqs), "hits": len(hits)}
+    for name, a, b in PHASES:
+        pool = [r for r in (reqs if name in ("queue", "prefill", "arrival_to_first_token") else
+                            [r for r in reqs if "alloc" not in r] if name == "miss_to_sched" else hits)
+                if a in r and b in r]
+        if name == "miss_to_sched":
+            pool = [r for r in reqs if "alloc" not in r and a in r and b in r]
+        d = sorted(r[b] - r[a] for r in pool)
+        if d:
+            out[name] = {"n": len(d), "p50": round(statistics.median(d), 4), "mean": round(sum(d) / len(d), 4),
+                         "max": round(d[-1], 4)}
+    for label, rows in (("hits", hits), ("all", reqs)):
+        d = sorted(r["prefill_done"] - r["arrival"] for r in rows if "prefill_done" in r and "arrival" in r)
+        if d:
+            out[f"first_token_{label}_p50"] = round(statistics.median(d), 4)
+    steps = [r["load_reported_step"] - r["load_start_step"] for r in hits if "load_reported_step" in r and "load_start_step" in r]
+    if steps:
+        out["load_steps_hist"] = {str(k): steps.count(k) for k in sorted(set(steps))}
+    asks = [r["asks"] for r in reqs]
+    out["asks_total"] = sum(asks)
+    out["ask_s_p50"] = round(statistics.median([r["ask_s"] / max(1, r["asks"]) for r in reqs]), 6) if reqs else 0
+    return out
