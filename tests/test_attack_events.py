@@ -103,3 +103,143 @@ def test_an_event_socket_a_live_process_answers_on_is_not_taken_over(tmp_path):
     finally:
         squatter.close(0)
         ctx.term()
+
+
+# ---------------------------------------------------------------- a hostile replay client
+
+
+class InProcess:
+    """`kvbm serve` in this process (the loop on a thread), so a test can count what its owner
+    thread does; streams on ipc:// in tmp."""
+
+    def __init__(self, tmp: Path, **daemon: object) -> None:
+        from kvbm import KVBMConfig
+        from kvbm.daemon.config import DaemonConfig
+        from kvbm.daemon.server import Daemon
+        from servedaemon import LAYOUT_DICT
+
+        cfg = KVBMConfig.from_dict({
+            "namespace": {"model": "tiny"}, "layout": LAYOUT_DICT,
+            "tiers": [{"name": "g2", "capacity": 512, "eviction": "lru", "storage": "host"}],
+            "daemon": {"address": f"ipc://{tmp}/d.sock", "events": "", "metrics": "",
+                       "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False,
+                       "kv_events": f"ipc://{tmp}/kv.sock", "kv_events_replay": f"ipc://{tmp}/kvr.sock",
+                       **daemon}})
+        self.d = Daemon(cfg, DaemonConfig.from_dict(cfg.daemon))
+        self.kv = self.d.kv_events
+        self.thread = threading.Thread(target=self.d.run, name="test-daemon-owner", daemon=True)
+        self.thread.start()
+
+    def client(self, **kw: object):
+        from kvbm.client import Client
+        from servedaemon import LAYOUT
+
+        return Client(self.d.address, model="tiny", layout=LAYOUT, timeout=120.0, **kw)
+
+    def close(self) -> None:
+        self.d.stop()
+        self.thread.join(DEADLINE_S)
+
+
+def thread_cpu_s(native_id: int) -> float:
+    """CPU seconds (user + system) one thread of this process has used."""
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_replay_flood_while_the_buffer_rolls_scans_at_most_once_a_second(tmp_path):
+    """A subscriber that floods replay requests from 0 (older than the buffer: each one wants a
+    snapshot) while its namespace publishes faster than the buffer keeps batches. A snapshot is
+    a scan of every block named, run on the owner thread (which serves every tenant's requests).
+    Before: the cached snapshot served only while the buffer still held every batch after it, so
+    here nearly every request scanned again (one per request, unbounded). Now a namespace's scans
+    are at least SNAPSHOT_EVERY_S apart, however requests and publishes race."""
+    from kvbm.daemon import kv_events as K
+
+    srv = InProcess(tmp_path, kv_events_buffer=1)
+    scans: list[float] = []
+    real = srv.kv._snapshot
+
+    def counted(ns):
+        scans.append(time.monotonic())
+        return real(ns)
+
+    srv.kv._snapshot = counted
+    stop = threading.Event()
+    c = srv.client()
+    keys = make_keys("flood", 400)
+
+    def publish():  # one batch per store: the 1-batch buffer rolls on every request
+        i = 0
+        while not stop.is_set():
+            k = keys[i % len(keys)]
+            c.store([k], [block(k)], hashes=[i + 1])
+            i += 1
+
+    writer = threading.Thread(target=publish, daemon=True)
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.DEALER)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVHWM, 0)
+    try:
+        c.store([keys[0]], [block(keys[0])], hashes=[0])
+        writer.start()
+        req.connect(srv.kv.replay_address)
+        answered = 0
+        t0 = time.monotonic()
+        while answered < 60 or time.monotonic() - t0 < 3.0:  # >= 60 requests and >= 3 s of them
+            req.send_multipart([b"", c.topic, (0).to_bytes(8, "big", signed=True)])
+            while True:  # each answer ends with the end marker
+                assert req.poll(int(DEADLINE_S * 1000)), "no replay answer within the deadline"
+                if req.recv_multipart()[2] == K.END_SEQ:
+                    break
+            answered += 1
+            assert time.monotonic() - t0 < 4 * DEADLINE_S
+    finally:
+        stop.set()
+        writer.join(DEADLINE_S)
+        req.close(0)
+        ctx.term()
+        c.close()
+        srv.close()
+    assert len(scans) >= 2  # the flood did want snapshots
+    gaps = [b - a for a, b in zip(scans, scans[1:])]
+    assert min(gaps) >= K.SNAPSHOT_EVERY_S * 0.99, f"{len(scans)} scans for {answered} requests"
+
+
+def test_a_replay_flood_that_never_reads_takes_a_bounded_share_of_the_daemon(tmp_path):
+    """A subscriber asks, again and again and never reading, for the whole replay buffer (every
+    request answers up to kv_events_buffer batches, each a send on the replay thread, which
+    shares the interpreter with the owner thread). Its answers are dropped at the ROUTER's
+    high-water mark (memory bounded per peer); the replay thread's CPU stays a bounded share
+    of the time (it rests in proportion to the work each answer took), and the daemon serves."""
+    srv = InProcess(tmp_path, kv_events_buffer=2000)
+    c = srv.client()
+    keys = make_keys("rf", 2000)
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.DEALER)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.SNDHWM, 0)
+    try:
+        for i, k in enumerate(keys):  # a full buffer: a batch per store (G2 holds 512: evictions too)
+            c.store([k], [block(k)], hashes=[i + 1])
+        st = srv.kv.streams[srv.kv.topics[c.topic]]
+        assert len(st.buffer) == 2000
+        start = st.buffer[0][0]
+        req.connect(srv.kv.replay_address)
+        tid = srv.kv._thread.native_id
+        cpu0, t0 = thread_cpu_s(tid), time.monotonic()
+        while time.monotonic() - t0 < 4.0:
+            for _ in range(50):
+                req.send_multipart([b"", c.topic, start.to_bytes(8, "big", signed=True)])
+            time.sleep(0.05)
+        share = (thread_cpu_s(tid) - cpu0) / (time.monotonic() - t0)
+        assert c.lookup([keys[0]])[0] in (0, 1)  # the daemon still answers
+        print(f"replay thread CPU share under the flood: {share:.2f}")
+        assert share <= 0.25
+    finally:
+        req.close(0)
+        ctx.term()
+        c.close()
+        srv.close()

@@ -97,6 +97,8 @@ MAX_HASH_BYTES = 64
 MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
 ZAP_DOMAIN = "kvbm-kv-events"
 SNAPSHOT_EVERY_S = 1.0  # per namespace, at most one owner-thread scan for replays this often
+REPLAY_SHARE_IDLE = 9.0  # the replay thread rests 9x the CPU each answer took: <= 10% of a core
+SCAN_SHARE_IDLE = 9.0  # after a scan, the owner thread has 9x its time to itself: scans take <= 10% of it
 
 
 def _valid_hash(h: Any) -> bool:
@@ -169,6 +171,7 @@ class KVEventPublisher:
         self._recovered(getattr(daemon, "_recovered_metas", {}))  # verified there (events.py)
         self._stop = threading.Event()
         self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
+        self._scan_due = 0.0  # no snapshot scan before this (monotonic): the replay thread's
         self._thread = None
         if self.replay is not None:
             self._thread = threading.Thread(target=self._serve_replay, name="kvbm-kv-events-replay", daemon=True)
@@ -260,10 +263,15 @@ class KVEventPublisher:
                 if self._stop.is_set():
                     return
                 continue
+            cpu = time.thread_time()
             try:
                 self._answer(frames)
             except Exception:  # a bad request or a daemon shutting down: the loop goes on
                 log.exception("KV-event replay request failed")
+            # rest in proportion to the CPU that answer took: a flood of requests (each up to a
+            # whole buffer of sends, on a thread sharing the interpreter with the owner thread)
+            # gets this thread at most 1 / (1 + REPLAY_SHARE_IDLE) of a core
+            self._stop.wait(REPLAY_SHARE_IDLE * (time.thread_time() - cpu))
 
     def _answer(self, frames: list[bytes]) -> None:
         ident, rest = frames[0], frames[1:]
@@ -298,18 +306,32 @@ class KVEventPublisher:
         return [(seq, payload)] + [b for b in batches if b[0] > seq]
 
     def _snapshot_for(self, ns: bytes, first: int) -> tuple[int, bytes]:
-        """A snapshot taken on the owner thread (a scan of what is held), at most one per namespace
-        per SNAPSHOT_EVERY_S: a recent one still serves while the buffer holds every batch after it
-        (so a flood of replay requests cannot keep the owner thread scanning)."""
+        """A snapshot taken on the owner thread (a scan of what is held): a recent one (under
+        SNAPSHOT_EVERY_S) serves while the buffer holds every batch after it; a new scan of a
+        namespace waits (here, on the replay thread) until its last one is SNAPSHOT_EVERY_S old, and
+        any scan until the owner thread has had SCAN_SHARE_IDLE times the last scan's time to itself.
+        So a flood of replay requests, however it races the publishes (a buffer that rolls faster
+        than a snapshot ages), costs the owner thread at most one scan per namespace per second and
+        a bounded share of its time; only the flooded replays wait."""
         now = time.monotonic()
         cached = self._snaps.get(ns)
         if cached is not None and now - cached[0] < SNAPSHOT_EVERY_S and cached[1] >= first - 1:
             return cached[1], cached[2]
-        seq, payload = self.daemon._owner(self._snapshot, ns)  # consistent with the owner's seq
+        due = max(self._scan_due, cached[0] + SNAPSHOT_EVERY_S if cached is not None else 0.0)
+        if due > now and self._stop.wait(due - now):
+            return -1, b""  # shutting down
+        t0 = time.monotonic()
+        (seq, payload), took = self.daemon._owner(self._timed_snapshot, ns)  # consistent with the owner's seq
+        self._scan_due = time.monotonic() + SCAN_SHARE_IDLE * took
         if len(self._snaps) > 4 * MAX_IDLE_NAMESPACES:
             self._snaps.clear()
-        self._snaps[ns] = (now, seq, payload)
+        self._snaps[ns] = (t0, seq, payload)
         return seq, payload
+
+    def _timed_snapshot(self, ns: bytes) -> tuple[tuple[int, bytes], float]:
+        t0 = time.perf_counter()
+        out = self._snapshot(ns)
+        return out, time.perf_counter() - t0
 
     def close(self) -> None:
         self._stop = getattr(self, "_stop", threading.Event())
