@@ -7,7 +7,8 @@
 //   minis     one tuple per mini: (kind, resident dict, core, touch, evict, insert, deepest
 //             first); kind 0 = hitdensity (insert(keys, run_length, ends_run)), 1 = structured
 //             (insert(keys, parents): each sampled key's parent is the sampled key before
-//             it), 2 = plain (insert(keys)); a PrefixCore or S3FifoCore is called directly,
+//             it), 2 = plain (insert(keys)), 3 = auto's real tier standing in for the mini
+//             (its keys asked and its prefix hits counted, never fed); a PrefixCore or S3FifoCore is called directly,
 //             other cores through their bound methods
 //   scores    `alive` (per mini: no miss yet in this request), `score` (prefix hits) and
 //             `differ` (|hits - the active mini's|, where any differ) updated in place, the
@@ -74,6 +75,7 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
   nb::object before;  // sampled key -> the sampled key before it (the last occurrence wins)
   nb::object empty = nb::steal(PyTuple_New(0));
   std::vector<PyObject*> hits, fresh, parents;
+  std::vector<char> held;  // per sampled key: in this mini before the call
   for (Py_ssize_t i = 0; i < nm; ++i) {
     PyObject* spec = specs[i];
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 7)
@@ -89,12 +91,17 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
     PrefixCore* prefix = kind == 1 && nb::isinstance<PrefixCore>(core) ? nb::inst_ptr<PrefixCore>(core) : nullptr;
     S3FifoCore* s3 = kind == 2 && nb::isinstance<S3FifoCore>(core) ? nb::inst_ptr<S3FifoCore>(core) : nullptr;
     hits.clear();
+    held.assign(static_cast<size_t>(n), 0);
     Py_ssize_t lead = -1;  // the leading sampled keys it holds
     for (Py_ssize_t j = 0; j < n; ++j) {
       int r = PyDict_Contains(resident, sample[j]);
       if (r < 0) raise_python();
-      if (r) hits.push_back(sample[j]);
-      else if (lead < 0) lead = j;
+      if (r) {
+        hits.push_back(sample[j]);
+        held[static_cast<size_t>(j)] = 1;
+      } else if (lead < 0) {
+        lead = j;
+      }
     }
     const Py_ssize_t nhits = static_cast<Py_ssize_t>(hits.size());
     int is_alive = PyObject_IsTrue(PyList_GET_ITEM(alive_list, i));
@@ -109,6 +116,7 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
       counted[i] = got;
       add_float(score_list, i, got);
     }
+    if (kind == 3) continue;  // auto's real tier standing in for this mini: asked, never fed
     if (nhits) {
       if (prefix || s3) {  // no list made: the same keys in the same order
         for (Py_ssize_t j = 0; j < nhits; ++j) {
@@ -123,14 +131,8 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
     }
     if (nhits == n) continue;
     fresh.clear();
-    for (Py_ssize_t j = 0; j < n; ++j) {  // asked again after the touch, as _feed does
-      if (nhits) {
-        int r = PyDict_Contains(resident, sample[j]);
-        if (r < 0) raise_python();
-        if (r) continue;
-      }
-      fresh.push_back(sample[j]);
-    }
+    for (Py_ssize_t j = 0; j < n; ++j)  // the misses: a touch neither adds nor drops a key, so
+      if (!held[static_cast<size_t>(j)]) fresh.push_back(sample[j]);  // _feed's second ask agrees
     const int64_t nfresh = static_cast<int64_t>(fresh.size());
     const int64_t room = static_cast<int64_t>(PyDict_Size(resident)) + nfresh - capacity;
     if (room > 0 && nfresh > capacity) continue;  // the manager refuses a store larger than the tier

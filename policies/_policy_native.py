@@ -65,7 +65,8 @@ def bind(policy, core):
 def feeder(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, differ, native=None):
     """auto's sample and per-mini step compiled (a MiniFeed's feed method) where every mini
     runs a compiled core, else None. kinds: per mini 0 (hitdensity: insert_run), 1 (structured:
-    insert_linked), 2 (plain). alive, score, differ: auto's lists, updated in place."""
+    insert_linked), 2 (plain), 3 (auto's real tier standing in for a mini: its keys are asked,
+    it is never fed). alive, score, differ: auto's lists, updated in place."""
     if native is None:
         native = USE
     if native is False:
@@ -76,6 +77,6 @@ def feeder(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, 
     specs = []
     for mini, kind, rev in zip(minis, kinds, reverse):
         c = mini._core
-        insert = c.insert_run if kind == 0 else c.insert_linked if kind == 1 else c.insert_many
+        insert = c.insert_run if kind == 0 else c.insert_linked if kind == 1 else c.insert_many if kind == 2 else None
         specs.append((kind, mini._keys, c, c.touch, c.evict, insert, rev))
     return cls(specs, mix, mask, threshold, capacity, alive, score, differ).feed

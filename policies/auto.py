@@ -31,34 +31,52 @@ of them order the real tier.
     score      prefix hits per candidate over a sliding window (KEEP of it kept per check)
     choose     every max(CHECK_MIN, CHECK_SCALE * mini capacity) sampled accesses, the best
                score replaces the active policy when it leads by Z=2 standard deviations of
-               the paired difference and MARGIN=0.2 % of the window, PERSIST=2 checks running
-    switch     the new policy is built from the old one's resident keys, inserted in the old
-               one's eviction order (least valuable first); the real tier keeps its blocks
+               the paired difference and MARGIN=0.2 % of the window, PERSIST=3 checks running
+    shared     at rate 1 (capacity <= sample_slots) a mini is a full-scale simulation of its
+               candidate, so the real tier stands in for the active candidate's mini (its keys
+               are asked, its prefix hits counted, nothing fed twice), and a switch *swaps*:
+               the winner's mini, which learned on this very stream (S3-FIFO's queues, ghosts
+               and frequencies; hitdensity's tables and ages; prefix's leaf order), becomes the
+               real policy after it drops the keys the tier does not hold and takes the tier's
+               keys it lacks (in the order auto saw them stored, oldest first); the old real
+               policy goes on as its candidate's mini. Nothing starts cold
+    switch     (rate < 1) the new policy is built from the old one's resident keys, inserted
+               in the old one's eviction order (least valuable first); the real tier keeps its
+               blocks. A switched-in S3-FIFO has all but its small queue's share of them marked
+               seen once (S3FIFO_WARM): its first evictions move the old policy's valuable keys
+               to M and drop its least valuable, instead of a FIFO pass over every old key
     start      hitdensity (plain LRU until it has learned), until the minis disagree
 
 Constants were chosen on the grid's `tune` rows only (chat, agent, docqa, fanout of
 kvbm/sim/synth.py), never on Mooncake or the held-out rows. Checking faster (every 128
 sampled accesses, one check to switch) helped tiny traces but thrashed on the tune rows
 (agent at 10 %: -0.018, docqa at 5 %: -0.020 against the best reference): a switch loses the
-old policy's learned state, so it must be worth it.
+old policy's learned state, so it must be worth it. Session 10 (2026-12-05, issue 15): the
+shared minis, S3FIFO_WARM and PERSIST 3 (was 2), chosen on the tune rows (every tune cell
+within 0.002 of the best reference: chat 2 % was -0.0022); PERSIST 2, 1, Z 3, KEEP 0.9,
+CHECK_SCALE 2, MARGIN 0 and starting on prefix or s3fifo each left a tune cell missing.
 
 Measured (bench/RESULTS.md, "Robustness grid"): see there for the full grid, the cells where
 auto is more than 0.002 below the best of lru/arc/s3fifo/prefix, and the bundled trace.
 
 Memory per resident key (bench/bench_policy_cost.py --memory, after the Mooncake stream, the
 compiled cores' arrays counted): 438 B at 10,000 blocks (sample rate 0.1; hitdensity alone
-301 B), 1,096 B at 1,000 blocks (rate 1: every key in every mini). It is the active policy's
-state, a parent entry per key (None for a root: for a switch to a structured policy, and to see
-a request begin), the minis' `rate` x their per-key state (ghosts included), and the key lists
+301 B), 1,096 B at 1,000 blocks before session 10 (rate 1: every key in every mini; shared
+minis since: one simulation fewer, see bench/RESULTS.md). It is the active policy's state, a
+parent entry per key (None for a root: for a switch to a structured policy, and to see a
+request begin), the minis' `rate` x their per-key state (ghosts included), and the key lists
 of the request being served (made into a map only when the request outgrows the tier).
 Cost per operation (CPU time of recorded Mooncake calls, bench/RESULTS.md "Policy cost per
-operation"): 3.8-4.3x LRU per block access at 10,000 blocks (three runs), 7.8x at 1,000 (rate 1:
-every key through all three minis), with the active policy, the minis (hitdensity, prefix and
-s3fifo cores) and `_feed` (MiniFeed: the sample and every mini's step in one call) compiled;
-0.11-0.13 of the time with all of them in Python (KVBM_POLICY_NATIVE=0) on the same calls.
-The issue's 5x bound holds per access at 10k; an insert alone costs 5.1-6.1x. Where the time
-goes at 10k (py-spy over the replay): the active hitdensity ~38 %, MiniFeed ~20 %, the parents
-map ~14 %, auto's own Python ~5 %, the rest the bench's loop.
+operation"): 3.8-4.3x LRU per block access at 10,000 blocks (three runs), 7.8x at 1,000 before
+the shared minis (rate 1: every key through all three minis), ~7x with them (two minis beside
+the real tier), with the active policy, the minis (hitdensity, prefix and s3fifo cores) and
+`_feed` (MiniFeed: the sample and every mini's step in one call) compiled; 0.11-0.13 of the
+time with all of them in Python (KVBM_POLICY_NATIVE=0) on the same calls. The issue's 5x bound
+holds per access at 10k, not at 1k; an insert alone costs 5.1-6.1x. Where the time goes at
+10k (py-spy over the replay): the active hitdensity ~38 %, MiniFeed ~20 %, the parents map
+~14 %, auto's own Python ~5 %, the rest the bench's loop. At 1k each full-scale mini costs about
+twice its policy alone (prefix +245 ns per access, hitdensity +200), and the wrapper with the
+tier's own s3fifo ~370 ns (LRU ~120).
 """
 
 from __future__ import annotations
@@ -94,6 +112,17 @@ def _member_test(policy):
     return keys.__contains__ if keys is not None else policy.__contains__
 
 
+SWAPPABLE = frozenset({"prefix", "s3fifo", "hitdensity"})  # candidates a SHARED auto can swap
+
+
+def _resident(policy):
+    """The keys a candidate holds (any order): its key dict, or S3-FIFO's queues in Python."""
+    keys = policy.__dict__.get("_keys")
+    if keys is not None:
+        return list(keys)
+    return [*policy._small, *policy._main, *policy._parked]
+
+
 class _Link:
     """The one hint a structured mini or a switch needs, without Hints' validation per key."""
 
@@ -108,10 +137,12 @@ class AutoPolicy(EvictionPolicy):
     wants_structure = True
     Z = 2.0  # standard deviations a lead must pass
     MARGIN = 0.002  # and this share of the window's sampled accesses
-    PERSIST = 2  # checks in a row
+    PERSIST = 3  # checks in a row
     KEEP = 0.8  # share of the scores kept at each check (the window's memory)
     DEFAULT_CANDIDATES = ("prefix", "s3fifo", "hitdensity")  # lru and arc: see the docstring
     DEFAULT_START = "hitdensity"
+    S3FIFO_WARM = True  # a cold switch to s3fifo marks the old order's valuable keys seen
+    SHARED = True  # at rate 1 the real tier is the active candidate's mini (see __init__)
     LEAF_FIRST = True  # a request's own victims are its deepest blocks (see _deepest_first)
     REVERSED = frozenset({"s3fifo"})  # candidates fed each call deepest block first
     CHECK_MIN = 2048  # sampled accesses between checks, at least
@@ -138,15 +169,25 @@ class AutoPolicy(EvictionPolicy):
         self._sample = _hitdensity_native.sampler()
         self.mini_capacity = max(1, round(self.rate * capacity))
         self._minis = [CANDIDATES[n](self.mini_capacity) for n in self.names]
+        start_index = self.names.index(start)
+        # SHARED (rate 1, every candidate keeping its keys in a dict): the minis are full-scale
+        # simulations, so the real tier stands in for the active candidate's mini (its prefix
+        # hits are counted on the tier itself; no duplicate simulation) and a switch swaps
+        # roles: the winner's mini, reconciled with the tier's keys, becomes the real policy
+        # with all it learned (queues, ghosts, tables), and the old real policy becomes the
+        # loser's mini
+        self._shared = self.SHARED and self.rate == 1.0 and capacity >= 1 and all(
+            n in SWAPPABLE for n in self.names)
+        if self._shared:
+            self._minis[start_index] = CANDIDATES[start](capacity)
         self._reversed = [n in self.REVERSED for n in self.names]
         self._alive = [True] * len(self.names)
         self._score = [0.0] * len(self.names)
         self._differ = [0.0] * len(self.names)  # decayed |prefix hits - the active one's|
         # every mini a compiled core: _feed in one compiled call, the same steps; it updates
         # these three lists in place (so they are never replaced, only refilled)
-        kinds = [0 if m.__class__ is HitDensityPolicy else 1 if m.wants_structure else 2 for m in self._minis]
-        self._feeder = _policy_native.feeder(self._minis, kinds, self._reversed, _MIX, _MASK, self._threshold,
-                                             self.mini_capacity, self._alive, self._score, self._differ)
+        self._feeder = None
+        self._make_feeder(start_index)
         self._window = 0.0  # sampled accesses in the (halving) window
         self._seen = 0
         self._check = max(self.CHECK_MIN, round(self.CHECK_SCALE * self.mini_capacity))
@@ -160,14 +201,21 @@ class AutoPolicy(EvictionPolicy):
         self._parents: dict = {}
         self._ahead = [0] * len(self.names)  # consecutive checks each candidate led by enough
         self.active = start
-        self._active_index = self.names.index(start)
-        self._real = CANDIDATES[start](capacity)
+        self._active_index = start_index
+        self._real = self._minis[start_index] if self._shared else CANDIDATES[start](capacity)
         self.switches: list[tuple[int, str]] = []  # (sampled accesses so far, new policy)
         # the key lists of the calls of the request being served (LEAF_FIRST): kept as given,
         # made into one ordered map only when the request outgrows the tier (rarely)
         self._req: list = []
         self._req_len = 0  # that request's keys seen so far, evicted ones included (an upper
         #                    bound: a key given twice counts twice until the map is made)
+
+    def _make_feeder(self, active):
+        kinds = [0 if m.__class__ is HitDensityPolicy else 1 if m.wants_structure else 2 for m in self._minis]
+        if self._shared:
+            kinds[active] = 3  # the real tier: its keys asked, never fed
+        self._feeder = _policy_native.feeder(self._minis, kinds, self._reversed, _MIX, _MASK, self._threshold,
+                                             self.mini_capacity, self._alive, self._score, self._differ)
 
     # ---------------------------------------------------------------- verbs
 
@@ -195,6 +243,8 @@ class AutoPolicy(EvictionPolicy):
         if self.LEAF_FIRST and self._structured:
             self._req.append(keys)
             self._req_len += len(keys)
+        if self._shared:  # the tier's hits are read before the keys go in (a switch may come)
+            self._feed(keys, True)
         if self._real.wants_structure:
             self._real.insert_many(keys, hints)
         elif self.active in self.REVERSED:
@@ -209,7 +259,8 @@ class AutoPolicy(EvictionPolicy):
         elif hints is not None:
             self._parents[keys[0]] = hints.parent
         self._stored_last = True
-        self._feed(keys, True)
+        if not self._shared:
+            self._feed(keys, True)
 
     def touch(self, keys):
         if not isinstance(keys, (list, tuple)):
@@ -338,6 +389,8 @@ class AutoPolicy(EvictionPolicy):
                     self._alive[i] = False
                 self._score[i] += j
             counted.append(j)
+            if self._shared and i == self._active_index:
+                continue  # the real tier: asked, not fed
             reverse = self._reversed[i]
             if hits:
                 mini.touch(hits[::-1] if reverse else hits)
@@ -376,6 +429,43 @@ class AutoPolicy(EvictionPolicy):
         self._window *= keep
 
     def _switch(self, index):
+        if self._shared:
+            self._swap(index)
+            return
+        self._switch_cold(index)
+
+    def _swap(self, index):
+        """SHARED: the winner's full-scale mini becomes the real policy, with what it learned;
+        the keys it holds that the tier does not are removed from it, the tier's keys it lacks
+        are inserted (in the tier's key order, oldest first), and the old real policy goes on
+        as the old candidate's mini."""
+        old = self._real
+        new = self._minis[index]
+        in_tier, held = _member_test(old), _member_test(new)
+        extra = [k for k in _resident(new) if not in_tier(k)]  # (removal order changes nothing)
+        for k in extra:
+            new.remove(k)
+        # the tier's keys in the order auto saw them stored (the same whichever implementation
+        # runs); keys stored without hints are not in _parents: the tier's own order after them
+        parents = self._parents
+        missing = [k for k in parents if not held(k) and in_tier(k)]
+        if len(parents) < len(old):
+            missing += [k for k in _resident(old) if k not in parents and not held(k)]
+        if new.wants_structure:
+            for k in missing:
+                new.insert(k, _Link(parents.get(k)))
+        else:
+            for k in missing:
+                new.insert(k, None)
+        self._real = new
+        self.active = self.names[index]
+        self._active_index = index
+        self._make_feeder(index)
+        self._ahead = [0] * len(self.names)
+        self._differ[:] = [0.0] * len(self.names)
+        self.switches.append((self._seen, self.active))
+
+    def _switch_cold(self, index):
         """The real tier's keys, least valuable first, into a fresh instance of the winner,
         warm-started from its miniature simulation where it learns (hitdensity's tables,
         ARC's target size)."""
@@ -395,6 +485,12 @@ class AutoPolicy(EvictionPolicy):
         else:
             for k in order:
                 new.insert(k, None)
+            if isinstance(new, S3FIFOPolicy) and self.S3FIFO_WARM and len(order) > new.small_target:
+                # every key would start in S with no history and leave in the old order, one by
+                # one, before any new key could: the old policy's most valuable keys are
+                # marked seen once, so S3-FIFO's first evictions move them to M and drop the
+                # least valuable (S's share of the tier) as S3-FIFO would
+                new.touch(order[new.small_target:])
         self._real = new
         self.active = name
         self._active_index = index

@@ -258,6 +258,21 @@ def test_fuzzed_calls_give_the_same_victims_auto(impl, seed, capacity):
     assert twin.victims > 0
 
 
+def _fuzz_shared(seed, capacity):
+    # rate 1 (sample_slots >= capacity): the real tier stands in for the active mini and a
+    # switch swaps the winner's mini in (protected keys, removals and failing evicts included)
+    twin = _fuzz(TwinAuto, seed, capacity, sample_slots=capacity, check=32)
+    print(capacity, seed, twin.new.switches)
+    assert twin.new._shared and twin.old._shared and twin.victims > 0
+    return twin
+
+
+@pytest.mark.parametrize("capacity", [5, 40])
+def test_fuzzed_calls_give_the_same_victims_auto_shared(impl, capacity):
+    swaps = sum(len(_fuzz_shared(seed, capacity).new.switches) for seed in range(6))
+    assert swaps > 0  # the swaps themselves were compared
+
+
 # ---------------------------------------------------------------- the compiled table update
 
 
