@@ -243,3 +243,96 @@ def test_a_replay_flood_that_never_reads_takes_a_bounded_share_of_the_daemon(tmp
         ctx.term()
         c.close()
         srv.close()
+
+
+# ---------------------------------------------------------------- a connection flood
+
+
+def test_a_connection_flood_on_the_event_sockets_neither_kills_nor_starves_the_daemon(tmp_path):
+    """Another local user (no credentials: loopback event sockets take anyone) opens more
+    connections to the event sockets than the daemon may open files. Before: the daemon ran out
+    of descriptors, and the next client's connect to its ipc:// socket made libzmq abort it
+    ("Too many open files (src/ipc_listener.cpp:297)", SIGABRT): every tenant's cache gone.
+    Now each event socket holds at most a 16th of the limit (event_gate.py) and cuts the rest;
+    the daemon lives and serves a new client; the flood's connections are refused, not queued."""
+    import resource
+    import subprocess
+    import sys
+
+    import yaml
+
+    from daemonproc import wait_ready
+    from kvbm.client import Client
+    from servedaemon import LAYOUT, LAYOUT_DICT
+
+    limit = 256
+    cfg = {"namespace": {"model": "tiny"}, "layout": LAYOUT_DICT,
+           "tiers": [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
+           "daemon": {"address": f"ipc://{tmp_path}/d.sock", "events": "tcp://127.0.0.1:0", "metrics": "",
+                      "kv_events": "tcp://127.0.0.1:0", "kv_events_replay": f"ipc://{tmp_path}/kvr.sock",
+                      "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}", "nixl": False}}
+    (tmp_path / "kvbm.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out.txt"
+    out.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", str(tmp_path / "kvbm.yaml")],
+                            stdout=out.open("w"), stderr=(tmp_path / "err.txt").open("w"), env=env,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    socks = []
+    try:
+        info = wait_ready(proc, out, 180)
+        assert info is not None, (tmp_path / "err.txt").read_text()[-2000:]
+        for address, kind in ((info["events"], zmq.SUB), (f"ipc://{tmp_path}/kvr.sock", zmq.DEALER)):
+            for _ in range(limit + 64):  # more than the daemon may open files, on each of two sockets
+                s = ctx.socket(kind)
+                s.setsockopt(zmq.LINGER, 0)
+                if kind == zmq.SUB:
+                    s.setsockopt(zmq.SUBSCRIBE, b"")
+                s.connect(address)
+                socks.append(s)
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+        deadline = time.monotonic() + DEADLINE_S
+        seen = fds()
+        while time.monotonic() < deadline and proc.poll() is None:  # the flood lands (zmq reconnects)
+            time.sleep(0.5)
+            now = fds()
+            if now == seen:
+                break
+            seen = now
+        assert proc.poll() is None, f"the daemon died: {(tmp_path / 'err.txt').read_text()[-2000:]}"
+        assert fds() < limit - 32, fds()  # room left for clients, G3 files, G4 sockets
+        c = Client(info["address"], model="tiny", layout=LAYOUT, timeout=120.0)
+        try:
+            k = make_keys("after-the-flood", 1)
+            assert c.store(k, [block(k[0])]) == 1 and c.lookup(k)[0] == 1
+            # the flood goes; a router subscribes again and gets the stream
+            for s in socks:
+                s.close(0)
+            socks.clear()
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, c.topic)
+            sub.connect(info["events"])
+            socks.append(sub)
+            i = 0
+            while not sub.poll(200):  # (a slow joiner misses the rows of stores before it is in)
+                assert time.monotonic() < deadline + DEADLINE_S, "no row reached a subscriber after the flood"
+                k = make_keys(f"later-{i}", 1)
+                c.store(k, [block(k[0])])
+                i += 1
+            assert sub.recv_multipart()[0] == c.topic
+        finally:
+            c.close()
+        assert proc.poll() is None
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)

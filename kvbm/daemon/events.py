@@ -56,6 +56,7 @@ import zmq
 from . import protocol as P
 from ..held import pack_meta, unpack_meta
 from .leases import server_key
+from .event_gate import Gate
 from .transport import bind
 
 log = logging.getLogger("kvbm.daemon")
@@ -100,6 +101,7 @@ class Events:
         self.pub = None
         self.events_address = ""
         self._events_ctx: zmq.Context | None = None
+        self._events_gate: Gate | None = None
         self._zap = None
         self.kv_events = None
         self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
@@ -127,6 +129,7 @@ class Events:
                 self.pub.zap_domain = ZAP_DOMAIN.encode()
             # as the request socket: ipc:// born 0600 in a folder others cannot write, never over a live one
             self.events_address = bind(self.pub, dcfg.events, "daemon.events")
+            self._events_gate = Gate([self.pub])  # at most MAX_EVENT_PEERS connections (event_gate.py)
         except BaseException:  # (a refused address) the vLLM-format stream's sockets and threads go too
             self._close_events()
             raise
@@ -244,6 +247,9 @@ class Events:
         if self.kv_events is not None:
             self.kv_events.close()
             self.kv_events = None
+        if getattr(self, "_events_gate", None) is not None:
+            self._events_gate.close()
+            self._events_gate = None
         if self.pub is not None:
             self.pub.close(0)
             self.pub = None

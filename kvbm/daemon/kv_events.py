@@ -89,6 +89,7 @@ from . import protocol as P
 from ..held import HeldMedia
 from .events import PLAIN_USER, topic_of
 from .leases import PEER_NS
+from .event_gate import Gate
 from .transport import bind
 
 log = logging.getLogger("kvbm.daemon")
@@ -143,6 +144,7 @@ class KVEventPublisher:
         self._lock = threading.Lock()  # streams' buffers: the owner thread appends, replay reads
         self._ctx = zmq.Context()
         self._zap = None
+        self._gate = None
         self.pub = self._ctx.socket(zmq.PUB)
         self.replay = self._ctx.socket(zmq.ROUTER) if dcfg.kv_events_replay else None
         try:
@@ -163,6 +165,8 @@ class KVEventPublisher:
                 # as the request socket: ipc:// born 0600 in a folder others cannot write, never
                 # over a live one (transport.py)
                 bind(sock, addr, key)
+            # at most MAX_EVENT_PEERS connections each (event_gate.py: a flood must not take the fds)
+            self._gate = Gate([sock for sock in (self.pub, self.replay) if sock is not None])
         except BaseException:
             self.close()
             raise
@@ -338,6 +342,9 @@ class KVEventPublisher:
         self._stop.set()
         if getattr(self, "_thread", None) is not None:
             self._thread.join(5)
+        if getattr(self, "_gate", None) is not None:
+            self._gate.close()
+            self._gate = None
         for sock in (self.pub, self.replay):
             if sock is not None:
                 sock.close(0)
