@@ -2,6 +2,7 @@
 
     Client(address, model=, layout=, salt=, token=)   hello: a session bound to one namespace
     lookup(keys) -> (n, where)                          longest ready prefix, tier per block
+    lookup_pin(keys, pin_from) -> (n, where, pinned)    the same, and keys[pin_from:n] pinned (one trip)
     store(keys, source=[buffers], parent=, position=) -> stored count
     load(keys, destination=[buffers]) -> loaded count   the usable prefix
     prepare_store / commit_store, prepare_load / release_load    the zero-copy halves
@@ -45,7 +46,15 @@ from .daemon.leases import namespace_of
 from .daemon.protocol import RemoteError, request
 from .daemon.transport import default_address
 
-__all__ = ["Client", "RemoteError", "StoreReservation", "LoadPins"]
+__all__ = ["Client", "RemoteError", "QuotaRefused", "StoreReservation", "LoadPins"]
+
+
+class QuotaRefused(RemoteError):
+    """lookup_pin's pins refused by the daemon's quota; the lookup's answer is in n and where."""
+
+    def __init__(self, message: str, n: int, where: list) -> None:
+        super().__init__("quota", message)
+        self.n, self.where = n, where
 
 
 @dataclasses.dataclass
@@ -155,6 +164,16 @@ class Client(Wire):
     def lookup(self, keys: Sequence[bytes], remote: bool = True) -> tuple[int, list[str]]:
         r = self.call("lookup", keys=list(keys), remote=remote)
         return r["n"], r["where"]
+
+    def lookup_pin(self, keys: Sequence[bytes], pin_from: int = 0, remote: bool = True) -> tuple[int, list[str], int | None]:
+        """lookup(keys), then pin keys[pin_from:n] in this session, in one round trip:
+        (n, where, pinned). pinned is None when the daemon did not pin (the lookup waited on a
+        peer): pin them with pin(). RemoteError "quota" when the quota refused the pins (the
+        lookup's n is in its `n`); unpin() releases what was pinned, as for pin()."""
+        r = self.call("lookup_pin", keys=list(keys), pin_from=pin_from, remote=remote)
+        if r.get("quota") is not None:
+            raise QuotaRefused(r["quota"], r["n"], list(r["where"]))
+        return r["n"], r["where"], r.get("pinned")
 
     def prepare_store(self, keys: Sequence[bytes], parent: bytes | None = None, position: int = 0,
                       hints: Sequence[Any] | None = None, more: dict | None = None) -> StoreReservation:

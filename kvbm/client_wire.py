@@ -183,5 +183,5 @@ class Wire:
 
 _SESSION_BOUND = frozenset({"hello", "bye", "store_commit", "load_release", "cancel",  # name a handle
                             "store", "load"})  # or scratch slots of the old window: _one_shot redoes them
-_CANCELLED_ON_TIMEOUT = frozenset({"store_prepare", "load_prepare", "pin"})  # they leave state behind
+_CANCELLED_ON_TIMEOUT = frozenset({"store_prepare", "load_prepare", "pin", "lookup_pin"})  # they leave state behind
 _RETRIED_ON_TIMEOUT = frozenset({"store_commit", "load_release", "unpin"})  # they release state

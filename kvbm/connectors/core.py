@@ -155,16 +155,22 @@ class SchedulerSide:
             # waiting request every step): the last promise stands, its blocks still pinned.
             # Through a daemon this spares the engine's scheduler two round trips per step.
             return r.match_blocks * self.block_size
-        n_hit = self._lookup(keys[:limit])
+        aligned = num_computed % self.block_size == 0
+        one_trip = getattr(self.backend, "lookup_pin", None) if aligned and self.backend.pins else None
+        if one_trip is not None:  # the daemon: lookup and pin in one round trip
+            n_hit, pinned = self._lookup(keys[:limit], lambda ks: one_trip(ks, start))
+        else:
+            n_hit, pinned = self._lookup(keys[:limit]), None
         self._release(r)  # a second match (preempted, resumed) replaces the first
         if self.shards == 1:  # blocks the engine holds on device and kvbm holds too: never re-stored
             r.stored = max(r.stored, min(n_hit, start))
-        aligned = num_computed % self.block_size == 0
         if n_hit > start and aligned and self.backend.pins:
             # Pin what is promised until the worker's load has pinned it itself: eviction or a
             # background demotion in between would turn the promise into a load error. A block
             # gone since the lookup ends the promise there.
-            r.pinned = list(keys[start:start + self._pin(keys[start:n_hit])])
+            if pinned is None:
+                pinned = self._pin(keys[start:n_hit])
+            r.pinned = list(keys[start:start + pinned])
             n_hit = start + len(r.pinned)
         if n_hit <= start or not aligned:
             r.match_blocks = 0
@@ -172,22 +178,24 @@ class SchedulerSide:
         r.match_start, r.match_blocks = start, n_hit - start
         return r.match_blocks * self.block_size
 
-    def _lookup(self, keys: Sequence[Any]) -> int:
+    def _lookup(self, keys: Sequence[Any], via: Any = None) -> Any:
         """The ready prefix of keys; 0 while the cache cannot be reached (the engine recomputes:
         a cache that is down costs misses, never a failed request). After a failure, no lookup
         for retry_s, doubling per failure up to 60 s: an unreachable daemon stalls the engine's
-        scheduler (the client's timeout) once per try, not once per request."""
+        scheduler (the client's timeout) once per try, not once per request.
+        via(keys) -> (n, pinned): a lookup that pins too (DaemonBackend.lookup_pin); then
+        (n, pinned) is returned, (0, 0) when it failed or was not tried."""
         if not keys or time.monotonic() < self._down_until:
-            return 0
+            return 0 if via is None else (0, 0)
         try:
-            n = self.backend.lookup(keys)[0]
+            n = self.backend.lookup(keys)[0] if via is None else via(keys)
         except Exception as exc:  # noqa: BLE001 - daemon gone, timeout, a refused session
             # back off (doubling, at most 60 s): each try may cost the client's timeout
             self._backoff = min(60.0, self._backoff * 2) if self._backoff else self.retry_s
             self._down_until = time.monotonic() + self._backoff
             log.warning("kvbm lookup failed (%s: %s): requests recompute; next try in %.0f s",
                         type(exc).__name__, exc, self._backoff)
-            return 0
+            return 0 if via is None else (0, 0)
         if self._down_until:
             log.warning("kvbm lookups answer again")
             self._down_until, self._backoff = 0.0, 0.0

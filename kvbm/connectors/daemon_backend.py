@@ -108,11 +108,7 @@ class DaemonBackend:
                 got = self.client.pin(part)
             except Exception as exc:  # noqa: BLE001 - the first part refused: the caller promises nothing
                 if getattr(exc, "code", None) == "quota":  # a RemoteError
-                    self._claim(keys[n:])
-                    if not self.quota_claims:
-                        log.warning("kvbm daemon refused pins (%s): hits past the quota are promised unpinned", exc)
-                    self.quota_claims += len(keys) - n
-                    return len(keys)
+                    return n + self._promise_unpinned(keys[n:], exc)
                 if not n:
                     raise
                 log.warning("kvbm daemon pin stopped at %d blocks: %s", n, exc)
@@ -121,6 +117,40 @@ class DaemonBackend:
             if got < len(part):
                 break
         return n
+
+    def _promise_unpinned(self, keys: list, exc: Exception) -> int:
+        """The quota refused pins of keys: promise them unpinned (claims, see pin()); len(keys)."""
+        self._claim(keys)
+        if not self.quota_claims:
+            log.warning("kvbm daemon refused pins (%s): hits past the quota are promised unpinned", exc)
+        self.quota_claims += len(keys)
+        return len(keys)
+
+    _one_trip = True  # the daemon answers lookup_pin (False after unknown_op: an older daemon)
+
+    def lookup_pin(self, keys: Sequence[Any], start: int) -> tuple[int, int | None]:
+        """lookup(keys), and pin(keys[start:n]) of its ready prefix, in one round trip on the
+        scheduler's thread where the daemon can (it was two: ~0.7 ms per hit request at p50,
+        bench/RESULTS.md issue 14, session 10): (n, pinned). pinned None: nothing was pinned
+        (an older daemon, more keys than one request takes, a lookup that waited on the peers):
+        the caller pins with pin(). The pins are pin()'s: the same session, quota, release paths
+        and claims when the quota refuses. A failure of the lookup itself raises, as lookup()."""
+        keys = list(keys)
+        one = getattr(self.client, "lookup_pin", None) if self._one_trip else None
+        if one is None or len(keys) > max(1, self.client.max_keys):
+            return self.lookup(keys)[0], None
+        try:
+            n, _, pinned = one(keys, start)
+        except Exception as exc:  # noqa: BLE001 - sorted below; anything else is lookup()'s failure
+            code = getattr(exc, "code", None)
+            if code == "quota" and isinstance(getattr(exc, "n", None), int):  # client.QuotaRefused
+                n = exc.n
+                return n, (self._promise_unpinned(keys[start:n], exc) if n > start else 0)
+            if code == "unknown_op":
+                self._one_trip = False
+                return self.lookup(keys)[0], None
+            raise
+        return n, pinned
 
     quota_claims = 0  # blocks promised unpinned because the daemon's quota refused their pins
     _claims: dict | None = None  # key -> blocks promised unpinned, not yet released

@@ -22,6 +22,11 @@ Ops (fields beyond op/id/auth/session):
                                                             [first, count]), written before a store,
                                                             read after a load; nothing held after
     pin / unpin   keys: [bin16]                          -> n
+    lookup_pin    keys: [bin16], pin_from: int?, remote: bool?
+                                                         -> n, where, pinned: the lookup, then a pin of
+                                                            keys[pin_from:n] (op pin's pins); pinned 0
+                                                            and quota: str when the quota refuses; no
+                                                            pinned when the lookup waited on peers
     events        max: int?                              -> events: [[kind, key, tier]]
     stats                                                -> stats
     kv_view                                              -> view: {medium: {locality: [engine hash]}} of the caller's
@@ -30,7 +35,7 @@ Ops (fields beyond op/id/auth/session):
     cancel        cancels: int (a request id)            -> undone: bool; what that request created is
                                                             undone, or it is refused when it arrives
 Request ids: a session's last 32 replies to store_prepare / store_commit / load_prepare /
-load_release / pin / unpin are kept; the same id again gets the same reply (a client's retry).
+load_release / pin / unpin / lookup_pin are kept; the same id again gets the same reply (a client's retry).
     peer_hello / peer_lookup / peer_release              daemon-to-daemon (see peers.py, peerauth.py):
     peer_hello    nonce: bin32                           -> challenge: bin32, proof: bin32 (HMAC)
     peer_hello    nonce, challenge, proof: bin32         -> session, agent, metadata

@@ -137,7 +137,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "store_prepare": self.op_store_prepare, "store_commit": self.op_store_commit,
             "load_prepare": self.op_load_prepare, "load_release": self.op_load_release,
             "store": self.op_store, "load": self.op_load,
-            "pin": self.op_pin, "unpin": self.op_unpin, "events": self.op_events, "stats": self.op_stats,
+            "pin": self.op_pin, "unpin": self.op_unpin, "lookup_pin": self.op_lookup_pin, "events": self.op_events, "stats": self.op_stats,
             "bye": self.op_bye, "cancel": self.op_cancel, "peer_hello": self.op_peer_hello, "peer_lookup": self.op_peer_lookup,
             "peer_release": self.op_peer_release,
         }

@@ -24,7 +24,8 @@ from .windows import Window
 
 log = logging.getLogger("kvbm.daemon")
 _LAYOUT_FIELDS = {f.name: f.type for f in dataclasses.fields(KVLayout)}
-REPLAYED_OPS = frozenset({"store_prepare", "store_commit", "load_prepare", "load_release", "pin", "unpin"})
+REPLAYED_OPS = frozenset({"store_prepare", "store_commit", "load_prepare", "load_release", "pin", "unpin",
+                          "lookup_pin"})
 
 
 class SessionOps:
