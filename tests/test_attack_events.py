@@ -336,3 +336,56 @@ def test_a_connection_flood_on_the_event_sockets_neither_kills_nor_starves_the_d
         if proc.poll() is None:
             proc.terminate()
             proc.wait(60)
+
+
+# ---------------------------------------------------------------- replay buffers in all
+
+
+def test_replay_buffers_of_many_namespaces_stay_within_one_byte_budget(tmp_path, monkeypatch):
+    """A tenant makes many namespaces (salts), each holding a block and publishing batches:
+    each namespace's replay buffer keeps up to kv_events_buffer batches, so in all they grew
+    with namespaces x buffer (unbounded in practice: a namespace needs only one block held).
+    Now all buffers share one byte budget (MAX_REPLAY_BYTES), the least recently published
+    namespace's oldest batches go first, and a subscriber replaying from a batch that went gets
+    a snapshot, so its view is still exact."""
+    from kvbm.daemon import kv_events as K
+    from test_kv_events import replay
+
+    budget = 64 << 10
+    monkeypatch.setattr(K, "MAX_REPLAY_BYTES", budget)
+    srv = InProcess(tmp_path, kv_events_buffer=10_000)
+    clients = [srv.client(salt=f"tenant-{i}") for i in range(12)]
+    ctx = zmq.Context()
+    try:
+        firsts = {}
+        for n, c in enumerate(clients):
+            keys = make_keys(f"ns{n}", 120)
+            for i, k in enumerate(keys):
+                c.store([k], [block(k)], hashes=[(n << 20) + i + 1], parent_hash=(n << 20) + i if i else None)
+            st = srv.kv.streams[srv.kv.topics[c.topic]]
+            firsts[c.topic] = st.seq - len(keys) + 1  # (each store published one batch)
+        total = sum(len(p) for st in srv.kv.streams.values() for _, p in st.buffer)
+        assert total <= budget, f"{total} bytes buffered for replay, budget {budget}"
+        c0 = clients[0]
+        got = replay(ctx, srv.kv.replay_address, c0.topic, firsts[c0.topic])
+        assert got, "nothing replayed"
+        import msgpack
+
+        first_batch = msgpack.unpackb(got[0][1], raw=False)[1]
+        assert first_batch[0]["type"] == "AllBlocksCleared"  # its old batches went: a snapshot first
+        view: dict = {}
+        for _, payload in got:
+            for ev in msgpack.unpackb(payload, raw=False)[1]:
+                if ev["type"] == "AllBlocksCleared":
+                    view.clear()
+                elif ev["type"] == "BlockStored":
+                    view.setdefault((ev["medium"], ev["locality"]), set()).update(ev["block_hashes"])
+                else:
+                    view.get((ev["medium"], ev["locality"]), set()).difference_update(ev["block_hashes"])
+        truth = {(m, loc): set(hs) for m, by in c0.call("kv_view")["view"].items() for loc, hs in by.items()}
+        assert {p: hs for p, hs in view.items() if hs} == {p: hs for p, hs in truth.items() if hs}
+    finally:
+        ctx.term()
+        for c in clients:
+            c.close()
+        srv.close()

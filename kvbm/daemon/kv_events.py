@@ -32,7 +32,8 @@ numbered by the wall clock in microseconds, so a restarted daemon's stream goes 
 it replaces: a subscriber that followed the old one sees a gap, replays, and gets a snapshot,
 where numbers from 0 again would look like batches it already has) and its
 own replay buffer, so no tenant sees another's batches, counts them through gaps, or replays
-them. A replay request names the topic: [b"", topic, start seq] from a DEALER socket (vLLM's
+them (all buffers together hold at most MAX_REPLAY_BYTES: past it, the oldest batches of the
+namespace that published least recently go, and a replay from one of them starts with a snapshot). A replay request names the topic: [b"", topic, start seq] from a DEALER socket (vLLM's
 names none: it has one stream per engine; a REQ socket would take only the first of the many
 replies); the answer is vLLM's, [b"", topic, seq, batch] per buffered batch from `start`, then
 [b"", b"", -1, b""]. A start older than the buffer, or -1, is answered with
@@ -97,6 +98,7 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MAX_HASH_BYTES = 64
 MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
 ZAP_DOMAIN = "kvbm-kv-events"
+MAX_REPLAY_BYTES = 256 << 20  # all namespaces' replay buffers together (a tenant can make many namespaces)
 SNAPSHOT_EVERY_S = 1.0  # per namespace, at most one owner-thread scan for replays this often
 REPLAY_SHARE_IDLE = 9.0  # the replay thread rests 9x the CPU each answer took: <= 10% of a core
 SCAN_SHARE_IDLE = 9.0  # after a scan, the owner thread has 9x its time to itself: scans take <= 10% of it
@@ -141,6 +143,10 @@ class KVEventPublisher:
         self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
         self.buffer = dcfg.kv_events_buffer
+        # every namespace's replay buffer together holds at most MAX_REPLAY_BYTES (_trim); the
+        # namespaces with batches buffered, least recently published first
+        self._buffered = 0
+        self._nonempty: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self._lock = threading.Lock()  # streams' buffers: the owner thread appends, replay reads
         self._ctx = zmq.Context()
         self._zap = None
@@ -233,8 +239,14 @@ class KVEventPublisher:
         payload = _batch(evs)
         with self._lock:
             st.seq += 1
+            if len(st.buffer) == st.buffer.maxlen:  # the append drops the oldest
+                self._buffered -= len(st.buffer[0][1])
             st.buffer.append((st.seq, payload))
+            self._buffered += len(payload)
             seq = st.seq
+            self._nonempty[ns] = st
+            self._nonempty.move_to_end(ns)
+            self._trim(st)
         self.streams.move_to_end(ns)
         try:
             self.pub.send_multipart([topic_of(ns), seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
@@ -249,9 +261,22 @@ class KVEventPublisher:
             idle = [n for n in self.streams if n != ns and not self.held.blocks(n)]
             for n in idle[:max(0, len(idle) - MAX_IDLE_NAMESPACES)]:
                 with self._lock:
-                    del self.streams[n]
+                    self._buffered -= sum(len(p) for _, p in self.streams.pop(n).buffer)
+                    self._nonempty.pop(n, None)
                 self.topics.pop(topic_of(n), None)
         return st
+
+    def _trim(self, keep: _Stream) -> None:
+        """(Under the lock.) All replay buffers together within MAX_REPLAY_BYTES: the oldest batches
+        of the namespace that published least recently go first (never `keep`'s newest). A replay
+        from a batch that went gets a snapshot first (_from), so a subscriber stays exact."""
+        while self._buffered > MAX_REPLAY_BYTES and self._nonempty:
+            ns, st = next(iter(self._nonempty.items()))
+            if st is keep and len(st.buffer) <= 1:
+                break
+            self._buffered -= len(st.buffer.popleft()[1])
+            if not st.buffer:
+                del self._nonempty[ns]
 
     # ---------------------------------------------------------------- replay thread
 
