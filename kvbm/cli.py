@@ -47,8 +47,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse_tier(spec: str, layout) -> Any:
     """'g2=10000:lru[:admission]' -> TierConfig (capacity in blocks or bytes with a unit); an
-    eviction or admission left out is the config's default (auto, always)."""
-    from .config import DEFAULT_ADMISSION, DEFAULT_EVICTION, ConfigError, PolicySpec, TierConfig, parse_capacity
+    eviction left out is the config's default for the tier's place (eviction None here: auto on
+    the first tier, lru below, filled in by KVBMConfig), an admission left out `always`."""
+    from .config import DEFAULT_ADMISSION, ConfigError, PolicySpec, TierConfig, parse_capacity
     from .tiers.base import TIER_NAMES
 
     name, eq, rest = spec.partition("=")
@@ -64,9 +65,9 @@ def parse_tier(spec: str, layout) -> Any:
         capacity = parse_capacity(parts[0], layout, f"--tier {name} capacity")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    eviction = parts[1] if len(parts) > 1 and parts[1] else DEFAULT_EVICTION
+    eviction = PolicySpec(parts[1]) if len(parts) > 1 and parts[1] else None
     admission = parts[2] if len(parts) > 2 and parts[2] else DEFAULT_ADMISSION
-    return TierConfig(name, capacity, PolicySpec(eviction), PolicySpec(admission))
+    return TierConfig(name, capacity, eviction, PolicySpec(admission))
 
 
 def parse_layout(spec: str | None, block_size: int):
@@ -186,7 +187,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _tier_dict(t) -> dict[str, Any]:
     return {"name": t.name, "capacity": t.capacity,
-            "eviction": {"name": t.eviction.name, **t.eviction.options},
+            **({"eviction": {"name": t.eviction.name, **t.eviction.options}} if t.eviction is not None else {}),
             "admission": {"name": t.admission.name, **t.admission.options},
             "storage": {"name": t.storage.name, **t.storage.options},
             **({"headroom": t.headroom} if t.headroom is not None else {})}
@@ -357,7 +358,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_EVICTION
+    from .config import DEFAULT_EVICTION, DEFAULT_LOWER_EVICTION
 
     p = Parser(prog="kvbm", description="Tiered KV-cache block manager")
     sub = p.add_subparsers(dest="command", required=True)
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["mooncake", "bailian", "parquet"], help="override format autodetection")
     s.add_argument("--tier", action="append", metavar="NAME=CAP[:EVICT[:ADMIT]]",
                    help=f"a tier, fastest first, e.g. --tier g2=10000:lru --tier g3=100000:frequency; "
-                        f"eviction left out: {DEFAULT_EVICTION}, admission: always")
+                        f"eviction left out: {DEFAULT_EVICTION} on the first tier, {DEFAULT_LOWER_EVICTION} "
+                        f"below; admission left out: always")
     s.add_argument("--config", help="a kvbm.yaml/.toml config (tiers from --tier replace its tiers)")
     s.add_argument("--layout", help=f"KV layout for byte capacities: {', '.join(LAYOUT_PRESETS)} or "
                                     "layers=32,kv_heads=8,head_dim=128,dtype=bfloat16")
@@ -392,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--g2", type=int, default=500, help="G2 host capacity in blocks (default 500)")
     d.add_argument("--g3", type=int, default=2000, help="G3 disk capacity in blocks (default 2000)")
     d.add_argument("--g4", type=int, default=8000, help="G4 object-store capacity in blocks (default 8000)")
-    d.add_argument("--policy", default=DEFAULT_EVICTION,
-                   help=f"eviction policy of every tier (default {DEFAULT_EVICTION}, as in config)")
+    d.add_argument("--policy", help=f"eviction policy of every tier (default: a config's, {DEFAULT_EVICTION} "
+                                    f"on G2 and {DEFAULT_LOWER_EVICTION} on G3 and G4)")
     d.add_argument("--workdir", help="directory for G3 and G4 (default: a temporary one, removed after)")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.add_argument("--json", action="store_true", help="print one JSON object")

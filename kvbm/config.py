@@ -13,7 +13,7 @@ Example (kvbm.yaml):
     mode: exclusive          # or inclusive
     promote_on_hit: true
     tiers:
-      - {name: g2, capacity: 8GiB}            # eviction: auto (the default), admission: always
+      - {name: g2, capacity: 8GiB}            # eviction: auto (the first tier's default), admission: always
       - {name: g3, capacity: 200GiB, eviction: {name: frequency, half_life: 600}, admission: {name: n_hit, n: 2}}
 
 Environment overrides use double underscores for nesting and tier names as keys:
@@ -38,10 +38,20 @@ from .blocks import KVLayout, check_name
 from .tiers.base import TIER_NAMES
 
 
-# The eviction policy of a tier whose config names none (issue 15): `auto`, the policy that follows
-# the best of its candidates by miniature simulations of the tier's own traffic (policies/auto.py).
+# The eviction policy of a tier whose config names none (issue 15). The first tier, where every
+# store lands, gets `auto`: it follows the best of its candidates by miniature simulations of the
+# tier's own traffic (policies/auto.py). A tier below it is fed by the cascade, one demoted block
+# at a time, and gets `lru`: on that stream auto loses (bundled trace, G2 10k auto over G3 100k:
+# 0.3275 prefix hit ratio with auto on G3, 0.3643 with lru there; bench/RESULTS.md, issue 15,
+# "auto as the default eviction"), since it reads the demotion stream as one request.
 DEFAULT_EVICTION = "auto"
+DEFAULT_LOWER_EVICTION = "lru"
 DEFAULT_ADMISSION = "always"
+
+
+def default_eviction(index: int) -> str:
+    """The eviction policy of the index-th tier (fastest first) when its config names none."""
+    return DEFAULT_EVICTION if index == 0 else DEFAULT_LOWER_EVICTION
 
 
 class ConfigError(ValueError):
@@ -107,7 +117,8 @@ class PolicySpec:
 class TierConfig:
     name: str
     capacity: int  # blocks
-    eviction: PolicySpec = field(default_factory=lambda: PolicySpec(DEFAULT_EVICTION))
+    # None: the default of the tier's place, filled in by KVBMConfig (default_eviction)
+    eviction: PolicySpec | None = None
     admission: PolicySpec = field(default_factory=lambda: PolicySpec(DEFAULT_ADMISSION))
     storage: PolicySpec = field(default_factory=lambda: PolicySpec("null"))
     # Blocks kept free by background offload (kvbm.offload) where a tier below exists; None:
@@ -134,6 +145,11 @@ class KVBMConfig:
     promote_on_hit: bool = True
     events: bool = True
     daemon: dict[str, Any] | None = None  # the `daemon:` section, for kvbm serve (unchecked here)
+
+    def __post_init__(self) -> None:
+        for i, t in enumerate(self.tiers):
+            if t.eviction is None:
+                t.eviction = PolicySpec(default_eviction(i))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KVBMConfig":
@@ -202,7 +218,7 @@ def _parse_tier(raw: Any, i: int, layout: KVLayout | None) -> TierConfig:
     return TierConfig(
         name=name,
         capacity=capacity,
-        eviction=PolicySpec.parse(raw.get("eviction", DEFAULT_EVICTION), f"{where}.eviction"),
+        eviction=PolicySpec.parse(raw["eviction"], f"{where}.eviction") if "eviction" in raw else None,
         admission=PolicySpec.parse(raw.get("admission", DEFAULT_ADMISSION), f"{where}.admission"),
         storage=PolicySpec.parse(raw.get("storage", "null"), f"{where}.storage"),
         headroom=_parse_headroom(raw.get("headroom"), capacity, layout, f"{where}.headroom"),

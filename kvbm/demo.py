@@ -10,6 +10,8 @@ rank of an 8-way tensor-parallel deployment (1 KV head per rank), 16-token block
 block. Each trace block id stands for one such block. 1,000 requests (27k block accesses) with
 G2 = 500 blocks, G3 = 2,000 blocks in a temporary directory, and G4 = 8,000 blocks in a local
 directory through fsspec (file://) move several GB and finish in well under a minute on two cores.
+Each tier takes its config default eviction (auto on G2, lru on G3 and G4) unless `eviction`
+(`kvbm demo --policy`) names one for all three.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from .blocks import KVLayout
 from .build import check_dir
-from .config import DEFAULT_EVICTION, KVBMConfig
+from .config import KVBMConfig
 from .manager import BlockManager
 from .sim.traces import TraceError, load_trace
 
@@ -44,7 +46,7 @@ def block_content(key: int, nbytes: int) -> np.ndarray:
 
 def run_demo(trace_path: str | Path, *, requests: int = 1000, g2: int = 500, g3: int = 2000,
              g4: int = 8000, layout: KVLayout | None = None, workdir: str | Path | None = None,
-             keep: bool = False, eviction: str = DEFAULT_EVICTION, progress: bool = True) -> dict[str, Any]:
+             keep: bool = False, eviction: str | None = None, progress: bool = True) -> dict[str, Any]:
     layout = layout or KVLayout(**LLAMA_8B_TP8)
     nbytes = layout.block_nbytes
     trace = load_trace(trace_path, limit=requests)
@@ -56,14 +58,14 @@ def run_demo(trace_path: str | Path, *, requests: int = 1000, g2: int = 500, g3:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kvbm-demo-"))
     made = not root.exists()  # ours to remove if the demo cannot start
     root.mkdir(parents=True, exist_ok=True)
+    policy = {"eviction": eviction} if eviction else {}  # else each tier's default (auto on G2, lru below)
     config = KVBMConfig.from_dict({
         "namespace": {"model": "meta-llama/Llama-3.1-8B"},
         "tiers": [
-            {"name": "g2", "capacity": g2, "eviction": eviction, "storage": "host"},
-            {"name": "g3", "capacity": g3, "eviction": eviction,
-             "storage": {"name": "disk", "path": str(root / "g3")}},
-            {"name": "g4", "capacity": g4, "eviction": eviction,
-             "storage": {"name": "object", "url": f"file://{root / 'g4'}"}},
+            {"name": "g2", "capacity": g2, "storage": "host", **policy},
+            {"name": "g3", "capacity": g3, "storage": {"name": "disk", "path": str(root / "g3")}, **policy},
+            {"name": "g4", "capacity": g4, "storage": {"name": "object", "url": f"file://{root / 'g4'}"},
+             **policy},
         ],
         "events": False,
     })
