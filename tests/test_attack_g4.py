@@ -152,3 +152,45 @@ def test_the_async_get_asks_for_at_most_one_object_s_worth(monkeypatch):
         assert asked == [(0, HEADER_MIN + n + MAX_TRAILER + 1)]
     finally:
         st.close()
+
+
+def test_blocks_recovered_at_a_restart_are_nobody_s_busy_blocks_and_leave_like_any_other(tmp_path):
+    """After a restart with G3 and G4 blocks recovered (and published), nothing is pinned,
+    reserved or counted busy for anyone (no owner-less state: every per-client map at its
+    baseline), and the recovered blocks are evicted as any other: another tenant pushing more
+    blocks than the tiers hold takes all of them out (G4 included: a restart does not make them
+    stick), and what the daemon keeps for them (origins,
+    engine hashes) goes with them (bounded by what the tiers hold)."""
+    from test_kv_events import chain
+    from test_kv_events_restart_g4 import Tenant4, serve, settled
+
+    d = serve(tmp_path).start()
+    try:
+        a = Tenant4(d, "")
+        a.store("p", chain("a", 12))
+        settled(d, [a])
+        d.stop()
+        d.start()
+        a.reconnect(d)  # (its hello drains the recovered rows)
+        other = Tenant4(d, "tenant-z")  # a namespace that had nothing before
+        st = other.c.stats()
+        recovered = sum(t["recovered"] for t in d.info["tiers"].values())
+        assert recovered >= 8, d.info
+        state = st["daemon"]["state"]
+        assert {k: state[k] for k in ("reservations", "loads", "pins", "busy_blocks", "g2_pinned", "g2_pending",
+                                      "busy_namespaces", "busy_uids")} == dict.fromkeys(
+            ("reservations", "loads", "pins", "busy_blocks", "g2_pinned", "g2_pending", "busy_namespaces",
+             "busy_uids"), 0)
+        assert st["daemon"]["pinned_blocks"] == 0
+        assert a.kv_view(), "the recovered blocks were not published"
+        # 300 new blocks through 4 + 8 + 64 (LRU: lookups count as uses, so no lookup of A's meanwhile):
+        # every recovered block is pushed out
+        other.store("flood", chain("z", 300))
+        settled(d, [other])
+        assert a.truth() == {} and a.kv_view() == {}
+        st = other.c.stats()
+        held = sum(t["used"] for t in st["tiers"].values())
+        assert st["daemon"]["origin_keys"] <= held + 1024  # (Origins.sweep's slack)
+        assert st["daemon"]["state"]["busy_blocks"] == 0
+    finally:
+        d.stop()
