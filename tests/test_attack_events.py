@@ -389,3 +389,31 @@ def test_replay_buffers_of_many_namespaces_stay_within_one_byte_budget(tmp_path,
         for c in clients:
             c.close()
         srv.close()
+
+
+def test_snapshots_made_for_replays_are_kept_only_while_they_can_serve(tmp_path, monkeypatch):
+    """Each replay of a namespace from before its buffer makes a snapshot (all its blocks, one
+    batch); it serves further replays for SNAPSHOT_EVERY_S. Before, up to 1,024 of them stayed
+    (one per namespace ever replayed, each as large as its namespace was then); now a snapshot
+    older than SNAPSHOT_EVERY_S goes at the next scan."""
+    from kvbm.daemon import kv_events as K
+    from test_kv_events import replay
+
+    monkeypatch.setattr(K, "SNAPSHOT_EVERY_S", 0.2)
+    srv = InProcess(tmp_path, kv_events_buffer=1)
+    clients = [srv.client(salt=f"snap-{i}") for i in range(6)]
+    ctx = zmq.Context()
+    try:
+        for n, c in enumerate(clients):
+            for i, k in enumerate(make_keys(f"s{n}", 3)):
+                c.store([k], [block(k)], hashes=[(n << 8) + i + 1])
+        for c in clients:  # a replay from -1 of each: a snapshot of each
+            assert replay(ctx, srv.kv.replay_address, c.topic, -1)
+        time.sleep(0.3)  # (every snapshot is now older than SNAPSHOT_EVERY_S)
+        assert replay(ctx, srv.kv.replay_address, clients[0].topic, -1)
+        assert list(srv.kv._snaps) == [srv.kv.topics[clients[0].topic]]
+    finally:
+        ctx.term()
+        for c in clients:
+            c.close()
+        srv.close()

@@ -351,9 +351,12 @@ class KVEventPublisher:
             return -1, b""  # shutting down
         t0 = time.monotonic()
         (seq, payload), took = self.daemon._owner(self._timed_snapshot, ns)  # consistent with the owner's seq
-        self._scan_due = time.monotonic() + SCAN_SHARE_IDLE * took
-        if len(self._snaps) > 4 * MAX_IDLE_NAMESPACES:
-            self._snaps.clear()
+        now = time.monotonic()
+        self._scan_due = now + SCAN_SHARE_IDLE * took
+        # a snapshot serves (and paces its namespace's next scan) for SNAPSHOT_EVERY_S only: older
+        # ones go, so what is kept is what the paced scans of the last second made (a tenant with
+        # many namespaces, each scanned once, no longer leaves a snapshot of each behind)
+        self._snaps = {n: v for n, v in self._snaps.items() if now - v[0] < SNAPSHOT_EVERY_S}
         self._snaps[ns] = (t0, seq, payload)
         return seq, payload
 
