@@ -18,9 +18,11 @@ of them order the real tier.
     minis      one instance of each candidate, seeing only sampled keys: hits are touched,
                misses make room and are inserted, as the manager does; a run of new blocks
                stays a run (hitdensity learns from runs)
-    prefix     a request starts at a root block (no parent); a sampled key counts as a prefix
-               hit for a candidate while every earlier sampled key of that request hit in its
-               mini. The parent a structure-aware mini sees is the previous *sampled* key
+    prefix     a request starts at a root block (no parent), or at a stored block whose parent
+               is neither resident nor one of the request's own keys (a tier below the first
+               gets one demoted block at a time, its parent above); a sampled key counts as a
+               prefix hit for a candidate while every earlier sampled key of that request hit
+               in its mini. The parent a structure-aware mini sees is the previous *sampled* key
     deepest    s3fifo (real and mini) gets each call's keys deepest block first: its FIFO
                queues then drop a request's tail before its head, which is what a prefix
                cache wants (a child is useless without its parent). On the tune rows this
@@ -238,6 +240,16 @@ class AutoPolicy(EvictionPolicy):
         elif first.parent is None:
             self._structured = True
             self._parents[keys[0]] = None
+            self._new_request = True
+            self._req, self._req_len = [], 0
+        elif (self._req and first.parent not in self._parents
+              and not any(first.parent in call for call in self._req)):
+            # a chain goes on only from a key of the request being served (resident here, or
+            # stored by it and evicted since); a parent that is neither means another request.
+            # A tier below the first gets one demoted block per insert, whose parent stays
+            # above: each is its own request (without this, the whole demotion stream was one
+            # ever-growing request: unbounded key lists, O(stream) evicts, and its newest
+            # blocks given back first as "the request's deepest")
             self._new_request = True
             self._req, self._req_len = [], 0
         if self.LEAF_FIRST and self._structured:

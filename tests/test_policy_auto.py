@@ -183,6 +183,34 @@ def test_a_request_longer_than_the_tier_keeps_its_head():
     assert all(k in policy for k in range(6))
 
 
+def test_a_demotion_stream_is_not_one_request():
+    # a tier below the first gets one demoted block per insert, its parent above (never here):
+    # each is its own request, so no key list grows with the stream and evict keeps its order
+    # (before: one ever-growing request whose newest blocks were given back first)
+    policy = AutoPolicy(100)
+    for k in range(1, 2001):
+        if len(policy) >= 100:
+            assert len(policy.evict(1, ())) == 1
+        policy.insert(k, Hints(parent=k + 100_000))
+        assert policy._req_len <= 1
+    held = [k for k in range(1, 2001) if k in policy]
+    assert len(held) == 100 and 2000 in policy
+    assert sum(k > 1500 for k in held) >= 50, held
+
+
+def test_a_request_goes_on_from_its_own_evicted_block():
+    # a request longer than the tier, stored run by run: the next run's parent was given back
+    # (it was the deepest block) but is the request's own, so the request goes on
+    policy = AutoPolicy(10, candidates=("lru",), start="lru", sample_slots=10)
+    _request(policy, list(range(8)))
+    hints = [Hints(parent=7)] + [Hints(parent=k) for k in range(8, 11)]
+    assert policy.evict(4, ()) is not None
+    policy.insert_many([8, 9, 10, 11], hints)
+    assert 7 not in policy and policy._req_len == 12  # one request: 0..7, then 8..11
+    assert policy.evict(2, ()) is not None  # its own victims are its deepest
+    assert [k for k in range(12) if k in policy] == [0, 1, 2, 3, 8, 9]
+
+
 def test_deepest_first_leaves_other_requests_victims_alone():
     # two requests fill the tier; a third that fits takes lru's victims unchanged
     policy = AutoPolicy(6, candidates=("lru",), start="lru", sample_slots=6)
