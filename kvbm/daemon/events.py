@@ -19,7 +19,10 @@ from it) is never published: the topic is a one-way hash of the namespace id, so
 that does not already know a namespace can neither name it nor derive its server keys, and the
 `events` op returns only the caller's namespace's rows. Who may subscribe: anyone who can reach
 the PUB address when no token is set (then it must be loopback or ipc://, see config.py); with
-daemon.token, only subscribers presenting it as ZMQ PLAIN credentials (username `kvbm`).
+daemon.token, only subscribers presenting it as ZMQ PLAIN credentials (username `kvbm`). The
+socket is bound as the request socket is (transport.bind: on ipc:// a 0600 file in a folder
+others cannot write) and holds at most event_gate.MAX_EVENT_PEERS connections (a flood must not
+take the daemon's file descriptors).
 
 After a restart: G3 and G4 keep, beside each block, a blob of (namespace id, engine hash, parent
 hash, client key) that `_block_meta` gives them (kvbm/held.py format 2; G3 in its 0600 index, G4

@@ -42,7 +42,10 @@ publisher does not know gets the end marker only. vLLM's own request, [b"", star
 topic, is answered from the one namespace's stream while the publisher has exactly one (a
 daemon serving one model: a subscriber written for a vLLM engine replays unchanged), else with
 the end marker only; so is any request that cannot be parsed (a subscriber never hangs on it). With daemon.token both sockets take ZMQ PLAIN
-peers only (username kvbm, password the token).
+peers only (username kvbm, password the token). Both are bound as the request socket is (ipc://:
+0600, see transport.py) and hold at most event_gate.MAX_EVENT_PEERS connections each. A replay
+flood is paced: the replay thread rests 9x the CPU each answer took, and snapshot scans (owner
+thread) are at least SNAPSHOT_EVERY_S apart per namespace and <= ~10% of the owner's time.
 
 What a subscriber learns (the trust line): the stream is for routers, i.e. whoever holds the
 token (or, without one, whoever reaches the loopback/ipc address: config.py refuses anything
