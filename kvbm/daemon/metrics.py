@@ -10,6 +10,13 @@ The HTTP thread never touches the manager: it reads the last snapshot, so a scra
 race the request loop. With a token (the daemon passes daemon.token when the address is not
 loopback) every path answers 401 unless the request carries `Authorization: Bearer <token>`
 (Prometheus: `authorization: {credentials_file: ...}` in the scrape config).
+
+The port takes any local process (loopback needs no token), and each connection costs the
+daemon a file descriptor: at its RLIMIT_NOFILE the daemon could accept no client any more, and
+libzmq aborts the process on an ipc:// accept that fails with EMFILE. So the server holds at most
+MAX_HTTP_PEERS connections at once (fewer under a small limit: event_gate.default_cap), closes the
+rest at accept, and lets a connection that sends nothing go after IDLE_S: an idle or slow-loris
+client can deny scrapes while it lasts, never the daemon.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+MAX_HTTP_PEERS = 32  # connections the metrics port holds at once (a scraper needs one)
+IDLE_S = 5.0  # a connection that sends no complete request in this long is closed
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0)
 _TIER_COUNTERS = ("hits", "stores", "evictions", "drops", "demotions_in", "promotions_out",
                   "rejected", "failed", "load_failures", "recovered", "io_errors", "checksum_errors",
@@ -125,6 +134,8 @@ class Metrics:
         want = f"Bearer {token}".encode()
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = IDLE_S  # socket timeout: an idle or slow-loris connection lets its descriptor go
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if token and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), want):
                     self.send_response(401)
@@ -151,8 +162,7 @@ class Metrics:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((host.strip("[]"), int(port)), Handler)
         threading.Thread(target=self._server.serve_forever, name="kvbm-metrics", daemon=True).start()
         return self._server.server_address[:2]
 
@@ -161,6 +171,39 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that holds at most `cap` connections; the rest are closed at accept."""
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog (socketserver's 5 drops a burst's SYNs: 1 s client retries)
+
+    def __init__(self, *args: Any, cap: int | None = None, **kw: Any) -> None:
+        from .event_gate import default_cap
+
+        self.cap = min(MAX_HTTP_PEERS, default_cap()) if cap is None else cap
+        self._held: set[int] = set()  # the connections counted (a refused one is shut down too)
+        self.refused = 0
+        self._count = threading.Lock()
+        super().__init__(*args, **kw)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:  # the serve_forever thread
+        with self._count:
+            if len(self._held) >= self.cap:
+                self.refused += 1
+                return False  # socketserver shuts it down at once
+            self._held.add(id(request))
+            return True
+
+    def shutdown_request(self, request: Any) -> None:  # the handler's thread, after it ends
+        super().shutdown_request(request)
+        with self._count:
+            self._held.discard(id(request))
+
+    @property
+    def active(self) -> int:
+        return len(self._held)
 
 
 def _bound(b: float) -> str:
