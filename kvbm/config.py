@@ -41,9 +41,11 @@ from .tiers.base import TIER_NAMES
 # The eviction policy of a tier whose config names none (issue 15). The first tier, where every
 # store lands, gets `auto`: it follows the best of its candidates by miniature simulations of the
 # tier's own traffic (policies/auto.py). A tier below it is fed by the cascade, one demoted block
-# at a time, and gets `lru`: on that stream auto loses (bundled trace, G2 10k auto over G3 100k:
-# 0.3275 prefix hit ratio with auto on G3, 0.3643 with lru there; bench/RESULTS.md, issue 15,
-# "auto as the default eviction"), since it reads the demotion stream as one request.
+# at a time, and gets `lru`: on that stream auto was never above lru (bundled trace, G2 10k auto
+# over G3 100k: 0.3640 with auto on G3, 0.3643 with lru; 0.3275 before auto's fix 3148dc4; first
+# 4,000 requests, G2 1k over G3 10k: -0.0036), and those tiers are the large ones, where lru's
+# ~120 B per resident key beats auto's ~440 B (bench/RESULTS.md, issue 15, "auto as the default
+# eviction").
 DEFAULT_EVICTION = "auto"
 DEFAULT_LOWER_EVICTION = "lru"
 DEFAULT_ADMISSION = "always"
