@@ -19,6 +19,7 @@
 #include "prefix_core.hpp"
 #include "s3fifo_core.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -76,6 +77,8 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
   nb::object empty = nb::steal(PyTuple_New(0));
   std::vector<PyObject*> hits, fresh, parents;
   std::vector<char> held;  // per sampled key: in this mini before the call
+  std::vector<Py_hash_t> hashes;
+  int distinct = -1;  // the sampled keys all distinct: 1, not: 0, not yet known: -1
   for (Py_ssize_t i = 0; i < nm; ++i) {
     PyObject* spec = specs[i];
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 7)
@@ -149,8 +152,20 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
       nb::object len = nb::int_(run_length);
       call(insert, {keys.ptr(), len.ptr(), ends_run ? Py_True : Py_False});
     } else if (kind == 1) {
-      // each fresh key's parent: the sampled key before its last occurrence (dict(zip(...)))
-      if (n > 16 && !before.is_valid()) {
+      // each fresh key's parent: the sampled key before its last occurrence (dict(zip(...))).
+      // Where no two sampled keys share a hash, no key occurs twice (equal keys hash equal):
+      // its last occurrence is its own position, no map needed (the usual case)
+      if (n > 16 && distinct < 0) {
+        hashes.clear();
+        for (Py_ssize_t j = 0; j < n; ++j) {
+          Py_hash_t h = PyObject_Hash(sample[j]);
+          if (h == -1 && PyErr_Occurred()) raise_python();
+          hashes.push_back(h);
+        }
+        std::sort(hashes.begin(), hashes.end());
+        distinct = std::adjacent_find(hashes.begin(), hashes.end()) == hashes.end() ? 1 : 0;
+      }
+      if (n > 16 && distinct == 0 && !before.is_valid()) {
         PyObject* d = PyDict_New();
         if (!d) raise_python();
         before = nb::steal(d);
@@ -161,7 +176,11 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
         }
       }
       parents.clear();
-      for (PyObject* k : fresh) {
+      if (distinct == 1) {
+        for (Py_ssize_t j = 0; j < n; ++j)
+          if (!held[static_cast<size_t>(j)]) parents.push_back(j ? sample[j - 1] : parent.ptr());
+      }
+      if (distinct != 1) for (PyObject* k : fresh) {
         PyObject* p = nullptr;
         if (before.is_valid()) {
           p = PyDict_GetItemWithError(before.ptr(), k);
@@ -213,7 +232,9 @@ class MiniFeed {
   nb::object feed(nb::handle keys, bool stored, bool new_request, nb::handle last, Py_ssize_t active) {
     Keys k(keys);
     sample_.clear();
-    for (Py_ssize_t i = 0; i < k.size(); ++i) {  // hashed_sample: (hash(k) * mix) & mask < threshold
+    if (threshold_ > mask_) {  // rate 1: every key passes (hash & mask <= mask < threshold)
+      for (Py_ssize_t i = 0; i < k.size(); ++i) sample_.push_back(k[i]);
+    } else for (Py_ssize_t i = 0; i < k.size(); ++i) {  // hashed_sample: (hash(k) * mix) & mask < threshold
       Py_hash_t h = PyObject_Hash(k[i]);
       if (h == -1 && PyErr_Occurred()) raise_python();
       if (((static_cast<uint64_t>(h) * mix_) & mask_) < threshold_) sample_.push_back(k[i]);
