@@ -9,6 +9,10 @@
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
       token: ""                           # or token_file (mode 0600: refused if others may read it);
                                           # required for a non-loopback address
+      events_token: ""                    # or events_token_file: the event streams' own credential
+                                          # (routers); unset = daemon.token, which every tenant's
+                                          # client holds, so any tenant could read every
+                                          # namespace's rows and engine hashes
       shm_name: kvbm-g2                   # prefix of the per-session window files in /dev/shm
       lease_s: 10                         # a client silent this long loses its pins
       peers: [tcp://10.0.0.2:5557]        # other nodes' daemons, asked on a local miss
@@ -50,6 +54,8 @@ class DaemonConfig:
     metrics: str = "127.0.0.1:9400"
     token: str = ""
     token_file: str = ""
+    events_token: str = ""  # the event streams' PLAIN password; "" = token (see subscriber_token)
+    events_token_file: str = ""
     shm_name: str = "kvbm-g2"
     lease_s: float = 10.0
     peers: list = field(default_factory=list)
@@ -79,9 +85,15 @@ class DaemonConfig:
         cfg.validate()
         if cfg.token_file and not cfg.token:
             cfg.token = read_token_file(cfg.token_file)
+        if cfg.events_token_file and not cfg.events_token:
+            cfg.events_token = read_token_file(cfg.events_token_file, "daemon.events_token_file")
+        if cfg.events_token and cfg.events_token == cfg.token:
+            raise ConfigError("daemon.events_token equals daemon.token; routers need a credential the "
+                              "tenants' clients do not hold (or leave events_token unset)")
         for name in ("address", "events", "kv_events", "kv_events_replay"):
             addr = getattr(cfg, name)
-            if addr and not cfg.token and not is_local(addr):
+            token = cfg.token if name == "address" else cfg.subscriber_token
+            if addr and not token and not is_local(addr):
                 raise ConfigError(
                     f"daemon.{name} {addr!r} is reachable from other hosts; bind 127.0.0.1 or an ipc:// "
                     f"path, or set daemon.token (or KVBM_DAEMON__TOKEN) so every request is authenticated")
@@ -95,9 +107,15 @@ class DaemonConfig:
                                   "their own (clients must not be able to act as peers)")
         return cfg
 
+    @property
+    def subscriber_token(self) -> str:
+        """The PLAIN password of the event sockets (events, kv_events, kv_events_replay):
+        events_token when set, else the client token."""
+        return self.events_token or self.token
+
     def validate(self) -> None:
         for name in ("address", "events", "kv_events", "kv_events_replay", "metrics", "token", "token_file",
-                     "shm_name", "peer_secret_file"):
+                     "events_token", "events_token_file", "shm_name", "peer_secret_file"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"daemon.{name} must be a string, got {getattr(self, name)!r}")
         if not self.address.startswith(("tcp://", "ipc://")):
@@ -133,19 +151,19 @@ class DaemonConfig:
             raise ConfigError(f"daemon.nixl must be auto, true or false, got {self.nixl!r}")
 
 
-def read_token_file(path: str) -> str:
+def read_token_file(path: str, key: str = "daemon.token_file") -> str:
     """The token in `path`; refused when group or others may read or write the file (a token
     others can read is theirs too; one they can write lets them choose it)."""
     try:
-        data = read_secret_file(path, "daemon.token_file")
+        data = read_secret_file(path, key)
     except SecretError as exc:
         raise ConfigError(str(exc)) from None
     try:
         token = data.decode()
     except UnicodeDecodeError:
-        raise ConfigError(f"daemon.token_file: {path} is not text; write the token as one line") from None
+        raise ConfigError(f"{key}: {path} is not text; write the token as one line") from None
     if not token:
-        raise ConfigError(f"daemon.token_file: {path} is empty; write the token in it (one line)")
+        raise ConfigError(f"{key}: {path} is empty; write the token in it (one line)")
     return token
 
 

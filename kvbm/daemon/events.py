@@ -122,12 +122,12 @@ class Events:
             self._events_ctx = zmq.Context()
             self.pub = self._events_ctx.socket(zmq.PUB)
             self.pub.setsockopt(zmq.LINGER, 0)
-            if dcfg.token:
+            if dcfg.subscriber_token:
                 from zmq.auth.thread import ThreadAuthenticator
 
                 self._zap = ThreadAuthenticator(self._events_ctx, log=logging.getLogger("kvbm.daemon.zap"))
                 self._zap.start()
-                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
+                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.subscriber_token})
                 self.pub.plain_server = True
                 self.pub.zap_domain = ZAP_DOMAIN.encode()
             # as the request socket: ipc:// born 0600 in a folder others cannot write, never over a live one

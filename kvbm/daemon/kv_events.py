@@ -157,18 +157,18 @@ class KVEventPublisher:
         self.pub = self._ctx.socket(zmq.PUB)
         self.replay = self._ctx.socket(zmq.ROUTER) if dcfg.kv_events_replay else None
         try:
-            if dcfg.token:
+            if dcfg.subscriber_token:
                 from zmq.auth.thread import ThreadAuthenticator
 
                 self._zap = ThreadAuthenticator(self._ctx, log=logging.getLogger("kvbm.daemon.zap"))
                 self._zap.start()
-                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.token})
+                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.subscriber_token})
             for sock, addr, key in ((self.pub, dcfg.kv_events, "daemon.kv_events"),
                                     (self.replay, dcfg.kv_events_replay, "daemon.kv_events_replay")):
                 if sock is None:
                     continue
                 sock.setsockopt(zmq.LINGER, 0)
-                if dcfg.token:
+                if dcfg.subscriber_token:
                     sock.plain_server = True
                     sock.zap_domain = ZAP_DOMAIN.encode()
                 # as the request socket: ipc:// born 0600 in a folder others cannot write, never
