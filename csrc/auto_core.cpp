@@ -260,7 +260,45 @@ class MiniFeed {
   std::vector<PyObject*> sample_;
 };
 
+// auto's parents map (resident key -> its parent), kept per call at C speed: insert_many's
+// parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None) and evict's
+// parents.pop(v, None) for each victim. policies/_policy_native.py has both in Python.
+void link_parents(nb::handle parents, nb::handle keys, nb::handle hints) {
+  PyObject* d = parents.ptr();
+  if (!PyDict_Check(d)) throw std::invalid_argument("link_parents: parents must be a dict");
+  Keys k(keys), h(hints);
+  const Py_ssize_t n = k.size() < h.size() ? k.size() : h.size();
+  static PyObject* name = PyUnicode_InternFromString("parent");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (h[i] == Py_None) continue;
+    PyObject* p = PyObject_GetAttr(h[i], name);
+    if (!p) raise_python();
+    const int r = PyDict_SetItem(d, k[i], p);
+    Py_DECREF(p);
+    if (r != 0) raise_python();
+  }
+}
+
+void forget_keys(nb::handle parents, nb::handle victims) {
+  PyObject* d = parents.ptr();
+  if (!PyDict_Check(d)) throw std::invalid_argument("forget_keys: parents must be a dict");
+  Keys v(victims);
+  for (Py_ssize_t i = 0; i < v.size(); ++i) {
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyDict_Pop(d, v[i], nullptr) < 0) raise_python();
+#else
+    PyObject* r = _PyDict_Pop(d, v[i], Py_None);
+    if (!r) raise_python();
+    Py_DECREF(r);
+#endif
+  }
+}
+
 void bind_auto(nb::module_& m) {
+  m.def("auto_link_parents", &link_parents, "parents"_a, "keys"_a, "hints"_a,
+        "parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None) (auto's parents map)");
+  m.def("auto_forget_keys", &forget_keys, "parents"_a, "victims"_a,
+        "parents.pop(v, None) for each victim (auto's parents map)");
   nb::class_<MiniFeed>(m, "MiniFeed",
                        "auto's key sample and miniature simulations fed in one call (policies/auto.py's _feed)")
       .def(nb::init<nb::handle, uint64_t, uint64_t, uint64_t, int64_t, nb::handle, nb::handle, nb::handle>(),

@@ -6,6 +6,10 @@
     bind(policy, core)                               the policy's verbs become the core's methods
     feeder(minis, ...) -> feed or None               auto's sample and per-mini step compiled,
                                                      where every mini runs a compiled core
+    parents_ops(native=None) -> (link, forget)       auto's parents map per call: link(parents,
+                                                     keys, hints), forget(parents, victims);
+                                                     compiled (kvbm._native's auto_link_parents,
+                                                     auto_forget_keys) or the Python ones here
 
 The cores are the same algorithms as policies/prefix.py and policies/s3fifo.py with keys mapped
 to integer slots (csrc/prefix_core.cpp, csrc/s3fifo_core.cpp); MiniFeed.feed is auto's _feed
@@ -19,6 +23,10 @@ policies/ imports without the extension.
 from __future__ import annotations
 
 import os
+from collections import deque
+from functools import partial
+from itertools import repeat
+from operator import attrgetter
 
 USE: bool | None = None  # the default for `native`; tests set it to run either version
 _FOUND: dict = {}  # name -> the compiled piece, or False
@@ -80,3 +88,35 @@ def feeder(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, 
         insert = c.insert_run if kind == 0 else c.insert_linked if kind == 1 else c.insert_many if kind == 2 else None
         specs.append((kind, mini._keys, c, c.touch, c.evict, insert, rev))
     return cls(specs, mix, mask, threshold, capacity, alive, score, differ).feed
+
+
+_parent_of = attrgetter("parent")
+_drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
+
+
+def link_parents(parents, keys, hints):
+    """parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None)."""
+    try:  # the usual case, a Hints per key: at C speed (`None in hints` would call
+        parents.update(zip(keys, map(_parent_of, hints)))  # Hints.__eq__ per key)
+    except AttributeError:  # some are None: those keys are left out
+        parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None)
+
+
+def forget_keys(parents, victims):
+    """parents.pop(v, None) for each victim."""
+    _drain(map(parents.pop, victims, repeat(None)))
+
+
+def parents_ops(native=None):
+    """(link, forget) for auto's parents map: compiled where kvbm._native has them (and native
+    is not False, nor KVBM_POLICY_NATIVE=0), else the Python versions above; the same dict."""
+    if native is None:
+        native = USE
+    if native is not False:
+        link, forget = _lookup("auto_link_parents"), _lookup("auto_forget_keys")
+        if link and forget:
+            return link, forget
+        if native:
+            raise RuntimeError("auto: native=True needs kvbm._native with auto_link_parents "
+                               "(rebuild: pip install -e .), and KVBM_POLICY_NATIVE not 0")
+    return link_parents, forget_keys

@@ -84,10 +84,7 @@ tier's own s3fifo ~370 ns (LRU ~120).
 from __future__ import annotations
 
 import math
-from collections import deque
-from functools import partial
-from itertools import chain, filterfalse, repeat, takewhile
-from operator import attrgetter
+from itertools import chain, filterfalse, takewhile
 
 from . import _hitdensity_native, _policy_native
 from .arc import ARCPolicy
@@ -100,12 +97,10 @@ from .s3fifo import S3FIFOPolicy
 CANDIDATES = {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy,
               "prefix": PrefixPolicy, "hitdensity": HitDensityPolicy}
 _NO_KEY = object()
-_parent_of = attrgetter("parent")
 _MIX = 2654435761  # Knuth's multiplicative hash constant: spreads sequential ids too
 _MASK = 0xFFFFFFFF
 
 
-_drain = partial(deque, maxlen=0)  # run an iterator of calls at C speed
 def _member_test(policy):
     """A callable answering `key in policy`: the key dict's own C-level __contains__ where the
     policy keeps its keys in one (`_keys`: hitdensity, prefix, the compiled cores; a mini is
@@ -201,6 +196,7 @@ class AutoPolicy(EvictionPolicy):
         # resident key -> its parent (None: it begins a sequence, a root), for a switch to a
         # structured policy and to see where a request begins
         self._parents: dict = {}
+        self._link, self._forget = _policy_native.parents_ops()  # its upkeep per call (compiled)
         self._ahead = [0] * len(self.names)  # consecutive checks each candidate led by enough
         self.active = start
         self._active_index = start_index
@@ -263,11 +259,8 @@ class AutoPolicy(EvictionPolicy):
             self._real.insert_many(keys[::-1], None)
         else:
             self._real.insert_many(keys, None)
-        if per_key:
-            try:  # the usual case, a Hints per key: at C speed (`None in hints` would call
-                self._parents.update(zip(keys, map(_parent_of, hints)))  # Hints.__eq__ per key)
-            except AttributeError:  # some are None: those keys are left out
-                self._parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None)
+        if per_key:  # (k, h.parent) for each key whose hint is not None
+            self._link(self._parents, keys, hints)
         elif hints is not None:
             self._parents[keys[0]] = hints.parent
         self._stored_last = True
@@ -305,7 +298,7 @@ class AutoPolicy(EvictionPolicy):
             if self._req_len + n > room:  # the request does not fit the tier
                 victims = self._deepest_first(victims, protected, req)
         if victims:  # forget them here too, at C speed
-            _drain(map(self._parents.pop, victims, repeat(None)))
+            self._forget(self._parents, victims)
         return victims
 
     def _deepest_first(self, victims, protected, req):

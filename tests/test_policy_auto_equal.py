@@ -323,3 +323,46 @@ def test_python_table_update_gives_the_same_victims(monkeypatch):
     monkeypatch.setattr(_gittins, "_KERNEL", False)  # as without numba
     twin = _fuzz(TwinHitDensity, 11, 17)
     assert twin.victims > 0 and twin.new._updates > 5
+
+
+def _fuzz_repeats(seed, capacity, sample_slots):
+    """Long calls (> 16 sampled keys) that name a key twice: a structured mini's parent for a
+    repeated key is the sampled key before its last occurrence (the compiled feed's map path;
+    calls of distinct keys take parents by position)."""
+    rng = random.Random(seed)
+    twin = TwinAuto(capacity, sample_slots=sample_slots)
+    for p in (twin.old, twin.new):
+        p._check = p._next_check = 32
+    universe = 3 * capacity
+    for _ in range(400):
+        start = rng.randrange(universe)
+        keys = [(start + i) % universe for i in range(rng.randint(17, 2 * capacity))]
+        if rng.random() < 0.5:  # repeats: some keys again, anywhere in the call
+            for _ in range(rng.randint(1, 6)):
+                keys.insert(rng.randrange(len(keys) + 1), rng.choice(keys))
+        twin.touch(keys)  # every key, resident or not: the minis store their misses
+        new = [k for k in dict.fromkeys(keys) if k not in twin]
+        if not new or len(new) > capacity:
+            continue
+        room = len(twin) + len(new) - capacity
+        if room > 0 and twin.evict(room, ()) is None:
+            continue
+        hints = [Hints(parent=rng.choice([None, rng.randrange(universe)])) if i == 0 else Hints(parent=new[i - 1])
+                 for i in range(len(new))]
+        twin.insert_many(new, hints)
+    twin.same_state()
+    for old, new in zip(twin.old._minis, twin.new._minis):  # the prefix mini's links, too
+        if type(new).__name__ == "PrefixPolicy":
+            assert dict(new._seq) == dict(old._seq)
+            counts = [{p: c if isinstance(c, int) else len(c) for p, c in dict(m._children).items()}
+                      for m in (old, new)]  # a set of children in Python, a count compiled
+            assert [{p: c for p, c in d.items() if c} for d in counts][0] == \
+                [{p: c for p, c in d.items() if c} for d in counts][1]
+    return twin
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("capacity,sample_slots", [(40, 40), (120, 60)])
+def test_long_calls_with_repeated_keys_give_the_same_victims(impl, seed, capacity, sample_slots):
+    twin = _fuzz_repeats(seed, capacity, sample_slots)
+    assert twin.victims > 0

@@ -187,3 +187,42 @@ def test_fuzzed_calls_give_the_same_victims_auto_default_minis(impl, seed, capac
     twin = _fuzz(TwinAuto, seed, capacity, sample_slots=capacity // 2 + 1, check=32)
     assert twin.victims > 0
     assert (twin.new._feeder is not None) == (impl == "native" and bool(_hitdensity_native._core_class()))
+
+
+# ---------------------------------------------------------------- auto's parents map per call
+
+
+class _NoParent:
+    pass
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compiled_parents_map_upkeep_equals_the_python_one(seed):
+    """auto_link_parents / auto_forget_keys (kvbm._native) against policies/_policy_native.py's
+    Python versions: the same dict (order included), None hints skipped, zip's shorter length,
+    victims not in the map left alone, a hint without `parent` raising after the keys before it."""
+    from kvbm import ops
+
+    link, forget = ops.policy_core("auto_link_parents"), ops.policy_core("auto_forget_keys")
+    if not (link and forget):
+        pytest.skip("kvbm._native has no auto_link_parents (not built, or KVBM_POLICY_NATIVE=0)")
+    rng = random.Random(seed)
+    compiled, python = {}, {}
+    for _ in range(300):
+        keys = [rng.randrange(200) for _ in range(rng.randint(0, 30))]
+        if rng.random() < 0.3:
+            keys = tuple(keys)
+        hints = [None if rng.random() < 0.2 else Hints(parent=rng.choice([None, rng.randrange(200)]))
+                 for _ in range(len(keys) + rng.randint(-3, 3))]
+        link(compiled, keys, hints)
+        _policy_native.link_parents(python, keys, hints)
+        assert list(compiled.items()) == list(python.items())
+        victims = rng.sample(range(250), rng.randint(0, 40))
+        forget(compiled, victims)
+        _policy_native.forget_keys(python, victims)
+        assert list(compiled.items()) == list(python.items())
+    bad = [Hints(parent=1), _NoParent(), Hints(parent=2)]
+    for f, d in ((link, compiled), (_policy_native.link_parents, python)):
+        with pytest.raises(AttributeError):
+            f(d, [1001, 1002, 1003], bad)
+    assert list(compiled.items()) == list(python.items()) and compiled[1001] == 1
