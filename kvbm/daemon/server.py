@@ -64,7 +64,9 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             raise
 
     def _abort(self) -> None:
-        for name in ("_waker", "router", "pub"):
+        if hasattr(self, "origin"):  # the event streams came up: PUB, KV events (threads, sockets), ZAP
+            self._close_events()
+        for name in ("_waker", "router"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(0)
