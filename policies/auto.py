@@ -78,7 +78,13 @@ holds per access at 10k, not at 1k; an insert alone costs 5.1-6.1x. Where the ti
 10k (py-spy over the replay): the active hitdensity ~38 %, MiniFeed ~20 %, the parents map
 ~14 %, auto's own Python ~5 %, the rest the bench's loop. At 1k each full-scale mini costs about
 twice its policy alone (prefix +245 ns per access, hitdensity +200), and the wrapper with the
-tier's own s3fifo ~370 ns (LRU ~120).
+tier's own s3fifo ~370 ns (LRU ~120). Session 10 (H36, same calls, CPU time): at 1,000 blocks
+**5.9-6.0x** LRU (735-747 ns vs 122-126, six runs; 859 vs 123, 7.0x, before), from MiniFeed
+taking every key at rate 1 without hashing it, a structured mini's parents by position where
+the call's keys are distinct (hashes sorted; the map only where a key repeats), and the parents
+map's upkeep per call compiled (_policy_native.parents_ops). Still above 5x there: the minis
+~440 ns per access (dict work inside the prefix and hitdensity cores), the wrapper with the
+parents map ~200, the real s3fifo ~110 (auto switches to s3fifo early on that stream).
 """
 
 from __future__ import annotations
