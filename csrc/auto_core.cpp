@@ -268,7 +268,8 @@ void link_parents(nb::handle parents, nb::handle keys, nb::handle hints) {
   if (!PyDict_Check(d)) throw std::invalid_argument("link_parents: parents must be a dict");
   Keys k(keys), h(hints);
   const Py_ssize_t n = k.size() < h.size() ? k.size() : h.size();
-  static PyObject* name = PyUnicode_InternFromString("parent");
+  static PyObject* name = nullptr;  // "parent", interned once (kept for the process)
+  if (!name && !(name = PyUnicode_InternFromString("parent"))) raise_python();
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (h[i] == Py_None) continue;
     PyObject* p = PyObject_GetAttr(h[i], name);
