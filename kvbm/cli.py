@@ -306,7 +306,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s kvbm %(levelname)s %(message)s")
     cfg, dcfg = load_daemon_config(args.config)
+    _raise_nofile()
     return serve(cfg, dcfg)
+
+
+def _raise_nofile(most: int = 1 << 20) -> None:
+    """The daemon's soft RLIMIT_NOFILE up to its hard limit (as nginx and most servers do): every
+    client, event subscriber, G3 file and G4 socket holds a descriptor, and libzmq aborts the
+    process when an ipc:// accept finds none left, so a flood of connections has to outrun the
+    event sockets' gate by the whole hard limit, not by the distribution's soft default (1,024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = most if hard == resource.RLIM_INFINITY else min(hard, most)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, OSError, ValueError):
+        pass  # keep the limit the daemon was given
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -215,6 +215,10 @@ def test_a_cache_that_stops_answering_is_a_miss_never_an_error(monkeypatch):
         def pin(self, keys):  # (pins through a real daemon: test_daemon_pins.py)
             return len(keys)
 
+        def lookup_pin(self, keys, start):  # the one-trip op: fails as lookup does while down
+            n = self.lookup(keys)[0]
+            return n, (self.pin(keys[start:n]) if n > start else 0)
+
         def unpin(self, keys):
             return None
 
