@@ -60,13 +60,15 @@ class DataPlane:
     def op_lookup(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)
         keys, skeys = self._keys(msg, s)
+        n, where, deferred = self._lookup(msg, s, keys, skeys)
+        return deferred if deferred is not None else self._lookup_reply(skeys, n, where)
+
+    def _lookup(self, msg: dict, s: Any, keys: list, skeys: list) -> tuple[int, list, Any]:
+        """(n, where, deferred): the local lookup, and the peers' deferred reply when the request
+        asks them (`remote`, default true) and they may hold more of the prefix."""
         remote = P.field(msg, "remote", bool, required=False, default=True)
         n, where = self.manager.lookup(skeys)
-        if remote:
-            deferred = self._ask_peers(s, keys, skeys, n)
-            if deferred is not None:
-                return deferred
-        return self._lookup_reply(skeys, n, where)
+        return n, where, (self._ask_peers(s, keys, skeys, n) if remote else None)
 
     def _lookup_reply(self, skeys: list, n: int, where: list) -> dict:
         self.counters["lookup_blocks"] += len(skeys)
@@ -276,12 +278,9 @@ class DataPlane:
         s = self._session(msg, now)
         keys, skeys = self._keys(msg, s)
         start = P.integer(msg, "pin_from", required=False, lo=0, hi=len(skeys))
-        remote = P.field(msg, "remote", bool, required=False, default=True)
-        n, where = self.manager.lookup(skeys)
-        if remote:
-            deferred = self._ask_peers(s, keys, skeys, n)
-            if deferred is not None:
-                return deferred
+        n, where, deferred = self._lookup(msg, s, keys, skeys)
+        if deferred is not None:
+            return deferred
         reply = self._lookup_reply(skeys, n, where)
         if n <= start:
             reply["pinned"] = 0
