@@ -88,6 +88,10 @@ class Daemon:
                "daemon": {"address": address, "events": "", "metrics": "", "shm_name": self.shm,
                           "lease_s": 10.0, "nixl": nixl, "peers": peers or [], "peer_timeout_s": 10.0,
                           "max_keys": 4096}}
+        # tcp:// needs a token (any local user reaches a tcp port); the daemons of one bench share it
+        self.token = "kvbm-bench-token" if address.startswith("tcp://") or peers else ""
+        if self.token:
+            cfg["daemon"]["token"] = self.token
         if nixl:  # the daemons of one bench share a peer secret (they prove it in peer_hello)
             secret = work / "peer.secret"
             if not secret.exists():
@@ -299,7 +303,7 @@ def bench_local(work: Path, blocks: int, mib: float, rounds: int = 3) -> dict:
 
     d = Daemon(work, "local", layout, g2=blocks * 2)
     try:
-        c = Client(d.address, model="bench", layout=layout)
+        c = Client(d.address, model="bench", layout=layout, token=d.token)
         salt = [0]
 
         def c_store():  # new keys each round (a daemon client cannot remove): same bytes moved

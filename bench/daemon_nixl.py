@@ -112,8 +112,8 @@ class PullPair:
         self.read_gbps = None
         self.a = Daemon(work, f"{tag}-a", layout, g2=blocks * 2, nixl=True, modules=modules)
         self.b = Daemon(work, f"{tag}-b", layout, g2=blocks * 2, nixl=True, peers=[self.a.address], modules=modules)
-        self.ca = Client(self.a.address, model="bench", layout=layout)
-        self.cb = Client(self.b.address, model="bench", layout=layout)
+        self.ca = Client(self.a.address, model="bench", layout=layout, token=self.a.token)
+        self.cb = Client(self.b.address, model="bench", layout=layout, token=self.b.token)
         warm = keys_of(f"{tag}-warm", 1)  # connect peers and UCX endpoints outside the timing
         self.ca.store(warm, [block(warm[0], self.nb)])
         self.cb.lookup(warm)

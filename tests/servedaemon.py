@@ -43,12 +43,19 @@ def peer_secret(tmp: Path, name: str = "peer.secret", data: bytes | None = None)
     return str(path)
 
 
+TCP_TOKEN = "kvbm-test-tcp-token"  # the token of the test daemons bound on tcp:// (and of their peers)
+
+
 class Served:
     def __init__(self, tmp: Path, name: str, *, tiers: list | None = None, daemon: dict | None = None,
                  env: dict | None = None, layout: dict | None = None) -> None:
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
         self.shm = f"kvbm-test-{uuid.uuid4().hex[:12]}"
+        daemon = dict(daemon or {})
+        if str(daemon.get("address", "")).startswith("tcp://") or daemon.get("peers"):
+            daemon.setdefault("token", TCP_TOKEN)  # tcp:// needs one (config.py); a cluster's daemons share it
+        self.token = str(daemon.get("token") or "")
         tiers = tiers or [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}]
         cfg = {"namespace": {"model": "tiny"}, "layout": layout or LAYOUT_DICT, "tiers": tiers,
                "daemon": {"address": f"ipc://{self.dir}/d.sock", "events": "", "metrics": "",
@@ -82,6 +89,8 @@ class Served:
     def client(self, **kw: object):
         from kvbm.client import Client
 
+        if self.token:
+            kw.setdefault("token", self.token)
         kw.setdefault("model", "tiny")
         kw.setdefault("layout", LAYOUT)
         # a daemon on a loaded box may answer late; a test of the client's timeout passes its own

@@ -49,6 +49,7 @@ def test_config_check_accepts_the_readmes_daemon_section(tmp_path):
     cfg = write(tmp_path / "kvbm.yaml", GOOD_TIERS, """\
     daemon:
       address: tcp://127.0.0.1:5557
+      token: s3cret-s3cret
       events: tcp://127.0.0.1:5558
       metrics: 127.0.0.1:9400
       shm_name: kvbm-g2

@@ -44,6 +44,9 @@ def make_keys(tag: str, n: int) -> list[bytes]:
     return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest() for i in range(n)]
 
 
+TCP_TOKEN = "kvbm-test-tcp-token"  # the token of the test daemons bound on tcp:// (and of their peers)
+
+
 class Daemon:
     """A `kvbm serve` subprocess; `info` is its ready line (address, metrics, shm, ...)."""
 
@@ -54,6 +57,9 @@ class Daemon:
         self.dir.mkdir(exist_ok=True)
         if nixl:  # peers prove the cluster's secret to each other
             daemon.setdefault("peer_secret_file", write_peer_secret(tmp))
+        if str(daemon.get("address", "")).startswith("tcp://") or daemon.get("peers"):
+            daemon.setdefault("token", TCP_TOKEN)  # tcp:// needs one (config.py); a cluster's daemons share it
+        self.token = str(daemon.get("token") or "")
         tiers = [{"name": "g2", "capacity": g2, "eviction": eviction, "storage": "host"}]
         if headroom is not None:
             tiers[0]["headroom"] = headroom
@@ -88,6 +94,8 @@ class Daemon:
         return self.info["address"]
 
     def client(self, **kw: object) -> Client:
+        if self.token:
+            kw.setdefault("token", self.token)
         kw.setdefault("model", "tiny")
         kw.setdefault("layout", LAYOUT)
         return Client(self.address, **kw)
@@ -250,6 +258,8 @@ def test_loopback_only_without_token():
     assert not is_local("tcp://0.0.0.0:5557") and not is_local("tcp://*:5557")
     with pytest.raises(ConfigError, match="token"):
         DaemonConfig.from_dict({"address": "tcp://0.0.0.0:5557"})
+    with pytest.raises(ConfigError, match="tcp:// without a token: every local user"):  # loopback too
+        DaemonConfig.from_dict({"address": "tcp://127.0.0.1:5557"})
     assert DaemonConfig.from_dict({"address": "tcp://0.0.0.0:5557", "token": "s3cret"}).token == "s3cret"
     with pytest.raises(ConfigError, match="did you mean 'lease_s'"):
         DaemonConfig.from_dict({"lease": 3})

@@ -27,6 +27,8 @@ def serve(cfg_path: Path) -> subprocess.CompletedProcess:
 def second_config(d: Daemon, tmp_path: Path, address: str) -> Path:
     cfg = yaml.safe_load(d.config.read_text())
     cfg["daemon"].update(address=address, shm_name=d.shm + "-second")
+    if address.startswith("tcp://"):
+        cfg["daemon"]["token"] = "s3cret-s3cret"  # (tcp:// needs one)
     p = tmp_path / "second.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p

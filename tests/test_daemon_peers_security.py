@@ -21,7 +21,7 @@ import zmq
 from daemonproc import HAVE_NIXL
 from kvbm.daemon.config import DaemonConfig
 from kvbm.daemon.protocol import request, unpack
-from servedaemon import NB, Served, block, make_keys, peer_secret
+from servedaemon import NB, TCP_TOKEN, Served, block, make_keys, peer_secret
 
 pytestmark = pytest.mark.skipif(not HAVE_NIXL, reason="nixl is not installed")
 HAS_PEER_SECRET = "peer_secret_file" in {f.name for f in fields(DaemonConfig)}
@@ -54,7 +54,9 @@ def started(tmp_path):
 def test_attack_reads_no_byte_of_another_namespace(started, token):
     from peerattack import attack
 
-    d = started("victim", address="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*", token=token)
+    # (tcp:// needs a token since session 11: without one the request socket is the default ipc://)
+    where = {"address": "tcp://127.0.0.1:*"} if token else {}
+    d = started("victim", events="tcp://127.0.0.1:*", token=token, **where)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=attack, args=(d.address, d.info["events"], token, child), daemon=True)
@@ -102,7 +104,8 @@ class _Peer:
 
     def ask(self, op: str, **fields) -> dict:
         self.rid += 1
-        self.sock.send(request(op, self.rid, "", self.session, **fields))
+        # (the test daemons' token: tcp:// needs one; a daemon without one ignores it)
+        self.sock.send(request(op, self.rid, TCP_TOKEN, self.session, **fields))
         assert self.sock.poll(180_000), f"no answer to {op}"
         return unpack(self.sock.recv(), 1 << 20)
 

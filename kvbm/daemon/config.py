@@ -2,13 +2,14 @@
 
     daemon:
       address: ipc://$XDG_RUNTIME_DIR/kvbm/kvbm.sock   # default (else /tmp/kvbm-<uid>/); or tcp://HOST:PORT
+                                          # (tcp needs a token: any local user reaches a tcp port)
       events: tcp://127.0.0.1:5558        # KV-event PUB stream for routers ("" = off)
       kv_events: ""                       # the same in vLLM's KV-event format (kv_events.py), e.g. tcp://127.0.0.1:5560
       kv_events_replay: ""                # its replay ROUTER (resync after a gap), e.g. tcp://127.0.0.1:5561
       kv_events_buffer: 10000             # batches kept per namespace for replay
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
       token: ""                           # or token_file (mode 0600: refused if others may read it);
-                                          # required for a non-loopback address
+                                          # required for a tcp:// address
       events_token: ""                    # or events_token_file: the event streams' own credential
                                           # (routers); unset = daemon.token, which every tenant's
                                           # client holds, so any tenant could read every
@@ -90,6 +91,12 @@ class DaemonConfig:
         if cfg.events_token and cfg.events_token == cfg.token:
             raise ConfigError("daemon.events_token equals daemon.token; routers need a credential the "
                               "tenants' clients do not hold (or leave events_token unset)")
+        if cfg.address.startswith("tcp://") and not cfg.token:
+            raise ConfigError(
+                f"daemon.address {cfg.address!r} is tcp:// without a token: every local user can connect to a "
+                f"tcp port (even on loopback; the daemon cannot tell their uids apart), so each could use the "
+                f"cache as you; set daemon.token_file (a 0600 file) or KVBM_DAEMON__TOKEN, or drop daemon.address "
+                f"for the default ipc:// socket (this user only)")
         for name in ("address", "events", "kv_events", "kv_events_replay"):
             addr = getattr(cfg, name)
             token = cfg.token if name == "address" else cfg.subscriber_token

@@ -40,6 +40,7 @@ from ..offload import Offloader, offload_headroom
 from ..tiers.seal import cluster_object_secret
 from . import protocol as P
 from .config import DaemonConfig, is_local
+from .conn_gate import ConnGate, harden
 from .dataplane import SCRATCH_BLOCKS, DataPlane
 from .events import Events
 from .leases import PEER_NS, Sessions
@@ -66,6 +67,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
     def _abort(self) -> None:
         if hasattr(self, "origin"):  # the event streams came up: PUB, KV events (threads, sockets), ZAP
             self._close_events()
+        if getattr(self, "_gate", None) is not None:
+            self._gate.close()
         for name in ("_waker", "router"):
             sock = getattr(self, name, None)
             if sock is not None:
@@ -108,7 +111,12 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.router.setsockopt(zmq.MAXMSGSIZE, dcfg.max_message_bytes)  # bigger: the sender is cut off
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 10_000)
+        self._gate: ConnGate | None = None
+        if dcfg.address.startswith("tcp://"):
+            harden(self.router)  # handshake deadline, keepalive (conn_gate.py)
         self.address = bind(self.router, dcfg.address)  # ipc: 0700 folder, 0600 socket (transport.py)
+        if dcfg.address.startswith("tcp://"):  # anyone reaching the port may connect: bound what they hold
+            self._gate = ConnGate(self.router)
         self._last_frame: zmq.Frame | None = None  # the current request's payload: its sender's creds
         self._init_events()  # the PUB stream and the origin map (events.py)
         self.metrics_address = ""
@@ -225,6 +233,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             if fn is None:
                 raise P.ProtocolError("unknown_op", f"unknown op {name!r}")
             self._authenticate(msg)
+            if self._gate is not None and self._last_frame is not None:
+                self._gate.authenticated(self._last_frame)  # this connection is a client's, not a stranger's
             op = name
             replayed = self._replayed(msg, name, rid, time.monotonic())
             if replayed is not None:  # a retry of a request already answered (or cancelled)
@@ -300,6 +310,9 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
             "state": self._state_sizes(),
         }
+        if self._gate is not None:  # the tcp request socket's connections (conn_gate.py)
+            st["daemon"]["connections"] = {"open": self._gate.live, "waiting": self._gate.waiting,
+                                           "cut": self._gate.cut}
         return st
 
     def _state_sizes(self) -> dict[str, int]:
@@ -379,6 +392,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.manager.close()
         self.manager = None
         self.metrics.close()
+        if self._gate is not None:
+            self._gate.close()
         self.router.close(0)
         self._close_events()
         with self._calls_lock:

@@ -1,0 +1,178 @@
+"""Attacks on the daemon's request socket over tcp:// (conn_gate.py, config.py).
+
+- Who may connect: a tcp port takes every local user (loopback too) and the daemon cannot tell
+  their uids apart there, so a tcp:// request socket without `daemon.token` trusted every uid
+  on the box with the daemon owner's quotas. Now it is refused at start (one line, exit 2).
+- A connection flood: with a token, a stranger still gets a connection (a file descriptor of
+  the daemon) before any request proves anything. Before, nothing bounded them: a local user
+  opening RLIMIT_NOFILE connections left the daemon no descriptor for windows, G3, G4 or new
+  clients. Now at most a few connections wait for their first authenticated request (the
+  oldest is shut down when another comes), and a client that showed the token is never cut.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+
+zmq = pytest.importorskip("zmq")
+
+from daemonproc import wait_ready, wait_until  # noqa: E402
+from kvbm.client import Client  # noqa: E402
+from kvbm.daemon.protocol import request  # noqa: E402
+from servedaemon import LAYOUT, LAYOUT_DICT, NB, block, make_keys  # noqa: E402
+
+TOKEN = "flood-test-token-0123456789"
+DEADLINE_S = 120.0
+
+
+def _config(tmp_path, **daemon) -> str:
+    cfg = {"namespace": {"model": "tiny"}, "layout": LAYOUT_DICT,
+           "tiers": [{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
+           "daemon": {"events": "", "metrics": "", "kv_events": "", "shm_name": f"kvbm-test-{uuid.uuid4().hex[:12]}",
+                      "nixl": False, "lease_s": 30.0, **daemon}}
+    path = tmp_path / "kvbm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
+
+
+def test_tcp_without_a_token_is_refused_in_one_line(tmp_path):
+    """Loopback included: any local user reaches a tcp port, so a tokenless tcp daemon trusted them all."""
+    cfg = _config(tmp_path, address="tcp://127.0.0.1:0")
+    r = subprocess.run([sys.executable, "-m", "kvbm.cli", "serve", "--config", cfg], capture_output=True,
+                       text=True, env=_env(), timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "daemon.address" in lines[0] and "every local user" in lines[0] and "daemon.token_file" in lines[0]
+    # the same config with a token (here from the environment) starts
+    r = subprocess.run([sys.executable, "-m", "kvbm.cli", "config", "check", cfg], capture_output=True, text=True,
+                       env={**_env(), "KVBM_DAEMON__TOKEN": TOKEN}, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def _raw_flood(port: int, n: int) -> list[socket.socket]:
+    """n TCP connections that never say a word of ZMTP (connect() in flight, not waited for)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    return socks
+
+
+def test_a_connection_flood_neither_kills_the_daemon_nor_cuts_its_clients(tmp_path):
+    """A stranger (no token) opens more connections than the daemon may open files, first raw
+    TCP ones, then zmq DEALERs that finish the handshake, reconnect whenever they are cut and
+    send requests with a wrong token. The daemon lives through both, keeps descriptors free,
+    a client that connected before the flood is served right through it, and after it a new
+    client stores and loads a block byte for byte."""
+    limit = 256
+    cfg = _config(tmp_path, address="tcp://127.0.0.1:0", token=TOKEN)
+    out = tmp_path / "out.txt"
+    out.write_text("")
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", cfg], stdout=out.open("w"),
+                            stderr=(tmp_path / "err.txt").open("w"), env=_env(),
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    raw: list[socket.socket] = []
+    dealers: list = []
+    clients: list[Client] = []
+    keys = make_keys("before-the-flood", 4)
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+    def alive() -> None:
+        assert proc.poll() is None, f"the daemon died: {(tmp_path / 'err.txt').read_text()[-2000:]}"
+
+    def client() -> Client:
+        clients.append(Client(address, model="tiny", layout=LAYOUT, token=TOKEN, timeout=DEADLINE_S))
+        return clients[-1]
+
+    def served(c: Client) -> bool:
+        dest = [np.zeros(NB, np.uint8) for _ in keys]
+        return c.load(keys, dest) == 4 and all(np.array_equal(d, block(k)) for d, k in zip(dest, keys))
+
+    def cut() -> int:
+        return -1 if proc.poll() is not None else c0.stats()["daemon"]["connections"]["cut"]
+
+    try:
+        info = wait_ready(proc, out, 180)
+        assert info is not None, (tmp_path / "err.txt").read_text()[-2000:]
+        address = info["address"]
+        port = int(address.rsplit(":", 1)[1])
+        c0 = client()
+        assert c0.store(keys, [block(k) for k in keys]) == 4
+        base = fds()
+        try:
+            # 1. raw connections, more than the daemon may open files
+            raw = _raw_flood(port, limit + 64)
+            assert wait_until(lambda: cut() < 0 or cut() >= 64, DEADLINE_S)
+            alive()
+            assert served(c0)  # through the flood, on its own connection
+            assert wait_until(lambda: fds() < limit - 64, DEADLINE_S), fds()  # room for windows, G3, G4
+            alive()
+
+            # 2. zmq strangers that finish the handshake (and reconnect when cut), half of them
+            #    asking with a wrong token
+            for i in range(limit + 64):
+                d = ctx.socket(zmq.DEALER)
+                d.setsockopt(zmq.LINGER, 0)
+                d.connect(address)
+                if i % 2:
+                    d.send(request("hello", 1, "wrong-token", None, model="tiny", layout=LAYOUT_DICT), zmq.NOBLOCK)
+                dealers.append(d)
+            before = cut()
+            assert wait_until(lambda: cut() < 0 or cut() >= before + limit, DEADLINE_S)
+            alive()
+            for d in dealers[1::2][:16]:  # a wrong token is refused, never served
+                if d.poll(0):
+                    assert b"unauthorized" in d.recv()
+            assert served(c0)
+            assert c0.stats()["daemon"]["connections"]["waiting"] <= max(8, limit // 8)
+            alive()
+        finally:
+            for s in raw:
+                s.close()
+            for d in dealers:
+                d.close(0)
+            ctx.term()
+        # 3. the flood is gone: a new client stores and loads, byte for byte; descriptors return
+        c1 = client()
+        k = make_keys("after-the-flood", 2)
+        assert c1.store(k, [block(x) for x in k]) == 2
+        dest = [np.zeros(NB, np.uint8) for _ in k]
+        assert c1.load(k, dest) == 2 and all(np.array_equal(d, block(x)) for d, x in zip(dest, k))
+        assert served(c1)
+        assert wait_until(lambda: fds() <= base + 8, DEADLINE_S), (fds(), base)
+        st = c1.stats()["daemon"]["connections"]
+        assert st["open"] <= 4 and st["waiting"] <= 2, st
+        alive()
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
