@@ -5,7 +5,8 @@
     free(handle)                 the handle comes back at once; the object is deleted in the background
     write([(key, handle, buf)])  put objects concurrently -> per block True/False (never raises)
     read([(key, handle, buf)])   get, verify header + length + CRC-32C + MAC, copy into buf
-    recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first
+    recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first (the
+                                 listing streams into a bounded heap, stopped after LIST_BUDGET_S)
     meta_of / kept_meta()        an opaque blob per block in the object's sealed trailer (object_meta.py)
 
 An object is `<url>/<namespace>/<Seal.name(key)>`: a 64-byte header and then the payload. The
@@ -62,7 +63,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -74,12 +77,14 @@ import numpy as np
 
 from .. import ops
 from .base import Region, Storage, make_private_dir
-from .object_meta import MAX_TRAILER, STALE_TMP_S, TMP_PREFIX, Trailers, listed, parse, trailer  # noqa: F401
+from . import object_meta
+from .object_meta import MAX_TRAILER, STALE_TMP_S, TMP_PREFIX, Listing, Trailers, listed, parse, trailer  # noqa: F401
 from .object_s3 import S3_RETRIES, SINGLE_PUT_BYTES, PutBody, get_into, streams, unreachable, with_defaults
 from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
     HEADER, HEADER_MIN, HMAC_VERSION, MAC_LEN, MAGIC, NONCE_AT, NONCE_BYTES, VERSION, Corrupt, Foreign,
     Seal, _Check, _SealV2, _SealV3, _warn_no_poly1305, object_secret, poly1305_available)
 
+log = logging.getLogger("kvbm.tiers")
 CHUNK = 1 << 20  # CRC and MAC run over a chunk while it is in cache from the copy
 
 def default_url() -> str:
@@ -137,6 +142,7 @@ class ObjectStorage(Storage):
         self._sem: asyncio.Semaphore | None = None
         self._bodies: dict[int, list[Any]] = {}  # spare put bodies by size (async fs)
         self._trailers = Trailers(self)  # blobs of recovered objects, read when kept_meta() asks
+        self.listing_complete = True  # recover() listed the whole prefix within LIST_BUDGET_S
 
     # ------------------------------------------------------------------ handles
 
@@ -201,18 +207,26 @@ class ObjectStorage(Storage):
         return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data))
 
     def recover(self) -> list[tuple[Any, int]]:
-        """The newest objects of this namespace, up to the free handles; verified when read."""
+        """The newest objects of this namespace, up to the free handles; verified when read.
+        The listing streams (file://: scandir; s3: page by page) into a bounded heap and stops
+        at LIST_BUDGET_S: a prefix stuffed with foreign objects delays a restart by at most that."""
+        with self._mu:
+            known = set(self._names.values())
+            limit = len(self._free)
+        sink = Listing(self, known, limit, time.monotonic() + object_meta.LIST_BUDGET_S)
         try:
             self.fs.invalidate_cache(self.prefix)
-            listing = self.fs.ls(self.prefix, detail=True)
+            self._list_into(sink)
         except FileNotFoundError:
             return []
         except Exception:
             self._count(io_errors=1)
             return []
-        with self._mu:
-            known = set(self._names.values())
-        found, foreign = listed(self, listing, known)
+        found, foreign, complete = sink.result()
+        self.listing_complete = complete
+        if not complete:
+            log.warning("G4 %s: listing stopped after %.0f s (%d names seen, %d not ours); objects not listed "
+                        "yet are not recovered", self.prefix, object_meta.LIST_BUDGET_S, sink.seen, foreign)
         out, base = [], HEADER_MIN + self.block_nbytes
         with self._mu:
             self.errors.foreign_objects += foreign
@@ -225,6 +239,69 @@ class ObjectStorage(Storage):
         out.reverse()  # oldest first: a recency policy fed in this order ranks them right
         self._trailers.pending = dict(reversed(self._trailers.pending.items()))
         return out
+
+    def _list_into(self, sink: Listing) -> None:
+        """Feed the prefix's entries to `sink` until it says stop (its deadline)."""
+        if self._local:  # a directory read entry by entry, never the whole folder in memory
+            with os.scandir(self.prefix) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    info = {"name": f"{self.prefix}/{entry.name}", "size": st.st_size, "mtime": st.st_mtime,
+                            "type": "file" if stat.S_ISREG(st.st_mode) else "other"}
+                    if sink.add(info):
+                        return
+            return
+        if self._async and hasattr(self.fs, "_iterdir"):  # s3fs: one page (1,000 names) at a time
+            from fsspec.asyn import sync
+
+            try:
+                sync(self.fs.loop, self._alist_into, sink)
+            except asyncio.TimeoutError:
+                sink.complete = False
+            return
+        # any other filesystem: one ls, in a thread, waited for until the deadline
+        box: dict[str, Any] = {}
+
+        def ls() -> None:
+            try:
+                box["listing"] = self.fs.ls(self.prefix, detail=True)
+            except BaseException as exc:  # noqa: BLE001 (re-raised below)
+                box["error"] = exc
+
+        t = threading.Thread(target=ls, name="kvbm-g4-list", daemon=True)
+        t.start()
+        t.join(max(0.0, sink.deadline - time.monotonic()))
+        if t.is_alive():
+            sink.complete = False
+            return
+        if "error" in box:
+            raise box["error"]
+        for info in box["listing"]:
+            if sink.add(info):
+                return
+
+    async def _alist_into(self, sink: Listing) -> None:
+        bucket, key, _ = self.fs.split_path(self.prefix)
+
+        async def pages() -> None:
+            try:
+                async for info in self.fs._iterdir(bucket, prefix=key.rstrip("/") + "/"):
+                    if sink.add(info):
+                        return
+            except Exception as exc:  # botocore's ClientError: as ls() says it (no bucket: FileNotFoundError)
+                try:
+                    from s3fs.errors import translate_boto_error
+                except ImportError:
+                    raise exc from None
+                raise translate_boto_error(exc) from None
+
+        try:
+            await asyncio.wait_for(pages(), max(0.001, sink.deadline - time.monotonic()))
+        except asyncio.TimeoutError:  # a page that did not come by the deadline
+            sink.complete = False
 
     def kept_meta(self) -> dict[Any, bytes]:
         """{key: blob} of the objects recover() found with a trailer that opens here, oldest

@@ -2,6 +2,7 @@
 each keeps in a trailer after its payload.
 
     listed(storage, listing, known) -> ([(key, path, size)] newest first, foreign names)
+    Listing(storage, known, limit, deadline)   the same, fed entry by entry: bounded in memory and time
     trailer(seal, key, blob) -> bytes          what a put appends after the payload (b"" without a blob)
     parse(seal, key, data) -> bytes | None      the blob of a trailer; None unless it is one, sealed here
     MAX_TRAILER                                 the most bytes an object may carry past its payload
@@ -29,8 +30,10 @@ temporary file, renamed whole; S3: one PUT), so an object has its blob or is not
 
 from __future__ import annotations
 
+import heapq
 import struct
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, wait
 from datetime import datetime
 from typing import Any
@@ -44,6 +47,10 @@ STALE_TMP_S = 600.0  # a temporary file this old belongs to a writer that died
 # (one small GET per object) that must not hold the start for minutes: past this budget the
 # trailers not read yet count as none (those blocks are served, just not published), newest read first
 TRAILER_BUDGET_S = 15.0
+# ... and the listing before it: a prefix a bucket writer stuffed with other objects (millions of
+# names, each examined) must not hold it either. Past this budget recover() stops listing: the
+# objects not listed yet are not recovered (misses; they stay in the bucket, unserved)
+LIST_BUDGET_S = 15.0
 MAGIC = b"KVBm"
 TAIL = struct.Struct("<H4s")
 ALIGN = 64
@@ -105,36 +112,77 @@ class Trailers:
         return out
 
 
-def listed(st: Any, listing: list, known: set) -> tuple[list, int]:
+def listed(st: Any, listing: Iterable, known: set) -> tuple[list, int]:
     """The objects of a listing that are this namespace's blocks and could be served (sized as
     a header, a payload and at most MAX_TRAILER), newest first; and how many names were not ours
     (another secret's, or an old kvbm's: left alone). Stale temporary files of file:// go."""
-    found, foreign, now, base = [], 0, time.time(), HEADER_MIN + st.block_nbytes
+    sink = Listing(st, known)
     for info in listing:
+        sink.add(info)
+    found, foreign, _ = sink.result()
+    return found, foreign
+
+
+class Listing:
+    """What recover() keeps of a listing, fed one entry at a time as pages arrive (so a prefix
+    stuffed with other objects costs neither memory nor an unbounded wait):
+
+        Listing(storage, known, limit=None, deadline=None)
+          .add(info) -> bool       True once the deadline (time.monotonic()) has passed: stop listing
+          .result() -> ([(key, path, size)] newest first, foreign names, complete)
+
+    At most `limit` candidates are kept (the newest by mtime: a heap), whatever the listing holds.
+    """
+
+    def __init__(self, st: Any, known: set, limit: int | None = None, deadline: float | None = None) -> None:
+        self.st, self.known, self.limit, self.deadline = st, known, limit, deadline
+        self.base = HEADER_MIN + st.block_nbytes
+        self.now = time.time()
+        self.heap: list[tuple] = []  # (mtime, name, key, path, size), oldest on top
+        self.foreign = 0
+        self.seen = 0
+        self.complete = True
+
+    def add(self, info: dict) -> bool:
+        self.seen += 1
+        self._add(info)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.complete = False
+            return True
+        return False
+
+    def _add(self, info: dict) -> None:
+        st = self.st
         path = info["name"].rstrip("/")
         name = path.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or path in known:
-            continue
+        if info.get("type") != "file" or path in self.known:
+            return
         if name.startswith(TMP_PREFIX):
-            if st._local and now - _mtime(info) > STALE_TMP_S:
+            if st._local and self.now - _mtime(info) > STALE_TMP_S:
                 try:
                     st.fs.rm_file(path)
                 except Exception:
                     pass
-            continue
+            return
         key = st._seal.key_of(name)
         if key is None or bytes.fromhex(name).hex() != name:
             # not ours; or another spelling of one of our names (upper case, spaces: the same bytes
             # to fromhex), i.e. a copy a bucket writer made: taken as ours it would be a second
             # object of one key, and the manager frees (deletes) one of the two, maybe ours
-            foreign += 1
-            continue
+            self.foreign += 1
+            return
         size = info.get("size")
-        if size is not None and not base <= size <= base + MAX_TRAILER:
-            continue  # torn or foreign: it could never be served
-        found.append((_mtime(info), name, key, path, size))
-    found.sort(reverse=True)
-    return [(key, path, size) for _, _, key, path, size in found], foreign
+        if size is not None and not self.base <= size <= self.base + MAX_TRAILER:
+            return  # torn or foreign: it could never be served
+        item = (_mtime(info), name, key, path, size)
+        if self.limit is None or len(self.heap) < self.limit:
+            heapq.heappush(self.heap, item)
+        elif self.limit > 0 and item > self.heap[0]:
+            heapq.heapreplace(self.heap, item)  # newer than the oldest kept: it goes
+
+    def result(self) -> tuple[list, int, bool]:
+        found = sorted(self.heap, reverse=True)
+        return [(key, path, size) for _, _, key, path, size in found], self.foreign, self.complete
 
 
 def _mtime(info: dict[str, Any]) -> float:
