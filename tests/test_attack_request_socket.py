@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -167,6 +168,107 @@ def test_a_connection_flood_neither_kills_the_daemon_nor_cuts_its_clients(tmp_pa
         st = c1.stats()["daemon"]["connections"]
         assert st["open"] <= 4 and st["waiting"] <= 2, st
         alive()
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# ---------------------------------------------------------------- a message that never ends
+
+
+def _zmtp(port: int) -> socket.socket:
+    """A raw ZMTP 3.0 peer (NULL mechanism, as a DEALER): what libzmq's own sender never does,
+    an attacker's does."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" * 32)
+    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    s.sendall(bytes([0x04, len(body)]) + body)
+    got = b""
+    while len(got) < 64:  # the daemon's greeting (then its READY, left unread)
+        chunk = s.recv(64 - len(got))
+        assert chunk, "the daemon closed the handshake"
+        got += chunk
+    return s
+
+
+def _frame(payload: bytes, more: bool) -> bytes:
+    if len(payload) < 256:
+        return bytes([0x01 if more else 0x00, len(payload)]) + payload
+    return bytes([0x03 if more else 0x02]) + struct.pack(">Q", len(payload)) + payload
+
+
+def _endless(s: socket.socket, limit: int) -> int:
+    """Frames of one message with MORE set, 64 KiB each, until the daemon hangs up or `limit`."""
+    chunk = _frame(b"x" * (64 << 10), more=True)
+    sent = 0
+    try:
+        while sent < limit:
+            s.sendall(chunk)
+            sent += len(chunk)
+    except OSError:  # reset or broken pipe: the daemon cut this connection
+        return sent
+    return -1
+
+
+@pytest.mark.parametrize("authenticated", [False, True], ids=["stranger", "token-holder"])
+def test_a_message_that_never_ends_is_cut_not_buffered(tmp_path, authenticated):
+    """A peer sends one message whose frames all carry MORE, forever. libzmq bounds a
+    connection's queue in whole messages and MAXMSGSIZE per frame, so it buffered this one
+    without end: 776 MiB in 4 s from one Python sender, from a stranger with no token (the
+    token is checked on messages, and this one never completes). Now the gate compares what
+    the kernel received on each connection with what the daemon read from it and shuts down
+    a connection more than its backlog ahead (one request before the token was shown, the
+    queued requests after). The daemon's memory stays bounded and its clients are served."""
+    cfg = _config(tmp_path, address="tcp://127.0.0.1:0", token=TOKEN)
+    out = tmp_path / "out.txt"
+    out.write_text("")
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", cfg], stdout=out.open("w"),
+                            stderr=(tmp_path / "err.txt").open("w"), env=_env())
+    clients: list[Client] = []
+
+    def rss_mib() -> int:
+        for line in open(f"/proc/{proc.pid}/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) >> 10
+        return 0
+
+    try:
+        info = wait_ready(proc, out, 180)
+        assert info is not None, (tmp_path / "err.txt").read_text()[-2000:]
+        address = info["address"]
+        port = int(address.rsplit(":", 1)[1])
+        c0 = Client(address, model="tiny", layout=LAYOUT, token=TOKEN, timeout=DEADLINE_S)
+        clients.append(c0)
+        keys = make_keys("beside-the-endless", 2)
+        assert c0.store(keys, [block(k) for k in keys]) == 2
+        base = rss_mib()
+        s = _zmtp(port)
+        try:
+            if authenticated:  # a whole request with the token first: this connection is a client's
+                s.sendall(_frame(request("stats", 1, TOKEN), more=False))
+                got = b""
+                while b"\xa2ok\xc3" not in got:  # its reply (ok: true): the daemon read it, token and all
+                    chunk = s.recv(1 << 16)
+                    assert chunk, "the daemon hung up on a whole request with the token"
+                    got += chunk
+            limit = 2 << 30
+            sent = _endless(s, limit)
+        finally:
+            s.close()
+        assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-2000:]
+        assert 0 < sent < limit, "the daemon kept reading a message that never ends"
+        st = c0.stats()["daemon"]["connections"]
+        assert st["overfed"] == 1, st
+        print(f"cut after {sent >> 20} MiB; daemon RSS {base} -> {rss_mib()} MiB")
+        assert rss_mib() < base + 512
+        dest = [np.zeros(NB, np.uint8) for _ in keys]
+        assert c0.load(keys, dest) == 2 and all(np.array_equal(d, block(k)) for d, k in zip(dest, keys))
     finally:
         for c in clients:
             c.close()

@@ -31,18 +31,25 @@ than this thread briefly holds more, and a tcp listener at EMFILE only retries i
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import socket
+import struct
 import threading
+import time
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger("kvbm.daemon")
-MAX_WAITING = 256  # connections open at once that have not shown the token yet
+MAX_WAITING = 128  # connections open at once that have not shown the token yet
 HANDSHAKE_MS = 10_000  # a connection that has not finished its ZMTP greeting by then is dropped
+RCVHWM = 8  # whole requests libzmq queues per connection before it stops reading it (clients have <= 3 in flight)
+RCVBUF = 2 << 20  # the kernel's receive buffer per connection (it doubles it): no autotuning to 6+ MiB
+SAMPLE_S = 0.1  # how often the gate reads each connection's byte count
+SLACK = 256 << 10  # greeting, READY, a few frame headers
 
 
 def caps() -> tuple[int, int]:
@@ -63,6 +70,8 @@ def caps() -> tuple[int, int]:
 def harden(router: Any) -> None:
     """Socket options of a tcp request socket (before bind)."""
     router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    router.setsockopt(zmq.RCVHWM, RCVHWM)
+    router.setsockopt(zmq.RCVBUF, RCVBUF)
     router.setsockopt(zmq.TCP_KEEPALIVE, 1)
     router.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     router.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
@@ -70,11 +79,21 @@ def harden(router: Any) -> None:
 
 
 class ConnGate:
-    def __init__(self, router: Any, waiting_cap: int | None = None, total_cap: int | None = None) -> None:
+    def __init__(self, router: Any, max_message_bytes: int = 1 << 20, waiting_cap: int | None = None,
+                 total_cap: int | None = None) -> None:
         w, t = caps()
         self.waiting_cap = w if waiting_cap is None else waiting_cap
         self.total_cap = t if total_cap is None else total_cap
+        # bytes a connection may have sent past the requests the daemon read from it: before its
+        # first authenticated request, one request; after, the requests libzmq queues and what
+        # the kernel holds. More is a message that never ends (frames with MORE set, forever):
+        # libzmq counts its high-water mark in whole messages and MAXMSGSIZE per frame, so it
+        # would buffer such a message without bound
+        self.waiting_backlog = max_message_bytes + SLACK
+        self.authed_backlog = RCVHWM * max_message_bytes + 2 * RCVBUF + SLACK
         self.cut = 0
+        self.overfed = 0  # of those, connections that sent more than the daemon read (backlog)
+        self._read: dict[int, int] = {}  # fd -> bytes of the requests the daemon read on it (owner thread)
         self._router = router
         self._mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._address = _address(router.getsockopt(zmq.LAST_ENDPOINT).decode())
@@ -94,6 +113,18 @@ class ConnGate:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def received(self, frames: list) -> None:
+        """Owner thread, every request: count its bytes as read (the wire's frame headers included)."""
+        try:
+            fd = frames[-1].get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):
+            return
+        n = 0
+        for f in frames[1:]:  # (frames[0] is the routing id the router made up)
+            size = len(f)
+            n += size + (2 if size < 256 else 9)
+        self._read[fd] = self._read.get(fd, 0) + n
+
     def authenticated(self, frame: Any) -> None:
         """Owner thread, after a request passed the token check: its connection is a client's."""
         try:
@@ -110,9 +141,14 @@ class ConnGate:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._mon, zmq.POLLIN)
+        next_sample = 0.0
         while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_sample:
+                next_sample = now + SAMPLE_S
+                self._sample()
             try:
-                if not poller.poll(100):
+                if not poller.poll(int(SAMPLE_S * 1000)):
                     continue
             except zmq.ZMQError:
                 return
@@ -124,6 +160,21 @@ class ConnGate:
                 except zmq.ZMQError:
                     return
                 self._on(ev)
+
+    def _sample(self) -> None:
+        """Shut down each connection that sent more than the daemon read from it, plus its backlog."""
+        with self._lock:
+            fds = [(fd, True) for fd in self._authed] + [(fd, False) for fd in self._waiting]
+        for fd, authed in fds:
+            got = _bytes_received(fd)
+            if got is None or got - self._read.get(fd, 0) <= (self.authed_backlog if authed else self.waiting_backlog):
+                continue
+            with self._lock:
+                if fd in (self._authed if authed else self._waiting):  # still that connection
+                    self._authed.discard(fd)
+                    self._waiting.pop(fd, None)
+                    self.overfed += 1
+                    self._cut(fd)
 
     def _on(self, ev: dict) -> None:
         fd = ev.get("value")
@@ -142,6 +193,7 @@ class ConnGate:
             self._cutting.discard(fd)  # (a descriptor is reused only after its DISCONNECTED)
             self._authed.discard(fd)
             self._waiting.pop(fd, None)
+            self._read[fd] = 0
             if len(self._authed) + len(self._waiting) >= self.total_cap:
                 self._cut(fd)
                 return
@@ -198,6 +250,24 @@ def _shut(fd: int, address: tuple[str, int]) -> bool:
         return False
     finally:
         s.close()  # the duplicate only
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+try:
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+except OSError:  # (no libc to call: no byte counts, the backlog bound is off)
+    _libc = None
+
+
+def _bytes_received(fd: int) -> int | None:
+    """tcpi_bytes_received of the TCP connection on fd (Linux >= 4.1), read in place (no dup)."""
+    if _libc is None or _TCP_INFO is None:
+        return None
+    buf = ctypes.create_string_buffer(256)
+    n = ctypes.c_uint32(256)
+    if _libc.getsockopt(fd, socket.IPPROTO_TCP, _TCP_INFO, buf, ctypes.byref(n)) != 0 or n.value < 136:
+        return None
+    return struct.unpack_from("=Q", buf.raw, 128)[0]
 
 
 def _peer(s: socket.socket) -> bool:

@@ -116,7 +116,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             harden(self.router)  # handshake deadline, keepalive (conn_gate.py)
         self.address = bind(self.router, dcfg.address)  # ipc: 0700 folder, 0600 socket (transport.py)
         if dcfg.address.startswith("tcp://"):  # anyone reaching the port may connect: bound what they hold
-            self._gate = ConnGate(self.router)
+            self._gate = ConnGate(self.router, dcfg.max_message_bytes)
         self._last_frame: zmq.Frame | None = None  # the current request's payload: its sender's creds
         self._init_events()  # the PUB stream and the origin map (events.py)
         self.metrics_address = ""
@@ -210,6 +210,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         """One request: never raises; a reply (or an error reply) goes back to the sender."""
         if frames and isinstance(frames[-1], zmq.Frame):  # from run(): the kernel's word on the sender
             self._last_frame = frames[-1]
+            if self._gate is not None:
+                self._gate.received(frames)  # bytes read per connection: a message that never ends is cut
             frames = [f.bytes for f in frames]
         if len(frames) == 2:
             envelope, payload = frames[:1], frames[1]
@@ -312,7 +314,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         }
         if self._gate is not None:  # the tcp request socket's connections (conn_gate.py)
             st["daemon"]["connections"] = {"open": self._gate.live, "waiting": self._gate.waiting,
-                                           "cut": self._gate.cut}
+                                           "cut": self._gate.cut, "overfed": self._gate.overfed}
         return st
 
     def _state_sizes(self) -> dict[str, int]:
