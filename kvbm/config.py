@@ -13,7 +13,7 @@ Example (kvbm.yaml):
     mode: exclusive          # or inclusive
     promote_on_hit: true
     tiers:
-      - {name: g2, capacity: 8GiB}            # eviction: auto (the first tier's default), admission: always
+      - {name: g2, capacity: 8GiB}            # eviction: auto (every tier's default; lru below the first), admission: always
       - {name: g3, capacity: 200GiB, eviction: {name: frequency, half_life: 600}, admission: {name: n_hit, n: 2}}
 
 Environment overrides use double underscores for nesting and tier names as keys:
@@ -38,16 +38,15 @@ from .blocks import KVLayout, check_name
 from .tiers.base import TIER_NAMES
 
 
-# The eviction policy of a tier whose config names none (issue 15). The first tier, where every
-# store lands, gets `auto`: it follows the best of its candidates by miniature simulations of the
-# tier's own traffic (policies/auto.py). A tier below it is fed by the cascade, one demoted block
-# at a time, and gets `lru`: on that stream auto was never above lru (bundled trace, G2 10k auto
-# over G3 100k: 0.3640 with auto on G3, 0.3643 with lru; 0.3275 before auto's fix 3148dc4; first
-# 4,000 requests, G2 1k over G3 10k: -0.0036), and those tiers are the large ones, where lru's
-# ~120 B per resident key beats auto's ~440 B (bench/RESULTS.md, issue 15, "auto as the default
-# eviction").
+# The eviction policy of a tier whose config names none (issue 15): `auto` on every tier. On the
+# first tier, where every store lands, it follows the best of its candidates by miniature
+# simulations of the tier's own traffic (policies/auto.py). Below it (KVBMConfig gives such an
+# `auto` the option `below`) a tier is fed by the cascade, one demoted block at a time, hits
+# there remove the block and misses are never seen: auto's measurements cannot work there, and
+# it runs lru (policies/auto_lower.py: the first tier's auto on a G3 was up to 0.053 below the
+# best of lru/arc/s3fifo/prefix, lru at most 0.0124; bench/RESULTS.md, issue 15, session 11).
 DEFAULT_EVICTION = "auto"
-DEFAULT_LOWER_EVICTION = "lru"
+DEFAULT_LOWER_EVICTION = "auto"  # with below=True: lru's decisions and memory
 DEFAULT_ADMISSION = "always"
 
 
@@ -152,6 +151,9 @@ class KVBMConfig:
         for i, t in enumerate(self.tiers):
             if t.eviction is None:
                 t.eviction = PolicySpec(default_eviction(i))
+            if i > 0 and t.eviction.name == "auto" and "below" not in t.eviction.options:
+                # auto below the first tier: its mode for a demotion-fed tier (policies/auto_lower.py)
+                t.eviction = PolicySpec("auto", {**t.eviction.options, "below": True})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KVBMConfig":

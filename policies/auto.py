@@ -151,7 +151,16 @@ class AutoPolicy(EvictionPolicy):
     CHECK_MIN = 2048  # sampled accesses between checks, at least
     CHECK_SCALE = 4  # ... and this many mini capacities
 
-    def __init__(self, capacity, *, candidates=None, sample_slots=1024, start=None, **kw):
+    def __new__(cls, capacity=0, *args, below=False, **kw):
+        """below=True (KVBMConfig sets it on every `auto` below the first tier): the mode for a
+        demotion-fed tier, policies/auto_lower.py (lru: why, there)."""
+        if below:
+            from .auto_lower import LowerTierAuto
+
+            return LowerTierAuto(capacity, *args, **kw)
+        return super().__new__(cls)
+
+    def __init__(self, capacity, *, candidates=None, sample_slots=1024, start=None, below=False, **kw):
         super().__init__(capacity, **kw)
         if candidates is None:
             candidates = self.DEFAULT_CANDIDATES
