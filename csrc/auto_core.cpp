@@ -8,19 +8,21 @@
 //             first); kind 0 = hitdensity (insert(keys, run_length, ends_run)), 1 = structured
 //             (insert(keys, parents): each sampled key's parent is the sampled key before
 //             it), 2 = plain (insert(keys)), 3 = auto's real tier standing in for the mini
-//             (its keys asked and its prefix hits counted, never fed); a PrefixCore or S3FifoCore is called directly,
-//             other cores through their bound methods
+//             (its keys asked and its prefix hits counted, never fed); a PrefixCore, S3FifoCore
+//             or HitDensityCore is called directly, other cores through their bound methods
 //   scores    `alive` (per mini: no miss yet in this request), `score` (prefix hits) and
 //             `differ` (|hits - the active mini's|, where any differ) updated in place, the
 //             same float additions as _feed's
 //
 // Called with the GIL held. Only kvbm/ops.py hands this class out.
+#include "hitdensity_core.hpp"
 #include "policy_core.hpp"
 #include "prefix_core.hpp"
 #include "s3fifo_core.hpp"
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace nb = nanobind;
@@ -93,6 +95,7 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
     if (!PyDict_Check(resident)) throw std::invalid_argument("feed_minis: resident must be a dict");
     PrefixCore* prefix = kind == 1 && nb::isinstance<PrefixCore>(core) ? nb::inst_ptr<PrefixCore>(core) : nullptr;
     S3FifoCore* s3 = kind == 2 && nb::isinstance<S3FifoCore>(core) ? nb::inst_ptr<S3FifoCore>(core) : nullptr;
+    HitDensityCore* hd = kind == 0 ? hitdensity_feed::cast(core) : nullptr;
     hits.clear();
     held.assign(static_cast<size_t>(n), 0);
     Py_ssize_t lead = -1;  // the leading sampled keys it holds
@@ -127,6 +130,9 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
           if (prefix) prefix->touch_key(k);
           else s3->touch_key(k);
         }
+      } else if (hd) {
+        if (reverse) std::reverse(hits.begin(), hits.end());
+        hitdensity_feed::touch(hd, hits.data(), nhits);
       } else {
         nb::object h = list_of(hits, reverse);
         call(touch, {h.ptr()});
@@ -142,12 +148,15 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
     if (room > 0) {
       if (prefix) prefix->evict_quiet(room);
       else if (s3) s3->evict_quiet(room);
+      else if (hd) hitdensity_feed::evict_quiet(hd, room);
       else {
         nb::object r = nb::int_(room);
         call(evict, {r.ptr(), empty.ptr()});
       }
     }
-    if (kind == 0) {
+    if (hd) {
+      hitdensity_feed::insert_run(hd, fresh.data(), static_cast<Py_ssize_t>(fresh.size()), run_length, ends_run);
+    } else if (kind == 0) {
       nb::object keys = list_of(fresh, false);
       nb::object len = nb::int_(run_length);
       call(insert, {keys.ptr(), len.ptr(), ends_run ? Py_True : Py_False});
@@ -230,6 +239,15 @@ class MiniFeed {
 
   // None where no key of the call is sampled (nothing changes), else (sampled keys, the last one)
   nb::object feed(nb::handle keys, bool stored, bool new_request, nb::handle last, Py_ssize_t active) {
+    nb::object tail;
+    const int64_t n = feed_raw(keys, stored, new_request, last, active, tail);
+    if (!n) return nb::none();
+    return nb::make_tuple(n, tail);
+  }
+
+  // feed without the tuple: the sampled keys (0: none, nothing changed) and the last of them
+  int64_t feed_raw(nb::handle keys, bool stored, bool new_request, nb::handle last, Py_ssize_t active,
+                   nb::object& tail) {
     Keys k(keys);
     sample_.clear();
     if (threshold_ > mask_) {  // rate 1: every key passes (hash & mask <= mask < threshold)
@@ -239,7 +257,7 @@ class MiniFeed {
       if (h == -1 && PyErr_Occurred()) raise_python();
       if (((static_cast<uint64_t>(h) * mix_) & mask_) < threshold_) sample_.push_back(k[i]);
     }
-    if (sample_.empty()) return nb::none();
+    if (sample_.empty()) return 0;
     PyObject* alive = alive_.ptr();
     if (new_request)  // a new request: alive again in every mini, no sampled parent yet
       for (Py_ssize_t i = 0; i < PyList_GET_SIZE(alive); ++i) {
@@ -248,9 +266,9 @@ class MiniFeed {
       }
     nb::handle parent = new_request ? nb::handle(Py_None) : last;
     const bool ends_run = stored && sample_.back() == k[k.size() - 1];
-    nb::object tail = nb::borrow(sample_.back());  // kept alive through the minis' calls
+    tail = nb::borrow(sample_.back());  // kept alive through the minis' calls
     feed_minis(minis_, sample_, parent, k.size(), ends_run, capacity_, alive_, score_, differ_, active);
-    return nb::make_tuple(static_cast<int64_t>(sample_.size()), tail);
+    return static_cast<int64_t>(sample_.size());
   }
 
  private:
@@ -295,7 +313,252 @@ void forget_keys(nb::handle parents, nb::handle victims) {
   }
 }
 
+// auto's per-call plumbing (policies/auto.py's insert_many, touch and _feed, line for line),
+// compiled: the request boundaries, the key lists of the request being served, the mini feed
+// and its counters, the real tier's call and the parents map. The state stays in the policy's
+// own attributes (read and written here through its __dict__), so the Python decisions
+// (_choose, _swap, _switch_cold) see and change the same values; _choose is called back when
+// a check is due. AutoPlumb holds a weak reference to the policy (the policy holds it).
+class AutoPlumb {
+ public:
+  explicit AutoPlumb(nb::handle policy) {
+    PyObject* w = PyWeakref_NewRef(policy.ptr(), nullptr);
+    if (!w) raise_python();
+    weak_ = nb::steal(w);
+  }
+
+  void insert_many(nb::handle keys_in, nb::handle hints) {
+    Self self(weak_);
+    nb::object keys = as_sequence(keys_in);
+    const Py_ssize_t nk = PySequence_Fast_GET_SIZE(keys.ptr());
+    if (!nk) return;
+    PyObject* k0 = PySequence_Fast_ITEMS(keys.ptr())[0];
+    PyObject* h = hints.ptr();
+    const bool per_key = PyList_Check(h) || PyTuple_Check(h);
+    nb::object first = per_key ? steal_or_raise(PySequence_GetItem(h, 0)) : nb::borrow(h);
+    if (!first.is_none()) self.set(n().structured, Py_True);
+    if (first.is_none()) {  // no structure given: a store after a store starts a new request
+      if (self.truth(n().stored_last)) self.new_request();
+    } else {
+      nb::object parent = steal_or_raise(PyObject_GetAttr(first.ptr(), n().parent));
+      if (parent.is_none()) {
+        self.set(n().structured, Py_True);
+        if (PyDict_SetItem(self.get(n().parents), k0, Py_None) != 0) raise_python();
+        self.new_request();
+      } else if (self.truth(n().req) && !contains(nb::borrow(self.get(n().parents)).ptr(), parent.ptr()) &&
+                 !any_holds(nb::borrow(self.get(n().req)).ptr(), parent.ptr())) {
+        self.new_request();  // a chain goes on only from a key of the request being served
+      }
+    }
+    self.note_request(keys.ptr(), nk);
+    const bool shared = self.truth(n().shared);
+    if (shared) feed(self, keys.ptr(), true);  // the tier's hits are read before the keys go in
+    PyObject* real = self.get(n().real);  // (after the feed: a switch may have come)
+    nb::object hold_real = nb::borrow(real);
+    nb::object wants = steal_or_raise(PyObject_GetAttr(real, n().wants_structure));
+    if (truth(wants.ptr())) {
+      call_method(real, n().insert_many, {keys.ptr(), h});
+    } else if (self.reversed_active()) {
+      nb::object rev = reversed_list(keys.ptr());
+      call_method(real, n().insert_many, {rev.ptr(), Py_None});
+    } else {
+      call_method(real, n().insert_many, {keys.ptr(), Py_None});
+    }
+    if (per_key) {
+      nb::object parents = nb::borrow(self.get(n().parents));
+      link_parents(parents, keys, hints);
+    } else if (h != Py_None) {
+      nb::object parent = steal_or_raise(PyObject_GetAttr(h, n().parent));
+      if (PyDict_SetItem(self.get(n().parents), k0, parent.ptr()) != 0) raise_python();
+    }
+    self.set(n().stored_last, Py_True);
+    if (!shared) feed(self, keys.ptr(), true);
+  }
+
+  void touch(nb::handle keys_in) {
+    Self self(weak_);
+    nb::object keys = as_sequence(keys_in);
+    const Py_ssize_t nk = PySequence_Fast_GET_SIZE(keys.ptr());
+    if (!nk) return;
+    PyObject* k0 = PySequence_Fast_ITEMS(keys.ptr())[0];
+    PyObject* p = PyDict_GetItemWithError(self.get(n().parents), k0);
+    if (!p && PyErr_Occurred()) raise_python();
+    if (p == Py_None || (self.truth(n().stored_last) && !self.truth(n().structured))) self.new_request();
+    self.note_request(keys.ptr(), nk);
+    self.set(n().stored_last, Py_False);
+    PyObject* real = self.get(n().real);
+    nb::object hold_real = nb::borrow(real);
+    if (self.reversed_active()) {
+      nb::object rev = reversed_list(keys.ptr());
+      call_method(real, n().touch, {rev.ptr()});
+    } else {
+      call_method(real, n().touch, {keys.ptr()});
+    }
+    feed(self, keys.ptr(), false);
+  }
+
+ private:
+  struct Names {
+    PyObject *stored_last, *structured, *new_request, *req, *req_len, *parents, *shared, *real, *active,
+        *feed_core, *window, *seen, *next_check, *last, *active_index, *choose, *feed, *wants_structure,
+        *insert_many, *touch, *parent, *leaf_first, *reversed;
+  };
+  static const Names& n() {
+    static const Names names = [] {
+      auto intern = [](const char* s) {
+        PyObject* o = PyUnicode_InternFromString(s);  // kept for the process
+        if (!o) raise_python();
+        return o;
+      };
+      return Names{intern("_stored_last"), intern("_structured"), intern("_new_request"), intern("_req"),
+                   intern("_req_len"), intern("_parents"), intern("_shared"), intern("_real"), intern("active"),
+                   intern("_feed_core"), intern("_window"), intern("_seen"), intern("_next_check"), intern("_last"),
+                   intern("_active_index"), intern("_choose"), intern("_feed"), intern("wants_structure"),
+                   intern("insert_many"), intern("touch"), intern("parent"), intern("LEAF_FIRST"),
+                   intern("REVERSED")};
+    }();
+    return names;
+  }
+
+  static bool truth(PyObject* o) {
+    if (o == Py_True) return true;
+    if (o == Py_False || o == Py_None) return false;
+    int r = PyObject_IsTrue(o);
+    if (r < 0) raise_python();
+    return r == 1;
+  }
+  static nb::object steal_or_raise(PyObject* o) {
+    if (!o) raise_python();
+    return nb::steal(o);
+  }
+  static bool contains(PyObject* container, PyObject* key) {
+    int r = PySequence_Contains(container, key);
+    if (r < 0) raise_python();
+    return r == 1;
+  }
+  static bool any_holds(PyObject* calls, PyObject* key) {  // any(key in call for call in calls)
+    nb::object it = steal_or_raise(PyObject_GetIter(calls));
+    while (PyObject* call = PyIter_Next(it.ptr())) {
+      nb::object c = nb::steal(call);
+      if (contains(call, key)) return true;
+    }
+    if (PyErr_Occurred()) raise_python();
+    return false;
+  }
+  static nb::object as_sequence(nb::handle keys) {  // a list or tuple as given, else list(keys)
+    PyObject* o = keys.ptr();
+    if (PyList_Check(o) || PyTuple_Check(o)) return nb::borrow(o);
+    return steal_or_raise(PySequence_List(o));
+  }
+  static nb::object reversed_list(PyObject* seq) {  // keys[::-1] (a list for a list, as slicing gives)
+    const Py_ssize_t nk = PySequence_Fast_GET_SIZE(seq);
+    if (!PyList_Check(seq)) {
+      nb::object slice = steal_or_raise(PySlice_New(Py_None, Py_None, nb::int_(-1).ptr()));
+      return steal_or_raise(PyObject_GetItem(seq, slice.ptr()));
+    }
+    PyObject* out = PyList_New(nk);
+    if (!out) raise_python();
+    PyObject* const* items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < nk; ++i) {
+      Py_INCREF(items[nk - 1 - i]);
+      PyList_SET_ITEM(out, i, items[nk - 1 - i]);
+    }
+    return nb::steal(out);
+  }
+  static void call_method(PyObject* obj, PyObject* name, std::initializer_list<PyObject*> args) {
+    nb::object fn = steal_or_raise(PyObject_GetAttr(obj, name));
+    call(fn.ptr(), args);
+  }
+
+  // The policy and its attribute dict for one call.
+  class Self {
+   public:
+    explicit Self(const nb::object& weak) {
+      PyObject* p = PyWeakref_GetObject(weak.ptr());  // borrowed
+      if (!p) raise_python();
+      if (p == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "auto: the policy of this plumbing is gone");
+        raise_python();
+      }
+      policy_ = nb::borrow(p);
+      dict_ = steal_or_raise(PyObject_GenericGetDict(p, nullptr));
+    }
+    PyObject* policy() const { return policy_.ptr(); }
+    PyObject* get(PyObject* name) const {  // self.<name>: the instance's, else the class's
+      PyObject* v = PyDict_GetItemWithError(dict_.ptr(), name);
+      if (v) return v;
+      if (PyErr_Occurred()) raise_python();
+      held_.push_back(steal_or_raise(PyObject_GetAttr(policy_.ptr(), name)));
+      return held_.back().ptr();
+    }
+    bool truth(PyObject* name) const { return AutoPlumb::truth(get(name)); }
+    void set(PyObject* name, PyObject* v) const {
+      if (PyDict_SetItem(dict_.ptr(), name, v) != 0) raise_python();
+    }
+    void new_request() const {  // self._new_request = True; self._req, self._req_len = [], 0
+      set(n().new_request, Py_True);
+      nb::object req = steal_or_raise(PyList_New(0));
+      set(n().req, req.ptr());
+      nb::object zero = nb::int_(0);
+      set(n().req_len, zero.ptr());
+    }
+    void note_request(PyObject* keys, Py_ssize_t nk) const {  // LEAF_FIRST: the call's keys kept
+      if (!(truth(n().leaf_first) && truth(n().structured))) return;
+      if (PyList_Append(get(n().req), keys) != 0) raise_python();
+      nb::object len = nb::int_(nk);
+      nb::object sum = steal_or_raise(PyNumber_InPlaceAdd(get(n().req_len), len.ptr()));
+      set(n().req_len, sum.ptr());
+    }
+    bool reversed_active() const {  // self.active in self.REVERSED
+      return contains(get(n().reversed), get(n().active));
+    }
+
+   private:
+    nb::object policy_, dict_;
+    mutable std::vector<nb::object> held_;  // class attributes read in this call
+  };
+
+  // _feed: the sampled keys of one call to every mini (MiniFeed), its counters, a check if due
+  static void feed(const Self& self, PyObject* keys, bool stored) {
+    PyObject* core = self.get(n().feed_core);
+    if (!nb::isinstance<MiniFeed>(core)) {  // no compiled feed: the Python one
+      nb::object fn = steal_or_raise(PyObject_GetAttr(self.policy(), n().feed));
+      call(fn.ptr(), {keys, stored ? Py_True : Py_False});
+      return;
+    }
+    const bool fresh = self.truth(n().new_request);
+    nb::object last = nb::borrow(self.get(n().last));
+    const Py_ssize_t active = PyLong_AsSsize_t(self.get(n().active_index));
+    if (active == -1 && PyErr_Occurred()) raise_python();
+    nb::object tail;
+    nb::object hold = nb::borrow(core);  // the feed stays alive through its call
+    const int64_t got = nb::inst_ptr<MiniFeed>(core)->feed_raw(nb::handle(keys), stored, fresh, last, active, tail);
+    if (!got) return;
+    self.set(n().new_request, Py_False);
+    self.set(n().last, tail.ptr());
+    nb::object count = nb::int_(got);
+    nb::object window = steal_or_raise(PyNumber_InPlaceAdd(self.get(n().window), count.ptr()));
+    self.set(n().window, window.ptr());
+    nb::object seen = steal_or_raise(PyNumber_InPlaceAdd(self.get(n().seen), count.ptr()));
+    self.set(n().seen, seen.ptr());
+    int due = PyObject_RichCompareBool(seen.ptr(), self.get(n().next_check), Py_GE);
+    if (due < 0) raise_python();
+    if (due) {
+      nb::object choose = steal_or_raise(PyObject_GetAttr(self.policy(), n().choose));
+      call(choose.ptr(), {});
+    }
+  }
+
+  nb::object weak_;
+};
+
 void bind_auto(nb::module_& m) {
+  nb::class_<AutoPlumb>(m, "AutoPlumb",
+                        "auto's per-call plumbing (policies/auto.py's insert_many, touch, _feed) over the "
+                        "policy's own attributes")
+      .def(nb::init<nb::handle>(), "policy"_a)
+      .def("insert_many", &AutoPlumb::insert_many, "keys"_a, "hints"_a.none() = nb::none())
+      .def("touch", &AutoPlumb::touch, "keys"_a);
   m.def("auto_link_parents", &link_parents, "parents"_a, "keys"_a, "hints"_a,
         "parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None) (auto's parents map)");
   m.def("auto_forget_keys", &forget_keys, "parents"_a, "victims"_a,

@@ -78,12 +78,12 @@ class HitDensityCore {
 
   void insert_many(nb::handle keys) {
     Keys k(keys);
-    insert_run_(k, k.size(), true);
+    insert_run_(k.items(), k.size(), k.size(), true);
   }
 
   void insert_run(nb::handle keys, int64_t run_length, bool ends_run) {
     Keys k(keys);
-    insert_run_(k, run_length, ends_run);
+    insert_run_(k.items(), k.size(), run_length, ends_run);
   }
 
   void batch_stored(nb::handle keys) {
@@ -130,7 +130,26 @@ class HitDensityCore {
 
   nb::object evict(int64_t n, nb::handle protected_keys) {
     if (n <= 0) return nb::steal(PyList_New(0));
-    PyObject* prot = protected_keys.ptr();
+    return evict_(n, protected_keys.ptr(), true);
+  }
+
+  void evict_quiet(int64_t n) {  // evict(n, ()) with the victims dropped (auto's minis)
+    if (n > 0) evict_(n, Py_None, false);
+  }
+
+  void insert_run_items(PyObject* const* keys, Py_ssize_t n, int64_t run_length, bool ends_run) {
+    insert_run_(keys, n, run_length, ends_run);
+  }
+
+  void touch_items(PyObject* const* keys, Py_ssize_t n) {  // touch(keys) without a list
+    for (Py_ssize_t i = n - 1; i >= 0; --i) {
+      int32_t s = find(resident_, kResident, keys[i]);
+      if (s >= 0) touch_slot(s);
+    }
+  }
+
+ private:
+  nb::object evict_(int64_t n, PyObject* prot, bool want_list) {
     bool check = prot != Py_None;
     if (check) {
       Py_ssize_t size = PyObject_Size(prot);
@@ -183,9 +202,10 @@ class HitDensityCore {
         heads[best] = heads[--nh];
       }
     }
-    return forget(victims);
+    return forget(victims, want_list);
   }
 
+ public:
   // ------------------------------------------------------------------ state, for the wrapper
 
   nb::object resident() const { return nb::borrow(resident_); }
@@ -316,8 +336,8 @@ class HitDensityCore {
                               static_cast<double>(kStarts.width[b]);
   }
 
-  void insert_run_(const Keys& keys, int64_t run_length, bool ends_run) {
-    const Py_ssize_t last = keys.size() - 1;
+  void insert_run_(PyObject* const* keys, Py_ssize_t n, int64_t run_length, bool ends_run) {
+    const Py_ssize_t last = n - 1;
     if (last < 0) return;
     const int body = run_class(run_length > 1 ? run_length : 1);
     // the batch's last block first (the partial one the next turn replaces), then deepest
@@ -326,28 +346,36 @@ class HitDensityCore {
     for (Py_ssize_t i = last - 1; i >= 0; --i) insert_key(keys[i], body);
   }
 
+  // One probe of the resident map for a new or resident key (set_default), where a lookup and
+  // then an insert took two; the ghosts are asked only when there are any. A returning ghost
+  // goes on under the new slot (its old one freed): slots decide nothing, the lists' order does.
   void insert_key(PyObject* key, int fresh) {
     now_ += 1;
     if (now_ >= next_update_) update();
-    int32_t s = find(resident_, kResident, key);
-    if (s >= 0) {  // already tracked: an access
-      touch_slot(s);
+    int32_t s = take(key);
+    PyObject* v = policycore::set_default(resident_, key, slot_int_[s]);
+    if (v != slot_int_[s]) {  // already tracked (or an error): an access
+      release(s);
+      if (!v) raise_python();
+      touch_slot(slot_of(v, kResident));
       return;
     }
-    s = find(ghosts_, kGhost, key);
-    if (s >= 0) {  // a reuse the tier missed, counted for the class the block had
-      if (PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0) raise_python();  // nothing changed yet
-      if (PyDict_DelItem(ghosts_, key_[s]) != 0) {  // still a ghost
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        if (PyDict_DelItem(resident_, key_[s]) != 0) PyErr_WriteUnraisable(key_[s]);
-        PyErr_Restore(t, v, tb);
-        raise_python();
+    int32_t g = -1;
+    if (count_[kGhosts]) {
+      try {
+        g = find(ghosts_, kGhost, key);
+        if (g >= 0 && PyDict_DelItem(ghosts_, key_[g]) != 0) raise_python();
+      } catch (...) {  // nothing changed: the new entry taken back
+        policycore::undo_set(resident_, key);
+        release(s);
+        throw;
       }
-      int gc = cls_[s];
-      int64_t gl = last_[s];
-      unlink(s, kGhosts);
-      state_[s] = kResident;
+    }
+    if (g >= 0) {  // a reuse the tier missed, counted for the class the block had
+      int gc = cls_[g];
+      int64_t gl = last_[g];
+      unlink(g, kGhosts);
+      release(g);
       unghost(gc, gl);
       int b = bucket(now_ - gl);
       reuses_[gc][b] += 1;
@@ -357,11 +385,6 @@ class HitDensityCore {
       last_[s] = now_;
       append(s, c);
       return;
-    }
-    s = take(key);
-    if (PyDict_SetItem(resident_, key, slot_int_[s]) != 0) {
-      release(s);
-      raise_python();
     }
     cls_[s] = static_cast<int8_t>(fresh);
     last_[s] = now_;
@@ -380,10 +403,10 @@ class HitDensityCore {
     append(s, c);
   }
 
-  nb::object forget(const std::vector<int32_t>& victims) {
-    PyObject* out = PyList_New(static_cast<Py_ssize_t>(victims.size()));
-    if (!out) raise_python();
-    nb::object result = nb::steal(out);
+  nb::object forget(const std::vector<int32_t>& victims, bool want_list) {
+    PyObject* out = want_list ? PyList_New(static_cast<Py_ssize_t>(victims.size())) : nullptr;
+    if (want_list && !out) raise_python();
+    nb::object result = out ? nb::steal(out) : nb::none();
     Py_ssize_t i = 0;
     for (int32_t s : victims) {  // out of their queues, into the ghosts
       // the maps first: an error leaves this victim (and the ones after it) resident, whole
@@ -400,8 +423,10 @@ class HitDensityCore {
       append(s, kGhosts);
       state_[s] = kGhost;
       epochs_[c][last_[s] >> shift_] += 1;
-      Py_INCREF(key_[s]);
-      PyList_SET_ITEM(out, i++, key_[s]);
+      if (out) {
+        Py_INCREF(key_[s]);
+        PyList_SET_ITEM(out, i++, key_[s]);
+      }
     }
     for (int64_t extra = count_[kGhosts] - max_ghosts_; extra > 0; --extra) {
       int32_t s = head_[kGhosts];  // never came back within the ghost horizon
@@ -429,6 +454,10 @@ class HitDensityCore {
       if (PyErr_Occurred()) raise_python();
       return -1;
     }
+    return slot_of(v, state);
+  }
+
+  int32_t slot_of(PyObject* v, uint8_t state) const {  // the slot whose int is the map's value v
     long s = PyLong_AsLong(v);  // one of our slot ints, unless the map was written from outside
     if (s < 0 || static_cast<size_t>(s) >= slot_int_.size() || slot_int_[s] != v || state_[s] != state) {
       if (PyErr_Occurred()) raise_python();
@@ -501,6 +530,21 @@ class HitDensityCore {
   int64_t now_ = 0, next_update_ = 0, period_ = 0, max_ghosts_ = 1, updates_ = 0;
   int shift_ = 0;
 };
+
+// auto's mini feed (auto_core.cpp) calls a hitdensity mini directly, through these: the same
+// verbs as its bound methods, compiled here (with -ffp-contract=off), no Python call between.
+namespace hitdensity_feed {
+
+HitDensityCore* cast(nb::handle core) {
+  return nb::isinstance<HitDensityCore>(core) ? nb::inst_ptr<HitDensityCore>(core) : nullptr;
+}
+void insert_run(HitDensityCore* c, PyObject* const* keys, Py_ssize_t n, int64_t run_length, bool ends_run) {
+  c->insert_run_items(keys, n, run_length, ends_run);
+}
+void touch(HitDensityCore* c, PyObject* const* keys, Py_ssize_t n) { c->touch_items(keys, n); }
+void evict_quiet(HitDensityCore* c, int64_t n) { c->evict_quiet(n); }
+
+}  // namespace hitdensity_feed
 
 // [k for k in keys if (hash(k) * mix) & mask < threshold]: Python's & of the exact product
 // keeps its low bits, which the product modulo 2**64 has too (mask < 2**64).

@@ -29,6 +29,7 @@ class Keys {
   Keys& operator=(const Keys&) = delete;
   Py_ssize_t size() const { return PySequence_Fast_GET_SIZE(seq_); }
   PyObject* operator[](Py_ssize_t i) const { return PySequence_Fast_ITEMS(seq_)[i]; }
+  PyObject* const* items() const { return PySequence_Fast_ITEMS(seq_); }
 
  private:
   PyObject* seq_;
@@ -68,6 +69,21 @@ class Protected {
  private:
   PyObject* set_ = nullptr;
 };
+
+// dict[key] = value unless key is there: one hash and one probe where a lookup and then an
+// insert take two. Returns the value now under key: `value` (it went in) or the one that was
+// there; nullptr with a Python error set.
+inline PyObject* set_default(PyObject* dict, PyObject* key, PyObject* value) {
+  return PyDict_SetDefault(dict, key, value);
+}
+
+// The new entry under key taken out again after a later step failed; the pending error is kept.
+inline void undo_set(PyObject* dict, PyObject* key) {
+  PyObject *t, *v, *tb;
+  PyErr_Fetch(&t, &v, &tb);
+  if (PyDict_DelItem(dict, key) != 0) PyErr_WriteUnraisable(key);
+  PyErr_Restore(t, v, tb);
+}
 
 }  // namespace policycore
 

@@ -259,23 +259,39 @@ class PrefixCore {
   };
   static constexpr uint8_t kEvicting = 3;  // a victim of the evict under way (undone on failure)
 
+  // One probe of the tracked map for a new or tracked key (set_default), where a lookup and
+  // then an insert took two; parent-only keys are asked only when there are any, and a parent
+  // that is the key inserted just before (a run's usual case) is found without a lookup.
   void insert_key(PyObject* key, PyObject* parent) {
-    int32_t s = find(tracked_, kTracked, key);
-    if (s >= 0) {
+    int32_t s = take(key);
+    PyObject* v = policycore::set_default(tracked_, key, slot_int_[s]);
+    if (v != slot_int_[s]) {  // tracked already (or an error)
+      release(s);
+      if (!v) raise_python();
+      s = slot_of(v, kTracked);
       int32_t leaf = unlink(s, false);
       if (leaf >= 0) push(leaf);
     } else {
-      s = find(parents_only_, kParentOnly, key);
-      if (s >= 0) {  // a parent-only key becomes tracked, its children kept
+      int32_t q = -1;
+      if (PyDict_GET_SIZE(parents_only_)) {
+        try {
+          q = find(parents_only_, kParentOnly, key);
+        } catch (...) {  // nothing changed: the new entry taken back
+          policycore::undo_set(tracked_, key);
+          release(s);
+          throw;
+        }
+      }
+      if (q >= 0) {  // a parent-only key becomes tracked under its own slot, its children kept
+        if (PyDict_DelItem(tracked_, key) != 0) {  // the new entry (its slot) taken back first
+          release(s);  // (a key just put in does not fail to come out; were it to, it would be
+          raise_python();  // left mapped to a free slot: the map is checked at each find)
+        }
+        release(s);
+        s = q;
         if (PyDict_SetItem(tracked_, key_[s], slot_int_[s]) != 0) raise_python();  // nothing changed
         if (PyDict_DelItem(parents_only_, key_[s]) != 0) {  // still parent-only
           undo_map(tracked_, s);
-          raise_python();
-        }
-      } else {
-        s = take(key);
-        if (PyDict_SetItem(tracked_, key_[s], slot_int_[s]) != 0) {
-          release(s);
           raise_python();
         }
       }
@@ -284,8 +300,10 @@ class PrefixCore {
     int32_t p = -1;
     try {  // s is tracked: an error finding its parent leaves it a root, stamped and a leaf
       if (parent != Py_None) {
-        p = find(tracked_, kTracked, parent);
-        if (p < 0) p = find(parents_only_, kParentOnly, parent);
+        // the slot inserted last holds this very object and is tracked: tracked_[parent] is it
+        if (last_ >= 0 && key_[last_] == parent && state_[last_] == kTracked) p = last_;
+        else p = find(tracked_, kTracked, parent);
+        if (p < 0 && PyDict_GET_SIZE(parents_only_)) p = find(parents_only_, kParentOnly, parent);
         if (p < 0) {
           int32_t q = take(parent);
           state_[q] = kParentOnly;
@@ -304,6 +322,7 @@ class PrefixCore {
     link(s, p);
     seq_[s] = ++clock_;
     if (!nchild_[s]) push(s);
+    last_ = s;
   }
 
   // dict[key_[s]] removed again after a later step failed; the pending error is kept
@@ -374,6 +393,10 @@ class PrefixCore {
       if (PyErr_Occurred()) raise_python();
       return -1;
     }
+    return slot_of(v, state);
+  }
+
+  int32_t slot_of(PyObject* v, uint8_t state) const {  // the slot whose int is the map's value v
     long s = PyLong_AsLong(v);
     if (s < 0 || static_cast<size_t>(s) >= slot_int_.size() || slot_int_[s] != v || state_[s] != state) {
       if (PyErr_Occurred()) raise_python();
@@ -424,6 +447,7 @@ class PrefixCore {
   std::vector<Entry> heap_, skipped_;  // skipped_, undo_: evict's scratch, kept for reuse
   std::vector<Undo> undo_;
   int64_t clock_ = 0;
+  int32_t last_ = -1;  // the slot insert_key tracked last (a hint, checked before each use)
 };
 
 }  // namespace prefixcore

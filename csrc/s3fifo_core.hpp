@@ -203,26 +203,36 @@ class S3FifoCore {
   }
 
  private:
+  // One probe of the resident map for a new or resident key (set_default), where a lookup and
+  // then an insert took two; the ghosts are asked only when there are any. A returning ghost
+  // goes on under the new slot (its old one freed): slots decide nothing, only list order does.
   void insert_key(PyObject* key) {
-    int32_t s = find(resident_, key);
-    if (s >= 0) {  // touch((key,))
-      if (freq_[s] < 3) freq_[s] += 1;
+    int32_t s = take(key);
+    PyObject* v = policycore::set_default(resident_, key, slot_int_[s]);
+    if (v != slot_int_[s]) {  // resident already (or an error): touch((key,))
+      release(s);
+      if (!v) raise_python();
+      int32_t r = slot_of(resident_, v);
+      if (freq_[r] < 3) freq_[r] += 1;
       return;
     }
-    s = find(ghosts_, key);
-    const bool ghost = s >= 0;
-    if (ghost) {  // a ghost: into main
-      if (PyDict_DelItem(ghosts_, key_[s]) != 0) raise_python();
-      unlink(s);
-    } else {
-      s = take(key);
+    int32_t g = -1;
+    if (count_[kGhost]) {
+      try {
+        g = find(ghosts_, key);
+        if (g >= 0 && PyDict_DelItem(ghosts_, key_[g]) != 0) raise_python();
+      } catch (...) {  // nothing changed: the new entry taken back
+        policycore::undo_set(resident_, key);
+        release(s);
+        throw;
+      }
     }
-    if (PyDict_SetItem(resident_, key_[s], slot_int_[s]) != 0) {  // in neither map: forgotten
-      release(s);
-      raise_python();
+    if (g >= 0) {  // a ghost: into main
+      unlink(g);
+      release(g);
     }
     freq_[s] = 0;
-    append(s, ghost ? kMain : kSmall);
+    append(s, g >= 0 ? kMain : kSmall);
   }
 
   void unpark(const Protected& prot) {  // parked keys no longer protected: back to their queue
@@ -243,6 +253,10 @@ class S3FifoCore {
       if (PyErr_Occurred()) raise_python();
       return -1;
     }
+    return slot_of(dict, v);
+  }
+
+  int32_t slot_of(PyObject* dict, PyObject* v) const {  // the slot whose int is dict's value v
     long s = PyLong_AsLong(v);
     if (s < 0 || static_cast<size_t>(s) >= slot_int_.size() || slot_int_[s] != v || list_[s] == kFree ||
         (list_[s] == kGhost) != (dict == ghosts_)) {  // kFree: unlink would index past the lists

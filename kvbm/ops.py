@@ -13,7 +13,7 @@
     cuda_available()                                          kernels built, a driver and a device
     hitdensity_core()                                         hitdensity's compiled per-key state (a class) or None
     hashed_sample()                                           auto's compiled key sample (a function) or None
-    policy_core(name)                                         PrefixCore / S3FifoCore / MiniFeed /
+    policy_core(name)                                         PrefixCore / S3FifoCore / MiniFeed / AutoPlumb /
                                                               auto_link_parents / auto_forget_keys, or None
 
 Buffers are anything with the C-contiguous buffer protocol (bytes, bytearray, mmap,
@@ -215,10 +215,11 @@ def hashed_sample():
 
 def policy_core(name: str):
     """A compiled policy piece by name: "PrefixCore", "S3FifoCore" (policies/prefix.py's and
-    s3fifo.py's state and verbs), "MiniFeed" (auto's sample and per-mini step) or
+    s3fifo.py's state and verbs), "MiniFeed" (auto's sample and per-mini step), "AutoPlumb"
+    (auto's insert_many / touch / _feed bookkeeping over the policy's own attributes) or
     "auto_link_parents" / "auto_forget_keys" (auto's parents map per call), or None where the
     extension is off, not built, or built before it: the Python versions run then."""
-    if name not in ("PrefixCore", "S3FifoCore", "MiniFeed", "auto_link_parents", "auto_forget_keys"):
+    if name not in ("PrefixCore", "S3FifoCore", "MiniFeed", "AutoPlumb", "auto_link_parents", "auto_forget_keys"):
         raise ValueError(f"policy_core: unknown name {name!r}")
     return getattr(_native, name, None) if HAVE_NATIVE else None
 

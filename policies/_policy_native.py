@@ -6,6 +6,9 @@
     bind(policy, core)                               the policy's verbs become the core's methods
     feeder(minis, ...) -> feed or None               auto's sample and per-mini step compiled,
                                                      where every mini runs a compiled core
+    feed_core(minis, ...) -> MiniFeed or None        the object whose feed method feeder gives
+    plumbing(policy, native=None) -> AutoPlumb/None  auto's insert_many and touch compiled (the
+                                                     per-call plumbing around the mini feed)
     parents_ops(native=None) -> (link, forget)       auto's parents map per call: link(parents,
                                                      keys, hints), forget(parents, victims);
                                                      compiled (kvbm._native's auto_link_parents,
@@ -75,6 +78,23 @@ def feeder(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, 
     runs a compiled core, else None. kinds: per mini 0 (hitdensity: insert_run), 1 (structured:
     insert_linked), 2 (plain), 3 (auto's real tier standing in for a mini: its keys are asked,
     it is never fed). alive, score, differ: auto's lists, updated in place."""
+    feed = feed_core(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, differ, native)
+    return feed.feed if feed is not None else None
+
+
+def plumbing(policy, native=None):
+    """auto's per-call plumbing compiled (an AutoPlumb: its insert_many and touch, _feed's
+    bookkeeping inside, over the policy's own attributes) where kvbm._native has it, else None."""
+    if native is None:
+        native = USE
+    if native is False:
+        return None
+    cls = _lookup("AutoPlumb")
+    return cls(policy) if cls else None
+
+
+def feed_core(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, differ, native=None):
+    """The MiniFeed itself (feeder's object), or None."""
     if native is None:
         native = USE
     if native is False:
@@ -87,7 +107,7 @@ def feeder(minis, kinds, reverse, mix, mask, threshold, capacity, alive, score, 
         c = mini._core
         insert = c.insert_run if kind == 0 else c.insert_linked if kind == 1 else c.insert_many if kind == 2 else None
         specs.append((kind, mini._keys, c, c.touch, c.evict, insert, rev))
-    return cls(specs, mix, mask, threshold, capacity, alive, score, differ).feed
+    return cls(specs, mix, mask, threshold, capacity, alive, score, differ)
 
 
 _parent_of = attrgetter("parent")

@@ -222,13 +222,23 @@ class AutoPolicy(EvictionPolicy):
         self._req: list = []
         self._req_len = 0  # that request's keys seen so far, evicted ones included (an upper
         #                    bound: a key given twice counts twice until the map is made)
+        # insert_many, touch and _feed's bookkeeping compiled (csrc/auto_core.cpp's AutoPlumb,
+        # line for line, over these same attributes; _choose called back) where the mini feed
+        # is; a subclass that overrides one of them keeps the Python methods
+        cls = type(self)
+        if (self._feed_core is not None and cls.insert_many is AutoPolicy.insert_many
+                and cls.touch is AutoPolicy.touch and cls._feed is AutoPolicy._feed):
+            plumb = _policy_native.plumbing(self)
+            if plumb is not None:
+                self.insert_many, self.touch = plumb.insert_many, plumb.touch
 
     def _make_feeder(self, active):
         kinds = [0 if m.__class__ is HitDensityPolicy else 1 if m.wants_structure else 2 for m in self._minis]
         if self._shared:
             kinds[active] = 3  # the real tier: its keys asked, never fed
-        self._feeder = _policy_native.feeder(self._minis, kinds, self._reversed, _MIX, _MASK, self._threshold,
-                                             self.mini_capacity, self._alive, self._score, self._differ)
+        self._feed_core = _policy_native.feed_core(self._minis, kinds, self._reversed, _MIX, _MASK, self._threshold,
+                                                   self.mini_capacity, self._alive, self._score, self._differ)
+        self._feeder = self._feed_core.feed if self._feed_core is not None else None
 
     # ---------------------------------------------------------------- verbs
 
