@@ -205,7 +205,8 @@ def memory(name: str, requests, capacity: int) -> float:
         # the compiled cores (alone, auto's real tier and minis): arrays tracemalloc misses
         cores = [getattr(p, "_core", None) for p in [policy, getattr(policy, "_real", None)]
                  + list(getattr(policy, "_minis", ()))]
-        native = sum(c.native_bytes() for c in cores if c is not None)
+        # each core once: at rate 1 auto's real tier is one of its minis (the shared mini)
+        native = sum(c.native_bytes() for c in {id(c): c for c in cores if c is not None}.values())
         return (tracemalloc.get_traced_memory()[0] + native) / max(1, len(policy))
     finally:
         tracemalloc.stop()

@@ -20,6 +20,8 @@
 #include "prefix_core.hpp"
 #include "s3fifo_core.hpp"
 
+#include <structmember.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -281,16 +283,45 @@ class MiniFeed {
 // auto's parents map (resident key -> its parent), kept per call at C speed: insert_many's
 // parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None) and evict's
 // parents.pop(v, None) for each victim. policies/_policy_native.py has both in Python.
+// h.parent (a new reference, nullptr with an error set). Hints has __slots__: where h's type
+// reads attributes the generic way and `parent` is its slot (a member descriptor), the slot is
+// read at its offset, as that descriptor's __get__ does; the type's version tag, checked on each
+// use, drops the shortcut if the class changes. Anything else: getattr.
+PyObject* parent_of(PyObject* h) {
+  static PyObject* name = nullptr;  // "parent", interned once (kept for the process)
+  static PyTypeObject* type = nullptr;  // the type whose slot offset is known (a strong reference)
+  static unsigned int tag = 0;
+  static Py_ssize_t offset = 0;
+  if (!name && !(name = PyUnicode_InternFromString("parent"))) return nullptr;
+  PyTypeObject* t = Py_TYPE(h);
+  if (t != type || !tag || t->tp_version_tag != tag) {
+    if (t->tp_getattro != PyObject_GenericGetAttr) return PyObject_GetAttr(h, name);
+    PyObject* d = _PyType_Lookup(t, name);  // borrowed; sets the type's version tag
+    if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type) || !PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG))
+      return PyObject_GetAttr(h, name);
+    PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type != T_OBJECT_EX || reinterpret_cast<PyMemberDescrObject*>(d)->d_common.d_type != t)
+      return PyObject_GetAttr(h, name);
+    Py_INCREF(t);
+    Py_XDECREF(reinterpret_cast<PyObject*>(type));
+    type = t;
+    tag = t->tp_version_tag;
+    offset = m->offset;
+  }
+  PyObject* v = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(h) + offset);
+  if (!v) return PyObject_GetAttr(h, name);  // unset slot: getattr raises AttributeError
+  Py_INCREF(v);
+  return v;
+}
+
 void link_parents(nb::handle parents, nb::handle keys, nb::handle hints) {
   PyObject* d = parents.ptr();
   if (!PyDict_Check(d)) throw std::invalid_argument("link_parents: parents must be a dict");
   Keys k(keys), h(hints);
   const Py_ssize_t n = k.size() < h.size() ? k.size() : h.size();
-  static PyObject* name = nullptr;  // "parent", interned once (kept for the process)
-  if (!name && !(name = PyUnicode_InternFromString("parent"))) raise_python();
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (h[i] == Py_None) continue;
-    PyObject* p = PyObject_GetAttr(h[i], name);
+    PyObject* p = parent_of(h[i]);
     if (!p) raise_python();
     const int r = PyDict_SetItem(d, k[i], p);
     Py_DECREF(p);
@@ -340,7 +371,7 @@ class AutoPlumb {
     if (first.is_none()) {  // no structure given: a store after a store starts a new request
       if (self.truth(n().stored_last)) self.new_request();
     } else {
-      nb::object parent = steal_or_raise(PyObject_GetAttr(first.ptr(), n().parent));
+      nb::object parent = steal_or_raise(parent_of(first.ptr()));
       if (parent.is_none()) {
         self.set(n().structured, Py_True);
         if (PyDict_SetItem(self.get(n().parents), k0, Py_None) != 0) raise_python();
@@ -368,11 +399,44 @@ class AutoPlumb {
       nb::object parents = nb::borrow(self.get(n().parents));
       link_parents(parents, keys, hints);
     } else if (h != Py_None) {
-      nb::object parent = steal_or_raise(PyObject_GetAttr(h, n().parent));
+      nb::object parent = steal_or_raise(parent_of(h));
       if (PyDict_SetItem(self.get(n().parents), k0, parent.ptr()) != 0) raise_python();
     }
     self.set(n().stored_last, Py_True);
     if (!shared) feed(self, keys.ptr(), true);
+  }
+
+  // evict: the real tier's victims; where the request being served may not fit the tier
+  // (and the real policy is not structured), auto's _own_victims (Python) decides; the victims
+  // leave the parents map
+  nb::object evict(nb::handle n_in, nb::handle protected_keys) {
+    Self self(weak_);
+    nb::object real = nb::borrow(self.get(n().real));
+    nb::object evict_fn = steal_or_raise(PyObject_GetAttr(real.ptr(), n().evict));
+    PyObject* args[2] = {n_in.ptr(), protected_keys.ptr()};
+    nb::object victims = steal_or_raise(PyObject_Vectorcall(evict_fn.ptr(), args, 2, nullptr));
+    if (!truth(victims.ptr())) return victims;
+    const Py_ssize_t held = PyObject_Size(real.ptr());
+    if (held < 0) raise_python();
+    const Py_ssize_t nv = PyObject_Size(victims.ptr());
+    if (nv < 0) raise_python();
+    nb::object room = nb::int_(held + nv);
+    nb::object need = steal_or_raise(PyNumber_Add(self.get(n().req_len), n_in.ptr()));
+    int over = PyObject_RichCompareBool(need.ptr(), room.ptr(), Py_GT);
+    if (over < 0) raise_python();
+    if (over) {
+      nb::object wants = steal_or_raise(PyObject_GetAttr(real.ptr(), n().wants_structure));
+      if (!truth(wants.ptr())) {
+        nb::object own = steal_or_raise(PyObject_GetAttr(self.policy(), n().own_victims));
+        PyObject* a[4] = {victims.ptr(), n_in.ptr(), protected_keys.ptr(), room.ptr()};
+        victims = steal_or_raise(PyObject_Vectorcall(own.ptr(), a, 4, nullptr));
+      }
+    }
+    if (truth(victims.ptr())) {
+      nb::object parents = nb::borrow(self.get(n().parents));
+      forget_keys(parents, victims);
+    }
+    return victims;
   }
 
   void touch(nb::handle keys_in) {
@@ -401,7 +465,7 @@ class AutoPlumb {
   struct Names {
     PyObject *stored_last, *structured, *new_request, *req, *req_len, *parents, *shared, *real, *active,
         *feed_core, *window, *seen, *next_check, *last, *active_index, *choose, *feed, *wants_structure,
-        *insert_many, *touch, *parent, *leaf_first, *reversed;
+        *insert_many, *touch, *parent, *leaf_first, *reversed, *evict, *own_victims;
   };
   static const Names& n() {
     static const Names names = [] {
@@ -415,7 +479,7 @@ class AutoPlumb {
                    intern("_feed_core"), intern("_window"), intern("_seen"), intern("_next_check"), intern("_last"),
                    intern("_active_index"), intern("_choose"), intern("_feed"), intern("wants_structure"),
                    intern("insert_many"), intern("touch"), intern("parent"), intern("LEAF_FIRST"),
-                   intern("REVERSED")};
+                   intern("REVERSED"), intern("evict"), intern("_own_victims")};
     }();
     return names;
   }
@@ -558,7 +622,8 @@ void bind_auto(nb::module_& m) {
                         "policy's own attributes")
       .def(nb::init<nb::handle>(), "policy"_a)
       .def("insert_many", &AutoPlumb::insert_many, "keys"_a, "hints"_a.none() = nb::none())
-      .def("touch", &AutoPlumb::touch, "keys"_a);
+      .def("touch", &AutoPlumb::touch, "keys"_a)
+      .def("evict", &AutoPlumb::evict, "n"_a, "protected"_a.none() = nb::tuple());
   m.def("auto_link_parents", &link_parents, "parents"_a, "keys"_a, "hints"_a,
         "parents.update((k, h.parent) for k, h in zip(keys, hints) if h is not None) (auto's parents map)");
   m.def("auto_forget_keys", &forget_keys, "parents"_a, "victims"_a,

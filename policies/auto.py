@@ -222,15 +222,16 @@ class AutoPolicy(EvictionPolicy):
         self._req: list = []
         self._req_len = 0  # that request's keys seen so far, evicted ones included (an upper
         #                    bound: a key given twice counts twice until the map is made)
-        # insert_many, touch and _feed's bookkeeping compiled (csrc/auto_core.cpp's AutoPlumb,
-        # line for line, over these same attributes; _choose called back) where the mini feed
-        # is; a subclass that overrides one of them keeps the Python methods
+        # insert_many, touch, evict and _feed's bookkeeping compiled (csrc/auto_core.cpp's
+        # AutoPlumb, line for line, over these same attributes; _choose and _own_victims called
+        # back) where the mini feed is; a subclass that overrides one keeps the Python methods
         cls = type(self)
         if (self._feed_core is not None and cls.insert_many is AutoPolicy.insert_many
-                and cls.touch is AutoPolicy.touch and cls._feed is AutoPolicy._feed):
+                and cls.touch is AutoPolicy.touch and cls.evict is AutoPolicy.evict
+                and cls._feed is AutoPolicy._feed):
             plumb = _policy_native.plumbing(self)
             if plumb is not None:
-                self.insert_many, self.touch = plumb.insert_many, plumb.touch
+                self.insert_many, self.touch, self.evict = plumb.insert_many, plumb.touch, plumb.evict
 
     def _make_feeder(self, active):
         kinds = [0 if m.__class__ is HitDensityPolicy else 1 if m.wants_structure else 2 for m in self._minis]
@@ -318,12 +319,18 @@ class AutoPolicy(EvictionPolicy):
         victims = self._real.evict(n, protected)
         room = len(self._real) + len(victims) if victims else 0
         if (victims and self._req_len + n > room and not self._real.wants_structure):
-            req = dict.fromkeys(chain.from_iterable(self._req))  # in order, each key once
-            self._req, self._req_len = [list(req)], len(req)
-            if self._req_len + n > room:  # the request does not fit the tier
-                victims = self._deepest_first(victims, protected, req)
+            victims = self._own_victims(victims, n, protected, room)
         if victims:  # forget them here too, at C speed
             self._forget(self._parents, victims)
+        return victims
+
+    def _own_victims(self, victims, n, protected, room):
+        """evict's rare case, the request being served perhaps longer than the tier: its key
+        lists made one ordered map, and where it does not fit, _deepest_first's victims."""
+        req = dict.fromkeys(chain.from_iterable(self._req))  # in order, each key once
+        self._req, self._req_len = [list(req)], len(req)
+        if self._req_len + n > room:  # the request does not fit the tier
+            victims = self._deepest_first(victims, protected, req)
         return victims
 
     def _deepest_first(self, victims, protected, req):

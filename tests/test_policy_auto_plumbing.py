@@ -1,6 +1,6 @@
 """auto's compiled per-call plumbing (csrc/auto_core.cpp's AutoPlumb) equals its Python methods.
 
-AutoPlumb runs auto's insert_many, touch and _feed's bookkeeping in C++ over the policy's own
+AutoPlumb runs auto's insert_many, touch, evict and _feed's bookkeeping in C++ over the policy's own
 attributes. Two autos with the same compiled minis get the same random calls, one with the
 plumbing and one with the Python methods (policies/auto.py); after every call the state the
 plumbing keeps must be equal, value for value (request key lists, counters, the parents map
@@ -32,11 +32,13 @@ def _plumbed():
 def _pair(monkeypatch, capacity, **kw):
     """(auto with the compiled plumbing, auto with the Python methods), the same compiled minis."""
     plumbed = AutoPolicy(capacity, **kw)
-    assert type(plumbed.__dict__.get("insert_many")).__name__ == "nb_bound_method"
+    for verb in ("insert_many", "touch", "evict"):
+        assert type(plumbed.__dict__.get(verb)).__name__ == "nb_bound_method", verb
     with monkeypatch.context() as m:
         m.setattr(_policy_native, "plumbing", lambda policy, native=None: None)
         python = AutoPolicy(capacity, **kw)
-    assert "insert_many" not in python.__dict__ and python._feed_core is not None
+    assert "insert_many" not in python.__dict__ and "evict" not in python.__dict__
+    assert python._feed_core is not None
     return plumbed, python
 
 
@@ -137,6 +139,35 @@ def test_a_subclass_that_overrides_feed_keeps_the_python_methods():
             pass
 
     q = Quiet(16)
-    assert "insert_many" not in q.__dict__ and "touch" not in q.__dict__
+    assert not {"insert_many", "touch", "evict"} & set(q.__dict__)
     q.insert_many([1, 2, 3], None)
     assert q._seen == 0 and len(q) == 3
+
+
+class _Plain:  # `parent` a plain attribute: no slot to read at an offset
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class _Prop:
+    @property
+    def parent(self):
+        return "p"
+
+
+class _Sub(Hints):  # a Hints subclass: its own type, the same slot
+    pass
+
+
+def test_compiled_parent_read_equals_getattr():
+    """auto_link_parents reads Hints.parent from its slot; other objects through getattr."""
+    from kvbm import ops
+
+    link = ops.policy_core("auto_link_parents")
+    if not link:
+        pytest.skip("kvbm._native has no auto_link_parents")
+    hints = [Hints(parent=1), _Plain(2), Hints(parent=None), _Prop(), _Sub(parent=5), Hints(parent=(6, 7)),
+             Hints(parent=8)]
+    got = {}
+    link(got, list(range(len(hints))), hints)
+    assert list(got.items()) == [(i, h.parent) for i, h in enumerate(hints)]
