@@ -18,7 +18,7 @@ judged on its own grid:
               lru/arc/s3fifo/prefix on G3 (the issue's bar for `auto`: within 0.002)
     memory    --memory: the bundled trace through G2 10,000 (auto) over G3 100,000 (lru), G3's
               inserts and removes recorded; then each policy (`auto` below the first tier:
-              AutoPolicy(below=True)) replays them alone under tracemalloc (evicting one key
+              AutoPolicy(below=True); `auto-first`: the first tier's auto there) replays them alone under tracemalloc (evicting one key
               whenever it is full, by its own choice), compiled cores' arrays added
               (native_bytes): bytes held per resident key at the end
 """
@@ -104,7 +104,9 @@ def memory(policies, g2=10_000, g3=100_000) -> dict:
         gc.collect()
         tracemalloc.start()
         try:
-            policy = EVICTION.get(name)(g3, **({"below": True} if name == "auto" else {}))
+            # auto-first: the first tier's auto on that G3 (below=False), for comparison
+            base = "auto" if name == "auto-first" else name
+            policy = EVICTION.get(base)(g3, **({"below": name == "auto"} if base == "auto" else {}))
             for op, key, parent in calls:
                 if op:
                     policy.remove(key)
