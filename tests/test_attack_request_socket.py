@@ -278,3 +278,106 @@ def test_a_message_that_never_ends_is_cut_not_buffered(tmp_path, authenticated):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# ---------------------------------------------------------------- pins at the quota edge over tcp
+
+
+def test_a_tcp_tenant_with_many_salts_cannot_hold_all_of_g2(tmp_path):
+    """G2 blocks a client keeps busy are bounded per namespace and, for other users, per uid
+    (namespace_share of G2). On tcp:// the daemon knows no uid, and tcp clients were exempt
+    from the uid quota like the daemon's own user: a tenant with the token and two salts (two
+    namespaces; vLLM's per-request cache salts make many) pinned all of G2, and every other
+    tenant's store failed. Now tcp clients, together, hold at most namespace_share of G2."""
+    from kvbm.daemon.protocol import RemoteError
+
+    cfg = _config(tmp_path, address="tcp://127.0.0.1:0", token=TOKEN, room_wait_s=0.2, room_stall_s=0.1)
+    out = tmp_path / "out.txt"
+    out.write_text("")
+    proc = subprocess.Popen([sys.executable, "-m", "kvbm.cli", "serve", "--config", cfg], stdout=out.open("w"),
+                            stderr=(tmp_path / "err.txt").open("w"), env=_env())
+    clients: list[Client] = []
+    try:
+        info = wait_ready(proc, out, 180)
+        assert info is not None, (tmp_path / "err.txt").read_text()[-2000:]
+
+        def client(salt: str) -> Client:
+            clients.append(Client(info["address"], model="tiny", layout=LAYOUT, salt=salt, token=TOKEN,
+                                  timeout=DEADLINE_S))
+            return clients[-1]
+
+        share = 32  # namespace_share 0.5 of 64 blocks
+        held = 0
+        for salt in ("hog-1", "hog-2"):  # one tenant, two namespaces
+            hog = client(salt)
+            keys = make_keys(salt, share)
+            for i in range(0, share, 4):  # one-shot stores (a two-phase one would hold a reservation)
+                assert hog.store(keys[i:i + 4], [block(k) for k in keys[i:i + 4]]) == 4
+            try:
+                held += hog.pin(keys)
+            except RemoteError as exc:  # now: the second salt's pins are refused
+                assert exc.code == "quota", exc
+        assert held == share  # before: 64, all of G2
+        victim = client("victim")
+        keys = make_keys("victim", 4)
+        assert victim.store(keys, [block(k) for k in keys]) == 4  # before: 0 (G2 all pinned)
+        dest = [np.zeros(NB, np.uint8) for _ in keys]
+        assert victim.load(keys, dest) == 4 and all(np.array_equal(d, block(k)) for d, k in zip(dest, keys))
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# ---------------------------------------------------------------- a client that never reads
+
+
+def test_replies_a_client_never_reads_are_bounded(tmp_path):
+    """A client opens a session and sends requests without ever reading a reply. The daemon
+    queued up to 10,000 replies per connection (SNDHWM), ~120 MiB of lookup replies each, and
+    every connection a token holder opens had its own. Now a connection holds at most
+    REPLY_HWM (4,096) replies (plus what the kernel buffers); the rest are dropped (this client
+    is not listening), and the daemon serves others meanwhile."""
+    from kvbm.daemon.server import REPLY_HWM
+    from servedaemon import Served
+
+    d = Served(tmp_path, "d").start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.setsockopt(zmq.RCVBUF, 4096)
+    other = None
+    try:
+        s.connect(d.address)
+        s.send(request("hello", 1, "", None, model="tiny", layout=LAYOUT_DICT))
+        assert s.poll(DEADLINE_S * 1000)
+        from kvbm.daemon.protocol import unpack
+
+        sid = unpack(s.recv(), 1 << 20)["session"]
+        other = d.client()
+        before = other.stats()["daemon"]["requests"]
+        n = 20_000
+        for i in range(n):
+            s.send(request("stats", 10 + i, "", sid))  # ~1 KiB each, never read (until the end)
+        assert wait_until(lambda: other.stats()["daemon"]["requests"] >= before + n, DEADLINE_S)
+        keys = make_keys("while-one-never-reads", 2)  # the daemon serves others meanwhile
+        assert other.store(keys, [block(k) for k in keys]) == 2
+        got = 0
+        while s.poll(5000):  # what was queued for it (a wait for absence: the queue is full already)
+            s.recv()
+            got += 1
+        print(f"{got} of {n} replies were queued for a client that never read")
+        assert REPLY_HWM <= 4096 and 0 < got <= 5000  # before: 9,999
+        assert d.proc.poll() is None
+    finally:
+        if other is not None:
+            other.close()
+        s.close(0)
+        ctx.term()
+        d.stop()

@@ -1,6 +1,7 @@
 """The tcp request socket's connections, bounded: a stranger cannot take the daemon's file descriptors.
 
-    ConnGate(router)               watches the router's tcp connections (its own thread)
+    ConnGate(router, max_message_bytes)   watches the router's tcp connections (its own thread)
+      .received(frames)            owner thread, every request: its bytes were read on its connection
       .authenticated(frame)        owner thread: the connection this request came on showed the token
       .live / .waiting             connections open now / of them, not yet authenticated
       .cut                         connections shut down by the gate, in all
@@ -22,6 +23,14 @@ it is cut only if `waiting_cap` more connections arrive before the daemon reads 
 request. All connections together are capped at `total_cap` (a new one past it is shut down),
 which only token holders can reach. libzmq drops a connection that has not finished its ZMTP
 greeting within the handshake interval (10 s here), and TCP keepalive reaps dead peers.
+
+A message that never ends (frames with MORE set, forever: libzmq counts its high-water mark in
+whole messages and MAXMSGSIZE per frame, so it buffers such a message without bound, and the
+token is checked only on whole messages) is cut too: every SAMPLE_S the gate reads each
+connection's byte count from the kernel (TCP_INFO tcpi_bytes_received, in place) and compares it
+with the bytes of the requests the daemon read on it (`received`, owner thread; frame headers
+included); a connection further ahead than one request (before its first authenticated one) or
+its queue (RCVHWM requests and the kernel's receive buffer, after) is shut down.
 
 The gate is reactive (libzmq has accepted a connection before the gate sees it); a flood faster
 than this thread briefly holds more, and a tcp listener at EMFILE only retries its accept

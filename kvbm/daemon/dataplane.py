@@ -52,7 +52,8 @@ class DataPlane:
         for what, held in (("namespace", self.sessions.busy_by_ns.get(s.namespace, 0)),
                            ("uid", self.sessions.busy_by_uid.get(s.uid, 0) if s.uid not in self._own_uids else 0)):
             # (a uid is known on the same-node socket only; the daemon's own user's clients are
-            # bounded per namespace, every other user's clients per uid as well)
+            # bounded per namespace, every other user's clients per uid as well, and all tcp
+            # clients (uid unknown, -1) together as one uid)
             if held + n > share:
                 raise P.ProtocolError("quota", f"this {what} keeps {held} G2 blocks busy; at most {share} "
                                                f"(daemon.namespace_share of {self.top.capacity})")

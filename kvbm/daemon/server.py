@@ -54,6 +54,11 @@ from .windows import sweep
 
 log = logging.getLogger("kvbm.daemon")
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+# Replies queued per connection (the router's SNDHWM; past it a reply is dropped: that client is not
+# reading). A Client has at most 3 requests in flight (two pipelined batches and a cancel), a peer one,
+# the tests' raw clients up to ~2,000 (their zmq thread reads meanwhile, unless starved); a client that
+# never reads holds this many (~REPLY_HWM x the largest reply: 12 KiB for 4,096 keys). Was 10,000.
+REPLY_HWM = 4096
 
 
 class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
@@ -94,7 +99,9 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         # and past them a few the client manages itself, for one-shot store / load (one round trip)
         self.scratch_slots = max(1, min(SCRATCH_BLOCKS, self.window_slots // 4))
         self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid
-        self._own_uids = {-1, os.getuid()}  # unknown (tcp) and the daemon's own user: no uid quota
+        # the daemon's own user: no uid quota. Unknown (-1: every tcp client) is one uid for the quota:
+        # tcp clients together keep at most namespace_share of G2 busy, however many salts they use
+        self._own_uids = {os.getuid()}
         self._undo_info: tuple | None = None  # what the current request created, for a cancel
         sweep(dcfg.shm_name)  # windows a killed daemon left between creating them and a client mapping them
         self.counters = dict.fromkeys(
@@ -110,7 +117,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, dcfg.max_message_bytes)  # bigger: the sender is cut off
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.SNDHWM, 10_000)
+        self.router.setsockopt(zmq.SNDHWM, REPLY_HWM)
         self._gate: ConnGate | None = None
         if dcfg.address.startswith("tcp://"):
             harden(self.router)  # handshake deadline, keepalive (conn_gate.py)
