@@ -48,7 +48,7 @@ class Parser(argparse.ArgumentParser):
 def parse_tier(spec: str, layout) -> Any:
     """'g2=10000:lru[:admission]' -> TierConfig (capacity in blocks or bytes with a unit); an
     eviction left out is the config's default for the tier's place (eviction None here: auto on
-    the first tier, lru below, filled in by KVBMConfig), an admission left out `always`."""
+    every tier, which runs lru below the first; filled in by KVBMConfig), an admission left out `always`."""
     from .config import DEFAULT_ADMISSION, ConfigError, PolicySpec, TierConfig, parse_capacity
     from .tiers.base import TIER_NAMES
 
@@ -375,7 +375,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_EVICTION, DEFAULT_LOWER_EVICTION
+    from .config import DEFAULT_EVICTION
 
     p = Parser(prog="kvbm", description="Tiered KV-cache block manager")
     sub = p.add_subparsers(dest="command", required=True)
@@ -385,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["mooncake", "bailian", "parquet"], help="override format autodetection")
     s.add_argument("--tier", action="append", metavar="NAME=CAP[:EVICT[:ADMIT]]",
                    help=f"a tier, fastest first, e.g. --tier g2=10000:lru --tier g3=100000:frequency; "
-                        f"eviction left out: {DEFAULT_EVICTION} on the first tier, {DEFAULT_LOWER_EVICTION} "
-                        f"below; admission left out: always")
+                        f"eviction left out: {DEFAULT_EVICTION} on every tier (below the first it runs lru); "
+                        f"admission left out: always")
     s.add_argument("--config", help="a kvbm.yaml/.toml config (tiers from --tier replace its tiers)")
     s.add_argument("--layout", help=f"KV layout for byte capacities: {', '.join(LAYOUT_PRESETS)} or "
                                     "layers=32,kv_heads=8,head_dim=128,dtype=bfloat16")
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--g3", type=int, default=2000, help="G3 disk capacity in blocks (default 2000)")
     d.add_argument("--g4", type=int, default=8000, help="G4 object-store capacity in blocks (default 8000)")
     d.add_argument("--policy", help=f"eviction policy of every tier (default: a config's, {DEFAULT_EVICTION} "
-                                    f"on G2 and {DEFAULT_LOWER_EVICTION} on G3 and G4)")
+                                    f"on every tier, which runs lru on G3 and G4)")
     d.add_argument("--workdir", help="directory for G3 and G4 (default: a temporary one, removed after)")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,7 +10,7 @@ rank of an 8-way tensor-parallel deployment (1 KV head per rank), 16-token block
 block. Each trace block id stands for one such block. 1,000 requests (27k block accesses) with
 G2 = 500 blocks, G3 = 2,000 blocks in a temporary directory, and G4 = 8,000 blocks in a local
 directory through fsspec (file://) move several GB and finish in well under a minute on two cores.
-Each tier takes its config default eviction (auto on G2, lru on G3 and G4) unless `eviction`
+Each tier takes its config default eviction (auto on every tier, which runs lru on G3 and G4) unless `eviction`
 (`kvbm demo --policy`) names one for all three.
 """
 
@@ -58,7 +58,7 @@ def run_demo(trace_path: str | Path, *, requests: int = 1000, g2: int = 500, g3:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kvbm-demo-"))
     made = not root.exists()  # ours to remove if the demo cannot start
     root.mkdir(parents=True, exist_ok=True)
-    policy = {"eviction": eviction} if eviction else {}  # else each tier's default (auto on G2, lru below)
+    policy = {"eviction": eviction} if eviction else {}  # else each tier's default (auto; lru below G2)
     config = KVBMConfig.from_dict({
         "namespace": {"model": "meta-llama/Llama-3.1-8B"},
         "tiers": [
