@@ -99,7 +99,7 @@ class ConnGate:
         # libzmq counts its high-water mark in whole messages and MAXMSGSIZE per frame, so it
         # would buffer such a message without bound
         self.waiting_backlog = max_message_bytes + SLACK
-        self.authed_backlog = RCVHWM * max_message_bytes + 2 * RCVBUF + SLACK
+        self.authed_backlog = (RCVHWM + 1) * max_message_bytes + 2 * RCVBUF + SLACK  # (+1: one being decoded)
         self.cut = 0
         self.overfed = 0  # of those, connections that sent more than the daemon read (backlog)
         self._read: dict[int, int] = {}  # fd -> bytes of the requests the daemon read on it (owner thread)
