@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("stats", help="print a running daemon's counters")
-    st.add_argument("--address", help="daemon address (default: from --config, else tcp://127.0.0.1:5557)")
+    st.add_argument("--address", help="daemon address (default: from --config, else the default ipc://$XDG_RUNTIME_DIR/kvbm/kvbm.sock)")
     st.add_argument("--config", help="read the address and token from this kvbm.yaml")
     st.add_argument("--token", help="auth token (default: $KVBM_DAEMON__TOKEN)")
     st.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the daemon")
