@@ -2,7 +2,9 @@
 
     topic_of(namespace) -> bytes      a namespace's topic on the PUB stream (`Client.topic`)
     Origins                           server key -> (namespace, client key), bounded by what is held
-    Events._init_events()             the PUB socket (PLAIN-authenticated when daemon.token is set)
+    Events._init_events()             the event publisher (publisher.py: a child process holding the
+                                      public event sockets) and this stream's link to it
+    Events._service_events(now)       each tick: a dead publisher restarted (with backoff)
     Events._drain_events()            after every request: manager events -> rows per namespace ->
                                       the PUB stream, each session of that namespace, the sinks
     Events.add_event_sink(fn)         fn(namespace, rows) for every drained batch (other formats
@@ -19,10 +21,13 @@ from it) is never published: the topic is a one-way hash of the namespace id, so
 that does not already know a namespace can neither name it nor derive its server keys, and the
 `events` op returns only the caller's namespace's rows. Who may subscribe: anyone who can reach
 the PUB address when no token is set (then it must be loopback or ipc://, see config.py); with
-daemon.token, only subscribers presenting it as ZMQ PLAIN credentials (username `kvbm`). The
-socket is bound as the request socket is (transport.bind: on ipc:// a 0600 file in a folder
-others cannot write) and holds at most event_gate.MAX_EVENT_PEERS connections (a flood must not
-take the daemon's file descriptors).
+daemon.token (or daemon.events_token), only subscribers presenting it as ZMQ PLAIN credentials
+(username `kvbm`). The public PUB socket lives in the event publisher, a child process
+(publisher.py), which this process feeds over a private link: it is bound as the request socket
+is (transport.bind: on ipc:// a 0600 file in a folder others cannot write), holds at most
+event_gate.MAX_EVENT_PEERS connections, and whatever connects to it costs the daemon no file
+descriptor. While the publisher is down (a flood killed it; restarted after a backoff) rows are
+dropped, as past a subscriber's high-water mark; the `events` op's queues are not affected.
 
 After a restart: G3 and G4 keep, beside each block, a blob of (namespace id, engine hash, parent
 hash, client key) that `_block_meta` gives them (kvbm/held.py format 2; G3 in its 0600 index, G4
@@ -59,13 +64,11 @@ import zmq
 from . import protocol as P
 from ..held import pack_meta, unpack_meta
 from .leases import server_key
-from .event_gate import Gate
-from .transport import bind
+from .publisher import Publisher
 
 log = logging.getLogger("kvbm.daemon")
 MAX_EVENTS = 10_000  # per session, oldest dropped
-PLAIN_USER = "kvbm"  # the PUB stream's PLAIN username; the password is daemon.token
-ZAP_DOMAIN = "kvbm-events"
+PLAIN_USER = "kvbm"  # the event streams' PLAIN username; the password is daemon.subscriber_token
 SWEEP_SLACK = 1024   # the origin map may exceed the manager's held keys by this before a sweep
 
 
@@ -103,39 +106,38 @@ class Events:
         self._event_sinks: list[Callable[[bytes, list], None]] = []
         self.pub = None
         self.events_address = ""
-        self._events_ctx: zmq.Context | None = None
-        self._events_gate: Gate | None = None
-        self._zap = None
+        self.publisher: Publisher | None = None
         self.kv_events = None
         self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
         self.manager.keep_meta(self._block_meta)  # G3 and G4 keep each block's names (see the docstring)
         self.manager.take_events()  # the recovered blocks' "stored": told per namespace (_tell_recovered)
-        if dcfg.kv_events:
-            from .kv_events import KVEventPublisher
-
-            self.kv_events = KVEventPublisher(self)
-        self._recovered_metas = {}
-        if not dcfg.events:
-            return
+        streams = {"events": dcfg.events, "kv_events": dcfg.kv_events, "kv_events_replay": dcfg.kv_events_replay}
         try:
-            # its own context: the ZAP handler below then judges this socket's peers only
-            self._events_ctx = zmq.Context()
-            self.pub = self._events_ctx.socket(zmq.PUB)
-            self.pub.setsockopt(zmq.LINGER, 0)
-            if dcfg.subscriber_token:
-                from zmq.auth.thread import ThreadAuthenticator
+            if any(streams.values()):
+                # the public event sockets live in a child process (publisher.py): a connection
+                # flood exhausts its descriptors, never this process's; a refused address fails
+                # the start here, one line
+                self.publisher = Publisher(streams, dcfg.subscriber_token)
+            if dcfg.kv_events:
+                from .kv_events import KVEventPublisher
 
-                self._zap = ThreadAuthenticator(self._events_ctx, log=logging.getLogger("kvbm.daemon.zap"))
-                self._zap.start()
-                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.subscriber_token})
-                self.pub.plain_server = True
-                self.pub.zap_domain = ZAP_DOMAIN.encode()
-            # as the request socket: ipc:// born 0600 in a folder others cannot write, never over a live one
-            self.events_address = bind(self.pub, dcfg.events, "daemon.events")
-            self._events_gate = Gate([self.pub])  # at most MAX_EVENT_PEERS connections (event_gate.py)
-        except BaseException:  # (a refused address) the vLLM-format stream's sockets and threads go too
+                self.kv_events = KVEventPublisher(self)
+            self._recovered_metas = {}
+            if dcfg.events:
+                self.pub = self.publisher.link("events", zmq.PUSH)  # -> the child's PUB (never blocks)
+                self.events_address = self.publisher.endpoints["events"]
+        except BaseException:  # the child, the vLLM-format stream's thread and sockets go too
             self._close_events()
             raise
+
+    def _service_events(self, now: float) -> None:
+        """(Owner thread, each tick.) A dead event publisher is restarted (with backoff)."""
+        pub = self.publisher
+        if pub is not None:
+            before = pub.restarts
+            pub.service(now)
+            if pub.restarts != before and hasattr(self, "counters"):
+                self.counters["event_publisher_restarts"] = pub.restarts
 
     def _recovered_origins(self, metas: dict) -> dict:
         """The recovered blobs that name the namespace their block's server key derives from:
@@ -247,18 +249,12 @@ class Events:
                 log.exception("KV-event sink %r failed", fn)
 
     def _close_events(self) -> None:
-        if self.kv_events is not None:
+        if getattr(self, "kv_events", None) is not None:
             self.kv_events.close()
             self.kv_events = None
-        if getattr(self, "_events_gate", None) is not None:
-            self._events_gate.close()
-            self._events_gate = None
-        if self.pub is not None:
+        if getattr(self, "pub", None) is not None:
             self.pub.close(0)
             self.pub = None
-        if self._zap is not None:
-            self._zap.stop()
-            self._zap = None
-        if self._events_ctx is not None:
-            self._events_ctx.term()
-            self._events_ctx = None
+        if getattr(self, "publisher", None) is not None:
+            self.publisher.close()  # the child exits (its ipc files go), the links close
+            self.publisher = None

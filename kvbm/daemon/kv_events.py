@@ -91,16 +91,13 @@ import zmq
 
 from . import protocol as P
 from ..held import HeldMedia
-from .events import PLAIN_USER, topic_of
+from .events import topic_of
 from .leases import PEER_NS
-from .event_gate import Gate
-from .transport import bind
 
 log = logging.getLogger("kvbm.daemon")
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MAX_HASH_BYTES = 64
 MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
-ZAP_DOMAIN = "kvbm-kv-events"
 MAX_REPLAY_BYTES = 256 << 20  # all namespaces' replay buffers together (a tenant can make many namespaces)
 SNAPSHOT_EVERY_S = 1.0  # per namespace, at most one owner-thread scan for replays this often
 REPLAY_SHARE_IDLE = 9.0  # the replay thread rests 9x the CPU each answer took: <= 10% of a core
@@ -151,36 +148,15 @@ class KVEventPublisher:
         self._buffered = 0
         self._nonempty: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self._lock = threading.Lock()  # streams' buffers: the owner thread appends, replay reads
-        self._ctx = zmq.Context()
-        self._zap = None
-        self._gate = None
-        self.pub = self._ctx.socket(zmq.PUB)
-        self.replay = self._ctx.socket(zmq.ROUTER) if dcfg.kv_events_replay else None
-        try:
-            if dcfg.subscriber_token:
-                from zmq.auth.thread import ThreadAuthenticator
-
-                self._zap = ThreadAuthenticator(self._ctx, log=logging.getLogger("kvbm.daemon.zap"))
-                self._zap.start()
-                self._zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: dcfg.subscriber_token})
-            for sock, addr, key in ((self.pub, dcfg.kv_events, "daemon.kv_events"),
-                                    (self.replay, dcfg.kv_events_replay, "daemon.kv_events_replay")):
-                if sock is None:
-                    continue
-                sock.setsockopt(zmq.LINGER, 0)
-                if dcfg.subscriber_token:
-                    sock.plain_server = True
-                    sock.zap_domain = ZAP_DOMAIN.encode()
-                # as the request socket: ipc:// born 0600 in a folder others cannot write, never
-                # over a live one (transport.py)
-                bind(sock, addr, key)
-            # at most MAX_EVENT_PEERS connections each (event_gate.py: a flood must not take the fds)
-            self._gate = Gate([sock for sock in (self.pub, self.replay) if sock is not None])
-        except BaseException:
-            self.close()
-            raise
-        self.address = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.replay_address = self.replay.getsockopt(zmq.LAST_ENDPOINT).decode() if self.replay else ""
+        # the public PUB and replay ROUTER live in the event publisher (publisher.py, a child
+        # process: PLAIN with the token, transport.bind, at most MAX_EVENT_PEERS connections
+        # each); here, links to them: a PUSH the owner thread publishes on (dropped while the
+        # child is down or full: subscribers see the gap) and a DEALER the replay thread serves
+        pub = daemon.publisher
+        self.pub = pub.link("kv_events", zmq.PUSH)
+        self.replay = pub.link("kv_events_replay", zmq.DEALER) if dcfg.kv_events_replay else None
+        self.address = pub.endpoints["kv_events"]
+        self.replay_address = pub.endpoints.get("kv_events_replay", "") if self.replay is not None else ""
         self._recovered(getattr(daemon, "_recovered_metas", {}))  # verified there (events.py)
         self._stop = threading.Event()
         self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
@@ -318,9 +294,12 @@ class KVEventPublisher:
             ns = self.topics.get(topic)
         if ns is not None:
             out = self._from(ns, start)
-        for seq, payload in out:
-            self.replay.send_multipart([ident, b"", topic, seq.to_bytes(8, "big"), payload])
-        self.replay.send_multipart([ident, b"", b"", END_SEQ, b""])
+        try:  # to the publisher, which routes it to the peer (a full link or no publisher: dropped)
+            for seq, payload in out:
+                self.replay.send_multipart([ident, b"", topic, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+            self.replay.send_multipart([ident, b"", b"", END_SEQ, b""], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _from(self, ns: bytes, start: int) -> list:
         """[(seq, batch)] of ns from `start`: buffered, or a snapshot first when `start` is older."""
@@ -373,15 +352,9 @@ class KVEventPublisher:
         self._stop.set()
         if getattr(self, "_thread", None) is not None:
             self._thread.join(5)
-        if getattr(self, "_gate", None) is not None:
-            self._gate.close()
-            self._gate = None
-        for sock in (self.pub, self.replay):
+        for sock in (getattr(self, "pub", None), getattr(self, "replay", None)):
             if sock is not None:
-                sock.close(0)
-        if self._zap is not None:
-            self._zap.stop()
-        self._ctx.term()
+                sock.close(0)  # (the links: the publisher's context ends with it, events.py)
 
 
 def _batch(evs: list) -> bytes:

@@ -209,6 +209,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                     next_tick = now + 0.25
                     self._expire(now)
                     self.onboarder.service(now)  # requests whose G3/G4 blocks are late get G2's prefix
+                    self._service_events(now)  # a dead event publisher restarts (events.py, publisher.py)
                     self._publish_metrics()
         finally:
             self.shutdown()
