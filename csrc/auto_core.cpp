@@ -210,6 +210,7 @@ void feed_minis(nb::handle minis, const std::vector<PyObject*>& sample, nb::hand
         parents.push_back(p);
       }
       if (prefix) {
+        PrefixCore::Batch batch(*prefix);
         for (size_t j = 0; j < fresh.size(); ++j) prefix->insert_linked_key(fresh[j], parents[j]);
       } else {
         nb::object keys = list_of(fresh, false);

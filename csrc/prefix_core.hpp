@@ -61,7 +61,24 @@ class PrefixCore {
     insert_key(key.ptr(), parent);
   }
 
+  // A batch of inserts (insert_many, insert_linked, auto's mini feed): a key that is a leaf when
+  // inserted goes on the heap at the batch's end, if it is a leaf then (with its seq then). A
+  // run's keys each get a child within the batch, so only its last goes on: fewer stale entries
+  // to pop, and the same leaves with the same seqs on the heap whenever an evict comes (no evict
+  // runs inside a batch), so the same victims.
+  class Batch {
+   public:
+    explicit Batch(PrefixCore& core) : core_(core) { core_.batching_ = true; }
+    ~Batch() { core_.end_batch(); }
+    Batch(const Batch&) = delete;
+    Batch& operator=(const Batch&) = delete;
+
+   private:
+    PrefixCore& core_;
+  };
+
   void insert_many(nb::handle keys, nb::handle hints) {
+    Batch batch(*this);
     Keys k(keys);
     PyObject* h = hints.ptr();
     bool per_key = PyList_Check(h) || PyTuple_Check(h);
@@ -75,6 +92,7 @@ class PrefixCore {
 
   // keys with their parents given as keys (None: a root): auto's structured mini
   void insert_linked(nb::handle keys, nb::handle parents) {
+    Batch batch(*this);
     Keys k(keys), p(parents);
     if (p.size() != k.size()) throw std::invalid_argument("prefix core: one parent per key");
     for (Py_ssize_t i = 0; i < k.size(); ++i) insert_linked_key(k[i], p[i]);
@@ -125,6 +143,10 @@ class PrefixCore {
 
  private:
   nb::object evict_(int64_t n, const Protected& prot, bool want_list) {
+    if (rebuild_due_) {
+      rebuild();
+      rebuild_due_ = false;
+    }
     std::vector<Entry>& skipped = skipped_;
     skipped.clear();
     std::vector<Undo>& undo = undo_;
@@ -321,8 +343,22 @@ class PrefixCore {
     }
     link(s, p);
     seq_[s] = ++clock_;
-    if (!nchild_[s]) push(s);
+    if (!nchild_[s]) {
+      if (batching_) fresh_.push_back(s);
+      else push(s);
+    }
     last_ = s;
+  }
+
+  void end_batch() noexcept {  // the batch's keys that are leaves now onto the heap
+    batching_ = false;
+    try {
+      for (int32_t s : fresh_)
+        if (state_[s] == kTracked && !nchild_[s]) push(s);
+    } catch (...) {  // out of memory growing the heap: rebuilt before the next evict
+      rebuild_due_ = true;
+    }
+    fresh_.clear();
   }
 
   // dict[key_[s]] removed again after a later step failed; the pending error is kept
@@ -374,12 +410,14 @@ class PrefixCore {
 
   void push(int32_t s) {  // the Python version's _push: a push, the heap rebuilt when bloated
     heap_push(Entry{seq_[s], s});
-    if (static_cast<int64_t>(heap_.size()) > 2 * static_cast<int64_t>(PyDict_Size(tracked_)) + 1024) {
-      heap_.clear();
-      for (size_t t = 0; t < key_.size(); ++t)
-        if (state_[t] == kTracked && !nchild_[t]) heap_.push_back(Entry{seq_[t], static_cast<int32_t>(t)});
-      std::make_heap(heap_.begin(), heap_.end(), std::greater<Entry>());
-    }
+    if (static_cast<int64_t>(heap_.size()) > 2 * static_cast<int64_t>(PyDict_Size(tracked_)) + 1024) rebuild();
+  }
+
+  void rebuild() {  // the heap: one entry per tracked leaf
+    heap_.clear();
+    for (size_t t = 0; t < key_.size(); ++t)
+      if (state_[t] == kTracked && !nchild_[t]) heap_.push_back(Entry{seq_[t], static_cast<int32_t>(t)});
+    std::make_heap(heap_.begin(), heap_.end(), std::greater<Entry>());
   }
 
   void heap_push(Entry e) {
@@ -448,6 +486,8 @@ class PrefixCore {
   std::vector<Undo> undo_;
   int64_t clock_ = 0;
   int32_t last_ = -1;  // the slot insert_key tracked last (a hint, checked before each use)
+  bool batching_ = false, rebuild_due_ = false;
+  std::vector<int32_t> fresh_;  // a batch's keys that were leaves when inserted
 };
 
 }  // namespace prefixcore
