@@ -197,3 +197,64 @@ def test_a_publisher_that_cannot_bind_fails_the_start_in_one_line(tmp_path):
     finally:
         squatter.close(0)
         ctx.term()
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_a_subscription_flood_costs_the_daemon_no_memory(tmp_path):
+    """libzmq's PUB keeps every distinct prefix a subscriber sends (no limit on their count):
+    before, 200,000 random 32-byte ones grew the daemon by 357 MiB. The PUB sockets now live in
+    the publisher (which exits past MAX_RSS_BYTES and is restarted, next test): 200,000 random
+    subscriptions while the stream publishes leave the daemon's resident size where it was."""
+    d, runtime = served(tmp_path, "subs")
+    d.start()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    c = d.client()
+    try:
+        one_publisher(d)
+        sub.connect(f"ipc://{tmp_path}/subs/kv.sock")
+        k = make_keys("warm", 1)
+        assert c.store(k, [block(k[0])], hashes=[1]) == 1
+        before = rss_mib(d.proc.pid)
+        rng = np.random.default_rng(7)
+        for i in range(200_000):
+            sub.setsockopt(zmq.SUBSCRIBE, rng.bytes(32))
+            if i % 5000 == 0:  # the stream publishes meanwhile (the PUB reads subscriptions as it sends)
+                k = make_keys(f"subs-{i}", 1)
+                assert c.store(k, [block(k[0])], hashes=[i + 2]) == 1
+        assert c.lookup(k)[0] == 1
+        grown = rss_mib(d.proc.pid) - before
+        print(f"daemon resident size after 200,000 subscriptions: {grown:+.1f} MiB")
+        assert grown < 32, grown
+        assert d.proc.poll() is None
+    finally:
+        sub.close(0)
+        ctx.term()
+        c.close()
+        d.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_publisher_past_its_memory_cap_exits_and_is_restarted(tmp_path, monkeypatch):
+    """The publisher checks its resident size every RSS_CHECK_S and exits past MAX_RSS_BYTES
+    (here lowered below what a bare one takes, so every one leaves at once): the daemon restarts
+    it again and again, with backoff, and serves all along."""
+    from kvbm.daemon import publisher as pub_mod
+    from test_attack_events import InProcess
+
+    monkeypatch.setattr(pub_mod, "MAX_RSS_BYTES", 1 << 20)
+    srv = InProcess(tmp_path)
+    c = srv.client()
+    try:
+        keys = make_keys("cap", 4)
+        assert c.store(keys, [block(k) for k in keys]) == 4
+        assert wait_until(lambda: c.lookup(keys)[0] == 4 and srv.d.publisher.restarts >= 2, DEADLINE_S)
+        assert srv.d.counters["event_publisher_restarts"] >= 2
+    finally:
+        c.close()
+        srv.close()

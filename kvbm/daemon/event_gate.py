@@ -1,4 +1,4 @@
-"""The event sockets' connections, bounded: no local process can take the daemon's file descriptors.
+"""The event sockets' connections, bounded (in the event publisher's process, publisher.py).
 
     Gate([socket, ...], cap=default_cap())     watches each socket's connections (its own thread)
       .live(i) -> int                          connections socket i holds now
@@ -22,6 +22,12 @@ hold at most `cap` descriptors each (MAX_EVENT_PEERS, 128, or a 16th of RLIMIT_N
 event), whatever connects; a subscriber past the cap is refused until others leave (the stream,
 not the daemon, is what a connection flood can deny). A descriptor reused by then for anything
 else is left alone.
+
+The gate is reactive (a thread cuts what libzmq already accepted), and on a loaded box a fast flood
+outran it. So it runs in the event publisher, the child process that holds the public event sockets
+(publisher.py): there it keeps a flood on an idle box from killing the publisher; a flood that
+outruns it kills the publisher (EMFILE), which the daemon restarts, and never the daemon, whose
+descriptors no event connection ever takes.
 """
 
 from __future__ import annotations

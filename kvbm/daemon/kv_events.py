@@ -42,8 +42,12 @@ publisher does not know gets the end marker only. vLLM's own request, [b"", star
 topic, is answered from the one namespace's stream while the publisher has exactly one (a
 daemon serving one model: a subscriber written for a vLLM engine replays unchanged), else with
 the end marker only; so is any request that cannot be parsed (a subscriber never hangs on it). With daemon.token both sockets take ZMQ PLAIN
-peers only (username kvbm, password the token). Both are bound as the request socket is (ipc://:
-0600, see transport.py) and hold at most event_gate.MAX_EVENT_PEERS connections each. A replay
+peers only (username kvbm, password the token). Both live in the event publisher, a child process
+(publisher.py: a connection flood exhausts its descriptors, not the daemon's), are bound as the
+request socket is (ipc://: 0600, see transport.py) and hold at most event_gate.MAX_EVENT_PEERS
+connections each; this process keeps the streams, buffers and snapshots, publishes over a private
+link (dropped while the publisher is down: subscribers see the gap) and answers the replay requests
+the publisher forwards. A replay
 flood is paced: the replay thread rests 9x the CPU each answer took, and snapshot scans (owner
 thread) are at least SNAPSHOT_EVERY_S apart per namespace and <= ~10% of the owner's time.
 
@@ -331,8 +335,9 @@ class KVEventPublisher:
         due = max(self._scan_due, cached[0] + SNAPSHOT_EVERY_S if cached is not None else 0.0)
         if due > now and self._stop.wait(due - now):
             return -1, b""  # shutting down
-        t0 = time.monotonic()
-        (seq, payload), took = self.daemon._owner(self._timed_snapshot, ns)  # consistent with the owner's seq
+        # t0: when the scan itself began on the owner thread (not when it was asked for: the
+        # next one is due SNAPSHOT_EVERY_S after it, however late the owner thread took this one)
+        (seq, payload), took, t0 = self.daemon._owner(self._timed_snapshot, ns)  # consistent with the owner's seq
         now = time.monotonic()
         self._scan_due = now + SCAN_SHARE_IDLE * took
         # a snapshot serves (and paces its namespace's next scan) for SNAPSHOT_EVERY_S only: older
@@ -342,10 +347,10 @@ class KVEventPublisher:
         self._snaps[ns] = (t0, seq, payload)
         return seq, payload
 
-    def _timed_snapshot(self, ns: bytes) -> tuple[tuple[int, bytes], float]:
-        t0 = time.perf_counter()
+    def _timed_snapshot(self, ns: bytes) -> tuple[tuple[int, bytes], float, float]:
+        started, t0 = time.monotonic(), time.perf_counter()
         out = self._snapshot(ns)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, started
 
     def close(self) -> None:
         self._stop = getattr(self, "_stop", threading.Event())

@@ -144,7 +144,8 @@ class Publisher:
     # ---------------------------------------------------------------- the child
 
     def _spawn(self, streams: dict[str, str]) -> None:
-        cfg = {"parent": os.getpid(), "dir": self.dir, "streams": streams, "token": self._token}
+        cfg = {"parent": os.getpid(), "dir": self.dir, "streams": streams, "token": self._token,
+               "max_rss": MAX_RSS_BYTES, "restart": self.proc is not None}
         # close_fds (the default): the child holds none of the daemon's descriptors
         self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.daemon.publisher"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, close_fds=True)
@@ -318,6 +319,7 @@ class _Child:
         """Until the daemon is gone (stdin EOF, a new parent) or this process outgrew MAX_RSS_BYTES."""
         fd = sys.stdin.fileno()
         page = os.sysconf("SC_PAGE_SIZE")
+        most = int(self.cfg.get("max_rss") or MAX_RSS_BYTES)
         while True:
             if select.select([fd], [], [], RSS_CHECK_S)[0] and not os.read(fd, 4096):
                 return 0  # EOF: the daemon closed us or died
@@ -325,9 +327,9 @@ class _Child:
                 return 0
             with open("/proc/self/statm") as f:
                 rss = int(f.read().split()[1]) * page
-            if rss > MAX_RSS_BYTES:
+            if rss > most:
                 log.warning("event publisher: %d MiB resident, past its %d MiB: exits (the daemon starts "
-                            "another; subscribers see a gap)", rss >> 20, MAX_RSS_BYTES >> 20)
+                            "another; subscribers see a gap)", rss >> 20, most >> 20)
                 return 3
 
     def leave(self) -> None:
@@ -396,6 +398,8 @@ def main() -> int:
 
         child.leave()
         msg = str(exc) if isinstance(exc, ConfigError) else f"event publisher: {type(exc).__name__}: {exc}"
+        if cfg.get("restart"):  # (a first start's error is the daemon's own one line)
+            log.warning("event publisher could not restart: %s", msg)
         sys.stdout.write(json.dumps({"error": msg}) + "\n")
         sys.stdout.flush()
         return 2
