@@ -85,7 +85,7 @@ the call's keys are distinct (hashes sorted; the map only where a key repeats), 
 map's upkeep per call compiled (_policy_native.parents_ops). Still above 5x there: the minis
 ~440 ns per access (dict work inside the prefix and hitdensity cores), the wrapper with the
 parents map ~200, the real s3fifo ~110 (auto switches to s3fifo early on that stream).
-Session 11 (H37): **4.8-5.2x** at 1,000 blocks (before 5.9-6.5x, same box, alternated), 827 B
+Session 11 (H37): **4.6-5.1x** at 1,000 blocks (before 5.7-6.5x, same box, alternated), 827 B
 per resident key; the cores' one-probe inserts, hitdensity minis fed directly, the prefix core's
 heap fed per batch, and insert_many/touch/evict/_feed's bookkeeping compiled (AutoPlumb over
 these attributes): bench/RESULTS.md, "Issue 15: auto's cost per access at 1,000 blocks".
