@@ -86,12 +86,13 @@ def test_a_killed_publisher_is_restarted_and_the_daemon_serves_meanwhile(tmp_pat
     from test_kv_events import replay
 
     d, runtime = served(tmp_path, "d")
-    d.start()
     ctx = zmq.Context()
-    c = d.client()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    c = None
     try:
+        d.start()
+        c = d.client()
         first = one_publisher(d)
         sub.setsockopt(zmq.SUBSCRIBE, c.topic)
         sub.connect(f"ipc://{tmp_path}/d/kv.sock")
@@ -149,7 +150,8 @@ def test_a_killed_publisher_is_restarted_and_the_daemon_serves_meanwhile(tmp_pat
                   if ev["type"] == "BlockStored" for h in ev["block_hashes"]}
         assert 5000 in hashes  # the batch published while the stream was down
     finally:
-        c.close()
+        if c is not None:
+            c.close()
         sub.close(0)
         ctx.term()
         d.stop()
@@ -159,8 +161,8 @@ def test_a_killed_publisher_is_restarted_and_the_daemon_serves_meanwhile(tmp_pat
 def test_killing_the_daemon_leaves_no_publisher_and_no_socket(tmp_path):
     for how in ("SIGKILL", "SIGTERM"):
         d, runtime = served(tmp_path, how)
-        d.start()
         try:
+            d.start()
             pid = one_publisher(d)
             files = [tmp_path / how / name for name in ("ev.sock", "kv.sock", "kvr.sock")]
             assert all(f.exists() for f in files)
@@ -210,12 +212,13 @@ def test_a_subscription_flood_costs_the_daemon_no_memory(tmp_path):
     the publisher (which exits past MAX_RSS_BYTES and is restarted, next test): 200,000 random
     subscriptions while the stream publishes leave the daemon's resident size where it was."""
     d, runtime = served(tmp_path, "subs")
-    d.start()
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
-    c = d.client()
+    c = None
     try:
+        d.start()
+        c = d.client()
         one_publisher(d)
         sub.connect(f"ipc://{tmp_path}/subs/kv.sock")
         k = make_keys("warm", 1)
@@ -235,7 +238,8 @@ def test_a_subscription_flood_costs_the_daemon_no_memory(tmp_path):
     finally:
         sub.close(0)
         ctx.term()
-        c.close()
+        if c is not None:
+            c.close()
         d.stop()
         shutil.rmtree(runtime, ignore_errors=True)
 
