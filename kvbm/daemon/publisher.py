@@ -96,7 +96,7 @@ class Publisher:
     """The daemon's handle on the child that holds the public event sockets."""
 
     def __init__(self, streams: dict[str, str], token: str = "", start_timeout: float = START_TIMEOUT_S) -> None:
-        from .transport import runtime_dir
+        from .transport import _prepare_ipc, runtime_dir
 
         self.streams = {k: streams[k] for k in STREAMS if streams.get(k)}
         self._token = token
@@ -112,7 +112,9 @@ class Publisher:
         self.dir = ""
         try:
             base = runtime_dir()
-            os.makedirs(base, mode=0o700, exist_ok=True)
+            # as the request socket's folder: made 0700, refused if another uid owns it or others
+            # may write it (they could swap the links and read every namespace's rows)
+            _prepare_ipc(os.path.join(base, "pub"), "the event publisher's links")
             self.dir = tempfile.mkdtemp(prefix="pub-", dir=base)  # 0700: only this uid reaches the links
             self._spawn(self.streams)
             self.endpoints = self._ready(start_timeout)
