@@ -42,7 +42,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
-import os
 import socket
 import struct
 import threading
@@ -51,6 +50,8 @@ from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from .event_gate import listener_address, shut_accepted
 
 log = logging.getLogger("kvbm.daemon")
 MAX_WAITING = 128  # connections open at once that have not shown the token yet
@@ -105,7 +106,7 @@ class ConnGate:
         self._read: dict[int, int] = {}  # fd -> bytes of the requests the daemon read on it (owner thread)
         self._router = router
         self._mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._address = _address(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+        self._address = listener_address(router.getsockopt(zmq.LAST_ENDPOINT).decode())
         self._lock = threading.Lock()
         self._authed: set[int] = set()  # descriptors of connections that showed the token
         self._waiting: collections.OrderedDict[int, None] = collections.OrderedDict()  # the others, oldest first
@@ -212,7 +213,7 @@ class ConnGate:
             self._waiting[fd] = None
 
     def _cut(self, fd: int) -> None:
-        if _shut(fd, self._address):
+        if shut_accepted(fd, self._address):
             self._cutting.add(fd)
         self.cut += 1
         if self.cut == 1 or self.cut % 1000 == 0:
@@ -227,38 +228,6 @@ class ConnGate:
         except zmq.ZMQError:
             pass
         self._mon.close(0)
-
-
-def _address(endpoint: str) -> tuple[str, int]:
-    """(host, port) of a tcp:// listener, as getsockname() says it on a connection it accepted;
-    host "" for a wildcard bind (any local address)."""
-    host, port = endpoint.split("://", 1)[1].rsplit(":", 1)
-    host = host.strip("[]")
-    return ("" if host in ("0.0.0.0", "::", "*") else host, int(port))
-
-
-def _shut(fd: int, address: tuple[str, int]) -> bool:
-    """shutdown(2) the connection on fd if it is still one accepted by the listener at `address`."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return False
-    try:
-        s = socket.socket(fileno=dup)
-    except OSError:  # not a socket any more
-        os.close(dup)
-        return False
-    try:
-        name = s.getsockname()
-        ours = (s.type == socket.SOCK_STREAM and isinstance(name, tuple) and name[1] == address[1]
-                and (not address[0] or name[0] == address[0]) and _peer(s))
-        if ours:
-            s.shutdown(socket.SHUT_RDWR)
-        return ours
-    except OSError:
-        return False
-    finally:
-        s.close()  # the duplicate only
 
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
@@ -277,12 +246,3 @@ def _bytes_received(fd: int) -> int | None:
     if _libc.getsockopt(fd, socket.IPPROTO_TCP, _TCP_INFO, buf, ctypes.byref(n)) != 0 or n.value < 136:
         return None
     return struct.unpack_from("=Q", buf.raw, 128)[0]
-
-
-def _peer(s: socket.socket) -> bool:
-    """A connected socket (an accepted connection), not a listener bound to the same port."""
-    try:
-        s.getpeername()
-    except OSError:
-        return False
-    return True

@@ -66,7 +66,7 @@ class Gate:
         self._watch: list[tuple[Any, Any, set]] = []  # (monitor socket, listener's address, live fds)
         for sock in sockets:
             mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-            self._watch.append((mon, _address(sock.getsockopt(zmq.LAST_ENDPOINT).decode()), set()))
+            self._watch.append((mon, listener_address(sock.getsockopt(zmq.LAST_ENDPOINT).decode()), set()))
         self._sockets = list(sockets)
         self._stop = threading.Event()
         self._cutting: set[int] = set()  # fds shut down here whose DISCONNECTED has not come yet
@@ -107,7 +107,7 @@ class Gate:
         elif ev["event"] == zmq.EVENT_ACCEPTED:
             if len(live) < self.cap:
                 live.add(fd)
-            elif _shut(fd, address):
+            elif shut_accepted(fd, address):
                 self._cutting.add(fd)
                 self.cut += 1
                 if self.cut == 1 or self.cut % 1000 == 0:
@@ -125,16 +125,19 @@ class Gate:
             mon.close(0)
 
 
-def _address(endpoint: str) -> Any:
-    """What getsockname() says on a connection this endpoint's listener accepted."""
+def listener_address(endpoint: str) -> Any:
+    """What getsockname() says on a connection this endpoint's listener accepted: the ipc:// path,
+    or (host, port) with host "" for a wildcard tcp bind (any local address)."""
     if endpoint.startswith("ipc://"):
         return endpoint[len("ipc://"):]
     host, port = endpoint.split("://", 1)[1].rsplit(":", 1)
-    return (host.strip("[]"), int(port))
+    host = host.strip("[]")
+    return ("" if host in ("0.0.0.0", "::", "*") else host, int(port))
 
 
-def _shut(fd: int, address: Any) -> bool:
-    """shutdown(2) the connection on fd if it is still one accepted by the listener at `address`."""
+def shut_accepted(fd: int, address: Any) -> bool:
+    """shutdown(2) the connection on fd if it is still one accepted by the listener at `address`
+    (listener_address): never the listener itself, nor whatever reused the descriptor."""
     try:
         dup = os.dup(fd)
     except OSError:
@@ -147,9 +150,11 @@ def _shut(fd: int, address: Any) -> bool:
     try:
         name = s.getsockname()
         if isinstance(address, tuple):
-            ours = isinstance(name, tuple) and (name[0], name[1]) == address
+            ours = (s.type == socket.SOCK_STREAM and isinstance(name, tuple) and name[1] == address[1]
+                    and (not address[0] or name[0] == address[0]))
         else:
             ours = isinstance(name, (str, bytes)) and os.fsdecode(name) == address
+        ours = ours and _connected(s)
         if ours:
             s.shutdown(socket.SHUT_RDWR)
         return ours
@@ -157,3 +162,12 @@ def _shut(fd: int, address: Any) -> bool:
         return False
     finally:
         s.close()  # the duplicate only
+
+
+def _connected(s: socket.socket) -> bool:
+    """An accepted connection, not a listener bound to the same address."""
+    try:
+        s.getpeername()
+    except OSError:
+        return False
+    return True
