@@ -79,7 +79,7 @@ def test_stream_topic_is_not_the_namespace_id_and_rows_carry_client_keys(served)
             assert c.store(keys, [block(k) for k in keys]) == 4
             while True:  # the warm-up's batches may still be on their way: recognised by their keys
                 assert sub.poll(180_000), "no event batch for the store"
-                topic, body = sub.recv_multipart()
+                topic, body, seq = sub.recv_multipart()  # (seq: test_events_seq.py)
                 rows = msgpack.unpackb(body)
                 if not {r[1] for r in rows} <= warm:
                     break

@@ -1,9 +1,12 @@
 """KV events: what the manager did to blocks, told to the namespace that owns them, and nobody else.
 
     topic_of(namespace) -> bytes      a namespace's topic on the PUB stream (`Client.topic`)
-    Origins                           server key -> (namespace, client key), bounded by what is held
+    new_epoch()                       a daemon run's identity on the stream (the seq frame's epoch)
+    Origins                           server key -> (namespace, client key), bounded by what is held;
+                                      .of(ns): one namespace's server keys (for snapshots)
     Events._init_events()             the event publisher (publisher.py: a child process holding the
-                                      public event sockets) and this stream's link to it
+                                      public event sockets), this stream's link to it, its numbering
+                                      and replay (replay.py, daemon.events_replay)
     Events._service_events(now)       each tick: a dead publisher restarted (with backoff)
     Events._drain_events()            after every request: manager events -> rows per namespace ->
                                       the PUB stream, each session of that namespace, the sinks
@@ -28,6 +31,20 @@ is (transport.bind: on ipc:// a 0600 file in a folder others cannot write), hold
 event_gate.MAX_EVENT_PEERS connections, and whatever connects to it costs the daemon no file
 descriptor. While the publisher is down (a flood killed it; restarted after a backoff) rows are
 dropped, as past a subscriber's high-water mark; the `events` op's queues are not affected.
+
+Sequence numbers (protocol.py has the wire format): each message is [topic, rows, seq frame], the
+seq frame the namespace's sequence number and `events_epoch`, numbered here (_tell) before the
+link, so whatever drops a message after that (the link while no publisher runs, a restarted
+publisher, a subscriber's high-water mark) leaves a gap a subscriber sees; a restarted daemon has
+another epoch. Numbers are per namespace (replay.py: a subscriber of one topic checks them, and
+they never count another namespace's messages); the first of a stream is the wall clock in
+microseconds, so a stream dropped while its namespace held nothing (at most MAX_IDLE_NAMESPACES
+kept) comes back above its old numbers. With daemon.events_replay, the last kv_events_buffer
+messages of each namespace are kept and a replay request naming a topic gets that topic's
+messages from a seq on, or a snapshot (_events_snapshot: ["cleared"], then ["stored", client key,
+tier] for each tier holding each of its blocks, at the seq it reflects). The replay ROUTER lives in
+the publisher like the PUB (same PLAIN credential, transport.bind, MAX_EVENT_PEERS), so whoever may
+subscribe to a topic may replay it, and nothing else. kvbm/follower.py is the subscriber side.
 
 After a restart: G3 and G4 keep, beside each block, a blob of (namespace id, engine hash, parent
 hash, client key) that `_block_meta` gives them (kvbm/held.py format 2; G3 in its 0600 index, G4
@@ -57,6 +74,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from typing import Any, Callable
 
 import zmq
@@ -72,13 +91,54 @@ PLAIN_USER = "kvbm"  # the event streams' PLAIN username; the password is daemon
 SWEEP_SLACK = 1024   # the origin map may exceed the manager's held keys by this before a sweep
 
 
+def new_epoch() -> int:
+    """A daemon run's identity on the `events` stream: 63 random bits, never 0."""
+    return (int.from_bytes(os.urandom(8), "big") >> 1) or 1
+
+
 def topic_of(namespace: bytes) -> bytes:
     """The PUB topic of a namespace: hex of a one-way hash of its id (the id itself keys blocks)."""
     return hashlib.blake2b(namespace, digest_size=16, person=b"kvbm-ev-topic").hexdigest().encode()
 
 
 class Origins(dict):
-    """server key -> (namespace, client key) for blocks the manager holds (or is about to)."""
+    """server key -> (namespace, client key) for blocks the manager holds (or is about to);
+    `.of(ns)`: the server keys of one namespace (an index kept beside the map, for snapshots)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_ns: dict[bytes, set] = {}
+
+    def __setitem__(self, key: Any, value: tuple) -> None:
+        old = dict.get(self, key)
+        if old is not None and old[0] != value[0]:
+            self._unindex(key, old[0])
+        dict.__setitem__(self, key, value)
+        self._by_ns.setdefault(value[0], set()).add(key)
+
+    def __delitem__(self, key: Any) -> None:
+        ns = dict.__getitem__(self, key)[0]
+        dict.__delitem__(self, key)
+        self._unindex(key, ns)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            value = dict.__getitem__(self, key)
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def _unindex(self, key: Any, ns: bytes) -> None:
+        keys = self._by_ns.get(ns)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_ns[ns]
+
+    def of(self, ns: bytes) -> set:
+        return self._by_ns.get(ns, set())
 
     def sweep(self, manager: Any) -> int:
         """Drop keys the manager no longer holds (ready or in flight) once the map outgrows it;
@@ -105,13 +165,17 @@ class Events:
         self.origin = Origins()
         self._event_sinks: list[Callable[[bytes, list], None]] = []
         self.pub = None
-        self.events_address = ""
+        self.events_address = self.events_replay_address = ""
+        self.events_epoch = new_epoch()  # this daemon run: a subscriber tells a restart from a gap
+        self.events_replay: Any = None  # the `events` stream's numbering and replay (replay.py)
         self.publisher: Publisher | None = None
         self.kv_events = None
         self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
         self.manager.keep_meta(self._block_meta)  # G3 and G4 keep each block's names (see the docstring)
         self.manager.take_events()  # the recovered blocks' "stored": told per namespace (_tell_recovered)
-        streams = {"events": dcfg.events, "kv_events": dcfg.kv_events, "kv_events_replay": dcfg.kv_events_replay}
+        replay = getattr(dcfg, "events_replay", "") if dcfg.events else ""
+        streams = {"events": dcfg.events, "events_replay": replay, "kv_events": dcfg.kv_events,
+                   "kv_events_replay": dcfg.kv_events_replay}
         try:
             if any(streams.values()):
                 # the public event sockets live in a child process (publisher.py): a connection
@@ -124,8 +188,19 @@ class Events:
                 self.kv_events = KVEventPublisher(self)
             self._recovered_metas = {}
             if dcfg.events:
+                from .replay import Replay
+
                 self.pub = self.publisher.link("events", zmq.PUSH)  # -> the child's PUB (never blocks)
                 self.events_address = self.publisher.endpoints["events"]
+                link = self.publisher.link("events_replay", zmq.DEALER) if replay else None
+                self.events_replay_address = self.publisher.endpoints.get("events_replay", "") if replay else ""
+                epoch = self.events_epoch
+                # sequence numbers are assigned here, before the link: a publisher restart, a link
+                # that drops, a subscriber past its high-water mark all show as gaps
+                self.events_replay = Replay(self, link, dcfg.kv_events_buffer if link is not None else 1,
+                                            snapshot=self._events_snapshot, first_seq=lambda: time.time_ns() // 1000 - 1,
+                                            seq_frame=lambda seq: P.events_seq(seq, epoch),
+                                            idle=lambda ns: not self.origin.of(ns), name="events")
         except BaseException:  # the child, the vLLM-format stream's thread and sockets go too
             self._close_events()
             raise
@@ -231,12 +306,28 @@ class Events:
             self._tell_recovered()
         self.origin.sweep(self.manager)
 
+    def _events_snapshot(self, ns: bytes) -> tuple[int, bytes]:
+        """(Owner thread.) (seq, one batch: ["cleared", b"", ""] then ["stored", client key, tier]
+        for each tier holding each of ns's blocks ready) for a subscriber that lost track; what is
+        pending is drained (numbered) first, so the batch is exactly the state at that seq."""
+        self._drain_events()
+        st = self.events_replay.streams.get(ns)
+        if st is None or st.fresh:
+            return -1, b""
+        rows: list = [["cleared", b"", ""]]
+        keys = list(self.origin.of(ns))
+        for t in self.manager.tiers:
+            rows.extend(["stored", self.origin[k][1], t.name] for k in keys if k in t.ready)
+        return st.seq, P.pack(rows)
+
     def _tell(self, ns: bytes, rows: list) -> None:
-        """Rows of one namespace: its PUB topic, its sessions' queues, the sinks."""
+        """Rows of one namespace: its PUB topic (numbered), its sessions' queues, the sinks."""
         if self.pub is not None:
-            try:
-                self.pub.send_multipart([topic_of(ns), P.pack(rows)], zmq.NOBLOCK)
-            except zmq.Again:
+            body = P.pack(rows)
+            seq = self.events_replay.append(ns, body)
+            try:  # [topic, rows, seq + epoch]: a subscriber reading two frames reads what it did
+                self.pub.send_multipart([topic_of(ns), body, P.events_seq(seq, self.events_epoch)], zmq.NOBLOCK)
+            except zmq.Again:  # no publisher, or the link is full: subscribers see the gap
                 pass
         for s in self.sessions.in_namespace(ns):
             s.events.extend(rows)
@@ -249,6 +340,11 @@ class Events:
                 log.exception("KV-event sink %r failed", fn)
 
     def _close_events(self) -> None:
+        if getattr(self, "events_replay", None) is not None:
+            self.events_replay.close()
+            if self.events_replay.link is not None:
+                self.events_replay.link.close(0)
+            self.events_replay = None
         if getattr(self, "kv_events", None) is not None:
             self.kv_events.close()
             self.kv_events = None

@@ -84,9 +84,8 @@ never published.
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
+import sys
 import time
 from typing import Any
 
@@ -97,15 +96,11 @@ from . import protocol as P
 from ..held import HeldMedia
 from .events import topic_of
 from .leases import PEER_NS
+from .replay import (END_SEQ, MAX_IDLE_NAMESPACES, MAX_REPLAY_BYTES, REPLAY_SHARE_IDLE,  # noqa: F401 (limits,
+                     SCAN_SHARE_IDLE, SNAPSHOT_EVERY_S, Replay)                         # read from here)
 
 log = logging.getLogger("kvbm.daemon")
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MAX_HASH_BYTES = 64
-MAX_IDLE_NAMESPACES = 256  # namespace streams kept with no hashed block held (their seq survives)
-MAX_REPLAY_BYTES = 256 << 20  # all namespaces' replay buffers together (a tenant can make many namespaces)
-SNAPSHOT_EVERY_S = 1.0  # per namespace, at most one owner-thread scan for replays this often
-REPLAY_SHARE_IDLE = 9.0  # the replay thread rests 9x the CPU each answer took: <= 10% of a core
-SCAN_SHARE_IDLE = 9.0  # after a scan, the owner thread has 9x its time to itself: scans take <= 10% of it
 
 
 def _valid_hash(h: Any) -> bool:
@@ -130,45 +125,35 @@ def check_hashes(msg: dict, n: int) -> tuple[list | None, Any]:
     return hashes, parent
 
 
-class _Stream:
-    """One namespace's sequence numbers and replay buffer."""
-
-    def __init__(self, buffer: int) -> None:
-        self.seq = time.time_ns() // 1000 - 1  # last published (the first is "now": see the docstring)
-        self.fresh = True  # nothing published yet
-        self.buffer: collections.deque = collections.deque(maxlen=buffer)  # (seq, payload)
-
-
 class KVEventPublisher:
     def __init__(self, daemon: Any) -> None:
         dcfg = daemon.dcfg
         self.daemon = daemon
         self.held = HeldMedia(daemon.manager, daemon.config.layout.block_size)
-        self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
-        self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
-        self.buffer = dcfg.kv_events_buffer
-        # every namespace's replay buffer together holds at most MAX_REPLAY_BYTES (_trim); the
-        # namespaces with batches buffered, least recently published first
-        self._buffered = 0
-        self._nonempty: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
-        self._lock = threading.Lock()  # streams' buffers: the owner thread appends, replay reads
         # the public PUB and replay ROUTER live in the event publisher (publisher.py, a child
         # process: PLAIN with the token, transport.bind, at most MAX_EVENT_PEERS connections
         # each); here, links to them: a PUSH the owner thread publishes on (dropped while the
         # child is down or full: subscribers see the gap) and a DEALER the replay thread serves
         pub = daemon.publisher
         self.pub = pub.link("kv_events", zmq.PUSH)
-        self.replay = pub.link("kv_events_replay", zmq.DEALER) if dcfg.kv_events_replay else None
+        replay = pub.link("kv_events_replay", zmq.DEALER) if dcfg.kv_events_replay else None
         self.address = pub.endpoints["kv_events"]
-        self.replay_address = pub.endpoints.get("kv_events_replay", "") if self.replay is not None else ""
+        self.replay_address = pub.endpoints.get("kv_events_replay", "") if replay is not None else ""
+        # per-namespace numbering, buffers and the replay thread (replay.py, shared with events.py);
+        # the first seq of a stream is the wall clock in microseconds (see the docstring)
+        self.replay = Replay(daemon, replay, dcfg.kv_events_buffer, snapshot=lambda ns: self._snapshot(ns),
+                             first_seq=lambda: time.time_ns() // 1000 - 1, idle=lambda ns: not self.held.blocks(ns),
+                             bare=True, name="kv-events", limits=sys.modules[__name__])
+        self.streams, self.topics = self.replay.streams, self.replay.topics
         self._recovered(getattr(daemon, "_recovered_metas", {}))  # verified there (events.py)
-        self._stop = threading.Event()
-        self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
-        self._scan_due = 0.0  # no snapshot scan before this (monotonic): the replay thread's
-        self._thread = None
-        if self.replay is not None:
-            self._thread = threading.Thread(target=self._serve_replay, name="kvbm-kv-events-replay", daemon=True)
-            self._thread.start()
+
+    @property
+    def _snaps(self) -> dict:
+        return self.replay._snaps
+
+    @property
+    def _thread(self) -> Any:
+        return self.replay._thread
 
     # ---------------------------------------------------------------- owner thread
 
@@ -180,14 +165,14 @@ class KVEventPublisher:
         """Engine hashes for a store's keys (in the caller's namespace: skeys derive from it)."""
         if hashes is None:
             return
-        self._stream(ns)
+        self.replay.stream(ns)
         self.held.name(ns, skeys, hashes, parent)
 
     def _recovered(self, metas: dict) -> None:
         """Blocks G3 / G4 recovered with their names: published now, per namespace, as if just stored."""
         counts = self.held.recovered(metas, lambda ns: isinstance(ns, bytes) and len(ns) == 16 and ns != PEER_NS)
         for ns in counts:
-            self._stream(ns)
+            self.replay.stream(ns)
         if counts:
             log.info("KV events: %d recovered blocks of %d namespaces named again", sum(counts.values()), len(counts))
             self.changed([])
@@ -216,148 +201,20 @@ class KVEventPublisher:
         return (st.seq if st is not None and not st.fresh else -1), _batch(self.held.snapshot(ns))
 
     def _publish(self, ns: bytes, evs: list) -> None:
-        st = self._stream(ns)
+        st = self.replay.stream(ns)
         if st.fresh:  # a new stream (daemon start, or a namespace back after a while): start clean
-            evs, st.fresh = self.held.snapshot(ns), False
+            evs = self.held.snapshot(ns)
         payload = _batch(evs)
-        with self._lock:
-            st.seq += 1
-            if len(st.buffer) == st.buffer.maxlen:  # the append drops the oldest
-                self._buffered -= len(st.buffer[0][1])
-            st.buffer.append((st.seq, payload))
-            self._buffered += len(payload)
-            seq = st.seq
-            self._nonempty[ns] = st
-            self._nonempty.move_to_end(ns)
-            self._trim(st)
-        self.streams.move_to_end(ns)
+        seq = self.replay.append(ns, payload)
         try:
             self.pub.send_multipart([topic_of(ns), seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
         except zmq.Again:  # a slow subscriber: it sees the gap and replays
             pass
 
-    def _stream(self, ns: bytes) -> _Stream:
-        st = self.streams.get(ns)
-        if st is None:
-            st = self.streams[ns] = _Stream(self.buffer)
-            self.topics[topic_of(ns)] = ns
-            idle = [n for n in self.streams if n != ns and not self.held.blocks(n)]
-            for n in idle[:max(0, len(idle) - MAX_IDLE_NAMESPACES)]:
-                with self._lock:
-                    self._buffered -= sum(len(p) for _, p in self.streams.pop(n).buffer)
-                    self._nonempty.pop(n, None)
-                self.topics.pop(topic_of(n), None)
-        return st
-
-    def _trim(self, keep: _Stream) -> None:
-        """(Under the lock.) All replay buffers together within MAX_REPLAY_BYTES: the oldest batches
-        of the namespace that published least recently go first (never `keep`'s newest). A replay
-        from a batch that went gets a snapshot first (_from), so a subscriber stays exact."""
-        while self._buffered > MAX_REPLAY_BYTES and self._nonempty:
-            ns, st = next(iter(self._nonempty.items()))
-            if st is keep and len(st.buffer) <= 1:
-                break
-            self._buffered -= len(st.buffer.popleft()[1])
-            if not st.buffer:
-                del self._nonempty[ns]
-
-    # ---------------------------------------------------------------- replay thread
-
-    def _serve_replay(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.replay, zmq.POLLIN)
-        while not self._stop.is_set():
-            try:
-                if not poller.poll(100):
-                    continue
-                frames = self.replay.recv_multipart(zmq.NOBLOCK)
-            except zmq.ZMQError:
-                if self._stop.is_set():
-                    return
-                continue
-            cpu = time.thread_time()
-            try:
-                self._answer(frames)
-            except Exception:  # a bad request or a daemon shutting down: the loop goes on
-                log.exception("KV-event replay request failed")
-            # rest in proportion to the CPU that answer took: a flood of requests (each up to a
-            # whole buffer of sends, on a thread sharing the interpreter with the owner thread)
-            # gets this thread at most 1 / (1 + REPLAY_SHARE_IDLE) of a core
-            self._stop.wait(REPLAY_SHARE_IDLE * (time.thread_time() - cpu))
-
-    def _answer(self, frames: list[bytes]) -> None:
-        ident, rest = frames[0], frames[1:]
-        if rest and rest[0] == b"":  # a REQ socket's delimiter
-            rest = rest[1:]
-        if len(rest) == 1 and len(rest[0]) == 8:  # vLLM's [start seq]: its publisher has one stream
-            topics = list(self.topics)
-            rest = [topics[0] if len(topics) == 1 else b"", rest[0]]
-        ns, out = None, []
-        if len(rest) == 2 and len(rest[1]) == 8:  # else not [topic, start seq]: the end marker only
-            topic, start = rest[0], int.from_bytes(rest[1], "big", signed=True)
-            ns = self.topics.get(topic)
-        if ns is not None:
-            out = self._from(ns, start)
-        try:  # to the publisher, which routes it to the peer (a full link or no publisher: dropped)
-            for seq, payload in out:
-                self.replay.send_multipart([ident, b"", topic, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
-            self.replay.send_multipart([ident, b"", b"", END_SEQ, b""], zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-
-    def _from(self, ns: bytes, start: int) -> list:
-        """[(seq, batch)] of ns from `start`: buffered, or a snapshot first when `start` is older."""
-        with self._lock:
-            st = self.streams.get(ns)
-            batches = list(st.buffer) if st is not None else []
-        first = batches[0][0] if batches else (st.seq + 1 if st is not None else 0)
-        if start >= first:
-            return [b for b in batches if b[0] >= start]
-        seq, payload = self._snapshot_for(ns, first)
-        if seq < 0:
-            return []
-        with self._lock:
-            batches = list(st.buffer) if st is not None else []
-        return [(seq, payload)] + [b for b in batches if b[0] > seq]
-
-    def _snapshot_for(self, ns: bytes, first: int) -> tuple[int, bytes]:
-        """A snapshot taken on the owner thread (a scan of what is held): a recent one (under
-        SNAPSHOT_EVERY_S) serves while the buffer holds every batch after it; a new scan of a
-        namespace waits (here, on the replay thread) until its last one is SNAPSHOT_EVERY_S old, and
-        any scan until the owner thread has had SCAN_SHARE_IDLE times the last scan's time to itself.
-        So a flood of replay requests, however it races the publishes (a buffer that rolls faster
-        than a snapshot ages), costs the owner thread at most one scan per namespace per second and
-        a bounded share of its time; only the flooded replays wait."""
-        now = time.monotonic()
-        cached = self._snaps.get(ns)
-        if cached is not None and now - cached[0] < SNAPSHOT_EVERY_S and cached[1] >= first - 1:
-            return cached[1], cached[2]
-        due = max(self._scan_due, cached[0] + SNAPSHOT_EVERY_S if cached is not None else 0.0)
-        if due > now and self._stop.wait(due - now):
-            return -1, b""  # shutting down
-        # t0: when the scan itself began on the owner thread (not when it was asked for: the
-        # next one is due SNAPSHOT_EVERY_S after it, however late the owner thread took this one)
-        (seq, payload), took, t0 = self.daemon._owner(self._timed_snapshot, ns)  # consistent with the owner's seq
-        now = time.monotonic()
-        self._scan_due = now + SCAN_SHARE_IDLE * took
-        # a snapshot serves (and paces its namespace's next scan) for SNAPSHOT_EVERY_S only: older
-        # ones go, so what is kept is what the paced scans of the last second made (a tenant with
-        # many namespaces, each scanned once, no longer leaves a snapshot of each behind)
-        self._snaps = {n: v for n, v in self._snaps.items() if now - v[0] < SNAPSHOT_EVERY_S}
-        self._snaps[ns] = (t0, seq, payload)
-        return seq, payload
-
-    def _timed_snapshot(self, ns: bytes) -> tuple[tuple[int, bytes], float, float]:
-        started, t0 = time.monotonic(), time.perf_counter()
-        out = self._snapshot(ns)
-        return out, time.perf_counter() - t0, started
-
     def close(self) -> None:
-        self._stop = getattr(self, "_stop", threading.Event())
-        self._stop.set()
-        if getattr(self, "_thread", None) is not None:
-            self._thread.join(5)
-        for sock in (getattr(self, "pub", None), getattr(self, "replay", None)):
+        if getattr(self, "replay", None) is not None:
+            self.replay.close()
+        for sock in (getattr(self, "pub", None), getattr(getattr(self, "replay", None), "link", None)):
             if sock is not None:
                 sock.close(0)  # (the links: the publisher's context ends with it, events.py)
 

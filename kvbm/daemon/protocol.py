@@ -45,10 +45,27 @@ load_release / pin / unpin / lookup_pin are kept; the same id again gets the sam
     peer_release  handle: int, crcs: bool?               -> crcs: [int]? (when they came later)
 
 KV-event stream for routers (zmq PUB at daemon.events), one message per request that changed
-blocks: [topic, msgpack [[kind, key, tier], ...]] with kind stored / removed / moved, `key` the
-client's own key and `topic` a one-way hash of the namespace id (`Client.topic`,
-events.topic_of; subscribe to it to see one namespace only). With daemon.token the stream takes
-ZMQ PLAIN subscribers only (username kvbm, password the token).
+blocks: [topic, msgpack [[kind, key, tier], ...], seq] with kind stored / removed / moved, `key`
+the client's own key, `tier` where the block is now (stored, moved) or was (removed), and `topic`
+a one-way hash of the namespace id (`Client.topic`, events.topic_of; subscribe to it to see one
+namespace only). `seq` (events_seq / events_seq_of) is 16 bytes: the
+message's sequence number (8 bytes, big endian) then the daemon run's epoch (8 bytes, big endian,
+random, the same for every message of one `kvbm serve` run). Sequence numbers are per namespace,
+assigned in the daemon before the publisher: consecutive within a namespace and an epoch (the
+first of a namespace's stream is the wall clock in microseconds, so a stream the daemon dropped
+while its namespace held nothing goes on above its old numbers), so a lost message (a restarted
+publisher, a subscriber past its high-water mark) is a gap, and a new epoch is a daemon restart
+(its blocks are known again only through a snapshot). The third frame is new: a subscriber that
+reads frames [0] and [1] reads what it did before.
+Replay (zmq ROUTER at daemon.events_replay; events.py, replay.py): a DEALER sends [b"", topic,
+start seq (8 bytes, big endian, signed)] and gets [b"", topic, seq (16 bytes, as above), rows] per
+buffered message of that topic from `start` on (at most daemon.kv_events_buffer per namespace),
+then [b"", b"", -1 (8 bytes), b""]. A start older than the buffer, or -1, gets one snapshot first:
+rows [["cleared", b"", ""], ["stored", key, tier] per tier holding each of the namespace's blocks],
+at the seq it reflects. A topic the daemon has not published gets the end marker only. Follower
+(kvbm/follower.py) does all of this: it counts and logs gaps and restarts and recovers.
+With daemon.events_token (else daemon.token) both sockets take ZMQ PLAIN peers only (username
+kvbm, password the token); whoever may subscribe to a topic may replay it, and nothing else.
 
 Every field is checked for type, length and count before use; a bad message gets an error
 reply (or, if it cannot even be parsed, a reply with id 0) and never reaches the manager.
@@ -176,6 +193,21 @@ def priorities(msg: dict, name: str, n: int) -> list[tuple[int, float | None]] |
             raise ProtocolError("bad_field", f"field {name!r}: a duration is nil or seconds in [0, 1e9], got {d!r}")
         out.append((p, None if d is None else float(d)))
     return out
+
+
+EVENTS_SEQ_BYTES = 16  # the `events` stream's third frame: seq then epoch, 8 bytes each, big endian
+
+
+def events_seq(seq: int, epoch: int) -> bytes:
+    """The `events` stream's seq frame (see the docstring)."""
+    return seq.to_bytes(8, "big") + epoch.to_bytes(8, "big")
+
+
+def events_seq_of(frame: bytes) -> tuple[int, int] | None:
+    """(seq, epoch) of an `events` seq frame; None when it is not one."""
+    if len(frame) != EVENTS_SEQ_BYTES:
+        return None
+    return int.from_bytes(frame[:8], "big"), int.from_bytes(frame[8:], "big")
 
 
 def error_reply(rid: Any, code: str, message: str) -> bytes:

@@ -1,9 +1,9 @@
 """The event sockets in a process of their own: a connection flood exhausts its descriptors, never the daemon's.
 
     Publisher(streams, token)         (daemon side) starts the child, waits for its sockets to be bound
-      .endpoints                      {"events" | "kv_events" | "kv_events_replay": bound endpoint}
+      .endpoints                      {"events" | "events_replay" | "kv_events" | "kv_events_replay": endpoint}
       .link(name, kind)               a daemon socket connected to the child over a private ipc path:
-                                      PUSH for a PUB stream (events, kv_events), DEALER for the replay
+                                      PUSH for a PUB stream (events, kv_events), DEALER for a replay
       .service(now)                   (owner thread, every tick) a dead child is restarted, with backoff
       .pid, .restarts
       .close()
@@ -13,29 +13,29 @@ Why. Each connection to a public socket costs its process a file descriptor, and
 the process when an ipc:// accept fails with EMFILE ("Too many open files
 (src/ipc_listener.cpp:297)"). The event sockets take any local process on loopback without a
 token, and the gate that cuts connections past a cap (event_gate.py) is reactive: on a loaded box a
-flood outran it, and the daemon, with every tenant's cache, died. Now the three public event sockets
-(`events` and `kv_events` PUB, `kv_events_replay` ROUTER) and their gate live in this child; the
+flood outran it, and the daemon, with every tenant's cache, died. Now the public event sockets
+(`events` and `kv_events` PUB, `events_replay` and `kv_events_replay` ROUTER) and their gate live in this child; the
 daemon holds no listening event socket at all, so whatever connects to them costs the daemon
 nothing. The child may die (EMFILE abort, its memory cap below); the daemon notices at its next tick
 (0.25 s), keeps serving blocks, and starts a new one after a backoff (RESTART_MIN_S doubling to
 RESTART_MAX_S, back to the minimum once a child lived RESTART_RESET_S). The new child binds the
 same endpoints (a tcp:// port resolved at the first start is kept), so subscribers reconnect by
-themselves; what was published meanwhile is lost: kv_events subscribers see the gap in the
-per-namespace sequence numbers and replay (the replay buffers, the snapshots and their pacing stay
+themselves; what was published meanwhile is lost: subscribers of either stream see the gap in the
+per-namespace sequence numbers (assigned in the daemon, before the link) and replay (the replay buffers, the snapshots and their pacing stay
 in the daemon, kv_events.py), as after any dropped message.
 
 The private channel. The child binds one ipc:// path per stream in a folder the daemon made with
 mkdtemp (0700, in the runtime folder, transport.runtime_dir) and each path 0600 (transport.bind);
 the daemon connects to them with ZMQ_IMMEDIATE, so while no child is connected a publish is dropped
 at once (zmq.Again), never queued or blocking: the request loop never waits for the child. At most
-LINK_HWM messages wait on each link (a stopped child costs the daemon that much memory). The replay
-link carries [peer id, request frames] to the daemon's replay thread and its answers back; the
-public ROUTER takes requests of at most MAX_REQUEST_BYTES.
+LINK_HWM messages wait on each link (a stopped child costs the daemon that much memory). A replay
+link carries [peer id, request frames] to the daemon's replay thread (replay.py) and its answers
+back; the public ROUTERs take requests of at most MAX_REQUEST_BYTES.
 
 What the child keeps of the daemon's guarantees: every public socket is bound by transport.bind (an
 ipc:// socket born 0600, a folder others may write refused, a live path never taken over), with
 daemon.events_token (or the client token) as its ZMQ PLAIN password when one is set (one ZAP
-handler for the three), at most event_gate.MAX_EVENT_PEERS connections each (a 16th of
+handler for them all), at most event_gate.MAX_EVENT_PEERS connections each (a 16th of
 RLIMIT_NOFILE if less), and the same high-water marks (a slow subscriber loses messages, the daemon
 never blocks). Bind errors come back to the daemon's start as one line (ConfigError).
 
@@ -71,7 +71,7 @@ import zmq
 
 log = logging.getLogger("kvbm.daemon")
 
-STREAMS = ("kv_events", "kv_events_replay", "events")  # bound in this order
+STREAMS = ("kv_events", "kv_events_replay", "events", "events_replay")  # bound in this order
 KEYS = {name: f"daemon.{name}" for name in STREAMS}
 PLAIN_USER = "kvbm"  # the event sockets' PLAIN username; the password is daemon.subscriber_token
 ZAP_DOMAIN = "kvbm-events"
@@ -85,8 +85,13 @@ MAX_RSS_BYTES = 512 << 20  # the child exits past this resident size (a subscrip
 MAX_AS_BYTES = 4 << 30  # ... and cannot map more than this (libzmq then aborts the child)
 
 
+def _is_replay(name: str) -> bool:
+    return name.endswith("_replay")  # a ROUTER (requests in, answers out); the others are PUB
+
+
 def _link_path(folder: str, name: str) -> str:
-    return os.path.join(folder, {"events": "e", "kv_events": "k", "kv_events_replay": "r"}[name])  # (107 bytes at most)
+    return os.path.join(folder, {"events": "e", "events_replay": "er", "kv_events": "k",
+                                 "kv_events_replay": "r"}[name])  # (107 bytes at most)
 
 
 # ---------------------------------------------------------------------------------------- daemon
@@ -288,10 +293,10 @@ class _Child:
             address = self.cfg["streams"].get(name)
             if not address:
                 continue
-            sock = self.ctx.socket(zmq.ROUTER if name == "kv_events_replay" else zmq.PUB)
+            sock = self.ctx.socket(zmq.ROUTER if _is_replay(name) else zmq.PUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, PUB_HWM)
-            if name == "kv_events_replay":
+            if _is_replay(name):
                 sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
             if token:
                 sock.plain_server = True
@@ -302,13 +307,13 @@ class _Child:
         Gate(list(public.values()))  # at most MAX_EVENT_PEERS connections each (event_gate.py)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         for name, sock in public.items():
-            link = self.ctx.socket(zmq.DEALER if name == "kv_events_replay" else zmq.PULL)
+            link = self.ctx.socket(zmq.DEALER if _is_replay(name) else zmq.PULL)
             link.setsockopt(zmq.LINGER, 0)
             link.setsockopt(zmq.SNDHWM, LINK_HWM)
             link.setsockopt(zmq.RCVHWM, LINK_HWM)
             self._record(bind(link, f"ipc://{_link_path(self.dir, name)}", f"publisher link {name}"))
             # forwarded in libzmq (the GIL released): link -> PUB; ROUTER <-> link for replays
-            front, back = (sock, link) if name == "kv_events_replay" else (link, sock)
+            front, back = (sock, link) if _is_replay(name) else (link, sock)
             threading.Thread(target=_forward, args=(front, back), name=f"kvbm-pub-{name}", daemon=True).start()
         return endpoints
 
