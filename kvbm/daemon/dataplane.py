@@ -22,7 +22,6 @@ import logging
 import time
 from typing import Any
 
-from .. import ops
 from ..policies.base import Hints
 from . import protocol as P
 from .leases import Reservation, Session, WindowLoad, server_key
@@ -113,12 +112,12 @@ class DataPlane:
             if not job.runs:
                 return {"stored": 0}
             want = [i for i, slot in enumerate(slots) if slot >= 0]
-            if want:
-                ops.copy_blocks(s.window.buf, s.window.offsets([wslots[i] for i in want]), self.pool.pool,
-                                self.pool.offsets([slots[i] for i in want]), self.nbytes)
+            # pread, not a mapping: a client that truncated its window fails its blocks (windows.py)
+            torn = s.window.read_into([wslots[i] for i in want], self.pool.pool,
+                                      self.pool.offsets([slots[i] for i in want]))
             for i in want:
                 self.origin[skeys[i]] = (s.namespace, keys[i])
-            self.manager.complete_store(job, failed=set(extra))
+            self.manager.complete_store(job, failed=set(extra).union(skeys[want[j]] for j in torn))
             return {"stored": self._stored(job)}
 
         later = self._defer_for_room(s, skeys, answer, op="store")  # onboard.py: G2 full, offloader behind
@@ -144,10 +143,8 @@ class DataPlane:
         if s.window is None or s.sid not in self.sessions.by_id:  # closed while the request waited
             return {"n": 0}
         job = self._pin_in_g2(skeys)
-        n = len(job.keys)
-        if n:
-            ops.copy_blocks(self.pool.pool, self.pool.offsets(list(job.slots)), s.window.buf,
-                            s.window.offsets(wslots[:n]), self.nbytes)
+        # pwrite, not a mapping: a full tmpfs fails the rest, a miss (windows.py)
+        n = s.window.write_from(self.pool.pool, self.pool.offsets(list(job.slots)), wslots[:len(job.keys)])
         self.manager.complete_load(job)
         self.counters["client_load_bytes"] += n * self.nbytes
         return {"n": n}
@@ -216,9 +213,10 @@ class DataPlane:
         failed = {skeys[i] for i in P.indices(msg, "failed", len(skeys))}
         del s.stores[h]
         keep = [j for j, i in enumerate(r.want) if skeys[i] not in failed]
-        if keep:  # window -> G2, for the blocks the client says it wrote
-            ops.copy_blocks(s.window.buf, s.window.offsets([r.wslots[j] for j in keep]), self.pool.pool,
-                            self.pool.offsets([r.gslots[j] for j in keep]), self.nbytes)
+        # window -> G2 (pread), for the blocks the client says it wrote; a truncated window fails them
+        torn = s.window.read_into([r.wslots[j] for j in keep], self.pool.pool,
+                                  self.pool.offsets([r.gslots[j] for j in keep]))
+        failed.update(skeys[r.want[keep[j]]] for j in torn)
         s.window.free(r.wslots)
         self.sessions.charge(s, -len(job.keys))
         self.manager.complete_store(job, failed=failed.union(r.extra))
@@ -237,9 +235,10 @@ class DataPlane:
         job = self._pin_in_g2(skeys)
         n = min(len(job.keys), s.window.free_slots)
         wslots = s.window.allocate(n) if n else []
-        if n:
-            ops.copy_blocks(self.pool.pool, self.pool.offsets(list(job.slots)[:n]), s.window.buf,
-                            s.window.offsets(wslots), self.nbytes)
+        # pwrite, not a mapping: a full tmpfs fails the rest, a miss (windows.py)
+        n = s.window.write_from(self.pool.pool, self.pool.offsets(list(job.slots)[:n]), wslots)
+        s.window.free(wslots[n:])
+        wslots = wslots[:n]
         self.manager.complete_load(job)
         if not n:
             return {"handle": 0, "slots": []}

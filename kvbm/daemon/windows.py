@@ -4,7 +4,9 @@
     Window.allocate(n) -> [slot] | None                   window slots for one request
     Window.scratch_slots(wslots, n) -> [slot]             check a one-shot op's slots (the client's own)
     Window.free(slots)
-    Window.view(slot)                                     the slot's bytes (daemon side)
+    Window.read_into(wslots, dst, dst_offsets) -> {i}     window -> G2 (pread); the blocks that failed
+    Window.write_from(src, src_offsets, wslots) -> n      G2 -> window (pwrite); blocks written, from the first
+    Window.view(slot)                                     a copy of the slot's bytes (tests)
     Window.unlink() / close()
     sweep(prefix)                                         files left by a killed daemon
 
@@ -31,12 +33,12 @@ opening it (`sweep`).
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 
 import numpy as np
 
+from .. import ops
 from .transport import alive
 
 SHM_DIR = "/dev/shm"
@@ -48,16 +50,19 @@ class Window:
         self.slots, self.stride, self.block_nbytes = slots, stride, block_nbytes
         self.scratch = scratch  # slots [slots, slots + scratch): the client's, for one-shot ops
         self.nbytes = (slots + scratch) * stride
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # The daemon never maps the window: it copies with pread/pwrite on this descriptor. The
+        # client holds the file open read-write, so it can ftruncate it at any moment; a daemon
+        # mapping would then fault (SIGBUS) on the vanished pages, and a tmpfs filled by anyone
+        # faults it on a page it writes first. A system call just fails instead: that block is
+        # not stored or not loaded (tests/test_attack_wire.py).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)  # sparse: pages exist only once written
-            self._map = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        os.close(fd)
-        self.buf = np.frombuffer(self._map, dtype=np.uint8)
+        self.fd = fd
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.linked = True
 
@@ -96,9 +101,37 @@ class Window:
     def offsets(self, slots) -> np.ndarray:
         return np.asarray(slots, dtype=np.int64) * self.stride
 
+    def read_into(self, wslots, dst: np.ndarray, dst_offsets) -> set[int]:
+        """Window slots wslots[i] -> dst[dst_offsets[i]:][:block_nbytes]; the indices i whose
+        bytes could not be read (the client truncated its file): their destination may hold
+        part of the data, so the caller must not publish them."""
+        if not len(wslots):
+            return set()
+        if self.fd < 0:
+            return set(range(len(wslots)))
+        st = ops.pread_blocks(self.fd, dst, self.offsets(wslots), self.block_nbytes,
+                              dst_offsets=np.asarray(dst_offsets, dtype=np.int64))
+        return {i for i, e in enumerate(st) if e}
+
+    def write_from(self, src: np.ndarray, src_offsets, wslots) -> int:
+        """src[src_offsets[i]:][:block_nbytes] -> window slot wslots[i]; how many blocks, from
+        the first, are in the window (a write fails when the tmpfs is full)."""
+        if not len(wslots):
+            return 0
+        if self.fd < 0:
+            return 0
+        st = ops.pwrite_blocks(self.fd, src, self.offsets(wslots), self.block_nbytes,
+                               src_offsets=np.asarray(src_offsets, dtype=np.int64))
+        bad = np.flatnonzero(st)
+        return int(bad[0]) if len(bad) else len(wslots)
+
     def view(self, slot: int) -> np.ndarray:
-        off = slot * self.stride
-        return self.buf[off:off + self.block_nbytes]
+        """A copy of the slot's bytes (tests; the daemon never maps the window)."""
+        out = np.zeros(self.block_nbytes, dtype=np.uint8)
+        if self.fd >= 0:
+            got = os.pread(self.fd, self.block_nbytes, slot * self.stride)
+            out[:len(got)] = np.frombuffer(got, dtype=np.uint8)
+        return out
 
     def unlink(self) -> None:
         if self.linked:
@@ -109,13 +142,11 @@ class Window:
                 pass
 
     def close(self) -> None:
-        """Unlink and unmap: a client that still maps it keeps pages only it can see."""
+        """Unlink and close: a client that still maps it keeps pages only it can see."""
         self.unlink()
-        self.buf = np.empty(0, dtype=np.uint8)
-        try:
-            self._map.close()
-        except BufferError:  # a view is still alive somewhere in the daemon; the GC unmaps it
-            pass
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def sweep(prefix: str) -> int:
