@@ -198,7 +198,8 @@ class Events:
                 # sequence numbers are assigned here, before the link: a publisher restart, a link
                 # that drops, a subscriber past its high-water mark all show as gaps
                 self.events_replay = Replay(self, link, dcfg.kv_events_buffer if link is not None else 1,
-                                            snapshot=self._events_snapshot, first_seq=lambda: time.time_ns() // 1000 - 1,
+                                            snapshot=self._events_snapshot,
+                                            first_seq=lambda: time.time_ns() // 1000 - 1,
                                             seq_frame=lambda seq: P.events_seq(seq, epoch),
                                             idle=lambda ns: not self.origin.of(ns), name="events")
         except BaseException:  # the child, the vLLM-format stream's thread and sockets go too

@@ -47,7 +47,8 @@ peers only (username kvbm, password the token). Both live in the event publisher
 request socket is (ipc://: 0600, see transport.py) and hold at most event_gate.MAX_EVENT_PEERS
 connections each; this process keeps the streams, buffers and snapshots, publishes over a private
 link (dropped while the publisher is down: subscribers see the gap) and answers the replay requests
-the publisher forwards. A replay
+the publisher forwards. The numbering, the buffers and the replay thread are replay.py's (kvbm's
+own `events` stream uses the same, events.py); the limits are read from this module. A replay
 flood is paced: the replay thread rests 9x the CPU each answer took, and snapshot scans (owner
 thread) are at least SNAPSHOT_EVERY_S apart per namespace and <= ~10% of the owner's time.
 

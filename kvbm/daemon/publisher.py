@@ -14,15 +14,15 @@ the process when an ipc:// accept fails with EMFILE ("Too many open files
 (src/ipc_listener.cpp:297)"). The event sockets take any local process on loopback without a
 token, and the gate that cuts connections past a cap (event_gate.py) is reactive: on a loaded box a
 flood outran it, and the daemon, with every tenant's cache, died. Now the public event sockets
-(`events` and `kv_events` PUB, `events_replay` and `kv_events_replay` ROUTER) and their gate live in this child; the
-daemon holds no listening event socket at all, so whatever connects to them costs the daemon
-nothing. The child may die (EMFILE abort, its memory cap below); the daemon notices at its next tick
+(`events` and `kv_events` PUB, `events_replay` and `kv_events_replay` ROUTER) and their gate live
+in this child; the daemon holds no listening event socket at all, so whatever connects to them
+costs the daemon nothing. The child may die (EMFILE abort, its memory cap below); the daemon notices at its next tick
 (0.25 s), keeps serving blocks, and starts a new one after a backoff (RESTART_MIN_S doubling to
 RESTART_MAX_S, back to the minimum once a child lived RESTART_RESET_S). The new child binds the
 same endpoints (a tcp:// port resolved at the first start is kept), so subscribers reconnect by
 themselves; what was published meanwhile is lost: subscribers of either stream see the gap in the
-per-namespace sequence numbers (assigned in the daemon, before the link) and replay (the replay buffers, the snapshots and their pacing stay
-in the daemon, kv_events.py), as after any dropped message.
+per-namespace sequence numbers (assigned in the daemon, before the link) and replay (the replay
+buffers, the snapshots and their pacing stay in the daemon, replay.py), as after any dropped message.
 
 The private channel. The child binds one ipc:// path per stream in a folder the daemon made with
 mkdtemp (0700, in the runtime folder, transport.runtime_dir) and each path 0600 (transport.bind);

@@ -13,16 +13,16 @@ A replay request comes from the event publisher (publisher.py: the public ROUTER
 [peer id, b"", topic, seq_frame(seq), batch] per buffered batch of that topic's namespace from
 `start` on, then [peer id, b"", b"", END_SEQ, b""]. A start older than the buffer (or -1) gets one
 snapshot batch first, at the seq it reflects (`snapshot(ns)` -> (seq, batch), seq -1 when there is
-none: run on the owner thread, so it is consistent with what was numbered). A topic no namespace has gets the end marker only. With `bare`
-(the vLLM-format stream) vLLM's own [start seq] request, with no topic, is answered from the one
-namespace's stream while there is exactly one.
+none: run on the owner thread, so it is consistent with what was numbered). A topic no namespace
+has gets the end marker only. With `bare` (the vLLM-format stream) vLLM's own [start seq] request,
+with no topic, is answered from the one namespace's stream while there is exactly one.
 
 Sequence numbers are per namespace (a subscriber of one topic checks them; gaps never count another
-namespace's batches), so no replay ever carries another topic's batch. Bounds (SECURITY.md, "A
+namespace's batches), and a replay carries the named topic's batches only. Bounds (SECURITY.md, "A
 hostile subscriber"): `buffer` batches per namespace and MAX_REPLAY_BYTES for all of one stream's
-namespaces together (past it the oldest batches of the namespace that published least recently
-go; a replay from one of them starts with a snapshot); at most MAX_IDLE_NAMESPACES streams of
-namespaces `idle(ns)` says hold nothing; the replay thread rests REPLAY_SHARE_IDLE times the CPU
+namespaces together, each batch counted with ENTRY_BYTES beside its payload (past it the oldest
+batches of the namespace that published least recently go; a replay from one of them starts with a
+snapshot); at most MAX_IDLE_NAMESPACES streams of namespaces `idle(ns)` says hold nothing; the replay thread rests REPLAY_SHARE_IDLE times the CPU
 each answer took; snapshot scans are at least SNAPSHOT_EVERY_S apart per namespace and leave the
 owner thread SCAN_SHARE_IDLE times the last scan's time between any two. These limits are read,
 when used, from `limits` (a module: this one, or kv_events.py, whose tests lower them).
@@ -48,6 +48,7 @@ MAX_REPLAY_BYTES = 256 << 20  # one stream's replay buffers together (a tenant c
 SNAPSHOT_EVERY_S = 1.0  # per namespace, at most one owner-thread scan for replays this often
 REPLAY_SHARE_IDLE = 9.0  # the replay thread rests 9x the CPU each answer took: <= 10% of a core
 SCAN_SHARE_IDLE = 9.0  # after a scan, the owner thread has 9x its time to itself: scans take <= 10% of it
+ENTRY_BYTES = 120  # what a buffered batch costs beyond its payload (tuple, int, bytes header): counted
 
 
 class _Stream:
@@ -94,7 +95,7 @@ class Replay:
             idle = [n for n in self.streams if n != ns and self.idle(n)]
             for n in idle[:max(0, len(idle) - self.k.MAX_IDLE_NAMESPACES)]:
                 with self._lock:
-                    self._buffered -= sum(len(p) for _, p in self.streams.pop(n).buffer)
+                    self._buffered -= sum(_cost(p) for _, p in self.streams.pop(n).buffer)
                     self._nonempty.pop(n, None)
                 self.topics.pop(topic_of(n), None)
         return st
@@ -106,9 +107,9 @@ class Replay:
         with self._lock:
             st.seq += 1
             if len(st.buffer) == st.buffer.maxlen:  # the append drops the oldest
-                self._buffered -= len(st.buffer[0][1])
+                self._buffered -= _cost(st.buffer[0][1])
             st.buffer.append((st.seq, payload))
-            self._buffered += len(payload)
+            self._buffered += _cost(payload)
             seq = st.seq
             self._nonempty[ns] = st
             self._nonempty.move_to_end(ns)
@@ -124,7 +125,7 @@ class Replay:
             ns, st = next(iter(self._nonempty.items()))
             if st is keep and len(st.buffer) <= 1:
                 break
-            self._buffered -= len(st.buffer.popleft()[1])
+            self._buffered -= _cost(st.buffer.popleft()[1])
             if not st.buffer:
                 del self._nonempty[ns]
 
@@ -225,3 +226,10 @@ class Replay:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _cost(payload: bytes) -> int:
+    """A buffered batch's share of MAX_REPLAY_BYTES: its payload and what holding it costs (the
+    `events` stream's batches are a few dozen bytes: counting payloads alone would let a buffer
+    of them take several times the budget)."""
+    return len(payload) + ENTRY_BYTES
