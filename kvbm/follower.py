@@ -70,7 +70,18 @@ class Follower:
         self.sub.setsockopt(zmq.LINGER, 0)
         self._creds(self.sub)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sub.connect(events)
+        try:
+            self.sub.connect(events)
+            if replay:  # a malformed replay address fails here, not at the first gap
+                probe = self.ctx.socket(zmq.DEALER)
+                probe.setsockopt(zmq.LINGER, 0)
+                try:
+                    probe.connect(replay)
+                finally:
+                    probe.close(0)
+        except zmq.ZMQError:
+            self.close()
+            raise
 
     def _creds(self, sock: zmq.Socket) -> None:
         if self.token:
@@ -258,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"topic": topic.decode(errors="replace"), "kind": kind,
                               "key": key.hex() if isinstance(key, bytes) else key, "tier": tier}), flush=True)
 
-    f = Follower(args.events, args.replay, topic=args.topic.encode(), token=token, on_rows=show)
+    try:
+        f = Follower(args.events, args.replay, topic=args.topic.encode(), token=token, on_rows=show)
+    except zmq.ZMQError as exc:
+        print(f"kvbm.follower: cannot connect to {args.events} / {args.replay or '-'}: {exc}; give the daemon's "
+              f"daemon.events (and daemon.events_replay) address: tcp://HOST:PORT or ipc://PATH", file=sys.stderr)
+        return 2
     try:
         while True:
             f.poll(1000)

@@ -337,3 +337,49 @@ def test_the_replay_socket_takes_the_streams_credential_only(tmp_path):
         ctx.term()
         d.stop()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the follower's rules, without a daemon
+
+def _msg(topic: bytes, seq: int, epoch: int, rows: list) -> list[bytes]:
+    from kvbm.daemon.protocol import events_seq
+
+    return [topic, msgpack.packb(rows, use_bin_type=True), events_seq(seq, epoch)]
+
+
+class _Scripted(Follower):
+    """A follower whose replay socket answers from a script: {start: [(seq, epoch, rows)]}."""
+
+    def __init__(self, tmp_path: Path, answers: dict) -> None:
+        super().__init__(f"ipc://{tmp_path}/none.sock", f"ipc://{tmp_path}/none-r.sock", topic=b"t")
+        self.answers, self.asked = answers, []
+
+    def replay(self, topic, start):
+        self.asked.append((topic, start))
+        return self.answers.get(start)
+
+
+def test_the_follower_counts_gaps_skips_repeats_and_tells_restarts(tmp_path):
+    k = [bytes([i]) * 16 for i in range(6)]
+    f = _Scripted(tmp_path, {
+        -1: [(10, 7, [["cleared", b"", ""], ["stored", k[0], "g2"]])],                       # first sight
+        12: [(12, 7, [["stored", k[2], "g2"]]), (13, 7, [["removed", k[0], "g2"]])],          # the gap
+    })
+    try:
+        f.on(_msg(b"t", 10, 7, [["stored", k[0], "g2"]]))  # first sight: a snapshot at 10 covers it
+        assert f.asked == [(b"t", -1)] and f.syncs == 1 and f.last(b"t") == (7, 10)
+        f.on(_msg(b"t", 11, 7, [["stored", k[1], "g2"]]))
+        f.on(_msg(b"t", 11, 7, [["removed", k[1], "g2"]]))  # a repeat: skipped
+        assert f.view(b"t") == {k[0]: {"g2"}, k[1]: {"g2"}}
+        f.on(_msg(b"t", 14, 7, [["moved", k[1], "g3"]]))  # 12 and 13 lost: replayed first
+        assert f.asked[-1] == (b"t", 12) and (f.gaps, f.missed, f.unrecovered) == (1, 2, 0)
+        assert f.view(b"t") == {k[1]: {"g3"}, k[2]: {"g2"}} and f.last(b"t") == (7, 14)
+        f.answers[-1] = [(3, 8, [["cleared", b"", ""], ["stored", k[5], "g2"]])]
+        f.on(_msg(b"t", 3, 8, [["stored", k[5], "g2"]]))  # another epoch: a restart, not a gap
+        assert (f.restarts, f.gaps) == (1, 1) and f.view(b"t") == {k[5]: {"g2"}} and f.last(b"t") == (8, 3)
+        f.on(_msg(b"t", 6, 8, []))  # a gap the replay cannot fill: said so, and the stream goes on
+        assert (f.gaps, f.unrecovered) == (2, 1) and f.last(b"t") == (8, 6)
+        f.on([b"t", msgpack.packb([["stored", k[4], "g2"]], use_bin_type=True)])  # a daemon before seqs
+        assert k[4] in f.view(b"t") and f.stats()["gaps"] == 2
+    finally:
+        f.close()
