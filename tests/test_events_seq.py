@@ -383,3 +383,27 @@ def test_the_follower_counts_gaps_skips_repeats_and_tells_restarts(tmp_path):
         assert k[4] in f.view(b"t") and f.stats()["gaps"] == 2
     finally:
         f.close()
+
+
+def test_a_stream_dropped_while_idle_comes_back_above_its_numbers():
+    """Streams of namespaces that hold nothing are dropped past MAX_IDLE_NAMESPACES; one that comes
+    back starts above every number a dropped stream reached, even with the clock stepped back (a
+    subscriber would take lower numbers for repeats and skip them)."""
+    import types
+
+    from kvbm.daemon import replay as R
+
+    limits = types.SimpleNamespace(**{k: getattr(R, k) for k in dir(R) if k.isupper()})
+    limits.MAX_IDLE_NAMESPACES = 1
+    clock = [1000]
+    r = R.Replay(None, None, 4, snapshot=lambda ns: (-1, b""), first_seq=lambda: clock[0],
+                 idle=lambda ns: True, limits=limits)
+    a, b, c = b"A" * 16, b"B" * 16, b"C" * 16
+    assert [r.append(a, b"x") for _ in range(5)] == [1001, 1002, 1003, 1004, 1005]
+    clock[0] = 10  # the wall clock stepped back
+    r.stream(b)
+    r.stream(c)  # two idle streams beside c: the oldest, a, goes
+    assert a not in r.streams and list(r.streams) == [b, c]
+    assert r.append(a, b"y") == 1006  # above 1005, not 11
+    assert all(len(st.buffer) <= 4 for st in r.streams.values())
+    r.close()

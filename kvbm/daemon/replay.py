@@ -72,6 +72,7 @@ class Replay:
         self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
         self.buffer = buffer
+        self._floor = 0  # the highest seq of a stream dropped while idle: new streams start above it
         # every namespace's replay buffer together holds at most MAX_REPLAY_BYTES (_trim); the
         # namespaces with batches buffered, least recently published first
         self._buffered = 0
@@ -90,13 +91,16 @@ class Replay:
     def stream(self, ns: bytes) -> _Stream:
         st = self.streams.get(ns)
         if st is None:
-            st = self.streams[ns] = _Stream(self.first_seq(), self.buffer)
+            # above every number a dropped stream reached, whatever the wall clock did meanwhile
+            st = self.streams[ns] = _Stream(max(self.first_seq(), self._floor), self.buffer)
             self.topics[topic_of(ns)] = ns
             idle = [n for n in self.streams if n != ns and self.idle(n)]
             for n in idle[:max(0, len(idle) - self.k.MAX_IDLE_NAMESPACES)]:
                 with self._lock:
-                    self._buffered -= sum(_cost(p) for _, p in self.streams.pop(n).buffer)
+                    gone = self.streams.pop(n)
+                    self._buffered -= sum(_cost(p) for _, p in gone.buffer)
                     self._nonempty.pop(n, None)
+                self._floor = max(self._floor, gone.seq)
                 self.topics.pop(topic_of(n), None)
         return st
 
