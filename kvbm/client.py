@@ -1,6 +1,7 @@
 """Client of the node's cache daemon (`kvbm serve`), usable where an in-process BlockManager is.
 
-    Client(address, model=, layout=, salt=, token=)   hello: a session bound to one namespace
+    Client(address, model=, layout=, salt=, token=)   hello: a session bound to one namespace (of
+                                                        the token's tenant: daemon/tenants.py)
     lookup(keys) -> (n, where)                          longest ready prefix, tier per block
     lookup_pin(keys, pin_from) -> (n, where, pinned)    the same, and keys[pin_from:n] pinned (one trip)
     store(keys, source=[buffers], parent=, position=) -> stored count
@@ -84,8 +85,9 @@ class Client(Wire):
         lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)
         self._hello_fields = {"model": model, "layout": lay, "salt": salt}
         # the namespace's topic on the daemon's KV-event stream (bad fields raise here, before
-        # anything is opened)
+        # anything is opened); a named tenant's namespace has its name mixed in: hello says its topic
         self.topic = topic_of(namespace_of(model, KVLayout(**lay).fingerprint, salt))
+        self.tenant = "default"  # whose token this is, as the daemon says at hello (daemon/tenants.py)
         self._ctx = zmq.Context()
         self._rcvtimeo = -1  # the request socket's receive timeout (ms) as last set
         self._sock = self._socket()
@@ -115,6 +117,8 @@ class Client(Wire):
         old, self._map = self._map, window[1]
         self._pool = window[0]
         self.session = reply["session"]
+        self.topic = reply.get("topic", self.topic)
+        self.tenant = reply.get("tenant", self.tenant)
         self.block_nbytes = reply["block_nbytes"]
         self.stride = reply["stride"]
         self.max_keys = reply["max_keys"]

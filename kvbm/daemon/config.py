@@ -10,6 +10,9 @@
       metrics: 127.0.0.1:9400             # Prometheus /metrics and /health ("" = off)
       token: ""                           # or token_file (mode 0600: refused if others may read it);
                                           # required for a tcp:// address
+      tenants:                            # tenant name -> its own token (tenants.py): its own namespaces,
+        alice: {token_file: /etc/kvbm/alice.token, share: 0.3}   # sessions and share of G2
+        bob: {token_file: /etc/kvbm/bob.token}  # share: namespace_share; daemon.token = the "default" tenant
       events_token: ""                    # or events_token_file: the event streams' own credential
                                           # (routers); unset = daemon.token, which every tenant's
                                           # client holds, so any tenant could read every
@@ -30,7 +33,8 @@
       room_stall_s: 0.4                   # ... or this long without a block landing below
       onboard_wait_s: 2.0                 # a load waits this long for its G3/G4 blocks to reach G2
 
-Overrides: KVBM_DAEMON__TOKEN=..., KVBM_DAEMON__ADDRESS=... (as for every kvbm key).
+Overrides: KVBM_DAEMON__TOKEN=..., KVBM_DAEMON__ADDRESS=... (as for every kvbm key);
+KVBM_DAEMON__TENANTS__ALICE__TOKEN=..., KVBM_DAEMON__TENANTS__ALICE__SHARE=0.3 (names lowercased).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .tenants import parse_tenants
 from .transport import default_address
 from ..config import ConfigError, KVBMConfig, check_keys, load_with, parse_config
 from ..tiers.seal import SecretError, read_secret_file
@@ -55,6 +60,7 @@ class DaemonConfig:
     metrics: str = "127.0.0.1:9400"
     token: str = ""
     token_file: str = ""
+    tenants: dict = field(default_factory=dict)  # name -> tenants.Tenant after from_dict (tenants.py)
     events_token: str = ""  # the event streams' PLAIN password; "" = token (see subscriber_token)
     events_token_file: str = ""
     shm_name: str = "kvbm-g2"
@@ -91,15 +97,17 @@ class DaemonConfig:
         if cfg.events_token and cfg.events_token == cfg.token:
             raise ConfigError("daemon.events_token equals daemon.token; routers need a credential the "
                               "tenants' clients do not hold (or leave events_token unset)")
-        if cfg.address.startswith("tcp://") and not cfg.token:
+        cfg.tenants = parse_tenants(cfg.tenants, cfg.namespace_share)
+        cfg._check_tenants()
+        if cfg.address.startswith("tcp://") and not cfg.authenticated:
             raise ConfigError(
                 f"daemon.address {cfg.address!r} is tcp:// without a token: every local user can connect to a "
                 f"tcp port (even on loopback; the daemon cannot tell their uids apart), so each could use the "
-                f"cache as you; set daemon.token_file (a 0600 file) or KVBM_DAEMON__TOKEN, or drop daemon.address "
-                f"for the default ipc:// socket (this user only)")
+                f"cache as you; set daemon.token_file (a 0600 file) or KVBM_DAEMON__TOKEN (or daemon.tenants), "
+                f"or drop daemon.address for the default ipc:// socket (this user only)")
         for name in ("address", "events", "kv_events", "kv_events_replay"):
             addr = getattr(cfg, name)
-            token = cfg.token if name == "address" else cfg.subscriber_token
+            token = cfg.authenticated if name == "address" else cfg.subscriber_token
             if addr and not token and not is_local(addr):
                 raise ConfigError(
                     f"daemon.{name} {addr!r} is reachable from other hosts; bind 127.0.0.1 or an ipc:// "
@@ -109,10 +117,39 @@ class DaemonConfig:
         if cfg.peer_secret_file:  # checked before anything is created (peering.py reads it again)
             from .peerauth import load_secret
 
-            if load_secret(cfg.peer_secret_file) == cfg.token.encode():
+            secret = load_secret(cfg.peer_secret_file)
+            if secret == cfg.token.encode():
                 raise ConfigError("daemon.peer_secret_file holds the client token; peers need a secret of "
                                   "their own (clients must not be able to act as peers)")
+            for t in cfg.tenants.values():
+                if secret == t.token.encode():
+                    raise ConfigError(f"daemon.peer_secret_file holds daemon.tenants.{t.name}'s token; peers "
+                                      f"need a secret of their own (tenants must not be able to act as peers)")
         return cfg
+
+    @property
+    def authenticated(self) -> bool:
+        """Requests must carry a token: daemon.token or a tenant's is configured."""
+        return bool(self.token or self.tenants)
+
+    def _check_tenants(self) -> None:
+        """Tenant tokens are no one else's credential; what tenants need is configured."""
+        for t in self.tenants.values():
+            for other, what in ((self.token, "daemon.token"), (self.events_token, "daemon.events_token")):
+                if other and t.token == other:
+                    raise ConfigError(f"daemon.tenants.{t.name}.token equals {what}; a tenant's token must be "
+                                      f"its own (holding {what} is more than being {t.name})")
+        if not self.tenants:
+            return
+        streams = [n for n in ("events", "kv_events") if getattr(self, n)]
+        if streams and not self.subscriber_token:
+            raise ConfigError(f"daemon.{streams[0]} is on and daemon.tenants is set, but the event streams have "
+                              f"no credential: set daemon.events_token_file (the routers' credential) or "
+                              f"daemon.token, or daemon.{streams[0]}: '' (else any local user reads every "
+                              f"tenant's rows)")
+        if (self.peers or self.peer_secret_file) and not self.token:
+            raise ConfigError("daemon.peers / daemon.peer_secret_file with daemon.tenants need daemon.token: "
+                              "peer daemons present it on every request (the same on every node)")
 
     @property
     def subscriber_token(self) -> str:

@@ -41,21 +41,33 @@ class DataPlane:
         return keys, [server_key(s.namespace, k) for k in keys]
 
     def _check_quota(self, s: Session, n: int) -> None:
-        """G2 blocks held (pins, reservations) per session, and per namespace and per uid as a
-        share of G2: many sessions of one tenant cannot hold more than one tenant may."""
+        """G2 blocks held (pins, reservations) per session, and per namespace and per owner (a
+        named tenant, else a uid) as a share of G2: many sessions or namespaces of one tenant
+        cannot hold more than that tenant may, whatever the others do."""
         limit = self.dcfg.max_session_blocks
         if limit and s.held + n > limit:
             raise P.ProtocolError("quota", f"this client keeps {s.held} blocks busy; at most {limit} "
                                            f"(daemon.max_session_blocks): release or commit first")
-        share = self.share_blocks
-        for what, held in (("namespace", self.sessions.busy_by_ns.get(s.namespace, 0)),
-                           ("uid", self.sessions.busy_by_uid.get(s.uid, 0) if s.uid not in self._own_uids else 0)):
-            # (a uid is known on the same-node socket only; the daemon's own user's clients are
-            # bounded per namespace, every other user's clients per uid as well, and all tcp
-            # clients (uid unknown, -1) together as one uid)
-            if held + n > share:
-                raise P.ProtocolError("quota", f"this {what} keeps {held} G2 blocks busy; at most {share} "
-                                               f"(daemon.namespace_share of {self.top.capacity})")
+        held = self.sessions.busy_by_ns.get(s.namespace, 0)
+        if held + n > self.share_blocks:
+            raise P.ProtocolError("quota", f"this namespace keeps {held} G2 blocks busy; at most {self.share_blocks} "
+                                           f"(daemon.namespace_share of {self.top.capacity})")
+        bound = self._owner_bound(s)
+        held = self.sessions.busy_by_owner.get(s.owner, 0)
+        if bound is not None and held + n > bound:
+            what, key = ((f"tenant {s.tenant!r}", f"daemon.tenants.{s.tenant}.share") if s.tenant
+                         else ("uid", "daemon.namespace_share"))
+            raise P.ProtocolError("quota", f"this {what} keeps {held} G2 blocks busy; at most {bound} "
+                                           f"({key} of {self.top.capacity})")
+
+    def _owner_bound(self, s: Session) -> int | None:
+        """G2 blocks all sessions of s's owner may keep busy; None: no bound but the namespace's.
+        A named tenant: its own share (tenants.py). Else its uid: none for the daemon's own user,
+        namespace_share for another user on the same-node socket, and for every default-tenant
+        (daemon.token) client on tcp:// together (uid unknown, -1)."""
+        if s.tenant:
+            return self.tenant_blocks[s.tenant]
+        return None if s.uid in self._own_uids else self.share_blocks
 
     def op_lookup(self, msg: dict, now: float) -> Any:
         s = self._session(msg, now)

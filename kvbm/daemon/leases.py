@@ -1,6 +1,6 @@
 """Client sessions: a namespace, a heartbeat deadline, and what the client holds.
 
-    Sessions.open(namespace, label, lease_s, now, uid=) -> Session | None   at hello
+    Sessions.open(namespace, label, lease_s, now, uid=, tenant=) -> Session | None   at hello
     Session.renew(now)                              every request and heartbeat
     Sessions.expired(now) -> [Session]              the daemon rolls their holdings back
     Sessions.extend(dt)                             the daemon itself stalled for dt: no one's fault
@@ -12,9 +12,10 @@ its lease runs out, because the client died or hung, the daemon releases all of 
 SIGKILLed engine never leaks pinned blocks. Every map here is bounded: by the session's quota,
 its window, or a fixed count.
 
-The table is bounded too, per uid and in all: when full, the least recently active session that
-holds nothing is closed to make room (its client says hello again on its next call), so hellos
-alone cannot lock anyone out.
+The table is bounded too, per owner (a named tenant, else the uid) and in all: when full, the
+least recently active session of that owner that holds nothing is closed to make room (its client
+says hello again on its next call), so hellos alone cannot lock anyone out. Busy blocks are kept
+per namespace and per owner too, for the quotas (dataplane._check_quota).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Session:
     deadline: float
     uid: int = -1  # the client's uid (SO_PEERCRED on the same-node socket); -1: unknown (tcp)
     pid: int = 0
+    tenant: str = ""  # the tenant whose token opened it (tenants.py); "": daemon.token's, or no token
     window: Any = None  # windows.Window: the only daemon memory this client maps
     pins: dict = field(default_factory=dict)  # server key -> [count, time of the first pin]
     stores: dict = field(default_factory=dict)  # handle -> Reservation
@@ -82,6 +84,12 @@ class Session:
         h = self.next_handle
         self.next_handle += 1
         return h
+
+    @property
+    def owner(self) -> int | str:
+        """Whose quota and session-table bound it counts in: its named tenant, else its uid
+        (-1: every default-tenant client on tcp://, as one)."""
+        return self.tenant if self.tenant else self.uid
 
     @property
     def held(self) -> int:
@@ -106,21 +114,22 @@ class Session:
 class Sessions:
     def __init__(self, limit: int, per_uid: int | None = None) -> None:
         self.limit = limit
-        self.per_uid = per_uid or limit
+        self.per_uid = per_uid or limit  # sessions per owner (Session.owner: a tenant, else a uid)
         self.by_id: dict[bytes, Session] = {}
-        self.count_by_uid: dict[int, int] = {}
+        self.count_by_owner: dict[int | str, int] = {}
         self.busy_by_ns: dict[bytes, int] = {}
-        self.busy_by_uid: dict[int, int] = {}
+        self.busy_by_owner: dict[int | str, int] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
 
     def open(self, namespace: bytes, label: str, lease_s: float, now: float, *, uid: int = -1,
-             pid: int = 0) -> tuple[Session | None, Session | None]:
+             pid: int = 0, tenant: str = "") -> tuple[Session | None, Session | None]:
         """-> (new session or None when full of busy sessions, the idle session closed for it)."""
         evicted = None
-        if self.count_by_uid.get(uid, 0) >= self.per_uid:
-            evicted = self._idlest(uid)
+        owner = tenant if tenant else uid
+        if self.count_by_owner.get(owner, 0) >= self.per_uid:
+            evicted = self._idlest(owner)
             if evicted is None:
                 return None, None
         elif len(self.by_id) >= self.limit:
@@ -129,17 +138,18 @@ class Sessions:
                 return None, None
         if evicted is not None:
             self.close(evicted)
-        s = Session(os.urandom(16), namespace, label, lease_s, now + lease_s, uid=uid, pid=pid, active=now)
+        s = Session(os.urandom(16), namespace, label, lease_s, now + lease_s, uid=uid, pid=pid, tenant=tenant,
+                    active=now)
         self.by_id[s.sid] = s
-        self.count_by_uid[uid] = self.count_by_uid.get(uid, 0) + 1
+        self.count_by_owner[owner] = self.count_by_owner.get(owner, 0) + 1
         return s, evicted
 
-    def _idlest(self, uid: int | None) -> Session | None:
+    def _idlest(self, owner: int | str | None) -> Session | None:
         """The empty session to close: one never used since its hello first, then the one idle
         longest; None when every candidate holds something."""
         best = None
         for s in self.by_id.values():
-            if s.empty and s.namespace != PEER_NS and (uid is None or s.uid == uid) and (
+            if s.empty and s.namespace != PEER_NS and (owner is None or s.owner == owner) and (
                     best is None or (s.used, s.active) < (best.used, best.active)):
                 best = s
         return best
@@ -151,16 +161,16 @@ class Sessions:
 
     def close(self, s: Session) -> None:
         if self.by_id.pop(s.sid, None) is not None:
-            left = self.count_by_uid[s.uid] - 1
+            left = self.count_by_owner[s.owner] - 1
             if left:
-                self.count_by_uid[s.uid] = left
+                self.count_by_owner[s.owner] = left
             else:
-                del self.count_by_uid[s.uid]
+                del self.count_by_owner[s.owner]
 
     def charge(self, s: Session, n: int) -> None:
-        """s holds n more (or -n fewer) G2 blocks; kept per namespace and per uid for quotas."""
+        """s holds n more (or -n fewer) G2 blocks; kept per namespace and per owner for quotas."""
         s.busy += n
-        for table, k in ((self.busy_by_ns, s.namespace), (self.busy_by_uid, s.uid)):
+        for table, k in ((self.busy_by_ns, s.namespace), (self.busy_by_owner, s.owner)):
             v = table.get(k, 0) + n
             if v:
                 table[k] = v
@@ -185,12 +195,17 @@ class Sessions:
         return [s for s in self.by_id.values() if s.namespace == ns]
 
 
-def namespace_of(model: str, fingerprint: str, salt: str) -> bytes:
+def namespace_of(model: str, fingerprint: str, salt: str, tenant: str = "") -> bytes:
     """16-byte namespace id from model, layout fingerprint and salt (fields length-prefixed:
-    two different triples never share an id). ValueError for a control character in model
-    or salt."""
+    two different triples never share an id), and the tenant whose token opened the session
+    (tenants.py): a named tenant's ids have its name mixed in, under their own prefix, so two
+    tenants never share an id whatever model and salt they send; the default tenant ("") keeps
+    the ids of kvbm before tenants. ValueError for a control character in model or salt."""
     check_name(model, "model")
     check_name(salt, "salt")
+    if tenant:
+        return hashlib.blake2b(b"kvbm-daemon-tenant-ns\1" + fields(tenant, model, fingerprint, salt),
+                               digest_size=16).digest()
     return hashlib.blake2b(b"kvbm-daemon-ns\1" + fields(model, fingerprint, salt), digest_size=16).digest()
 
 

@@ -20,7 +20,6 @@ The ops live beside this file, one concern each, as mixins of Daemon:
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .peerauth import load_secret
 from .sessions import SessionOps
+from .tenants import DEFAULT_TENANT, TenantIndex
 from .transport import bind
 from .windows import sweep
 
@@ -99,9 +99,16 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         # and past them a few the client manages itself, for one-shot store / load (one round trip)
         self.scratch_slots = max(1, min(SCRATCH_BLOCKS, self.window_slots // 4))
         self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid
-        # the daemon's own user: no uid quota. Unknown (-1: every tcp client) is one uid for the quota:
-        # tcp clients together keep at most namespace_share of G2 busy, however many salts they use
+        # each named tenant its own bound (tenants.py), however many sessions and salts it uses
+        self.tenant_blocks = {t.name: max(1, int(self.top.capacity * t.share)) for t in dcfg.tenants.values()}
+        if sum(t.share for t in dcfg.tenants.values()) > 1:
+            log.warning("daemon.tenants: the shares add up to more than 1; tenants holding all of theirs "
+                        "can leave others no room to store")
+        # the daemon's own user: no uid quota. Unknown (-1: every default-tenant tcp client) is one uid
+        # for the quota: those clients together keep at most namespace_share of G2 busy
         self._own_uids = {os.getuid()}
+        self._auth = TenantIndex(dcfg.token, dcfg.tenants)  # request token -> tenant (tenants.py)
+        self._tenant = DEFAULT_TENANT  # the current request's tenant (handle)
         self._undo_info: tuple | None = None  # what the current request created, for a cancel
         sweep(dcfg.shm_name)  # windows a killed daemon left between creating them and a client mapping them
         self.counters = dict.fromkeys(
@@ -110,7 +117,6 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
              "client_load_bytes", "requests", "reservation_expiries", "pin_expiries", "cancelled",
              "sessions_evicted", "stalls", "dead_clients", "pinned_blocks"), 0)
         self.metrics = Metrics()
-        self._token = dcfg.token.encode()
         self._stop = False
         self._started = time.monotonic()
         self.ctx = zmq.Context()
@@ -242,7 +248,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             fn = self._ops.get(name)
             if fn is None:
                 raise P.ProtocolError("unknown_op", f"unknown op {name!r}")
-            self._authenticate(msg)
+            self._tenant = self._authenticate(msg)
             if self._gate is not None and self._last_frame is not None:
                 self._gate.authenticated(self._last_frame)  # this connection is a client's, not a stranger's
             op = name
@@ -285,12 +291,14 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         except (zmq.Again, zmq.ZMQError):  # the client is gone or not reading: drop the reply
             pass
 
-    def _authenticate(self, msg: dict) -> None:
-        if not self._token:
-            return
-        auth = msg.get("auth")
-        if not isinstance(auth, str) or not hmac.compare_digest(auth.encode(), self._token):
+    def _authenticate(self, msg: dict) -> str:
+        """The request's tenant ("" for daemon.token, or when no token is configured)."""
+        if not self._auth.required:
+            return DEFAULT_TENANT
+        tenant = self._auth.identify(msg.get("auth"))  # keyed hash, looked up: no timing oracle
+        if tenant is None:
             raise P.ProtocolError("unauthorized", "missing or wrong auth token")
+        return tenant
 
     def op_stats(self, msg: dict, now: float) -> dict:
         return {"stats": self._stats()}
@@ -333,8 +341,8 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                 "busy_blocks": sum(s.busy for s in ss), "replies": sum(len(s.replies) for s in ss),
                 "cancelled": sum(len(s.cancelled) for s in ss), "events": sum(len(s.events) for s in ss),
                 "window_slots_used": sum(s.window.slots - s.window.free_slots for s in ss if s.window),
-                "busy_namespaces": len(self.sessions.busy_by_ns), "busy_uids": len(self.sessions.busy_by_uid),
-                "uids": len(self.sessions.count_by_uid), "g2_pinned": len(getattr(self.top, "pins", ())),
+                "busy_namespaces": len(self.sessions.busy_by_ns), "busy_uids": len(self.sessions.busy_by_owner),
+                "uids": len(self.sessions.count_by_owner), "g2_pinned": len(getattr(self.top, "pins", ())),
                 "g2_pending": len(getattr(self.top, "pending", ()))}
 
     def _publish_metrics(self) -> None:

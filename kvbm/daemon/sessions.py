@@ -2,7 +2,8 @@
 silent, slow or greedy client holds.
 
     SessionOps.op_hello / op_heartbeat / op_bye / op_cancel
-    SessionOps._session(msg, now)      the request's session, renewed (no_session if unknown)
+    SessionOps._session(msg, now)      the request's session, renewed (no_session if unknown, or
+                                       opened under another tenant's token: tenants.py)
     SessionOps._replayed / _remember   a retried request id gets its first reply (idempotence)
     SessionOps._release(s)             roll back reservations, free window slots, drop pins
     SessionOps._expire(now)            leases, reservations past daemon.reserve_s, pins past pin_s
@@ -18,6 +19,7 @@ import os
 
 from ..blocks import KVLayout
 from . import protocol as P
+from .events import topic_of
 from .leases import PEER_NS, Reservation, Session, WindowLoad, namespace_of
 from .transport import alive, peer_credentials
 from .windows import Window
@@ -31,8 +33,14 @@ REPLAYED_OPS = frozenset({"store_prepare", "store_commit", "load_prepare", "load
 class SessionOps:
     """Mixin of Daemon: sessions and leases."""
 
-    def _session(self, msg: dict, now: float, peer: bool = False) -> Session:
+    def _own_session(self, msg: dict) -> Session | None:
+        """The session the request names, if the request's tenant opened it: another tenant's
+        token never reaches it (not even to learn that it exists: the same no_session)."""
         s = self.sessions.get(msg.get("session"))
+        return s if s is not None and s.tenant == self._tenant else None
+
+    def _session(self, msg: dict, now: float, peer: bool = False) -> Session:
+        s = self._own_session(msg)
         if s is None:
             raise P.ProtocolError("no_session", "unknown or expired session; say hello again")
         if (s.namespace == PEER_NS) != peer:
@@ -52,15 +60,16 @@ class SessionOps:
         if layout.block_nbytes != self.nbytes:
             raise P.ProtocolError("layout_mismatch", f"this daemon holds blocks of {self.nbytes} bytes; "
                                                      f"the layout gives {layout.block_nbytes}")
+        tenant = self._tenant  # the request's token's (server.handle): its namespaces are its own
         try:
-            ns = namespace_of(model, layout.fingerprint, salt)
+            ns = namespace_of(model, layout.fingerprint, salt, tenant)
         except ValueError as exc:
             raise P.ProtocolError("bad_field", str(exc)) from None
         uid, pid = self._peer_credentials()
-        s, evicted = self.sessions.open(ns, model, self.dcfg.lease_s, now, uid=uid, pid=pid)
+        s, evicted = self.sessions.open(ns, model, self.dcfg.lease_s, now, uid=uid, pid=pid, tenant=tenant)
         if s is None:
             raise P.ProtocolError("busy", f"too many clients with work in flight ({self.dcfg.max_clients} in "
-                                          f"all, {self.sessions.per_uid} per uid)")
+                                          f"all, {self.sessions.per_uid} per uid or tenant)")
         if evicted is not None:
             self.counters["sessions_evicted"] += 1
             self._release(evicted)
@@ -75,17 +84,19 @@ class SessionOps:
         return {"session": s.sid, "window_path": s.window.path, "window_bytes": s.window.nbytes,
                 "window_slots": s.window.slots, "scratch": [s.window.slots, s.window.scratch], "stride": self.pool.stride, "block_nbytes": self.nbytes,
                 "lease_s": self.dcfg.lease_s, "max_keys": self.dcfg.max_keys, "capacity": self.top.capacity,
-                "max_session_blocks": self.dcfg.max_session_blocks, "share_blocks": self.share_blocks}
+                "max_session_blocks": self.dcfg.max_session_blocks,
+                "share_blocks": min(self.share_blocks, self._owner_bound(s) or self.share_blocks),
+                "topic": topic_of(ns), "tenant": tenant or "default"}
 
     def op_heartbeat(self, msg: dict, now: float) -> dict:
-        s = self.sessions.get(msg.get("session"))
+        s = self._own_session(msg)
         if s is None:
             raise P.ProtocolError("no_session", "unknown or expired session; say hello again")
         s.renew(now)
         return {}
 
     def op_bye(self, msg: dict, now: float) -> dict:
-        s = self.sessions.get(msg.get("session"))
+        s = self._own_session(msg)
         if s is not None:
             self._release(s)
         return {}
@@ -124,7 +135,7 @@ class SessionOps:
         a `cancelled` error when the client cancelled it before it arrived."""
         if op not in REPLAYED_OPS or not rid:
             return None
-        s = self.sessions.get(msg.get("session"))
+        s = self._own_session(msg)
         if s is None:
             return None
         if rid in s.cancelled:
@@ -138,7 +149,7 @@ class SessionOps:
 
     def _remember(self, msg: dict, op: str, rid: int, out: bytes, undo: tuple | None) -> None:
         if op in REPLAYED_OPS and rid:
-            s = self.sessions.get(msg.get("session"))
+            s = self._own_session(msg)
             if s is not None:
                 s.remember(rid, op, out, undo)
 
