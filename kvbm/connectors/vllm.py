@@ -37,13 +37,20 @@ Where the cache lives (every executor layout reaches one cache, or refuses at st
     a node's shared daemon             extra config {"kvbm_daemon": "ipc://..." or "tcp://...",
                                        "kvbm_token": "..."} (optional "kvbm_salt"): a `kvbm serve`
                                        daemon through kvbm.client (its tiers; kvbm_config unused)
-    ray / multi-node                   refused at start unless kvbm_daemon is set
+    data parallel (DP > 1: engine      one daemon for all DP ranks of the server (named by what the
+      cores in several processes)       ranks share: engine_id less vLLM's "_dp<rank>"; for ranks
+                                       launched apart, the DP master address and RPC port), so a
+                                       request routed to rank 1 hits what rank 0 stored
+    ray / multi-node                   refused at start unless kvbm_daemon is set (DP ranks on
+                                       other nodes included)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
@@ -169,6 +176,94 @@ def workers_apart(vllm_config: "VllmConfig") -> bool:
                       f"(the in-process kvbm_config cannot serve workers elsewhere)")
 
 
+def engine_cache(vllm_config: "VllmConfig", engine_id: str) -> str | None:
+    """The name of the engine daemon every process of this server reaches, or None when one
+    in-process manager per process is the whole engine's cache.
+
+    With data parallelism each rank is an engine core of its own process, with its own workers,
+    and the server routes a request to any of them: all ranks must reach one cache, so the name
+    comes from what they share, never from a rank or a pid. `vllm serve --data-parallel-size N`
+    starts every rank from one config and appends "_dp<rank>" to its engine_id, which is taken
+    off again. Ranks launched one by one (--data-parallel-rank, external load balancing) share no
+    engine_id; they share the DP master's address and RPC port, which rank 0 binds, so two live
+    servers never get one name. Ranks that may be on other nodes (ray, a DP master that is not
+    loopback, --data-parallel-size-local below the DP size, a node whose first local rank is not
+    rank 0) are refused with what to set, as other multi-node layouts are."""
+    apart = workers_apart(vllm_config)
+    rank = dp_rank(vllm_config, engine_id)
+    if rank is None:
+        return engine_id if apart else None
+    pc = vllm_config.parallel_config
+    if getattr(pc, "data_parallel_backend", "mp") != "mp":
+        raise _elsewhere(f"data parallel backend {pc.data_parallel_backend!r}")
+    if pc.distributed_executor_backend == "external_launcher":  # torchrun: one engine per process
+        return _torchrun_cache(rank)
+    ip = getattr(pc, "data_parallel_master_ip", "127.0.0.1")
+    if not _loopback(ip):
+        raise _elsewhere(f"data parallel ranks with DP master {ip}")
+    if getattr(pc, "data_parallel_external_lb", False):
+        return f"dp-{ip}-{pc.data_parallel_rpc_port}"
+    dp, local = pc.data_parallel_size, getattr(pc, "data_parallel_size_local", None)
+    if dp > 1 and local is not None and local < dp:  # the other ranks on other nodes (hybrid LB, headless)
+        raise _elsewhere(f"{dp} data parallel ranks, {local} on this node")
+    first = getattr(pc, "data_parallel_rank_local", None)
+    if first is not None and first != rank:  # local rank 0 of this node is not rank 0
+        raise _elsewhere(f"data parallel rank {rank} as local rank {first}")
+    return re.sub(r"(_dp\d+)+$", "", engine_id)
+
+
+def dp_rank(vllm_config: "VllmConfig", engine_id: str) -> int | None:
+    """This engine core's data parallel rank when it is one of several, else None.
+
+    A MoE model's ranks keep data_parallel_size; a dense model's are independent engines, each
+    given a config of DP 1 (vLLM's reconfigure_for_independent_dp_rank), which keeps the rank in
+    data_parallel_index and the local rank in data_parallel_rank_local, and every rank's
+    engine_id ends in "_dp<rank>" (vLLM's run_engine_core)."""
+    pc = vllm_config.parallel_config
+    if (getattr(pc, "data_parallel_size", 1) or 1) > 1:
+        return getattr(pc, "data_parallel_rank", 0)
+    index = getattr(pc, "data_parallel_index", None)
+    if index is not None and getattr(pc, "data_parallel_rank_local", None) is not None \
+            and engine_id.endswith(f"_dp{index}"):
+        return index
+    return None
+
+
+def _torchrun_cache(rank: int) -> str:
+    """The name torchrun's processes (vLLM's external_launcher with DP > 1) share: its master."""
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not port or world != local:
+        raise _elsewhere(f"data parallel rank {rank} under torchrun (WORLD_SIZE {world}, "
+                         f"LOCAL_WORLD_SIZE {local})")
+    return f"torchrun-{addr}-{port}"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _elsewhere(what: str) -> ConfigError:
+    return ConfigError(f"kvbm connector: vLLM's {what} may run engine cores on other nodes; run "
+                       f"`kvbm serve` on every node and set kv_connector_extra_config.kvbm_daemon "
+                       f"(the in-process kvbm_config cannot serve engines elsewhere)")
+
+
+def _warn_unshared_hashes(vllm_config: "VllmConfig") -> None:
+    """Ranks of one server hit each other's blocks only if their block hashes agree: vLLM seeds
+    its non-cryptographic hashes (xxhash) at random per process unless PYTHONHASHSEED is set."""
+    algo = str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256"))
+    if algo.startswith("xxhash") and os.environ.get("PYTHONHASHSEED") is None:
+        log.warning("kvbm connector: prefix_caching_hash_algo %r without PYTHONHASHSEED gives each data "
+                    "parallel rank its own block hashes, so no rank hits another's blocks; set "
+                    "PYTHONHASHSEED (the same for every rank) or use sha256", algo)
+
+
 def _shards(vllm_config: "VllmConfig") -> int:
     """Workers holding a shard of each block: tensor x pipeline parallel."""
     pc = vllm_config.parallel_config
@@ -236,13 +331,17 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
             self.manager, self.lock = shared_backend(daemon), None
         else:
             self.config = resolve_config(extra.get("kvbm_config"), layout, vllm_config.model_config.model)
-            if workers_apart(vllm_config):  # one cache for the engine: its own daemon, started here
+            instance = engine_cache(vllm_config, self._kv_transfer_config.engine_id)
+            if instance is not None:  # one cache for the engine: its own daemon, started here
                 from .engine_daemon import attach
 
-                daemon = attach(self._kv_transfer_config.engine_id, self.config)
+                if dp_rank(vllm_config, self._kv_transfer_config.engine_id) is not None:
+                    _warn_unshared_hashes(vllm_config)
+                daemon = attach(instance, self.config)
                 self.manager, self.lock = shared_backend(daemon), None
-                log.info("kvbm connector (%s, pid %d): scheduler and workers in different processes "
-                         "share the engine's own kvbm daemon at %s", role, os.getpid(), daemon["address"])
+                log.info("kvbm connector (%s, pid %d): the engine's processes (scheduler, workers, data "
+                         "parallel ranks) share its own kvbm daemon %s at %s", role, os.getpid(),
+                         instance, daemon["address"])
             else:
                 self.manager, self.lock = shared_manager(self.config)
         ns = self.config["namespace"]
