@@ -35,7 +35,10 @@ class ByteJobs:
 
     @atomic
     def poll(self) -> list[Ticket]:
-        """Complete every finished transfer (on the caller's thread); return those tickets."""
+        """Complete every finished transfer (on the caller's thread); return those tickets.
+        Blocks a tier found after the start are adopted here too (adopt_found)."""
+        if self._finders:
+            self.adopt_found()
         done = [t for t in self._tickets if t.future is None or t.future.done()]
         if not done:
             return []

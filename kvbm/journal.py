@@ -4,7 +4,7 @@
     saw(tier, key)              before a key's state in a tier changes: keep its old state once
     saw_all(tier, keys)         the same for many keys
     saw_key(key)                before a key's hints or parent change
-    allocate / free             storage slots handed out and given back during the call
+    allocate / took / free      storage slots handed out (by the journal, or by the storage) and given back
     rollback()                  put everything back; the caller re-raises
 
 Why a journal and not a snapshot: a tier can hold 10^5 blocks and a call touches a handful.
@@ -102,6 +102,10 @@ class Journal:
         else:
             self.allocated[t.index].add(slot)
         return slot
+
+    def took(self, t: "Tier", slot: Any) -> None:
+        """A slot the storage handed out on its own (a block it found: adopt_found)."""
+        self.allocated[t.index].add(slot)
 
     def free(self, t: "Tier", slot: Any) -> None:
         t.storage.free(slot)  # at once: a storage's free has effects (an object's delete)

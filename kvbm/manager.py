@@ -9,6 +9,7 @@
     pin / unpin / remove                    explicit pins, invalidation
     take_events() / stats()                 stored / removed / moved events; per-tier counters
     keep_meta(fn) / kept_meta()             an opaque blob per key that persistent tiers keep (G3, G4)
+    adopt_found()                           blocks a tier found after the start (G4's listing, resumed)
 
 Here: construction, queries, the store verbs, one request (serve), pins, events. Beside it:
 onboard.py (the load verbs, promotion), placement.py (where a store's keys go, room-making and
@@ -84,6 +85,8 @@ class BlockManager(Placement, Onboard, ByteJobs):
         self._tickets: list[Ticket] = []
         self._j: Journal | None = None  # open while a public verb runs (kvbm.journal)
         self.paths = PathStats()
+        # tiers whose storage may find blocks after recover() (G4 lists on in the background)
+        self._finders = [t for t in self.tiers if getattr(t.storage, "finds_late", False)]
         self._recover()
 
     @property
@@ -114,6 +117,44 @@ class BlockManager(Placement, Onboard, ByteJobs):
                 t.policy.insert(key, None)
                 t.stats.recovered += 1
                 self._event("stored", key, t.name)  # the first events: what came back, per tier
+
+    def adopt_found(self, most: int = 256) -> int:
+        """Blocks a persistent tier found after the start (G4 lists its prefix again in the
+        background when the listing at start was cut short: object_resume.py) become ready as
+        recovered ones do, each a "stored" event, at most `most` per call; poll() calls this, and
+        the daemon each tick. Capacity stays a hard bound: when the tier is full its policy
+        chooses victims first (they cascade or drop as a store's would). Returns how many."""
+        if not any(t.storage.found_waiting for t in self._finders):
+            return 0
+        return self._adopt_found(most)
+
+    @atomic
+    def _adopt_found(self, most: int) -> int:
+        n = 0
+        for t in self._finders:
+            waiting = min(t.storage.found_waiting, most)
+            if not waiting:
+                continue
+            over = t.used + waiting - t.capacity
+            if over > 0:
+                victims = self._evict(t, over)
+                self._evicted_all(t, self._evict_upto(t, over) if victims is None else victims)
+            room = t.capacity - t.used
+            if room <= 0:
+                continue
+            held = lambda k, t=t: k in t.ready or k in t.pending  # noqa: E731 (its object is the holder's)
+            for key, slot in t.storage.take_found(min(room, waiting), held):
+                self._j.took(t, slot)
+                if self.exclusive and any(key in u.ready or key in u.pending for u in self.tiers[:t.index]):
+                    self._free(t, slot)  # a faster tier holds it: this copy goes, as at recover
+                    continue
+                self._j.saw(t, key)
+                t.ready[key] = slot
+                t.policy.insert(key, None)
+                t.stats.recovered += 1
+                self._event("stored", key, t.name)
+                n += 1
+        return n
 
     def keep_meta(self, fn: Callable[[Any], bytes | None]) -> None:
         """fn(key) -> an opaque blob (or None) that tiers keeping metadata (G3, G4) store beside a block

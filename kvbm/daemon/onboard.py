@@ -106,6 +106,7 @@ class Onboarder:
 
     def service(self, now: float | None = None) -> None:
         """Owner thread: complete finished transfers; answer the waiters that can go."""
+        self.manager.adopt_found()  # G4 objects its background listing found (object_resume.py)
         if self._tickets and any(t.future.done() for t in self._tickets):
             self.manager.poll()
             keep = []

@@ -65,7 +65,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import stat
 import threading
 import time
 import uuid
@@ -79,6 +78,7 @@ from .. import ops
 from .base import Region, Storage, make_private_dir
 from . import object_meta
 from .object_meta import MAX_TRAILER, STALE_TMP_S, TMP_PREFIX, Listing, Trailers, listed, parse, trailer  # noqa: F401
+from .object_resume import Resume, local_entries
 from .object_s3 import S3_RETRIES, SINGLE_PUT_BYTES, PutBody, get_into, streams, unreachable, with_defaults
 from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
     HEADER, HEADER_MIN, HMAC_VERSION, MAC_LEN, MAGIC, NONCE_AT, NONCE_BYTES, VERSION, Corrupt, Foreign,
@@ -96,6 +96,7 @@ class ObjectStorage(Storage):
     medium = "object"
     persistent = True
     keeps_meta = True
+    finds_late = True  # objects of ours may turn up after recover(): BlockManager.adopt_found takes them
 
     def __init__(self, capacity_blocks: int, block_nbytes: int, *, namespace: str = "default",
                  url: str | None = None, max_concurrency: int = 16,
@@ -136,6 +137,10 @@ class ObjectStorage(Storage):
         self._mu = threading.Lock()
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out 0 first
         self._names: dict[int, str] = {}  # handle -> object path, once written or recovered
+        self._paths: dict[str, int] = {}  # the same, path -> handle
+        self._found: dict[str, Any] = {}  # path -> key: found after the start, for the manager to adopt
+        self._roomy = threading.Condition(self._mu)  # take_found made room in _found
+        self._resume: Resume | None = None  # the background listing after a cut-short recover()
         self._deleting: dict[str, Future] = {}  # path -> background delete (free)
         self._down_until = 0.0
         self._pool: ThreadPoolExecutor | None = None
@@ -153,6 +158,8 @@ class ObjectStorage(Storage):
     def free(self, slot: int) -> None:
         with self._mu:
             path = self._names.pop(slot, None)
+            if path is not None and self._paths.get(path) == slot:
+                del self._paths[path]
             self._free.append(slot)
         if path is not None:
             fut = self._submit("delete", path)
@@ -184,6 +191,7 @@ class ObjectStorage(Storage):
         with self._mu:
             for slot, _, path, _, _ in jobs:
                 self._names[slot] = path  # before the put: free() must delete even a failed one
+                self._paths[path] = slot
         pending = [f for _, _, p, _, _ in jobs if (f := self._deleting.get(p)) is not None]
         if pending:  # a block freed and stored again: its delete must land before the new put
             wait(pending, timeout=self.timeout)
@@ -233,26 +241,99 @@ class ObjectStorage(Storage):
             for key, path, size in found[:len(self._free)]:
                 slot = self._free.pop()
                 self._names[slot] = path
+                self._paths[path] = slot
                 out.append((key, slot))
                 if size != base:  # a trailer (or, size unknown, maybe one): read if kept_meta() asks
                     self._trailers.found(key, path, size, base)
         out.reverse()  # oldest first: a recency policy fed in this order ranks them right
         self._trailers.pending = dict(reversed(self._trailers.pending.items()))
+        cutoff = sink.oldest_kept
+        if (not complete or cutoff is not None) and self._resume is None:
+            # what this listing left out is listed again in the background (object_resume.py):
+            # ours found late are adopted by the manager, the surplus of a full tier deleted
+            self._resume = Resume(self, sink.seen, cutoff).start()
         return out
+
+    # ------------------------------------------------------------------ found after the start
+
+    @property
+    def found_waiting(self) -> int:
+        """Objects of ours the background listing found and no handle names yet."""
+        return len(self._found)
+
+    def take_found(self, n: int, held: Callable[[Any], bool] | None = None) -> list[tuple[Any, int]]:
+        """Up to n of the objects found after the start, each given a free handle (as recover()
+        gives them), oldest found first. One whose key `held` says the tier holds or is writing,
+        or whose name a handle took meanwhile, or that is being deleted, is dropped from the queue
+        and left alone (its object is the holder's)."""
+        out = []
+        with self._mu:
+            while self._found and len(out) < n and self._free:
+                path = next(iter(self._found))
+                key = self._found.pop(path)
+                if path in self._paths or path in self._deleting or (held is not None and held(key)):
+                    continue
+                slot = self._free.pop()
+                self._names[slot] = path
+                self._paths[path] = slot
+                out.append((key, slot))
+            self._roomy.notify_all()
+        return out
+
+    def _unnamed(self, path: str) -> bool:
+        """No handle names the object and no delete is removing it."""
+        with self._mu:
+            return path not in self._paths and path not in self._deleting
+
+    def _exists(self, path: str) -> bool:
+        try:
+            return os.path.isfile(path) if self._local else bool(self.fs.exists(path))
+        except Exception:  # the endpoint failed: not adopted now (a later restart lists it again)
+            return False
+
+    def _offer_found(self, key: Any, path: str) -> bool | None:
+        """(Under _mu) queue an object found late: True, or None when a handle names it or it is
+        being deleted (nothing to adopt), or False when the queue is full."""
+        if path in self._paths or path in self._deleting or path in self._found:
+            return None
+        if len(self._found) >= max(1, self.capacity_blocks):
+            return False
+        self._found[path] = key
+        return True
+
+    def _delete_unnamed(self, path: str) -> Future | None:
+        """Delete an object of ours that no handle names (the surplus a restart found); None,
+        deleting nothing, when a handle names it (a store of its key since) or it is going already.
+        Registered like free()'s deletes, so a put of the same name waits for it."""
+        mark: Future = Future()
+        with self._mu:
+            if path in self._paths or path in self._deleting:
+                return None
+            self._deleting[path] = mark
+        try:
+            fut = self._submit("delete", path)
+        except BaseException as exc:
+            mark.set_exception(exc)
+            self._deleted(path, mark)
+            return mark
+
+        def done(f: Future) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if exc is None:
+                mark.set_result(None)
+            else:
+                mark.set_exception(exc)
+            self._deleted(path, mark)
+
+        fut.add_done_callback(done)
+        return mark
 
     def _list_into(self, sink: Listing) -> None:
         """Feed the prefix's entries to `sink` until it says stop (its deadline)."""
         if self._local:  # a directory read entry by entry, never the whole folder in memory
-            with os.scandir(self.prefix) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    info = {"name": f"{self.prefix}/{entry.name}", "size": st.st_size, "mtime": st.st_mtime,
-                            "type": "file" if stat.S_ISREG(st.st_mode) else "other"}
-                    if sink.add(info):
-                        return
+            for info in local_entries(self.prefix):
+                if sink.add(info):
+                    return
             return
         if self._async and hasattr(self.fs, "_iterdir"):  # s3fs: one page (1,000 names) at a time
             from fsspec.asyn import sync
@@ -309,6 +390,9 @@ class ObjectStorage(Storage):
         return self._trailers.take()
 
     def close(self) -> None:
+        if self._resume is not None:
+            self._resume.stop()
+            self._resume.join(self.timeout)  # ends at its next entry; a hung page is abandoned
         pending = list(self._deleting.values())
         if pending:
             wait(pending, timeout=self.timeout)

@@ -142,6 +142,7 @@ class Listing:
         self.foreign = 0
         self.seen = 0
         self.complete = True
+        self.overflowed = False
 
     def add(self, info: dict) -> bool:
         self.seen += 1
@@ -152,37 +153,55 @@ class Listing:
         return False
 
     def _add(self, info: dict) -> None:
-        st = self.st
-        path = info["name"].rstrip("/")
-        name = path.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or path in self.known:
-            return
-        if name.startswith(TMP_PREFIX):
-            if st._local and self.now - _mtime(info) > STALE_TMP_S:
-                try:
-                    st.fs.rm_file(path)
-                except Exception:
-                    pass
-            return
-        key = st._seal.key_of(name)
-        if key is None or bytes.fromhex(name).hex() != name:
-            # not ours; or another spelling of one of our names (upper case, spaces: the same bytes
-            # to fromhex), i.e. a copy a bucket writer made: taken as ours it would be a second
-            # object of one key, and the manager frees (deletes) one of the two, maybe ours
+        item = classify(self.st, info, self.known, self.now, self.base)
+        if item is FOREIGN:
             self.foreign += 1
-            return
-        size = info.get("size")
-        if size is not None and not self.base <= size <= self.base + MAX_TRAILER:
-            return  # torn or foreign: it could never be served
-        item = (_mtime(info), name, key, path, size)
-        if self.limit is None or len(self.heap) < self.limit:
-            heapq.heappush(self.heap, item)
-        elif self.limit > 0 and item > self.heap[0]:
-            heapq.heapreplace(self.heap, item)  # newer than the oldest kept: it goes
+        elif item is not None:
+            if self.limit is None or len(self.heap) < self.limit:
+                heapq.heappush(self.heap, item)
+                return
+            self.overflowed = True  # more of ours than free handles: the oldest stay out
+            if self.limit > 0 and item > self.heap[0]:
+                heapq.heapreplace(self.heap, item)  # newer than the oldest kept: it goes
+
+    @property
+    def oldest_kept(self) -> float | None:
+        """The mtime of the oldest object kept, once the listing held more of ours than `limit`."""
+        return self.heap[0][0] if self.overflowed and self.heap else None
 
     def result(self) -> tuple[list, int, bool]:
         found = sorted(self.heap, reverse=True)
         return [(key, path, size) for _, _, key, path, size in found], self.foreign, self.complete
+
+
+FOREIGN = object()
+
+
+def classify(st: Any, info: dict, known: set | dict, now: float, base: int) -> Any:
+    """One listing entry: (mtime, name, key, path, size) for an object of ours that could be
+    served, FOREIGN for a name that is not ours, None for anything else (known, not a file,
+    sized wrong, a temporary file: file://'s stale ones are deleted here)."""
+    path = info["name"].rstrip("/")
+    name = path.rsplit("/", 1)[-1]
+    if info.get("type") != "file" or path in known:
+        return None
+    if name.startswith(TMP_PREFIX):
+        if st._local and now - _mtime(info) > STALE_TMP_S:
+            try:
+                st.fs.rm_file(path)
+            except Exception:
+                pass
+        return None
+    key = st._seal.key_of(name)
+    if key is None or bytes.fromhex(name).hex() != name:
+        # not ours; or another spelling of one of our names (upper case, spaces: the same bytes
+        # to fromhex), i.e. a copy a bucket writer made: taken as ours it would be a second
+        # object of one key, and the manager frees (deletes) one of the two, maybe ours
+        return FOREIGN
+    size = info.get("size")
+    if size is not None and not base <= size <= base + MAX_TRAILER:
+        return None  # torn or foreign: it could never be served
+    return (_mtime(info), name, key, path, size)
 
 
 def _mtime(info: dict[str, Any]) -> float:
