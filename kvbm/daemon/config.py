@@ -4,6 +4,7 @@
       address: ipc://$XDG_RUNTIME_DIR/kvbm/kvbm.sock   # default (else /tmp/kvbm-<uid>/); or tcp://HOST:PORT
                                           # (tcp needs a token: any local user reaches a tcp port)
       events: tcp://127.0.0.1:5558        # KV-event PUB stream for routers ("" = off)
+      events_replay: ""                   # its replay ROUTER (resync after a gap), e.g. tcp://127.0.0.1:5559
       kv_events: ""                       # the same in vLLM's KV-event format (kv_events.py), e.g. tcp://127.0.0.1:5560
       kv_events_replay: ""                # its replay ROUTER (resync after a gap), e.g. tcp://127.0.0.1:5561
       kv_events_buffer: 10000             # batches kept per namespace for replay
@@ -54,6 +55,7 @@ from ..tiers.seal import SecretError, read_secret_file
 class DaemonConfig:
     address: str = field(default_factory=default_address)  # ipc:// in a 0700 runtime folder
     events: str = "tcp://127.0.0.1:5558"
+    events_replay: str = ""  # the events stream's replay ROUTER (events.py); "" = off
     kv_events: str = ""  # vLLM-format KV events (kv_events.py); "" = off
     kv_events_replay: str = ""
     kv_events_buffer: int = 10_000
@@ -105,7 +107,7 @@ class DaemonConfig:
                 f"tcp port (even on loopback; the daemon cannot tell their uids apart), so each could use the "
                 f"cache as you; set daemon.token_file (a 0600 file) or KVBM_DAEMON__TOKEN (or daemon.tenants), "
                 f"or drop daemon.address for the default ipc:// socket (this user only)")
-        for name in ("address", "events", "kv_events", "kv_events_replay"):
+        for name in ("address", "events", "events_replay", "kv_events", "kv_events_replay"):
             addr = getattr(cfg, name)
             token = cfg.authenticated if name == "address" else cfg.subscriber_token
             if addr and not token and not is_local(addr):
@@ -158,7 +160,8 @@ class DaemonConfig:
         return self.events_token or self.token
 
     def validate(self) -> None:
-        for name in ("address", "events", "kv_events", "kv_events_replay", "metrics", "token", "token_file",
+        for name in ("address", "events", "events_replay", "kv_events", "kv_events_replay", "metrics", "token",
+                     "token_file",
                      "events_token", "events_token_file", "shm_name", "peer_secret_file"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"daemon.{name} must be a string, got {getattr(self, name)!r}")
@@ -166,10 +169,12 @@ class DaemonConfig:
             raise ConfigError(f"daemon.address must be tcp://HOST:PORT or ipc://PATH, got {self.address!r}")
         if self.events and not self.events.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"daemon.events must be tcp://HOST:PORT, ipc://PATH or '', got {self.events!r}")
-        for name in ("kv_events", "kv_events_replay"):
+        for name in ("events_replay", "kv_events", "kv_events_replay"):
             addr = getattr(self, name)
             if addr and not addr.startswith(("tcp://", "ipc://")):
                 raise ConfigError(f"daemon.{name} must be tcp://HOST:PORT, ipc://PATH or '', got {addr!r}")
+        if self.events_replay and not self.events:
+            raise ConfigError("daemon.events_replay needs daemon.events (the stream it replays)")
         if self.kv_events_replay and not self.kv_events:
             raise ConfigError("daemon.kv_events_replay needs daemon.kv_events (the stream it replays)")
         if self.metrics and ":" not in self.metrics:

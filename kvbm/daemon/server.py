@@ -176,6 +176,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
 
     def describe(self) -> dict[str, Any]:
         return {"ready": True, "pid": os.getpid(), "address": self.address, "events": self.events_address,
+                "events_replay": self.events_replay_address,
                 "metrics": self.metrics_address, "shm": self.pool.shm_path,
                 "nixl": self.agent.name if self.agent else None, "nixl_note": self.nixl_note,
                 "tiers": {t.name: {"capacity": t.capacity, "recovered": t.stats.recovered}
