@@ -75,7 +75,7 @@ def attack(address: str, events: str, token: str, conn) -> None:
             if s in ready:
                 import msgpack
 
-                topic, body = s.recv_multipart()
+                topic, body = s.recv_multipart()[:2]  # a third frame carries seq + epoch
                 for kind, ck, _tier in msgpack.unpackb(body):
                     if kind == "stored":
                         stored.setdefault(topic, []).append(ck)
