@@ -9,10 +9,10 @@ config of DP 1 each (independent engines) and every rank an engine_id ending in 
 The first tests build vLLM's own configs for each launch layout (single node, DP + TP, uni,
 multi-node, ranks launched apart, ray, torchrun), turn them into each rank's view as vLLM's
 run_engine_core does, and check which cache each rank reaches or that it is refused in one
-line. Then real servers: `vllm serve --data-parallel-size 2 --api-server-count 2`, where a
-prompt served by one rank is 8 blocks of external hits on the other (vLLM's
-X-data-parallel-rank header picks the rank), both ways; and `--api-server-count 2` in front of
-one engine core.
+line. Then real servers: `vllm serve --data-parallel-size 2 --api-server-count 2` (and DP 2 x
+TP 2: four workers), where a prompt served by one rank is 8 blocks of external hits on the
+other (vLLM's X-data-parallel-rank header picks the rank), both ways, and nothing is left in
+/dev/shm after the stop; and `--api-server-count 2` in front of one engine core.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vllm_e2e import CONFIG  # noqa: E402
-from vllm_serve_helpers import BLOCK, Server, engine_daemon, kv_config, prompt, stored_blocks, wait_stored, write_model  # noqa: E402
+from vllm_serve_helpers import BLOCK, Server, engine_daemon, group_shm, kv_config, prompt, stored_blocks, wait_stored, write_model  # noqa: E402
 
 from kvbm.config import ConfigError  # noqa: E402
 from kvbm.connectors.vllm import engine_cache  # noqa: E402
@@ -159,35 +159,41 @@ def test_torchrun_ranks_share_their_master_on_one_node(monkeypatch):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two data parallel ranks need two cores to bind")
-def test_a_prompt_served_by_one_rank_hits_on_the_other(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])  # tp 2: each rank's two workers store their shards side by side
+def test_a_prompt_served_by_one_rank_hits_on_the_other(tmp_path, tp):
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     kvbm = {"tiers": [{"name": "g2", "capacity": 64, "storage": {"name": "host", "pin": "never"}}]}
     a, b = sorted(os.sched_getaffinity(0))[:2]
+    bind = "|".join([f"{a}|{b}"] * tp)  # one core per (DP, TP) rank, in that order
+    apis = 2 if tp == 1 else 1  # (one API server fewer on a 2-core box with four workers)
     s = Server(tmp_path, write_model(tmp_path), kv=kv_config({"kvbm_config": kvbm}), cli=True,
-               args=("--data-parallel-size", "2", "--api-server-count", "2"),
-               env={"KVBM_RUNTIME_DIR": str(runtime), "VLLM_CPU_OMP_THREADS_BIND": f"{a}|{b}"},  # rank 0 on a, 1 on b
-               name="dp2").start()
+               args=("--data-parallel-size", "2", "--tensor-parallel-size", str(tp), "--api-server-count", str(apis)),
+               env={"KVBM_RUNTIME_DIR": str(runtime), "VLLM_CPU_OMP_THREADS_BIND": bind}, name=f"dp2-tp{tp}").start()
+    shm: set[str] = set()
     try:
         s.wait()
         roles = s.pids()
         assert {"EngineCore_DP0", "EngineCore_DP1"} <= set(roles), roles
-        assert len([r for r in roles if r.lower().startswith("apiserver")]) == 2, roles
+        assert len(roles.get("Worker", ())) == 2 * tp, roles
+        assert len([r for r in roles if r.lower().startswith("apiserver")]) == apis, roles
         folder = runtime / f"kvbm-{os.getuid()}"
         infos = [json.loads(p.read_text()) for p in folder.glob("*.json") if not p.name.endswith("config.json")]
-        assert len(infos) == 1  # one daemon for both engine cores and both workers
+        assert len(infos) == 1  # one daemon for both engine cores and all their workers
         d = engine_daemon(folder)
         for first, then, seed in [(0, 1, 11), (1, 0, 12)]:
             tokens = prompt(seed, 8 * BLOCK + 60)
             stores = stored_blocks(d["address"], d["token"], d["layout"])
             before = s.external_hits(engine=then)
             cold = s.complete(tokens, dp_rank=first)  # rank `first` computes it; its 8 blocks go to kvbm
-            wait_stored(d["address"], d["token"], d["layout"], stores + 8)
+            wait_stored(d["address"], d["token"], d["layout"], stores + 8 * tp)  # every worker's shards
             warm = s.complete(tokens, dp_rank=then)  # rank `then` never saw it: only kvbm can supply it
             assert s.external_hits(engine=then) - before == 8 * BLOCK, s.kvbm_lines()
             assert warm == cold and len(cold) == 8
+        shm = group_shm(s.proc.pid)
     finally:
         s.stop()
+    assert not [p for p in shm if os.path.exists(p)]  # vLLM's queues and TP buffers are gone
 
 
 def test_two_api_servers_in_front_of_one_engine_get_hits(tmp_path):

@@ -96,17 +96,20 @@ def group_shm(pgid: int) -> set[str]:
 def stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     """SIGINT to proc's process group, then SIGKILL to what is left after grace_s. A group killed
     so cannot clean up after itself (vLLM's resource tracker dies with it), so the shared memory
-    its processes held is unlinked here: a loaded CI box would otherwise keep ~250 MB per server."""
+    its processes held is unlinked here: a loaded CI box would otherwise keep ~250 MB per server.
+    The CPU build's tensor-parallel buffers (vllm_dist_*, 4 MiB per rank) outlive even a clean
+    stop, so what the group holds is read before the stop too."""
+    shm = group_shm(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=grace_s)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         pass
-    shm = group_shm(proc.pid)
+    shm |= group_shm(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
-        shm = set()  # the group ended on its own and cleaned up
+        pass  # the group ended on its own
     proc.wait(timeout=30)
     for path in shm:
         try:
