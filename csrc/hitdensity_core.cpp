@@ -308,6 +308,7 @@ class HitDensityCore {
     int64_t live[kClasses][kBuckets] = {};
     count_live(live);
     gittins(reuses_, ends_, live, index_, rise_, decay);
+    floor_reused(reuses_, index_, rise_);
   }
 
  private:

@@ -89,4 +89,28 @@ inline void gittins(double (&reuses)[kClasses][kBuckets], double (&ends)[kClasse
   }
 }
 
+// policies/hitdensity.py's _floor_reused, after each table update: where once's index is 0 (no
+// block reused once has been seen to return at that age or later), it becomes the new classes'
+// mean index there, each weighted by its reuses; rise follows. The same operations in order.
+inline void floor_reused(const double (&reuses)[kClasses][kBuckets], double (&index)[kClasses][kBuckets],
+                         double (&rise)[kClasses][kBuckets]) {
+  double weights[kOnce - kNew], total = 0.0;
+  for (int c = kNew; c < kOnce; ++c) {
+    double w = 0.0;
+    for (int b = 0; b < kBuckets; ++b) w += reuses[c][b];
+    weights[c - kNew] = w;
+    total += w;
+  }
+  if (!(total > 0.0)) return;
+  double* once = index[kOnce];
+  for (int b = 0; b < kBuckets; ++b) {
+    if (once[b] != 0.0) continue;
+    double f = 0.0;
+    for (int c = kNew; c < kOnce; ++c) f += weights[c - kNew] * index[c][b];
+    once[b] = f / total;
+  }
+  for (int b = 0; b < kBuckets - 1; ++b) rise[kOnce][b] = once[b + 1] - once[b];
+  rise[kOnce][kBuckets - 1] = 0.0;
+}
+
 }  // namespace hitdensity

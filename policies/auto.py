@@ -47,7 +47,10 @@ of them order the real tier.
                blocks. A switched-in S3-FIFO has all but its small queue's share of them marked
                seen once (S3FIFO_WARM): its first evictions move the old policy's valuable keys
                to M and drop its least valuable, instead of a FIFO pass over every old key
-    start      hitdensity (plain LRU until it has learned), until the minis disagree
+    start      hitdensity (plain LRU until it has learned), until the minis disagree; since
+               session 12 its `once` class is floored where unlearned (policies/hitdensity.py),
+               which took auto on mooncake-1 2 % from 0.0714 to 0.0774 and tenants 25 % within
+               0.002 (bench/RESULTS.md, "Issue 15, session 12 (H42)")
 
 Constants were chosen on the grid's `tune` rows only (chat, agent, docqa, fanout of
 kvbm/sim/synth.py), never on Mooncake or the held-out rows. Checking faster (every 128

@@ -168,8 +168,8 @@ def test_mooncake_calls_give_the_same_victims(twins, mooncake, capacity, policy)
     print(policy, capacity, f"{ratio:.4f}", twin.evicts, "evicts", twin.victims, "victims")
     assert accesses == 288_500 and twin.victims > 200_000
     twin.same_state()
-    if capacity == 10000:
-        assert round(ratio, 4) == 0.2362
+    if capacity == 10000:  # 0.2362 before session 12's floor for hitdensity's `once` class
+        assert round(ratio, 4) == 0.2355
 
 
 # grid rows of bench/eval_policies.py: auto switches on docqa 5 % (to s3fifo) and fanout 2 %

@@ -469,3 +469,25 @@ class HitDensityPolicy(EvictionPolicy):
                 for b in range(top + 1):
                     reuses[b] *= 0.5
                     ends[b] *= 0.5
+        _floor_reused(self._reuses, self._index)  # session 12 (issue 15): a change of decisions, on purpose
+
+
+def _floor_reused(reuses, index):
+    """policies/hitdensity.py's _floor_reused (session 12, H42), added to the frozen copy on
+    purpose: where once's index is 0, the new classes' mean index there, weighted by reuses."""
+    weights, total = [], 0.0
+    for c in range(NEW, ONCE):
+        w = 0.0
+        for r in reuses[c]:
+            w += r
+        weights.append(w)
+        total += w
+    if not total > 0.0:
+        return
+    once = index[ONCE]
+    for b in range(_BUCKETS):
+        if once[b] == 0.0:
+            f = 0.0
+            for w, c in zip(weights, range(NEW, ONCE)):
+                f += w * index[c][b]
+            once[b] = f / total
