@@ -30,7 +30,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_serve_helpers import BLOCK, Server, kv_config, prompt, engine_daemon, stored_blocks, wait_stored, write_model  # noqa: E402
+from vllm_serve_helpers import BLOCK, Server, kv_config, prompt, engine_daemon, group_shm, stored_blocks, wait_stored, write_model  # noqa: E402
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two tensor-parallel ranks need two cores to bind")
@@ -58,8 +58,11 @@ def test_tensor_parallel_ranks_share_the_engine_daemon(tmp_path):
         warm = s.complete(tokens)
         assert s.external_hits() - before == 8 * BLOCK, s.kvbm_lines()
         assert warm == cold and len(cold) == 8
+        shm = group_shm(s.proc.pid)
     finally:
         s.stop()
+    # the CPU build's TP buffers (vllm_dist_*) outlive a clean stop unless stop_group unlinks them
+    assert any("/vllm_dist_" in p for p in shm) and not [p for p in shm if os.path.exists(p)]
 
 
 def _two_cores() -> str:
