@@ -88,8 +88,9 @@ def _put_entries(body: bytes, version: int):
         pos += n + m
 
 
-def _records(data: bytes):
-    """(kind, seq, body) for each intact record; returns at the first torn or garbled one."""
+def _records(data: bytes, path: Any = "the index"):
+    """(kind, seq, body) for each intact record; returns at the first torn or garbled one (one
+    warning naming the file; none when not even the first record is intact: replay says that)."""
     pos = 0
     while pos + FRAME.size <= len(data):
         length, crc = FRAME.unpack_from(data, pos)
@@ -102,16 +103,17 @@ def _records(data: bytes):
         kind, seq = HEAD.unpack_from(payload)
         yield kind, seq, payload[HEAD.size :]
         pos = end
-    if pos < len(data):
-        log.warning("disk storage: ignoring %d bytes of torn or garbled index records at the end",
-                    len(data) - pos)
+    if 0 < pos < len(data):
+        log.warning("disk storage: %s ends in %d bytes of torn or garbled index records (a crash, or a "
+                    "change by something else); the blocks they name are not served (misses)",
+                    path, len(data) - pos)
 
 
 def replay(data: bytes, path: Any, block_nbytes: int, capacity_blocks: int) -> Iterator[tuple[int, int, Any]]:
     """(PUT, seq, [(slot, crc, key, blob)]) or (DELETE, seq, slot) (other kinds: body None) per intact
     record. Nothing for an index without a readable header (of a version in VERSIONS) or written
     for another layout (one warning): old slots are never read with the wrong layout."""
-    records = _records(data)
+    records = _records(data, path)
     first = next(records, None)
     head = HEADER_BODY.unpack_from(first[2]) if first is not None and len(first[2]) >= HEADER_BODY.size else None
     if head is None or first[0] != HEADER or head[0] != MAGIC or head[1] not in VERSIONS:

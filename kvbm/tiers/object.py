@@ -69,7 +69,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, as_completed, wait
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ from .. import ops
 from .base import Region, Storage, make_private_dir
 from . import object_meta
 from .object_meta import MAX_TRAILER, STALE_TMP_S, TMP_PREFIX, Listing, Trailers, listed, parse, trailer  # noqa: F401
+from .object_pool import ObjectPool
 from .object_resume import Resume, local_entries
 from .object_s3 import S3_RETRIES, SINGLE_PUT_BYTES, PutBody, get_into, streams, unreachable, with_defaults
 from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
@@ -143,7 +144,7 @@ class ObjectStorage(Storage):
         self._resume: Resume | None = None  # the background listing after a cut-short recover()
         self._deleting: dict[str, Future] = {}  # path -> background delete (free)
         self._down_until = 0.0
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ObjectPool | None = None
         self._sem: asyncio.Semaphore | None = None
         self._bodies: dict[int, list[Any]] = {}  # spare put bodies by size (async fs)
         self._trailers = Trailers(self)  # blobs of recovered objects, read when kept_meta() asks
@@ -195,8 +196,15 @@ class ObjectStorage(Storage):
         pending = [f for _, _, p, _, _ in jobs if (f := self._deleting.get(p)) is not None]
         if pending:  # a block freed and stored again: its delete must land before the new put
             wait(pending, timeout=self.timeout)
-        if not self._async:  # worker threads seal each block as they write it
+        if self._local:  # worker threads seal each block as they write it
             return self._collect([self._submit("put", path, key, data, tail) for _, key, path, data, tail in jobs])
+        if not self._async:
+            # Another synchronous filesystem (memory://, sftp, ...): its puts are waited for at most
+            # `timeout`, so each body is sealed and copied here first: a put still hung when its
+            # caller gave up must not read the block's buffer after it was given to another block
+            bodies = [b"".join((self._header(key, data), data, tail)) for _, key, _, data, tail in jobs]
+            return self._collect([self._submit("put", path, body) for (_, _, path, _, _), body in zip(jobs, bodies)],
+                                 bounded=True)
         # Seal each block just before its put is queued (the IO loop only moves bytes): the
         # first puts overlap the later MACs.
         futures = [self._submit("put", path, self._header(key, data), data, tail) for _, key, path, data, tail in jobs]
@@ -205,8 +213,12 @@ class ObjectStorage(Storage):
     def read(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
         jobs = [(key, self.path_of(key), _bytes(buf, self.block_nbytes, writable=True))
                 for key, _, buf in items]
-        if not self._async:  # worker threads read straight into the buffers and verify there
+        if self._local:  # worker threads read straight into the buffers and verify there
             return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs])
+        if not self._async:  # another synchronous fs: fetched by a worker, verified and copied here if
+            # it came within `timeout` (a get that comes later never touches the buffer)
+            futures = [self._submit("get", path) for _, path, _ in jobs]
+            return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data), bounded=True)
         if self._streams:  # s3fs: the payload lands in its buffer as it arrives; verified here
             futures = [self._submit("get_into", path, dst) for _, path, dst in jobs]
             return self._collect(futures, lambda i, head: self._verify(*jobs[i], head))
@@ -397,20 +409,28 @@ class ObjectStorage(Storage):
         if pending:
             wait(pending, timeout=self.timeout)
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(self.timeout)  # a call hung on the endpoint is left behind, never waited for
             self._pool = None
         self._bodies = {}
 
     # ------------------------------------------------------------------ one object, synchronous fs
 
-    def _put(self, path: str, key: Any, data: memoryview, tail: bytes = b"") -> None:
-        self.fs.pipe_file(path, b"".join((self._header(key, data), data, tail)))
+    def _put(self, path: str, body: bytes) -> None:
+        self.fs.pipe_file(path, body)
+
+    def _get(self, path: str) -> bytes:
+        return self.fs.cat_file(path, start=0, end=HEADER_MIN + self.block_nbytes + MAX_TRAILER + 1)
 
     def _put_local(self, path: str, key: Any, data: memoryview, tail: bytes = b"") -> None:
         head, name = path.rsplit("/", 1)
         tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileNotFoundError:  # the folder was deleted under us (a cleanup): made again, 0700
+                make_private_dir(head)
+                fd = os.open(tmp, flags, 0o600)
             with open(fd, "wb") as f:
                 # each chunk is written, then MAC'd (and for v2 CRC'd) while still in cache;
                 # the header, which holds both, goes in last
@@ -522,8 +542,9 @@ class ObjectStorage(Storage):
         if len(view) < HEADER_MIN + self.block_nbytes:
             raise Corrupt(f"{path}: {len(view) - HEADER_MIN} payload bytes, expected {self.block_nbytes}")
         self._tail_ok(path, key, view[HEADER_MIN + self.block_nbytes:])
+        end = HEADER_MIN + self.block_nbytes  # (a trailer follows: never part of a chunk)
         for at in range(0, self.block_nbytes, CHUNK):  # verify and copy chunk by chunk: one pass
-            piece = view[HEADER_MIN + at:HEADER_MIN + at + CHUNK]
+            piece = view[HEADER_MIN + at:min(end, HEADER_MIN + at + CHUNK)]
             check.update(piece)
             dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
         check.verify(view[HEADER_MIN:HEADER_MIN + self.block_nbytes])
@@ -567,18 +588,30 @@ class ObjectStorage(Storage):
                     "get_into": self._aget_into, "tail": self._atail}[op]
             return asyncio.run_coroutine_threadsafe(self._bounded(coro, *args), self.fs.loop)
         fn = {"put": self._put_local if self._local else self._put,
-              "get": self._get_into, "delete": self._delete, "tail": self._tail}[op]
+              "get": self._get_into if self._local else self._get, "delete": self._delete, "tail": self._tail}[op]
         if self._pool is None:
             with self._mu:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="kvbm-g4")
+                    self._pool = ObjectPool(self.max_concurrency, "kvbm-g4")
         return self._pool.submit(self._guarded, fn, *args)
 
-    def _collect(self, futures: list[Future], finish: Callable[[int, Any], None] | None = None) -> list[bool]:
-        """Per job True when it (and `finish` on its result) succeeded; failures are counted."""
+    def _collect(self, futures: list[Future], finish: Callable[[int, Any], None] | None = None,
+                 bounded: bool = False) -> list[bool]:
+        """Per job True when it (and `finish` on its result) succeeded; failures are counted.
+        `bounded`: jobs of a synchronous filesystem not done within `timeout` are given up (a
+        counted miss; the endpoint is then taken as down for retry_after): a thread cannot be
+        cancelled, so the hung call keeps its worker, and what it returns later is dropped."""
         index = {f: i for i, f in enumerate(futures)}
         ok = [False] * len(futures)
         io = bad = foreign = 0
+        if bounded and futures:
+            _, late = wait(futures, timeout=self.timeout)
+            if late:
+                for fut in late:
+                    fut.cancel()
+                    del index[fut]
+                io += len(late)
+                self._note(TimeoutError(f"object store {self.url}: no answer in {self.timeout} s"))
         for fut in as_completed(index):  # every job carries its own timeout, so this ends
             i = index[fut]
             try:
