@@ -33,8 +33,10 @@ opening it (`sweep`).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import resource
 
 import numpy as np
 
@@ -42,6 +44,17 @@ from .. import ops
 from .transport import alive
 
 SHM_DIR = "/dev/shm"
+_open = 0  # windows of this process holding a descriptor (one each)
+
+
+def max_windows() -> int:
+    """Windows this process may hold open at once: a quarter of its descriptor limit (the
+    request socket may take half for connections, conn_gate.py; the rest is G3's files, the
+    event links and libzmq's own). Past it a hello is refused `busy`: a session flood under a
+    small limit must not leave the daemon without a descriptor to accept a connection (libzmq
+    aborts the process at EMFILE on an ipc:// listener)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 30 if soft == resource.RLIM_INFINITY else max(8, soft // 4)
 
 
 class Window:
@@ -55,6 +68,11 @@ class Window:
         # mapping would then fault (SIGBUS) on the vanished pages, and a tmpfs filled by anyone
         # faults it on a page it writes first. A system call just fails instead: that block is
         # not stored or not loaded (tests/test_attack_wire.py).
+        global _open
+        self.fd = -1
+        if _open >= max_windows():
+            raise OSError(errno.EMFILE, f"{_open} staging windows open, the most this daemon's descriptor "
+                                        f"limit allows (RLIMIT_NOFILE / 4)")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)  # sparse: pages exist only once written
@@ -63,6 +81,7 @@ class Window:
             os.unlink(path)
             raise
         self.fd = fd
+        _open += 1
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.linked = True
 
@@ -143,9 +162,11 @@ class Window:
 
     def close(self) -> None:
         """Unlink and close: a client that still maps it keeps pages only it can see."""
+        global _open
         self.unlink()
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            _open -= 1
             os.close(fd)
 
 
