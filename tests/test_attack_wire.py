@@ -152,6 +152,14 @@ def loads_exact(c, keys: list[bytes]) -> bool:
     return c.load(keys, out) == len(keys) and all(np.array_equal(o, block(k)) for o, k in zip(out, keys))
 
 
+def loads_prefix_right(c, keys: list[bytes]) -> int:
+    """Blocks loaded; every one of them must hold its key's bytes (a miss is allowed, a wrong byte never)."""
+    out = [np.zeros(NB, np.uint8) for _ in keys]
+    n = c.load(keys, out)
+    assert all(np.array_equal(o, block(k)) for o, k in zip(out[:n], keys)), "a wrong byte was served"
+    return n
+
+
 # ---------------------------------------------------------------- the window under the daemon's copy
 
 
@@ -488,6 +496,19 @@ def test_two_sessions_of_one_namespace_racing_on_the_same_keys_never_see_partial
         assert get(fd2, stride, first2).tobytes() == theirs.tobytes()
         # the commit of a handle already committed (a retry under a new id) changes nothing
         assert a.call("store_commit", s1, handle=r1["handle"])["error"] == "bad_handle"
+        # S2 "fails" a key it got no slot for (S1's, in flight) in a commit of its own: S1's
+        # reservation is untouched and commits its whole bytes
+        k3, j3 = make_keys("raced-2", 2)
+        r1 = a.ok("store_prepare", s1, keys=[k3])
+        r2 = a.ok("store_prepare", s2, keys=[k3, j3])
+        assert r2["slots"][0] == -1 and r2["slots"][1] >= 0
+        put(fd2, stride, r2["slots"][1], block(j3))
+        assert a.ok("store_commit", s2, handle=r2["handle"], failed=[0])["stored"] == 1
+        put(fd1, h1["stride"], r1["slots"][0], block(k3))
+        assert a.ok("store_commit", s1, handle=r1["handle"])["stored"] == 1
+        r = a.ok("load_prepare", s2, keys=[k3, j3])
+        assert [get(fd2, stride, w).tobytes() for w in r["slots"]] == [block(k3).tobytes(), block(j3).tobytes()]
+        a.ok("load_release", s2, handle=r["handle"])
         with d.client(model="other") as other:  # another namespace: the same key is not there
             assert other.lookup(k) == (0, [])
         a.ok("bye", s1)
@@ -622,3 +643,47 @@ def test_a_session_flood_under_a_small_descriptor_limit_leaves_the_daemon_descri
         watch.close()
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("op", ["load", "load_prepare"])
+def test_a_session_gone_while_its_load_waits_on_g3_leaves_nothing(served, tmp_path, op):
+    """Loads of blocks that sit in G3 wait (deferred) while the blocks come up; the client
+    pipelines a bye (or its window is truncated and it says bye) right behind: the waiting
+    request is answered no_session or with what it got, never a window slot of a closed session;
+    nothing stays held, the onboarding map empties, the daemon lives and the blocks load byte for
+    byte for a new client of that namespace."""
+    d = served(tiers=[{"name": "g2", "capacity": 16, "eviction": "lru", "storage": "host"},
+                      {"name": "g3", "capacity": 256, "eviction": "lru",
+                       "storage": {"name": "disk", "path": str(tmp_path / "g3")}}])
+    keys = make_keys("deep", 64)
+    with d.client(model="deep", heartbeat=False) as c:
+        for i in range(0, 64, 8):
+            assert c.store(keys[i:i + 8], [block(k) for k in keys[i:i + 8]]) == 8
+        assert wait_until(lambda: c.lookup(keys)[0] == 64, DEADLINE_S)  # (the offloader's moves landed)
+    a = Raw(d)
+    try:
+        for rnd in range(8):
+            sid, hello, fd = a.hello(model="deep")
+            first = hello["scratch"][0]
+            batch = keys[rnd * 8:rnd * 8 + 8]
+            fields = {"keys": batch, "slots": list(range(first, first + 8))} if op == "load" else {"keys": batch}
+            if rnd % 2:
+                os.ftruncate(fd, 0)
+            rid = a.send(op, sid, **fields)
+            bye = a.send("bye", sid)
+            got = {}
+            while len(got) < 2:
+                r = a.recv()
+                got[r["id"]] = r
+            assert got[bye]["ok"]
+            r = got[rid]
+            assert r["ok"] or r["error"] == "no_session", r
+            os.close(fd)
+        assert d.proc.poll() is None
+        assert wait_until(lambda: at_baseline(a, sessions=0) and a.ok("stats")["stats"]["daemon"]["onboarding_keys"] == 0,
+                          DEADLINE_S), state(a)
+    finally:
+        a.close()
+    with d.client(model="deep", heartbeat=False) as c:
+        for i in range(0, 64, 8):  # (a load of G3 blocks may get a prefix while G2 is full: retried)
+            assert wait_until(lambda: loads_prefix_right(c, keys[i:i + 8]) == 8, DEADLINE_S)
