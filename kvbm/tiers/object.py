@@ -6,7 +6,10 @@
     write([(key, handle, buf)])  put objects concurrently -> per block True/False (never raises)
     read([(key, handle, buf)])   get, verify header + length + CRC-32C + MAC, copy into buf
     recover() -> [(key, handle)] the newest objects under <url>/<namespace>/, oldest first (the
-                                 listing streams into a bounded heap, stopped after LIST_BUDGET_S)
+                                 listing streams into a bounded heap, stopped after LIST_BUDGET_S;
+                                 cut short, it goes on in the background: object_resume.py)
+    found_waiting / take_found(n) objects of ours that background listing found, for the manager
+                                 (BlockManager.adopt_found) to adopt
     meta_of / kept_meta()        an opaque blob per block in the object's sealed trailer (object_meta.py)
 
 An object is `<url>/<namespace>/<Seal.name(key)>`: a 64-byte header and then the payload. The
@@ -42,9 +45,14 @@ under a semaphore of max_concurrency, each cancelled after `timeout` seconds (bo
 read timeout does not end a PUT that an endpoint accepted and never answers; this bound
 always holds). CRCs and MACs are computed and checked in the calling thread, so the IO loop
 only moves bytes: from s3fs straight into the caller's buffer, chunk by chunk as they arrive
-(object_s3.get_into; other async filesystems hand over the whole object, copied after). Synchronous filesystems (local, memory) use a thread pool that reads
-straight into the caller's buffers and seals or verifies there (hashlib releases the GIL, so
-blocks verify in parallel); a thread cannot be cancelled, so there `timeout` does not apply.
+(object_s3.get_into; other async filesystems hand over the whole object, copied after).
+`file://` uses worker threads (object_pool.py) that read straight into the caller's buffers and
+seal or verify there (hashlib releases the GIL, so blocks verify in parallel); a thread cannot
+be cancelled, so there `timeout` does not apply (a local disk that hangs holds its workers).
+Other synchronous filesystems (memory://, sftp, ...) run on the same workers, but the caller
+seals each body (a copy) before the put and verifies and copies each get after it, and waits
+for each at most `timeout`: a call still hung then is a counted miss (the store is then taken
+as down for retry_after), holds its worker until it returns, and never touches a buffer again.
 `file://`, the embedded default, writes a temporary name and renames it: a reader or a
 restart sees the whole object or none of it.
 

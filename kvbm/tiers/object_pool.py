@@ -1,7 +1,7 @@
 """The worker threads of a synchronous object store (file://, memory://, any fsspec filesystem
 without an IO loop).
 
-    ObjectPool(n, name).submit(fn, *args) -> Future   at most n threads, started on first use
+    ObjectPool(n, name).submit(fn, *args) -> Future   at most n threads, started as calls wait
     .shutdown(timeout)                                 queued calls cancelled; running ones waited
                                                        for at most `timeout`, then left behind
 
@@ -29,23 +29,31 @@ class ObjectPool:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._idle = 0  # workers waiting for a call
+        self._pending = 0  # calls queued, not taken yet
 
     def submit(self, fn: Callable, *args: Any) -> Future:
         fut: Future = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("object store worker pool is closed")
-            if not self._threads:
-                for i in range(self.n):
-                    t = threading.Thread(target=self._work, name=f"{self.name}_{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
             self._q.put((fut, fn, args))
+            self._pending += 1
+            if self._pending > self._idle and len(self._threads) < self.n:  # as ThreadPoolExecutor: on demand
+                t = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
         return fut
 
     def _work(self) -> None:
         while True:
+            with self._lock:
+                self._idle += 1
             item = self._q.get()
+            with self._lock:
+                self._idle -= 1
+                if item is not None:
+                    self._pending -= 1
             if item is None:
                 return
             fut, fn, args = item
