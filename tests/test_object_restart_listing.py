@@ -310,3 +310,31 @@ def test_more_of_ours_than_handles_the_oldest_go(tmp_path):
     assert ours_in(again) == {again.path_of(k).rsplit("/", 1)[1] for k in keys[4:]}
     assert again.found_waiting == 0 and again._resume.deleted == 4
     again.close()
+
+
+def test_s3_objects_of_ours_past_the_budget_are_found_by_the_background_listing(monkeypatch):
+    """s3: the listing at start ends at its budget in a run of foreign pages; the background one
+    lists on (a page at a time from the IO loop) and queues ours for the manager."""
+    monkeypatch.setattr(object_meta, "LIST_BUDGET_S", 0.2)
+    st = ObjectStorage(8, NB, namespace="ns", url="s3://bucket/run", secret=SECRET,
+                       storage_options={"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"})
+    ours = [f"late-{i}".encode() for i in range(3)]
+    base = 64 + NB
+    first = threading.Event()
+
+    async def slow_then_ours(bucket, max_items=None, delimiter="/", prefix="", versions=False):
+        for _ in range(5):  # foreign pages, slower than the budget the first time round
+            for _ in range(1000):
+                yield {"name": f"bucket/run/ns/{os.urandom(32).hex()}", "type": "file", "size": base}
+            if not first.is_set():
+                await asyncio.sleep(0.1)
+        for i, k in enumerate(ours):
+            yield {"name": st.path_of(k), "type": "file", "size": base, "LastModified": float(i)}
+
+    monkeypatch.setattr(st.fs, "_iterdir", slow_then_ours)
+    monkeypatch.setattr(st, "_exists", lambda path: True)  # (no endpoint here to ask)
+    assert returns_within(st.recover) == [] and not st.listing_complete
+    first.set()
+    assert st._resume.join(120)
+    assert sorted(k for k, _ in st.take_found(8)) == sorted(ours)
+    st.close()
