@@ -12,9 +12,11 @@ its lease runs out, because the client died or hung, the daemon releases all of 
 SIGKILLed engine never leaks pinned blocks. Every map here is bounded: by the session's quota,
 its window, or a fixed count.
 
-The table is bounded too, per owner (a named tenant, else the uid) and in all: when full, the
-least recently active session of that owner that holds nothing is closed to make room (its client
-says hello again on its next call), so hellos alone cannot lock anyone out. Busy blocks are kept
+The table is bounded too, per owner (a named tenant, else the uid; a named tenant at most half the
+table) and in all: an owner at its bound has its own least recently active empty session closed to
+make room (its client says hello again on its next call); a full table closes an empty session of
+the owner holding the most (Sessions._fairest), so hellos alone cannot lock anyone out and one
+tenant's hellos never close a session of a tenant holding as many or fewer. Busy blocks are kept
 per namespace and per owner too, for the quotas (dataplane._check_quota).
 """
 
@@ -123,17 +125,24 @@ class Sessions:
     def __len__(self) -> int:
         return len(self.by_id)
 
+    def bound(self, owner: int | str) -> int:
+        """Sessions `owner` may hold. A named tenant (a str) at most half the table too: its busy
+        sessions (which no hello closes) never fill the table, whatever max_sessions_per_uid says."""
+        if isinstance(owner, str) and owner:
+            return min(self.per_uid, max(1, self.limit // 2))
+        return self.per_uid
+
     def open(self, namespace: bytes, label: str, lease_s: float, now: float, *, uid: int = -1,
              pid: int = 0, tenant: str = "") -> tuple[Session | None, Session | None]:
         """-> (new session or None when full of busy sessions, the idle session closed for it)."""
         evicted = None
         owner = tenant if tenant else uid
-        if self.count_by_owner.get(owner, 0) >= self.per_uid:
+        if self.count_by_owner.get(owner, 0) >= self.bound(owner):
             evicted = self._idlest(owner)
             if evicted is None:
                 return None, None
         elif len(self.by_id) >= self.limit:
-            evicted = self._idlest(None)
+            evicted = self._fairest(owner)
             if evicted is None:
                 return None, None
         if evicted is not None:
@@ -144,14 +153,31 @@ class Sessions:
         self.count_by_owner[owner] = self.count_by_owner.get(owner, 0) + 1
         return s, evicted
 
-    def _idlest(self, owner: int | str | None) -> Session | None:
-        """The empty session to close: one never used since its hello first, then the one idle
-        longest; None when every candidate holds something."""
+    def _idlest(self, owner: int | str) -> Session | None:
+        """owner's empty session to close: one never used since its hello first, then the one idle
+        longest; None when every one holds something."""
         best = None
         for s in self.by_id.values():
-            if s.empty and s.namespace != PEER_NS and (owner is None or s.owner == owner) and (
+            if s.empty and s.namespace != PEER_NS and s.owner == owner and (
                     best is None or (s.used, s.active) < (best.used, best.active)):
                 best = s
+        return best
+
+    def _fairest(self, owner: int | str) -> Session | None:
+        """The full table's empty session to close for `owner`: one of the owner (tenant or uid)
+        holding the most sessions, counting `owner` with the one it opens (a tie: its own), then
+        never used, then idle longest. So a tenant's hellos close its own sessions before any of
+        a tenant holding as many or fewer: alice cannot evict bob's idle session to seat hers.
+        None when every session holds something."""
+        best, best_key = None, None
+        counts = self.count_by_owner
+        for s in self.by_id.values():
+            if not s.empty or s.namespace == PEER_NS:
+                continue
+            mine = s.owner == owner
+            key = (-(counts.get(s.owner, 0) + mine), not mine, s.used, s.active)
+            if best_key is None or key < best_key:
+                best, best_key = s, key
         return best
 
     def get(self, sid: Any) -> Session | None:

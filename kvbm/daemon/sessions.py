@@ -69,7 +69,8 @@ class SessionOps:
         s, evicted = self.sessions.open(ns, model, self.dcfg.lease_s, now, uid=uid, pid=pid, tenant=tenant)
         if s is None:
             raise P.ProtocolError("busy", f"too many clients with work in flight ({self.dcfg.max_clients} in "
-                                          f"all, {self.sessions.per_uid} per uid or tenant)")
+                                          f"all, {self.sessions.bound(tenant if tenant else uid)} for this "
+                                          f"{'tenant' if tenant else 'uid'}): release or close some")
         if evicted is not None:
             self.counters["sessions_evicted"] += 1
             self._release(evicted)
