@@ -21,6 +21,13 @@ and descriptor of the daemon returns to its baseline.
   being stored is a miss for everyone until its commit, never its partial bytes.
 - One key repeated max_keys times in a pin: released whole at bye, evictable after.
 - An honest client whose idle session is evicted by a hello flood between two one-shot stores.
+- Every op of a session after its bye; loads waiting on G3 with a bye pipelined behind them.
+- A session flood under a 256-descriptor limit: windows hold a descriptor each now, so they are
+  capped at a quarter of RLIMIT_NOFILE (hello `busy` past it) and the daemon keeps descriptors to
+  accept connections (libzmq aborts the process at EMFILE on an ipc:// listener).
+
+Broke before this file: the truncation (SIGBUS) and, with its first fix, the descriptor flood.
+Everything else held when tried and is kept as a test.
 """
 
 from __future__ import annotations
@@ -456,6 +463,17 @@ def test_cancels_replays_and_handles_of_other_sessions_touch_nothing_of_theirs(s
         assert loads_exact(honest, keys)
         a.ok("bye", sid)
         a.ok("bye", sid2)
+        # every op of a session after its bye: no_session, nothing done (a second bye is a no-op)
+        first = hello["scratch"][0]
+        k = make_keys("after-bye", 1)
+        for op, fields in (("lookup", {"keys": k}), ("store_prepare", {"keys": k}), ("store_commit", {"handle": 1}),
+                           ("load_prepare", {"keys": keys}), ("load_release", {"handle": 1}),
+                           ("store", {"keys": k, "slots": [first]}), ("load", {"keys": keys[:1], "slots": [first]}),
+                           ("pin", {"keys": keys}), ("unpin", {"keys": keys}), ("lookup_pin", {"keys": keys}),
+                           ("cancel", {"cancels": 1}), ("heartbeat", {})):
+            r = a.call(op, sid2, **fields)
+            assert not r["ok"] and r["error"] == "no_session", (op, r)
+        assert a.ok("bye", sid2) == {"id": a.rid, "ok": True}
         os.close(fd)
         os.close(fd2)
         assert wait_until(lambda: at_baseline(honest, sessions=1), DEADLINE_S), state(honest)
