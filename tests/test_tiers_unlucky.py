@@ -288,3 +288,42 @@ def test_g4_bucket_deleted_under_a_running_daemon(tmp_path):
             assert d.proc.poll() is None
     finally:
         d.stop()
+
+
+def test_g4_s3_bucket_deleted_under_a_running_daemon(tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import fsspec
+
+    from s3server import FAKE_CREDENTIALS, MotoServer
+
+    bucket = "kvbm-unlucky"
+    with MotoServer() as s3:
+        fs = fsspec.filesystem("s3", endpoint_url=s3.endpoint, skip_instance_cache=True, **_creds(FAKE_CREDENTIALS))
+        fs.mkdir(bucket)
+        g4 = {"name": "g4", "capacity": 128, "eviction": "lru",
+              "storage": {"name": "object", "url": f"s3://{bucket}/run", "storage_options": {"endpoint_url": s3.endpoint}}}
+        d = Served(tmp_path, "d", tiers=[G2, g4], env=FAKE_CREDENTIALS).start()
+        try:
+            with d.client(salt="a") as a, d.client(salt="b") as b:
+                cold = make_keys("cold", 40)
+                store_all(a, cold)
+                wait_until(lambda: len(in_tier(a, cold[:16], "g4")) == 16)
+                hot = make_keys("hot", 4)
+                assert b.store(hot, [block(k) for k in hot]) == 4
+                fs.rm(bucket, recursive=True)  # objects, then the bucket
+                assert not fs.exists(bucket)
+                assert not any(load_each(a, cold[:8]).values())  # misses, never an error
+                assert all(load_each(b, hot).values())
+                fresh = make_keys("fresh", 24)  # G2 victims meet the missing bucket: they drop
+                store_all(b, fresh)
+                assert all(load_each(b, fresh[-4:]).values())
+                g4s = a.stats()["tiers"]["g4"]
+                assert g4s["io_errors"] > 0 and g4s["load_failures"] > 0, g4s
+                assert d.proc.poll() is None
+        finally:
+            d.stop()
+
+
+def _creds(env: dict) -> dict:
+    return {"key": env.get("AWS_ACCESS_KEY_ID"), "secret": env.get("AWS_SECRET_ACCESS_KEY")}
