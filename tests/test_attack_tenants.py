@@ -17,7 +17,7 @@ zmq = pytest.importorskip("zmq")
 
 from kvbm.daemon.events import topic_of  # noqa: E402
 from kvbm.daemon.leases import namespace_of  # noqa: E402
-from kvbm.daemon.protocol import RemoteError  # noqa: E402
+from kvbm.daemon.protocol import RemoteError, request, unpack  # noqa: E402
 from servedaemon import LAYOUT, LAYOUT_DICT, NB, TCP_TOKEN, Served, block, make_keys  # noqa: E402
 from test_tenant_tokens import ALICE, BOB, DEADLINE_S, _busy, _loads, _raw, _served  # noqa: E402
 
@@ -346,4 +346,91 @@ def test_bobs_g3_blocks_after_a_restart_and_after_bob_is_removed_reach_no_one_el
         with d.client(token=new_bob, salt="s", timeout=DEADLINE_S) as b:
             _load_all(b, keys, bobs)
     finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------- the event streams
+
+
+def test_alices_token_opens_none_of_the_event_streams(tmp_path):
+    """Every tenant's rows go out on the event streams (one credential for routers). alice
+    presents her token (and bob his) as the PLAIN password to the events PUB, its replay ROUTER,
+    the kv_events PUB and its replay ROUTER: no handshake completes, so no topic of bob's is
+    read or replayed; the routers' events_token opens each."""
+    from test_daemon_events import _handshake
+
+    ev = "router-token-0123456789abcdef"
+    d = _served(tmp_path, events="tcp://127.0.0.1:0", events_replay=f"ipc://{tmp_path}/evr.sock",
+                events_token=ev, kv_events=f"ipc://{tmp_path}/kv.sock",
+                kv_events_replay=f"ipc://{tmp_path}/kvr.sock")
+    ctx = zmq.Context()
+    try:
+        with d.client(token=BOB, salt="s", timeout=DEADLINE_S) as b:
+            k = make_keys("bob-stream", 2)
+            assert b.store(k, [block(x) for x in k]) == 2
+        streams = ((d.info["events"], zmq.SUB), (f"ipc://{tmp_path}/evr.sock", zmq.DEALER),
+                   (f"ipc://{tmp_path}/kv.sock", zmq.SUB), (f"ipc://{tmp_path}/kvr.sock", zmq.DEALER))
+        for address, kind in streams:
+            for creds, outcome in ((ALICE, "failed"), (BOB, "failed"), (TCP_TOKEN, "failed"), (ev, "ok")):
+                sock = ctx.socket(kind)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.plain_username, sock.plain_password = b"kvbm", creds.encode()
+                assert _handshake(sock, address) == outcome, (address, creds[:5])
+                sock.close(0)
+    finally:
+        ctx.term()
+        d.stop()
+
+
+# ---------------------------------------------------------------- deferred replies: whose session remembers them
+
+
+def test_bobs_deferred_load_is_remembered_in_his_session_whoever_sent_the_last_request(tmp_path):
+    """bob's load_prepare waits for its blocks to come up from G3 (answered later, on the loop),
+    while alice's requests are handled meanwhile. Before, the deferred reply was remembered in
+    bob's session only if the request being handled at that moment was bob's tenant's (the
+    check that keeps alice off bob's sessions looked at the current request's token): with
+    alice's in between, bob's cancel of that request undid nothing (his window slots stayed
+    taken until reserve_s) and his retry loaded again. Now it is remembered in his session: the
+    retry gets the same reply and the cancel undoes it, every round."""
+    tenants = {"alice": {"token": ALICE, "share": 0.25}, "bob": {"token": BOB, "share": 0.25}}
+    d = _g3_served(tmp_path, "d", tenants)
+    ctx = zmq.Context()
+    sock, call = _raw(ctx, d.address)
+    asock, acall = _raw(ctx, d.address)
+    try:
+        keys = make_keys("bob-deferred", 8)
+        with d.client(token=BOB, salt="s", timeout=DEADLINE_S) as b:
+            for i in range(0, 8, 2):
+                assert b.store(keys[i:i + 2], [block(k) for k in keys[i:i + 2]]) == 2
+            filler = make_keys("bob-filler", 8)
+            for i in range(0, 8, 2):
+                assert b.store(filler[i:i + 2], [block(k) for k in filler[i:i + 2]]) == 2
+            n, where = b.lookup(keys, remote=False)
+            assert n == 8 and set(where) == {"g3"}, where
+        bob = call("hello", BOB, **HELLO)["session"]
+        alice = acall("hello", ALICE, **HELLO)["session"]
+        for rnd in range(4):
+            k = keys[2 * rnd:2 * rnd + 2]
+            rid = 1000 + rnd
+            for _ in range(20):  # queued before bob's request: handled around it while it waits
+                asock.send(request("heartbeat", 1, ALICE, alice))
+            sock.send(request("load_prepare", rid, BOB, bob, keys=k))
+            for _ in range(20):
+                asock.send(request("heartbeat", 1, ALICE, alice))
+            first = unpack(sock.recv(), 1 << 16)
+            assert first["ok"] and first["id"] == rid and len(first["slots"]) == 2, first
+            for _ in range(40):
+                assert unpack(asock.recv(), 1 << 16)["ok"]
+            sock.send(request("load_prepare", rid, BOB, bob, keys=k))  # bob's retry: the same reply
+            again = unpack(sock.recv(), 1 << 16)
+            assert (again["handle"], again["slots"]) == (first["handle"], first["slots"]), (rnd, first, again)
+            r = call("cancel", BOB, bob, cancels=rid)
+            assert r["ok"] and r["undone"], (rnd, r)
+        st = call("stats", BOB)["stats"]["daemon"]["state"]
+        assert st["loads"] == 0 and st["window_slots_used"] == 0, st
+    finally:
+        sock.close(0)
+        asock.close(0)
+        ctx.term()
         d.stop()

@@ -150,7 +150,11 @@ class SessionOps:
 
     def _remember(self, msg: dict, op: str, rid: int, out: bytes, undo: tuple | None) -> None:
         if op in REPLAYED_OPS and rid:
-            s = self._own_session(msg)
+            # Not _own_session: the op that made this reply already took the session (_session,
+            # under the request's token), and a deferred reply (onboard.py's finisher) is made
+            # later, while another tenant's request may be the current one: checking that
+            # request's token dropped the reply, so the owner's retry ran again, its cancel undid nothing
+            s = self.sessions.get(msg.get("session"))
             if s is not None:
                 s.remember(rid, op, out, undo)
 
