@@ -284,8 +284,11 @@ def _g3_served(tmp_path, name: str, tenants: dict) -> Served:
     g3 = tmp_path / "g3"
     tiers = [{"name": "g2", "capacity": 4, "eviction": "lru", "storage": "host"},
              {"name": "g3", "capacity": 32, "eviction": "lru", "storage": {"name": "disk", "path": str(g3)}}]
+    # a store waits for the offloader's room, a load for its G3 blocks, on the condition (a loaded
+    # box may take seconds): never a timing assertion
     return Served(tmp_path, name, tiers=tiers, daemon={
-        "address": "tcp://127.0.0.1:0", "token": TCP_TOKEN, "tenants": tenants}).start()
+        "address": "tcp://127.0.0.1:0", "token": TCP_TOKEN, "tenants": tenants, "room_wait_s": 60.0,
+        "room_stall_s": 60.0, "onboard_wait_s": 60.0}).start()
 
 
 def test_bobs_g3_blocks_after_a_restart_and_after_bob_is_removed_reach_no_one_else(tmp_path):
