@@ -69,7 +69,8 @@ Why these defaults (fixed, not fitted to a trace):
                    O(classes x buckets^2)) stays a few operations per insert.
 
 Measured (prefix hit ratio, `python bench/eval_policies.py`; Mooncake at 1k/10k/30k/50k/100k
-blocks): 0.0531/0.2364/0.3325/0.3551/0.3643 (LRU 0.0445/0.2112/0.3257/0.3546/0.3637, ARC
+blocks): 0.0559/0.2357/0.3326/0.3548/0.3642 with the once floor (session 12; before it
+0.0531/0.2364/0.3325/0.3551/0.3643) (LRU 0.0445/0.2112/0.3257/0.3546/0.3637, ARC
 0.2227 at 10k, Belady 0.191 then 0.366). The previous version (one class for every new block,
 no censored lives, a batch inserted in request order) gave 0.0466/0.2339/0.3312/0.3557/0.3639.
 The run-length split was found by analysing that trace; it raised the synthetic agent trace

@@ -217,7 +217,8 @@ def shared_ratio():
     return ratio
 
 
-# Measured: 0.0531 / 0.2363 / 0.3325 / 0.3551 / 0.3643 at 1k / 10k / 30k / 50k / 100k blocks
+# Measured: 0.0559 / 0.2357 / 0.3326 / 0.3548 / 0.3642 at 1k / 10k / 30k / 50k / 100k blocks
+# (session 12, with the once floor; 0.0531 / 0.2363 / 0.3325 / 0.3551 / 0.3643 before it)
 # (LRU 0.0445 / 0.2112 / 0.3257 / 0.3546 / 0.3637 from ../shared/traces/README.md, Belady
 # 0.366 from 10k on). Issue 7: never below LRU at any capacity of the reference table.
 @pytest.mark.slow
