@@ -245,3 +245,56 @@ def test_onboarder_waits_bounded_then_releases_everything(tmp_path):
         m.unpin(hot)
     finally:
         m.close()
+
+
+def test_one_owner_holds_at_most_half_of_the_onboarding_slots(tmp_path):
+    """Onboarding transfers in flight are bounded (max_jobs); one owner (a tenant, a uid) holds at
+    most half of them. Before, alice loading her own G4 blocks from a hung store (each transfer
+    held for the store's timeout) took every slot, and bob's G3/G4 hits came back as misses."""
+    from kvbm.config import KVBMConfig
+    from kvbm.daemon.onboard import Onboarder
+    from kvbm.manager import BlockManager
+
+    cfg = KVBMConfig.from_dict({
+        "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
+        "tiers": [{"name": "g2", "capacity": 8, "storage": {"name": "host", "pin": "never"}},
+                  {"name": "g4", "capacity": 32, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
+    m = BlockManager.from_config(cfg)
+    try:
+        keys = make_keys("owners", 16)
+        for k in keys:
+            assert not m.store([k], source=[block(k)]).rejected
+        cold = [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]
+        assert len(cold) == 8
+        g4 = m.tiers[1].storage
+        gate, real = threading.Event(), g4.read
+        g4.read = lambda items: (gate.wait(600), real(items))[1]  # a hung store
+        woken = threading.Event()
+        ob = Onboarder(m, woken.set, wait_s=600.0, max_jobs=4)
+        assert ob.per_owner == 2
+        # alice takes her two slots; her third request finds none (answered from G2: a miss)
+        assert ob.start([cold[0]], "alice") and ob.start([cold[1]], "alice")
+        assert not ob.start([cold[2]], "alice") and cold[2] not in ob._inflight
+        # bob's blocks still come up: half the slots are not alice's
+        assert ob.start([cold[3]], "bob") and ob.start([cold[4]], 1000)  # a tenant, a uid
+        assert not ob.start([cold[5]], "carol")  # all four slots in flight: the global bound
+        gate.set()
+        deadline = time.monotonic() + 180
+        while len(ob) and time.monotonic() < deadline:
+            woken.wait(1)
+            woken.clear()
+            ob.service()
+        assert len(ob) == 0 and ob._owners == {}
+        assert m.lookup([cold[0]])[1] == ["g2"] and m.lookup([cold[3]])[1] == ["g2"]
+        assert ob.start([cold[2]], "alice")  # her slots are back
+        gate.set()
+        while len(ob) and time.monotonic() < deadline:
+            woken.wait(1)
+            woken.clear()
+            ob.service()
+        out = [np.zeros(NB, np.uint8) for _ in range(3)]
+        got = [cold[0], cold[2], cold[3]]
+        assert m.load(got, destination=out).loaded == 3
+        assert all(np.array_equal(o, block(k)) for o, k in zip(out, got))
+    finally:
+        m.close()

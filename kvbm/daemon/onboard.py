@@ -1,7 +1,7 @@
 """Lower-tier I/O off the request loop: blocks in G3/G4 come up to G2 on transfer threads.
 
     Onboarder(manager, wake)               one per daemon; the owner thread calls all but wake
-    Onboarder.start(skeys) -> bool         onboard what the ready prefix of skeys holds below G2;
+    Onboarder.start(skeys, owner) -> bool  onboard what the ready prefix of skeys holds below G2;
                                            True when the request should wait for it
     Onboarder.wait(skeys, finish, wait_s)  finish() runs on the owner thread once those blocks
                                            landed (or failed), or after wait_s, whichever is first
@@ -48,6 +48,7 @@ from .peering import DEFERRED
 log = logging.getLogger("kvbm.daemon")
 WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (daemon.onboard_wait_s)
 MAX_JOBS = 64        # onboarding transfers in flight; beyond this a request is answered from G2
+OWNER_SHARE = 0.5    # one owner (a tenant, a uid: Session.owner) holds at most this share of them
 G4_TIMEOUT_S = 2.0   # the daemon's default object-store timeout per put/get (was the client's 10 s)
 
 
@@ -66,8 +67,12 @@ class Onboarder:
         self.manager = manager
         self.wait_s = wait_s
         self.max_jobs = max_jobs
+        # one owner's tickets at most: a tenant loading its own blocks from a hung G4 (each ticket
+        # held for the store's timeout) must not take every slot and turn others' G3/G4 hits into misses
+        self.per_owner = max(1, int(max_jobs * OWNER_SHARE))
+        self._owners: dict = {}  # owner -> tickets in flight
         self._wake = wake  # any thread: have the owner call service() soon
-        self._tickets: list = []
+        self._tickets: list = []  # (ticket, owner)
         self._inflight: dict = {}  # key -> number of our tickets bringing it up
         self._waiting: list[_Waiter] = []
         self.started = 0  # blocks whose onboarding began (stats)
@@ -77,21 +82,23 @@ class Onboarder:
         """Keys in flight (a bounded map: at most max_jobs tickets of max_keys each)."""
         return len(self._inflight)
 
-    def start(self, skeys: list) -> bool:
+    def start(self, skeys: list, owner: Any = None) -> bool:
         """Owner thread: submit the promotion of the ready prefix's blocks below G2 (unless one
-        is already on its way); True if any block of that prefix is coming up."""
+        is already on its way); True if any block of that prefix is coming up. `owner` (whose
+        request: Session.owner) holds at most per_owner of the max_jobs tickets."""
         m = self.manager
         top = m.tiers[0]
         n, where = m.lookup(skeys)
         prefix = skeys[:n]
         lower = [k for k, w in zip(prefix, where) if w != top.name and k not in top.pending]
-        if lower and len(self._tickets) < self.max_jobs:
+        if lower and len(self._tickets) < self.max_jobs and self._owners.get(owner, 0) < self.per_owner:
             ticket = m.submit_load(lower, None)
             coming = [key for key, _, _, _ in ticket.job.promotions]
             if ticket.future is None:
                 m.poll()  # nothing to copy: completes (and unpins) now
             else:  # (with no promotion, G2 full or refusing, it still pins sources until polled)
-                self._tickets.append(ticket)
+                self._tickets.append((ticket, owner))
+                self._owners[owner] = self._owners.get(owner, 0) + 1
                 for k in coming:
                     self._inflight[k] = self._inflight.get(k, 0) + 1
                 self.started += len(coming)
@@ -107,17 +114,20 @@ class Onboarder:
     def service(self, now: float | None = None) -> None:
         """Owner thread: complete finished transfers; answer the waiters that can go."""
         self.manager.adopt_found()  # G4 objects its background listing found (object_resume.py)
-        if self._tickets and any(t.future.done() for t in self._tickets):
+        if self._tickets and any(t.future.done() for t, _ in self._tickets):
             self.manager.poll()
             keep = []
-            for t in self._tickets:
+            for t, owner in self._tickets:
                 if not t.done:
-                    keep.append(t)
+                    keep.append((t, owner))
                     continue
                 for key, _, _, _ in t.job.promotions:
                     c = self._inflight.pop(key, 1) - 1
                     if c > 0:
                         self._inflight[key] = c
+                left = self._owners.pop(owner, 1) - 1
+                if left > 0:
+                    self._owners[owner] = left
             self._tickets = keep
         if not self._waiting:
             return
@@ -273,7 +283,7 @@ class Onboarding:
         """DEFERRED when blocks of skeys' ready prefix are coming up from G3/G4: answer() runs
         once they landed (or at the deadline) and its reply goes out then, if session s is still
         open. None when nothing is on its way: answer now."""
-        if self._current is None or len(self.manager.tiers) == 1 or not self.onboarder.start(skeys):
+        if self._current is None or len(self.manager.tiers) == 1 or not self.onboarder.start(skeys, s.owner):
             return None  # (G2 alone: nothing can come up)
         self.onboarder.wait(skeys, self._finisher(s, "peer_lookup" if s.namespace == PEER_NS else op, answer),
                             wait_s)
