@@ -4,7 +4,8 @@ that prefix with foreign objects. Before, recover() listed the whole prefix into
 start for as long as the listing took (and its memory for all of them), an endpoint that
 answered pages forever held it for good. Now the listing streams (file://: scandir; s3: page by
 page) into a heap of at most the free handles, and stops at LIST_BUDGET_S (what was not listed
-by then is not recovered: misses, never wrong bytes)."""
+by then is listed again in the background after the start, object_resume.py: ours found then are
+adopted by the manager through the tier's policy, the surplus beyond the handles deleted)."""
 
 from __future__ import annotations
 
