@@ -5,8 +5,9 @@
     load(keys, destination) -> LoadJob           both phases and the copy (kvbm.jobs) at once
 
 A hit below the top tier is promoted when `promote_on_hit` is on: exclusive mode moves the
-block up, inclusive mode copies it. A block that fails its checksum is dropped and ends the
-usable prefix (`job.loaded`).
+block up, inclusive mode copies it. A block that fails its checksum (or is missing) is dropped
+and ends the usable prefix (`job.loaded`); one whose store did not answer (object storage: a
+timeout, a refused connection; `storage.unavailable(key)`) ends the prefix but is kept.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class Onboard:
         """Unpin sources; promotions become ready.
 
         `failed` keys could not be read intact (missing, I/O or checksum error): they are
-        dropped from their tier, never served again, and cut the usable prefix (`loaded`).
+        dropped from their tier, never served again, and cut the usable prefix (`loaded`);
+        those whose storage says the store did not answer are kept (a miss for this load).
         `promotion_failed` keys loaded fine but their copy into the top tier did not land.
         """
         failed = set(failed)
@@ -111,7 +113,7 @@ class Onboard:
             if key in failed:
                 job.loaded = min(job.loaded, i)
                 t.stats.load_failures += 1
-                if key in t.ready and key not in t.busy:
+                if key in t.ready and key not in t.busy and not _unavailable(t, key):
                     self._drop(t, key)
             else:
                 self._settle(t, key)  # another job's promotion moved it up while this load held it
@@ -153,3 +155,10 @@ class Onboard:
             return job
         self.complete_load(job, *self._read_job(job))  # a copy that raises rolls back the load
         return job
+
+
+def _unavailable(t: Tier, key: Any) -> bool:
+    """The tier's storage says key's read failed only because the store did not answer (object
+    storage: a timeout, a refused connection): keep the block, it is a miss for this load only."""
+    ask = getattr(t.storage, "unavailable", None)
+    return bool(ask(key)) if ask is not None else False

@@ -335,3 +335,48 @@ def _delete_bucket(fs, bucket: str) -> bool:
 
 def _creds(env: dict) -> dict:
     return {"key": env.get("AWS_ACCESS_KEY_ID"), "secret": env.get("AWS_SECRET_ACCESS_KEY")}
+
+
+def test_an_object_store_that_does_not_answer_loses_no_block(tmp_path):
+    """A load whose G4 read fails because the store did not answer (down, timed out, refused) is a
+    miss for that load, and the block stays: before, the manager dropped every block asked for
+    during an outage and deleted its object (a 2 s blip emptied the bucket of what was read).
+    A corrupt object is still dropped, never served."""
+    import time
+
+    from kvbm.config import KVBMConfig
+    from kvbm.manager import BlockManager
+
+    cfg = KVBMConfig.from_dict({
+        "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
+        "tiers": [{"name": "g2", "capacity": 4, "storage": {"name": "host", "pin": "never"}},
+                  {"name": "g4", "capacity": 16, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
+    m = BlockManager.from_config(cfg)
+    try:
+        keys = make_keys("outage", 8)
+        for k in keys:
+            assert not m.store([k], source=[block(k)]).rejected
+        cold = [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]
+        assert len(cold) == 4
+        g4 = m.tiers[1].storage
+        objects = sorted(p.name for p in (tmp_path / "g4").rglob("*") if p.is_file())
+        g4._down_until = time.monotonic() + 3600  # the store is down (as after a timeout)
+        asked, spare = cold[:3], cold[3]
+        out = [np.zeros(NB, np.uint8) for _ in asked]
+        assert m.load(asked, destination=out).loaded == 0  # a miss for this load
+        assert m.lookup(cold) == (4, ["g4"] * 4)  # kept
+        assert sorted(p.name for p in (tmp_path / "g4").rglob("*") if p.is_file()) == objects
+        g4._down_until = 0.0  # back
+        assert m.load(asked, destination=out).loaded == 3
+        assert all(np.array_equal(o, block(k)) for o, k in zip(out, asked))
+        # a corrupt object is dropped, as before
+        bad = spare
+        assert m.lookup([bad]) == (1, ["g4"])
+        path = Path(g4.path_of(bad).split("://", 1)[-1])
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        assert m.load([bad], destination=[np.zeros(NB, np.uint8)]).loaded == 0
+        assert m.lookup([bad])[0] == 0
+    finally:
+        m.close()

@@ -148,6 +148,9 @@ class ObjectStorage(Storage):
         self._names: dict[int, str] = {}  # handle -> object path, once written or recovered
         self._paths: dict[str, int] = {}  # the same, path -> handle
         self._found: dict[str, Any] = {}  # path -> key: found after the start, for the manager to adopt
+        # keys whose last read failed because the store was unreachable (timeout, refused, down):
+        # their objects are fine as far as anyone knows, so the manager keeps them (unavailable())
+        self._unreachable: set = set()
         self._roomy = threading.Condition(self._mu)  # take_found made room in _found
         self._resume: Resume | None = None  # the background listing after a cut-short recover()
         self._deleting: dict[str, Future] = {}  # path -> background delete (free)
@@ -221,18 +224,31 @@ class ObjectStorage(Storage):
     def read(self, items: Sequence[tuple[Any, int, Any]]) -> list[bool]:
         jobs = [(key, self.path_of(key), _bytes(buf, self.block_nbytes, writable=True))
                 for key, _, buf in items]
+        keys = [key for key, _, _ in jobs]
         if self._local:  # worker threads read straight into the buffers and verify there
-            return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs])
+            return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs], keys=keys)
         if not self._async:  # another synchronous fs: fetched by a worker, verified and copied here if
             # it came within `timeout` (a get that comes later never touches the buffer)
             futures = [self._submit("get", path) for _, path, _ in jobs]
-            return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data), bounded=True)
+            return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data), bounded=True, keys=keys)
         if self._streams:  # s3fs: the payload lands in its buffer as it arrives; verified here
             futures = [self._submit("get_into", path, dst) for _, path, dst in jobs]
-            return self._collect(futures, lambda i, head: self._verify(*jobs[i], head))
+            return self._collect(futures, lambda i, head: self._verify(*jobs[i], head), keys=keys)
         # the IO loop only fetches; this thread verifies each object as it arrives and copies it
         futures = [self._submit("get", path) for _, path, _ in jobs]
-        return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data))
+        return self._collect(futures, lambda i, data: self._unpack(*jobs[i], data), keys=keys)
+
+    def unavailable(self, key: Any) -> bool:
+        """True (once) when `key`'s last read failed because the store did not answer (a timeout,
+        a refused or reset connection, the store taken as down), not because its object is
+        missing, foreign or corrupt: the manager then keeps the block (a miss for that load) instead
+        of dropping it and deleting an object that is fine. Before, a brief outage deleted every
+        block asked for during it."""
+        with self._mu:
+            if key in self._unreachable:
+                self._unreachable.discard(key)
+                return True
+        return False
 
     def recover(self) -> list[tuple[Any, int]]:
         """The newest objects of this namespace, up to the free handles; verified when read.
@@ -604,7 +620,7 @@ class ObjectStorage(Storage):
         return self._pool.submit(self._guarded, fn, *args)
 
     def _collect(self, futures: list[Future], finish: Callable[[int, Any], None] | None = None,
-                 bounded: bool = False) -> list[bool]:
+                 bounded: bool = False, keys: Sequence[Any] | None = None) -> list[bool]:
         """Per job True when it (and `finish` on its result) succeeded; failures are counted.
         `bounded`: jobs of a synchronous filesystem not done within `timeout` are given up (a
         counted miss; the endpoint is then taken as down for retry_after): a thread cannot be
@@ -612,12 +628,13 @@ class ObjectStorage(Storage):
         index = {f: i for i, f in enumerate(futures)}
         ok = [False] * len(futures)
         io = bad = foreign = 0
+        away: list[int] = []  # jobs the store did not answer (reads: kept, see unavailable())
         if bounded and futures:
             _, late = wait(futures, timeout=self.timeout)
             if late:
                 for fut in late:
                     fut.cancel()
-                    del index[fut]
+                    away.append(index.pop(fut))
                 io += len(late)
                 self._note(TimeoutError(f"object store {self.url}: no answer in {self.timeout} s"))
         for fut in as_completed(index):  # every job carries its own timeout, so this ends
@@ -632,8 +649,15 @@ class ObjectStorage(Storage):
                 foreign += 1
             except Corrupt:
                 bad += 1
-            except Exception:
+            except Exception as exc:
                 io += 1
+                if unreachable(exc):
+                    away.append(i)
+        if away and keys is not None:
+            with self._mu:
+                if len(self._unreachable) > 65536:  # keys no load asked about again: a bound
+                    self._unreachable.clear()
+                self._unreachable.update(keys[i] for i in away)
         if io or bad:
             self._count(io_errors=io, checksum_errors=bad, foreign_objects=foreign)
         return ok
