@@ -705,3 +705,26 @@ def test_a_session_gone_while_its_load_waits_on_g3_leaves_nothing(served, tmp_pa
     with d.client(model="deep", heartbeat=False) as c:
         for i in range(0, 64, 8):  # (a load of G3 blocks may get a prefix while G2 is full: retried)
             assert wait_until(lambda: loads_prefix_right(c, keys[i:i + 8]) == 8, DEADLINE_S)
+
+
+def test_another_uid_or_a_tenant_holds_at_most_half_of_the_sessions_that_can_have_a_window():
+    """Each session's window holds one of the daemon's descriptors, and at most a quarter of
+    RLIMIT_NOFILE windows are open (past it a hello is busy). Under a small limit, a user let in on
+    the socket (or a named tenant) holding every window would lock the others out of hello: it
+    holds at most half of them. The daemon's own uid is the operator's and keeps its own bound."""
+    import os
+
+    from kvbm.daemon.leases import Sessions
+
+    s = Sessions(1024, 512, windows=64)
+    assert s.bound(os.getuid() + 1) == 32 and s.bound("alice") == 32
+    assert s.bound(os.getuid()) == 512 and s.bound(-1) == 512
+    opened = 0
+    for _ in range(40):
+        x = s.open(b"ns", "x", 60.0, 0.0, uid=os.getuid() + 1)[0]
+        if x is not None:
+            s.charge(x, 1)  # busy: no hello may close it
+            opened += 1
+    assert opened == 32 and len(s) == 32
+    assert s.open(b"ns", "x", 60.0, 0.0, uid=os.getuid() + 1) == (None, None)  # at its bound, all busy
+    assert s.open(b"ns2", "y", 60.0, 0.0, uid=os.getuid() + 2)[0] is not None  # another user gets in

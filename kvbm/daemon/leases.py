@@ -113,9 +113,13 @@ class Session:
             self.cancelled.popitem(last=False)
 
 
+_OWN_UID = os.getuid()
+
+
 class Sessions:
-    def __init__(self, limit: int, per_uid: int | None = None) -> None:
+    def __init__(self, limit: int, per_uid: int | None = None, windows: int | None = None) -> None:
         self.limit = limit
+        self.room = min(limit, windows or limit)  # sessions that can be open at once (each has a window)
         self.per_uid = per_uid or limit  # sessions per owner (Session.owner: a tenant, else a uid)
         self.by_id: dict[bytes, Session] = {}
         self.count_by_owner: dict[int | str, int] = {}
@@ -126,10 +130,13 @@ class Sessions:
         return len(self.by_id)
 
     def bound(self, owner: int | str) -> int:
-        """Sessions `owner` may hold. A named tenant (a str) at most half the table too: its busy
-        sessions (which no hello closes) never fill the table, whatever max_sessions_per_uid says."""
-        if isinstance(owner, str) and owner:
-            return min(self.per_uid, max(1, self.limit // 2))
+        """Sessions `owner` may hold. A named tenant (a str), or a uid other than the daemon's own
+        (let in on the socket), at most half the table (or of the windows that can be open) too:
+        its busy sessions (which no hello closes) never fill it, whatever max_sessions_per_uid
+        says. The daemon's own uid (and -1, the default tenant on tcp) are the operator's:
+        max_sessions_per_uid alone."""
+        if (isinstance(owner, str) and owner) or (isinstance(owner, int) and owner not in (-1, _OWN_UID)):
+            return min(self.per_uid, max(1, self.room // 2))
         return self.per_uid
 
     def open(self, namespace: bytes, label: str, lease_s: float, now: float, *, uid: int = -1,

@@ -50,7 +50,7 @@ from .peerauth import load_secret
 from .sessions import SessionOps
 from .tenants import DEFAULT_TENANT, TenantIndex
 from .transport import bind
-from .windows import sweep
+from .windows import max_windows, sweep
 
 log = logging.getLogger("kvbm.daemon")
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
@@ -93,7 +93,10 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.top = self.manager.tiers[0]
         self.pool = self.top.storage
         self.nbytes = self.manager.block_nbytes
-        self.sessions = Sessions(dcfg.max_clients, dcfg.max_sessions_per_uid)
+        # each session's window holds a descriptor (windows.max_windows: a quarter of RLIMIT_NOFILE,
+        # past it a hello is busy): another uid or a named tenant holds at most half of the sessions
+        # that can have one (Sessions.bound), so its flood cannot lock the others out of hello
+        self.sessions = Sessions(dcfg.max_clients, dcfg.max_sessions_per_uid, windows=max_windows())
         # a session's staging window (windows.py): one request's blocks, at most window_mib
         self.window_slots = max(1, min(dcfg.max_keys, (dcfg.window_mib << 20) // self.pool.stride))
         # and past them a few the client manages itself, for one-shot store / load (one round trip)

@@ -78,7 +78,7 @@ class SessionOps:
             s.window = Window.create(self.dcfg.shm_name, self.window_slots, self.pool.stride, self.nbytes,
                                      self.scratch_slots)
             if uid >= 0 and uid != os.getuid() and os.getuid() == 0:
-                os.chown(s.window.path, uid, -1)  # another user let in on the socket: its window is its own
+                os.fchown(s.window.fd, uid, -1)  # another user let in on the socket: its window is its own
         except OSError as exc:
             self.sessions.close(s)
             raise P.ProtocolError("busy", f"cannot create a staging window: {exc.strerror}") from None
