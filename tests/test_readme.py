@@ -126,22 +126,24 @@ def test_python_snippets_run_as_written(daemon, monkeypatch):
 
 
 def test_yaml_config_blocks_pass_config_check(tmp_path):
-    """The Configuration block plus the daemon: block, as one kvbm.yaml."""
+    """The Configuration block plus the daemon: blocks (merged), as one kvbm.yaml."""
     config, daemon = None, None
     for body in blocks("yaml"):
         data = yaml.safe_load(body)
         if isinstance(data, dict) and "tiers" in data:
             config = data
         elif isinstance(data, dict) and "daemon" in data:
-            daemon = data["daemon"]
+            daemon = {**(daemon or {}), **data["daemon"]}  # every daemon: block of the README, merged
     assert config is not None and daemon is not None
-    files = {k: v for k, v in daemon.items() if k.endswith("_file")}  # /etc/kvbm/..., made here
-    assert "token_file" in files
-    for i, (key, where) in enumerate(sorted(files.items())):
-        made = tmp_path / Path(where).name
-        made.write_bytes(os.urandom(16).hex().encode())  # a distinct secret each (0600)
-        made.chmod(0o600)
-        daemon[key] = str(made)
+    # /etc/kvbm/... files (the daemon's and each tenant's), made here: a distinct secret each (0600)
+    holders = [daemon] + [t for t in (daemon.get("tenants") or {}).values() if isinstance(t, dict)]
+    assert "token_file" in daemon
+    for holder in holders:
+        for key, where in sorted((k, v) for k, v in holder.items() if k.endswith("_file")):
+            made = tmp_path / Path(where).name
+            made.write_bytes(os.urandom(16).hex().encode())
+            made.chmod(0o600)
+            holder[key] = str(made)
     config["daemon"] = daemon
     path = tmp_path / "kvbm.yaml"
     path.write_text(yaml.safe_dump(config))
