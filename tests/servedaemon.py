@@ -114,3 +114,20 @@ class Served:
             os.unlink(f"/dev/shm/{self.shm}")
         except FileNotFoundError:
             pass
+
+
+def manager_over_g4(tmp: Path, tag: str, g2: int, g4: int):
+    """An in-process BlockManager of G2 (`g2` blocks) over a file:// G4, filled with 2 x g2 blocks
+    of `tag` one by one: -> (manager, keys, the keys that went down to G4). Close the manager."""
+    from kvbm.config import KVBMConfig
+    from kvbm.manager import BlockManager
+
+    cfg = KVBMConfig.from_dict({
+        "layout": LAYOUT_DICT,
+        "tiers": [{"name": "g2", "capacity": g2, "storage": {"name": "host", "pin": "never"}},
+                  {"name": "g4", "capacity": g4, "storage": {"name": "object", "url": f"file://{tmp}/g4"}}]})
+    m = BlockManager.from_config(cfg)
+    keys = make_keys(tag, 2 * g2)
+    for k in keys:
+        assert not m.store([k], source=[block(k)]).rejected
+    return m, keys, [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]

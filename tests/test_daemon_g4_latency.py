@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from servedaemon import NB, Served, block, make_keys
+from servedaemon import NB, Served, block, make_keys, manager_over_g4
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -198,20 +198,10 @@ def test_onboarder_waits_bounded_then_releases_everything(tmp_path):
     """The onboarder alone, over a manager whose G4 reads hang until a gate opens: the waiter is
     answered at its deadline with the blocks still in flight (a miss, not a hang); once the read
     ends, the blocks are in G2 with their bytes and no pin or map entry is left behind."""
-    from kvbm.config import KVBMConfig
     from kvbm.daemon.onboard import Onboarder
-    from kvbm.manager import BlockManager
 
-    cfg = KVBMConfig.from_dict({
-        "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
-        "tiers": [{"name": "g2", "capacity": 4, "storage": {"name": "host", "pin": "never"}},
-                  {"name": "g4", "capacity": 16, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
-    m = BlockManager.from_config(cfg)
+    m, keys, cold = manager_over_g4(tmp_path, "onboarder", 4, 16)
     try:
-        keys = make_keys("onboarder", 8)
-        for k in keys:
-            assert not m.store([k], source=[block(k)]).rejected
-        cold = [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]
         assert len(cold) == 4
         g4 = m.tiers[1].storage
         gate, real = threading.Event(), g4.read
@@ -251,20 +241,10 @@ def test_one_owner_holds_at_most_half_of_the_onboarding_slots(tmp_path):
     """Onboarding transfers in flight are bounded (max_jobs); one owner (a tenant, a uid) holds at
     most half of them. Before, alice loading her own G4 blocks from a hung store (each transfer
     held for the store's timeout) took every slot, and bob's G3/G4 hits came back as misses."""
-    from kvbm.config import KVBMConfig
     from kvbm.daemon.onboard import Onboarder
-    from kvbm.manager import BlockManager
 
-    cfg = KVBMConfig.from_dict({
-        "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
-        "tiers": [{"name": "g2", "capacity": 8, "storage": {"name": "host", "pin": "never"}},
-                  {"name": "g4", "capacity": 32, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
-    m = BlockManager.from_config(cfg)
+    m, _, cold = manager_over_g4(tmp_path, "owners", 8, 32)
     try:
-        keys = make_keys("owners", 16)
-        for k in keys:
-            assert not m.store([k], source=[block(k)]).rejected
-        cold = [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]
         assert len(cold) == 8
         g4 = m.tiers[1].storage
         gate, real = threading.Event(), g4.read
@@ -280,18 +260,18 @@ def test_one_owner_holds_at_most_half_of_the_onboarding_slots(tmp_path):
         assert not ob.start([cold[5]], "carol")  # all four slots in flight: the global bound
         gate.set()
         deadline = time.monotonic() + 180
-        while len(ob) and time.monotonic() < deadline:
-            woken.wait(1)
-            woken.clear()
-            ob.service()
+
+        def drain() -> None:  # until every transfer in flight is completed (or the deadline)
+            while len(ob) and time.monotonic() < deadline:
+                woken.wait(1)
+                woken.clear()
+                ob.service()
+
+        drain()
         assert len(ob) == 0 and ob._owners == {}
         assert m.lookup([cold[0]])[1] == ["g2"] and m.lookup([cold[3]])[1] == ["g2"]
         assert ob.start([cold[2]], "alice")  # her slots are back
-        gate.set()
-        while len(ob) and time.monotonic() < deadline:
-            woken.wait(1)
-            woken.clear()
-            ob.service()
+        drain()
         out = [np.zeros(NB, np.uint8) for _ in range(3)]
         got = [cold[0], cold[2], cold[3]]
         assert m.load(got, destination=out).loaded == 3

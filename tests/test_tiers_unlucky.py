@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from daemonproc import wait_until as _wait_until
-from servedaemon import NB, Served, block, make_keys
+from servedaemon import NB, Served, block, make_keys, manager_over_g4
 
 def wait_until(cond, timeout: float = 180.0) -> None:
     assert _wait_until(cond, timeout), "the condition did not come true in time"
@@ -344,19 +344,8 @@ def test_an_object_store_that_does_not_answer_loses_no_block(tmp_path):
     A corrupt object is still dropped, never served."""
     import time
 
-    from kvbm.config import KVBMConfig
-    from kvbm.manager import BlockManager
-
-    cfg = KVBMConfig.from_dict({
-        "layout": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 64, "block_size": 16},
-        "tiers": [{"name": "g2", "capacity": 4, "storage": {"name": "host", "pin": "never"}},
-                  {"name": "g4", "capacity": 16, "storage": {"name": "object", "url": f"file://{tmp_path}/g4"}}]})
-    m = BlockManager.from_config(cfg)
+    m, _, cold = manager_over_g4(tmp_path, "outage", 4, 16)
     try:
-        keys = make_keys("outage", 8)
-        for k in keys:
-            assert not m.store([k], source=[block(k)]).rejected
-        cold = [k for k, w in zip(keys, m.lookup(keys)[1]) if w == "g4"]
         assert len(cold) == 4
         g4 = m.tiers[1].storage
         objects = sorted(p.name for p in (tmp_path / "g4").rglob("*") if p.is_file())
