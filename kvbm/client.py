@@ -45,7 +45,7 @@ from .client_wire import _CANCELLED_ON_TIMEOUT, _RETRIED_ON_TIMEOUT, _SESSION_BO
 from .daemon.events import topic_of
 from .daemon.leases import namespace_of
 from .daemon.protocol import RemoteError, request
-from .daemon.transport import default_address
+from .daemon.transport import check_client_address, default_address
 
 __all__ = ["Client", "RemoteError", "QuotaRefused", "StoreReservation", "LoadPins"]
 
@@ -80,6 +80,9 @@ class Client(Wire):
                  salt: str = "", token: str | None = None, timeout: float = 10.0,
                  heartbeat: bool = True) -> None:
         self.address = address or default_address()  # the daemon's same-node default socket
+        # the socket's folder must be one no other user can swap (transport.check_client_address):
+        # else whoever made /tmp/kvbm-<uid> first would read every store and answer every load
+        check_client_address(self.address, default=address is None)
         self.token = token if token is not None else os.environ.get("KVBM_DAEMON__TOKEN", "")
         self.timeout = timeout
         lay = dataclasses.asdict(layout) if isinstance(layout, KVLayout) else dict(layout)

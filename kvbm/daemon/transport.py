@@ -72,11 +72,17 @@ def _bind(router: Any, address: str, key: str) -> None:
 def _prepare_ipc(path: str, key: str) -> None:
     folder = os.path.dirname(path) or "."
     try:
+        unsafe_path(folder)  # a folder someone else may swap (their symlink, their parent): refuse first
         os.makedirs(folder, mode=0o700, exist_ok=True)
         st = os.stat(folder)
     except OSError as exc:
         raise ConfigError(f"{key} ipc://{path}: cannot create its folder {folder}: {exc.strerror}") from None
-    if st.st_uid != os.getuid() and os.getuid() != 0:
+    why = unsafe_path(folder)
+    if why:
+        raise ConfigError(f"{key} ipc://{path}: {why}; choose a folder only you can change")
+    if st.st_uid != os.getuid():
+        # root included: a folder another user owns (pre-created in /tmp, say) is theirs to swap
+        # the socket in, and every client then talks to their process
         raise ConfigError(f"{key} ipc://{path}: folder {folder} belongs to uid {st.st_uid}, not to this "
                           f"user; choose a folder of your own")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
@@ -93,6 +99,62 @@ def _prepare_ipc(path: str, key: str) -> None:
                               f"stop it or choose another address")
         finally:
             s.close()
+
+
+def unsafe_path(folder: str, _depth: int = 0) -> str:
+    """Why another user could change what `folder` leads to ("" when no one but us and root can):
+    a symbolic link on the way that someone else owns (they re-point it), or a folder on the way
+    that others may write and that is not sticky (they rename what is in it). Parts that do not
+    exist yet are not checked (makedirs creates them 0700, ours)."""
+    me = os.getuid()
+    parts = os.path.abspath(folder).split(os.sep)
+    cur = os.sep
+    for i, name in enumerate(parts[1:], 1):
+        parent = cur
+        cur = os.path.join(cur, name)
+        try:
+            pst = os.stat(parent)
+            lst = os.lstat(cur)
+        except FileNotFoundError:
+            return ""
+        except OSError:
+            return ""  # (not ours to judge: the bind or connect reports it)
+        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+            return f"others may write folder {parent} (they could rename {cur})"
+        if stat.S_ISLNK(lst.st_mode):
+            if lst.st_uid not in (me, 0):
+                return f"{cur} is a symbolic link of uid {lst.st_uid} (they could point it elsewhere)"
+            target = os.path.realpath(cur)
+            rest = os.path.join(target, *parts[i + 1:]) if i + 1 < len(parts) else target
+            return unsafe_path(rest, _depth + 1) if rest != folder and _depth < 16 else ""
+    return ""
+
+
+def check_client_address(address: str, default: bool) -> None:
+    """Before a client connects to an ipc:// socket: ConfigError when someone other than the
+    daemon's user could have put their own socket there. `default` (the same-node default
+    address, in /tmp/kvbm-<uid> without XDG_RUNTIME_DIR): the folder must be ours or root's, as
+    the daemon makes it; another local user who created /tmp/kvbm-<our uid> first would
+    otherwise get every store's bytes and answer every load with theirs. An address the user
+    named may be an operator's daemon of another uid: only symlinks and folders others may
+    swap are refused."""
+    if not address.startswith("ipc://"):
+        return
+    path = address[len("ipc://"):]
+    folder = os.path.dirname(path) or "."
+    why = unsafe_path(folder)
+    if not why and default:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return  # no daemon there: the connect times out as before
+        if st.st_uid not in (os.getuid(), 0):
+            why = f"folder {folder} belongs to uid {st.st_uid}, not to this user (was it created by someone else?)"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            why = f"others may write folder {folder}"
+    if why:
+        raise ConfigError(f"kvbm daemon address {address}: {why}; refusing to connect: remove it and "
+                          f"restart kvbm serve, or set XDG_RUNTIME_DIR")
 
 
 def peer_credentials(frame: Any) -> tuple[int, int]:
