@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 
 zmq = pytest.importorskip("zmq")
@@ -33,7 +34,7 @@ zmq = pytest.importorskip("zmq")
 from daemonproc import wait_until  # noqa: E402
 from kvbm.daemon.protocol import events_seq_of  # noqa: E402
 from kvbm.follower import Follower  # noqa: E402
-from servedaemon import Served, block, make_keys  # noqa: E402
+from servedaemon import NB, Served, block, make_keys  # noqa: E402
 from test_event_publisher import alive, publishers  # noqa: E402
 
 DEADLINE_S = 120.0
@@ -407,3 +408,92 @@ def test_a_stream_dropped_while_idle_comes_back_above_its_numbers():
     assert r.append(a, b"y") == 1006  # above 1005, not 11
     assert all(len(st.buffer) <= 4 for st in r.streams.values())
     r.close()
+
+
+def _rows_view(rows: list, view: dict | None = None) -> dict:
+    """A reader of session 12 (three fields a row; moved: now in that tier only)."""
+    view = {} if view is None else view
+    for kind, key, tier in rows:
+        if kind == "cleared":
+            view.clear()
+        elif kind == "stored":
+            view.setdefault(key, set()).add(tier)
+        elif kind == "moved":
+            view[key] = {tier}
+        elif kind == "removed" and key in view:
+            view[key].discard(tier)
+            if not view[key]:
+                del view[key]
+    return view
+
+
+def test_inclusive_mode_copies_keep_every_reader_exact(tmp_path):
+    """mode: inclusive keeps lower copies: a block promoted from G3 to G2 stays in G3, and a G2
+    victim G3 already holds is only removed from G2. Before, the daemon told a promotion as
+    ["moved", key, "g2"] (now only in G2): a follower, and any reader of the rows, dropped the G3
+    copy from its view until the next snapshot. Now a move whose source keeps its copy, or after
+    which another tier holds one, is told as ["stored", key, tier] (and ["removed", key, source]
+    when the source lost it), so rows of three fields stay exact for every reader: the follower's
+    view, and a view built from the `events` op's rows, equal the daemon's snapshot, with blocks
+    held in both tiers among them."""
+    runtime = Path(f"/tmp/kvbm-rt-{uuid.uuid4().hex[:8]}")
+    runtime.mkdir(mode=0o700)
+    folder = tmp_path / "incl"
+    d = Served(tmp_path, "incl", tiers=[
+        {"name": "g2", "capacity": 8, "eviction": "lru", "storage": "host"},
+        {"name": "g3", "capacity": 64, "eviction": "lru", "storage": {"name": "disk", "path": str(folder / "g3")}}],
+        daemon={"events": f"ipc://{folder}/ev.sock", "events_replay": f"ipc://{folder}/evr.sock"},
+        env={"XDG_RUNTIME_DIR": str(runtime)})
+    import yaml
+
+    cfg = yaml.safe_load(d.config.read_text())
+    cfg["mode"] = "inclusive"
+    d.config.write_text(yaml.safe_dump(cfg))
+    ctx = zmq.Context()
+    c = f = None
+    try:
+        d.start()
+        c = d.client()
+        seen: list = []
+        f = follower(d, c.topic, on_rows=lambda t, rows: seen.extend(rows))
+        stored = join(f, c, "incl")
+        keys = make_keys("incl", 24)  # 24 into a G2 of 8: most go down to G3
+        for i in range(0, 24, 4):
+            assert c.store(keys[i:i + 4], [block(k) for k in keys[i:i + 4]]) == 4
+        stored += keys
+
+        def in_g3_only() -> list:
+            return [k for k in keys if truth(c, [k]).get(k) == {"g3"}]
+        assert wait_until(lambda: len(in_g3_only()) >= 8, DEADLINE_S)
+        up = in_g3_only()[:4]
+        out = [np.zeros(NB, np.uint8) for _ in up]
+        assert c.load(up, out) == 4 and all(np.array_equal(o, block(k)) for o, k in zip(out, up))
+
+        def snapshot() -> tuple[int, dict]:
+            got = replay_raw(ctx, f"ipc://{folder}/evr.sock", c.topic, -1)  # a snapshot, then what came after
+            assert got[0][3][0] == ["cleared", b"", ""]
+            view: dict = {}
+            for *_, rows in got:
+                _rows_view(rows, view)
+            return got[-1][1], view
+
+        def exact() -> bool:
+            f.poll(100)
+            seq, view = snapshot()
+            return f.last(c.topic)[1] == seq and f.view(c.topic) == view
+
+        assert wait_until(exact, DEADLINE_S), (f.view(c.topic), snapshot())
+        view = f.view(c.topic)
+        both = {k for k, tiers in view.items() if tiers == {"g2", "g3"}}
+        assert set(up) <= both  # promoted: in G2, and still in G3
+        assert all(k in view for k in keys)  # G3 holds 64: nothing left the node
+        assert f.unrecovered == 0 and f.gaps == 0
+        assert all(len(r) == 3 for r in seen)  # three fields a row, as before
+        assert _rows_view(c.events()) == view  # the `events` op's rows, read the old way
+    finally:
+        for x in (c, f):
+            if x is not None:
+                x.close()
+        ctx.term()
+        d.stop()
+        shutil.rmtree(runtime, ignore_errors=True)

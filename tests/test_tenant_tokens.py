@@ -40,8 +40,16 @@ def _served(tmp_path, name: str = "d", *, env: dict | None = None, capacity: int
                           "room_stall_s": 0.1, **daemon}).start()
 
 
-def _busy(c) -> int:
-    return c.call("stats")["stats"]["daemon"]["state"]["busy_blocks"]
+def _busy(d) -> int:
+    """G2 blocks kept busy on the node (d: a Served; the operator's `stats`), or by a client's
+    tenant (d: a Client of a named tenant: its `stats` has its own counters only)."""
+    if not isinstance(d, Served):
+        return d.call("stats")["stats"]["busy_blocks"]
+    op = d.client(salt="busy-probe", timeout=DEADLINE_S)  # daemon.token: the default tenant
+    try:
+        return op.call("stats")["stats"]["daemon"]["state"]["busy_blocks"]
+    finally:
+        op.close()
 
 
 def _loads(c, keys: list, want: list) -> bool:
@@ -74,7 +82,7 @@ def test_a_tenant_holding_its_whole_share_does_not_stop_another_tenants_pins_and
         kr = make_keys("alice/2", 8)
         res_a = a2.prepare_store(kr[:4])
         assert res_a.handle and sum(s >= 0 for s in res_a.slots) == 4
-        assert _busy(b) == 16  # her whole share: 0.25 of 64
+        assert _busy(d) == 16  # her whole share: 0.25 of 64
         # past it, whatever the namespace: her pins and reservations are refused
         assert a2.store(kr[4:], [block(k) for k in kr[4:]]) == 4  # one-shot stores hold nothing: they go on
         with pytest.raises(RemoteError) as exc:
@@ -91,7 +99,7 @@ def test_a_tenant_holding_its_whole_share_does_not_stop_another_tenants_pins_and
             v[:] = block(k)
         assert b.commit_store(res) == 8
         assert b.pin(kb) == 8
-        assert _busy(b) == 24
+        assert _busy(d) == 24
         assert _loads(b, kb, [block(k) for k in kb])
         # the default tenant (daemon.token) has its own bound too
         op = d.client(salt="s1", timeout=DEADLINE_S)
@@ -99,11 +107,11 @@ def test_a_tenant_holding_its_whole_share_does_not_stop_another_tenants_pins_and
         assert op.tenant == "default"
         ko = make_keys("op/1", 4)
         assert op.store(ko, [block(k) for k in ko]) == 4 and op.pin(ko) == 4
-        assert _busy(b) == 28
+        assert _busy(d) == 28
         # alice's reservation still commits: her bytes, in her namespace
         for v, k in zip(res_a.views, kr[:4]):
             v[:] = block(k)
-        assert a2.commit_store(res_a) == 4 and _busy(b) == 24
+        assert a2.commit_store(res_a) == 4 and _busy(d) == 24
         assert _loads(a2, kr, [block(k) for k in kr])
     finally:
         for c in clients:
@@ -140,7 +148,7 @@ def test_tenants_naming_the_same_model_and_salt_never_share_a_block(tmp_path):
         assert _loads(b, keys, theirs)
         assert op.lookup(keys, remote=False)[0] == 0
         assert len({a.topic, b.topic, op.topic}) == 3  # and three event topics
-        g2 = a.call("stats")["stats"]["tiers"]["g2"]
+        g2 = op.call("stats")["stats"]["tiers"]["g2"]
         assert g2["used"] == 16, g2  # 16 distinct blocks: nothing shared
         # the namespace ids: the default tenant's are kvbm's before tenants
         fp = LAYOUT.fingerprint
@@ -194,10 +202,10 @@ def test_another_tenants_token_cannot_use_a_session_and_a_wrong_token_is_refused
             r = call(op, BOB, sid, **fields)
             assert not r["ok"] and r["error"] == "no_session", (op, r)
         assert call("bye", BOB, sid)["ok"]  # bye answers as for an unknown session ...
-        assert _busy(a) == 8  # ... and closed nothing: alice's 4 pins and 4 reserved blocks
+        assert _busy(d) == 8  # ... and closed nothing: alice's 4 pins and 4 reserved blocks
         assert a.commit_store(res) == 4 and a.rehellos == 0
         assert _loads(a, keys, [block(k) for k in keys])
-        assert a.unpin(keys[:4]) == 4 and _busy(a) == 0
+        assert a.unpin(keys[:4]) == 4 and _busy(d) == 0
         # the operator's token is not alice's either
         r = call("heartbeat", TCP_TOKEN, sid)
         assert r["error"] == "no_session"
@@ -212,7 +220,8 @@ def test_another_tenants_token_cannot_use_a_session_and_a_wrong_token_is_refused
         with pytest.raises(RemoteError) as exc:
             d.client(token="not-a-tenant-0123456789", timeout=DEADLINE_S)
         assert exc.value.code == "unauthorized"
-        assert call("stats", ALICE)["stats"]["daemon"]["unauthorized"] == 10
+        assert call("stats", TCP_TOKEN)["stats"]["daemon"]["unauthorized"] == 10
+        assert set(call("stats", ALICE)["stats"]) >= {"tenant", "stored_blocks"}  # hers: not the node's
     finally:
         if a is not None:
             a.close()
@@ -235,7 +244,8 @@ def test_the_session_table_is_bounded_per_tenant(tmp_path):
             assert call("heartbeat", BOB, sid)["ok"]
         live = [sid for sid in alices if call("heartbeat", ALICE, sid)["ok"]]
         assert live == alices[-3:]
-        assert call("stats", BOB)["stats"]["daemon"]["state"]["sessions"] == 6
+        assert call("stats", TCP_TOKEN)["stats"]["daemon"]["state"]["sessions"] == 6
+        assert (call("stats", BOB)["stats"]["sessions"], call("stats", ALICE)["stats"]["sessions"]) == (3, 3)
     finally:
         sock.close(0)
         ctx.term()

@@ -163,6 +163,15 @@ class Events:
     def _init_events(self) -> None:
         dcfg = self.dcfg
         self.origin = Origins()
+        # per namespace: blocks per tier (kept from the rows told) and its tenant (once a session
+        # of it was seen): what tenants.tenant_stats reports per tenant
+        self._ns_blocks: dict[bytes, dict[str, int]] = {}
+        self._ns_tenant: dict[bytes, str] = {}
+        self._count_tenant: str | None = None  # a deferred reply's tenant, while it is answered
+        if isinstance(getattr(self, "counters", None), dict):
+            from .tenants import TenantCounters
+
+            self.counters = TenantCounters(self.counters, self._counting_tenant)
         self._event_sinks: list[Callable[[bytes, list], None]] = []
         self.pub = None
         self.events_address = self.events_replay_address = ""
@@ -215,6 +224,27 @@ class Events:
             if pub.restarts != before and hasattr(self, "counters"):
                 self.counters["event_publisher_restarts"] = pub.restarts
 
+    def _counting_tenant(self) -> str | None:
+        """Whose per-tenant counters a count goes to: the request being handled (its token's
+        tenant), a deferred reply's session's (_finisher), else nobody's (node-wide only)."""
+        if self._count_tenant is not None:
+            return self._count_tenant
+        return self._tenant if getattr(self, "_current", None) is not None else None
+
+    def _finisher(self, s: Any, op: str, answer: Callable[[], dict]) -> Callable[[], None]:
+        """onboard.Onboarding._finisher, its answer counted for s's tenant: a deferred reply runs
+        while another tenant's request may be the current one (server._tenant)."""
+        tenant = getattr(s, "tenant", "")
+
+        def attributed() -> dict:
+            prev, self._count_tenant = self._count_tenant, tenant
+            try:
+                return answer()
+            finally:
+                self._count_tenant = prev
+
+        return super()._finisher(s, op, attributed)  # type: ignore[misc]
+
     def _recovered_origins(self, metas: dict) -> dict:
         """The recovered blobs that name the namespace their block's server key derives from:
         their origins come back; -> {server key: blob} (for the vLLM-format stream)."""
@@ -230,6 +260,10 @@ class Events:
                 continue  # a key space the block does not live in, or no client key: names nothing
             self.origin[skey] = (ns, ck)
             self._untold.setdefault(ns, []).append(skey)
+            counts = self._ns_blocks.setdefault(ns, {})
+            for t in self.manager.tiers:
+                if skey in t.ready:
+                    counts[t.name] = counts.get(t.name, 0) + 1
             good[skey] = blob
         if good:
             log.info("events: %d recovered blocks of %d namespaces named again", len(good), len(self._untold))
@@ -258,6 +292,7 @@ class Events:
             rows.extend(["stored", self.origin[k][1], t.name] for k in keys if k in t.ready and k in self.origin)
         if rows:
             self._tell(ns, rows)
+        self._settle_ns(ns)
 
     def add_event_sink(self, fn: Callable[[bytes, list], None]) -> None:
         """fn(namespace id, rows) on the owner thread after each drained batch; it must not block."""
@@ -292,20 +327,94 @@ class Events:
             if len(self.origin) > SWEEP_SLACK:
                 self.origin.sweep(self.manager)
             return
+        if "_ns_blocks" not in self.__dict__:  # (a mixin built without _init_events: tests)
+            self._ns_blocks, self._ns_tenant = {}, {}
         by_ns: dict[bytes, list] = {}
-        for ev in events:
-            origin = self.origin.get(ev.key)
+        origins = [self.origin.get(ev.key) for ev in events]  # (before a removal forgets them)
+        after = self._moves_after(events, origins)
+        for i, ev in enumerate(events):
+            origin = origins[i]
             if ev.kind == "removed" and ev.key not in self.manager:
                 self.origin.pop(ev.key, None)
             if origin is None:
                 continue
             ns, ck = origin
-            by_ns.setdefault(ns, []).append([ev.kind, ck, ev.tier])
+            rows = by_ns.setdefault(ns, [])
+            counts = self._ns_blocks.setdefault(ns, {})
+            if ev.kind == "moved" and ev.source is not None:
+                held = after[i]  # the tiers holding the block right after this move (exact)
+                kept = ev.source in held
+                if held == {ev.tier}:  # only there now: the row old readers read right
+                    rows.append(["moved", ck, ev.tier])
+                else:  # a copy stayed (inclusive mode, a pinned source) or another tier holds one
+                    rows.append(["stored", ck, ev.tier])
+                    if not kept:
+                        rows.append(["removed", ck, ev.source])
+                counts[ev.tier] = counts.get(ev.tier, 0) + 1
+                if not kept:
+                    counts[ev.source] = counts.get(ev.source, 0) - 1
+            else:
+                rows.append([ev.kind, ck, ev.tier])
+                counts[ev.tier] = counts.get(ev.tier, 0) + (1 if ev.kind == "stored" else -1)
         for ns, rows in by_ns.items():
             self._tell(ns, rows)
+            self._settle_ns(ns)
         if getattr(self, "_untold", None):  # after this request's rows: what the tiers hold now
             self._tell_recovered()
         self.origin.sweep(self.manager)
+
+    def _holding(self, key: Any) -> set:
+        """The tiers that hold key now: ready, or the source of a demotion in flight (pending there
+        and in a lower tier); a reservation or a promotion not landed yet holds nothing."""
+        tiers, out = self.manager.tiers, set()
+        for i, t in enumerate(tiers):
+            if key in t.ready or (key in t.pending and any(key in u.pending for u in tiers[i + 1:])):
+                out.add(t.name)
+        return out
+
+    def _moves_after(self, events: list, origins: list) -> dict[int, set]:
+        """{index of a moved event: the tiers holding its block right after it}, walked back from
+        what the tiers hold now through the batch's later events of that key. A move may leave a
+        copy behind (inclusive mode's promotion; an exclusive promotion whose source is pinned,
+        removed when released), and in inclusive mode a lower tier may hold one too: the row
+        cannot say "only in tier" then (old readers took every moved row so: their view drifted)."""
+        keys = {ev.key for ev, o in zip(events, origins) if ev.kind == "moved" and o is not None}
+        if not keys:
+            return {}
+        state = {k: self._holding(k) for k in keys}
+        out: dict[int, set] = {}
+        for i in range(len(events) - 1, -1, -1):
+            ev = events[i]
+            held = state.get(ev.key)
+            if held is None:
+                continue
+            if ev.kind == "stored":
+                held.discard(ev.tier)
+            elif ev.kind == "removed":
+                held.add(ev.tier)
+            elif ev.kind == "moved":
+                out[i] = set(held)
+                held.discard(ev.tier)
+                if ev.source is not None:
+                    held.add(ev.source)
+        return out
+
+    def _settle_ns(self, ns: bytes) -> None:
+        """After ns's rows: its tenant known (its sessions say; tenants.tenant_stats), its block
+        counts pruned; a namespace holding nothing is forgotten (so both maps stay bounded by
+        what is held)."""
+        counts = self._ns_blocks.get(ns)
+        if counts is not None:
+            for t in [t for t, n in counts.items() if n <= 0]:
+                del counts[t]
+            if not counts:
+                del self._ns_blocks[ns]
+                self._ns_tenant.pop(ns, None)
+                return
+        if ns not in self._ns_tenant:
+            ss = self.sessions.in_namespace(ns)
+            if ss:
+                self._ns_tenant[ns] = getattr(ss[0], "tenant", "")
 
     def _events_snapshot(self, ns: bytes) -> tuple[int, bytes]:
         """(Owner thread.) (seq, one batch: ["cleared", b"", ""] then ["stored", client key, tier]

@@ -11,6 +11,12 @@ race the request loop. With a token (the daemon passes daemon.token when the add
 loopback) every path answers 401 unless the request carries `Authorization: Bearer <token>`
 (Prometheus: `authorization: {credentials_file: ...}` in the scrape config).
 
+Tenants (daemon.tenants): kvbm_tenant_*{tenant} (each tenant's lookups, hits, blocks stored,
+loaded, pinned, blocks per tier, sessions, busy share: tenants.tenant_stats) are exported only
+when the endpoint wants the token. On loopback it is open to every local user, who would learn
+the tenants' names and volumes there: so it shows node-wide counters only (the operator's `stats`
+op has the per-tenant rows).
+
 The port takes any local process (loopback needs no token), and each connection costs the
 daemon a file descriptor: at its RLIMIT_NOFILE the daemon could accept no client any more, and
 libzmq aborts the process on an ipc:// accept that fails with EMFILE. So the server holds at most
@@ -92,10 +98,42 @@ class _Collector:
             c = CounterMetricFamily(f"kvbm_{name}", name.replace("_", " "))
             c.add_metric([], d.get(name, 0))
             yield c
+        if self.owner.protected:  # tenant names and volumes: only behind the bearer token
+            yield from _tenant_families(snap.get("tenants", {}))
+
+
+def _tenant_families(tenants: dict[str, dict[str, Any]]):
+    """kvbm_tenant_*{tenant}: each tenant's own counters (tenants.tenant_stats)."""
+    for name, doc in _TENANT_COUNTERS:
+        c = CounterMetricFamily(f"kvbm_tenant_{name}", doc, labels=["tenant"])
+        for tenant, row in tenants.items():
+            c.add_metric([tenant], row.get(name, 0))
+        yield c
+    for name, doc in _TENANT_GAUGES:
+        g = GaugeMetricFamily(f"kvbm_tenant_{name}", doc, labels=["tenant"])
+        for tenant, row in tenants.items():
+            g.add_metric([tenant], row.get(name, 0))
+        yield g
+    g = GaugeMetricFamily("kvbm_tenant_blocks", "blocks of the tenant's namespaces per tier", labels=["tenant", "tier"])
+    for tenant, row in tenants.items():
+        for tier, n in row.get("blocks", {}).items():
+            g.add_metric([tenant, tier], n)
+    yield g
+
+
+_TENANT_COUNTERS = (("lookup_blocks", "blocks the tenant asked for in lookups"),
+                    ("prefix_hit_blocks", "blocks found in the ready prefix of the tenant's lookups"),
+                    ("stored_blocks", "blocks the tenant's clients stored"),
+                    ("loaded_blocks", "blocks the tenant's clients loaded"),
+                    ("pinned_blocks", "pins the tenant's clients took"))
+_TENANT_GAUGES = (("sessions", "open sessions of the tenant"),
+                  ("busy_blocks", "G2 blocks the tenant keeps busy (pins, reservations)"),
+                  ("busy_share", "busy blocks / the tenant's bound"))
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.protected = False  # /metrics wants the bearer token (serve): tenants' rows are exported
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
         self.snapshot: dict[str, Any] = {}
@@ -131,6 +169,7 @@ class Metrics:
     def serve(self, address: str, token: str = "") -> tuple[str, int]:
         host, _, port = address.rpartition(":")
         metrics = self
+        self.protected = bool(token)
         want = f"Bearer {token}".encode()
 
         class Handler(BaseHTTPRequestHandler):

@@ -120,3 +120,66 @@ class TenantIndex:
 
 def label(tenant: str) -> str:
     return tenant or "default"
+
+
+# ---------------------------------------------------------------- per-tenant stats
+
+PER_TENANT = ("lookup_blocks", "prefix_hit_blocks", "client_store_bytes", "client_load_bytes", "pinned_blocks")
+
+
+class TenantCounters(dict):
+    """The daemon's counters (a dict, as before), and beside them the PER_TENANT ones of each
+    tenant: an increment counts for `tenant_of()` (the tenant of the request being handled, or of
+    a deferred reply; None: node-wide only)."""
+
+    def __init__(self, base: Mapping[str, Any], tenant_of: Any) -> None:
+        super().__init__(base)
+        self.tenant_of = tenant_of
+        self.by_tenant: dict[str, dict[str, int]] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in PER_TENANT:
+            tenant = self.tenant_of()
+            if tenant is not None:
+                row = self.by_tenant.get(tenant)
+                if row is None:
+                    row = self.by_tenant[tenant] = dict.fromkeys(PER_TENANT, 0)
+                row[key] += value - self.get(key, 0)
+        super().__setitem__(key, value)
+
+
+def tenant_stats(daemon: Any) -> dict[str, dict[str, Any]]:
+    """{tenant label: what that tenant may see of itself}: its requests' counters (lookups, hits,
+    blocks stored, loaded, pinned), its blocks per tier (rows told on its namespaces, events.py),
+    its sessions and its busy G2 blocks against its bound. Every configured tenant has a row, the
+    default tenant ("default": daemon.token, or no token) too."""
+    nb = daemon.nbytes
+    names = [DEFAULT_TENANT, *daemon.dcfg.tenants]
+    out: dict[str, dict[str, Any]] = {}
+    blocks: dict[str, dict[str, int]] = {}
+    for ns, counts in daemon._ns_blocks.items():
+        tenant = daemon._ns_tenant.get(ns)
+        if tenant is None:  # a recovered namespace none of whose clients came back yet
+            continue
+        row = blocks.setdefault(tenant, {})
+        for tier, n in counts.items():
+            row[tier] = row.get(tier, 0) + n
+    sessions: dict[str, int] = {}
+    for s in daemon.sessions.by_id.values():
+        if s.namespace != b"peer":
+            sessions[s.tenant] = sessions.get(s.tenant, 0) + 1
+    for name in names:
+        c = daemon.counters.by_tenant.get(name) or dict.fromkeys(PER_TENANT, 0)
+        bound = daemon.tenant_blocks.get(name) if name else daemon.share_blocks
+        busy = daemon.sessions.busy_by_owner.get(name, 0) if name else sum(
+            s.busy for s in daemon.sessions.by_id.values() if not s.tenant and s.namespace != b"peer")
+        out[label(name)] = {
+            "lookup_blocks": c["lookup_blocks"], "prefix_hit_blocks": c["prefix_hit_blocks"],
+            "prefix_hit_ratio": round(c["prefix_hit_blocks"] / c["lookup_blocks"], 6) if c["lookup_blocks"] else 0.0,
+            "stored_blocks": c["client_store_bytes"] // nb, "loaded_blocks": c["client_load_bytes"] // nb,
+            "pinned_blocks": c["pinned_blocks"],
+            "blocks": {t.name: blocks.get(name, {}).get(t.name, 0) for t in daemon.manager.tiers},
+            "sessions": sessions.get(name, 0), "busy_blocks": busy, "busy_bound": bound,
+            "busy_share": round(busy / bound, 6) if bound else 0.0,
+        }
+    return out
