@@ -48,7 +48,7 @@ from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .peerauth import load_secret
 from .sessions import SessionOps
-from .tenants import DEFAULT_TENANT, TenantIndex
+from .tenants import DEFAULT_TENANT, TenantIndex, tenant_stats
 from .transport import bind
 from .windows import max_windows, sweep
 
@@ -305,6 +305,12 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         return tenant
 
     def op_stats(self, msg: dict, now: float) -> dict:
+        """A named tenant's token: that tenant's own counters only (tenants.tenant_stats: its
+        lookups, hits, stores, loads, pins, blocks per tier, sessions, busy share), nothing of the
+        node or of other tenants. daemon.token (the operator's; or no token): the node's, with
+        every tenant's row under "tenants"."""
+        if self._tenant:
+            return {"stats": {"tenant": self._tenant, **tenant_stats(self)[self._tenant]}}
         return {"stats": self._stats()}
 
     # ---------------------------------------------------------------- stats
@@ -335,6 +341,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         if self._gate is not None:  # the tcp request socket's connections (conn_gate.py)
             st["daemon"]["connections"] = {"open": self._gate.live, "waiting": self._gate.waiting,
                                            "cut": self._gate.cut, "overfed": self._gate.overfed}
+        st["tenants"] = tenant_stats(self)  # per tenant (op_stats: the operator's view only)
         return st
 
     def _state_sizes(self) -> dict[str, int]:
