@@ -25,8 +25,13 @@ Without a replay address (or when the replay does not answer) a gap is counted i
 and logged as an error: the view may be wrong from there on, and the follower says so.
 
 Row kinds: stored (the block is in `tier` now), removed (no longer in `tier`), moved (now in `tier`
-and, as the manager's default exclusive mode does, only there), cleared (snapshots only: forget
-everything known of the namespace). A daemon before sequence numbers sends two frames: its rows
+and only there), cleared (snapshots only: forget everything known of the namespace). The daemon
+tells a move as `moved` only when the block is in that one tier after it; a move that leaves a copy
+behind (mode: inclusive promotes by copying; an exclusive promotion leaves a pinned source until
+its release) or after which another tier still holds one comes as `stored` in the new tier (and
+`removed` from the source when it lost its copy), so a view built from the rows is exact in either
+mode (before session 13 such a move came as `moved`, and the lower copy dropped out of the view
+until the next snapshot). A daemon before sequence numbers sends two frames: its rows
 are applied, unchecked.
 
 Trust: the follower sees what its credential lets it subscribe to; a replay request names one topic
