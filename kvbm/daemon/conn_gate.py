@@ -58,6 +58,7 @@ MAX_WAITING = 128  # connections open at once that have not shown the token yet
 HANDSHAKE_MS = 10_000  # a connection that has not finished its ZMTP greeting by then is dropped
 RCVHWM = 8  # whole requests libzmq queues per connection before it stops reading it (clients have <= 3 in flight)
 RCVBUF = 2 << 20  # the kernel's receive buffer per connection (it doubles it): no autotuning to 6+ MiB
+SNDBUF = 1 << 20  # and its send buffer: replies a client does not read sit there (4+ MiB autotuned)
 SAMPLE_S = 0.1  # how often the gate reads each connection's byte count
 SLACK = 256 << 10  # greeting, READY, a few frame headers
 
@@ -82,6 +83,7 @@ def harden(router: Any) -> None:
     router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
     router.setsockopt(zmq.RCVHWM, RCVHWM)
     router.setsockopt(zmq.RCVBUF, RCVBUF)
+    router.setsockopt(zmq.SNDBUF, SNDBUF)
     router.setsockopt(zmq.TCP_KEEPALIVE, 1)
     router.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     router.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
