@@ -18,6 +18,7 @@ import yaml
 
 zmq = pytest.importorskip("zmq")
 
+from daemonproc import wait_until  # noqa: E402
 from kvbm.config import ConfigError  # noqa: E402
 from kvbm.daemon.config import load_daemon_config  # noqa: E402
 from kvbm.daemon.leases import namespace_of  # noqa: E402
@@ -275,6 +276,10 @@ def _bad_configs(tmp_path) -> list[tuple[dict, str]]:
         ({"alice": ALICE}, "daemon.tenants.alice must be a mapping"),
         (["alice"], "daemon.tenants must be a mapping"),
         ({"alice": {"token": "kvbm-events-token-0123456789"}}, "equals daemon.events_token"),
+        ({"alice": {"token": ALICE, "generation": -1}}, "daemon.tenants.alice.generation"),
+        ({"alice": {"token": ALICE, "generation": True}}, "daemon.tenants.alice.generation"),
+        ({"alice": {"token": ALICE, "generation": "2"}}, "daemon.tenants.alice.generation"),
+        ({"alice": {"token": ALICE, "generation": 1.5}}, "daemon.tenants.alice.generation"),
     ]
 
 
@@ -311,6 +316,65 @@ def test_kvbm_serve_with_a_bad_tenant_is_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in r.stderr and want in lines[0], r.stderr
+
+
+def test_a_name_given_to_a_new_owner_does_not_reach_the_old_owners_g3_blocks(tmp_path):
+    """alice stores 12 blocks; G2 holds 4, so her first 8 go down to G3 (disk, kept across restarts).
+    1. Her token is rotated (a new token_file, the same generation): after the restart her
+       blocks are hers still, byte for byte (her namespace ids mix in her name, not her token).
+    2. The name goes to a new owner with generation 1: after the restart the same model, salt and
+       keys miss, and what the new owner stores is its own. Before (no generation), a name given
+       again reached the old owner's blocks: SECURITY.md could only say never to reuse a name.
+    3. The old owner's blocks are still there for generation 0 (an operator's mistake undone by
+       setting it back reaches them again: the generation chooses the owner, nothing is deleted)."""
+    def config(token: str, **alice) -> dict:
+        return {"address": "tcp://127.0.0.1:0", "token": TCP_TOKEN,
+                "tenants": {"alice": {"token": token, **alice}, "bob": {"token": BOB}}}
+
+    tiers = [{"name": "g2", "capacity": 4, "eviction": "lru", "storage": "host"},
+             {"name": "g3", "capacity": 64, "eviction": "lru", "storage": {"name": "disk", "path": str(tmp_path / "g3")}}]
+    keys = make_keys("alice-g3", 8)
+    theirs = [block(k) for k in keys]
+    rotated, newcomer = "alice-rotated-0123456789abcd", "alice-new-owner-0123456789ab"
+
+    def run(token: str, check, **alice) -> None:
+        d = Served(tmp_path, f"gen-{token[:12]}-{alice.get('generation', 0)}", tiers=tiers, daemon=config(token, **alice))
+        d.start()
+        c = None
+        try:
+            c = d.client(token=token, salt="s", timeout=DEADLINE_S)
+            check(c)
+        finally:
+            if c is not None:
+                c.close()
+            d.stop()
+
+    def first(c) -> None:
+        assert c.tenant == "alice"
+        for i in range(0, 8, 4):
+            assert c.store(keys[i:i + 4], theirs[i:i + 4]) == 4
+        more = make_keys("alice-g2", 4)  # 4 more: the first 8 go down to G3 (G2 starts empty after a restart)
+        assert c.store(more, [block(k) for k in more]) == 4
+        assert wait_until(lambda: all(c.lookup([k], remote=False)[1] == ["g3"] for k in keys), DEADLINE_S)
+
+    def hers(n: int):
+        def check(c) -> None:  # her first n blocks found; the last 2 of them loaded, byte for byte
+            assert c.tenant == "alice" and c.lookup(keys[:n], remote=False)[0] == n
+            for k, want in zip(keys[n - 2:n], theirs[n - 2:n]):  # (a load moves them up to G2, lost at the
+                assert wait_until(lambda: _loads(c, [k], [want]), DEADLINE_S)  # next restart: G2 is memory)
+        return check
+
+    def new_owner(c) -> None:
+        assert c.tenant == "alice~1"
+        assert c.lookup(keys, remote=False)[0] == 0
+        assert c.load(keys, [np.zeros(NB, np.uint8) for _ in keys]) == 0
+        mine = [block(k + b"new") for k in keys]
+        assert c.store(keys[:4], mine[:4]) == 4 and _loads(c, keys[:4], mine[:4])
+
+    run(ALICE, first)
+    run(rotated, hers(8))  # 1. the token rotated: her blocks
+    run(newcomer, new_owner, generation=1)  # 2. a new owner: none of hers
+    run(rotated, hers(6), generation=0)  # 3. generation 0 again: hers, untouched by the new owner
 
 
 def test_tenant_tokens_come_from_0600_files_and_the_environment(tmp_path):

@@ -14,6 +14,8 @@
       tenants:                            # tenant name -> its own token (tenants.py): its own namespaces,
         alice: {token_file: /etc/kvbm/alice.token, share: 0.3}   # sessions and share of G2
         bob: {token_file: /etc/kvbm/bob.token}  # share: namespace_share; daemon.token = the "default" tenant
+                                          # generation: N (default 0): bump it when a name goes to a
+                                          # new owner (the old owner's G3/G4 blocks stay out of reach)
       events_token: ""                    # or events_token_file: the event streams' own credential
                                           # (routers); unset = daemon.token, which every tenant's
                                           # client holds, so any tenant could read every
@@ -125,7 +127,7 @@ class DaemonConfig:
                                   "their own (clients must not be able to act as peers)")
             for t in cfg.tenants.values():
                 if secret == t.token.encode():
-                    raise ConfigError(f"daemon.peer_secret_file holds daemon.tenants.{t.name}'s token; peers "
+                    raise ConfigError(f"daemon.peer_secret_file holds {t.config_key}'s token; peers "
                                       f"need a secret of their own (tenants must not be able to act as peers)")
         return cfg
 
@@ -139,8 +141,8 @@ class DaemonConfig:
         for t in self.tenants.values():
             for other, what in ((self.token, "daemon.token"), (self.events_token, "daemon.events_token")):
                 if other and t.token == other:
-                    raise ConfigError(f"daemon.tenants.{t.name}.token equals {what}; a tenant's token must be "
-                                      f"its own (holding {what} is more than being {t.name})")
+                    raise ConfigError(f"{t.config_key}.token equals {what}; a tenant's token must be "
+                                      f"its own (holding {what} is more than being {t.key or t.name})")
         if not self.tenants:
             return
         streams = [n for n in ("events", "kv_events") if getattr(self, n)]

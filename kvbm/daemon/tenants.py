@@ -18,6 +18,15 @@ its busy G2 blocks (pins, reservations) are bounded by its own share, as a uid's
 daemon.token keeps its meaning: the default tenant, whose namespace ids are those of kvbm before
 tenants (G3 / G4 blocks written then are still found), bounded as one uid on tcp://.
 
+A name given to someone new: the namespace ids mix in the tenant's identity, which is its name,
+so a new owner of the name "alice" would reach the old owner's G3 / G4 blocks (they outlive
+restarts and config changes). Its token is no identity (rotating it must keep the blocks). So the
+owner of a name is the operator's word: `generation` (default 0), a number the operator bumps when
+the name goes to a new owner; from 1 on the identity is "<name>~<generation>" (identity()): other
+namespace ids, the old owner's blocks out of reach (misses; evicted by the policies in time).
+Rotating a token keeps the generation and the blocks. Example:
+        alice: {token_file: /etc/kvbm/alice-new-owner.token, generation: 1}
+
 Identity without a timing oracle: each configured token is stored as a keyed hash (a random key
 per process) and a request's token is hashed with the same key and looked up; the lookup's time
 depends on digests nobody outside can compute, not on how much of a token matched.
@@ -40,9 +49,22 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")  # lowercase: env overrides l
 
 @dataclass(frozen=True)
 class Tenant:
-    name: str
+    name: str  # who the daemon says it is: its key, and "~<generation>" past generation 0 (see below)
     token: str = field(repr=False)  # never in a log line or an error
     share: float = 0.5  # fraction of G2 its sessions may keep busy, all together
+    generation: int = 0  # the owner of the name: 0 = the first; a new owner of the name takes the next
+    key: str = ""  # its name in daemon.tenants
+
+    @property
+    def config_key(self) -> str:
+        return f"daemon.tenants.{self.key or self.name}"
+
+
+def identity(name: str, generation: int) -> str:
+    """A tenant's identity (its namespace ids mix it in, leases.namespace_of): its name, and from
+    generation 1 on "<name>~<generation>" ('~' is no name character: never another tenant's name).
+    Generation 0 keeps the ids of kvbm before generations (blocks written then are still found)."""
+    return name if not generation else f"{name}~{generation}"
 
 
 def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
@@ -68,7 +90,7 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{key} must be a mapping with token_file (or token) and optional share, got a "
                               f"{type(entry).__name__} (values are not echoed: they may be tokens)")
-        check_keys(entry, ["token", "token_file", "share"], key + ".")
+        check_keys(entry, ["token", "token_file", "share", "generation"], key + ".")
         token, token_file = entry.get("token", ""), entry.get("token_file", "")
         for what, v in (("token", token), ("token_file", token_file)):
             if not isinstance(v, str):
@@ -87,8 +109,12 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         share = entry.get("share", default_share)
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ConfigError(f"{key}.share must be a fraction of G2 in (0, 1], got {share!r}")
+        generation = entry.get("generation", 0)
+        if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 2**31:
+            raise ConfigError(f"{key}.generation must be an integer >= 0 (bump it when the name goes to a new "
+                              f"owner: the old owner's G3/G4 blocks stay out of reach), got {generation!r}")
         by_token[token] = name
-        out[name] = Tenant(name, token, float(share))
+        out[name] = Tenant(identity(name, generation), token, float(share), generation, name)
     return out
 
 
@@ -154,7 +180,6 @@ def tenant_stats(daemon: Any) -> dict[str, dict[str, Any]]:
     its sessions and its busy G2 blocks against its bound. Every configured tenant has a row, the
     default tenant ("default": daemon.token, or no token) too."""
     nb = daemon.nbytes
-    names = [DEFAULT_TENANT, *daemon.dcfg.tenants]
     out: dict[str, dict[str, Any]] = {}
     blocks: dict[str, dict[str, int]] = {}
     for ns, counts in daemon._ns_blocks.items():
@@ -168,7 +193,7 @@ def tenant_stats(daemon: Any) -> dict[str, dict[str, Any]]:
     for s in daemon.sessions.by_id.values():
         if s.namespace != b"peer":
             sessions[s.tenant] = sessions.get(s.tenant, 0) + 1
-    for name in names:
+    for name in [DEFAULT_TENANT, *(t.name for t in daemon.dcfg.tenants.values())]:
         c = daemon.counters.by_tenant.get(name) or dict.fromkeys(PER_TENANT, 0)
         bound = daemon.tenant_blocks.get(name) if name else daemon.share_blocks
         busy = daemon.sessions.busy_by_owner.get(name, 0) if name else sum(
