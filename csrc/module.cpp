@@ -5,9 +5,12 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <optional>
 #include <string>
@@ -16,6 +19,7 @@
 #include "copy_blocks.hpp"
 #include "crc32c.hpp"
 #include "file_io.hpp"
+#include "guarded_copy.hpp"
 #include "hitdensity_core.hpp"
 #include "policy_core.hpp"
 #include "stream_copy.hpp"
@@ -194,6 +198,77 @@ Statuses file_io_py(bool write, int fd, nb::handle bufs, std::optional<Offsets> 
   return Statuses(status.release(), {n}, owner);
 }
 
+// A MAP_SHARED mapping of a file another process may truncate (the daemon's staging windows):
+// only guarded copies (guarded_copy.hpp) touch it. close() while a copy runs unmaps when it ends.
+class SharedMap {
+ public:
+  SharedMap(int fd, size_t nbytes) : p_(kvbm::map_shared(fd, nbytes)), len_(nbytes) {}
+  ~SharedMap() { kvbm::unmap_shared(p_, len_); }
+  SharedMap(const SharedMap&) = delete;
+  SharedMap& operator=(const SharedMap&) = delete;
+  size_t size() const { return len_; }
+  bool closed() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return closing_;
+  }
+  void close() {
+    std::lock_guard<std::mutex> lk(mu_);
+    closing_ = true;
+    if (users_ == 0) unmap();
+  }
+  uint8_t* acquire() {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (closing_) return nullptr;
+    ++users_;
+    return p_;
+  }
+  void release() {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (--users_ == 0 && closing_) unmap();
+  }
+
+ private:
+  void unmap() {
+    kvbm::unmap_shared(p_, len_);
+    p_ = nullptr;
+  }
+  std::mutex mu_;
+  uint8_t* p_;
+  size_t len_;
+  size_t users_ = 0;
+  bool closing_ = false;
+};
+
+// to_map: map block i = buf block i, else the other way; EFAULT for a block the mapping faulted
+// in, EBADF for every block once the map is closed. Ranges are checked before any byte moves.
+Statuses shared_map_copy_py(bool to_map, SharedMap& map, Offsets map_offsets, nb::handle buf,
+                            Offsets buf_offsets, int64_t nbytes, unsigned threads) {
+  const char* op = to_map ? "blocks_to_window" : "window_to_blocks";
+  const size_t n = map_offsets.shape(0);
+  if (buf_offsets.shape(0) != n)
+    throw std::invalid_argument(std::string(op) + ": len(window_offsets) = " + std::to_string(n) +
+                                " but len(buf_offsets) = " + std::to_string(buf_offsets.shape(0)));
+  check_batch(op, n, nbytes);
+  Buffer b(buf, !to_map, op, to_map ? "src" : "dst");
+  kvbm::check_ranges(op, "window_offsets", map_offsets.data(), n, nbytes, map.size());
+  kvbm::check_ranges(op, "buf_offsets", buf_offsets.data(), n, nbytes, b.size());
+  std::unique_ptr<int32_t[]> status(new int32_t[n]);
+  {
+    nb::gil_scoped_release release;
+    uint8_t* p = map.acquire();
+    if (p == nullptr) {
+      std::fill(status.get(), status.get() + n, EBADF);
+    } else {
+      threads = kvbm::pick_threads(threads, uint64_t(n) * uint64_t(nbytes));
+      kvbm::guarded_copy_blocks(to_map, p, map.size(), map_offsets.data(), b.data(), buf_offsets.data(), n,
+                                nbytes, threads, status.get());
+      map.release();
+    }
+  }
+  nb::capsule owner(status.get(), [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+  return Statuses(status.release(), {n}, owner);
+}
+
 }  // namespace
 
 #ifdef KVBM_WITH_CUDA
@@ -239,6 +314,16 @@ NB_MODULE(_native, m) {
       "fd"_a, "dst"_a, "dst_offsets"_a.none(), "file_offsets"_a, "nbytes"_a, "threads"_a = 0,
       "crcs"_a.none() = nb::none(),
       "Read block i from the file at file_offsets[i]; int32 status per block (0 or errno).");
+
+  nb::class_<SharedMap>(m, "SharedMap", "A MAP_SHARED mapping only guarded copies touch (kvbm.ops.window_map).")
+      .def(nb::init<int, size_t>(), "fd"_a, "nbytes"_a)
+      .def("close", &SharedMap::close, "Unmap (once a copy in flight ends); later copies fail EBADF.")
+      .def_prop_ro("closed", &SharedMap::closed)
+      .def_prop_ro("nbytes", &SharedMap::size);
+  m.def("shared_map_copy", &shared_map_copy_py, "to_map"_a, "map"_a, "map_offsets"_a, "buf"_a, "buf_offsets"_a,
+        "nbytes"_a, "threads"_a = 0,
+        "Block copies between a SharedMap and a buffer under a SIGBUS guard -> int32 status per block.");
+  m.def("sigbus_guard_installed", &kvbm::sigbus_guard_installed, "True while the guard's SIGBUS handler is installed.");
 
   bind_hitdensity(m);  // hitdensity's per-key state (policies/hitdensity.py), via kvbm.ops
   bind_prefix(m);  // prefix, s3fifo and auto's minis (policies/_policy_native.py), via kvbm.ops
