@@ -1,12 +1,14 @@
-"""The daemon's window <-> G2 copies: through a mapping of the window (before 5370325) against
-pread/pwrite on the window's descriptor (now: a client can ftruncate its window, which made the
-mapping SIGBUS the daemon). Reports, never asserts.
+"""The daemon's window <-> G2 copies: through a plain mapping of the window (before 5370325: a
+client's ftruncate made it SIGBUS the daemon), pread/pwrite on the window's descriptor (5370325 to
+session 12), and the guarded mapping copy (session 13: ops.window_to_blocks / blocks_to_window,
+a SIGBUS guard per block), bare and as the daemon runs it (Window.read_into / write_from: on a
+copier thread the request loop waits on, with its deadline). Reports, never asserts.
 
     python bench/bench_window_copy.py            # 16 KiB x 64, 256 KiB x 64, 2 MiB x 32 blocks
 
-Same /dev/shm file, same G2 buffer (slots scattered, as G2's are), both paths in turns per round
+Same /dev/shm file, same G2 buffer (slots scattered, as G2's are), all paths in turns per round
 (a neighbour's burst hits them alike); the median of --rounds rounds per path, and the paired
-median ratio (mapping time / syscall time in the same round). The mapping's copy is the limit.
+median ratios (mapping time / path time in the same round). The plain mapping's copy is the limit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import numpy as np
 
 from kvbm import ops
+from kvbm.daemon.windows import Window
 
 
 def run(nb: int, n: int, rounds: int) -> dict:
@@ -34,11 +37,19 @@ def run(nb: int, n: int, rounds: int) -> dict:
         g2 = np.ones(n * nb * 2, np.uint8)
         woff = np.arange(n, dtype=np.int64) * nb
         goff = np.arange(n, dtype=np.int64)[::-1] * 2 * nb
+        wmap = ops.window_map(fd, n * nb)
+        w = Window.__new__(Window)  # the daemon's Window over this file (its copier thread, its deadline)
+        w.fd, w._guarded, w.stride, w.block_nbytes, w._busy = fd, wmap, nb, nb, None
+        slots = list(range(n))
         paths = {
             "store mapping": lambda: ops.copy_blocks(win, woff, g2, goff, nb),
             "store pread": lambda: ops.pread_blocks(fd, g2, woff, nb, dst_offsets=goff),
+            "store guarded": lambda: ops.window_to_blocks(fd, wmap, woff, g2, goff, nb),
+            "store window": lambda: w.read_into(slots, g2, goff),
             "load mapping": lambda: ops.copy_blocks(g2, goff, win, woff, nb),
             "load pwrite": lambda: ops.pwrite_blocks(fd, g2, woff, nb, src_offsets=goff),
+            "load guarded": lambda: ops.blocks_to_window(g2, goff, fd, wmap, woff, nb),
+            "load window": lambda: w.write_from(g2, goff, slots),
         }
         times: dict[str, list[float]] = {k: [] for k in paths}
         for fn in paths.values():
@@ -50,12 +61,15 @@ def run(nb: int, n: int, rounds: int) -> dict:
                 times[k].append(time.perf_counter() - t0)
         del win
         m.close()
+        if wmap is not None:
+            wmap.close()
     finally:
         os.close(fd)
     out = {k: statistics.median(v) for k, v in times.items()}
     for d in ("store", "load"):
-        sys_name = "store pread" if d == "store" else "load pwrite"
-        out[f"{d} ratio"] = statistics.median(a / b for a, b in zip(times[f"{d} mapping"], times[sys_name]))
+        for how in ("pread" if d == "store" else "pwrite", "guarded", "window"):
+            out[f"{d} {how} ratio"] = statistics.median(
+                a / b for a, b in zip(times[f"{d} mapping"], times[f"{d} {how}"]))
     return out
 
 
@@ -67,10 +81,12 @@ def main() -> None:
     for nb, n in [(16 << 10, 64), (256 << 10, 64), (2 << 20, 32)]:
         r = run(nb, n, args.rounds)
         tot = nb * n
-        cols = ", ".join(f"{k} {r[k] * 1e3:.2f} ms ({tot / r[k] / 1e9:.1f} GB/s)"
-                         for k in ("store mapping", "store pread", "load mapping", "load pwrite"))
-        print(f"{nb >> 10} KiB x {n} ({tot / 2**20:.0f} MiB): {cols}; syscall/mapping speed: "
-              f"store {r['store ratio']:.2f}, load {r['load ratio']:.2f}")
+        print(f"{nb >> 10} KiB x {n} ({tot / 2**20:.0f} MiB):")
+        for d, sysc in (("store", "pread"), ("load", "pwrite")):
+            cols = ", ".join(f"{h} {r[f'{d} {h}'] * 1e3:.2f} ms ({tot / r[f'{d} {h}'] / 1e9:.1f} GB/s)"
+                             for h in ("mapping", sysc, "guarded", "window"))
+            ratios = ", ".join(f"{h} {r[f'{d} {h} ratio']:.2f}" for h in (sysc, "guarded", "window"))
+            print(f"  {d}: {cols}; speed / mapping's: {ratios}")
 
 
 if __name__ == "__main__":

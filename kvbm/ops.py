@@ -9,6 +9,9 @@
     scatter_blocks(paged, staging, block_ids, block_nbytes)   staging -> paged pool (onboard)
     pwrite_blocks(fd, src, file_offsets, nbytes)              batched block writes -> errno per block
     pread_blocks(fd, dst, file_offsets, nbytes)               batched block reads -> errno per block
+    window_map(fd, nbytes)                                    a mapping of a file another process controls, or None
+    window_to_blocks(fd, wmap, window_offsets, dst, dst_offsets, nbytes)   window -> buffer -> errno per block
+    blocks_to_window(src, src_offsets, fd, wmap, window_offsets, nbytes)   buffer -> window -> errno per block
     cuda_copy_blocks(src, src_offsets, dst, dst_offsets, nbytes)  the same on a GPU: device or pinned host
     cuda_available()                                          kernels built, a driver and a device
     hitdensity_core()                                         hitdensity's compiled per-key state (a class) or None
@@ -34,7 +37,7 @@ import numpy as np
 
 from .ops_fallback import (  # noqa: F401 (DIRECT_ALIGN: this module's name for it before the split)
     DIRECT_ALIGN, _bytes_view, _check_nbytes, _copy_blocks_crc32c_py, _copy_blocks_py, _copy_buffer_py,
-    _crc32c_blocks_py, _crc32c_py, _file_io_py, _offsets, fallback)
+    _crc32c_blocks_py, _crc32c_py, _file_io_py, _offsets, _window_copy_py, fallback)
 
 _native = None
 if os.environ.get("KVBM_NATIVE", "1") != "0":
@@ -71,6 +74,9 @@ __all__ = [
     "pread_blocks",
     "pwrite_blocks",
     "scatter_blocks",
+    "blocks_to_window",
+    "window_map",
+    "window_to_blocks",
 ]
 
 
@@ -198,6 +204,45 @@ def pread_blocks(fd: int, dst, file_offsets, nbytes: int, *, dst_offsets=None, t
     return native.pread_blocks(fd, dst, None if dst_offsets is None else _offsets(dst_offsets, "dst_offsets"),
                                _offsets(file_offsets, "file_offsets"), _check_nbytes("pread_blocks", nbytes),
                                threads, crcs)
+
+
+# ---- the daemon's staging windows: a file its client may truncate at any moment ----
+
+def window_map(fd: int, nbytes: int, *, use_native: bool | None = None):
+    """A MAP_SHARED mapping of fd's first nbytes that only window_to_blocks / blocks_to_window
+    touch (a native copy under a SIGBUS guard: a fault fails its block, never the process), or
+    None where the extension is off or not built: those ops then use pread/pwrite on fd. Python
+    never gets a buffer over it. .close() unmaps it (once a copy in flight ends)."""
+    native = _native_with("SharedMap", use_native)
+    return native.SharedMap(fd, int(nbytes)) if native else None
+
+
+def _window_copy(to_window: bool, fd: int, wmap, window_offsets, buf, buf_offsets, nbytes: int, threads: int,
+                 use_native: bool | None) -> np.ndarray:
+    op = "blocks_to_window" if to_window else "window_to_blocks"
+    native = _native_with("shared_map_copy", use_native)
+    if native is None or wmap is None:
+        if use_native and wmap is None:
+            raise RuntimeError(f"{op}: use_native=True needs a window_map")
+        return _window_copy_py(to_window, fd, wmap, window_offsets, buf, buf_offsets, nbytes)
+    return native.shared_map_copy(to_window, wmap, _offsets(window_offsets, "window_offsets"), buf,
+                                  _offsets(buf_offsets, "buf_offsets"), _check_nbytes(op, nbytes), threads)
+
+
+def window_to_blocks(fd: int, wmap, window_offsets, dst, dst_offsets, nbytes: int, *, threads: int = 0,
+                     use_native: bool | None = None) -> np.ndarray:
+    """dst[dst_offsets[i]:][:nbytes] = the window's bytes at window_offsets[i]; int32 status per
+    block, 0 or an errno (a fault of the mapping: EFAULT; pread's: ENODATA past the end). A failed
+    block's destination may hold part of the data. Ranges are checked before any byte moves.
+    wmap None (or the fallback): pread on fd, the reference the guarded copy is tested against."""
+    return _window_copy(False, fd, wmap, window_offsets, dst, dst_offsets, nbytes, threads, use_native)
+
+
+def blocks_to_window(src, src_offsets, fd: int, wmap, window_offsets, nbytes: int, *, threads: int = 0,
+                     use_native: bool | None = None) -> np.ndarray:
+    """The window at window_offsets[i] = src[src_offsets[i]:][:nbytes]; status as window_to_blocks
+    (the mapping faults past a truncated end, where pwrite, the fallback, extends the file)."""
+    return _window_copy(True, fd, wmap, window_offsets, src, src_offsets, nbytes, threads, use_native)
 
 
 def hitdensity_core():

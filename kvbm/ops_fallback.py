@@ -7,6 +7,7 @@
     fallback.copy_buffer(dst, src)                                one numpy copy
     fallback.pwrite_blocks / pread_blocks(fd, bufs, file_offsets, nbytes)   os.pwrite / os.preadv,
                                                                   O_DIRECT through aligned bounce buffers
+    fallback.window_to_blocks / blocks_to_window(...)             pread / pwrite on the window's fd (no mapping)
     _offsets, _bytes_view, _check_ranges, _check_nbytes           argument checks both paths share
 
 These define the bytes the compiled kvbm._native must produce (tests compare the two byte for
@@ -250,8 +251,33 @@ def _pread_blocks_py(fd, dst, file_offsets, nbytes, *, dst_offsets=None, threads
     return _file_io_py(False, fd, dst, dst_offsets, file_offsets, nbytes, crcs)
 
 
+def _window_copy_py(to_window: bool, fd: int, wmap, window_offsets, buf, buf_offsets, nbytes: int) -> np.ndarray:
+    """The window ops without a mapping: pread/pwrite on the window's descriptor (a truncated
+    window fails a read, a write extends the file; nothing here can fault). Ranges inside the
+    mapping, when one is given, are checked as the native op checks them."""
+    op = "blocks_to_window" if to_window else "window_to_blocks"
+    nbytes = _check_nbytes(op, nbytes)
+    window_offsets = _offsets(window_offsets, "window_offsets")
+    buf_offsets = _offsets(buf_offsets, "buf_offsets")
+    if len(buf_offsets) != len(window_offsets):
+        raise ValueError(f"{op}: len(window_offsets) = {len(window_offsets)} but len(buf_offsets) = {len(buf_offsets)}")
+    if wmap is not None:
+        _check_ranges(op, "window_offsets", window_offsets, nbytes, wmap.nbytes)
+    _check_ranges(op, "buf_offsets", buf_offsets, nbytes, _bytes_view(buf, "src" if to_window else "dst").size)
+    return _file_io_py(to_window, fd, buf, buf_offsets, window_offsets, nbytes, None)
+
+
+def _window_to_blocks_py(fd, wmap, window_offsets, dst, dst_offsets, nbytes, *, threads=0):
+    return _window_copy_py(False, fd, wmap, window_offsets, dst, dst_offsets, nbytes)
+
+
+def _blocks_to_window_py(src, src_offsets, fd, wmap, window_offsets, nbytes, *, threads=0):
+    return _window_copy_py(True, fd, wmap, window_offsets, src, src_offsets, nbytes)
+
+
 fallback = SimpleNamespace(
     crc32c=_crc32c_py, crc32c_blocks=_crc32c_blocks_py, copy_blocks=_copy_blocks_py,
     copy_blocks_crc32c=_copy_blocks_crc32c_py, copy_buffer=_copy_buffer_py,
     pwrite_blocks=_pwrite_blocks_py, pread_blocks=_pread_blocks_py,
+    window_to_blocks=_window_to_blocks_py, blocks_to_window=_blocks_to_window_py,
 )

@@ -25,6 +25,7 @@ from typing import Any
 from ..policies.base import Hints
 from . import protocol as P
 from .leases import Reservation, Session, WindowLoad, server_key
+from .windows import WindowStalled
 
 log = logging.getLogger("kvbm.daemon")
 SCRATCH_BLOCKS = 16  # a session's scratch slots (one-shot ops), past its window's allocated ones
@@ -124,9 +125,12 @@ class DataPlane:
             if not job.runs:
                 return {"stored": 0}
             want = [i for i, slot in enumerate(slots) if slot >= 0]
-            # pread, not a mapping: a client that truncated its window fails its blocks (windows.py)
-            torn = s.window.read_into([wslots[i] for i in want], self.pool.pool,
-                                      self.pool.offsets([slots[i] for i in want]))
+            # a guarded copy: a client that truncated its window fails its blocks (windows.py)
+            try:
+                torn = s.window.read_into([wslots[i] for i in want], self.pool.pool,
+                                          self.pool.offsets([slots[i] for i in want]))
+            except WindowStalled as exc:
+                self._window_stalled(s, exc, lambda: self._stored(self._rolled_back(job)))
             for i in want:
                 self.origin[skeys[i]] = (s.namespace, keys[i])
             self.manager.complete_store(job, failed=set(extra).union(skeys[want[j]] for j in torn))
@@ -155,8 +159,11 @@ class DataPlane:
         if s.window is None or s.sid not in self.sessions.by_id:  # closed while the request waited
             return {"n": 0}
         job = self._pin_in_g2(skeys)
-        # pwrite, not a mapping: a full tmpfs fails the rest, a miss (windows.py)
-        n = s.window.write_from(self.pool.pool, self.pool.offsets(list(job.slots)), wslots[:len(job.keys)])
+        # a guarded copy: a full tmpfs fails the rest, a miss (windows.py)
+        try:
+            n = s.window.write_from(self.pool.pool, self.pool.offsets(list(job.slots)), wslots[:len(job.keys)])
+        except WindowStalled as exc:
+            self._window_stalled(s, exc, lambda: self.manager.complete_load(job))
         self.manager.complete_load(job)
         self.counters["client_load_bytes"] += n * self.nbytes
         return {"n": n}
@@ -225,9 +232,12 @@ class DataPlane:
         failed = {skeys[i] for i in P.indices(msg, "failed", len(skeys))}
         del s.stores[h]
         keep = [j for j, i in enumerate(r.want) if skeys[i] not in failed]
-        # window -> G2 (pread), for the blocks the client says it wrote; a truncated window fails them
-        torn = s.window.read_into([r.wslots[j] for j in keep], self.pool.pool,
-                                  self.pool.offsets([r.gslots[j] for j in keep]))
+        # window -> G2, for the blocks the client says it wrote; a truncated window fails them
+        try:
+            torn = s.window.read_into([r.wslots[j] for j in keep], self.pool.pool,
+                                      self.pool.offsets([r.gslots[j] for j in keep]))
+        except WindowStalled as exc:  # (the session's release uncharges this reservation too)
+            self._window_stalled(s, exc, lambda: self._stored(self._rolled_back(job)))
         failed.update(skeys[r.want[keep[j]]] for j in torn)
         s.window.free(r.wslots)
         self.sessions.charge(s, -len(job.keys))
@@ -247,8 +257,11 @@ class DataPlane:
         job = self._pin_in_g2(skeys)
         n = min(len(job.keys), s.window.free_slots)
         wslots = s.window.allocate(n) if n else []
-        # pwrite, not a mapping: a full tmpfs fails the rest, a miss (windows.py)
-        n = s.window.write_from(self.pool.pool, self.pool.offsets(list(job.slots)[:n]), wslots)
+        # a guarded copy: a full tmpfs fails the rest, a miss (windows.py)
+        try:
+            n = s.window.write_from(self.pool.pool, self.pool.offsets(list(job.slots)[:n]), wslots)
+        except WindowStalled as exc:
+            self._window_stalled(s, exc, lambda: self.manager.complete_load(job))
         s.window.free(wslots[n:])
         wslots = wslots[:n]
         self.manager.complete_load(job)
@@ -259,6 +272,31 @@ class DataPlane:
         self._undo_info = ("load", h)
         self.counters["client_load_bytes"] += n * self.nbytes
         return {"handle": h, "slots": wslots}
+
+    def _rolled_back(self, job):
+        self.manager.complete_store(job, failed=job.keys)
+        return job
+
+    def _window_stalled(self, s: Session, exc: WindowStalled, finish) -> None:
+        """A copy through s's window outlived its deadline (its client holds the file busy:
+        fallocate, hole punching): s ends now and the request fails, so the loop goes on for
+        everyone else. The copy still runs, so what it touches stays held until it ends: the
+        window's descriptor and mapping (Window.close), and the G2 slots it reads or writes,
+        which `finish` (the job's completion: a rollback, or a load's unpin) releases then, on
+        the owner thread."""
+        self.counters["window_stalls"] = self.counters.get("window_stalls", 0) + 1
+        log.warning("%s: %s; session ended", s.label, exc)
+
+        def later() -> None:
+            try:
+                self._owner(finish, wait=False)
+            except Exception:  # shutting down: nothing left to release
+                pass
+
+        exc.task.then(later)
+        if self.sessions.get(s.sid) is s:
+            self._release(s)
+        raise P.ProtocolError("window_stalled", f"{exc}; this session is ended: open a new one (hello)")
 
     def _pin_in_g2(self, skeys: list):
         """Pin the prefix of skeys ready in G2 (blocks below it come up off the loop: onboard.py)."""

@@ -4,8 +4,9 @@
     Window.allocate(n) -> [slot] | None                   window slots for one request
     Window.scratch_slots(wslots, n) -> [slot]             check a one-shot op's slots (the client's own)
     Window.free(slots)
-    Window.read_into(wslots, dst, dst_offsets) -> {i}     window -> G2 (pread); the blocks that failed
-    Window.write_from(src, src_offsets, wslots) -> n      G2 -> window (pwrite); blocks written, from the first
+    Window.read_into(wslots, dst, dst_offsets) -> {i}     window -> G2; the blocks that failed
+    Window.write_from(src, src_offsets, wslots) -> n      G2 -> window; blocks written, from the first
+    WindowStalled                                         a copy outlived its deadline (copy_deadline_s)
     Window.view(slot)                                     a copy of the slot's bytes (tests)
     Window.unlink() / close()
     sweep(prefix)                                         files left by a killed daemon
@@ -29,6 +30,22 @@ the daemon again at the session's first request and at release): nothing else ca
 and a killed client or daemon leaves nothing behind. Its name embeds the daemon's pid, so a
 restarted daemon removes what a killed one left between creating a file and its client
 opening it (`sweep`).
+
+How the daemon copies (session 13). The client holds its window open read-write, so it can
+ftruncate it, punch holes in it or fill its tmpfs at any moment. A plain mapping would then fault
+(SIGBUS) in the daemon and kill every tenant's cache (session 12). The daemon maps the window
+anyway, for speed, but touches the mapping only through ops.window_to_blocks / blocks_to_window:
+a native copy under a SIGBUS guard (csrc/guarded_copy.cpp) that turns a fault inside this
+mapping into a failed block. A failed block is then tried once more with pread/pwrite on the
+window's descriptor, so the answer is the system calls' (a write past a truncated end extends
+the file; a read past it fails). Without the extension there is no mapping: pread/pwrite only.
+
+Every copy runs on a copier thread while the request loop waits at most copy_deadline_s(nbytes)
+for it. A client can hold a copy up (fallocate holds the tmpfs inode lock that pwrite takes; a
+hole punch holds the faults on its range): past the deadline the loop stops waiting (WindowStalled),
+the caller fails the request and ends the session, and the window's descriptor and mapping, and
+the G2 slots the copy reads or writes, stay held until the copy really ends (`then`). The loop
+goes on serving everyone else.
 """
 
 from __future__ import annotations
@@ -37,6 +54,9 @@ import errno
 import os
 import re
 import resource
+import threading
+from queue import SimpleQueue
+from typing import Any, Callable
 
 import numpy as np
 
@@ -45,6 +65,128 @@ from .transport import alive
 
 SHM_DIR = "/dev/shm"
 _open = 0  # windows of this process holding a descriptor (one each)
+_open_lock = threading.Lock()  # a stalled window's descriptor is closed by its copier thread
+
+# The loop waits for a window copy at most BASE + bytes / RATE seconds: far above any honest
+# copy (a mapping copies GB/s; pwrite beside CPU hogs still ~1 GB/s), far below a client's stall.
+DEADLINE_BASE_S = float(os.environ.get("KVBM_CI_WINDOW_COPY_DEADLINE_S", "0.5"))
+DEADLINE_RATE = float(os.environ.get("KVBM_CI_WINDOW_COPY_RATE", str(128 << 20)))  # bytes per second
+
+
+def copy_deadline_s(nbytes: int) -> float:
+    return DEADLINE_BASE_S + nbytes / DEADLINE_RATE
+
+
+class _Task:
+    """One copy on a copier thread. wait(timeout) -> done; then(cb) runs cb once fn() returned (at
+    once if it has), on whichever thread finishes last. Plain locks, not an Event: the loop waits
+    for every copy, so the hand-off is on its path (a lock ping-pong is a third of an Event's)."""
+
+    __slots__ = ("fn", "result", "exc", "_done", "_finished", "_lock", "_then")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.exc: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released when fn() returned
+        self._finished = False
+        self._lock = threading.Lock()
+        self._then: list[Callable[[], None]] = []
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # handed to the waiter
+            self.exc = exc
+        self.fn = None
+        with self._lock:
+            self._finished = True
+            then, self._then = self._then, []
+        self._done.release()
+        for cb in then:
+            _call(cb)
+
+    def wait(self, timeout: float) -> bool:
+        if self._done.acquire(timeout=timeout):
+            self._done.release()
+            return True
+        return False
+
+    def then(self, cb: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._finished:
+                self._then.append(cb)
+                return
+        _call(cb)
+
+    def value(self) -> Any:
+        if self.exc is not None:
+            raise self.exc
+        return self.result
+
+
+def _call(cb: Callable[[], None]) -> None:
+    try:
+        cb()
+    except Exception:  # a late clean-up must not kill a copier thread
+        import logging
+        logging.getLogger("kvbm.daemon").exception("window clean-up after a stalled copy failed")
+
+
+class _Worker:
+    __slots__ = ("go", "task")
+
+    def __init__(self) -> None:
+        self.go = threading.Lock()
+        self.go.acquire()  # released when a task is handed over
+        self.task: _Task | None = None
+
+
+class _Copier:
+    """Copier threads: one per copy in flight (the loop waits for one at a time; a stalled copy
+    keeps its thread, so the next copy gets another). Idle ones are reused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._pid = os.getpid()
+
+    def submit(self, fn: Callable[[], Any]) -> _Task:
+        task = _Task(fn)
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child has none of its parent's threads
+                self._idle, self._pid = [], os.getpid()
+            w = self._idle.pop() if self._idle else None
+        if w is None:
+            w = _Worker()
+            threading.Thread(target=self._work, args=(w,), name="kvbm-window-copy", daemon=True).start()
+        w.task = task
+        w.go.release()
+        return task
+
+    def _work(self, w: _Worker) -> None:
+        while True:
+            w.go.acquire()
+            task, w.task = w.task, None
+            task.run()  # (a stalled copy keeps this thread: no later copy may queue behind it)
+            del task
+            with self._lock:
+                self._idle.append(w)
+
+
+_copier = _Copier()
+
+
+class WindowStalled(Exception):
+    """A window copy outlived its deadline: the request fails and the session must end. The copy
+    still runs; task.then(cb) runs cb when it ends (the G2 slots it touches must stay out of use
+    until then: the caller's clean-up goes there)."""
+
+    def __init__(self, task: _Task, seconds: float) -> None:
+        super().__init__(f"the copy through this session's window took longer than {seconds:.2f} s "
+                         f"(its client holds the window's file busy: fallocate, hole punching)")
+        self.task = task
 
 
 def max_windows() -> int:
@@ -63,11 +205,11 @@ class Window:
         self.slots, self.stride, self.block_nbytes = slots, stride, block_nbytes
         self.scratch = scratch  # slots [slots, slots + scratch): the client's, for one-shot ops
         self.nbytes = (slots + scratch) * stride
-        # The daemon never maps the window: it copies with pread/pwrite on this descriptor. The
-        # client holds the file open read-write, so it can ftruncate it at any moment; a daemon
+        # The client holds the file open read-write, so it can ftruncate it at any moment; a plain
         # mapping would then fault (SIGBUS) on the vanished pages, and a tmpfs filled by anyone
-        # faults it on a page it writes first. A system call just fails instead: that block is
-        # not stored or not loaded (tests/test_attack_wire.py).
+        # faults it on a page it writes first. So the mapping is touched only by the guarded
+        # native copy (a fault fails that block), and a failed block is retried with pread/pwrite
+        # on this descriptor: that block is not stored or not loaded (tests/test_attack_wire.py).
         global _open
         self.fd = -1
         if _open >= max_windows():
@@ -76,12 +218,15 @@ class Window:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)  # sparse: pages exist only once written
+            self._guarded = ops.window_map(fd, self.nbytes) if self.nbytes else None  # None: no extension
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
         self.fd = fd
-        _open += 1
+        self._busy: _Task | None = None  # a copy that outlived its deadline and still runs
+        with _open_lock:
+            _open += 1
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.linked = True
 
@@ -123,26 +268,54 @@ class Window:
     def read_into(self, wslots, dst: np.ndarray, dst_offsets) -> set[int]:
         """Window slots wslots[i] -> dst[dst_offsets[i]:][:block_nbytes]; the indices i whose
         bytes could not be read (the client truncated its file): their destination may hold
-        part of the data, so the caller must not publish them."""
+        part of the data, so the caller must not publish them. WindowStalled past the deadline."""
         if not len(wslots):
             return set()
         if self.fd < 0:
             return set(range(len(wslots)))
-        st = ops.pread_blocks(self.fd, dst, self.offsets(wslots), self.block_nbytes,
-                              dst_offsets=np.asarray(dst_offsets, dtype=np.int64))
-        return {i for i, e in enumerate(st) if e}
+        woffs, doffs = self.offsets(wslots), np.asarray(dst_offsets, dtype=np.int64)
+        fd, mem, nb = self.fd, self._guarded, self.block_nbytes
+
+        def copy() -> np.ndarray:
+            st = ops.window_to_blocks(fd, mem, woffs, dst, doffs, nb)
+            bad = np.flatnonzero(st)
+            if len(bad) and mem is not None:  # a fault: the system call's answer for that block
+                st[bad] = ops.pread_blocks(fd, dst, woffs[bad], nb, dst_offsets=doffs[bad])
+            return st
+
+        st = self._run(copy, len(wslots) * nb)
+        return {int(i) for i in np.flatnonzero(st)}
 
     def write_from(self, src: np.ndarray, src_offsets, wslots) -> int:
         """src[src_offsets[i]:][:block_nbytes] -> window slot wslots[i]; how many blocks, from
-        the first, are in the window (a write fails when the tmpfs is full)."""
+        the first, are in the window (a write fails when the tmpfs is full). WindowStalled past
+        the deadline."""
         if not len(wslots):
             return 0
         if self.fd < 0:
             return 0
-        st = ops.pwrite_blocks(self.fd, src, self.offsets(wslots), self.block_nbytes,
-                               src_offsets=np.asarray(src_offsets, dtype=np.int64))
-        bad = np.flatnonzero(st)
+        woffs, soffs = self.offsets(wslots), np.asarray(src_offsets, dtype=np.int64)
+        fd, mem, nb = self.fd, self._guarded, self.block_nbytes
+
+        def copy() -> np.ndarray:
+            st = ops.blocks_to_window(src, soffs, fd, mem, woffs, nb)
+            bad = np.flatnonzero(st)
+            if len(bad) and mem is not None:  # past a truncated end: pwrite extends the file
+                st[bad] = ops.pwrite_blocks(fd, src, woffs[bad], nb, src_offsets=soffs[bad])
+            return st
+
+        bad = np.flatnonzero(self._run(copy, len(wslots) * nb))
         return int(bad[0]) if len(bad) else len(wslots)
+
+    def _run(self, copy: Callable[[], np.ndarray], nbytes: int) -> np.ndarray:
+        """copy() on a copier thread; its result, or WindowStalled once copy_deadline_s passed
+        (the window then stays open, descriptor and mapping, until the copy ends)."""
+        task = _copier.submit(copy)
+        limit = copy_deadline_s(nbytes)
+        if not task.wait(limit):
+            self._busy = task
+            raise WindowStalled(task, limit)
+        return task.value()
 
     def view(self, slot: int) -> np.ndarray:
         """A copy of the slot's bytes (tests; the daemon never maps the window)."""
@@ -161,13 +334,26 @@ class Window:
                 pass
 
     def close(self) -> None:
-        """Unlink and close: a client that still maps it keeps pages only it can see."""
-        global _open
+        """Unlink and close: a client that still maps it keeps pages only it can see. A copy
+        still running (WindowStalled) keeps the descriptor and mapping until it ends."""
         self.unlink()
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            _open -= 1
-            os.close(fd)
+        if self.fd < 0:
+            return
+        task, self._busy = self._busy, None
+        fd, mem, self.fd, self._guarded = self.fd, self._guarded, -1, None
+        if task is not None:
+            task.then(lambda: _close(fd, mem))
+        else:
+            _close(fd, mem)
+
+
+def _close(fd: int, mem: Any) -> None:
+    global _open
+    if mem is not None:
+        mem.close()
+    os.close(fd)
+    with _open_lock:
+        _open -= 1
 
 
 def sweep(prefix: str) -> int:
