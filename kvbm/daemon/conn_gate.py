@@ -2,7 +2,8 @@
 
     ConnGate(router, max_message_bytes)   watches the router's tcp connections (its own thread)
       .received(frames)            owner thread, every request: its bytes were read on its connection
-      .authenticated(frame)        owner thread: the connection this request came on showed the token
+      .authenticated(frame, owner) owner thread: the connection this request came on showed the token
+                                   of `owner` (a tenant); False: that owner holds per_owner_cap already
       .live / .waiting             connections open now / of them, not yet authenticated
       .cut                         connections shut down by the gate, in all
       .close()                     before the router closes
@@ -23,6 +24,14 @@ it is cut only if `waiting_cap` more connections arrive before the daemon reads 
 request. All connections together are capped at `total_cap` (a new one past it is shut down),
 which only token holders can reach. libzmq drops a connection that has not finished its ZMTP
 greeting within the handshake interval (10 s here), and TCP keepalive reaps dead peers.
+
+One tenant's connections are capped too (`per_owner_cap`: a quarter of `total_cap`, at most
+MAX_OWNER). The loop serves connections in turn (the ROUTER's fair queue), so a tenant's share of
+the loop, and of the requests and replies queued in the daemon (RCVHWM and REPLY_HWM a
+connection), grows with the connections it opens; before, one token holder could open nearly all
+of `total_cap` and every other tenant's request waited behind one of each of them. A connection
+that shows a tenant's token past its cap is answered `busy` and shut down (its first request is
+refused, nothing else runs).
 
 A message that never ends (frames with MORE set, forever: libzmq counts its high-water mark in
 whole messages and MAXMSGSIZE per frame, so it buffers such a message without bound, and the
@@ -78,6 +87,15 @@ def caps() -> tuple[int, int]:
     return waiting, max(2 * waiting, soft // 2)
 
 
+MAX_OWNER = 512  # connections one tenant may hold at most, whatever the descriptor limit (each Client: 2)
+
+
+def owner_cap(total_cap: int) -> int:
+    """Connections one tenant may hold: a quarter of all (at least 8, at most MAX_OWNER: each of
+    another tenant's requests waits behind at most one request of each of them)."""
+    return max(8, min(MAX_OWNER, total_cap // 4))
+
+
 def harden(router: Any) -> None:
     """Socket options of a tcp request socket (before bind)."""
     router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
@@ -92,10 +110,16 @@ def harden(router: Any) -> None:
 
 class ConnGate:
     def __init__(self, router: Any, max_message_bytes: int = 1 << 20, waiting_cap: int | None = None,
-                 total_cap: int | None = None) -> None:
+                 total_cap: int | None = None, per_owner_cap: int | None = None) -> None:
         w, t = caps()
         self.waiting_cap = w if waiting_cap is None else waiting_cap
         self.total_cap = t if total_cap is None else total_cap
+        self.per_owner_cap = owner_cap(self.total_cap) if per_owner_cap is None else per_owner_cap
+        self._owner_of: dict[int, str] = {}  # authenticated fd -> its tenant ("" daemon.token's)
+        self.by_owner: dict[str, int] = {}  # tenant -> authenticated connections
+        self._doomed: set[int] = set()  # refused past their tenant's cap: shut down at the next sample
+        self._early: set[int] = set()  # authenticated before the gate read their ACCEPTED
+        self.refused = 0  # connections refused so (past per_owner_cap)
         # bytes a connection may have sent past the requests the daemon read from it: before its
         # first authenticated request, one request; after, the requests libzmq queues and what
         # the kernel holds. More is a message that never ends (frames with MORE set, forever):
@@ -137,18 +161,43 @@ class ConnGate:
             n += size + (2 if size < 256 else 9)
         self._read[fd] = self._read.get(fd, 0) + n
 
-    def authenticated(self, frame: Any) -> None:
-        """Owner thread, after a request passed the token check: its connection is a client's."""
+    def authenticated(self, frame: Any, owner: str = "") -> bool:
+        """Owner thread, after a request passed the token check of tenant `owner`: its connection
+        is a client's. False when `owner` holds per_owner_cap connections already: refuse the
+        request; the connection is shut down at the next sample."""
         try:
             fd = frame.get(zmq.SRCFD)
         except (zmq.ZMQError, AttributeError, TypeError):
-            return
+            return True
         if fd in self._authed:  # (every request after the first: one set lookup)
-            return
+            return True
         with self._lock:
-            if fd in self._waiting:
+            if fd in self._doomed:
+                return False
+            known = fd in self._waiting
+            if not known:  # its ACCEPTED is not read yet (this thread can be first): counted now
+                self._early.add(fd)
+            if self.by_owner.get(owner, 0) >= self.per_owner_cap:
+                self._doomed.add(fd)
+                return False
+            if known:
                 del self._waiting[fd]
-                self._authed.add(fd)
+            self._authed.add(fd)
+            self._owner_of[fd] = owner
+            self.by_owner[owner] = self.by_owner.get(owner, 0) + 1
+        return True
+
+    def _forget(self, fd: int) -> None:
+        """(under the lock) fd is no longer a connection of its tenant."""
+        self._doomed.discard(fd)
+        self._early.discard(fd)
+        owner = self._owner_of.pop(fd, None)
+        if owner is not None:
+            left = self.by_owner.get(owner, 1) - 1
+            if left > 0:
+                self.by_owner[owner] = left
+            else:
+                self.by_owner.pop(owner, None)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -176,6 +225,14 @@ class ConnGate:
     def _sample(self) -> None:
         """Shut down each connection that sent more than the daemon read from it, plus its backlog."""
         with self._lock:
+            for fd in list(self._doomed):  # past its tenant's cap: its refusal went out before this sample
+                if fd in self._waiting:
+                    del self._waiting[fd]
+                    self.refused += 1
+                    self._cut(fd)
+                    self._doomed.discard(fd)
+                elif fd not in self._early:  # (gone meanwhile) an early one is cut at its ACCEPTED
+                    self._doomed.discard(fd)
             fds = [(fd, True) for fd in self._authed] + [(fd, False) for fd in self._waiting]
         for fd, authed in fds:
             got = _bytes_received(fd)
@@ -185,6 +242,7 @@ class ConnGate:
                 if fd in (self._authed if authed else self._waiting):  # still that connection
                     self._authed.discard(fd)
                     self._waiting.pop(fd, None)
+                    self._forget(fd)
                     self.overfed += 1
                     self._cut(fd)
 
@@ -199,12 +257,22 @@ class ConnGate:
                 else:
                     self._authed.discard(fd)
                     self._waiting.pop(fd, None)
+                    self._forget(fd)
                 return
             if ev["event"] != zmq.EVENT_ACCEPTED:
+                return
+            if fd in self._early:  # a request on it was read first: counted (or refused) already
+                self._early.discard(fd)
+                self._read.setdefault(fd, 0)
+                if fd in self._doomed:
+                    self._doomed.discard(fd)
+                    self.refused += 1
+                    self._cut(fd)
                 return
             self._cutting.discard(fd)  # (a descriptor is reused only after its DISCONNECTED)
             self._authed.discard(fd)
             self._waiting.pop(fd, None)
+            self._forget(fd)
             self._read[fd] = 0
             if len(self._authed) + len(self._waiting) >= self.total_cap:
                 self._cut(fd)

@@ -257,7 +257,10 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
                 raise P.ProtocolError("unknown_op", f"unknown op {name!r}")
             self._tenant = self._authenticate(msg)
             if self._gate is not None and self._last_frame is not None:
-                self._gate.authenticated(self._last_frame)  # this connection is a client's, not a stranger's
+                # this connection is a client's, not a stranger's; one tenant holds at most a quarter of them
+                if not self._gate.authenticated(self._last_frame, self._tenant):
+                    raise P.ProtocolError("busy", f"this tenant holds {self._gate.per_owner_cap} connections "
+                                                  f"to the daemon already, the most one may; close some")
             op = name
             replayed = self._replayed(msg, name, rid, time.monotonic())
             if replayed is not None:  # a retry of a request already answered (or cancelled)
