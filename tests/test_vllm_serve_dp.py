@@ -18,6 +18,7 @@ other (vLLM's X-data-parallel-rank header picks the rank), both ways, and nothin
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vllm_e2e import CONFIG  # noqa: E402
-from vllm_serve_helpers import BLOCK, Server, engine_daemon, group_shm, kv_config, prompt, stored_blocks, wait_stored, write_model  # noqa: E402
+from vllm_serve_helpers import (BLOCK, Server, engine_daemon, free_port, group_shm, kv_config, prompt,  # noqa: E402
+                                stored_blocks, wait_stored, write_model)
 
 from kvbm.config import ConfigError  # noqa: E402
 from kvbm.connectors.vllm import engine_cache  # noqa: E402
@@ -45,14 +47,14 @@ MOE = {**CONFIG, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral
        "num_local_experts": 4, "num_experts_per_tok": 2}
 
 
-def vllm_config(model: str, **engine_args):
+def vllm_config(model: str, headless: bool = False, **engine_args):
     """The VllmConfig `vllm serve MODEL --<engine_args>` builds (the API server's, before the
     engine cores get their copies)."""
     from vllm.engine.arg_utils import EngineArgs
 
     return EngineArgs(model=model, load_format="dummy", skip_tokenizer_init=True, block_size=BLOCK,
                       max_model_len=4096, kv_transfer_config=kv_config({"kvbm_config": {}}),
-                      **engine_args).create_engine_config()
+                      **engine_args).create_engine_config(headless=headless)
 
 
 def rank_view(cfg, rank: int, local: int | None = None) -> tuple:
@@ -111,19 +113,33 @@ def test_ranks_launched_apart_on_this_node_share_the_dp_master(models):
 
 
 @pytest.mark.parametrize("model", ["dense", "moe"])
-@pytest.mark.parametrize("args, rank, local, what", [
+def test_ranks_on_other_nodes_are_refused_in_one_line(models, model):
     # two nodes of two ranks: the DP master must be reachable from the other node
-    ({"data_parallel_size": 4, "data_parallel_size_local": 2, "data_parallel_address": "10.1.2.3"}, 0, 0,
-     ["DP master 10.1.2.3"]),
-    # the second node's ranks (2, 3) are its local ranks 0, 1 (a MoE rank still sees DP 4, 2 local)
-    ({"data_parallel_size": 4, "data_parallel_size_local": 2, "data_parallel_start_rank": 2}, 2, 0,
-     ["as local rank 0", "4 data parallel ranks, 2 on this node"]),
-])
-def test_ranks_on_other_nodes_are_refused_in_one_line(models, model, args, rank, local, what):
-    cfg = vllm_config(models[model], **args)
+    cfg = vllm_config(models[model], data_parallel_size=4, data_parallel_size_local=2, data_parallel_address="10.1.2.3")
     with pytest.raises(ConfigError, match="kvbm_daemon") as err:
-        engine_cache(*rank_view(cfg, rank, local))
-    assert any(w in str(err.value) for w in what) and "\n" not in str(err.value)
+        engine_cache(*rank_view(cfg, 0, 0))
+    assert "DP master 10.1.2.3" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("headless", [False, True])
+def test_ranks_launched_apart_on_a_loopback_master_share_it(models, headless):
+    # `vllm serve --data-parallel-size 2 --data-parallel-size-local 1` (rank 0 and the front end)
+    # beside `vllm serve --data-parallel-size 2 --data-parallel-size-local 1 --data-parallel-start-rank 1
+    # [--headless]`: a loopback DP master keeps every rank on this node; a MoE rank keeps the DP size
+    extra = {"headless": True} if headless else {}
+    front = vllm_config(models["moe"], data_parallel_size=2, data_parallel_size_local=1, data_parallel_rpc_port=29778)
+    other = vllm_config(models["moe"], data_parallel_size=2, data_parallel_size_local=1, data_parallel_start_rank=1,
+                        data_parallel_rpc_port=29778, **extra)
+    assert {engine_cache(*rank_view(front, 0, 0)), engine_cache(*rank_view(other, 1, 0))} == {"dp-127.0.0.1-29778"}
+
+
+def test_a_dense_rank_launched_apart_is_refused_in_one_line(models):
+    # vLLM makes every dense rank an engine of DP 1: rank 0's core, beside its front end, looks like
+    # a one-launch server's and names its cache by its engine_id, which rank 1 cannot know
+    other = vllm_config(models["dense"], data_parallel_size=2, data_parallel_size_local=1, data_parallel_start_rank=1)
+    with pytest.raises(ConfigError, match="kvbm_daemon") as err:
+        engine_cache(*rank_view(other, 1, 0))
+    assert "rank 1 of a dense model launched apart" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_ranks_launched_apart_with_a_routable_master_are_refused(models):
@@ -140,19 +156,25 @@ def test_ray_data_parallel_is_refused_in_one_line():
     assert "'ray'" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_torchrun_ranks_share_their_master_on_one_node(monkeypatch):
-    pc = SimpleNamespace(distributed_executor_backend="external_launcher", nnodes=1, data_parallel_size=2,
-                         data_parallel_backend="mp")
+@pytest.mark.parametrize("dp, tp", [(2, 1), (1, 2)])
+def test_torchrun_ranks_share_their_master_on_one_node(monkeypatch, dp, tp):
+    # every torchrun process is a whole engine, scheduler included (TP ranks too): one cache for all
+    pc = SimpleNamespace(distributed_executor_backend="external_launcher", nnodes=1, data_parallel_size=dp,
+                         data_parallel_backend="mp", world_size=dp * tp)
     cfg = SimpleNamespace(parallel_config=pc)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
     monkeypatch.setenv("MASTER_PORT", "29611")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert {engine_cache(cfg, f"{uuid}_dp{k}") for k, uuid in enumerate(["a", "b"])} == {"torchrun-127.0.0.1-29611"}
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # the other rank on another node
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # torchrun's agents: one node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(tp))  # what vLLM's CPU build leaves there (its TP size)
+    assert {engine_cache(cfg, uuid) for uuid in ["a", "b_dp1"]} == {"torchrun-10.1.2.3-29611"}
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # the other rank on another node
     with pytest.raises(ConfigError, match="kvbm_daemon") as err:
-        engine_cache(cfg, "a_dp0")
-    assert "\n" not in str(err.value)
+        engine_cache(cfg, "a")
+    assert "GROUP_WORLD_SIZE 2" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: its own in-process manager
+    pc.world_size = 1
+    assert engine_cache(cfg, "a") is None
 
 
 # ------------------------------------------------------------------ a real server
@@ -221,3 +243,111 @@ def test_two_api_servers_in_front_of_one_engine_get_hits(tmp_path):
             assert warm == cold and len(cold) == 8
     finally:
         s.stop()
+
+
+# ------------------------------------------------ ranks launched one by one (a MoE model)
+#
+# vLLM launches ranks apart for MoE models only (external DP: "Non-MoE models do not support
+# external data parallel mode"; a dense rank launched apart is refused by kvbm, above). Its CPU
+# build cannot run a MoE layer with DP > 1 (CpuCommunicator has no all_gatherv/reduce_scatterv:
+# NotImplementedError at the first request), so these servers load tests/vllm_moe_dp_plugin.py,
+# which supplies the two collectives over gloo and changes nothing else. Each launch binds one
+# core; the daemon is the one whichever rank's process asked first started.
+
+
+def _serve_apart(tmp_path, launches: list[tuple[str, tuple]]) -> tuple[Path, list[Server]]:
+    """`vllm serve` once per (name, args), all on one kvbm runtime folder, the MoE model and the
+    collectives plugin; each launch bound to its own core."""
+    from vllm_moe_dp_plugin import install
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    plugin = install(tmp_path / "plugin")
+    path = os.pathsep.join(p for p in (str(plugin), os.environ.get("PYTHONPATH", "")) if p)
+    kvbm = {"tiers": [{"name": "g2", "capacity": 64, "storage": {"name": "host", "pin": "never"}}]}
+    model = write_model(tmp_path, MOE)
+    cores = sorted(os.sched_getaffinity(0))
+    servers = [Server(tmp_path, model, kv=kv_config({"kvbm_config": kvbm}), cli=True, args=args, name=name,
+                      env={"KVBM_RUNTIME_DIR": str(runtime), "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)]),
+                           "PYTHONPATH": path}) for i, (name, args) in enumerate(launches)]
+    return runtime / f"kvbm-{os.getuid()}", servers
+
+
+def _one_daemon(folder: Path) -> dict:
+    infos = [p for p in folder.glob("*.json") if not p.name.endswith("config.json")]
+    assert len(infos) == 1, infos  # one daemon for every launch
+    d = engine_daemon(folder)
+    assert d["pid"] and os.path.basename(str(infos[0])).startswith("dp-127.0.0.1-")  # named by the DP master
+    return d
+
+
+def _stop_all(servers: list[Server]) -> set[str]:
+    shm = set().union(*(group_shm(s.proc.pid) for s in servers if s.proc is not None))
+    for s in reversed(servers):
+        s.stop()
+    return shm
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two data parallel ranks need two cores to bind")
+def test_external_dp_ranks_launched_one_by_one_hit_each_other(tmp_path):
+    # vllm serve --data-parallel-size 2 --data-parallel-rank K --data-parallel-rpc-port P, K = 0, 1:
+    # two API servers, two engine cores, two workers, three launches' worth of processes
+    rpc = free_port()
+    folder, servers = _serve_apart(tmp_path, [
+        (f"ext-dp{k}", ("--data-parallel-size", "2", "--data-parallel-rank", str(k), "--data-parallel-address",
+                        "127.0.0.1", "--data-parallel-rpc-port", str(rpc))) for k in range(2)])
+    shm: set[str] = set()
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait()
+        assert [set(s.pids()) >= {f"EngineCore_DP{k}", "APIServer"} for k, s in enumerate(servers)] == [True, True]
+        d = _one_daemon(folder)
+        assert json.loads((folder / f"dp-127.0.0.1-{rpc}.json").read_text())["pid"] == d["pid"]
+        for first, then, seed in [(0, 1, 41), (1, 0, 42)]:
+            tokens = prompt(seed, 8 * BLOCK + 60)
+            stores = stored_blocks(d["address"], d["token"], d["layout"])
+            before = servers[then].external_hits()
+            cold = servers[first].complete(tokens)  # rank `first`'s own server computes it
+            wait_stored(d["address"], d["token"], d["layout"], stores + 8)
+            warm = servers[then].complete(tokens)  # the other launch never saw it
+            assert servers[then].external_hits() - before == 8 * BLOCK, servers[then].kvbm_lines()
+            assert warm == cold and len(cold) == 8
+    finally:
+        shm = _stop_all(servers)
+    assert not [p for p in shm if os.path.exists(p)]
+    assert not list(folder.glob("*.json"))  # the daemon stopped with the launch that started it
+    assert not glob.glob(f"/dev/shm/kvbm-{os.getuid()}-dp-127.0.0.1-{rpc}*")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two data parallel ranks need two cores to bind")
+def test_a_headless_rank_behind_another_launchs_front_end_hits(tmp_path):
+    # vllm serve --data-parallel-size 2 --data-parallel-size-local 1 (the API server and rank 0)
+    # beside vllm serve --headless --data-parallel-size 2 --data-parallel-size-local 1
+    # --data-parallel-start-rank 1 (rank 1's engine core alone, reached over the DP RPC port)
+    rpc = free_port()
+    common = ("--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-rpc-port", str(rpc))
+    folder, servers = _serve_apart(tmp_path, [("front", common),
+                                              ("headless", (*common, "--headless", "--data-parallel-start-rank", "1"))])
+    front, headless = servers
+    shm: set[str] = set()
+    try:
+        headless.start()
+        front.start()
+        front.wait()  # ready once both ranks' engine cores shook hands with it
+        assert "EngineCore_DP1" in headless.pids() and "APIServer" not in headless.pids()
+        d = _one_daemon(folder)
+        for first, then, seed in [(0, 1, 43), (1, 0, 44)]:
+            tokens = prompt(seed, 8 * BLOCK + 60)
+            stores = stored_blocks(d["address"], d["token"], d["layout"])
+            before = front.external_hits(engine=then)
+            cold = front.complete(tokens, dp_rank=first)
+            wait_stored(d["address"], d["token"], d["layout"], stores + 8)
+            warm = front.complete(tokens, dp_rank=then)
+            assert front.external_hits(engine=then) - before == 8 * BLOCK, front.kvbm_lines() + headless.kvbm_lines()
+            assert warm == cold and len(cold) == 8
+    finally:
+        shm = _stop_all(servers)
+    assert not [p for p in shm if os.path.exists(p)]
+    assert not list(folder.glob("*.json"))

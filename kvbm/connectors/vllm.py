@@ -41,8 +41,11 @@ Where the cache lives (every executor layout reaches one cache, or refuses at st
       cores in several processes)       ranks share: engine_id less vLLM's "_dp<rank>"; for ranks
                                        launched apart, the DP master address and RPC port), so a
                                        request routed to rank 1 hits what rank 0 stored
+    torchrun ("external_launcher":     one daemon named by torchrun's master (DP, or TP/PP ranks
+      a scheduler in every process)    whose schedulers must agree on every hit)
+    --nnodes N on a loopback master    one daemon named by the master address and port
     ray / multi-node                   refused at start unless kvbm_daemon is set (DP ranks on
-                                       other nodes included)
+                                       other nodes included; a dense DP rank launched apart too)
 """
 
 from __future__ import annotations
@@ -186,29 +189,40 @@ def engine_cache(vllm_config: "VllmConfig", engine_id: str) -> str | None:
     starts every rank from one config and appends "_dp<rank>" to its engine_id, which is taken
     off again. Ranks launched one by one (--data-parallel-rank, external load balancing) share no
     engine_id; they share the DP master's address and RPC port, which rank 0 binds, so two live
-    servers never get one name. Ranks that may be on other nodes (ray, a DP master that is not
-    loopback, --data-parallel-size-local below the DP size, a node whose first local rank is not
-    rank 0) are refused with what to set, as other multi-node layouts are."""
-    apart = workers_apart(vllm_config)
+    servers never get one name; so do ranks of --data-parallel-size-local below the DP size
+    (--data-parallel-start-rank, --headless) when the DP master is loopback (all on this node). Ranks
+    that may be on other nodes (ray, a DP master that is not loopback) are refused with what to
+    set, as other multi-node layouts are; so is a dense model's rank launched apart from rank 0
+    (vLLM makes each dense rank DP 1, so rank 0 cannot tell it has partners elsewhere)."""
+    pc = vllm_config.parallel_config
+    if pc.distributed_executor_backend == "external_launcher":  # torchrun: a scheduler per process
+        return _torchrun_cache(pc)
     rank = dp_rank(vllm_config, engine_id)
+    if rank is None and _nodes_on_loopback(pc):  # --nnodes N --node-rank K [--headless], one box
+        return f"nodes-{pc.master_addr}-{pc.master_port}"
+    apart = workers_apart(vllm_config)
     if rank is None:
         return engine_id if apart else None
-    pc = vllm_config.parallel_config
     if getattr(pc, "data_parallel_backend", "mp") != "mp":
         raise _elsewhere(f"data parallel backend {pc.data_parallel_backend!r}")
-    if pc.distributed_executor_backend == "external_launcher":  # torchrun: one engine per process
-        return _torchrun_cache(rank)
     ip = getattr(pc, "data_parallel_master_ip", "127.0.0.1")
     if not _loopback(ip):
         raise _elsewhere(f"data parallel ranks with DP master {ip}")
-    if getattr(pc, "data_parallel_external_lb", False):
-        return f"dp-{ip}-{pc.data_parallel_rpc_port}"
+    # A loopback DP master puts every rank on this node: rank 0's front end binds the RPC port
+    # there, and a rank elsewhere could not reach it.
     dp, local = pc.data_parallel_size, getattr(pc, "data_parallel_size_local", None)
-    if dp > 1 and local is not None and local < dp:  # the other ranks on other nodes (hybrid LB, headless)
-        raise _elsewhere(f"{dp} data parallel ranks, {local} on this node")
     first = getattr(pc, "data_parallel_rank_local", None)
-    if first is not None and first != rank:  # local rank 0 of this node is not rank 0
-        raise _elsewhere(f"data parallel rank {rank} as local rank {first}")
+    external = bool(getattr(pc, "data_parallel_external_lb", False))
+    if external or (dp > 1 and local is not None and local < dp) or (first is not None and first != rank):
+        # launched apart (--data-parallel-rank, --data-parallel-start-rank, --headless): no
+        # engine_id in common; the DP master's address and RPC port, which rank 0 binds
+        if dp <= 1 and rank > 0:  # a dense rank, made DP 1 by vLLM: rank 0's core, beside a front end
+            raise ConfigError(  # of its own, looks like a one-launch server's and names its cache by engine_id
+                f"kvbm connector: vLLM's data parallel rank {rank} of a dense model launched apart from "
+                f"rank 0 (--headless or --data-parallel-start-rank) cannot name the cache rank 0 uses; run "
+                f"`kvbm serve` and set kv_connector_extra_config.kvbm_daemon (or launch all ranks in one "
+                f"`vllm serve --data-parallel-size N`)")
+        return f"dp-{ip}-{pc.data_parallel_rpc_port}"
     return re.sub(r"(_dp\d+)+$", "", engine_id)
 
 
@@ -229,14 +243,33 @@ def dp_rank(vllm_config: "VllmConfig", engine_id: str) -> int | None:
     return None
 
 
-def _torchrun_cache(rank: int) -> str:
-    """The name torchrun's processes (vLLM's external_launcher with DP > 1) share: its master."""
-    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+def _torchrun_cache(pc: Any) -> str | None:
+    """The name torchrun's processes (vLLM's external_launcher) share: its master; None for one.
+
+    Every process is a whole engine, scheduler included: with data parallelism each serves its
+    own requests, with tensor/pipeline parallelism each holds one shard and schedules the same
+    requests in lockstep. Private caches would let rank 1 miss what rank 0 stored, and the TP
+    ranks' schedulers disagree on a hit (each would see only its own shards). They are on one
+    node when torchrun's agents are one (GROUP_WORLD_SIZE); vLLM's CPU build overwrites
+    LOCAL_WORLD_SIZE with the TP size, so that cannot tell."""
+    world = int(os.environ.get("WORLD_SIZE") or getattr(pc, "world_size", 1) or 1)
+    if world <= 1:
+        return None
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    if not port or world != local:
-        raise _elsewhere(f"data parallel rank {rank} under torchrun (WORLD_SIZE {world}, "
-                         f"LOCAL_WORLD_SIZE {local})")
+    nodes = os.environ.get("GROUP_WORLD_SIZE")
+    one_node = nodes == "1" if nodes else (_loopback(addr) or os.environ.get("LOCAL_WORLD_SIZE") == str(world))
+    if not port or not one_node:
+        raise _elsewhere(f"external_launcher (torchrun) with WORLD_SIZE {world} on GROUP_WORLD_SIZE "
+                         f"{nodes or '?'} nodes (MASTER_ADDR {addr or '?'}:{port or '?'})")
     return f"torchrun-{addr}-{port}"
+
+
+def _nodes_on_loopback(pc: Any) -> bool:
+    """vLLM's "nodes" of one engine (--nnodes N, --node-rank K: node 0 runs the engine core and its
+    workers, the others `--headless` workers) all on this machine: a loopback master address
+    (--master-addr), which the workers of another machine could not reach."""
+    return (pc.distributed_executor_backend == "mp" and (getattr(pc, "nnodes", 1) or 1) > 1
+            and _loopback(str(getattr(pc, "master_addr", ""))))
 
 
 def _loopback(host: str) -> bool:
@@ -335,7 +368,7 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
             if instance is not None:  # one cache for the engine: its own daemon, started here
                 from .engine_daemon import attach
 
-                if dp_rank(vllm_config, self._kv_transfer_config.engine_id) is not None:
+                if instance != self._kv_transfer_config.engine_id:  # processes of several engine ids
                     _warn_unshared_hashes(vllm_config)
                 daemon = attach(instance, self.config)
                 self.manager, self.lock = shared_backend(daemon), None
