@@ -46,6 +46,22 @@ tier] for each tier holding each of its blocks, at the seq it reflects). The rep
 the publisher like the PUB (same PLAIN credential, transport.bind, MAX_EVENT_PEERS), so whoever may
 subscribe to a topic may replay it, and nothing else. kvbm/follower.py is the subscriber side.
 
+A tenant's own stream (daemon.tenants.<name>.events, .events_replay): PUB/SUB cannot filter per
+subscriber, so the routers' stream (daemon.events, events_token) carries every namespace and a
+tenant gets sockets of its own in the publisher, PLAIN with its own token: _tell sends each message
+of a namespace whose tenant is known (a session of it was seen: _tenant_of) to that tenant's link
+too, the same frames with the same numbers, so a gap there is a gap; its replay link is answered
+(replay.Replay.add_link) only for topics of its namespaces, any other topic as one nobody has.
+A recovered namespace (after a restart) is the tenant's once one of its clients said hello.
+
+Moves: the manager's `moved` event (a block now in `tier`, come from `source`) reaches the rows as
+["moved", key, tier] only when the block is in that tier alone right after it (_moves_after walks
+the batch back from what the tiers hold); a move that left a copy behind (inclusive mode's
+promotion, a pinned source) or after which another tier holds one is ["stored", key, tier] and,
+when the source lost it, ["removed", key, source]: rows keep three fields and every reader's view
+stays exact in either mode. The same walk keeps each namespace's blocks per tier
+(tenants.tenant_stats).
+
 After a restart: G3 and G4 keep, beside each block, a blob of (namespace id, engine hash, parent
 hash, client key) that `_block_meta` gives them (kvbm/held.py format 2; G3 in its 0600 index, G4
 sealed in the object's trailer). A restarted daemon accepts a recovered blob only when it decodes,
@@ -178,6 +194,7 @@ class Events:
         self.events_epoch = new_epoch()  # this daemon run: a subscriber tells a restart from a gap
         self.events_replay: Any = None  # the `events` stream's numbering and replay (replay.py)
         self.publisher: Publisher | None = None
+        self._tenant_pubs: dict[str, Any] = {}  # tenant -> link to its own stream (daemon.tenants.<name>.events)
         self.kv_events = None
         self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
         self.manager.keep_meta(self._block_meta)  # G3 and G4 keep each block's names (see the docstring)
@@ -185,12 +202,18 @@ class Events:
         replay = getattr(dcfg, "events_replay", "") if dcfg.events else ""
         streams = {"events": dcfg.events, "events_replay": replay, "kv_events": dcfg.kv_events,
                    "kv_events_replay": dcfg.kv_events_replay}
+        own: dict[str, dict] = {}  # a tenant's own `events` stream (and replay): its namespaces only
+        for t in getattr(dcfg, "tenants", {}).values():
+            for what in ("events", "events_replay"):
+                if getattr(t, what, "") and dcfg.events:
+                    own[f"{what}@{t.name}"] = {"address": getattr(t, what), "token": t.token,
+                                               "key": f"{t.config_key}.{what}"}
         try:
             if any(streams.values()):
                 # the public event sockets live in a child process (publisher.py): a connection
                 # flood exhausts its descriptors, never this process's; a refused address fails
                 # the start here, one line
-                self.publisher = Publisher(streams, dcfg.subscriber_token)
+                self.publisher = Publisher(streams, dcfg.subscriber_token, own=own)
             if dcfg.kv_events:
                 from .kv_events import KVEventPublisher
 
@@ -204,13 +227,24 @@ class Events:
                 link = self.publisher.link("events_replay", zmq.DEALER) if replay else None
                 self.events_replay_address = self.publisher.endpoints.get("events_replay", "") if replay else ""
                 epoch = self.events_epoch
+                replays = link is not None or any(n.startswith("events_replay@") for n in own)
                 # sequence numbers are assigned here, before the link: a publisher restart, a link
                 # that drops, a subscriber past its high-water mark all show as gaps
-                self.events_replay = Replay(self, link, dcfg.kv_events_buffer if link is not None else 1,
+                self.events_replay = Replay(self, link, dcfg.kv_events_buffer if replays else 1,
                                             snapshot=self._events_snapshot,
                                             first_seq=lambda: time.time_ns() // 1000 - 1,
                                             seq_frame=lambda seq: P.events_seq(seq, epoch),
                                             idle=lambda ns: not self.origin.of(ns), name="events")
+                # each tenant's own stream: the same messages (the same numbers) of its namespaces
+                self.tenant_events_addresses: dict[str, dict[str, str]] = {}
+                for name in own:
+                    what, tenant = name.split("@", 1)
+                    self.tenant_events_addresses.setdefault(tenant, {})[what] = self.publisher.endpoints[name]
+                    if what == "events":
+                        self._tenant_pubs[tenant] = self.publisher.link(name, zmq.PUSH)
+                    else:  # answered for the namespaces of that tenant only (read on the replay thread)
+                        self.events_replay.add_link(self.publisher.link(name, zmq.DEALER),
+                                                    lambda ns, tenant=tenant: self._ns_tenant.get(ns) == tenant)
         except BaseException:  # the child, the vLLM-format stream's thread and sockets go too
             self._close_events()
             raise
@@ -399,22 +433,31 @@ class Events:
                     held.add(ev.source)
         return out
 
+    def _tenant_of(self, ns: bytes) -> str | None:
+        """(Owner thread.) The tenant of namespace ns, once a session of it was seen (kept while
+        the namespace holds blocks or has a stream: _settle_ns); None before."""
+        t = self._ns_tenant.get(ns)
+        if t is None:
+            ss = self.sessions.in_namespace(ns)
+            if ss:
+                t = self._ns_tenant[ns] = getattr(ss[0], "tenant", "")
+        return t
+
     def _settle_ns(self, ns: bytes) -> None:
-        """After ns's rows: its tenant known (its sessions say; tenants.tenant_stats), its block
-        counts pruned; a namespace holding nothing is forgotten (so both maps stay bounded by
-        what is held)."""
+        """After ns's rows: its tenant known (tenants.tenant_stats, a tenant's own stream and
+        replay), its block counts pruned; a namespace holding nothing is forgotten, and the
+        tenants of namespaces holding nothing and without a stream go once they are many (so both
+        maps stay bounded by what is held and the replay's streams)."""
         counts = self._ns_blocks.get(ns)
         if counts is not None:
             for t in [t for t, n in counts.items() if n <= 0]:
                 del counts[t]
             if not counts:
                 del self._ns_blocks[ns]
-                self._ns_tenant.pop(ns, None)
-                return
-        if ns not in self._ns_tenant:
-            ss = self.sessions.in_namespace(ns)
-            if ss:
-                self._ns_tenant[ns] = getattr(ss[0], "tenant", "")
+        self._tenant_of(ns)
+        streams = self.events_replay.streams if getattr(self, "events_replay", None) is not None else {}
+        if len(self._ns_tenant) > 2 * (len(self._ns_blocks) + len(streams)) + SWEEP_SLACK:
+            self._ns_tenant = {n: t for n, t in self._ns_tenant.items() if n in self._ns_blocks or n in streams}
 
     def _events_snapshot(self, ns: bytes) -> tuple[int, bytes]:
         """(Owner thread.) (seq, one batch: ["cleared", b"", ""] then ["stored", client key, tier]
@@ -435,10 +478,17 @@ class Events:
         if self.pub is not None:
             body = P.pack(rows)
             seq = self.events_replay.append(ns, body)
+            frames = [topic_of(ns), body, P.events_seq(seq, self.events_epoch)]
             try:  # [topic, rows, seq + epoch]: a subscriber reading two frames reads what it did
-                self.pub.send_multipart([topic_of(ns), body, P.events_seq(seq, self.events_epoch)], zmq.NOBLOCK)
+                self.pub.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:  # no publisher, or the link is full: subscribers see the gap
                 pass
+            own = self._tenant_pubs.get(self._tenant_of(ns)) if self._tenant_pubs else None
+            if own is not None:  # the tenant's own stream: the same message
+                try:
+                    own.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
         for s in self.sessions.in_namespace(ns):
             s.events.extend(rows)
             if len(s.events) > MAX_EVENTS:

@@ -86,12 +86,18 @@ MAX_AS_BYTES = 4 << 30  # ... and cannot map more than this (libzmq then aborts 
 
 
 def _is_replay(name: str) -> bool:
-    return name.endswith("_replay")  # a ROUTER (requests in, answers out); the others are PUB
+    # a ROUTER (requests in, answers out); the others are PUB. A tenant's own stream is
+    # "<stream>@<tenant>" (events.py: daemon.tenants.<name>.events / .events_replay)
+    return name.split("@", 1)[0].endswith("_replay")
 
 
 def _link_path(folder: str, name: str) -> str:
-    return os.path.join(folder, {"events": "e", "events_replay": "er", "kv_events": "k",
-                                 "kv_events_replay": "r"}[name])  # (107 bytes at most)
+    short = {"events": "e", "events_replay": "er", "kv_events": "k", "kv_events_replay": "r"}.get(name)
+    if short is None:  # a tenant's stream: a short name of its own (an ipc path holds 107 bytes)
+        import hashlib
+
+        short = "t" + hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
+    return os.path.join(folder, short)
 
 
 # ---------------------------------------------------------------------------------------- daemon
@@ -100,10 +106,15 @@ def _link_path(folder: str, name: str) -> str:
 class Publisher:
     """The daemon's handle on the child that holds the public event sockets."""
 
-    def __init__(self, streams: dict[str, str], token: str = "", start_timeout: float = START_TIMEOUT_S) -> None:
+    def __init__(self, streams: dict[str, str], token: str = "", start_timeout: float = START_TIMEOUT_S,
+                 own: dict[str, dict] | None = None) -> None:
+        """own: {"<stream>@<tenant>": {"address", "token", "key"}}: a tenant's own sockets, each with
+        that tenant's token as its PLAIN password (and the config key its errors name)."""
         from .transport import _prepare_ipc, runtime_dir
 
         self.streams = {k: streams[k] for k in STREAMS if streams.get(k)}
+        self.own = {name: {"token": o["token"], "key": o["key"]} for name, o in (own or {}).items()}
+        self.streams.update({name: o["address"] for name, o in (own or {}).items()})
         self._token = token
         self.endpoints: dict[str, str] = {}
         self.restarts = 0
@@ -152,7 +163,7 @@ class Publisher:
 
     def _spawn(self, streams: dict[str, str]) -> None:
         cfg = {"parent": os.getpid(), "dir": self.dir, "streams": streams, "token": self._token,
-               "max_rss": MAX_RSS_BYTES, "restart": self.proc is not None}
+               "own": self.own, "max_rss": MAX_RSS_BYTES, "restart": self.proc is not None}
         # close_fds (the default): the child holds none of the daemon's descriptors
         self.proc = subprocess.Popen([sys.executable, "-m", "kvbm.daemon.publisher"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, close_fds=True)
@@ -282,14 +293,23 @@ class _Child:
         from .transport import bind
 
         token = self.cfg.get("token") or ""
-        if token:
+        own = self.cfg.get("own") or {}
+        # each socket's PLAIN password: the streams' credential, or a tenant's own stream's token
+        # (its ZAP domain of its own: one tenant's token opens no other socket)
+        creds = {name: (token, ZAP_DOMAIN) for name in STREAMS}
+        for i, (name, o) in enumerate(sorted(own.items())):
+            creds[name] = (o["token"], f"{ZAP_DOMAIN}-{i}")
+        zap = None
+        if any(pw for pw, _ in creds.values()):
             from zmq.auth.thread import ThreadAuthenticator
 
             zap = ThreadAuthenticator(self.ctx, log=logging.getLogger("kvbm.daemon.zap"))
             zap.start()
-            zap.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER: token})
+            for pw, domain in set(creds.values()):
+                if pw:
+                    zap.configure_plain(domain=domain, passwords={PLAIN_USER: pw})
         public, endpoints = {}, {}
-        for name in STREAMS:
+        for name in [*STREAMS, *sorted(own)]:
             address = self.cfg["streams"].get(name)
             if not address:
                 continue
@@ -298,10 +318,12 @@ class _Child:
             sock.setsockopt(zmq.SNDHWM, PUB_HWM)
             if _is_replay(name):
                 sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-            if token:
+            pw, domain = creds[name]
+            if pw:
                 sock.plain_server = True
-                sock.zap_domain = ZAP_DOMAIN.encode()
-            endpoints[name] = bind(sock, address, KEYS[name])  # as the request socket (transport.py)
+                sock.zap_domain = domain.encode()
+            key = KEYS.get(name) or own[name]["key"]
+            endpoints[name] = bind(sock, address, key)  # as the request socket (transport.py)
             self._record(endpoints[name])
             public[name] = sock
         Gate(list(public.values()))  # at most MAX_EVENT_PEERS connections each (event_gate.py)

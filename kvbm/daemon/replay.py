@@ -3,6 +3,8 @@ streams (kvbm's own `events`, events.py; the vLLM-format `kv_events`, kv_events.
 subscriber sees a gap and fills it.
 
     Replay(daemon, link, buffer, snapshot=, first_seq=, seq_frame=, idle=, bare=, name=, limits=)
+      .add_link(link, allow)              another replay socket (a tenant's own): allow(ns) says which
+                                          namespaces it is answered for
       .stream(ns) -> _Stream              the namespace's numbering and buffer (made on first use)
       .append(ns, payload) -> seq         (owner thread) number a batch and buffer it
       .topics                             topic -> namespace, for replay requests
@@ -68,6 +70,9 @@ class Replay:
         self.daemon = daemon
         self.k = limits if limits is not None else sys.modules[__name__]
         self.link = link  # DEALER to the publisher's replay ROUTER, or None (numbering and buffers only)
+        # every replay link, with who may be answered on it: None = any namespace (the stream's
+        # credential), else allow(ns) (a tenant's own replay socket: its namespaces only)
+        self.links: list[tuple[Any, Callable[[bytes], bool] | None]] = [(link, None)] if link is not None else []
         self.snapshot, self.first_seq, self.seq_frame, self.idle, self.bare = snapshot, first_seq, seq_frame, idle, bare
         self.streams: collections.OrderedDict[bytes, _Stream] = collections.OrderedDict()
         self.topics: dict[bytes, bytes] = {}  # topic -> namespace, for replay requests
@@ -82,9 +87,21 @@ class Replay:
         self._snaps: dict[bytes, tuple] = {}  # ns -> (taken at, seq, payload): the replay thread's
         self._scan_due = 0.0  # no snapshot scan before this (monotonic): the replay thread's
         self._thread = None
+        self._name = name
         if link is not None:
-            self._thread = threading.Thread(target=self._serve, name=f"kvbm-{name}-replay", daemon=True)
-            self._thread.start()
+            self._start()
+
+    def add_link(self, link: Any, allow: Callable[[bytes], bool]) -> None:
+        """Another replay socket (a tenant's own): a request on it is answered only for a topic of
+        a namespace allow(ns) admits; any other topic gets the end marker, as a topic nobody has
+        (so it learns no topic it could not subscribe to). Before the first request."""
+        self.links.append((link, allow))
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name=f"kvbm-{self._name}-replay", daemon=True)
+        self._thread.start()
 
     # ---------------------------------------------------------------- owner thread
 
@@ -143,27 +160,39 @@ class Replay:
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.link, zmq.POLLIN)
+        known = 0
         while not self._stop.is_set():
+            links = list(self.links)
+            for link, _ in links[known:]:  # (add_link may come after the thread started)
+                poller.register(link, zmq.POLLIN)
+            known = len(links)
             try:
-                if not poller.poll(100):
-                    continue
-                frames = self.link.recv_multipart(zmq.NOBLOCK)
+                ready = dict(poller.poll(100))
             except zmq.ZMQError:
                 if self._stop.is_set():
                     return
                 continue
-            cpu = time.thread_time()
-            try:
-                self._answer(frames)
-            except Exception:  # a bad request or a daemon shutting down: the loop goes on
-                log.exception("event replay request failed")
-            # rest in proportion to the CPU that answer took: a flood of requests (each up to a
-            # whole buffer of sends, on a thread sharing the interpreter with the owner thread)
-            # gets this thread at most 1 / (1 + REPLAY_SHARE_IDLE) of a core
-            self._stop.wait(self.k.REPLAY_SHARE_IDLE * (time.thread_time() - cpu))
+            for link, allow in links:  # one request per ready link a round: none starves another
+                if link not in ready:
+                    continue
+                try:
+                    frames = link.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    if self._stop.is_set():
+                        return
+                    continue
+                cpu = time.thread_time()
+                try:
+                    self._answer(frames, link, allow)
+                except Exception:  # a bad request or a daemon shutting down: the loop goes on
+                    log.exception("event replay request failed")
+                # rest in proportion to the CPU that answer took: a flood of requests (each up to a
+                # whole buffer of sends, on a thread sharing the interpreter with the owner thread)
+                # gets this thread at most 1 / (1 + REPLAY_SHARE_IDLE) of a core
+                self._stop.wait(self.k.REPLAY_SHARE_IDLE * (time.thread_time() - cpu))
 
-    def _answer(self, frames: list[bytes]) -> None:
+    def _answer(self, frames: list[bytes], link: Any = None, allow: Callable[[bytes], bool] | None = None) -> None:
+        link = self.link if link is None else link
         ident, rest = frames[0], frames[1:]
         if rest and rest[0] == b"":  # a REQ socket's delimiter
             rest = rest[1:]
@@ -174,12 +203,14 @@ class Replay:
         if len(rest) == 2 and len(rest[1]) == 8:  # else not [topic, start seq]: the end marker only
             topic, start = rest[0], int.from_bytes(rest[1], "big", signed=True)
             ns = self.topics.get(topic)
+            if ns is not None and allow is not None and not allow(ns):
+                ns = None  # another tenant's topic: as one nobody has
         if ns is not None:
             out = self._from(ns, start)
         try:  # to the publisher, which routes it to the peer (a full link or no publisher: dropped)
             for seq, payload in out:
-                self.link.send_multipart([ident, b"", topic, self.seq_frame(seq), payload], zmq.NOBLOCK)
-            self.link.send_multipart([ident, b"", b"", END_SEQ, b""], zmq.NOBLOCK)
+                link.send_multipart([ident, b"", topic, self.seq_frame(seq), payload], zmq.NOBLOCK)
+            link.send_multipart([ident, b"", b"", END_SEQ, b""], zmq.NOBLOCK)
         except zmq.Again:
             pass
 

@@ -54,6 +54,8 @@ class Tenant:
     share: float = 0.5  # fraction of G2 its sessions may keep busy, all together
     generation: int = 0  # the owner of the name: 0 = the first; a new owner of the name takes the next
     key: str = ""  # its name in daemon.tenants
+    events: str = ""  # its own `events` stream: its namespaces' rows only, its token as PLAIN password
+    events_replay: str = ""  # ... and that stream's replay ROUTER
 
     @property
     def config_key(self) -> str:
@@ -90,7 +92,7 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{key} must be a mapping with token_file (or token) and optional share, got a "
                               f"{type(entry).__name__} (values are not echoed: they may be tokens)")
-        check_keys(entry, ["token", "token_file", "share", "generation"], key + ".")
+        check_keys(entry, ["token", "token_file", "share", "generation", "events", "events_replay"], key + ".")
         token, token_file = entry.get("token", ""), entry.get("token_file", "")
         for what, v in (("token", token), ("token_file", token_file)):
             if not isinstance(v, str):
@@ -113,8 +115,16 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 2**31:
             raise ConfigError(f"{key}.generation must be an integer >= 0 (bump it when the name goes to a new "
                               f"owner: the old owner's G3/G4 blocks stay out of reach), got {generation!r}")
+        streams = {}
+        for what in ("events", "events_replay"):
+            addr = entry.get(what, "")
+            if not isinstance(addr, str) or (addr and not addr.startswith(("tcp://", "ipc://"))):
+                raise ConfigError(f"{key}.{what} must be tcp://HOST:PORT, ipc://PATH or '', got {addr!r}")
+            streams[what] = addr
+        if streams["events_replay"] and not streams["events"]:
+            raise ConfigError(f"{key}.events_replay needs {key}.events (the stream it replays)")
         by_token[token] = name
-        out[name] = Tenant(identity(name, generation), token, float(share), generation, name)
+        out[name] = Tenant(identity(name, generation), token, float(share), generation, name, **streams)
     return out
 
 
