@@ -70,9 +70,8 @@ class Onboarder:
         # one owner's tickets at most: a tenant loading its own blocks from a hung G4 (each ticket
         # held for the store's timeout) must not take every slot and turn others' G3/G4 hits into misses
         self.per_owner = max(1, int(max_jobs * OWNER_SHARE))
-        self._owners: dict = {}  # owner -> tickets in flight
         self._wake = wake  # any thread: have the owner call service() soon
-        self._tickets: list = []  # (ticket, owner)
+        self._tickets: list = []  # (ticket, owner): at most max_jobs, so owners are counted on demand
         self._inflight: dict = {}  # key -> number of our tickets bringing it up
         self._waiting: list[_Waiter] = []
         self.started = 0  # blocks whose onboarding began (stats)
@@ -91,19 +90,22 @@ class Onboarder:
         n, where = m.lookup(skeys)
         prefix = skeys[:n]
         lower = [k for k, w in zip(prefix, where) if w != top.name and k not in top.pending]
-        if lower and len(self._tickets) < self.max_jobs and self._owners.get(owner, 0) < self.per_owner:
+        if lower and len(self._tickets) < self.max_jobs and self.held_by(owner) < self.per_owner:
             ticket = m.submit_load(lower, None)
             coming = [key for key, _, _, _ in ticket.job.promotions]
             if ticket.future is None:
                 m.poll()  # nothing to copy: completes (and unpins) now
             else:  # (with no promotion, G2 full or refusing, it still pins sources until polled)
                 self._tickets.append((ticket, owner))
-                self._owners[owner] = self._owners.get(owner, 0) + 1
                 for k in coming:
                     self._inflight[k] = self._inflight.get(k, 0) + 1
                 self.started += len(coming)
                 ticket.future.add_done_callback(self._done)
         return any(k in self._inflight for k in prefix)
+
+    def held_by(self, owner: Any) -> int:
+        """Tickets in flight of `owner` (a count over at most max_jobs pairs)."""
+        return sum(1 for _, o in self._tickets if o == owner)
 
     def wait(self, skeys: list, finish: Callable[[], None], wait_s: float | None = None) -> None:
         """Owner thread: run finish() once skeys' blocks in flight landed, or after wait_s."""
@@ -120,14 +122,11 @@ class Onboarder:
             for t, owner in self._tickets:
                 if not t.done:
                     keep.append((t, owner))
-                    continue
+                    continue  # an owner's share comes back as its tickets leave this list
                 for key, _, _, _ in t.job.promotions:
                     c = self._inflight.pop(key, 1) - 1
                     if c > 0:
                         self._inflight[key] = c
-                left = self._owners.pop(owner, 1) - 1
-                if left > 0:
-                    self._owners[owner] = left
             self._tickets = keep
         if not self._waiting:
             return
