@@ -362,3 +362,63 @@ def test_a_tenant_storing_without_end_leaves_bob_room_his_pinned_hits_and_right_
         for c in clients:
             c.close()
         d.stop()
+
+
+# ---------------------------------------------------------------- decoding bombs, before the token
+
+
+def _bomb() -> bytes:
+    """~1 MiB: a request map whose `keys` are 250 arrays of 4,000 empty arrays (each within the
+    per-container bound, a million containers in all)."""
+    import msgpack
+
+    inner = b"\xdc" + (4000).to_bytes(2, "big") + b"\x90" * 4000
+    return (b"\x83" + msgpack.packb("op") + msgpack.packb("lookup") + msgpack.packb("id") + b"\x07"
+            + msgpack.packb("keys") + b"\xdc" + (250).to_bytes(2, "big") + inner * 250)
+
+
+def test_a_strangers_msgpack_bombs_stop_decoding_early_and_bob_is_served(tmp_path):
+    """A stranger with no token sends, on 8 tcp connections, ~1 MiB requests of a million nested
+    empty arrays, back to back. The token is checked after decoding, and each bounded container
+    passed msgpack's limits: decoding one cost the loop 0.7 s and ~70 MiB, so 8 such connections
+    held every tenant's requests for seconds each, token or not. Now decoding stops once a
+    request holds more than max_keys + 80 lists and maps (protocol.unpack): each bomb is answered
+    `bad_message` naming that bound, the daemon's memory does not grow with them, and bob stores
+    and loads byte for byte in between."""
+    from kvbm.daemon import protocol as P
+
+    bomb = _bomb()
+    assert len(bomb) < 1 << 20  # within max_message_bytes: it reaches the decoder
+    with pytest.raises(P.ProtocolError, match="lists and maps"):
+        P.unpack(bomb, 4096 + 16)
+    d = _served(tmp_path)
+    ctx = zmq.Context()
+    socks = []
+    b = None
+    try:
+        b = d.client(token=BOB, salt="s", timeout=DEADLINE_S)
+        _bob_round(b, "bob/warm")
+        base = _rss_mib(d.proc.pid)
+        socks = [_dealer(ctx, d.address) for _ in range(8)]
+        answered = 0
+        for i in range(6):
+            for s in socks:
+                s.send(bomb)
+            for s in socks:
+                assert s.poll(int(DEADLINE_S * 1000)), "no answer"
+                r = unpack(s.recv(), 1 << 20)
+                assert not r["ok"] and r["error"] == "bad_message" and "lists and maps" in r["message"], r
+                answered += 1
+            _bob_round(b, f"bob/{i}")
+        assert answered == 48
+        grown = _rss_mib(d.proc.pid) - base
+        print(f"48 bombs: daemon RSS grew {grown:.1f} MiB")
+        assert grown < 32, grown
+        assert d.proc.poll() is None
+    finally:
+        for s in socks:
+            s.close(0)
+        if b is not None:
+            b.close()
+        ctx.term()
+        d.stop()

@@ -51,7 +51,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -236,6 +238,13 @@ class ConnGate:
             fds = [(fd, True) for fd in self._authed] + [(fd, False) for fd in self._waiting]
         for fd, authed in fds:
             got = _bytes_received(fd)
+            if got is None and not _is_socket(fd):  # closed, its DISCONNECTED lost (the monitor's queue
+                with self._lock:                     # drops events past its high-water mark in a burst)
+                    if fd in (self._authed if authed else self._waiting):
+                        self._authed.discard(fd)
+                        self._waiting.pop(fd, None)
+                        self._forget(fd)
+                continue
             if got is None or got - self._read.get(fd, 0) <= (self.authed_backlog if authed else self.waiting_backlog):
                 continue
             with self._lock:
@@ -305,6 +314,14 @@ try:
     _libc: Any = ctypes.CDLL(None, use_errno=True)
 except OSError:  # (no libc to call: no byte counts, the backlog bound is off)
     _libc = None
+
+
+def _is_socket(fd: int) -> bool:
+    """Whether fd is still an open socket (a stale entry's descriptor is closed, or reused by a file)."""
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _bytes_received(fd: int) -> int | None:
