@@ -192,3 +192,81 @@ def test_bad_tenant_stream_config_is_one_line_naming_the_key(tmp_path):
             DaemonConfig.from_dict({**base, **extra, "tenants": tenants})
         msg = str(exc.value)
         assert want in msg and "\n" not in msg and ALICE not in msg, msg
+
+
+def test_a_tenant_gets_its_own_vllm_format_stream(tmp_path):
+    """daemon.tenants.alice.kv_events (and _replay): vLLM-format batches of her namespaces only,
+    her token; bob's engine hashes never reach it. Her replay, asked as vLLM asks ([start seq], no
+    topic), answers from her one stream, never bob's; bob's token opens neither socket."""
+    runtime = Path(f"/tmp/kvbm-rt-{uuid.uuid4().hex[:8]}")
+    runtime.mkdir(mode=0o700)
+    folder = Path(f"/tmp/kvbm-te-{uuid.uuid4().hex[:8]}")
+    folder.mkdir(mode=0o700)
+    d = Served(tmp_path, "kv", tiers=[{"name": "g2", "capacity": 64, "eviction": "lru", "storage": "host"}],
+               daemon={"address": "tcp://127.0.0.1:0", "token": TCP_TOKEN, "events_token": ROUTERS, "events": "",
+                       "kv_events": f"ipc://{folder}/kv", "kv_events_replay": f"ipc://{folder}/kvr",
+                       "tenants": {"alice": {"token": ALICE, "kv_events": f"ipc://{folder}/akv",
+                                             "kv_events_replay": f"ipc://{folder}/akvr"},
+                                   "bob": {"token": BOB}}},
+               env={"XDG_RUNTIME_DIR": str(runtime)}).start()
+    ctx = zmq.Context()
+    socks, clients = [], []
+    try:
+        a, b = d.client(token=ALICE, salt="s"), d.client(token=BOB, salt="s")
+        clients += [a, b]
+        mine, wrong = _sub(ctx, f"ipc://{folder}/akv", ALICE), _sub(ctx, f"ipc://{folder}/akv", BOB)
+        socks += [mine, wrong]
+        heard: list = []
+        n, deadline = 0, time.monotonic() + DEADLINE_S
+        ah, bh = [], []  # engine hashes: alice's small, bob's large (told apart in the batches)
+        while not heard:
+            assert time.monotonic() < deadline, "alice's own stream never spoke"
+            for c, hs, base in ((a, ah, 1000), (b, bh, 10**9)):
+                k = make_keys(f"kv-{c.tenant}-{n}", 1)
+                hs.append(base + n)
+                assert c.store(k, [block(k[0])], hashes=[base + n]) == 1
+            n += 1
+            _drain(mine, heard, 100)
+        for i in range(5):
+            for c, hs, base in ((a, ah, 1000), (b, bh, 10**9)):
+                k = make_keys(f"kv-{c.tenant}-x{i}", 1)
+                hs.append(base + 100 + i)
+                assert c.store(k, [block(k[0])], hashes=[base + 100 + i]) == 1
+
+        def stored_hashes(frames: list) -> set:
+            return {h for fr in frames for ev in msgpack.unpackb(fr[2], raw=False)[1]
+                    if isinstance(ev, dict) and ev.get("type") == "BlockStored" for h in ev["block_hashes"]}
+        assert wait_until(lambda: _drain(mine, heard, 10) or ah[-1] in stored_hashes(heard), DEADLINE_S)
+        assert {fr[0] for fr in heard} == {a.topic}
+        assert not stored_hashes(heard) & set(bh)
+        seqs = [int.from_bytes(fr[1], "big") for fr in heard]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        got: list = []
+        _drain(wrong, got, 300)
+        assert got == []
+        # vLLM's replay request: [start seq] only, answered from her one stream
+        req = ctx.socket(zmq.DEALER)
+        req.setsockopt(zmq.LINGER, 0)
+        req.plain_username, req.plain_password = b"kvbm", ALICE.encode()
+        req.connect(f"ipc://{folder}/akvr")
+        socks.append(req)
+        req.send_multipart([b"", seqs[0].to_bytes(8, "big")])
+        frames, deadline = [], time.monotonic() + DEADLINE_S
+        while True:
+            assert req.poll(int(max(1, deadline - time.monotonic()) * 1000))
+            fr = req.recv_multipart()
+            if fr[2] == END:
+                break
+            frames.append(fr[1:])
+        assert frames and {fr[0] for fr in frames} == {a.topic}
+        assert ah[-1] in stored_hashes([(fr[0], fr[1], fr[2]) for fr in frames])
+        assert not stored_hashes([(fr[0], fr[1], fr[2]) for fr in frames]) & set(bh)
+    finally:
+        for s in socks:
+            s.close(0)
+        for c in clients:
+            c.close()
+        ctx.term()
+        d.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)

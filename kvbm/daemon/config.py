@@ -16,8 +16,9 @@
         bob: {token_file: /etc/kvbm/bob.token}  # share: namespace_share; daemon.token = the "default" tenant
                                           # generation: N (default 0): bump it when a name goes to a
                                           # new owner (the old owner's G3/G4 blocks stay out of reach)
-                                          # events / events_replay: ADDR: the tenant's own stream (its
-                                          # namespaces' rows only; its token is the PLAIN password)
+                                          # events / events_replay / kv_events / kv_events_replay: ADDR:
+                                          # the tenant's own streams (its namespaces only; its token
+                                          # is the PLAIN password)
       events_token: ""                    # or events_token_file: the event streams' own credential
                                           # (routers); unset = daemon.token, which every tenant's
                                           # client holds, so any tenant could read every
@@ -147,14 +148,16 @@ class DaemonConfig:
                                       f"its own (holding {what} is more than being {t.key or t.name})")
         if not self.tenants:
             return
-        own = [t for t in self.tenants.values() if t.events]
-        if own and not self.events:
-            raise ConfigError(f"{own[0].config_key}.events needs daemon.events (the stream it is a part of; it "
-                              f"may be an ipc:// path only routers reach)")
+        own = [t for t in self.tenants.values() if t.events or t.kv_events]
+        for t in own:
+            for stream in ("events", "kv_events"):
+                if getattr(t, stream) and not getattr(self, stream):
+                    raise ConfigError(f"{t.config_key}.{stream} needs daemon.{stream} (the stream it is a part "
+                                      f"of; it may be an ipc:// path only routers reach)")
         seen: dict[str, str] = {}  # one address, one socket (a tcp port 0 is a new port each time)
-        for where, addr in [(f"daemon.{n}", getattr(self, n)) for n in ("events", "events_replay", "kv_events",
-                                                                         "kv_events_replay")] + \
-                [(f"{t.config_key}.{n}", getattr(t, n)) for t in own for n in ("events", "events_replay")]:
+        names = ("events", "events_replay", "kv_events", "kv_events_replay")
+        for where, addr in [(f"daemon.{n}", getattr(self, n)) for n in names] + \
+                [(f"{t.config_key}.{n}", getattr(t, n)) for t in own for n in names]:
             if addr and not addr.endswith(":0"):
                 if addr in seen:
                     raise ConfigError(f"{where} {addr!r} is {seen[addr]}'s address too; give each stream its own")

@@ -204,8 +204,8 @@ class Events:
                    "kv_events_replay": dcfg.kv_events_replay}
         own: dict[str, dict] = {}  # a tenant's own `events` stream (and replay): its namespaces only
         for t in getattr(dcfg, "tenants", {}).values():
-            for what in ("events", "events_replay"):
-                if getattr(t, what, "") and dcfg.events:
+            for what in ("events", "events_replay", "kv_events", "kv_events_replay"):
+                if getattr(t, what, "") and getattr(dcfg, what.replace("_replay", "")):
                     own[f"{what}@{t.name}"] = {"address": getattr(t, what), "token": t.token,
                                                "key": f"{t.config_key}.{what}"}
         try:
@@ -239,6 +239,8 @@ class Events:
                 self.tenant_events_addresses: dict[str, dict[str, str]] = {}
                 for name in own:
                     what, tenant = name.split("@", 1)
+                    if what.startswith("kv_"):
+                        continue  # (kv_events.py)
                     self.tenant_events_addresses.setdefault(tenant, {})[what] = self.publisher.endpoints[name]
                     if what == "events":
                         self._tenant_pubs[tenant] = self.publisher.link(name, zmq.PUSH)

@@ -146,6 +146,15 @@ class KVEventPublisher:
                              first_seq=lambda: time.time_ns() // 1000 - 1, idle=lambda ns: not self.held.blocks(ns),
                              bare=True, name="kv-events", limits=sys.modules[__name__])
         self.streams, self.topics = self.replay.streams, self.replay.topics
+        # each tenant's own vLLM-format stream (daemon.tenants.<name>.kv_events): its namespaces'
+        # batches, the same numbers; its replay answers its topics only (events.py: the same way)
+        self._own: dict[str, Any] = {}
+        for t in getattr(dcfg, "tenants", {}).values():
+            if t.kv_events:
+                self._own[t.name] = pub.link(f"kv_events@{t.name}", zmq.PUSH)
+            if t.kv_events_replay:
+                self.replay.add_link(pub.link(f"kv_events_replay@{t.name}", zmq.DEALER),
+                                     lambda ns, tenant=t.name: daemon._ns_tenant.get(ns) == tenant)
         self._recovered(getattr(daemon, "_recovered_metas", {}))  # verified there (events.py)
 
     @property
@@ -207,10 +216,17 @@ class KVEventPublisher:
             evs = self.held.snapshot(ns)
         payload = _batch(evs)
         seq = self.replay.append(ns, payload)
+        frames = [topic_of(ns), seq.to_bytes(8, "big"), payload]
         try:
-            self.pub.send_multipart([topic_of(ns), seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+            self.pub.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:  # a slow subscriber: it sees the gap and replays
             pass
+        own = self._own.get(self.daemon._tenant_of(ns)) if self._own else None
+        if own is not None:  # the tenant's own stream: the same batch
+            try:
+                own.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def close(self) -> None:
         if getattr(self, "replay", None) is not None:

@@ -197,7 +197,7 @@ class Replay:
         if rest and rest[0] == b"":  # a REQ socket's delimiter
             rest = rest[1:]
         if self.bare and len(rest) == 1 and len(rest[0]) == 8:  # vLLM's [start seq]: one stream per engine
-            topics = list(self.topics)
+            topics = [t for t, ns in list(self.topics.items()) if allow is None or allow(ns)]
             rest = [topics[0] if len(topics) == 1 else b"", rest[0]]
         ns, out = None, []
         if len(rest) == 2 and len(rest[1]) == 8:  # else not [topic, start seq]: the end marker only

@@ -43,6 +43,7 @@ from typing import Any, Mapping
 from ..config import ConfigError, check_keys
 
 DEFAULT_TENANT = ""  # daemon.token's tenant (shown as "default")
+OWN_STREAMS = ("events", "events_replay", "kv_events", "kv_events_replay")  # a tenant's own event sockets
 MIN_TOKEN_CHARS = 16
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")  # lowercase: env overrides lowercase key names
 
@@ -56,6 +57,8 @@ class Tenant:
     key: str = ""  # its name in daemon.tenants
     events: str = ""  # its own `events` stream: its namespaces' rows only, its token as PLAIN password
     events_replay: str = ""  # ... and that stream's replay ROUTER
+    kv_events: str = ""  # its own vLLM-format stream (kv_events.py), the same way
+    kv_events_replay: str = ""
 
     @property
     def config_key(self) -> str:
@@ -92,7 +95,7 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{key} must be a mapping with token_file (or token) and optional share, got a "
                               f"{type(entry).__name__} (values are not echoed: they may be tokens)")
-        check_keys(entry, ["token", "token_file", "share", "generation", "events", "events_replay"], key + ".")
+        check_keys(entry, ["token", "token_file", "share", "generation", *OWN_STREAMS], key + ".")
         token, token_file = entry.get("token", ""), entry.get("token_file", "")
         for what, v in (("token", token), ("token_file", token_file)):
             if not isinstance(v, str):
@@ -116,13 +119,14 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
             raise ConfigError(f"{key}.generation must be an integer >= 0 (bump it when the name goes to a new "
                               f"owner: the old owner's G3/G4 blocks stay out of reach), got {generation!r}")
         streams = {}
-        for what in ("events", "events_replay"):
+        for what in OWN_STREAMS:
             addr = entry.get(what, "")
             if not isinstance(addr, str) or (addr and not addr.startswith(("tcp://", "ipc://"))):
                 raise ConfigError(f"{key}.{what} must be tcp://HOST:PORT, ipc://PATH or '', got {addr!r}")
             streams[what] = addr
-        if streams["events_replay"] and not streams["events"]:
-            raise ConfigError(f"{key}.events_replay needs {key}.events (the stream it replays)")
+        for stream in ("events", "kv_events"):
+            if streams[stream + "_replay"] and not streams[stream]:
+                raise ConfigError(f"{key}.{stream}_replay needs {key}.{stream} (the stream it replays)")
         by_token[token] = name
         out[name] = Tenant(identity(name, generation), token, float(share), generation, name, **streams)
     return out
