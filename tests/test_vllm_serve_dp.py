@@ -351,3 +351,40 @@ def test_a_headless_rank_behind_another_launchs_front_end_hits(tmp_path):
         shm = _stop_all(servers)
     assert not [p for p in shm if os.path.exists(p)]
     assert not list(folder.glob("*.json"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two data parallel ranks need two cores to bind")
+def test_multi_port_supervised_ranks_hit_each_other(tmp_path):
+    # vllm serve --data-parallel-size 2 --data-parallel-size-local 2 --data-parallel-multi-port-external-lb:
+    # one launch whose supervisor starts one `vllm serve --data-parallel-rank K` per rank, rank K on
+    # port + K (external DP under one parent)
+    rpc = free_port()
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    folder, (s0,) = _serve_apart(tmp_path, [("multiport", (
+        "--data-parallel-size", "2", "--data-parallel-size-local", "2", "--data-parallel-multi-port-external-lb",
+        "--data-parallel-supervisor-port", str(free_port()), "--data-parallel-rpc-port", str(rpc)))])
+    s0.env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"
+    s1 = copy.copy(s0)  # the same process group; rank 1's API server on the next port
+    s1.url = f"http://127.0.0.1:{s0.port + 1}"
+    shm: set[str] = set()
+    try:
+        s0.start()
+        s1.proc = s0.proc
+        s0.wait()
+        s1.wait()
+        assert {"EngineCore_DP0", "EngineCore_DP1"} <= set(s0.pids()), s0.pids()
+        d = _one_daemon(folder)
+        servers = [s0, s1]
+        for first, then, seed in [(0, 1, 45), (1, 0, 46)]:
+            tokens = prompt(seed, 8 * BLOCK + 60)
+            stores = stored_blocks(d["address"], d["token"], d["layout"])
+            before = servers[then].external_hits()
+            cold = servers[first].complete(tokens)
+            wait_stored(d["address"], d["token"], d["layout"], stores + 8)
+            warm = servers[then].complete(tokens)
+            assert servers[then].external_hits() - before == 8 * BLOCK, s0.kvbm_lines()
+            assert warm == cold and len(cold) == 8
+    finally:
+        shm = _stop_all([s0])
+    assert not [p for p in shm if os.path.exists(p)]
+    assert not list(folder.glob("*.json"))
