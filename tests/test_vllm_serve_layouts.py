@@ -54,6 +54,18 @@ def test_nodes_of_one_engine_on_this_machine_share_a_name(tmp_path, node_rank):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("setting", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_context_parallel_is_refused_in_one_line(setting):
+    from types import SimpleNamespace
+
+    from kvbm.connectors.vllm import refuse_context_parallel
+
+    refuse_context_parallel(SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1))
+    with pytest.raises(ValueError, match="--" + setting.replace("_", "-")) as err:
+        refuse_context_parallel(SimpleNamespace(**{setting: 2}))
+    assert "\n" not in str(err.value)
+
+
 def _repeat_hits(s: Server, d: dict, shards: int, seed: int) -> None:
     """A prompt, vLLM's own copy forgotten, the prompt again: 8 blocks from kvbm, same output."""
     tokens = prompt(seed, 8 * BLOCK + 60)

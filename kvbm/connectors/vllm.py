@@ -287,6 +287,20 @@ def _elsewhere(what: str) -> ConfigError:
                        f"(the in-process kvbm_config cannot serve engines elsewhere)")
 
 
+def refuse_context_parallel(pc: Any) -> None:
+    """Decode / prefill context parallelism are refused in one line naming the setting: with
+    DCP vLLM's block hashes span several blocks; with PCP several ranks of one TP rank hold a
+    block's KV, which kvbm does not key apart (and vLLM's CPU build runs neither)."""
+    dcp = getattr(pc, "decode_context_parallel_size", 1) or 1
+    if dcp > 1:
+        raise ValueError(f"kvbm connector: decode context parallel ({dcp}) is not supported "
+                         f"(vLLM's block hashes then span {dcp} blocks); unset --decode-context-parallel-size")
+    pcp = getattr(pc, "prefill_context_parallel_size", 1) or 1
+    if pcp > 1:
+        raise ValueError(f"kvbm connector: prefill context parallel ({pcp}) is not supported (its ranks' "
+                         f"copies of a block are not keyed apart); unset --prefill-context-parallel-size")
+
+
 def _warn_unshared_hashes(vllm_config: "VllmConfig") -> None:
     """Ranks of one server hit each other's blocks only if their block hashes agree: vLLM seeds
     its non-cryptographic hashes (xxhash) at random per process unless PYTHONHASHSEED is set."""
@@ -344,10 +358,7 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
 
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         layout = self._layout(vllm_config, kv_cache_config)
-        dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) or 1
-        if dcp > 1:
-            raise ValueError(f"kvbm connector: decode context parallel ({dcp}) is not supported "
-                             f"(vLLM's block hashes then span {dcp} blocks)")
+        refuse_context_parallel(vllm_config.parallel_config)
         policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         if policy != "recompute":
             log.warning("kvbm connector: kv_load_failure_policy is %r, so a block kvbm cannot deliver "
