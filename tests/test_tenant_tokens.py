@@ -360,6 +360,8 @@ def test_a_name_given_to_a_new_owner_does_not_reach_the_old_owners_g3_blocks(tmp
     def hers(n: int):
         def check(c) -> None:  # her first n blocks found; the last 2 of them loaded, byte for byte
             assert c.tenant == "alice" and c.lookup(keys[:n], remote=False)[0] == n
+            # her stats count the recovered G3 blocks as hers (once a client of hers said hello)
+            assert wait_until(lambda: c.stats()["blocks"]["g3"] >= n, DEADLINE_S), c.stats()
             for k, want in zip(keys[n - 2:n], theirs[n - 2:n]):  # (a load moves them up to G2, lost at the
                 assert wait_until(lambda: _loads(c, [k], [want]), DEADLINE_S)  # next restart: G2 is memory)
         return check

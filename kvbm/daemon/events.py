@@ -197,6 +197,12 @@ class Events:
         self._tenant_pubs: dict[str, Any] = {}  # tenant -> link to its own stream (daemon.tenants.<name>.events)
         self.kv_events = None
         self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
+        for ns, keys in self._untold.items():  # the recovered blocks' tiers: their namespace's counts
+            counts = self._ns_blocks.setdefault(ns, {})
+            for t in self.manager.tiers:
+                n = sum(1 for k in keys if k in t.ready)
+                if n:
+                    counts[t.name] = counts.get(t.name, 0) + n
         self.manager.keep_meta(self._block_meta)  # G3 and G4 keep each block's names (see the docstring)
         self.manager.take_events()  # the recovered blocks' "stored": told per namespace (_tell_recovered)
         replay = getattr(dcfg, "events_replay", "") if dcfg.events else ""
@@ -296,10 +302,6 @@ class Events:
                 continue  # a key space the block does not live in, or no client key: names nothing
             self.origin[skey] = (ns, ck)
             self._untold.setdefault(ns, []).append(skey)
-            counts = self._ns_blocks.setdefault(ns, {})
-            for t in self.manager.tiers:
-                if skey in t.ready:
-                    counts[t.name] = counts.get(t.name, 0) + 1
             good[skey] = blob
         if good:
             log.info("events: %d recovered blocks of %d namespaces named again", len(good), len(self._untold))
