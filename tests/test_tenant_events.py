@@ -270,3 +270,62 @@ def test_a_tenant_gets_its_own_vllm_format_stream(tmp_path):
         d.stop()
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_killed_publisher_comes_back_with_the_tenants_sockets_and_the_follower_fills_the_gap(tmp_path):
+    """The event publisher (a child holding every event socket, the tenants' own included) is
+    SIGKILLed while alice stores: the daemon restarts it on the same endpoints, alice's follower
+    (her socket, her token) reconnects by itself, sees the gap in her topic's numbers, replays it
+    through her replay socket, and its view equals the daemon's (her lookups)."""
+    import signal
+
+    from test_event_publisher import alive, publishers
+
+    d, runtime, folder = _served(tmp_path)
+    c = f = None
+    try:
+        c = d.client(token=ALICE, salt="k")
+        f = Follower(f"ipc://{folder}/a", f"ipc://{folder}/ar", token=ALICE, timeout=DEADLINE_S)
+        stored, n, deadline = [], 0, time.monotonic() + DEADLINE_S
+        while c.topic not in f.topics:
+            assert time.monotonic() < deadline, "the follower never heard her stream"
+            k = make_keys(f"k-join-{n}", 1)
+            assert c.store(k, [block(k[0])]) == 1
+            stored += k
+            n += 1
+            f.poll(100)
+        lost = False
+        for attempt in range(6):  # until a store surely went nowhere (no publisher ran meanwhile)
+            assert wait_until(lambda: len(publishers(d.proc.pid)) == 1, DEADLINE_S)
+            (pid,) = publishers(d.proc.pid)
+            os.kill(pid, signal.SIGKILL)
+            assert wait_until(lambda: not alive(pid), DEADLINE_S)
+            keys = make_keys(f"k-down-{attempt}", 4)
+            assert c.store(keys, [block(k) for k in keys]) == 4
+            stored += keys
+            if not publishers(d.proc.pid):
+                lost = True
+                break
+        assert lost, "a new publisher always ran before the store"
+        deadline = time.monotonic() + DEADLINE_S
+        while f.gaps == 0:
+            assert time.monotonic() < deadline, "no message reached the follower after the restart"
+            k = make_keys(f"k-after-{n}", 1)
+            assert c.store(k, [block(k[0])]) == 1
+            stored += k
+            n += 1
+            f.poll(200)
+
+        def exact() -> bool:
+            f.poll(100)
+            view = f.view(c.topic)
+            return stored[-1] in view and view == {k: {"g2"} for k in stored if c.lookup([k], remote=False)[0]}
+        assert wait_until(exact, DEADLINE_S)
+        assert f.gaps >= 1 and f.missed >= 1 and f.unrecovered == 0
+    finally:
+        for x in (c, f):
+            if x is not None:
+                x.close()
+        d.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
