@@ -54,18 +54,22 @@ class Registered {
     for (;;) {
       for (auto& s : g_slots) {
         pid_t free = 0;
-        if (s.tid.load(std::memory_order_relaxed) == 0) {
+        // claim the slot first, then name the guard: only this thread reads it (its own faults,
+        // which come after this store in its program order)
+        if (s.tid.load(std::memory_order_relaxed) == 0 &&
+            s.tid.compare_exchange_strong(free, tid, std::memory_order_acq_rel)) {
           s.guard.store(g, std::memory_order_release);
-          if (s.tid.compare_exchange_strong(free, tid, std::memory_order_acq_rel)) {
-            slot_ = &s;
-            return;
-          }
+          slot_ = &s;
+          return;
         }
       }
       std::this_thread::yield();  // 256 threads copying at once: wait for one to end
     }
   }
-  ~Registered() { slot_->tid.store(0, std::memory_order_release); }
+  ~Registered() {
+    slot_->guard.store(nullptr, std::memory_order_release);
+    slot_->tid.store(0, std::memory_order_release);
+  }
   Registered(const Registered&) = delete;
   Registered& operator=(const Registered&) = delete;
 
