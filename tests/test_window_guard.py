@@ -244,16 +244,18 @@ def test_a_window_truncated_punched_or_fallocated_in_every_phase_harms_only_its_
     assert not shm_files(d)
 
 
-@pytest.mark.parametrize("native_ops", ["1", "0"])
-def test_a_client_holding_its_window_busy_ends_its_own_session_not_the_loop(tmp_path, native_ops):
+@pytest.mark.parametrize("native_ops,address", [("1", "ipc"), ("0", "ipc"), ("1", "tcp")])
+def test_a_client_holding_its_window_busy_ends_its_own_session_not_the_loop(tmp_path, native_ops, address):
     """The client fallocates and drops 1 GiB past its window's end in a loop (each fallocate holds
     the tmpfs inode lock that pwrite takes, ~0.5 s) while it loads through the window; another
     session stores and loads throughout. Without the extension (pwrite), a load soon waits past
     the deadline: that request fails `window_stalled` and the session ends (`no_session` after);
     with the guarded mapping the loads may all go through. Either way the other session's bytes
-    are right, and after the attack everything is back at baseline with no /dev/shm file left."""
+    are right, and after the attack everything is back at baseline with no /dev/shm file left.
+    On ipc:// the clients run as the daemon's uid: with the extension their copies are inline
+    (dataplane._inline); on tcp:// (uid unknown) every copy goes through the copier."""
     env = {"KVBM_NATIVE": native_ops, "KVBM_CI_WINDOW_COPY_DEADLINE_S": "0.2"}
-    d = Served(tmp_path, "d", env=env).start()
+    d = Served(tmp_path, "d", env=env, daemon={"address": "tcp://127.0.0.1:0"} if address == "tcp" else None).start()
     victim = d.client(model="victim")
     a = Raw(d)
     stop = threading.Event()
