@@ -314,3 +314,48 @@ def test_a_client_holding_its_window_busy_ends_its_own_session_not_the_loop(tmp_
         victim.close()
         d.stop()
     assert not shm_files(d)
+
+
+@native
+def test_guarded_copies_on_many_threads_while_the_file_is_truncated_in_a_loop():
+    """Eight Python threads (each copy split over the pool too) copy into and out of one mapping
+    while another thread truncates the file to nothing and back: the process lives, every block
+    is 0 or EFAULT, and every block that reports 0 on a read holds the bytes last written there
+    or zeros (a truncation drops pages), never another thread's block."""
+    n = 16
+    fd = _window(n)
+    m = ops.window_map(fd, n * NB)
+    stop = threading.Event()
+    errors: list = []
+
+    def truncate() -> None:
+        while not stop.is_set():
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, n * NB)
+
+    def copy(t: int) -> None:
+        try:
+            mine = np.full(NB, t + 1, np.uint8)  # thread t owns window block t (of 8)
+            out = np.zeros(NB, np.uint8)
+            for _ in range(300):
+                st = ops.blocks_to_window(mine, [0], fd, m, [t * NB], NB, threads=2, use_native=True)
+                assert st.tolist()[0] in (0, 14)
+                st = ops.window_to_blocks(fd, m, [t * NB], out, [0], NB, threads=2, use_native=True)
+                assert st.tolist()[0] in (0, 14)
+                if st[0] == 0:
+                    assert set(np.unique(out).tolist()) <= {0, t + 1}
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    tr = threading.Thread(target=truncate, daemon=True)
+    tr.start()
+    threads = [threading.Thread(target=copy, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    stop.set()
+    tr.join(60)
+    m.close()
+    os.close(fd)
+    assert not errors, errors[0]
