@@ -33,6 +33,13 @@ of `total_cap` and every other tenant's request waited behind one of each of the
 that shows a tenant's token past its cap is answered `busy` and shut down (its first request is
 refused, nothing else runs).
 
+Replies a connection never reads: libzmq queues up to REPLY_HWM of them per connection (the
+daemon's memory), whatever their size, and one token holder may open many connections. The gate
+reads each connection's send queue from the kernel (SIOCOUTQ) every sample: a peer whose
+receive buffer is full and whose window is shut leaves SNDBUF / 2 unsent there, which no
+reading client ever does (its replies are small and few), and is shut down: its queued replies
+are freed.
+
 A message that never ends (frames with MORE set, forever: libzmq counts its high-water mark in
 whole messages and MAXMSGSIZE per frame, so it buffers such a message without bound, and the
 token is checked only on whole messages) is cut too: every SAMPLE_S the gate reads each
@@ -50,11 +57,13 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import fcntl
 import logging
 import os
 import socket
 import stat
 import struct
+import termios
 import threading
 import time
 from typing import Any
@@ -72,6 +81,7 @@ RCVBUF = 2 << 20  # the kernel's receive buffer per connection (it doubles it): 
 SNDBUF = 1 << 20  # and its send buffer: replies a client does not read sit there (4+ MiB autotuned)
 SAMPLE_S = 0.1  # how often the gate reads each connection's byte count
 SLACK = 256 << 10  # greeting, READY, a few frame headers
+UNREAD = SNDBUF // 2  # replies queued in the kernel for a connection; past it the gate shuts it down
 
 
 def caps() -> tuple[int, int]:
@@ -128,6 +138,10 @@ class ConnGate:
         # libzmq counts its high-water mark in whole messages and MAXMSGSIZE per frame, so it
         # would buffer such a message without bound
         self.waiting_backlog = max_message_bytes + SLACK
+        # replies a connection does not read: past UNREAD bytes in the kernel's send queue its peer's
+        # window is shut (its own receive buffer, up to 6 MiB, is full first): it is not reading
+        self.unread_cap = UNREAD
+        self.silent = 0  # of `cut`, connections that did not read their replies
         self.authed_backlog = (RCVHWM + 1) * max_message_bytes + 2 * RCVBUF + SLACK  # (+1: one being decoded)
         self.cut = 0
         self.overfed = 0  # of those, connections that sent more than the daemon read (backlog)
@@ -245,6 +259,16 @@ class ConnGate:
                         self._waiting.pop(fd, None)
                         self._forget(fd)
                 continue
+            unread = _unsent(fd)
+            if unread is not None and unread >= self.unread_cap:  # it does not read its replies
+                with self._lock:
+                    if fd in (self._authed if authed else self._waiting):
+                        self._authed.discard(fd)
+                        self._waiting.pop(fd, None)
+                        self._forget(fd)
+                        self.silent += 1
+                        self._cut(fd)
+                continue
             if got is None or got - self._read.get(fd, 0) <= (self.authed_backlog if authed else self.waiting_backlog):
                 continue
             with self._lock:
@@ -314,6 +338,14 @@ try:
     _libc: Any = ctypes.CDLL(None, use_errno=True)
 except OSError:  # (no libc to call: no byte counts, the backlog bound is off)
     _libc = None
+
+
+def _unsent(fd: int) -> int | None:
+    """Bytes in fd's send queue the peer has not acknowledged (SIOCOUTQ); None if unknown."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
 
 
 def _is_socket(fd: int) -> bool:

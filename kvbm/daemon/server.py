@@ -55,13 +55,13 @@ from .windows import max_windows, sweep
 log = logging.getLogger("kvbm.daemon")
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 # Replies queued per connection (the router's SNDHWM; past it a reply is dropped: that client is not
-# reading). A Client has at most 3 requests in flight (two pipelined batches and a cancel), a peer one;
-# a raw client pipelining thousands has its zmq thread read them meanwhile (and the kernel's socket
-# buffers hold a few hundred KiB more). A client that never reads holds this many per connection
-# (~REPLY_HWM x the largest reply: 12 KiB for 4,096 keys), and a token holder may open many
-# connections: 4,096 (session 12) let 50 silent connections hold ~2.4 GiB of lookup replies (H52,
-# tests/test_attack_starve.py). Was 10,000, then 4,096.
-REPLY_HWM = 256
+# reading). A Client has at most 3 requests in flight (two pipelined batches and a cancel), a peer one,
+# the tests' raw clients up to ~2,000 (read once sent). A client that never reads holds this many
+# (~REPLY_HWM x the largest reply: 12 KiB for 4,096 keys); on tcp:// the gate shuts such a connection
+# down once SNDBUF / 2 of its replies sit unread in the kernel (conn_gate.py), so a token holder's many
+# silent connections do not hold the daemon's memory (H52, tests/test_attack_starve.py). Was 10,000,
+# then 4,096.
+REPLY_HWM = 2048
 
 
 class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
