@@ -46,13 +46,23 @@ read timeout does not end a PUT that an endpoint accepted and never answers; thi
 always holds). CRCs and MACs are computed and checked in the calling thread, so the IO loop
 only moves bytes: from s3fs straight into the caller's buffer, chunk by chunk as they arrive
 (object_s3.get_into; other async filesystems hand over the whole object, copied after).
-`file://` uses worker threads (object_pool.py) that read straight into the caller's buffers and
-seal or verify there (hashlib releases the GIL, so blocks verify in parallel); a thread cannot
-be cancelled, so there `timeout` does not apply (a local disk that hangs holds its workers).
+`file://` uses worker threads (object_pool.py) that seal each put as they write it from the
+caller's buffer, and read each get a chunk at a time into their own buffer, verify it there (in
+cache; hashlib releases the GIL, so blocks verify in parallel) and copy it into the caller's.
 Other synchronous filesystems (memory://, sftp, ...) run on the same workers, but the caller
-seals each body (a copy) before the put and verifies and copies each get after it, and waits
-for each at most `timeout`: a call still hung then is a counted miss (the store is then taken
-as down for retry_after), holds its worker until it returns, and never touches a buffer again.
+seals each body (a copy) before the put and verifies and copies each get after it. On every
+synchronous filesystem, file:// included (an NFS mount that hangs, a FIFO where an object was), a
+call is given up once it ran `timeout` seconds, or waited that long in the queue while no worker
+finished anything (a slow disk moving a large batch is not a hang: ObjectPool.overdue). A call
+given up is a counted miss (a get's block is kept: unavailable()), a failed put, and the store
+is taken as down for retry_after; it holds its worker until it returns (at most max_concurrency
+threads, whatever the hangs), its object takes no second call meanwhile (one hung file costs one
+thread, not all of them), and it never touches the caller's buffer again: file:// copies into
+it, and renames a put's object into place, only under a Claim the caller gives up first. Each
+file:// put reads the caller's buffer until it commits; a put given up after that still lands
+(its block's own bytes: an object no handle names, deleted as surplus or adopted after a
+restart). Listings (recover(), the background one) and the folder's creation at start run in
+helper threads too, each waited for at most its own deadline; close() waits `timeout` in all.
 `file://`, the embedded default, writes a temporary name and renames it: a reader or a
 restart sees the whole object or none of it.
 
@@ -77,7 +87,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 from typing import Any
 
 import numpy as np
@@ -87,7 +97,7 @@ from .base import Region, Storage, make_private_dir
 from . import object_meta
 from .object_meta import MAX_TRAILER, STALE_TMP_S, TMP_PREFIX, Listing, Trailers, listed, parse, trailer  # noqa: F401
 from .object_pool import ObjectPool
-from .object_resume import Resume, local_entries
+from .object_resume import Resume, entries
 from .object_s3 import S3_RETRIES, SINGLE_PUT_BYTES, PutBody, get_into, streams, unreachable, with_defaults
 from .seal import (  # noqa: F401  (the header's names are re-exported: tests and tools use them)
     HEADER, HEADER_MIN, HMAC_VERSION, MAC_LEN, MAGIC, NONCE_AT, NONCE_BYTES, VERSION, Corrupt, Foreign,
@@ -141,8 +151,6 @@ class ObjectStorage(Storage):
         self._async = bool(getattr(self.fs, "async_impl", False))
         self._streams = streams(self.fs)
         self._local = "file" in _protocols(self.fs)
-        if self._local:
-            make_private_dir(self.prefix)
         self._mu = threading.Lock()
         self._free = list(range(capacity_blocks - 1, -1, -1))  # pop() hands out 0 first
         self._names: dict[int, str] = {}  # handle -> object path, once written or recovered
@@ -155,11 +163,21 @@ class ObjectStorage(Storage):
         self._resume: Resume | None = None  # the background listing after a cut-short recover()
         self._deleting: dict[str, Future] = {}  # path -> background delete (free)
         self._down_until = 0.0
+        self._hung: dict[str, int] = {}  # path -> calls given up that have not returned (_given_up)
         self._pool: ObjectPool | None = None
         self._sem: asyncio.Semaphore | None = None
         self._bodies: dict[int, list[Any]] = {}  # spare put bodies by size (async fs)
         self._trailers = Trailers(self)  # blobs of recovered objects, read when kept_meta() asks
         self.listing_complete = True  # recover() listed the whole prefix within LIST_BUDGET_S
+        if self._local:  # its folder, 0700: on a worker too (a hung mount must not hang the start)
+            fut = self._submit("mkdir", self.prefix)
+            try:
+                fut.result(self.timeout)
+            except TimeoutError:
+                self._given_up(fut)
+                self._note(TimeoutError(f"object store {self.url}: no answer in {self.timeout} s"))
+                log.warning("G4 %s: making its folder did not answer in %.1f s (a hung mount?); G4 calls "
+                            "are misses until it answers", self.prefix, self.timeout)
 
     # ------------------------------------------------------------------ handles
 
@@ -207,8 +225,10 @@ class ObjectStorage(Storage):
         pending = [f for _, _, p, _, _ in jobs if (f := self._deleting.get(p)) is not None]
         if pending:  # a block freed and stored again: its delete must land before the new put
             wait(pending, timeout=self.timeout)
-        if self._local:  # worker threads seal each block as they write it
-            return self._collect([self._submit("put", path, key, data, tail) for _, key, path, data, tail in jobs])
+        if self._local:  # worker threads seal each block as they write it; given up after `timeout`
+            # (a claim: a put its caller gave up never renames its object into place)
+            return self._collect([self._submit("put", path, key, data, tail) for _, key, path, data, tail in jobs],
+                                 bounded=True)
         if not self._async:
             # Another synchronous filesystem (memory://, sftp, ...): its puts are waited for at most
             # `timeout`, so each body is sealed and copied here first: a put still hung when its
@@ -225,8 +245,10 @@ class ObjectStorage(Storage):
         jobs = [(key, self.path_of(key), _bytes(buf, self.block_nbytes, writable=True))
                 for key, _, buf in items]
         keys = [key for key, _, _ in jobs]
-        if self._local:  # worker threads read straight into the buffers and verify there
-            return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs], keys=keys)
+        if self._local:  # worker threads read and verify each chunk, then copy it into the buffer
+            # under a claim: once the caller gave up (`timeout`), nothing more is copied there
+            return self._collect([self._submit("get", path, key, dst) for key, path, dst in jobs], bounded=True,
+                                 keys=keys)
         if not self._async:  # another synchronous fs: fetched by a worker, verified and copied here if
             # it came within `timeout` (a get that comes later never touches the buffer)
             futures = [self._submit("get", path) for _, path, _ in jobs]
@@ -322,8 +344,8 @@ class ObjectStorage(Storage):
             return path not in self._paths and path not in self._deleting
 
     def _exists(self, path: str) -> bool:
-        try:
-            return os.path.isfile(path) if self._local else bool(self.fs.exists(path))
+        try:  # on a worker, waited for at most `timeout` (a hung mount: not adopted now)
+            return bool(self._submit("exists", path).result(self.timeout))
         except Exception:  # the endpoint failed: not adopted now (a later restart lists it again)
             return False
 
@@ -366,11 +388,6 @@ class ObjectStorage(Storage):
 
     def _list_into(self, sink: Listing) -> None:
         """Feed the prefix's entries to `sink` until it says stop (its deadline)."""
-        if self._local:  # a directory read entry by entry, never the whole folder in memory
-            for info in local_entries(self.prefix):
-                if sink.add(info):
-                    return
-            return
         if self._async and hasattr(self.fs, "_iterdir"):  # s3fs: one page (1,000 names) at a time
             from fsspec.asyn import sync
 
@@ -379,26 +396,14 @@ class ObjectStorage(Storage):
             except asyncio.TimeoutError:
                 sink.complete = False
             return
-        # any other filesystem: one ls, in a thread, waited for until the deadline
-        box: dict[str, Any] = {}
-
-        def ls() -> None:
-            try:
-                box["listing"] = self.fs.ls(self.prefix, detail=True)
-            except BaseException as exc:  # noqa: BLE001 (re-raised below)
-                box["error"] = exc
-
-        t = threading.Thread(target=ls, name="kvbm-g4-list", daemon=True)
-        t.start()
-        t.join(max(0.0, sink.deadline - time.monotonic()))
-        if t.is_alive():
+        # file:// (a directory read entry by entry, never the whole folder in memory) and any other
+        # filesystem (one ls): in a helper thread, waited for until the deadline (a hung mount too)
+        try:
+            for info in entries(self, None, sink.deadline):
+                if sink.add(info):
+                    return
+        except TimeoutError:
             sink.complete = False
-            return
-        if "error" in box:
-            raise box["error"]
-        for info in box["listing"]:
-            if sink.add(info):
-                return
 
     async def _alist_into(self, sink: Listing) -> None:
         bucket, key, _ = self.fs.split_path(self.prefix)
@@ -426,14 +431,17 @@ class ObjectStorage(Storage):
         return self._trailers.take()
 
     def close(self) -> None:
+        # one deadline for all of it: calls hung on the store (a dead mount, an endpoint that never
+        # answers) are left behind, never waited for longer than `timeout` in all
+        end = time.monotonic() + self.timeout
         if self._resume is not None:
             self._resume.stop()
             self._resume.join(self.timeout)  # ends at its next entry; a hung page is abandoned
         pending = list(self._deleting.values())
         if pending:
-            wait(pending, timeout=self.timeout)
+            wait(pending, timeout=max(0.0, end - time.monotonic()))
         if self._pool is not None:
-            self._pool.shutdown(self.timeout)  # a call hung on the endpoint is left behind, never waited for
+            self._pool.shutdown(max(0.0, end - time.monotonic()))
             self._pool = None
         self._bodies = {}
 
@@ -445,7 +453,7 @@ class ObjectStorage(Storage):
     def _get(self, path: str) -> bytes:
         return self.fs.cat_file(path, start=0, end=HEADER_MIN + self.block_nbytes + MAX_TRAILER + 1)
 
-    def _put_local(self, path: str, key: Any, data: memoryview, tail: bytes = b"") -> None:
+    def _put_local(self, path: str, key: Any, data: memoryview, tail: bytes, claim: Claim) -> None:
         head, name = path.rsplit("/", 1)
         tmp = f"{head}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -465,8 +473,11 @@ class ObjectStorage(Storage):
                     f.write(piece)
                     tagger.update(piece)
                 f.write(tail)
+                header = tagger.header()  # the last read of `data`: from here on the caller's buffer is free
+                if not claim.commit():  # the caller gave up (timeout): its buffer may hold another block
+                    raise GivenUp(path)
                 f.seek(0)
-                f.write(tagger.header())
+                f.write(header)
             # A rename that replaces a file makes ext4 (auto_da_alloc) flush the new one at
             # once: 3-4x slower rewrites. Unlinking first skips that; a reader in between
             # sees no object (a miss), never half of one.
@@ -477,19 +488,25 @@ class ObjectStorage(Storage):
             _quietly(os.unlink, tmp)
             raise
 
-    def _get_into(self, path: str, key: Any, dst: np.ndarray) -> None:
-        with (open(path, "rb") if self._local else self.fs.open(path, "rb")) as f:
+    def _get_into(self, path: str, key: Any, dst: np.ndarray, claim: Claim) -> None:
+        # Each chunk is read into this worker's own buffer, checked there (in cache), and copied
+        # into dst under the claim: a read that hangs (a dead mount) and returns after its caller
+        # gave up writes into the worker's buffer, never into a block the caller gave to another.
+        bounce = _bounce()
+        with open(path, "rb") as f:
             head = f.read(HEADER_MIN)
             check = self._checker(path, key, head)
-            view, got = memoryview(dst), 0
+            got = 0
             while got < self.block_nbytes:
-                n = f.readinto(view[got:got + CHUNK])
+                n = f.readinto(bounce[:min(CHUNK, self.block_nbytes - got)])
                 if not n:
                     raise Corrupt(f"{path}: short payload")
-                check.update(view[got:got + n])
+                piece = bounce[:n]
+                check.update(piece)
+                claim.deliver(dst, got, piece)
                 got += n
             self._tail_ok(path, key, f.read(MAX_TRAILER + 1))
-        check.verify(view)
+        check.verify(memoryview(dst))
 
     def _tail(self, path: str, n: int) -> bytes:
         base = HEADER_MIN + self.block_nbytes
@@ -498,6 +515,9 @@ class ObjectStorage(Storage):
                 f.seek(base)
                 return f.read(n)
         return self.fs.cat_file(path, start=base, end=base + n)
+
+    def _isfile(self, path: str) -> bool:
+        return os.path.isfile(path) if self._local else bool(self.fs.exists(path))
 
     def _delete(self, path: str) -> None:
         try:
@@ -540,6 +560,9 @@ class ObjectStorage(Storage):
     async def _atail(self, path: str, n: int) -> bytes:
         base = HEADER_MIN + self.block_nbytes
         return await self.fs._cat_file(path, start=base, end=base + n)
+
+    async def _aexists(self, path: str) -> bool:
+        return bool(await self.fs._exists(path))
 
     async def _adelete(self, path: str) -> None:
         try:
@@ -609,31 +632,41 @@ class ObjectStorage(Storage):
     def _submit(self, op: str, *args: Any) -> Future:
         if self._async:
             coro = {"put": self._aput, "get": self._aget, "delete": self._adelete,
-                    "get_into": self._aget_into, "tail": self._atail}[op]
+                    "get_into": self._aget_into, "tail": self._atail, "exists": self._aexists}[op]
             return asyncio.run_coroutine_threadsafe(self._bounded(coro, *args), self.fs.loop)
         fn = {"put": self._put_local if self._local else self._put,
-              "get": self._get_into if self._local else self._get, "delete": self._delete, "tail": self._tail}[op]
-        if self._pool is None:
-            with self._mu:
-                if self._pool is None:
-                    self._pool = ObjectPool(self.max_concurrency, "kvbm-g4")
-        return self._pool.submit(self._guarded, fn, *args)
+              "get": self._get_into if self._local else self._get, "delete": self._delete, "tail": self._tail,
+              "exists": self._isfile, "mkdir": make_private_dir}[op]
+        path = args[0]
+        with self._mu:
+            if path in self._hung:  # a call on this object is still hung: no second one (one thread)
+                fut: Future = Future()
+                fut.set_exception(Hung(f"object store {self.url}: a call on {path} is still hung"))
+                return fut
+            if self._pool is None:
+                self._pool = ObjectPool(self.max_concurrency, "kvbm-g4")
+        claim = Claim() if self._local and op in ("put", "get") else None
+        fut = self._pool.submit(self._guarded, fn, *args, *((claim,) if claim is not None else ()))
+        fut.path, fut.claim = path, claim  # type: ignore[attr-defined]  (for _given_up)
+        return fut
 
     def _collect(self, futures: list[Future], finish: Callable[[int, Any], None] | None = None,
                  bounded: bool = False, keys: Sequence[Any] | None = None) -> list[bool]:
         """Per job True when it (and `finish` on its result) succeeded; failures are counted.
-        `bounded`: jobs of a synchronous filesystem not done within `timeout` are given up (a
-        counted miss; the endpoint is then taken as down for retry_after): a thread cannot be
-        cancelled, so the hung call keeps its worker, and what it returns later is dropped."""
+        `bounded`: jobs of a synchronous filesystem that ran for `timeout`, or waited that long in
+        the queue while no worker finished anything (ObjectPool.overdue), are given up (a counted
+        miss; the endpoint is then taken as down for retry_after): a thread cannot be cancelled, so
+        the hung call keeps its worker, its object takes no second call until it returns
+        (_given_up), and what it returns later is dropped."""
         index = {f: i for i, f in enumerate(futures)}
         ok = [False] * len(futures)
         io = bad = foreign = 0
         away: list[int] = []  # jobs the store did not answer (reads: kept, see unavailable())
         if bounded and futures:
-            _, late = wait(futures, timeout=self.timeout)
+            late = self._overdue(futures)
             if late:
                 for fut in late:
-                    fut.cancel()
+                    self._given_up(fut)
                     away.append(index.pop(fut))
                 io += len(late)
                 self._note(TimeoutError(f"object store {self.url}: no answer in {self.timeout} s"))
@@ -662,6 +695,46 @@ class ObjectStorage(Storage):
             self._count(io_errors=io, checksum_errors=bad, foreign_objects=foreign)
         return ok
 
+    def _overdue(self, futures: list[Future]) -> list[Future]:
+        """Wait for the jobs; -> those to give up (ObjectPool.overdue), at most `timeout` after the
+        last job that made progress."""
+        pending, late = set(futures), []
+        tick = min(1.0, max(0.05, self.timeout / 8))
+        while pending:
+            _, pending = wait(pending, timeout=tick, return_when=FIRST_COMPLETED)
+            pool = self._pool
+            if pending and pool is None:  # closed meanwhile: queued ones were cancelled, running ones left
+                return late + list(pending)
+            if pending:
+                now = time.monotonic()
+                over = [f for f in pending if pool.overdue(f, now, self.timeout)]
+                pending.difference_update(over)
+                late += over
+        return late
+
+    def _given_up(self, fut: Future) -> None:
+        """A job its caller stopped waiting for: cancelled if queued; if running, its claim is
+        given up (file:// touches the caller's buffer no more, never renames into place) and its
+        object marked hung until the call returns (another call on it fails at once)."""
+        if fut.cancel():
+            return
+        claim = getattr(fut, "claim", None)
+        if claim is not None:
+            claim.give_up()
+        path = getattr(fut, "path", None)
+        if path is None:
+            return
+        with self._mu:
+            self._hung[path] = self._hung.get(path, 0) + 1
+
+        def returned(_: Future, p: str = path) -> None:
+            with self._mu:
+                left = self._hung.pop(p, 1) - 1
+                if left > 0:
+                    self._hung[p] = left
+
+        fut.add_done_callback(returned)
+
     async def _bounded(self, coro: Callable, *args: Any) -> Any:
         if self._sem is None:  # created on the IO loop, the only place it is used
             self._sem = asyncio.Semaphore(self.max_concurrency)
@@ -686,7 +759,7 @@ class ObjectStorage(Storage):
             raise ConnectionError(f"object store {self.url} is down; retrying after {self.retry_after} s")
 
     def _note(self, exc: Exception) -> None:
-        if self.retry_after > 0 and unreachable(exc):
+        if self.retry_after > 0 and unreachable(exc) and not isinstance(exc, Hung):
             self._down_until = time.monotonic() + self.retry_after
 
     def _deleted(self, path: str, fut: Future) -> None:
@@ -725,3 +798,52 @@ def _quietly(fn: Callable, *args: Any) -> None:
 def _protocols(fs: Any) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
+
+
+class Hung(TimeoutError):
+    """A call on an object whose previous call was given up and has not returned: failed at once
+    (a miss; the block is kept), without taking the whole store as down."""
+
+
+class GivenUp(Exception):
+    """The worker of a file:// call whose caller gave up: it stops before touching the caller's
+    buffer (get) or putting its object into place (put)."""
+
+
+class Claim:
+    """The caller's buffer, shared with the worker of one file:// put or get until the caller gives
+    up (timeout). The worker copies into the buffer (deliver) and a put renames its object into place
+    (after commit) only while the caller still waits; give_up() waits at most for one chunk's copy."""
+
+    __slots__ = ("_lock", "_given_up", "_committed")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._given_up = self._committed = False
+
+    def deliver(self, dst: np.ndarray, at: int, piece: memoryview) -> None:
+        with self._lock:
+            if self._given_up:
+                raise GivenUp("the caller gave up")
+            dst[at:at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+
+    def commit(self) -> bool:
+        """A put: True (and the caller can no longer take its buffer back) unless it gave up."""
+        with self._lock:
+            self._committed = not self._given_up
+            return self._committed
+
+    def give_up(self) -> None:
+        with self._lock:
+            self._given_up = True
+
+
+_local_buffers = threading.local()
+
+
+def _bounce() -> memoryview:
+    """This worker thread's CHUNK-byte read buffer (made once per thread)."""
+    buf = getattr(_local_buffers, "buf", None)
+    if buf is None:
+        buf = _local_buffers.buf = memoryview(np.empty(CHUNK, dtype=np.uint8)).cast("B")
+    return buf

@@ -187,8 +187,8 @@ def classify(st: Any, info: dict, known: set | dict, now: float, base: int) -> A
         return None
     if name.startswith(TMP_PREFIX):
         if st._local and now - _mtime(info) > STALE_TMP_S:
-            try:
-                st.fs.rm_file(path)
+            try:  # on a worker (bounded, not waited for): a hung mount never holds the listing
+                st._submit("delete", path)
             except Exception:
                 pass
         return None

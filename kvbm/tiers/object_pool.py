@@ -2,6 +2,8 @@
 without an IO loop).
 
     ObjectPool(n, name).submit(fn, *args) -> Future   at most n threads, started as calls wait
+    .overdue(future, now, timeout) -> bool             the call ran `timeout` seconds, or waits in the
+                                                       queue while no call finished for `timeout`
     .shutdown(timeout)                                 queued calls cancelled; running ones waited
                                                        for at most `timeout`, then left behind
 
@@ -11,6 +13,12 @@ process's exit, for good. Here the threads are daemon threads and nobody waits o
 longer than asked. A hung call still holds its thread: at most n calls hang at once, the ones
 queued behind them are cancelled by their callers' timeouts (ObjectStorage._collect), so hangs
 cost no more threads than n, whatever their number.
+
+`overdue` is how a caller bounds a call (ObjectStorage._collect): by its own running time once a
+worker took it, and while it waits in the queue by the pool's progress (a queue behind healthy
+workers drains; one behind n hung workers never does). A batch larger than the workers can move
+in `timeout` is therefore not given up on a slow but working disk, and one hung call is given
+up after `timeout` whatever the others do.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ class ObjectPool:
         self._closed = False
         self._idle = 0  # workers waiting for a call
         self._pending = 0  # calls queued, not taken yet
+        self.last_done = time.monotonic()  # when a call last finished (the pool's progress)
 
     def submit(self, fn: Callable, *args: Any) -> Future:
         fut: Future = Future()
+        fut.queued_at, fut.started_at = time.monotonic(), None  # type: ignore[attr-defined]
         with self._lock:
             if self._closed:
                 raise RuntimeError("object store worker pool is closed")
@@ -59,12 +69,24 @@ class ObjectPool:
             fut, fn, args = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            fut.started_at = time.monotonic()
             try:
                 result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 (handed to the caller)
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
+            self.last_done = time.monotonic()
+
+    def overdue(self, fut: Future, now: float, timeout: float) -> bool:
+        """A call not done that its caller should give up: running for `timeout` seconds, or
+        queued for `timeout` while no call of this pool finished for as long."""
+        if fut.done():
+            return False
+        started = getattr(fut, "started_at", None)
+        if started is not None:
+            return now - started >= timeout
+        return now - max(self.last_done, getattr(fut, "queued_at", now)) >= timeout
 
     def shutdown(self, timeout: float | None = None) -> None:
         with self._lock:

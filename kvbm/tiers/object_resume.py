@@ -5,6 +5,9 @@
       .stop()                               close(): it ends at its next entry (a hung page or ls is
                                             abandoned, never waited for)
     entries(storage, stop, deadline)        the prefix's entries, yielded in the calling thread
+    threaded(listing, deadline, stop)       a listing call (scandir, ls) made in a helper thread, page
+                                            by page, waited for at most until the deadline (recover()
+                                            lists with it too)
     storage.found_waiting / take_found(n)   (object.py) objects of ours it found, adopted by the
                                             manager (BlockManager.adopt_found)
 
@@ -26,8 +29,8 @@ of ours that no handle names and no delete is removing
 Its trailer is not read: such a block is served, not published (as past TRAILER_BUDGET_S).
 
 Bounded: one thread, a queue of at most capacity_blocks names, RESUME_BUDGET_S in all (then it
-stops with a warning), RESUME_PAGE_S for one page of s3 names (or the whole ls of another
-filesystem: RESUME_BUDGET_S), and close() ends it. It never runs on a request's path: only
+stops with a warning), RESUME_PAGE_S for one page of names (s3: 1,000; file://: PAGE entries of a
+scandir; another filesystem: its whole ls), and close() ends it. It never runs on a request's path: only
 take_found (a dict pop under the storage's lock) does.
 """
 
@@ -35,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
+import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .object_meta import FOREIGN, classify
@@ -71,34 +76,81 @@ def local_entries(prefix: str, stop: threading.Event | None = None) -> Iterator[
                    "type": "file" if stat.S_ISREG(st.st_mode) else "other"}
 
 
-def entries(st: Any, stop: threading.Event, deadline: float) -> Iterator[dict]:
-    """The prefix's entries in this thread: file:// by scandir, s3 a page at a time from the IO
-    loop, anything else one ls in a helper thread. Raises Stopped, TimeoutError (a page, or the ls,
-    did not come in time) or what the listing raised."""
-    if st._local:
-        yield from local_entries(st.prefix, stop)
-        return
+def entries(st: Any, stop: threading.Event | None, deadline: float, page_s: float | None = None) -> Iterator[dict]:
+    """The prefix's entries in this thread: s3 a page at a time from the IO loop, file:// (scandir)
+    and any other filesystem (one ls) from a helper thread (threaded). Raises Stopped, TimeoutError
+    (a page, or the ls, did not come in time) or what the listing raised."""
     if st._async and hasattr(st.fs, "_iterdir"):
-        yield from _pages(st, stop, deadline)
+        yield from _pages(st, stop or threading.Event(), deadline)
         return
-    box: dict[str, Any] = {}
+    if st._local:
+        yield from threaded(lambda: local_entries(st.prefix), deadline, stop, page_s, f"scandir {st.prefix}")
+        return
+    yield from threaded(lambda: st.fs.ls(st.prefix, detail=True), deadline, stop, page_s, f"ls {st.prefix}")
 
-    def ls() -> None:
+
+_END = object()
+
+
+def threaded(listing: Callable[[], Iterable], deadline: float, stop: threading.Event | None = None,
+             page_s: float | None = None, what: str = "the listing") -> Iterator:
+    """The items of `listing()` (a scandir, an ls: calls that may hang on a dead mount or endpoint),
+    made PAGE at a time in one daemon thread and yielded in the calling thread. Raises Stopped once
+    `stop` is set, TimeoutError when a page has not come by `deadline` (or within `page_s`), or what
+    the listing raised. A hung call is abandoned, never waited for: its thread ends when the call
+    returns. At most one page is held in memory, whatever the listing's length."""
+    asks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run() -> None:
+        it = None
         try:
-            box["listing"] = st.fs.ls(st.prefix, detail=True)
-        except BaseException as exc:  # noqa: BLE001 (re-raised below)
-            box["error"] = exc
+            while True:
+                fut = asks.get()
+                if fut is None:
+                    return
+                try:
+                    if it is None:
+                        it = iter(listing())
+                    page = []
+                    for item in it:
+                        page.append(item)
+                        if len(page) >= PAGE:
+                            break
+                    else:
+                        page.append(_END)
+                except BaseException as exc:  # noqa: BLE001 (raised in the calling thread)
+                    fut.set_exception(exc)
+                    return
+                fut.set_result(page)
+                if page[-1] is _END:
+                    return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
 
-    t = threading.Thread(target=ls, name="kvbm-g4-relist", daemon=True)
-    t.start()
-    while t.is_alive():
-        if stop.wait(0.2):
-            raise Stopped
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"ls {st.prefix} did not answer")
-    if "error" in box:
-        raise box["error"]
-    yield from box["listing"]
+    threading.Thread(target=run, name="kvbm-g4-list", daemon=True).start()
+    try:
+        while True:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            asks.put(fut)
+            until = deadline if page_s is None else min(deadline, time.monotonic() + page_s)
+            while True:
+                try:
+                    page = fut.result(max(0.0, min(0.2, until - time.monotonic())))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if stop is not None and stop.is_set():
+                        raise Stopped from None
+                    if time.monotonic() >= until:
+                        raise TimeoutError(f"{what} did not answer") from None
+            for item in page:
+                if item is _END:
+                    return
+                yield item
+    finally:
+        asks.put(None)  # the thread ends after the page it is making (at once when idle)
 
 
 def _pages(st: Any, stop: threading.Event, deadline: float) -> Iterator[dict]:
@@ -180,7 +232,7 @@ class Resume:
         seen, foreign, base, now = 0, 0, HEADER_MIN + st.block_nbytes, time.time()
         how = "listed the rest of"
         try:
-            for info in entries(st, self.stop_event, deadline):
+            for info in entries(st, self.stop_event, deadline, RESUME_PAGE_S):
                 seen += 1
                 if self.stop_event.is_set():
                     raise Stopped
