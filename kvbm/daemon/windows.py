@@ -40,8 +40,9 @@ mapping into a failed block. A failed block is then tried once more with pread/p
 window's descriptor, so the answer is the system calls' (a write past a truncated end extends
 the file; a read past it fails). Without the extension there is no mapping: pread/pwrite only.
 
-Every copy runs on a copier thread while the request loop waits at most copy_deadline_s(nbytes)
-for it. A client can hold a copy up (fallocate holds the tmpfs inode lock that pwrite takes; a
+A copy runs on a copier thread while the request loop waits at most copy_deadline_s(nbytes) for
+it (for a client of the daemon's own uid with no tenant token, which could stop the daemon
+anyway, the guarded copy runs on the loop thread: dataplane._inline). A client can hold a copy up (fallocate holds the tmpfs inode lock that pwrite takes; a
 hole punch holds the faults on its range): past the deadline the loop stops waiting (WindowStalled),
 the caller fails the request and ends the session, and the window's descriptor and mapping, and
 the G2 slots the copy reads or writes, stay held until the copy really ends (`then`). The loop
@@ -322,7 +323,7 @@ class Window:
         return task.value()
 
     def view(self, slot: int) -> np.ndarray:
-        """A copy of the slot's bytes (tests; the daemon never maps the window)."""
+        """A copy of the slot's bytes (tests; read with pread, never through the mapping)."""
         out = np.zeros(self.block_nbytes, dtype=np.uint8)
         if self.fd >= 0:
             got = os.pread(self.fd, self.block_nbytes, slot * self.stride)
