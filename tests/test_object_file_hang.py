@@ -193,14 +193,20 @@ def in_g4(c, keys: list) -> list:
     return in_tier(c, keys, "g4")
 
 
+def cold_in_g4(c, n: int, first: int) -> list:
+    """n blocks stored through G2, once the first `first` of them sit in G4."""
+    cold = make_keys("cold", n)
+    store_all(c, cold)
+    wait_until(lambda: len(in_g4(c, cold[:first])) == first)
+    return cold
+
+
 def test_daemon_over_a_hung_file_mount_serves_on_and_recovers(tmp_path):
     d, flag = hung_mount_daemon(tmp_path)
     d.start()
     try:
         with d.client(salt="a") as a, d.client(salt="b") as b:
-            cold = make_keys("cold", 40)
-            store_all(a, cold)
-            wait_until(lambda: len(in_g4(a, cold[:16])) == 16)
+            cold = cold_in_g4(a, 40, 16)
             hot = make_keys("hot", 4)
             assert b.store(hot, [block(k) for k in hot]) == 4
             before = threads_and_fds(d.proc.pid)
@@ -237,9 +243,7 @@ def test_daemon_stops_while_its_file_mount_hangs(tmp_path):
     d.start()
     try:
         with d.client(salt="a") as a:
-            cold = make_keys("cold", 32)
-            store_all(a, cold)
-            wait_until(lambda: len(in_g4(a, cold[:8])) == 8)
+            cold = cold_in_g4(a, 32, 8)
             flag.touch()
             assert not any(load_each(a, cold[:4]).values())
         d.proc.send_signal(signal.SIGTERM)
@@ -304,9 +308,7 @@ def test_daemon_one_hung_object_costs_one_miss_the_others_are_served(tmp_path):
     d.start()
     try:
         with d.client(salt="a") as a:
-            cold = make_keys("cold", 40)
-            store_all(a, cold)
-            wait_until(lambda: len(in_g4(a, cold[:16])) == 16)
+            cold = cold_in_g4(a, 40, 16)
             down = in_g4(a, cold)
             files = sorted(p for p in (tmp_path / "bucket" / "g4").rglob("*")
                            if p.is_file() and not p.name.startswith("."))

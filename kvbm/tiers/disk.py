@@ -36,7 +36,11 @@ On a full disk (ENOSPC, EDQUOT) that rewrite cannot land: the store then opens r
 (one warning), serves what the index holds, and refuses writes (`writable` is False, so the
 manager admits nothing and evicts nothing here; a write that comes anyway fails, counted in
 `errors.writes_refused`). Every `readonly_retry_s` a write attempt (or `writable`) tries
-the rewrite again; once it lands the store takes writes again.
+the rewrite again; once it lands the store takes writes again. The same holds on a read-only
+filesystem (EROFS: at open, the slot file is opened for reads only and reopened for writes when the
+retry lands; at runtime, a slot write or index append refused with EROFS), and when a failed index
+append cannot be cut back (part of a record would sit at the log's end, and every record appended
+after it would be lost at a restart: none is appended until the whole index is rewritten).
 
 The folder is 0700 and both files 0600, whatever the umask: other local users can neither
 read cached KV nor learn which blocks are cached.
@@ -70,6 +74,7 @@ PAGE = 4096
 SLOTS_FILE = "slots.bin"
 INDEX_FILE = "index.log"
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+READ_ONLY = (*NO_SPACE, errno.EROFS)  # the index cannot be written: G3 serves what it holds, takes nothing
 
 
 def align_up(n: int, a: int = PAGE) -> int:
@@ -110,11 +115,15 @@ class DiskStorage(Storage):
         self.readonly_retry_s = readonly_retry_s
         self._retry_at = 0.0
         self._replay()
+        self._want_direct = direct
+        self._slots_ro = False  # the slot file opened read-only (a read-only filesystem)
         self._fd, self.direct = self._open_slots(direct)
         try:
+            if self._slots_ro:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
             self._compact()
         except OSError as exc:
-            if exc.errno not in NO_SPACE:
+            if exc.errno not in READ_ONLY:
                 os.close(self._fd)
                 raise OSError(exc.errno, f"disk storage: cannot write the index {self.index_path}: "
                                          f"{exc.strerror}") from exc
@@ -138,14 +147,21 @@ class DiskStorage(Storage):
             elif kind == DELETE:
                 self._unmap(body)
 
-    def _enter_read_only(self, exc: OSError) -> None:
-        """The index could not be rewritten for lack of space: serve what it holds, take no writes."""
+    def _enter_read_only(self, exc: OSError, why: str = "") -> None:
+        """The index cannot be written (no space, a read-only filesystem, a torn record that could not
+        be cut back): serve what it holds, take no writes until a rewrite of the index lands."""
         self.read_only = True
         self._retry_at = time.monotonic() + self.readonly_retry_s
         with contextlib.suppress(OSError):  # an index from before 0600: no one else reads it now
             os.chmod(self.index_path, 0o600)
-        log.warning("disk storage: %s is full (%s); G3 opens read-only: it serves the %d blocks it holds and "
-                    "takes no new ones until space is freed there", self.folder, exc.strerror, len(self._index))
+        if why:
+            until = "its index can be rewritten there"
+        elif exc.errno == errno.EROFS:
+            why, until = "is on a read-only file system", "it is writable again"
+        else:
+            why, until = "is full", "space is freed there"
+        log.warning("disk storage: %s %s (%s); G3 opens read-only: it serves the %d blocks it holds and "
+                    "takes no new ones until %s", self.folder, why, exc.strerror, len(self._index), until)
 
     def _writable_now(self) -> bool:
         """Under the lock: False while read-only; retries the index rewrite now and then."""
@@ -154,10 +170,12 @@ class DiskStorage(Storage):
         if time.monotonic() < self._retry_at:
             return False
         try:
+            if self._slots_ro:  # opened on a read-only filesystem: the slot file, writable now?
+                self._reopen_slots()
             self._compact()
         except OSError as exc:
             self._retry_at = time.monotonic() + self.readonly_retry_s
-            if exc.errno not in NO_SPACE:
+            if exc.errno not in READ_ONLY:
                 log.warning("disk storage: cannot rewrite %s: %s", self.index_path, exc.strerror)
             return False
         self.read_only = False
@@ -178,11 +196,18 @@ class DiskStorage(Storage):
             try:
                 fd, is_direct = os.open(path, flags | os.O_DIRECT, 0o600), True
             except OSError as exc:
+                if exc.errno == errno.EROFS and not created:
+                    return self._open_slots_read_only(direct)
                 if exc.errno != errno.EINVAL:
                     raise
                 self._warn_buffered(exc)
         if fd < 0:
-            fd = os.open(path, flags, 0o600)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except OSError as exc:
+                if exc.errno == errno.EROFS and not created:
+                    return self._open_slots_read_only(False)
+                raise
         try:
             if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # a slot file from before 0600
                 os.fchmod(fd, 0o600)
@@ -201,6 +226,38 @@ class DiskStorage(Storage):
             os.close(fd)
             fd, is_direct = os.open(path, flags, 0o600), False
         return fd, is_direct
+
+    def _open_slots_read_only(self, direct: bool) -> tuple[int, bool]:
+        """A read-only filesystem (EROFS): the slot file opened for reads only; G3 serves what its
+        index holds and takes no writes (read_only) until the filesystem is writable again."""
+        self._slots_ro = True
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(self.slots_path, flags | os.O_DIRECT)
+                if self._direct_reads_work(fd):
+                    return fd, True
+                os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        return os.open(self.slots_path, flags), False
+
+    def _reopen_slots(self) -> None:
+        """Under the lock, leaving read-only: the slot file opened for writes again (OSError: not yet)."""
+        self._slots_ro = False
+        try:
+            fd, is_direct = self._open_slots(self._want_direct)
+        except OSError:
+            self._slots_ro = True
+            raise
+        if self._slots_ro:  # still refused
+            os.close(fd)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        # the same descriptor number, now writable: a read in flight on it never meets another file
+        os.dup2(fd, self._fd, inheritable=False)
+        os.close(fd)
+        self.direct = is_direct
 
     def _direct_reads_work(self, fd: int) -> bool:
         # Some filesystems accept O_DIRECT at open and refuse it at the first I/O.
@@ -266,8 +323,14 @@ class DiskStorage(Storage):
             log.warning("disk storage: cannot append to %s: %s", self.index_path, exc.strerror)
             try:
                 os.ftruncate(self._log_fd, self._log_size)
-            except OSError:
-                pass
+            except OSError as cut:
+                # Part of the record may sit at the end of the log, and every record appended after
+                # it would be lost at a restart (the replay stops at the torn one): take no more
+                # records until the whole index is rewritten (read-only, retried; _writable_now)
+                self._enter_read_only(cut, f"cannot cut a failed index append back ({exc.strerror})")
+            else:
+                if exc.errno == errno.EROFS:
+                    self._enter_read_only(exc)
             return False
         self._log_size += len(data)
         self._appended += records
@@ -402,6 +465,8 @@ class DiskStorage(Storage):
                     slot_of[key] = slot
                     result[i] = True
             self.errors.io_errors += len(items) - result.count(True)  # write or record failed
+            if not self.read_only and (status == errno.EROFS).any():  # remounted read-only under us
+                self._enter_read_only(OSError(errno.EROFS, os.strerror(errno.EROFS)))
         if len(ok) < len(items):
             log.warning("disk storage: %d of %d block writes to %s failed (%s)", len(items) - len(ok),
                         len(items), self.slots_path, _errnames(status))
