@@ -146,3 +146,24 @@ def test_metrics_carry_tenants_only_behind_the_token(tmp_path):
             if c is not None:
                 c.close()
             d.stop()
+
+
+def test_without_named_tenants_the_default_row_is_the_node(tmp_path):
+    """No daemon.tenants: nothing is counted apart (no per-tenant bookkeeping on the request
+    loop); the one row, "default", is the node's own figures."""
+    d = Served(tmp_path, "solo").start()
+    c = None
+    try:
+        c = d.client(salt="solo")
+        keys = make_keys("solo", 5)
+        assert c.store(keys, [block(k) for k in keys]) == 5 and c.lookup(keys)[0] == 5
+        st = c.stats()
+        row = st["tenants"]["default"]
+        assert list(st["tenants"]) == ["default"] and set(row) == OWN - {"tenant"}
+        assert (row["stored_blocks"], row["lookup_blocks"], row["prefix_hit_blocks"], row["blocks"], row["sessions"]) == \
+            (5, 5, 5, {"g2": 5}, 1)
+        assert row["lookup_blocks"] == st["daemon"]["lookup_blocks"]
+    finally:
+        if c is not None:
+            c.close()
+        d.stop()

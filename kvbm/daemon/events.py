@@ -184,7 +184,10 @@ class Events:
         self._ns_blocks: dict[bytes, dict[str, int]] = {}
         self._ns_tenant: dict[bytes, str] = {}
         self._count_tenant: str | None = None  # a deferred reply's tenant, while it is answered
-        if isinstance(getattr(self, "counters", None), dict):
+        # only with named tenants (without, the default tenant's row is the node's: tenant_stats);
+        # the per-tenant counting costs the request loop a few us per request (bench/RESULTS.md)
+        self._per_tenant = bool(getattr(dcfg, "tenants", None))
+        if self._per_tenant and isinstance(getattr(self, "counters", None), dict):
             from .tenants import TenantCounters
 
             self.counters = TenantCounters(self.counters, self._counting_tenant)
@@ -197,7 +200,7 @@ class Events:
         self._tenant_pubs: dict[str, Any] = {}  # tenant -> link to its own stream (daemon.tenants.<name>.events)
         self.kv_events = None
         self._recovered_metas = self._recovered_origins(self.manager.kept_meta())
-        for ns, keys in self._untold.items():  # the recovered blocks' tiers: their namespace's counts
+        for ns, keys in self._untold.items() if self._per_tenant else ():  # recovered blocks' tiers
             counts = self._ns_blocks.setdefault(ns, {})
             for t in self.manager.tiers:
                 n = sum(1 for k in keys if k in t.ready)
@@ -330,7 +333,8 @@ class Events:
             rows.extend(["stored", self.origin[k][1], t.name] for k in keys if k in t.ready and k in self.origin)
         if rows:
             self._tell(ns, rows)
-        self._settle_ns(ns)
+        if self.__dict__.get("_per_tenant"):
+            self._settle_ns(ns)
 
     def add_event_sink(self, fn: Callable[[bytes, list], None]) -> None:
         """fn(namespace id, rows) on the owner thread after each drained batch; it must not block."""
@@ -365,8 +369,7 @@ class Events:
             if len(self.origin) > SWEEP_SLACK:
                 self.origin.sweep(self.manager)
             return
-        if "_ns_blocks" not in self.__dict__:  # (a mixin built without _init_events: tests)
-            self._ns_blocks, self._ns_tenant = {}, {}
+        counting = self.__dict__.get("_per_tenant", False)  # (absent: a mixin built without _init_events)
         by_ns: dict[bytes, list] = {}
         origins = [self.origin.get(ev.key) for ev in events]  # (before a removal forgets them)
         after = self._moves_after(events, origins)
@@ -378,7 +381,7 @@ class Events:
                 continue
             ns, ck = origin
             rows = by_ns.setdefault(ns, [])
-            counts = self._ns_blocks.setdefault(ns, {})
+            counts = self._ns_blocks.setdefault(ns, {}) if counting else None
             if ev.kind == "moved" and ev.source is not None:
                 held = after[i]  # the tiers holding the block right after this move (exact)
                 kept = ev.source in held
@@ -388,15 +391,18 @@ class Events:
                     rows.append(["stored", ck, ev.tier])
                     if not kept:
                         rows.append(["removed", ck, ev.source])
-                counts[ev.tier] = counts.get(ev.tier, 0) + 1
-                if not kept:
-                    counts[ev.source] = counts.get(ev.source, 0) - 1
+                if counts is not None:
+                    counts[ev.tier] = counts.get(ev.tier, 0) + 1
+                    if not kept:
+                        counts[ev.source] = counts.get(ev.source, 0) - 1
             else:
                 rows.append([ev.kind, ck, ev.tier])
-                counts[ev.tier] = counts.get(ev.tier, 0) + (1 if ev.kind == "stored" else -1)
+                if counts is not None:
+                    counts[ev.tier] = counts.get(ev.tier, 0) + (1 if ev.kind == "stored" else -1)
         for ns, rows in by_ns.items():
             self._tell(ns, rows)
-            self._settle_ns(ns)
+            if counting:
+                self._settle_ns(ns)
         if getattr(self, "_untold", None):  # after this request's rows: what the tiers hold now
             self._tell_recovered()
         self.origin.sweep(self.manager)

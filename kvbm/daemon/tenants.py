@@ -194,6 +194,8 @@ def tenant_stats(daemon: Any) -> dict[str, dict[str, Any]]:
     its sessions and its busy G2 blocks against its bound. Every configured tenant has a row, the
     default tenant ("default": daemon.token, or no token) too."""
     nb = daemon.nbytes
+    if not daemon.dcfg.tenants:  # no named tenant: the default tenant is the node (nothing counted apart)
+        return {label(DEFAULT_TENANT): _node_row(daemon)}
     out: dict[str, dict[str, Any]] = {}
     blocks: dict[str, dict[str, int]] = {}
     for ns, counts in daemon._ns_blocks.items():
@@ -222,3 +224,16 @@ def tenant_stats(daemon: Any) -> dict[str, dict[str, Any]]:
             "busy_share": round(busy / bound, 6) if bound else 0.0,
         }
     return out
+
+
+def _node_row(daemon: Any) -> dict[str, Any]:
+    """The default tenant's row when it is the only tenant: the node's own figures."""
+    c, nb = daemon.counters, daemon.nbytes
+    ss = [s for s in daemon.sessions.by_id.values() if s.namespace != b"peer"]
+    busy, bound = sum(s.busy for s in ss), daemon.share_blocks
+    return {"lookup_blocks": c["lookup_blocks"], "prefix_hit_blocks": c["prefix_hit_blocks"],
+            "prefix_hit_ratio": round(c["prefix_hit_blocks"] / c["lookup_blocks"], 6) if c["lookup_blocks"] else 0.0,
+            "stored_blocks": c["client_store_bytes"] // nb, "loaded_blocks": c["client_load_bytes"] // nb,
+            "pinned_blocks": c["pinned_blocks"], "blocks": {t.name: len(t.ready) for t in daemon.manager.tiers},
+            "sessions": len(ss), "busy_blocks": busy, "busy_bound": bound,
+            "busy_share": round(busy / bound, 6) if bound else 0.0}
