@@ -334,7 +334,7 @@ class Events:
         if rows:
             self._tell(ns, rows)
         if self.__dict__.get("_per_tenant"):
-            self._settle_ns(ns)
+            self._tenant_of(ns)
 
     def add_event_sink(self, fn: Callable[[bytes, list], None]) -> None:
         """fn(namespace id, rows) on the owner thread after each drained batch; it must not block."""
@@ -369,7 +369,8 @@ class Events:
             if len(self.origin) > SWEEP_SLACK:
                 self.origin.sweep(self.manager)
             return
-        counting = self.__dict__.get("_per_tenant", False)  # (absent: a mixin built without _init_events)
+        # (ns, tier) -> blocks gained, with named tenants (absent: a mixin built without _init_events)
+        delta: dict | None = {} if self.__dict__.get("_per_tenant") else None
         by_ns: dict[bytes, list] = {}
         origins = [self.origin.get(ev.key) for ev in events]  # (before a removal forgets them)
         after = self._moves_after(events, origins)
@@ -380,8 +381,9 @@ class Events:
             if origin is None:
                 continue
             ns, ck = origin
-            rows = by_ns.setdefault(ns, [])
-            counts = self._ns_blocks.setdefault(ns, {}) if counting else None
+            rows = by_ns.get(ns)
+            if rows is None:
+                rows = by_ns[ns] = []
             if ev.kind == "moved" and ev.source is not None:
                 held = after[i]  # the tiers holding the block right after this move (exact)
                 kept = ev.source in held
@@ -391,18 +393,23 @@ class Events:
                     rows.append(["stored", ck, ev.tier])
                     if not kept:
                         rows.append(["removed", ck, ev.source])
-                if counts is not None:
-                    counts[ev.tier] = counts.get(ev.tier, 0) + 1
+                if delta is not None:
+                    k = (ns, ev.tier)
+                    delta[k] = delta.get(k, 0) + 1
                     if not kept:
-                        counts[ev.source] = counts.get(ev.source, 0) - 1
+                        k = (ns, ev.source)
+                        delta[k] = delta.get(k, 0) - 1
             else:
                 rows.append([ev.kind, ck, ev.tier])
-                if counts is not None:
-                    counts[ev.tier] = counts.get(ev.tier, 0) + (1 if ev.kind == "stored" else -1)
+                if delta is not None:
+                    k = (ns, ev.tier)
+                    delta[k] = delta.get(k, 0) + (1 if ev.kind == "stored" else -1)
+        if delta:
+            self._count_blocks(delta)
         for ns, rows in by_ns.items():
+            if delta is not None and ns not in self._ns_tenant:
+                self._tenant_of(ns)
             self._tell(ns, rows)
-            if counting:
-                self._settle_ns(ns)
         if getattr(self, "_untold", None):  # after this request's rows: what the tiers hold now
             self._tell_recovered()
         self.origin.sweep(self.manager)
@@ -444,30 +451,37 @@ class Events:
         return out
 
     def _tenant_of(self, ns: bytes) -> str | None:
-        """(Owner thread.) The tenant of namespace ns, once a session of it was seen (kept while
-        the namespace holds blocks or has a stream: _settle_ns); None before."""
+        """(Owner thread.) The tenant of namespace ns, once a session of it was seen; None before.
+        Kept while the namespace holds blocks or has a stream: the others go once they are many
+        (so the map stays bounded by what is held and the replay's streams)."""
         t = self._ns_tenant.get(ns)
         if t is None:
             ss = self.sessions.in_namespace(ns)
             if ss:
                 t = self._ns_tenant[ns] = getattr(ss[0], "tenant", "")
+                streams = self.events_replay.streams if getattr(self, "events_replay", None) is not None else {}
+                if len(self._ns_tenant) > 2 * (len(self._ns_blocks) + len(streams)) + SWEEP_SLACK:
+                    self._ns_tenant = {n: v for n, v in self._ns_tenant.items()
+                                       if n == ns or n in self._ns_blocks or n in streams}
         return t
 
-    def _settle_ns(self, ns: bytes) -> None:
-        """After ns's rows: its tenant known (tenants.tenant_stats, a tenant's own stream and
-        replay), its block counts pruned; a namespace holding nothing is forgotten, and the
-        tenants of namespaces holding nothing and without a stream go once they are many (so both
-        maps stay bounded by what is held and the replay's streams)."""
-        counts = self._ns_blocks.get(ns)
-        if counts is not None:
-            for t in [t for t, n in counts.items() if n <= 0]:
-                del counts[t]
-            if not counts:
-                del self._ns_blocks[ns]
-        self._tenant_of(ns)
-        streams = self.events_replay.streams if getattr(self, "events_replay", None) is not None else {}
-        if len(self._ns_tenant) > 2 * (len(self._ns_blocks) + len(streams)) + SWEEP_SLACK:
-            self._ns_tenant = {n: t for n, t in self._ns_tenant.items() if n in self._ns_blocks or n in streams}
+    def _count_blocks(self, delta: dict) -> None:
+        """Each namespace's blocks per tier (tenants.tenant_stats), changed by a drained batch; a
+        namespace holding nothing is forgotten (the map is bounded by what is held)."""
+        nb = self._ns_blocks
+        for (ns, tier), n in delta.items():
+            if not n:
+                continue
+            counts = nb.get(ns)
+            if counts is None:
+                counts = nb[ns] = {}
+            v = counts.get(tier, 0) + n
+            if v > 0:
+                counts[tier] = v
+            else:
+                counts.pop(tier, None)
+                if not counts:
+                    del nb[ns]
 
     def _events_snapshot(self, ns: bytes) -> tuple[int, bytes]:
         """(Owner thread.) (seq, one batch: ["cleared", b"", ""] then ["stored", client key, tier]
