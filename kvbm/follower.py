@@ -35,7 +35,8 @@ until the next snapshot). A daemon before sequence numbers sends two frames: its
 are applied, unchecked.
 
 Trust: the follower sees what its credential lets it subscribe to; a replay request names one topic
-and the daemon answers that topic's rows only (SECURITY.md).
+and the daemon answers that topic's rows only (SECURITY.md). A tenant follows its own stream
+(daemon.tenants.<name>.events / .events_replay) with its own token: its namespaces only.
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("events", help="the daemon's events address (daemon.events)")
     p.add_argument("--replay", default="", help="its replay address (daemon.events_replay)")
     p.add_argument("--topic", default="", help="one namespace's topic (hex, Client.topic); default: all")
-    p.add_argument("--token-file", default="", help="the event streams' token (daemon.events_token)")
+    p.add_argument("--token-file", default="", help="the event streams' token (daemon.events_token), or a "
+                                                     "tenant's own token on its own stream (daemon.tenants.<name>.events)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = None
