@@ -359,6 +359,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    if "tenant" in st:  # a named tenant's token: its own counters only (server.op_stats)
+        print(f"kvbm daemon at {address}: tenant {st['tenant']}: {_tenant_line(st)}")
+        return 0
     d = st["daemon"]
     print(f"kvbm daemon at {address}: {d['clients']} clients, up {d['uptime_seconds']:.0f}s, "
           f"prefix hit ratio {d['prefix_hit_ratio']:.3f} ({d['prefix_hit_blocks']}/{d['lookup_blocks']} blocks)")
@@ -371,7 +374,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"  {path:14} {p['blocks']:>9} blocks {p['bytes'] / 1e9:10.3f} GB  {rate}")
     print(f"  requests {d['requests']}, bad {d['bad_requests']}, unauthorized {d['unauthorized']}, "
           f"lease expiries {d['lease_expiries']}, nixl {d['nixl'] or 'off'}")
+    for name, row in (st.get("tenants") or {}).items():  # the operator's view: a row per tenant
+        print(f"  tenant {name}: {_tenant_line(row)}")
     return 0
+
+
+def _tenant_line(row: dict) -> str:
+    blocks = ", ".join(f"{t} {n}" for t, n in (row.get("blocks") or {}).items()) or "none"
+    return (f"{row.get('sessions', 0)} sessions, prefix hit ratio {row.get('prefix_hit_ratio', 0.0):.3f} "
+            f"({row.get('prefix_hit_blocks', 0)}/{row.get('lookup_blocks', 0)} blocks), stored "
+            f"{row.get('stored_blocks', 0)}, loaded {row.get('loaded_blocks', 0)}, pinned "
+            f"{row.get('pinned_blocks', 0)}, busy {row.get('busy_blocks', 0)}/{row.get('busy_bound', '-')}; "
+            f"blocks {blocks}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ def _where(c, keys) -> dict[str, int]:
     return out
 
 
-def test_a_tenant_sees_its_own_counters_and_the_operator_sees_every_tenant(tmp_path):
+def test_a_tenant_sees_its_own_counters_and_the_operator_sees_every_tenant(tmp_path, capsys):
     """alice stores 24 blocks over two salts (G2 holds 16: the rest goes down to G3), looks up 28
     (24 hits), loads 4, pins 2; bob stores 3. alice's `stats` is exactly hers: no node counter, no
     tier capacity, no word of bob, and it does not move when bob works; bob's is his. The
@@ -106,6 +106,16 @@ def test_a_tenant_sees_its_own_counters_and_the_operator_sees_every_tenant(tmp_p
         assert node["tenants"]["default"]["stored_blocks"] == 0 and node["tenants"]["default"]["sessions"] == 1
         assert node["daemon"]["client_store_bytes"] == 31 * NB
         assert sum(node["tiers"][t]["used"] for t in ("g2", "g3")) >= 31
+        # `kvbm stats`: a tenant's token prints its own line (no KeyError on the node's fields),
+        # the operator's the node's and a line per tenant
+        from kvbm.cli import main
+        capsys.readouterr()
+        assert main(["stats", "--address", d.address, "--token", ALICE]) == 0
+        out = capsys.readouterr().out
+        assert "tenant alice:" in out and "stored 24, loaded 4, pinned 2" in out and "bob" not in out, out
+        assert main(["stats", "--address", d.address, "--token", TCP_TOKEN]) == 0
+        out = capsys.readouterr().out
+        assert "tenant alice:" in out and "tenant bob:" in out and "stored 7," in out, out
     finally:
         for c in clients:
             c.close()

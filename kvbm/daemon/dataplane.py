@@ -56,7 +56,7 @@ class DataPlane:
         bound = self._owner_bound(s)
         held = self.sessions.busy_by_owner.get(s.owner, 0)
         if bound is not None and held + n > bound:
-            what, key = ((f"tenant {s.tenant!r}", f"daemon.tenants.{s.tenant}.share") if s.tenant
+            what, key = ((f"tenant {s.tenant!r}", f"daemon.tenants.{s.tenant.split('~')[0]}.share") if s.tenant
                          else ("uid", "daemon.namespace_share"))
             raise P.ProtocolError("quota", f"this {what} keeps {held} G2 blocks busy; at most {bound} "
                                            f"({key} of {self.top.capacity})")
