@@ -10,8 +10,9 @@ and descriptor of the daemon returns to its baseline.
   loop from another thread). Before, the daemon copied through its own mapping of that file and
   died of SIGBUS at the commit (one client took every tenant's cache down; a /dev/shm filled by
   any local user did the same at the daemon's first write into a sparse window page). Now the
-  daemon never maps a window: it copies with pread/pwrite (windows.py), so a truncated block is
-  not stored, a failed write is not loaded.
+  daemon maps the window but touches it only through the guarded native copy (a fault fails
+  that block, then pread/pwrite on the descriptor tries it once; windows.py, csrc/guarded_copy),
+  so a truncated block is not stored, a failed write is not loaded.
 - SIGKILL of a client in every phase of a two-phase store or load, and rapid hello/bye cycles
   (some abandoned, some under many namespaces): the maps, the /dev/shm files and the daemon's
   descriptors (windows now hold one each) return to baseline.
@@ -32,6 +33,7 @@ Everything else held when tried and is kept as a test.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import Counter
 import signal
@@ -275,12 +277,14 @@ def test_a_thread_truncating_the_window_in_a_loop_never_kills_the_daemon(served)
 def test_a_window_write_that_fails_is_a_miss_not_a_crash(tmp_path):
     """Window.read_into / write_from report the blocks that did not move (a truncated file; a
     write refused, as on a full tmpfs): the daemon then stores or loads fewer, never crashes.
-    The daemon holds no mapping of the window at all."""
+    Python never holds a buffer over the window: only the guarded native copy touches its mapping
+    (`Window._guarded`, a kvbm._native.SharedMap, or None without the extension)."""
     from kvbm.daemon.windows import Window
 
     w = Window.create(f"kvbm-test-{os.getpid()}-{tmp_path.name[-8:]}", 4, NB, NB, scratch=2)
     try:
         assert not hasattr(w, "_map") and not hasattr(w, "buf")
+        assert not isinstance(getattr(w, "_guarded", None), (memoryview, mmap.mmap, np.ndarray))
         src = np.concatenate([block(k) for k in make_keys("win", 4)])
         assert w.write_from(src, [i * NB for i in range(4)], [0, 1, 2, 3]) == 4
         assert w.view(2).tobytes() == src[2 * NB:3 * NB].tobytes()
