@@ -30,8 +30,8 @@ MAX_OWNER). The loop serves connections in turn (the ROUTER's fair queue), so a 
 the loop, and of the requests and replies queued in the daemon (RCVHWM and REPLY_HWM a
 connection), grows with the connections it opens; before, one token holder could open nearly all
 of `total_cap` and every other tenant's request waited behind one of each of them. A connection
-that shows a tenant's token past its cap is answered `busy` and shut down (its first request is
-refused, nothing else runs).
+that shows a tenant's token past its cap is answered `busy` (every request on it) and shut down
+DOOM_S later, once its refusal has gone out.
 
 Replies a connection never reads: libzmq queues up to REPLY_HWM of them per connection (the
 daemon's memory), whatever their size, and one token holder may open many connections. The gate
@@ -81,6 +81,7 @@ RCVBUF = 2 << 20  # the kernel's receive buffer per connection (it doubles it): 
 SNDBUF = 1 << 20  # and its send buffer: replies a client does not read sit there (4+ MiB autotuned)
 SAMPLE_S = 0.1  # how often the gate reads each connection's byte count
 SLACK = 256 << 10  # greeting, READY, a few frame headers
+DOOM_S = 2.0  # a connection refused past its tenant's cap is shut down this long after (its `busy` reply first)
 UNREAD = SNDBUF // 2  # replies queued in the kernel for a connection; past it the gate shuts it down
 
 
@@ -129,7 +130,7 @@ class ConnGate:
         self.per_owner_cap = owner_cap(self.total_cap) if per_owner_cap is None else per_owner_cap
         self._owner_of: dict[int, str] = {}  # authenticated fd -> its tenant ("" daemon.token's)
         self.by_owner: dict[str, int] = {}  # tenant -> authenticated connections
-        self._doomed: set[int] = set()  # refused past their tenant's cap: shut down at the next sample
+        self._doomed: dict[int, float] = {}  # refused past their tenant's cap -> when: shut down DOOM_S later
         self._early: set[int] = set()  # authenticated before the gate read their ACCEPTED
         self.refused = 0  # connections refused so (past per_owner_cap)
         # bytes a connection may have sent past the requests the daemon read from it: before its
@@ -194,7 +195,7 @@ class ConnGate:
             if not known:  # its ACCEPTED is not read yet (this thread can be first): counted now
                 self._early.add(fd)
             if self.by_owner.get(owner, 0) >= self.per_owner_cap:
-                self._doomed.add(fd)
+                self._doomed[fd] = time.monotonic()
                 return False
             if known:
                 del self._waiting[fd]
@@ -205,7 +206,7 @@ class ConnGate:
 
     def _forget(self, fd: int) -> None:
         """(under the lock) fd is no longer a connection of its tenant."""
-        self._doomed.discard(fd)
+        self._doomed.pop(fd, None)
         self._early.discard(fd)
         owner = self._owner_of.pop(fd, None)
         if owner is not None:
@@ -241,14 +242,16 @@ class ConnGate:
     def _sample(self) -> None:
         """Shut down each connection that sent more than the daemon read from it, plus its backlog."""
         with self._lock:
-            for fd in list(self._doomed):  # past its tenant's cap: its refusal went out before this sample
-                if fd in self._waiting:
-                    del self._waiting[fd]
-                    self.refused += 1
-                    self._cut(fd)
-                    self._doomed.discard(fd)
-                elif fd not in self._early:  # (gone meanwhile) an early one is cut at its ACCEPTED
-                    self._doomed.discard(fd)
+            now = time.monotonic()
+            for fd, since in list(self._doomed.items()):  # past its tenant's cap, refused `busy` since
+                if fd in self._waiting:                     # (its replies go out before it is cut)
+                    if now - since >= DOOM_S:
+                        del self._waiting[fd]
+                        self.refused += 1
+                        self._cut(fd)
+                        del self._doomed[fd]
+                elif fd not in self._early:  # (gone meanwhile) an early one waits for its ACCEPTED
+                    del self._doomed[fd]
             fds = [(fd, True) for fd in self._authed] + [(fd, False) for fd in self._waiting]
         for fd, authed in fds:
             got = _bytes_received(fd)
@@ -258,6 +261,7 @@ class ConnGate:
                         self._authed.discard(fd)
                         self._waiting.pop(fd, None)
                         self._forget(fd)
+                        self._read.pop(fd, None)
                 continue
             unread = _unsent(fd)
             if unread is not None and unread >= self.unread_cap:  # it does not read its replies
@@ -285,6 +289,7 @@ class ConnGate:
             return
         with self._lock:
             if ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._read.pop(fd, None)  # (reset here, not at ACCEPTED: the loop may read first)
                 if fd in self._cutting:
                     self._cutting.discard(fd)
                 else:
@@ -297,16 +302,16 @@ class ConnGate:
             if fd in self._early:  # a request on it was read first: counted (or refused) already
                 self._early.discard(fd)
                 self._read.setdefault(fd, 0)
-                if fd in self._doomed:
-                    self._doomed.discard(fd)
-                    self.refused += 1
-                    self._cut(fd)
+                if fd in self._doomed:  # refused: into the waiting ones, shut down DOOM_S after its refusal
+                    self._waiting[fd] = None
                 return
             self._cutting.discard(fd)  # (a descriptor is reused only after its DISCONNECTED)
             self._authed.discard(fd)
             self._waiting.pop(fd, None)
             self._forget(fd)
-            self._read[fd] = 0
+            # not = 0: under load the loop may have read this connection's first request before
+            # this thread saw it accepted; zeroing it then cut the sender of the next 1 MiB request
+            self._read.setdefault(fd, 0)
             if len(self._authed) + len(self._waiting) >= self.total_cap:
                 self._cut(fd)
                 return
