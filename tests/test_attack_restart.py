@@ -15,7 +15,6 @@ hello again), no old handle and no old request id.
 from __future__ import annotations
 
 import glob
-import os
 import threading
 
 import numpy as np

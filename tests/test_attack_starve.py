@@ -22,12 +22,9 @@ import pytest
 zmq = pytest.importorskip("zmq")
 
 from daemonproc import wait_until  # noqa: E402
-from kvbm.daemon.protocol import RemoteError, request, unpack  # noqa: E402
-from servedaemon import LAYOUT_DICT, NB, block, make_keys  # noqa: E402
-from test_tenant_tokens import ALICE, BOB, DEADLINE_S, _busy, _loads, _served  # noqa: E402
-
-HELLO = {"model": "tiny", "layout": LAYOUT_DICT, "salt": "s"}
-
+from kvbm.daemon.protocol import request, unpack  # noqa: E402
+from servedaemon import NB, block, make_keys  # noqa: E402
+from test_tenant_tokens import ALICE, BOB, DEADLINE_S, _loads, _served  # noqa: E402
 
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
