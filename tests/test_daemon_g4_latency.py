@@ -278,3 +278,40 @@ def test_one_owner_holds_at_most_half_of_the_onboarding_slots(tmp_path):
         assert all(np.array_equal(o, block(k)) for o, k in zip(out, got))
     finally:
         m.close()
+
+
+def test_a_third_owner_gets_an_onboarding_slot_while_two_hold_their_share(tmp_path):
+    """The last max_jobs // 8 onboarding slots go only to owners holding none (red team H52,
+    session 13). Before, with max_jobs 8 and a share of 4 each, alice and bob in flight at 4 each
+    took every slot and carol's G3/G4 hits came back as misses."""
+    from kvbm.daemon.onboard import Onboarder
+
+    m, _, cold = manager_over_g4(tmp_path, "three", 16, 64)
+    try:
+        assert len(cold) == 16
+        g4 = m.tiers[1].storage
+        gate, real = threading.Event(), g4.read
+        g4.read = lambda items: (gate.wait(600), real(items))[1]  # a hung store
+        woken = threading.Event()
+        ob = Onboarder(m, woken.set, wait_s=600.0, max_jobs=8)
+        assert ob.per_owner == 4
+        for i in range(4):  # alice takes her share
+            assert ob.start([cold[i]], "alice")
+        assert not ob.start([cold[4]], "alice")
+        for i in range(5, 8):  # bob takes what is left but the reserve: his fourth finds none
+            assert ob.start([cold[i]], "bob")
+        assert not ob.start([cold[8]], "bob") and cold[8] not in ob._inflight
+        assert ob.held_by("alice") == 4 and ob.held_by("bob") == 3
+        assert ob.start([cold[9]], "carol")  # holding none: the reserve is hers
+        assert ob.held_by("carol") == 1 and len(ob._tickets) == 8
+        assert not ob.start([cold[10]], 1000)  # all eight in flight: the global bound still holds
+        gate.set()
+        deadline = time.monotonic() + 180
+        while len(ob) and time.monotonic() < deadline:
+            woken.wait(1)
+            woken.clear()
+            ob.service()
+        assert len(ob) == 0 and ob._tickets == []
+        assert m.lookup([cold[9]])[1] == ["g2"]  # carol's block came up
+    finally:
+        m.close()

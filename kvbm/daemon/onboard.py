@@ -84,13 +84,18 @@ class Onboarder:
     def start(self, skeys: list, owner: Any = None) -> bool:
         """Owner thread: submit the promotion of the ready prefix's blocks below G2 (unless one
         is already on its way); True if any block of that prefix is coming up. `owner` (whose
-        request: Session.owner) holds at most per_owner of the max_jobs tickets."""
+        request: Session.owner) holds at most per_owner of the max_jobs tickets, and takes one of
+        the last max_jobs // 8 (the reserve) only while it holds none."""
         m = self.manager
         top = m.tiers[0]
         n, where = m.lookup(skeys)
         prefix = skeys[:n]
         lower = [k for k, w in zip(prefix, where) if w != top.name and k not in top.pending]
-        if lower and len(self._tickets) < self.max_jobs and self.held_by(owner) < self.per_owner:
+        mine = self.held_by(owner)
+        # the last max_jobs // 8 slots go only to owners holding none: with three or more
+        # owners, two at per_owner each (half) would otherwise leave a third no slot at all
+        if (lower and len(self._tickets) < self.max_jobs and mine < self.per_owner
+                and (mine == 0 or len(self._tickets) < self.max_jobs - self.max_jobs // 8)):
             ticket = m.submit_load(lower, None)
             coming = [key for key, _, _, _ in ticket.job.promotions]
             if ticket.future is None:
