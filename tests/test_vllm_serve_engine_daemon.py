@@ -183,6 +183,25 @@ def test_runtime_dir_of_another_mode_is_refused(tmp_path, monkeypatch):
         engine_daemon.runtime_dir()
 
 
+def test_runtime_dir_behind_a_symbolic_link_is_refused(tmp_path, monkeypatch):
+    """/tmp/kvbm-<uid> as a symbolic link (whoever made it can re-point it after the check, and
+    the engine daemon's socket and rendezvous files would then be theirs) is refused, even when
+    it points at a private folder of ours; so is a parent folder others may write (not sticky)."""
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    mine = tmp_path / "private"
+    mine.mkdir(mode=0o700)
+    (tmp_path / f"kvbm-{os.getuid()}").symlink_to(mine)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        engine_daemon.runtime_dir()
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)  # world-writable, no sticky bit: anyone could rename our folder in it
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(open_dir))
+    with pytest.raises(ConfigError, match="others may write"):
+        engine_daemon.runtime_dir()
+    assert not (open_dir / f"kvbm-{os.getuid()}").exists()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

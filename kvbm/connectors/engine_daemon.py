@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import time
 from typing import Any, Mapping
 
 from ..config import ConfigError
+from ..daemon.transport import unsafe_path
 from .cpus import unbind_cpus
 
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, less the terminating NUL)
@@ -48,8 +50,16 @@ def runtime_dir() -> str:
     """This user's private directory for engine daemons' sockets and rendezvous files."""
     base = os.environ.get("KVBM_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = os.path.join(base, f"kvbm-{os.getuid()}")
+    # another local user may have made /tmp/kvbm-<our uid> first, or a symbolic link there they can
+    # re-point after our check: refuse both (the daemon's socket and rendezvous files live here)
+    why = unsafe_path(path)
+    if why:
+        raise ConfigError(f"kvbm: {path}: {why}; remove it or set KVBM_RUNTIME_DIR")
     os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"kvbm: {path} is a symbolic link; it must be a directory owned by this user "
+                          f"with mode 0700 (it holds engine daemons' sockets); remove it or set KVBM_RUNTIME_DIR")
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ConfigError(f"kvbm: {path} must be a directory owned by this user with mode 0700 "
                           f"(it holds engine daemons' sockets); remove it or set KVBM_RUNTIME_DIR")

@@ -104,8 +104,9 @@ def _prepare_ipc(path: str, key: str) -> None:
 def unsafe_path(folder: str, _depth: int = 0) -> str:
     """Why another user could change what `folder` leads to ("" when no one but us and root can):
     a symbolic link on the way that someone else owns (they re-point it), or a folder on the way
-    that others may write and that is not sticky (they rename what is in it). Parts that do not
-    exist yet are not checked (makedirs creates them 0700, ours)."""
+    that others may write and that is not sticky (they rename what is in it, or make the part we
+    are about to make). Parts below the first missing one are not checked (makedirs creates them
+    0700, ours)."""
     me = os.getuid()
     parts = os.path.abspath(folder).split(os.sep)
     cur = os.sep
@@ -114,13 +115,15 @@ def unsafe_path(folder: str, _depth: int = 0) -> str:
         cur = os.path.join(cur, name)
         try:
             pst = os.stat(parent)
-            lst = os.lstat(cur)
-        except FileNotFoundError:
-            return ""
         except OSError:
             return ""  # (not ours to judge: the bind or connect reports it)
+        # checked before `cur` exists too: in a folder others may write, whoever comes first makes it
         if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
             return f"others may write folder {parent} (they could rename {cur})"
+        try:
+            lst = os.lstat(cur)
+        except OSError:
+            return ""  # not there yet (makedirs creates it 0700, ours), or not ours to judge
         if stat.S_ISLNK(lst.st_mode):
             if lst.st_uid not in (me, 0):
                 return f"{cur} is a symbolic link of uid {lst.st_uid} (they could point it elsewhere)"
