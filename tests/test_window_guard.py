@@ -254,7 +254,7 @@ def test_a_client_holding_its_window_busy_ends_its_own_session_not_the_loop(tmp_
     are right, and after the attack everything is back at baseline with no /dev/shm file left.
     On ipc:// the clients run as the daemon's uid: with the extension their copies are inline
     (dataplane._inline); on tcp:// (uid unknown) every copy goes through the copier."""
-    env = {"KVBM_NATIVE": native_ops, "KVBM_CI_WINDOW_COPY_DEADLINE_S": "0.2"}
+    env = {"KVBM_NATIVE": native_ops, "KVBM_DAEMON__WINDOW_COPY_DEADLINE_S": "0.2"}
     d = Served(tmp_path, "d", env=env, daemon={"address": "tcp://127.0.0.1:0"} if address == "tcp" else None).start()
     victim = d.client(model="victim")
     a = Raw(d)

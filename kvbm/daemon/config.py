@@ -38,6 +38,9 @@
       room_wait_s: 2.0                    # a store into a full G2 waits this long for the offloader
       room_stall_s: 0.4                   # ... or this long without a block landing below
       onboard_wait_s: 2.0                 # a load waits this long for its G3/G4 blocks to reach G2
+      window_copy_deadline_s: 0.5         # a copy through a client's window may take this + 1 s per
+                                          # 128 MiB; past it the request fails window_stalled and the
+                                          # session ends (a client stalling its own window)
 
 Overrides: KVBM_DAEMON__TOKEN=..., KVBM_DAEMON__ADDRESS=... (as for every kvbm key);
 KVBM_DAEMON__TENANTS__ALICE__TOKEN=..., KVBM_DAEMON__TENANTS__ALICE__SHARE=0.3 (names lowercased).
@@ -87,6 +90,7 @@ class DaemonConfig:
     window_mib: int = 64  # each session's staging window (the only daemon memory a client maps)
     room_wait_s: float = 2.0  # a store into a full G2 waits at most this for the offloader (onboard.py)
     room_stall_s: float = 0.4  # ... and less once the offloader landed nothing for this long
+    window_copy_deadline_s: float = 0.5  # a window copy's time limit: this + bytes / 128 MiB/s (windows.py)
     # a load (or peer lookup) waits at most this for its G3/G4 blocks to come up to G2, then gets
     # the G2 prefix (onboard.py); keep it below the clients' timeout (10 s)
     onboard_wait_s: float = 2.0
@@ -199,7 +203,7 @@ class DaemonConfig:
         if self.metrics and ":" not in self.metrics:
             raise ConfigError(f"daemon.metrics must be HOST:PORT or '', got {self.metrics!r}")
         for name in ("lease_s", "peer_timeout_s", "reserve_s", "pin_s", "room_wait_s", "room_stall_s",
-                     "onboard_wait_s"):
+                     "onboard_wait_s", "window_copy_deadline_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"daemon.{name} must be a positive number of seconds, got {v!r}")

@@ -38,6 +38,7 @@ from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
 from ..tiers.seal import cluster_object_secret
 from . import protocol as P
+from . import windows
 from .config import DaemonConfig, is_local
 from .conn_gate import ConnGate, harden
 from .dataplane import SCRATCH_BLOCKS, DataPlane
@@ -102,6 +103,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.sessions = Sessions(dcfg.max_clients, dcfg.max_sessions_per_uid, windows=max_windows())
         # a session's staging window (windows.py): one request's blocks, at most window_mib
         self.window_slots = max(1, min(dcfg.max_keys, (dcfg.window_mib << 20) // self.pool.stride))
+        windows.DEADLINE_BASE_S = dcfg.window_copy_deadline_s  # a window copy's time limit (windows.py)
         # and past them a few the client manages itself, for one-shot store / load (one round trip)
         self.scratch_slots = max(1, min(SCRATCH_BLOCKS, self.window_slots // 4))
         self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid

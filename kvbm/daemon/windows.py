@@ -70,7 +70,7 @@ _open_lock = threading.Lock()  # a stalled window's descriptor is closed by its 
 
 # The loop waits for a window copy at most BASE + bytes / RATE seconds: far above any honest
 # copy (a mapping copies GB/s; pwrite beside CPU hogs still ~1 GB/s), far below a client's stall.
-DEADLINE_BASE_S = float(os.environ.get("KVBM_CI_WINDOW_COPY_DEADLINE_S", "0.5"))
+DEADLINE_BASE_S = 0.5  # daemon.window_copy_deadline_s (set by the server at start)
 DEADLINE_RATE = float(os.environ.get("KVBM_CI_WINDOW_COPY_RATE", str(128 << 20)))  # bytes per second
 
 
