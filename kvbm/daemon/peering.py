@@ -11,7 +11,8 @@ to the puller thread and answered when the pull ends; meanwhile the loop serves 
 The puller does the network work (ask the peer, NIXL READ, verify crc32c) and asks the owner
 thread, through a call queue and a wake-up pipe (Daemon._owner), for every manager step:
 reserve slots before the READ, commit or roll back after it. Pulls run one at a time, in order;
-at most MAX_PENDING_PULLS wait, beyond that a lookup is answered from local tiers only.
+at most MAX_PENDING_PULLS wait, and at most half of them of one owner (a tenant, a uid); beyond
+that a lookup is answered from local tiers only.
 
 On the serving side a peer_lookup pins the blocks and answers their addresses at once; their
 crc32c is computed on a helper thread while the peer READs and goes back with peer_release.
@@ -69,10 +70,11 @@ PULL_PHASES = ("ask", "reserve", "read", "release", "verify", "commit")
 class _Pending:
     """A lookup answered when its pull ends (skeys: all of the lookup's server keys)."""
 
-    __slots__ = ("envelope", "rid", "skeys", "t0")
+    __slots__ = ("envelope", "rid", "skeys", "t0", "owner")
 
-    def __init__(self, envelope: list, rid: int, skeys: list, t0: float) -> None:
+    def __init__(self, envelope: list, rid: int, skeys: list, t0: float, owner: Any = None) -> None:
         self.envelope, self.rid, self.skeys, self.t0 = envelope, rid, skeys, t0
+        self.owner = owner  # whose lookup (Session.owner): counted in Peering._pending_by
 
 
 class ShuttingDown(RuntimeError):
@@ -108,6 +110,9 @@ class Peering:
         self.counters.setdefault("peer_serve_crc_s", 0.0)  # the serving side's crc32c, on its helper
         self.counters.setdefault("peer_serve_crc_blocks", 0)  # blocks it checksummed (not kept from before)
         self._pending = 0  # lookups waiting for a pull
+        # the same per owner (Session.owner: a tenant, a uid), each at most MAX_PENDING_PULLS // 2:
+        # one tenant's local misses must not take every pending pull and others' peer hits
+        self._pending_by: dict = {}
         self._pull_jobs: dict = {}  # id(job) -> (StoreJob, keys reserved below G2): pulls in flight
         self._stopping = False  # shutdown began: queued pulls are answered from local tiers
         self._pulls: queue.SimpleQueue = queue.SimpleQueue()
@@ -124,16 +129,23 @@ class Peering:
         """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None.
         The pull asks for session s's namespace only, by its client keys."""
         if (n < len(skeys) and self._puller is not None and self._current is not None
-                and self.peers.live() and self._pending < MAX_PENDING_PULLS):
+                and self.peers.live() and self._pending < MAX_PENDING_PULLS
+                and self._pending_by.get(s.owner, 0) < MAX_PENDING_PULLS // 2):
             envelope, rid, t0 = self._current
             self._pending += 1
-            self._pulls.put((_Pending(envelope, rid, skeys, t0), (s.namespace, keys[n:], skeys[n:])))
+            self._pending_by[s.owner] = self._pending_by.get(s.owner, 0) + 1
+            self._pulls.put((_Pending(envelope, rid, skeys, t0, s.owner), (s.namespace, keys[n:], skeys[n:])))
             return DEFERRED
         return None
 
     def _lookup_done(self, pending: _Pending) -> None:
         """Owner thread: a pull ended (blocks landed or not); answer the lookup that waited."""
         self._pending -= 1
+        left = self._pending_by.get(pending.owner, 0) - 1
+        if left > 0:
+            self._pending_by[pending.owner] = left
+        else:
+            self._pending_by.pop(pending.owner, None)
         n, where = self.manager.lookup(pending.skeys)
         reply = self._lookup_reply(pending.skeys, n, where)
         reply.update(id=pending.rid, ok=True)
