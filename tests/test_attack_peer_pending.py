@@ -1,5 +1,6 @@
 """Pending peer pulls are shared per owner (red team H52, session 13): one tenant's local misses
-may take at most half of MAX_PENDING_PULLS, so another tenant's lookups still go to the peers."""
+may take at most half of MAX_PENDING_PULLS, and the last eighth goes only to owners with none
+pending, so another tenant's lookups still go to the peers."""
 from __future__ import annotations
 
 import queue
@@ -52,17 +53,26 @@ def test_one_owner_takes_at_most_half_of_the_pending_pulls():
     assert d._ask_peers(alice, [99], [99], 0) is None
     assert d._ask_peers(bob, [1], [1], 0) is DEFERRED
     assert d._pending == half + 1 and d._pending_by == {"alice": half, "bob": 1}
-    for i in range(half - 1):
+    reserve = MAX_PENDING_PULLS // 8
+    for i in range(MAX_PENDING_PULLS - reserve - half - 1):
         assert d._ask_peers(bob, [i], [i], 0) is DEFERRED
-    # the global bound still holds: all MAX_PENDING_PULLS pending, even carol (holding none) waits
+    # bob stops short of his half: the last eighth goes only to owners with none pending, so two
+    # owners at half each cannot leave a third none (carol, a uid, still reaches the peers)
+    assert d._pending == MAX_PENDING_PULLS - reserve
+    assert d._ask_peers(bob, [99], [99], 0) is None
+    assert d._ask_peers(carol, [1], [1], 0) is DEFERRED and d._pending_by[1000] == 1
+    assert d._ask_peers(carol, [2], [2], 0) is None  # one each from the reserve
+    for owner in range(reserve - 1):
+        assert d._ask_peers(_session(f"t{owner}"), [1], [1], 0) is DEFERRED
+    # the global bound still holds: all MAX_PENDING_PULLS pending, even dave (with none) waits
     assert d._pending == MAX_PENDING_PULLS
-    assert d._ask_peers(carol, [1], [1], 0) is None
+    assert d._ask_peers(_session("dave"), [1], [1], 0) is None
     # a pull that ends gives its owner's slot back (and the global one), and the lookup is answered
     pending, want = d._pulls.get_nowait()
     assert pending.owner == "alice" and want[0] == b"ns-alice"
     d._lookup_done(pending)
     assert d.sent == [["envelope"]] and d._pending_by["alice"] == half - 1
-    assert d._ask_peers(carol, [1], [1], 0) is DEFERRED and d._pending_by[1000] == 1
+    assert d._ask_peers(_session("dave"), [1], [1], 0) is DEFERRED and d._pending_by["dave"] == 1
     # every pull ends: the per-owner table empties (no owner keeps a count of zero)
     while True:
         try:

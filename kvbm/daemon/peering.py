@@ -11,8 +11,8 @@ to the puller thread and answered when the pull ends; meanwhile the loop serves 
 The puller does the network work (ask the peer, NIXL READ, verify crc32c) and asks the owner
 thread, through a call queue and a wake-up pipe (Daemon._owner), for every manager step:
 reserve slots before the READ, commit or roll back after it. Pulls run one at a time, in order;
-at most MAX_PENDING_PULLS wait, and at most half of them of one owner (a tenant, a uid); beyond
-that a lookup is answered from local tiers only.
+at most MAX_PENDING_PULLS wait, at most half of them of one owner (a tenant, a uid), and the last
+eighth only of owners with none waiting; beyond that a lookup is answered from local tiers only.
 
 On the serving side a peer_lookup pins the blocks and answers their addresses at once; their
 crc32c is computed on a helper thread while the peer READs and goes back with peer_release.
@@ -128,9 +128,12 @@ class Peering:
     def _ask_peers(self, s: Session, keys: list, skeys: list, n: int) -> Any:
         """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None.
         The pull asks for session s's namespace only, by its client keys."""
+        mine = self._pending_by.get(s.owner, 0)
+        # the last MAX_PENDING_PULLS // 8 go only to owners with none pending (as Onboarder's slots):
+        # two owners at half each would otherwise leave a third no pending pull at all
         if (n < len(skeys) and self._puller is not None and self._current is not None
-                and self.peers.live() and self._pending < MAX_PENDING_PULLS
-                and self._pending_by.get(s.owner, 0) < MAX_PENDING_PULLS // 2):
+                and self.peers.live() and self._pending < MAX_PENDING_PULLS and mine < MAX_PENDING_PULLS // 2
+                and (mine == 0 or self._pending < MAX_PENDING_PULLS - MAX_PENDING_PULLS // 8)):
             envelope, rid, t0 = self._current
             self._pending += 1
             self._pending_by[s.owner] = self._pending_by.get(s.owner, 0) + 1
