@@ -267,3 +267,18 @@ def test_touch_is_an_access_where_the_block_is():
     # 2 is now G2's most recent, so storing 4 pushes 3 down, not 2
     m.store([4])
     assert m.locate([2, 3, 4]) == [0, 1, 0]
+
+
+@pytest.mark.xfail(strict=True, reason="known (session 13, found by hypothesis in CI): exclusive mode keeps the "
+                   "source copy of a promoted block that is pinned in its tier (onboard.complete_load skips the "
+                   "drop of a busy source), so the block sits in G2 and G3 until evicted; same bytes, capacity "
+                   "still bounded. Fix: drop the source copy at its unpin, or do not promote a pinned source")
+def test_exclusive_mode_loading_a_block_pinned_below_keeps_one_copy():
+    # the example hypothesis found for test_invariants_under_random_workloads, kept here replayed
+    m = manager(("g2", 3, "lru"), ("g3", 5, "lru"), mode="exclusive")
+    m.store([1, 3])
+    m.store([0, 2])  # g2 holds 3 of the 4: 1 goes down to g3
+    assert m.pin([1]) == 1
+    assert m.lookup([1])[0] == 1 and m.load([1]).keys == [1]
+    holders = [t.name for t in m.tiers if 1 in t.ready or 1 in t.pending]
+    assert holders == ["g2"], holders
