@@ -228,6 +228,14 @@ class Sessions:
         return [s for s in self.by_id.values() if s.namespace == ns]
 
 
+def owner_may_take(in_use: int, mine: int, cap: int, per_owner: int) -> bool:
+    """Whether an owner (Session.owner: a tenant, a uid) holding `mine` of a shared pool's `cap`
+    slots (`in_use` taken in all) may take one more: at most per_owner each, and the last cap // 8
+    only for owners holding none, so two owners at their share still leave a third room
+    (onboarding slots, pending peer pulls)."""
+    return in_use < cap and mine < per_owner and (mine == 0 or in_use < cap - cap // 8)
+
+
 def namespace_of(model: str, fingerprint: str, salt: str, tenant: str = "") -> bytes:
     """16-byte namespace id from model, layout fingerprint and salt (fields length-prefixed:
     two different triples never share an id), and the tenant whose token opened the session

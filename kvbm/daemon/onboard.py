@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from ..offload import complete_demote, free_room
 from . import protocol as P
-from .leases import PEER_NS
+from .leases import PEER_NS, owner_may_take
 from .peering import DEFERRED
 
 log = logging.getLogger("kvbm.daemon")
@@ -91,11 +91,7 @@ class Onboarder:
         n, where = m.lookup(skeys)
         prefix = skeys[:n]
         lower = [k for k, w in zip(prefix, where) if w != top.name and k not in top.pending]
-        mine = self.held_by(owner)
-        # the last max_jobs // 8 slots go only to owners holding none: with three or more
-        # owners, two at per_owner each (half) would otherwise leave a third no slot at all
-        if (lower and len(self._tickets) < self.max_jobs and mine < self.per_owner
-                and (mine == 0 or len(self._tickets) < self.max_jobs - self.max_jobs // 8)):
+        if lower and owner_may_take(len(self._tickets), self.held_by(owner), self.max_jobs, self.per_owner):
             ticket = m.submit_load(lower, None)
             coming = [key for key, _, _, _ in ticket.job.promotions]
             if ticket.future is None:

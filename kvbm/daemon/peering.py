@@ -49,7 +49,7 @@ import numpy as np
 from .. import ops
 from ..config import ConfigError
 from . import protocol as P
-from .leases import PEER_NS, Session, server_key
+from .leases import PEER_NS, Session, owner_may_take, server_key
 from .peerauth import NONCE_BYTES, Challenges, load_secret
 from .peers import Agent, Peers
 
@@ -128,12 +128,9 @@ class Peering:
     def _ask_peers(self, s: Session, keys: list, skeys: list, n: int) -> Any:
         """A lookup that missed from key n on: DEFERRED (a queued pull answers it), or None.
         The pull asks for session s's namespace only, by its client keys."""
-        mine = self._pending_by.get(s.owner, 0)
-        # the last MAX_PENDING_PULLS // 8 go only to owners with none pending (as Onboarder's slots):
-        # two owners at half each would otherwise leave a third no pending pull at all
-        if (n < len(skeys) and self._puller is not None and self._current is not None
-                and self.peers.live() and self._pending < MAX_PENDING_PULLS and mine < MAX_PENDING_PULLS // 2
-                and (mine == 0 or self._pending < MAX_PENDING_PULLS - MAX_PENDING_PULLS // 8)):
+        if (n < len(skeys) and self._puller is not None and self._current is not None and self.peers.live()
+                and owner_may_take(self._pending, self._pending_by.get(s.owner, 0), MAX_PENDING_PULLS,
+                                   MAX_PENDING_PULLS // 2)):
             envelope, rid, t0 = self._current
             self._pending += 1
             self._pending_by[s.owner] = self._pending_by.get(s.owner, 0) + 1
