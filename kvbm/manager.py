@@ -31,7 +31,8 @@ Invariants:
 - a victim of tier k is offered to tier k+1 (cascade); that tier's admission policy decides.
 
 Modes: `exclusive` (default) keeps a block in one tier: promotion moves it up and eviction
-moves it down. `inclusive` keeps lower copies: promotion copies up, and a block evicted from
+moves it down (a promoted block whose source is pinned where it was, by a scheduler's pin or
+another load, keeps that source copy until the last release, which drops it). `inclusive` keeps lower copies: promotion copies up, and a block evicted from
 tier k is dropped there if tier k+1 already holds it.
 """
 
