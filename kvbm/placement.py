@@ -364,7 +364,7 @@ class Placement:
         if not t.policy.wants_structure:
             return hints
         base = hints or DEFAULT_HINTS
-        return Hints(base.priority, base.duration, parent, position, base.size)
+        return Hints(base.priority, base.duration, parent, position, base.size, base.owner)
 
     def _forget_if_gone(self, key: Any) -> None:
         if not (self._hints or self._parents or self._forgetters):

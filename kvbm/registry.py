@@ -94,6 +94,7 @@ EVICTION = Registry(
         "belady": "kvbm.policies.belady:BeladyPolicy",
         "hitdensity": "kvbm.policies.hitdensity:HitDensityPolicy",
         "auto": "kvbm.policies.auto:AutoPolicy",
+        "partition": "kvbm.policies.partition:PartitionPolicy",
     },
 )
 

@@ -37,6 +37,8 @@ class Hints:
     parent:   the key of the previous block of the same sequence (None for a first block).
     position: block index inside its sequence (0 for the first block).
     size:     bytes of the block, for size-aware policies.
+    owner:    who the block belongs to (a daemon's tenant; None = unknown), for policies that
+              share a tier between owners (partition).
     """
 
     priority: int = DEFAULT_PRIORITY
@@ -44,6 +46,7 @@ class Hints:
     parent: Key | None = None
     position: int = 0
     size: int = 0
+    owner: Any = None
 
     def __post_init__(self) -> None:
         if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:

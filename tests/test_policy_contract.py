@@ -154,6 +154,7 @@ def _hints():
         duration=st.sampled_from([None, 0.0, 3.0, 50.0]),
         parent=st.sampled_from([None, *UNIVERSE]),
         position=st.integers(0, 8),
+        owner=st.sampled_from([None, "a", "b"]),  # partition keeps one policy per owner
     )
 
 
