@@ -14,11 +14,15 @@
       tenants:                            # tenant name -> its own token (tenants.py): its own namespaces,
         alice: {token_file: /etc/kvbm/alice.token, share: 0.3}   # sessions and share of G2
         bob: {token_file: /etc/kvbm/bob.token}  # share: namespace_share; daemon.token = the "default" tenant
+                                          # weight: N (default 1): its part of each tier (G2, G3, G4)
+                                          # against the others' weights: no tenant's stores evict the
+                                          # blocks of a tenant holding fewer per weight (tenants.py)
                                           # generation: N (default 0): bump it when a name goes to a
                                           # new owner (the old owner's G3/G4 blocks stay out of reach)
                                           # events / events_replay / kv_events / kv_events_replay: ADDR:
                                           # the tenant's own streams (its namespaces only; its token
                                           # is the PLAIN password)
+      default_weight: 1                   # the default tenant's weight (daemon.token's clients)
       events_token: ""                    # or events_token_file: the event streams' own credential
                                           # (routers); unset = daemon.token, which every tenant's
                                           # client holds, so any tenant could read every
@@ -53,7 +57,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .tenants import parse_tenants
+from .tenants import parse_tenants, partition_tiers
 from .transport import default_address
 from ..config import ConfigError, KVBMConfig, check_keys, load_with, parse_config
 from ..tiers.seal import SecretError, read_secret_file
@@ -71,6 +75,7 @@ class DaemonConfig:
     token: str = ""
     token_file: str = ""
     tenants: dict = field(default_factory=dict)  # name -> tenants.Tenant after from_dict (tenants.py)
+    default_weight: float = 1.0  # the default tenant's part of each tier against tenants' weights
     events_token: str = ""  # the event streams' PLAIN password; "" = token (see subscriber_token)
     events_token_file: str = ""
     shm_name: str = "kvbm-g2"
@@ -207,6 +212,10 @@ class DaemonConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"daemon.{name} must be a positive number of seconds, got {v!r}")
+        v = self.default_weight
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ConfigError(f"daemon.default_weight must be a number >= 0 (the default tenant's part of each "
+                              f"tier against daemon.tenants.<name>.weight; 0: none guaranteed), got {v!r}")
         v = self.namespace_share
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             raise ConfigError(f"daemon.namespace_share must be a fraction in (0, 1], got {v!r}")
@@ -257,6 +266,7 @@ def load_daemon_config(path: str | os.PathLike | None = None,
     """kvbm.yaml -> (manager config, daemon config); KVBM_... overrides apply to both."""
     def build(data: dict[str, Any]) -> tuple[KVBMConfig, DaemonConfig]:
         cfg = parse_config(data)  # the same checks as load_config (one path)
-        return cfg, DaemonConfig.from_dict(cfg.daemon)
+        dcfg = DaemonConfig.from_dict(cfg.daemon)
+        return partition_tiers(cfg, dcfg), dcfg  # tenants: each tier's policy per tenant (tenants.py)
 
     return load_with(build, path, env)

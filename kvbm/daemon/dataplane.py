@@ -22,9 +22,9 @@ import logging
 import time
 from typing import Any
 
-from ..policies.base import Hints
 from . import protocol as P
 from .leases import Reservation, Session, WindowLoad, server_key
+from .tenants import store_hints
 from .windows import WindowStalled
 
 log = logging.getLogger("kvbm.daemon")
@@ -96,8 +96,8 @@ class DataPlane:
         position = P.integer(msg, "position", required=False, lo=0, hi=2**31)
         sparent = server_key(s.namespace, parent) if parent is not None else None
         retention = P.priorities(msg, "priorities", n)
-        hints = None if retention is None else [Hints(priority=p, duration=d) for p, d in retention]
-        return sparent, position, hints
+        # with tenants each tier is partitioned by owner (tenants.partition_tiers): the blocks are s's tenant's
+        return sparent, position, store_hints(retention, s.tenant if self.dcfg.tenants else None)
 
     def _scratch(self, s: Session, msg: dict, n: int) -> list[int]:
         """The scratch slots a one-shot op names, one per key (the session's own memory)."""

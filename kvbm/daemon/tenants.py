@@ -4,12 +4,14 @@
     parse_tenants(raw, default_share)       the config mapping -> {name: Tenant}, one-line errors
     TenantIndex(token, tenants)             token -> tenant name, in time independent of the match
     TenantIndex.identify(auth) -> str|None  "" for daemon.token (the default tenant), a name, or None
+    partition_tiers(config, dcfg)           every shared tier's policy kept per tenant (policies/partition.py)
+    store_hints(retention, owner)           a store's hints: its priorities, and its owner when partitioned
 
     daemon:
       token_file: /etc/kvbm/operator.token      # the default tenant: the operator's own engines
       tenants:
-        alice: {token_file: /etc/kvbm/alice.token, share: 0.3}
-        bob:   {token_file: /etc/kvbm/bob.token}  # share: daemon.namespace_share
+        alice: {token_file: /etc/kvbm/alice.token, share: 0.3, weight: 2}
+        bob:   {token_file: /etc/kvbm/bob.token}  # share: daemon.namespace_share; weight: 1
 
 A tenant is bound to its namespaces: the daemon derives a named tenant's namespace ids with its
 name mixed in (leases.namespace_of), so alice naming bob's model and salt still reaches only
@@ -26,6 +28,17 @@ the name goes to a new owner; from 1 on the identity is "<name>~<generation>" (i
 namespace ids, the old owner's blocks out of reach (misses; evicted by the policies in time).
 Rotating a token keeps the generation and the blocks. Example:
         alice: {token_file: /etc/kvbm/alice-new-owner.token, generation: 1}
+
+No tenant starves another's blocks out of a shared tier (partition_tiers): with tenants configured,
+each tier (G2, G3, G4) keeps one instance of its configured policy per tenant, and a victim comes
+from the tenant holding the most blocks per unit of `weight` (default 1; daemon.default_weight for
+the default tenant), chosen by that tenant's own policy. So each tenant keeps at least its weighted
+share of what the tier holds (weight over the weights of the tenants holding blocks: equal weights,
+equal parts) whatever another stores, and a share nobody uses is lent to who stores (a lone tenant
+fills the tier, and gives the room back first once another stores). `share` is another bound: the
+G2 blocks a tenant may keep busy (pins, reservations), which no eviction touches. A block whose
+owner the daemon does not know (recovered from G3/G4 at a restart, pulled from a peer) has weight
+0: such blocks go before any tenant's.
 
 Identity without a timing oracle: each configured token is stored as a keyed hash (a random key
 per process) and a request's token is hashed with the same key and looked up; the lookup's time
@@ -53,6 +66,7 @@ class Tenant:
     name: str  # who the daemon says it is: its key, and "~<generation>" past generation 0 (see below)
     token: str = field(repr=False)  # never in a log line or an error
     share: float = 0.5  # fraction of G2 its sessions may keep busy, all together
+    weight: float = 1.0  # its part of each shared tier, against the other tenants' weights (partition_tiers)
     generation: int = 0  # the owner of the name: 0 = the first; a new owner of the name takes the next
     key: str = ""  # its name in daemon.tenants
     events: str = ""  # its own `events` stream: its namespaces' rows only, its token as PLAIN password
@@ -95,7 +109,7 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{key} must be a mapping with token_file (or token) and optional share, got a "
                               f"{type(entry).__name__} (values are not echoed: they may be tokens)")
-        check_keys(entry, ["token", "token_file", "share", "generation", *OWN_STREAMS], key + ".")
+        check_keys(entry, ["token", "token_file", "share", "weight", "generation", *OWN_STREAMS], key + ".")
         token, token_file = entry.get("token", ""), entry.get("token_file", "")
         for what, v in (("token", token), ("token_file", token_file)):
             if not isinstance(v, str):
@@ -114,6 +128,10 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
         share = entry.get("share", default_share)
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ConfigError(f"{key}.share must be a fraction of G2 in (0, 1], got {share!r}")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ConfigError(f"{key}.weight must be a number >= 0 (its part of each tier against the other "
+                              f"tenants' weights; 0: no guaranteed part), got {weight!r}")
         generation = entry.get("generation", 0)
         if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 2**31:
             raise ConfigError(f"{key}.generation must be an integer >= 0 (bump it when the name goes to a new "
@@ -128,8 +146,40 @@ def parse_tenants(raw: Any, default_share: float) -> dict[str, Tenant]:
             if streams[stream + "_replay"] and not streams[stream]:
                 raise ConfigError(f"{key}.{stream}_replay needs {key}.{stream} (the stream it replays)")
         by_token[token] = name
-        out[name] = Tenant(identity(name, generation), token, float(share), generation, name, **streams)
+        out[name] = Tenant(identity(name, generation), token, float(share), float(weight), generation, name,
+                           **streams)
     return out
+
+
+def partition_tiers(config: Any, dcfg: Any) -> Any:
+    """config with every tier's eviction policy wrapped in `partition` (policies/partition.py): one
+    instance of it per tenant, weights from daemon.tenants.<name>.weight and daemon.default_weight,
+    blocks of no known owner (None) weight 0. Unchanged without named tenants, or when wrapped."""
+    import dataclasses
+
+    from ..config import PolicySpec
+
+    if not dcfg.tenants:
+        return config
+    weights = {DEFAULT_TENANT: float(dcfg.default_weight), **{t.name: t.weight for t in dcfg.tenants.values()}}
+    tiers = []
+    for t in config.tiers:
+        ev = t.eviction
+        if ev is not None and ev.name != "partition":
+            ev = PolicySpec("partition", {"policy": ev.name, "options": dict(ev.options), "weights": weights,
+                                          "other_weight": 0.0})
+        tiers.append(dataclasses.replace(t, eviction=ev))
+    return dataclasses.replace(config, tiers=tiers)
+
+
+def store_hints(retention: Any, owner: str | None) -> Any:
+    """The hints of a store request: per-block retention (priority, duration) when the client sent
+    it, and the owning tenant when the tiers are partitioned (owner not None); None when neither."""
+    from ..policies.base import Hints
+
+    if retention is not None:
+        return [Hints(priority=p, duration=d, owner=owner) for p, d in retention]
+    return None if owner is None else Hints(owner=owner)
 
 
 class TenantIndex:
