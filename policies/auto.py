@@ -47,6 +47,21 @@ of them order the real tier.
                blocks. A switched-in S3-FIFO has all but its small queue's share of them marked
                seen once (S3FIFO_WARM): its first evictions move the old policy's valuable keys
                to M and drop its least valuable, instead of a FIFO pass over every old key
+    after      (rate < 1; session 14) a cold switch is judged on what came after it: the scores
+               and window restart at the switch (FRESH), so the candidates are compared on
+               evidence the switch has not acted on yet, and the policy left behind, whose mini
+               goes on as if auto had stayed, wins back only on what it earned since. And auto
+               does not come back to hitdensity on its mini's tables alone (RESUME): it keeps
+               the real hitdensity's reuse and life counts from when it left it, and a return
+               adopts what that hitdensity would hold had auto stayed: those counts, halved as
+               often as the hitdensity mini's have been since, plus what the mini learned since,
+               scaled to the tier (the mini's tables, learned on a sample, are biased: H41 in
+               bench/RESULTS.md; on mooncake-1 2 % a return on them gave 0.0779, on these
+               0.0782). No new constant; on the tune rows the two change only agent 10 % (-0.0001) and
+               docqa 10 % (+0.0006), and took mooncake-1 2 % from 0.0774 to 0.0782 (within
+               0.002 of s3fifo's 0.0800: every grid cell within the bar). Restarting the scores
+               after a shared swap too (rate 1) cost tune rows (agent 2 % -0.0022), so it is
+               only for cold switches (bench/RESULTS.md, "Issue 15, session 14 (H56)")
     start      hitdensity (plain LRU until it has learned), until the minis disagree; since
                session 12 its `once` class is floored where unlearned (policies/hitdensity.py),
                which took auto on mooncake-1 2 % from 0.0714 to 0.0774 and tenants 25 % within
@@ -102,7 +117,7 @@ from itertools import chain, filterfalse, takewhile
 from . import _hitdensity_native, _policy_native
 from .arc import ARCPolicy
 from .base import EvictionPolicy
-from .hitdensity import HitDensityPolicy
+from .hitdensity import _BUCKETS, _HALF_LIFE_UPDATES, _STARTS, HitDensityPolicy, _bucket
 from .lru import LRUPolicy
 from .prefix import PrefixPolicy
 from .s3fifo import S3FIFOPolicy
@@ -142,6 +157,41 @@ class _Link:
         self.parent = parent
 
 
+class _Tables:
+    """A hitdensity's reuse and life counts (what HitDensityPolicy.adopt reads), copied."""
+
+    def __init__(self, reuses, ends):
+        self._reuses, self._ends = reuses, ends
+
+    @classmethod
+    def of(cls, policy):
+        return cls([list(r) for r in policy._reuses], [list(e) for e in policy._ends])
+
+
+def _resumed(left, mini, scale):
+    """The tables the real hitdensity would hold now had auto stayed with it: its own counts
+    when auto left it, halved as often as the hitdensity mini's have been since, plus what the
+    mini learned since (its counts now less its counts then, halved alike), ages and counts
+    scaled from the mini's clock to the tier's, as adopt scales them."""
+    real, then, updates = left
+    now = _Tables.of(mini)
+    d = 0.5 ** (mini._updates // _HALF_LIFE_UPDATES - updates // _HALF_LIFE_UPDATES)
+    reuses, ends = [], []
+    for c in range(len(real._reuses)):
+        r = [x * d for x in real._reuses[c]]
+        e = [x * d for x in real._ends[c]]
+        for b in range(_BUCKETS):
+            dr = max(0.0, now._reuses[c][b] - then._reuses[c][b] * d)
+            de = max(0.0, now._ends[c][b] - then._ends[c][b] * d)
+            if dr or de:
+                to = _bucket(int(_STARTS[b] * scale))
+                r[to] += dr * scale
+                e[to] += de * scale
+        reuses.append(r)
+        ends.append(e)
+    return _Tables(reuses, ends)
+
+
 class AutoPolicy(EvictionPolicy):
     name = "auto"
     wants_structure = True
@@ -154,6 +204,8 @@ class AutoPolicy(EvictionPolicy):
     S3FIFO_WARM = True  # a cold switch to s3fifo marks the old order's valuable keys seen
     SHARED = True  # at rate 1 the real tier is the active candidate's mini (see __init__)
     LEAF_FIRST = True  # a request's own victims are its deepest blocks (see _deepest_first)
+    FRESH = True  # scores restart after a cold switch (rate < 1; see `after` in the docstring)
+    RESUME = True  # back into hitdensity at rate < 1: its own tables, aged (see `after`)
     REVERSED = frozenset({"s3fifo"})  # candidates fed each call deepest block first
     CHECK_MIN = 2048  # sampled accesses between checks, at least
     CHECK_SCALE = 4  # ... and this many mini capacities
@@ -208,6 +260,7 @@ class AutoPolicy(EvictionPolicy):
         self._feeder = None
         self._make_feeder(start_index)
         self._window = 0.0  # sampled accesses in the (halving) window
+        self._left_hitdensity = None  # (its tables, its mini's, the mini's updates) when auto left it
         self._seen = 0
         self._check = max(self.CHECK_MIN, round(self.CHECK_SCALE * self.mini_capacity))
         self._next_check = self._check
@@ -514,12 +567,18 @@ class AutoPolicy(EvictionPolicy):
         warm-started from its miniature simulation where it learns (hitdensity's tables,
         ARC's target size)."""
         old = self._real
+        if isinstance(old, HitDensityPolicy):  # leaving it: what it learned at full scale
+            mini = self._minis[self._active_index]
+            self._left_hitdensity = (_Tables.of(old), _Tables.of(mini), mini._updates)
         order = old.evict(len(old), ()) or []
         name = self.names[index]
         new = CANDIDATES[name](self.capacity)
         mini = self._minis[index]
         if isinstance(new, HitDensityPolicy):
-            new.adopt(mini, 1 / self.rate)
+            if self._left_hitdensity is not None and self.RESUME:
+                new.adopt(_resumed(self._left_hitdensity, mini, 1 / self.rate), 1.0)
+            else:
+                new.adopt(mini, 1 / self.rate)
         elif isinstance(new, ARCPolicy):
             new.p = min(float(self.capacity), mini.p / self.rate)
         if new.wants_structure:
@@ -540,4 +599,7 @@ class AutoPolicy(EvictionPolicy):
         self._active_index = index
         self._ahead = [0] * len(self.names)
         self._differ[:] = [0.0] * len(self.names)  # measured against the active policy only
+        if self.FRESH:  # the switch is judged on what came after it (see the class docstring)
+            self._score[:] = [0.0] * len(self.names)  # in place: the compiled feed holds it
+            self._window = 0.0
         self.switches.append((self._seen, name))
