@@ -47,6 +47,10 @@ from .daemon.leases import namespace_of
 from .daemon.protocol import RemoteError, request
 from .daemon.transport import check_client_address, default_address
 
+# A store refused for now (quota, a full window, too many of this client's or tenant's requests
+# waiting for room: `busy`) is not stored, never an error for the engine
+_NOT_NOW = ("quota", "window_full", "busy")
+
 __all__ = ["Client", "RemoteError", "QuotaRefused", "StoreReservation", "LoadPins"]
 
 
@@ -241,7 +245,7 @@ class Client(Wire):
         try:
             res = self.prepare_store(keys, parent, position, hints, more)
         except RemoteError as exc:
-            if exc.code in ("quota", "window_full"):  # no room for this client now: not stored
+            if exc.code in _NOT_NOW:  # no room for this client now: not stored
                 return 0, exc.code
             raise
         want = [i for i, slot in enumerate(res.slots) if slot >= 0]
@@ -255,8 +259,15 @@ class Client(Wire):
         return self.commit_store(res), res.rejected
 
     def prepare_load(self, keys: Sequence[bytes]) -> LoadPins:
+        """Copy the ready prefix into this session's window; a load refused `busy` (too many of
+        this tenant's requests wait for G3/G4 blocks) is a miss."""
         with self._lock:
-            r = self.call("load_prepare", keys=list(keys))
+            try:
+                r = self.call("load_prepare", keys=list(keys))
+            except RemoteError as exc:
+                if exc.code != "busy":
+                    raise
+                return LoadPins(0, [], self.session, [])
             views = [self.view(s) for s in r["slots"]]
             for v in views:
                 v.flags.writeable = False
@@ -286,7 +297,7 @@ class Client(Wire):
             try:
                 r = self.call("store_prepare", **fields(0))
             except RemoteError as exc:
-                if exc.code in ("quota", "window_full"):
+                if exc.code in _NOT_NOW:
                     return 0
                 raise
             commits: list[int] = []
@@ -312,7 +323,7 @@ class Client(Wire):
                     try:
                         r = self._collect(nxt, "store_prepare")
                     except RemoteError as exc:
-                        if exc.code not in ("quota", "window_full"):
+                        if exc.code not in _NOT_NOW:
                             if exc.code == "no_session":
                                 break
                             raise
@@ -323,7 +334,7 @@ class Client(Wire):
                         try:
                             r = self.call("store_prepare", **fields(i + b))
                         except RemoteError as again:
-                            if again.code in ("quota", "window_full"):
+                            if again.code in _NOT_NOW:
                                 break
                             raise
                     i += b
@@ -342,7 +353,12 @@ class Client(Wire):
         batch i+1 into the window while the client copies batch i out."""
         b = self.batch
         with self._lock:
-            r = self.call("load_prepare", keys=list(keys[:b]))
+            try:
+                r = self.call("load_prepare", keys=list(keys[:b]))
+            except RemoteError as exc:
+                if exc.code != "busy":  # too many requests waiting for G3/G4: a miss
+                    raise
+                return 0
             releases: list[int] = []
             loaded = i = 0
             try:
@@ -360,7 +376,7 @@ class Client(Wire):
                     try:
                         r = self._collect(nxt, "load_prepare")
                     except RemoteError as exc:
-                        if exc.code == "no_session":
+                        if exc.code in ("no_session", "busy"):
                             break
                         raise
                     i += b
@@ -422,6 +438,8 @@ class Client(Wire):
                 try:
                     r = self._call(op, {"keys": list(keys), "slots": slots, **fields})
                 except RemoteError as exc:
+                    if exc.code == "busy":  # too many requests waiting: not stored, or a miss
+                        return 0
                     if exc.code != "no_session" or attempt or self._stop.is_set():
                         raise
                     self._hello()

@@ -51,6 +51,17 @@ its queue (RCVHWM requests and the kernel's receive buffer, after) is shut down.
 The gate is reactive (libzmq has accepted a connection before the gate sees it); a flood faster
 than this thread briefly holds more, and a tcp listener at EMFILE only retries its accept
 (libzmq 4.3.5 does not abort there), so the daemon lives and the gate catches up.
+
+On ipc:// (session 14, H58) the same gate runs: tenants with tokens may connect there too when
+the operator opened the socket to their users (or run as the daemon's uid). The kernel names
+each connection's uid (SO_PEERCRED, read at ACCEPTED): a connection of the daemon's own uid whose
+requests carry no tenant's token is the operator's (out of scope: it can stop the daemon) and is
+left alone, never counted, waited on or cut. Every other one is gated as on tcp: one tenant (or,
+for the default tenant, one other uid) holds at most per_owner_cap connections, strangers rotate
+through waiting_cap, all of them at most total_cap, and one that leaves UNREAD_IPC bytes of
+replies unread (SIOCOUTQ on a unix socket: what its peer has not read yet; the send buffer is
+raised to what the kernel allows, 2 x wmem_max) is shut down. What ipc:// lacks is a byte count
+of what a peer sent (no TCP_INFO): a message that never ends is not cut there (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -83,6 +94,7 @@ SAMPLE_S = 0.1  # how often the gate reads each connection's byte count
 SLACK = 256 << 10  # greeting, READY, a few frame headers
 DOOM_S = 2.0  # a connection refused past its tenant's cap is shut down this long after (its `busy` reply first)
 UNREAD = SNDBUF // 2  # replies queued in the kernel for a connection; past it the gate shuts it down
+_OWN_UID = os.getuid()
 
 
 def caps() -> tuple[int, int]:
@@ -128,8 +140,8 @@ class ConnGate:
         self.waiting_cap = w if waiting_cap is None else waiting_cap
         self.total_cap = t if total_cap is None else total_cap
         self.per_owner_cap = owner_cap(self.total_cap) if per_owner_cap is None else per_owner_cap
-        self._owner_of: dict[int, str] = {}  # authenticated fd -> its tenant ("" daemon.token's)
-        self.by_owner: dict[str, int] = {}  # tenant -> authenticated connections
+        self._owner_of: dict[int, Any] = {}  # authenticated fd -> its tenant ("" daemon.token's; ipc: a uid)
+        self.by_owner: dict[Any, int] = {}  # tenant -> authenticated connections
         self._doomed: dict[int, float] = {}  # refused past their tenant's cap -> when: shut down DOOM_S later
         self._early: set[int] = set()  # authenticated before the gate read their ACCEPTED
         self.refused = 0  # connections refused so (past per_owner_cap)
@@ -150,6 +162,10 @@ class ConnGate:
         self._router = router
         self._mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._address = listener_address(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+        self.ipc = isinstance(self._address, str)  # a unix socket: uids known, no byte counts
+        self._exempt: set[int] = set()  # ipc: connections of the daemon's own uid, no tenant token seen
+        self._uid_of: dict[int, int] = {}  # ipc: fd -> its peer's uid (SO_PEERCRED)
+        self._unread_of: dict[int, int] = {}  # ipc: fd -> its unread-reply bound (its send buffer / 2)
         self._lock = threading.Lock()
         self._authed: set[int] = set()  # descriptors of connections that showed the token
         self._waiting: collections.OrderedDict[int, None] = collections.OrderedDict()  # the others, oldest first
@@ -181,27 +197,44 @@ class ConnGate:
     def authenticated(self, frame: Any, owner: str = "") -> bool:
         """Owner thread, after a request passed the token check of tenant `owner`: its connection
         is a client's. False when `owner` holds per_owner_cap connections already: refuse the
-        request; the connection is shut down at the next sample."""
+        request; the connection is shut down at the next sample. On ipc:// a connection of the
+        daemon's own uid with no tenant's token is left alone; another uid's default-tenant
+        connections count under that uid."""
         try:
             fd = frame.get(zmq.SRCFD)
         except (zmq.ZMQError, AttributeError, TypeError):
             return True
         if fd in self._authed:  # (every request after the first: one set lookup)
             return True
+        if not owner and fd in self._exempt:  # (ipc: the operator's own connections)
+            return True
         with self._lock:
             if fd in self._doomed:
                 return False
-            known = fd in self._waiting
+            key: Any = owner
+            if self.ipc:
+                uid = self._uid_of.get(fd)
+                if uid is None:
+                    uid = _peer_uid(fd)
+                if not owner and uid == _OWN_UID:
+                    self._waiting.pop(fd, None)
+                    self._exempt.add(fd)
+                    return True
+                key = owner if owner else uid
+            known = fd in self._waiting or fd in self._exempt
             if not known:  # its ACCEPTED is not read yet (this thread can be first): counted now
                 self._early.add(fd)
-            if self.by_owner.get(owner, 0) >= self.per_owner_cap:
+            if self.by_owner.get(key, 0) >= self.per_owner_cap:
                 self._doomed[fd] = time.monotonic()
+                if fd in self._exempt:  # (cut DOOM_S later, from the waiting ones)
+                    self._exempt.discard(fd)
+                    self._waiting[fd] = None
                 return False
-            if known:
-                del self._waiting[fd]
+            self._waiting.pop(fd, None)
+            self._exempt.discard(fd)
             self._authed.add(fd)
-            self._owner_of[fd] = owner
-            self.by_owner[owner] = self.by_owner.get(owner, 0) + 1
+            self._owner_of[fd] = key
+            self.by_owner[key] = self.by_owner.get(key, 0) + 1
         return True
 
     def _forget(self, fd: int) -> None:
@@ -264,7 +297,7 @@ class ConnGate:
                         self._read.pop(fd, None)
                 continue
             unread = _unsent(fd)
-            if unread is not None and unread >= self.unread_cap:  # it does not read its replies
+            if unread is not None and unread >= self._unread_of.get(fd, self.unread_cap):  # it does not read
                 with self._lock:
                     if fd in (self._authed if authed else self._waiting):
                         self._authed.discard(fd)
@@ -290,6 +323,9 @@ class ConnGate:
         with self._lock:
             if ev["event"] == zmq.EVENT_DISCONNECTED:
                 self._read.pop(fd, None)  # (reset here, not at ACCEPTED: the loop may read first)
+                self._exempt.discard(fd)
+                self._uid_of.pop(fd, None)
+                self._unread_of.pop(fd, None)
                 if fd in self._cutting:
                     self._cutting.discard(fd)
                 else:
@@ -299,6 +335,15 @@ class ConnGate:
                 return
             if ev["event"] != zmq.EVENT_ACCEPTED:
                 return
+            if self.ipc:
+                self._uid_of[fd] = uid = _peer_uid(fd)
+                self._unread_of[fd] = _grow_sndbuf(fd) // 2
+                if fd not in self._early and fd not in self._authed and fd not in self._waiting:
+                    if uid == _OWN_UID:  # the operator's until a request shows a tenant's token
+                        self._forget(fd)
+                        self._read.setdefault(fd, 0)
+                        self._exempt.add(fd)
+                        return
             if fd in self._early:  # a request on it was read first: counted (or refused) already
                 self._early.discard(fd)
                 self._read.setdefault(fd, 0)
@@ -339,6 +384,31 @@ class ConnGate:
 
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+
+def _peer_uid(fd: int) -> int:
+    """The uid of the process at the other end of unix socket fd (SO_PEERCRED); -1 if unknown."""
+    if _libc is None:
+        return -1
+    buf = ctypes.create_string_buffer(12)
+    n = ctypes.c_uint32(12)
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, socket.SO_PEERCRED, buf, ctypes.byref(n)) != 0 or n.value < 12:
+        return -1
+    return struct.unpack("3i", buf.raw)[1]
+
+
+def _grow_sndbuf(fd: int) -> int:
+    """Raise a unix connection's send buffer towards SNDBUF (the kernel caps it at 2 x wmem_max);
+    its size now (replies a peer has not read sit there: past half of it, it is not reading)."""
+    if _libc is None:
+        return 2 * UNREAD
+    want = ctypes.c_int(SNDBUF)
+    _libc.setsockopt(fd, socket.SOL_SOCKET, socket.SO_SNDBUF, ctypes.byref(want), 4)
+    buf = ctypes.c_int(0)
+    n = ctypes.c_uint32(4)
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, socket.SO_SNDBUF, ctypes.byref(buf), ctypes.byref(n)) != 0:
+        return 2 * UNREAD
+    return max(64 << 10, min(2 * UNREAD, buf.value))
 try:
     _libc: Any = ctypes.CDLL(None, use_errno=True)
 except OSError:  # (no libc to call: no byte counts, the backlog bound is off)

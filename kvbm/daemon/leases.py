@@ -77,6 +77,7 @@ class Session:
     busy: int = 0  # G2 blocks held: pins + reservations + a peer's pinned loads
     active: float = 0.0  # last request other than a heartbeat
     used: bool = False  # made a request after hello (a hello flood's sessions never do)
+    deferred: int = 0  # its requests waiting (for G2 room, for G3/G4 blocks): onboard.SESSION_DEFERRED at most
     next_handle: int = 1
 
     def renew(self, now: float) -> None:

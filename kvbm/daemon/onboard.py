@@ -50,13 +50,23 @@ WAIT_S = 2.0         # a request waits at most this for its G3/G4 blocks (daemon
 MAX_JOBS = 64        # onboarding transfers in flight; beyond this a request is answered from G2
 OWNER_SHARE = 0.5    # one owner (a tenant, a uid: Session.owner) holds at most this share of them
 G4_TIMEOUT_S = 2.0   # the daemon's default object-store timeout per put/get (was the client's 10 s)
+# Requests waiting at once (their replies deferred: stores for G2 room, loads for G3/G4 blocks).
+# Each holds its keys (up to max_keys) and a closure until answered, raises the offloader's
+# headroom (stores) and is looked at on every turn of the loop; a raw client may pipeline as
+# many as it likes (a deferred request leaves libzmq's queue). So they are bounded: per session
+# (a Client has at most 3 in flight), per owner (a tenant, a uid: at most half, the last eighth
+# only for owners with none waiting: leases.owner_may_take) and in all. Past a bound the request
+# is answered `busy` at once; a count is released when its reply goes out (answered, deadline,
+# cancel) or its session ends (bye, lease, death: the waiters are answered no_session then).
+MAX_DEFERRED = 256
+SESSION_DEFERRED = 8
 
 
 class _Waiter:
-    __slots__ = ("keys", "deadline", "finish")
+    __slots__ = ("keys", "deadline", "finish", "session")
 
-    def __init__(self, keys: list, deadline: float, finish: Callable[[], None]) -> None:
-        self.keys, self.deadline, self.finish = keys, deadline, finish
+    def __init__(self, keys: list, deadline: float, finish: Callable[[], None], session: Any = None) -> None:
+        self.keys, self.deadline, self.finish, self.session = keys, deadline, finish, session
 
 
 class Onboarder:
@@ -108,11 +118,20 @@ class Onboarder:
         """Tickets in flight of `owner` (a count over at most max_jobs pairs)."""
         return sum(1 for _, o in self._tickets if o == owner)
 
-    def wait(self, skeys: list, finish: Callable[[], None], wait_s: float | None = None) -> None:
+    def wait(self, skeys: list, finish: Callable[[], None], wait_s: float | None = None,
+             session: Any = None) -> None:
         """Owner thread: run finish() once skeys' blocks in flight landed, or after wait_s."""
         self.deferred += 1
         wait_s = self.wait_s if wait_s is None else min(wait_s, self.wait_s)
-        self._waiting.append(_Waiter(skeys, time.monotonic() + wait_s, finish))
+        self._waiting.append(_Waiter(skeys, time.monotonic() + wait_s, finish, session))
+
+    def drop(self, session: Any) -> list:
+        """Owner thread: take `session`'s waiters out (it ended); their finish() functions."""
+        if not any(w.session is session for w in self._waiting):
+            return []
+        gone = [w.finish for w in self._waiting if w.session is session]
+        self._waiting = [w for w in self._waiting if w.session is not session]
+        return gone
 
     def service(self, now: float | None = None) -> None:
         """Owner thread: complete finished transfers; answer the waiters that can go."""
@@ -192,10 +211,11 @@ def refuse_object_writes(manager: Any, owner: Callable[[], int]) -> int:
 
 
 class _RoomWaiter:
-    __slots__ = ("need", "since", "deadline", "finish")
+    __slots__ = ("need", "since", "deadline", "finish", "session")
 
-    def __init__(self, need: int, since: float, wait_s: float, finish: Callable[[], None]) -> None:
+    def __init__(self, need: int, since: float, wait_s: float, finish: Callable[[], None], session: Any = None) -> None:
         self.need, self.since, self.deadline, self.finish = need, since, since + wait_s, finish
+        self.session = session
 
 
 class Onboarding:
@@ -210,6 +230,54 @@ class Onboarding:
         self._room_stalled: float | None = None  # _room_freed_at when waiting last gave up
         self._room_counts = {"waited": 0, "stalled": 0}
         self._headroom = 0  # the offloader's own G2 headroom (raised while stores wait)
+        self._deferred = 0  # requests waiting (room and lower tiers), at most MAX_DEFERRED
+        self._deferred_by: dict = {}  # Session.owner -> its requests waiting
+        self._deferred_counts = {"refused": 0}
+
+    def _take_deferral(self, s: Any, what: str) -> None:
+        """Count one more request of session s waiting, or ProtocolError busy past a bound."""
+        mine = self._deferred_by.get(s.owner, 0)
+        if getattr(s, "deferred", 0) >= SESSION_DEFERRED:
+            why = f"this session has {s.deferred} requests waiting, the most one may ({SESSION_DEFERRED})"
+        elif not owner_may_take(self._deferred, mine, MAX_DEFERRED, MAX_DEFERRED // 2):
+            why = (f"{mine} requests of this {'tenant' if isinstance(s.owner, str) and s.owner else 'client'} "
+                   f"and {self._deferred} in all are waiting (at most {MAX_DEFERRED // 2} and {MAX_DEFERRED})")
+        else:
+            s.deferred = getattr(s, "deferred", 0) + 1
+            self._deferred += 1
+            self._deferred_by[s.owner] = mine + 1
+            return
+        self._deferred_counts["refused"] += 1
+        raise P.ProtocolError("busy", f"{what} would wait, but {why}; wait for their answers and retry")
+
+    def _give_deferral(self, s: Any) -> None:
+        """A waiting request of s was answered (or dropped): its counts come back."""
+        s.deferred -= 1
+        self._deferred -= 1
+        left = self._deferred_by.get(s.owner, 0) - 1
+        if left > 0:
+            self._deferred_by[s.owner] = left
+        else:
+            self._deferred_by.pop(s.owner, None)
+
+    def _drop_deferred(self, s: Any) -> None:
+        """Session s ended (bye, lease, death, eviction): its waiting requests are answered now
+        (no_session) and their counts come back, instead of holding them until their deadline."""
+        if not getattr(s, "deferred", 0):
+            return
+        gone = self.onboarder.drop(s)
+        if any(w.session is s for w in self._room_waiters):
+            gone += [w.finish for w in self._room_waiters if w.session is s]
+            self._room_waiters = [w for w in self._room_waiters if w.session is not s]
+            off = self.offloader
+            if 0 in off.headroom:
+                off.headroom[0] = max(self._headroom, sum(w.need for w in self._room_waiters)) \
+                    if self._room_waiters else self._headroom
+        for finish in gone:
+            try:
+                finish()
+            except Exception:
+                log.exception("answering a request of an ended session failed")
 
     def _offload_call(self, fn: Callable, *args: Any) -> Any:
         """The offloader's owner-thread calls; a completed demotion out of G2 may let stores go."""
@@ -235,10 +303,11 @@ class Onboarding:
             return None  # it fits, or no demotion could ever make that room
         if self._room_stalled is not None and self._room_stalled >= self._room_freed_at:
             return None  # waiting gave up since the last demotion: the offloader is stuck
+        self._take_deferral(s, op)  # busy past the session's, its owner's or the daemon's bound
         if not self._room_waiters:
             self._headroom = off.headroom[0]
         self._room_waiters.append(_RoomWaiter(need, time.monotonic(), self.dcfg.room_wait_s,
-                                              self._finisher(s, op, answer)))
+                                              self._finisher(s, op, answer), s))
         self._room_counts["waited"] += 1
         off.headroom[0] = max(self._headroom, sum(w.need for w in self._room_waiters))
         off.kick()
@@ -285,8 +354,9 @@ class Onboarding:
         open. None when nothing is on its way: answer now."""
         if self._current is None or len(self.manager.tiers) == 1 or not self.onboarder.start(skeys, s.owner):
             return None  # (G2 alone: nothing can come up)
-        self.onboarder.wait(skeys, self._finisher(s, "peer_lookup" if s.namespace == PEER_NS else op, answer),
-                            wait_s)
+        op = "peer_lookup" if s.namespace == PEER_NS else op
+        self._take_deferral(s, op)  # busy past a bound (the onboarding goes on: a later load finds it)
+        self.onboarder.wait(skeys, self._finisher(s, op, answer), wait_s, s)
         return DEFERRED
 
     def _finisher(self, s: Any, op: str, answer: Callable[[], dict]) -> Callable[[], None]:
@@ -294,8 +364,12 @@ class Onboarding:
         answer() if session s is still open and the request was not cancelled, and sends the
         reply (remembered for a retry or cancel of its id)."""
         envelope, rid, t0 = self._current
+        counted = [True]  # (its deferral count: given back once, when the reply goes out)
 
         def finish() -> None:
+            if counted[0]:
+                counted[0] = False
+                self._give_deferral(s)
             try:
                 if self.sessions.get(s.sid) is not s:
                     raise P.ProtocolError("no_session", "the session ended while this request waited")

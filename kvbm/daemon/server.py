@@ -38,9 +38,8 @@ from ..manager import BlockManager
 from ..offload import Offloader, offload_headroom
 from ..tiers.seal import cluster_object_secret
 from . import protocol as P
-from . import windows
 from .config import DaemonConfig, is_local
-from .conn_gate import ConnGate, harden
+from .conn_gate import RCVHWM, ConnGate, harden
 from .dataplane import SCRATCH_BLOCKS, DataPlane
 from .events import Events
 from .leases import PEER_NS, Sessions
@@ -103,7 +102,6 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self.sessions = Sessions(dcfg.max_clients, dcfg.max_sessions_per_uid, windows=max_windows())
         # a session's staging window (windows.py): one request's blocks, at most window_mib
         self.window_slots = max(1, min(dcfg.max_keys, (dcfg.window_mib << 20) // self.pool.stride))
-        windows.DEADLINE_BASE_S = dcfg.window_copy_deadline_s  # a window copy's time limit (windows.py)
         # and past them a few the client manages itself, for one-shot store / load (one round trip)
         self.scratch_slots = max(1, min(SCRATCH_BLOCKS, self.window_slots // 4))
         self.share_blocks = max(1, int(self.top.capacity * dcfg.namespace_share))  # per namespace, per uid
@@ -135,9 +133,13 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         self._gate: ConnGate | None = None
         if dcfg.address.startswith("tcp://"):
             harden(self.router)  # handshake deadline, keepalive (conn_gate.py)
+        else:  # ipc: whole requests queued per connection before libzmq stops reading it (was 1,000:
+            self.router.setsockopt(zmq.RCVHWM, RCVHWM)  # ~1 GiB of 1 MiB requests a connection)
         self.address = bind(self.router, dcfg.address)  # ipc: 0700 folder, 0600 socket (transport.py)
-        if dcfg.address.startswith("tcp://"):  # anyone reaching the port may connect: bound what they hold
-            self._gate = ConnGate(self.router, dcfg.max_message_bytes)
+        # tcp: anyone reaching the port may connect; ipc: tenants (tokens) and other uids the operator
+        # let in may too. Bound what each holds (conn_gate.py; the daemon's own uid untokened on ipc is let be)
+        self._gate = ConnGate(self.router, dcfg.max_message_bytes)
+        self._count_bytes = not self._gate.ipc  # (a byte count per connection: tcp only, TCP_INFO)
         self._last_frame: zmq.Frame | None = None  # the current request's payload: its sender's creds
         self._init_events()  # the PUB stream and the origin map (events.py)
         self.metrics_address = ""
@@ -233,7 +235,7 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
         """One request: never raises; a reply (or an error reply) goes back to the sender."""
         if frames and isinstance(frames[-1], zmq.Frame):  # from run(): the kernel's word on the sender
             self._last_frame = frames[-1]
-            if self._gate is not None:
+            if self._gate is not None and self._count_bytes:
                 self._gate.received(frames)  # bytes read per connection: a message that never ends is cut
             frames = [f.bytes for f in frames]
         if len(frames) == 2:
@@ -342,13 +344,16 @@ class Daemon(SessionOps, DataPlane, Events, Peering, Onboarding):
             "offloaded_blocks": self.offloader.moved,  # demoted ahead of time, off the request loop
             "onboard": {"started": self.onboarder.started, "deferred": self.onboarder.deferred},
             "room": {**self._room_counts, "waiting": len(self._room_waiters)},  # stores that waited for G2 room
+            # requests waiting now (room, G3/G4), per owner at most half (onboard.MAX_DEFERRED); refused busy
+            "deferred": {"waiting": self._deferred, "owners": len(self._deferred_by), **self._deferred_counts},
             "onboarding_keys": len(self.onboarder), "origin_keys": len(self.origin),
             "peer_challenges": len(self._challenges) if self._challenges is not None else 0,
             "state": self._state_sizes(),
         }
-        if self._gate is not None:  # the tcp request socket's connections (conn_gate.py)
+        if self._gate is not None:  # the request socket's gated connections (conn_gate.py)
             st["daemon"]["connections"] = {"open": self._gate.live, "waiting": self._gate.waiting,
-                                           "cut": self._gate.cut, "overfed": self._gate.overfed}
+                                           "cut": self._gate.cut, "overfed": self._gate.overfed,
+                                           "silent": self._gate.silent, "refused": self._gate.refused}
         st["tenants"] = tenant_stats(self)  # per tenant (op_stats: the operator's view only)
         return st
 

@@ -76,7 +76,7 @@ class SessionOps:
             self._release(evicted)
         try:
             s.window = Window.create(self.dcfg.shm_name, self.window_slots, self.pool.stride, self.nbytes,
-                                     self.scratch_slots)
+                                     self.scratch_slots, self.dcfg.window_copy_deadline_s)
             if uid >= 0 and uid != os.getuid() and os.getuid() == 0:
                 os.fchown(s.window.fd, uid, -1)  # another user let in on the socket: its window is its own
         except OSError as exc:
@@ -201,6 +201,9 @@ class SessionOps:
         if s.window is not None:
             s.window.close()
         self.sessions.close(s)
+        drop = getattr(self, "_drop_deferred", None)  # its waiting requests: answered no_session now
+        if drop is not None:
+            drop(s)
 
     def _expire(self, now: float) -> None:
         for s in [s for s in self.sessions.by_id.values() if s.pid > 0 and not alive(s.pid)]:

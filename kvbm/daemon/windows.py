@@ -1,6 +1,8 @@
 """Staging windows: the only daemon memory a client maps.
 
-    Window.create(prefix, slots, stride, block_nbytes, scratch=0)   a /dev/shm file (0600) for one session
+    Window.create(prefix, slots, stride, block_nbytes, scratch=0, deadline_s=None)
+                                                          a /dev/shm file (0600) for one session;
+                                                          deadline_s: its copies' base time limit
     Window.allocate(n) -> [slot] | None                   window slots for one request
     Window.scratch_slots(wslots, n) -> [slot]             check a one-shot op's slots (the client's own)
     Window.free(slots)
@@ -70,12 +72,14 @@ _open_lock = threading.Lock()  # a stalled window's descriptor is closed by its 
 
 # The loop waits for a window copy at most BASE + bytes / RATE seconds: far above any honest
 # copy (a mapping copies GB/s; pwrite beside CPU hogs still ~1 GB/s), far below a client's stall.
-DEADLINE_BASE_S = 0.5  # daemon.window_copy_deadline_s (set by the server at start)
+# BASE is each Window's own (daemon.window_copy_deadline_s, passed by the server at hello); this
+# default serves windows made without one (tests).
+DEADLINE_BASE_S = 0.5
 DEADLINE_RATE = float(os.environ.get("KVBM_CI_WINDOW_COPY_RATE", str(128 << 20)))  # bytes per second
 
 
-def copy_deadline_s(nbytes: int) -> float:
-    return DEADLINE_BASE_S + nbytes / DEADLINE_RATE
+def copy_deadline_s(nbytes: int, base_s: float | None = None) -> float:
+    return (DEADLINE_BASE_S if base_s is None else base_s) + nbytes / DEADLINE_RATE
 
 
 class _Task:
@@ -201,8 +205,10 @@ def max_windows() -> int:
 
 
 class Window:
-    def __init__(self, path: str, slots: int, stride: int, block_nbytes: int, scratch: int = 0) -> None:
+    def __init__(self, path: str, slots: int, stride: int, block_nbytes: int, scratch: int = 0,
+                 deadline_s: float | None = None) -> None:
         self.path = path
+        self.deadline_s = deadline_s  # a copy's base time limit (daemon.window_copy_deadline_s); None: the default
         self.slots, self.stride, self.block_nbytes = slots, stride, block_nbytes
         self.scratch = scratch  # slots [slots, slots + scratch): the client's, for one-shot ops
         self.nbytes = (slots + scratch) * stride
@@ -232,9 +238,10 @@ class Window:
         self.linked = True
 
     @classmethod
-    def create(cls, prefix: str, slots: int, stride: int, block_nbytes: int, scratch: int = 0) -> "Window":
+    def create(cls, prefix: str, slots: int, stride: int, block_nbytes: int, scratch: int = 0,
+               deadline_s: float | None = None) -> "Window":
         name = f"{prefix}.w{os.getpid()}.{os.urandom(8).hex()}"
-        return cls(os.path.join(SHM_DIR, name), slots, stride, block_nbytes, scratch)
+        return cls(os.path.join(SHM_DIR, name), slots, stride, block_nbytes, scratch, deadline_s)
 
     @property
     def free_slots(self) -> int:
@@ -316,7 +323,7 @@ class Window:
         if inline and self._guarded is not None:
             return copy()
         task = _copier.submit(copy)
-        limit = copy_deadline_s(nbytes)
+        limit = copy_deadline_s(nbytes, self.deadline_s)
         if not task.wait(limit):
             self._busy = task
             raise WindowStalled(task, limit)
