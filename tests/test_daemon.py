@@ -28,7 +28,7 @@ from kvbm.blocks import KVLayout
 from kvbm.client import Client, RemoteError
 from kvbm.config import ConfigError
 from kvbm.daemon.config import DaemonConfig, is_local
-from daemonproc import HAVE_NIXL, wait_ready, write_peer_secret
+from daemonproc import HAVE_NIXL, wait_ready, wait_until, write_peer_secret
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)  # 16 KiB blocks
 NB = LAYOUT.block_nbytes
@@ -310,11 +310,16 @@ def test_stats_cli_metrics_and_health(daemons):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "prefix hit ratio 0.750" in out.stdout and "g2" in out.stdout
-    time.sleep(0.4)  # the snapshot behind /metrics refreshes every 0.25 s
     base = f"http://{d.info['metrics']}"
     health = json.loads(urllib.request.urlopen(base + "/health", timeout=5).read())
     assert health["status"] == "ok"
-    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+
+    def metrics() -> str:
+        return urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+
+    # the snapshot behind /metrics refreshes every 0.25 s: wait for it (a loaded box may take longer)
+    assert wait_until(lambda: 'kvbm_tier_stores_total{tier="g2"} 3.0' in metrics(), 60)
+    text = metrics()
     assert "kvbm_prefix_hit_ratio 0.75" in text
     assert 'kvbm_tier_stores_total{tier="g2"} 3.0' in text
     assert 'kvbm_request_seconds_count{op="store"}' in text  # 3 blocks: one one-shot store

@@ -34,14 +34,20 @@ def second_config(d: Daemon, tmp_path: Path, address: str) -> Path:
     return p
 
 
+def left_by_second(d: Daemon) -> set[str]:
+    """/dev/shm files of the second daemon (its windows are named after its shm_name): other
+    daemons on the box (other tests, other xdist workers) come and go meanwhile."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(d.shm + "-second")}
+
+
 def test_serve_on_a_socket_in_use_is_one_line_and_leaves_nothing(daemons, tmp_path):
     d = daemons(g2=8)
-    before = set(os.listdir("/dev/shm"))
+    assert left_by_second(d) == set()
     r = serve(second_config(d, tmp_path, d.address))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "address already in use" in r.stderr and d.address in r.stderr
-    assert set(os.listdir("/dev/shm")) - before == set()  # no G2 or window file left
+    assert left_by_second(d) == set()  # no G2 or window file left
     with d.client(timeout=120) as c:  # the first daemon's socket was not taken over
         assert c.lookup(make_keys("x", 1)) == (0, [])
 
@@ -52,12 +58,12 @@ def test_serve_on_a_port_in_use_is_one_line(daemons, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-        before = set(os.listdir("/dev/shm"))
+        assert left_by_second(d) == set()
         r = serve(second_config(d, tmp_path, address))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert address in r.stderr and "in use" in r.stderr
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert left_by_second(d) == set()
 
 
 def test_default_socket_is_private(daemons):
