@@ -32,12 +32,15 @@ Each owner's policy is built with the tier's capacity (it may hold all of it) an
 
 from __future__ import annotations
 
+from collections import deque
+from functools import partial
 from itertools import repeat
 from typing import Any, Mapping
 
 from .base import EvictionPolicy
 
 _ABSENT = object()
+_drain = partial(deque, maxlen=0)
 
 
 class PartitionPolicy(EvictionPolicy):
@@ -65,6 +68,7 @@ class PartitionPolicy(EvictionPolicy):
         self.filters_inserts = cls.filters_inserts
         self.simulation_only = cls.simulation_only
         self._parts: dict[Any, EvictionPolicy] = {}  # owner -> its policy, in the order owners appeared
+        self._inv: dict[Any, float] = {}  # owner -> 1 / its weight, -1.0 for weight 0
         self._owner: dict[Any, Any] = {}  # key -> owner
 
     def _new(self) -> EvictionPolicy:
@@ -75,6 +79,8 @@ class PartitionPolicy(EvictionPolicy):
         if part is None:
             part, self._spare = (self._spare or self._new()), None
             self._parts[owner] = part
+            w = self.weight(owner)
+            self._inv[owner] = 1.0 / w if w > 0 else -1.0
         return part
 
     def weight(self, owner: Any) -> float:
@@ -92,7 +98,8 @@ class PartitionPolicy(EvictionPolicy):
         if was is not _ABSENT and was != owner:  # a key changes owner: it leaves the old one
             self._parts[was].remove(key)
         self._owner[key] = owner
-        self._part(owner).insert(key, hints)
+        part = self._parts.get(owner)
+        (self._part(owner) if part is None else part).insert(key, hints)
 
     def insert_many(self, keys, hints=None):
         if isinstance(hints, (list, tuple)):
@@ -138,6 +145,11 @@ class PartitionPolicy(EvictionPolicy):
         if len(parts) == 1:  # one owner: its policy ignores unknown keys itself
             next(iter(parts.values())).touch(keys)
             return
+        if isinstance(keys, (list, tuple)) and len(keys) == 1:
+            owner = self._owner.get(keys[0], _ABSENT)
+            if owner is not _ABSENT:
+                parts[owner].touch(keys)
+            return
         for owner, ks in self._by_owner(keys).items():
             parts[owner].touch(ks)
 
@@ -171,6 +183,16 @@ class PartitionPolicy(EvictionPolicy):
                 protected = set(protected)
             if len(own) - sum(1 for key in protected if key in own) < n:
                 return None
+        if len(parts) == 1:  # one owner: its own policy's atomic evict
+            victims = next(iter(parts.values())).evict(n, protected)
+            if victims:
+                _drain(map(own.__delitem__, victims))
+            return victims
+        if n == 1:  # the usual single victim (promotions, a policy refusing keys): no plan to build
+            got = parts[self._top()].evict(1, protected)
+            if got:
+                del own[got[0]]
+                return got
         held = {o: len(p) for o, p in parts.items() if len(p)}
         taken: list = []  # (owner, victims)
         need = n
@@ -196,8 +218,7 @@ class PartitionPolicy(EvictionPolicy):
                     part.insert(key, None)
             return None
         victims = taken[0][1] if len(taken) == 1 else [k for _, got in taken for k in got]
-        for key in victims:
-            del own[key]
+        _drain(map(own.__delitem__, victims))
         return victims
 
     def _what_it_gives(self, owner, part, k, protected) -> list:
@@ -215,10 +236,28 @@ class PartitionPolicy(EvictionPolicy):
                 got += one
         return got
 
+    def _top(self) -> Any:
+        """The owner _plan(1) takes from, in one pass: the highest level (weight 0 above all, by
+        count; ties: the owner that appeared first). Some owner holds a key."""
+        inv = self._inv
+        best = zbest = 0.0
+        top = ztop = _ABSENT
+        for owner, part in self._parts.items():
+            c = len(part)
+            if c:
+                i = inv[owner]
+                if i < 0:
+                    if c > zbest:
+                        zbest, ztop = c, owner
+                elif c * i > best:
+                    best, top = c * i, owner
+        return ztop if ztop is not _ABSENT else top
+
     def _plan(self, need: int, held: dict) -> list:
         """[(owner, victims)] taking `need` blocks from the highest levels down (see the module
         docstring); owners of weight 0 first, most blocks first."""
-        zero = [(c, -i, o) for i, (o, c) in enumerate(held.items()) if self.weight(o) <= 0]
+        inv = self._inv
+        zero = [(c, -i, o) for i, (o, c) in enumerate(held.items()) if inv[o] < 0]
         plan: list = []
         if zero:  # weight 0: level them by count, above everyone else
             zero.sort(reverse=True)
@@ -227,7 +266,7 @@ class PartitionPolicy(EvictionPolicy):
             need -= sum(k for _, k in take)
             if not need:
                 return plan
-        rest = [(o, c, self.weight(o)) for o, c in held.items() if self.weight(o) > 0]
+        rest = [(o, c, 1.0 / inv[o]) for o, c in held.items() if inv[o] > 0]
         rest.sort(key=lambda x: -x[1] / x[2])  # stable: ties keep the order owners appeared
         return plan + _water_fill(need, rest)
 
@@ -247,13 +286,15 @@ def _water_fill(need: int, owners: list) -> list:
         wsum += w
         nxt = owners[k + 1][1] / owners[k + 1][2] if k + 1 < len(owners) else 0.0
         if csum - nxt * wsum >= need:  # the first k+1 owners, lowered to nxt, give enough
+            if not k:  # the highest alone (a flood's usual case)
+                return [(owners[0][0], need)]
             level = (csum - need) / wsum
             break
     active = owners[:k + 1]
     take = [min(c, max(0, int(c - level * w))) for _, c, w in active]  # floor: never over need
     short = need - sum(take)
     # the rounding's remainder: one more each from the owners left highest, in order
-    order = sorted(range(len(active)), key=lambda i: -(active[i][1] - take[i]) / active[i][2])
+    order = sorted(range(len(active)), key=lambda i: -(active[i][1] - take[i]) / active[i][2]) if short else ()
     while short > 0:
         for i in order:
             if short and take[i] < active[i][1]:

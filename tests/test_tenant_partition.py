@@ -121,6 +121,50 @@ def test_one_policy_per_owner_of_the_configured_kind():
         PartitionPolicy(4, weights={"bob": -1})
 
 
+@pytest.mark.parametrize("inner", ["lru", "fifo", "frequency", "priority", "arc", "s3fifo", "prefix", "hitdensity",
+                                   "auto"])
+def test_a_partition_of_each_policy_keeps_the_contract(inner):
+    """The contract test's random insert / touch / remove / evict / tick sequences (hints with owners
+    None, "a", "b"), on a partition of each built-in, weights a: 1, b: 2, unknown: 0.5: the model's
+    keys, atomic failed evicts, and a twin that never saw them choosing the same victims."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_policy_contract import FakeClock, _check_same, _evict_both, _op
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=st.lists(_op, min_size=20, max_size=100), capacity=st.integers(1, 8))
+    def run(ops, capacity):
+        clock = FakeClock()
+        a, b = (PartitionPolicy(capacity, clock=clock, policy=inner, weights={"a": 1, "b": 2}, other_weight=0.5)
+                for _ in range(2))
+        model: set = set()
+        for op in ops:
+            kind = op[0]
+            if kind == "insert":
+                _, key, hints, protected = op
+                if key not in model and len(model) >= capacity:
+                    if _evict_both(a, b, model, 1, protected) is None:
+                        continue
+                a.insert(key, hints)
+                b.insert(key, hints)
+                model.add(key)
+            elif kind == "touch":
+                a.touch(op[1])
+                b.touch(iter(op[1]))
+            elif kind == "remove":
+                a.remove(op[1])
+                b.remove(op[1])
+                model.discard(op[1])
+            elif kind == "evict":
+                _evict_both(a, b, model, op[1], op[2])
+            else:
+                clock.tick(op[1])
+            assert len(a) <= capacity
+            _check_same(a, b, model)
+
+    run()
+
+
 # ---------------------------------------------------------------- config
 
 
