@@ -289,4 +289,4 @@ def test_a_timed_out_request_has_the_daemon_log_its_stacks(tmp_path, monkeypatch
         assert wait_until(dumped), err[-2000:]
         assert err.count("Current thread") + err.count("Thread 0x") >= 1
     finally:
-        engine_daemon._STARTED.pop(engine_daemon._name(instance)).stdin.close()  # the daemon stops
+        engine_daemon.release(instance)  # no process holds it: the daemon stops

@@ -352,3 +352,6 @@ def release_backends() -> None:
         _BACKENDS.clear()
     for backend in backends:
         backend.close()
+    engine = sys.modules.get("kvbm.connectors.engine_daemon")
+    if engine is not None:  # backends to engines' own daemons (engine_daemon.engine_backend)
+        engine.release_engine_backends()

@@ -46,6 +46,13 @@ Where the cache lives (every executor layout reaches one cache, or refuses at st
     --nnodes N on a loopback master    one daemon named by the master address and port
     ray / multi-node                   refused at start unless kvbm_daemon is set (DP ranks on
                                        other nodes included; a dense DP rank launched apart too)
+    any layout, with extra config      one daemon per name on the node: independent servers (and
+      {"kvbm_cache_name": "NAME"}       launches of any layout above) naming it share one cache
+
+Launches apart (engine_daemon.py): the engine daemon lives while any process of any launch using
+it lives (a flock each), so stopping or killing the launch that started it leaves the others
+their cache; it stops after the last one (nothing left in /dev/shm). A daemon that died anyway is
+replaced at the next request (misses meanwhile). A launch with another kvbm_config gets its own.
 """
 
 from __future__ import annotations
@@ -226,6 +233,19 @@ def engine_cache(vllm_config: "VllmConfig", engine_id: str) -> str | None:
     return re.sub(r"(_dp\d+)+$", "", engine_id)
 
 
+def cache_name(extra: dict) -> str | None:
+    """kv_connector_extra_config.kvbm_cache_name: launches on this node that name the same cache
+    (and give the same kvbm_config) share one engine daemon, whatever their process layout:
+    independent servers of one model, ranks launched apart. None when not set."""
+    name = extra.get("kvbm_cache_name")
+    if name in (None, ""):
+        return None
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,48}", name):
+        raise ConfigError(f"kvbm connector: kvbm_cache_name must be 1-48 letters, digits, '_', '.' or '-', "
+                          f"got {name!r}")
+    return "name-" + name
+
+
 def dp_rank(vllm_config: "VllmConfig", engine_id: str) -> int | None:
     """This engine core's data parallel rank when it is one of several, else None.
 
@@ -375,17 +395,16 @@ class KVBMConnector(KVConnectorBase_V1, SupportsHMA):
             self.manager, self.lock = shared_backend(daemon), None
         else:
             self.config = resolve_config(extra.get("kvbm_config"), layout, vllm_config.model_config.model)
-            instance = engine_cache(vllm_config, self._kv_transfer_config.engine_id)
-            if instance is not None:  # one cache for the engine: its own daemon, started here
-                from .engine_daemon import attach
+            instance = cache_name(extra) or engine_cache(vllm_config, self._kv_transfer_config.engine_id)
+            if instance is not None:  # one cache for the engine: its own daemon, started or joined here
+                from .engine_daemon import engine_backend
 
                 if instance != self._kv_transfer_config.engine_id:  # processes of several engine ids
                     _warn_unshared_hashes(vllm_config)
-                daemon = attach(instance, self.config)
-                self.manager, self.lock = shared_backend(daemon), None
+                self.manager, self.lock = engine_backend(instance, self.config), None
                 log.info("kvbm connector (%s, pid %d): the engine's processes (scheduler, workers, data "
-                         "parallel ranks) share its own kvbm daemon %s at %s", role, os.getpid(),
-                         instance, daemon["address"])
+                         "parallel ranks, launches naming it) share the kvbm engine daemon %s at %s", role,
+                         os.getpid(), instance, self.manager.spec["address"])
             else:
                 self.manager, self.lock = shared_manager(self.config)
         ns = self.config["namespace"]
