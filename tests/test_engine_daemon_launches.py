@@ -170,11 +170,13 @@ def test_a_killed_daemon_is_replaced_at_the_next_request(tmp_path, monkeypatch):
         os.kill(first, signal.SIGSTOP)
         dst = [np.zeros(backend.block_nbytes, np.uint8) for _ in range(4)]
         t = backend.start_load(keys, dst)
+        stores = [backend.start_store(keys, rows) for _ in range(3)]  # one in flight, two queued behind it
         os.kill(first, signal.SIGKILL)
         assert wait_until(lambda: not engine_daemon.alive(first), timeout=60)
         t0 = time.monotonic()
-        backend.poll([t], wait=True)  # given up with its daemon, not waited out (client timeout 10 s)
+        backend.poll([t, *stores], wait=True)  # given up with their daemon, not waited out (client timeout 10 s)
         assert backend.done(t) and backend.loaded(t) == 0
+        assert all(backend.done(s) for s in stores)
         assert backend.lookup(keys) == (0, [])  # a miss at once while a new daemon starts
         assert time.monotonic() - t0 < 8.0
         assert not any(bool(d.any()) for d in dst)  # nothing of the dead daemon's reached the rows

@@ -9,6 +9,7 @@
 - `--pipeline-parallel-size 2`: blocked on vLLM's CPU build (see the test).
 
 Each launch binds one core (VLLM_CPU_OMP_THREADS_BIND); one daemon; nothing left in /dev/shm.
+Launches apart that stop one by one (the other keeps the daemon): tests/test_vllm_serve_apart.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from daemonproc import wait_until  # noqa: E402
 from vllm_serve_helpers import (BLOCK, Server, engine_daemon, free_port, group_shm, kv_config, prompt,  # noqa: E402
                                 stored_blocks, wait_stored, write_model)
 
@@ -107,7 +109,8 @@ def test_tensor_parallel_over_two_nodes_of_this_machine(tmp_path):
         node0.stop()
         node1.stop()
     assert not [p for p in shm if os.path.exists(p)]
-    assert not list(folder.glob("*.json"))
+    # the daemon stops once no process of either launch holds it (engine_daemon.py): soon after
+    assert wait_until(lambda: not list(folder.glob("*.json")), timeout=120)
 
 
 def _cpu_build() -> bool:

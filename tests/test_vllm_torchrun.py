@@ -10,7 +10,7 @@ overwrites LOCAL_WORLD_SIZE with the TP size (1 for DP 2), which had the DP layo
 multi-node: torchrun's GROUP_WORLD_SIZE (its agents, one per node) decides now.
 
 One real run per layout (about a minute each on a quiet 2-core box): one daemon for both ranks
-(same address and pid), gone after the run, and nothing left in /dev/shm that a rank held
+(same address and pid), gone after the run (after the last rank that held it), and nothing left in /dev/shm that a rank held
 (vLLM's TP buffers and queues, kvbm's windows) or the daemon made.
 """
 
@@ -77,7 +77,7 @@ def test_torchrun_ranks_hit_each_others_blocks(tmp_path, mode):
         assert ranks[0]["then"]["ids"] == ranks[1]["first"]["ids"]
     else:
         assert ranks[0]["then"]["ids"] == ranks[0]["first"]["ids"] == ranks[1]["then"]["ids"]
-    # the daemon stops once the rank that started it is gone; it leaves nothing behind
+    # the daemon stops once no rank holds it (engine_daemon.py); it leaves nothing behind
     deadline = time.monotonic() + 60
     while _alive(ranks[0]["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -246,6 +246,8 @@ class DaemonBackend:
         return ticket.done()
 
     def loaded(self, ticket: Future) -> int:
+        if ticket.cancelled():  # abandoned with its daemon (close(abandon=True))
+            return 0
         exc = ticket.exception()
         if exc is not None:
             log.warning("kvbm daemon load failed: %s", exc)
@@ -257,10 +259,12 @@ class DaemonBackend:
 
     _closing = False
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Close both lanes and clients; abandon: the daemon is gone, so the transfers still
+        queued are cancelled (each would wait out the client's timeout), not run."""
         self._closing = True
-        self._loads.shutdown(wait=True)
-        self._stores.shutdown(wait=True)
+        self._loads.shutdown(wait=True, cancel_futures=abandon)
+        self._stores.shutdown(wait=True, cancel_futures=abandon)
         if self._store_client is not None and self._store_client is not self.client:
             self._store_client.close()
         self.client.close()
@@ -308,13 +312,13 @@ def _rows_of(staging: Any) -> Any:
 
 
 def _log_unpin_error(ticket: Future) -> None:
-    exc = ticket.exception()
+    exc = None if ticket.cancelled() else ticket.exception()
     if exc is not None:  # the daemon's lease, bye or pin_s releases them
         log.warning("kvbm daemon unpin failed: %s", exc)
 
 
 def _log_store_error(ticket: Future) -> None:
-    exc = ticket.exception()
+    exc = None if ticket.cancelled() else ticket.exception()
     if exc is not None:  # a future miss, not an error for the engine
         log.warning("kvbm daemon store failed: %s", exc)
 

@@ -208,7 +208,7 @@ class _Daemon:
 
     def close(self) -> None:
         try:
-            self.backend.close()
+            self.backend.close(abandon=not self.alive())
         finally:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -388,7 +388,7 @@ class EngineBackend(DaemonBackend):
             wait_futures(pending, timeout=POLL_S)
 
     def loaded(self, ticket: Any) -> int:
-        if not ticket.done():  # given up with its daemon (done() said so): nothing arrived
+        if not ticket.done() or ticket.cancelled():  # given up with its daemon (done() said so): nothing arrived
             return 0
         d = getattr(ticket, "kvbm_daemon", None)
         return d.backend.loaded(ticket) if d is not None else ticket.result()
