@@ -173,8 +173,10 @@ def test_mooncake_calls_give_the_same_victims(twins, mooncake, capacity, policy)
 
 
 # grid rows of bench/eval_policies.py: auto switches on docqa 5 % (to s3fifo) and fanout 2 %
-# (to prefix); agent@12 at 1 % has requests longer than the tier (protected keys, own victims)
-GRID = [("docqa", 0.05), ("fanout", 0.02), ("agent@12", 0.01)]
+# (to prefix); agent@12 at 1 % has requests longer than the tier (protected keys, own victims);
+# mix 10 % (rate < 1) switches cold to prefix and back to hitdensity: the scores restarted after
+# a cold switch and hitdensity resumed on its own tables (session 14)
+GRID = [("docqa", 0.05), ("fanout", 0.02), ("agent@12", 0.01), ("mix", 0.10)]
 
 
 @pytest.mark.parametrize("workload,fraction", GRID)
