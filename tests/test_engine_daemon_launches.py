@@ -227,3 +227,25 @@ def test_other_models_share_no_block_and_other_configs_get_their_own_daemon(tmp_
     for launch in launches:
         assert wait_until(lambda: not engine_daemon.alive(launch.hello["daemon"]), timeout=60)
     assert wait_until(lambda: _leftovers(root, instance) == ([], []), timeout=60), _leftovers(root, instance)
+
+
+def test_another_config_on_the_same_g3_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    from kvbm.config import ConfigError
+
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(tmp_path))
+    instance = f"g3-{uuid.uuid4().hex[:8]}"
+    g3 = {"name": "g3", "capacity": 16, "storage": {"name": "disk", "path": str(tmp_path / "g3")}}
+    first = _config()
+    first["tiers"].append(g3)
+    a = Launch(instance, first, tmp_path / "launch-g3.log")
+    try:
+        other = _config(capacity=48)  # another G2 size, the same G3 folder: two daemons would fight over it
+        other["tiers"].append(g3)
+        with pytest.raises(ConfigError, match="give every launch naming it the same kvbm_config") as err:
+            engine_daemon.attach(instance, other)
+        assert "\n" not in str(err.value) and str(tmp_path / "g3") in str(err.value)
+        assert engine_daemon.alive(a.hello["daemon"])  # the running daemon is left alone
+    finally:
+        a.quit()
+    assert wait_until(lambda: not engine_daemon.alive(a.hello["daemon"]), timeout=60)
+    assert wait_until(lambda: _leftovers(engine_daemon.runtime_dir(), instance) == ([], []), timeout=60)

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, less the terminating NUL)
 READY_TIMEOUT_S = 120.0  # a loaded machine: the daemon imports numpy, zmq and the tiers first
 POLL_S = 0.2  # how often the daemon looks for holders
+LEAVING_S = 30.0  # at most this long a leaving daemon keeps successors waiting (its shutdown)
 _HELD: dict[str, Any] = {}  # name -> the open NAME.held.lock this process holds shared (its reference)
 _STARTED: dict[str, int] = {}  # name -> pid of the daemon this process started
 _PIDS: dict[str, int] = {}  # address -> pid of the engine daemons this process attached to
@@ -105,6 +106,11 @@ def attach(instance: str, config: Mapping[str, Any]) -> dict[str, Any]:
     fp = fingerprint(config)
     info = _attach(root, name, config, fp)
     if info is None:  # a live daemon of this name runs another config: one of our own beside it
+        shared = _disk_paths(_config_file(os.path.join(root, f"{name}.config.json"))) & _disk_paths(config)
+        if shared:  # two daemons on one G3 folder would overwrite each other's index
+            raise ConfigError(f"kvbm: the engine daemon {name!r} runs another kvbm config with G3 at "
+                              f"{sorted(shared)[0]}; give every launch naming it the same kvbm_config (or "
+                              f"another G3 path, or another kvbm_cache_name)")
         alt = f"{name[:39]}~{fp[:8]}"
         log.warning("kvbm: the engine daemon %r runs another kvbm config (tiers or block size) for another "
                     "launch; this launch uses its own daemon %r and shares no blocks with it (give every "
@@ -153,6 +159,24 @@ def release(instance: str) -> None:
     for held in [k for k in _HELD if k == name or k.startswith(name[:39] + "~")]:
         f = _HELD.pop(held)
         f.close()
+
+
+def _config_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _disk_paths(config: Mapping[str, Any]) -> set[str]:
+    """The G3 (disk) folders of a config's tiers."""
+    out = set()
+    for tier in config.get("tiers") or ():
+        storage = tier.get("storage") if isinstance(tier, dict) else None
+        if isinstance(storage, dict) and storage.get("name") == "disk" and storage.get("path"):
+            out.add(os.path.realpath(str(storage["path"])))
+    return out
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:
@@ -556,9 +580,11 @@ def _nobody_holds(held: Any) -> bool:
     return True
 
 
-def _watch_holders(base: str, grace_s: float, address: str, stop: threading.Event) -> None:
+def _watch_holders(base: str, grace_s: float, address: str, stop: threading.Event, leaving: list) -> None:
     """Stop the daemon (as SIGTERM does) once no process has held it for grace_s: its rendezvous
-    file goes first, under the lock every attacher takes, so none joins a daemon that is leaving."""
+    file goes first, under the lock every attacher takes, so none joins a daemon that is leaving;
+    the lock is kept (in `leaving`) until the daemon has shut down, so no successor opens the same
+    G3 folder while this one still flushes it."""
     held = open(base + ".held.lock", "a")
     idle_since = None
     while not stop.wait(POLL_S):
@@ -569,14 +595,25 @@ def _watch_holders(base: str, grace_s: float, address: str, stop: threading.Even
         idle_since = idle_since or now
         if now - idle_since < grace_s:
             continue
-        with open(base + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not _nobody_holds(held):  # one joined meanwhile
-                idle_since = None
-                continue
-            _remove_own(base, address)
+        lock = open(base + ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _nobody_holds(held):  # one joined meanwhile
+            lock.close()
+            idle_since = None
+            continue
+        _remove_own(base, address)
+        leaving.append(lock)  # released by main() once shut down
         os.kill(os.getpid(), signal.SIGTERM)
+        if not stop.wait(LEAVING_S):  # a shutdown that hangs must not hold up every later launch
+            _let_go(leaving)
         return
+
+
+def _let_go(leaving: list) -> None:
+    try:
+        leaving.pop().close()
+    except IndexError:  # the other thread did
+        pass
 
 
 def _remove_own(base: str, address: str) -> None:
@@ -630,7 +667,7 @@ def main(argv: list[str]) -> int:
     base = ready_path[:-len(".ready")]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s kvbm-engine-daemon %(levelname)s %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # report_stall: every stack to the engine's log
-    address, stop = "", threading.Event()
+    address, stop, leaving = "", threading.Event(), []
     try:
         fd = os.open(ready_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as ready:
@@ -640,7 +677,7 @@ def main(argv: list[str]) -> int:
 
                 cfg, dcfg = load_daemon_config(cfg_path, env={})
                 address = dcfg.address
-                threading.Thread(target=_watch_holders, args=(base, grace_s, address, stop), name="kvbm-holders",
+                threading.Thread(target=_watch_holders, args=(base, grace_s, address, stop, leaving), name="kvbm-holders",
                                  daemon=True).start()
                 return serve(cfg, dcfg, ready=ready)
             except Exception as exc:  # noqa: BLE001 - the engine that started it reports it
@@ -651,7 +688,10 @@ def main(argv: list[str]) -> int:
                 raise
     finally:
         stop.set()
-        _cleanup(base, address)
+        if leaving:  # left for want of holders: its files are gone; now successors may start
+            _let_go(leaving)
+        else:
+            _cleanup(base, address)
 
 
 if __name__ == "__main__":
