@@ -7,7 +7,9 @@
 //   heap      (last access seq, slot), lazy deletion, as the Python version's (seq, key) heap:
 //             a seq belongs to one key, so both pop the same entries in the same order, and
 //             it is rebuilt at the same sizes
-//   evict     leaves oldest first; a failed search undoes its evictions (nothing changes)
+//   evict     leaves oldest first, then (no unprotected leaf left: a cycle of parents, the
+//             ancestors of pinned leaves) the oldest unprotected inner keys, which stay as
+//             parent-only keys of their children; a failed search undoes its evictions
 //
 // Called with the GIL held. Only kvbm/ops.py hands this class out; prefix_core.cpp binds it,
 // auto_core.cpp calls it directly for auto's minis.
@@ -178,6 +180,24 @@ class PrefixCore {
         int32_t leaf = unlink(s, true);
         if (leaf >= 0) heap_push(Entry{seq_[leaf], leaf});
       }
+      if (static_cast<int64_t>(undo.size()) < n) {  // no unprotected leaf left: oldest inner keys
+        std::vector<Entry>& inner = inner_;
+        inner.clear();
+        for (size_t t = 0; t < key_.size(); ++t)
+          if (state_[t] == kTracked && !prot.has(key_[t])) inner.push_back(Entry{seq_[t], static_cast<int32_t>(t)});
+        size_t need = static_cast<size_t>(n) - undo.size();
+        if (inner.size() >= need) {
+          std::partial_sort(inner.begin(), inner.begin() + static_cast<std::ptrdiff_t>(need), inner.end());
+          for (size_t j = 0; j < need; ++j) {
+            int32_t s = inner[j].second;
+            undo.push_back(Undo{s, parent_[s], inner[j].first});
+            state_[s] = kEvicting;
+            int32_t leaf = unlink(s, true);
+            if (leaf >= 0) heap_push(Entry{seq_[leaf], leaf});
+          }
+        }
+        inner.clear();
+      }
     } catch (...) {
       put_back(0);
       pending_.clear();  // all relinked: none is childless
@@ -210,6 +230,23 @@ class PrefixCore {
     }
     nb::object result = out ? nb::steal(out) : nb::none();
     if (ok) {
+      // an inner victim (children still tracked) stays as its children's parent-only key
+      auto undo_parents_only = [&](size_t upto) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        for (size_t j = 0; j < upto; ++j)
+          if (nchild_[undo[j].slot] && PyDict_DelItem(parents_only_, key_[undo[j].slot]) != 0)
+            PyErr_WriteUnraisable(key_[undo[j].slot]);
+        PyErr_Restore(t, v, tb);
+      };
+      for (size_t i = 0; i < undo.size(); ++i) {
+        int32_t s = undo[i].slot;
+        if (!nchild_[s] || PyDict_SetItem(parents_only_, key_[s], slot_int_[s]) == 0) continue;
+        undo_parents_only(i);  // an error: nothing changed
+        put_back(0);
+        drop_pending();
+        raise_python();
+      }
       for (size_t i = 0; i < undo.size(); ++i) {
         if (PyDict_DelItem(tracked_, key_[undo[i].slot]) == 0) continue;
         PyObject *t, *v, *tb;  // an error: every victim back in the map and tracked, nothing changed
@@ -218,6 +255,7 @@ class PrefixCore {
           if (PyDict_SetItem(tracked_, key_[undo[j].slot], slot_int_[undo[j].slot]) != 0)
             PyErr_WriteUnraisable(key_[undo[j].slot]);
         PyErr_Restore(t, v, tb);
+        undo_parents_only(undo.size());
         put_back(0);
         drop_pending();
         raise_python();
@@ -228,7 +266,8 @@ class PrefixCore {
           Py_INCREF(key_[u.slot]);
           PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), key_[u.slot]);
         }
-        release(u.slot);
+        if (nchild_[u.slot]) state_[u.slot] = kParentOnly;
+        else release(u.slot);
       }
     }
     drop_pending();
@@ -482,7 +521,7 @@ class PrefixCore {
   std::vector<int32_t> parent_, nchild_, free_, pending_;
   std::vector<int64_t> seq_;
   std::vector<uint8_t> state_;
-  std::vector<Entry> heap_, skipped_;  // skipped_, undo_: evict's scratch, kept for reuse
+  std::vector<Entry> heap_, skipped_, inner_;  // skipped_, inner_, undo_: evict's scratch, kept for reuse
   std::vector<Undo> undo_;
   int64_t clock_ = 0;
   int32_t last_ = -1;  // the slot insert_key tracked last (a hint, checked before each use)

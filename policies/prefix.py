@@ -12,7 +12,12 @@ evicted"). Evicting a leaf may turn its parent into a leaf, evictable in the sam
                last access (lazy deletion), so a parent that becomes a leaf keeps its own age
     remove     of an inner block leaves its children as orphans: still tracked, evictable as
                leaves; if the parent comes back it is an inner block again
-    evict      atomic: a failed search undoes the evictions it made along the way
+    evict      leaves oldest first; when no unprotected leaf is left, the oldest unprotected
+               inner blocks (as a remove would: their children stay, orphans). Without that,
+               parents linked in a cycle (A's parent B, B's parent A: a client names parents)
+               or the ancestors of pinned leaves could never be evicted, and a tenant could
+               fill a tier that every other store then finds without room. None only when
+               fewer than n keys are unprotected; atomic (a failed search undoes its evictions)
 
 Where kvbm._native is built, the per-key state and every verb run compiled
 (policies/_policy_native.py, csrc/prefix_core.hpp: keys -> slots through two dicts, the same
@@ -124,6 +129,17 @@ class PrefixPolicy(EvictionPolicy):
             leaf = self._unlink(key)
             if leaf is not None:
                 heappush(heap, (seqs[leaf], leaf))
+        if len(victims) < n:  # no unprotected leaf left: the oldest unprotected inner blocks
+            inner = [(seq, key) for key, seq in seqs.items() if key not in protected]
+            if len(victims) + len(inner) >= n:
+                inner.sort()
+                for seq, key in inner[:n - len(victims)]:
+                    victims.append(key)
+                    undo.append((key, self._parent[key], seq))
+                    del seqs[key]
+                    leaf = self._unlink(key)
+                    if leaf is not None:
+                        heappush(heap, (seqs[leaf], leaf))
         if len(victims) < n:
             for key, parent, seq in reversed(undo):
                 self._link(key, parent)

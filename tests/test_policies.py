@@ -397,11 +397,32 @@ def test_prefix_lru_among_leaves():
     assert policy.evict(2) == ["b1", "b0"]
 
 
-def test_prefix_protected_child_pins_its_parent():
-    # insert 1, 2 (parent 1); evict 1 with 2 protected -> None (1 is not a leaf)
-    policy = chain(PrefixPolicy(8, clock=FakeClock()), [1, 2])
-    assert policy.evict(1, {2}) is None
-    assert len(policy) == 2 and 1 in policy and 2 in policy
+@pytest.mark.parametrize("native", [True, False])
+def test_prefix_a_protected_leaf_leaves_its_parent_evictable_when_no_leaf_is_left(native):
+    # insert 1, 2 (parent 1), 3 (parent 2); evict 1 with 3 protected -> no unprotected leaf, so
+    # the oldest unprotected inner block goes: [1] (2 stays, an orphan; 3 still its child)
+    policy = chain(PrefixPolicy(8, clock=FakeClock(), native=native), [1, 2, 3])
+    assert policy.evict(1, {3}) == [1]
+    assert len(policy) == 2 and 2 in policy and 3 in policy
+    # 2 is still inner (3's parent): with 3 protected it goes next; then nothing is left
+    assert policy.evict(1, {3}) == [2]
+    assert policy.evict(1, {3}) is None and len(policy) == 1
+    # once released, 3 is a plain leaf
+    assert policy.evict(1) == [3] and len(policy) == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefix_parents_linked_in_a_cycle_are_evicted(native):
+    # a client names parents: 1's parent 2, then 2's parent 1 -> neither is ever a leaf; a tier
+    # full of such pairs must still give room, oldest first
+    policy = PrefixPolicy(4, clock=FakeClock(), native=native)
+    policy.insert(1, Hints(parent=2))
+    policy.insert(2, Hints(parent=1))
+    policy.insert(3, Hints(parent=4))
+    policy.insert(4, Hints(parent=3))
+    assert policy.evict(1) == [1]  # then 2 has no tracked child: a leaf, the oldest
+    assert policy.evict(2) == [2, 3]
+    assert policy.evict(1) == [4] and len(policy) == 0
 
 
 def test_prefix_failed_evict_undoes_its_cascade():

@@ -12,7 +12,9 @@ evicted"). Evicting a leaf may turn its parent into a leaf, evictable in the sam
                last access (lazy deletion), so a parent that becomes a leaf keeps its own age
     remove     of an inner block leaves its children as orphans: still tracked, evictable as
                leaves; if the parent comes back it is an inner block again
-    evict      atomic: a failed search undoes the evictions it made along the way
+    evict      atomic: a failed search undoes the evictions it made along the way; when no
+               unprotected leaf is left, the oldest unprotected inner blocks (re-frozen on
+               purpose, session 14: parent cycles and ancestors of pinned leaves were unevictable)
 """
 
 from __future__ import annotations
@@ -106,6 +108,17 @@ class PrefixPolicy(EvictionPolicy):
             leaf = self._unlink(key)
             if leaf is not None:
                 heappush(heap, (seqs[leaf], leaf))
+        if len(victims) < n:  # (session 14) no unprotected leaf left: the oldest unprotected inner blocks
+            inner = [(seq, key) for key, seq in seqs.items() if key not in protected]
+            if len(victims) + len(inner) >= n:
+                inner.sort()
+                for seq, key in inner[:n - len(victims)]:
+                    victims.append(key)
+                    undo.append((key, self._parent[key], seq))
+                    del seqs[key]
+                    leaf = self._unlink(key)
+                    if leaf is not None:
+                        heappush(heap, (seqs[leaf], leaf))
         if len(victims) < n:
             for key, parent, seq in reversed(undo):
                 self._link(key, parent)
