@@ -5,8 +5,9 @@
 The bundled Mooncake trace at the policy level, as bench_policy_cost.py drives it (per request:
 touch the hit prefix, touch later hits, evict the room, insert_many the new keys), with request
 i given to tenant i % tenants and its keys put in that tenant's namespace (key * tenants + tenant:
-tenants share no block, as in the daemon; a tenant's requests share their prefixes). Every insert carries Hints(owner=tenant) (and parent/position
-for structured policies), the plain policy ignores the owner. Each policy's own calls are
+tenants share no block, as in the daemon; a tenant's requests share their prefixes). Every
+insert carries Hints(owner=tenant) (and parent/position for structured policies); the plain
+policy ignores the owner. Each policy's own calls are
 recorded once and replayed on fresh instances, CPU (process) time, the bare loop subtracted;
 best of --repeat, ns per block access. Also single-key micro ops (wall): insert, touch, evict(1).
 The prefix hit ratio is printed as a check (the partition's victims differ by design).

@@ -77,7 +77,7 @@ class PartitionPolicy(EvictionPolicy):
     def _part(self, owner: Any) -> EvictionPolicy:
         part = self._parts.get(owner)
         if part is None:
-            part, self._spare = (self._spare or self._new()), None
+            part, self._spare = (self._new() if self._spare is None else self._spare), None
             self._parts[owner] = part
             w = self.weight(owner)
             self._inv[owner] = 1.0 / w if w > 0 else -1.0
@@ -159,7 +159,9 @@ class PartitionPolicy(EvictionPolicy):
 
     def accepts(self, key, hints=None):
         part = self._parts.get(None if hints is None else hints.owner)
-        return (part if part is not None else self._spare or self._new()).accepts(key, hints)
+        if part is None:
+            part = self._new() if self._spare is None else self._spare
+        return part.accepts(key, hints)
 
     def remove(self, key):
         owner = self._owner.pop(key, _ABSENT)
