@@ -240,8 +240,9 @@ class Onboarding:
         if getattr(s, "deferred", 0) >= SESSION_DEFERRED:
             why = f"this session has {s.deferred} requests waiting, the most one may ({SESSION_DEFERRED})"
         elif not owner_may_take(self._deferred, mine, MAX_DEFERRED, MAX_DEFERRED // 2):
+            # (no count of others': a tenant learns nothing of another's activity from a refusal)
             why = (f"{mine} requests of this {'tenant' if isinstance(s.owner, str) and s.owner else 'client'} "
-                   f"and {self._deferred} in all are waiting (at most {MAX_DEFERRED // 2} and {MAX_DEFERRED})")
+                   f"are waiting (at most {MAX_DEFERRED // 2}, fewer while the daemon's {MAX_DEFERRED} are taken)")
         else:
             s.deferred = getattr(s, "deferred", 0) + 1
             self._deferred += 1
