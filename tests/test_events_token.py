@@ -68,3 +68,14 @@ def test_a_tenant_token_cannot_subscribe_when_routers_have_their_own(tmp_path):
     finally:
         ctx.term()
         d.stop()
+
+
+def test_the_event_sockets_password_compares_in_constant_time_and_is_never_logged():
+    # pyzmq's authenticator checks `password == stored`: the stored one is a _Secret, whose
+    # __eq__ (reached because str does not know it) is hmac.compare_digest
+    from kvbm.daemon.publisher import _Secret
+
+    s = _Secret("tok-en")
+    assert "tok-en" == s and b"tok-en" == s
+    assert not ("tok-em" == s) and not ("tok-en " == s) and not ("" == s) and not (None == s)  # noqa: E711
+    assert "tok-en" not in repr(s)

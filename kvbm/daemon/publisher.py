@@ -54,6 +54,7 @@ leaves its ipc:// files, which its successor (transport.bind: nobody answers the
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -83,6 +84,26 @@ RESTART_MIN_S, RESTART_MAX_S, RESTART_RESET_S = 0.5, 8.0, 30.0
 RSS_CHECK_S = 0.25
 MAX_RSS_BYTES = 512 << 20  # the child exits past this resident size (a subscription flood)
 MAX_AS_BYTES = 4 << 30  # ... and cannot map more than this (libzmq then aborts the child)
+
+
+class _Secret:
+    """A PLAIN password that pyzmq's authenticator compares in constant time: it checks
+    `password == stored` with a str, which falls back to this __eq__ (str does not know it)."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, secret: str):
+        self._raw = secret.encode()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            other = other.encode("utf-8", "surrogateescape")
+        return isinstance(other, bytes) and hmac.compare_digest(self._raw, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "_Secret(***)"
 
 
 def _is_replay(name: str) -> bool:
@@ -303,11 +324,13 @@ class _Child:
         if any(pw for pw, _ in creds.values()):
             from zmq.auth.thread import ThreadAuthenticator
 
-            zap = ThreadAuthenticator(self.ctx, log=logging.getLogger("kvbm.daemon.zap"))
+            zap_log = logging.getLogger("kvbm.daemon.zap")
+            zap_log.setLevel(max(zap_log.getEffectiveLevel(), logging.INFO))  # its DEBUG lines print passwords
+            zap = ThreadAuthenticator(self.ctx, log=zap_log)
             zap.start()
             for pw, domain in set(creds.values()):
                 if pw:
-                    zap.configure_plain(domain=domain, passwords={PLAIN_USER: pw})
+                    zap.configure_plain(domain=domain, passwords={PLAIN_USER: _Secret(pw)})
         public, endpoints = {}, {}
         for name in [*STREAMS, *sorted(own)]:
             address = self.cfg["streams"].get(name)
