@@ -48,7 +48,7 @@ from .onboard import G4_TIMEOUT_S, Onboarding
 from .peering import DEFERRED, Peering, ShuttingDown
 from .peerauth import load_secret
 from .sessions import SessionOps
-from .tenants import DEFAULT_TENANT, TenantIndex, tenant_stats
+from .tenants import DEFAULT_TENANT, TenantIndex, partition_tiers, tenant_stats
 from .transport import bind
 from .windows import max_windows, sweep
 
@@ -468,7 +468,9 @@ def _daemon_tiers(config: KVBMConfig, dcfg: DaemonConfig) -> KVBMConfig:
         if dcfg.peer_secret_file and t.storage.name == "object" and not own:
             o = {**t.storage.options, "secret": cluster_object_secret(load_secret(dcfg.peer_secret_file))}
             tiers[i] = dataclasses.replace(t, storage=dataclasses.replace(t.storage, options=o))
-    return dataclasses.replace(config, tiers=tiers, promote_on_hit=True, events=True)
+    # named tenants: every tier partitioned among them (idempotent: load_daemon_config did it
+    # already for `kvbm serve`; a Daemon built in-process from a DaemonConfig gets it here too)
+    return partition_tiers(dataclasses.replace(config, tiers=tiers, promote_on_hit=True, events=True), dcfg)
 
 
 def serve(config: KVBMConfig, dcfg: DaemonConfig, ready: Any = sys.stdout) -> int:
