@@ -35,6 +35,22 @@ from kvbm.policies.s3fifo import S3FIFOPolicy
 NATIVE = bool(_hitdensity_native._core_class()) and bool(_policy_native._lookup("PrefixCore"))
 pytestmark = pytest.mark.skipif(not NATIVE, reason="kvbm._native has no policy cores")
 
+
+@pytest.fixture(autouse=True)
+def _older_objects_frozen():
+    """The tests below call gc.collect() to see that no cycle keeps a key alive. In the full
+    suite the process also holds torch's and vLLM's objects, and each full collection walked them
+    all (~0.5 s each under load; this file took 250 s in CI instead of ~25). Frozen
+    (gc.freeze) after one collection, what existed before the test is skipped; everything the
+    test makes is collected as before."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 _FUSE = [0]  # > 0: hashes left before one raises (0: never)
 
 
