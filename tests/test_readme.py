@@ -63,6 +63,15 @@ def test_every_kvbm_command_is_run_or_says_why_not():
         assert line in RUN or any(line.startswith(p) for p in NOT_RUN), f"README command not classified: {line}"
 
 
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run runs the README's test command as written, plus -p no:cacheprovider (a clean
+    clone stays clean): a worker count or flag changed in one place must change in the other."""
+    (readme,) = [line.strip() for body in blocks("bash") for line in body.splitlines() if "python -m pytest" in line]
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    (run,) = [line.strip() for line in ci if "python -m pytest" in line and not line.lstrip().startswith("#")]
+    assert run == readme + " -p no:cacheprovider", (run, readme)
+
+
 @pytest.mark.parametrize("line", sorted(RUN))
 def test_bash_commands_run_as_written(line):
     assert line in kvbm_lines(), f"{line!r} is no longer in the README: drop it from RUN"
