@@ -249,3 +249,26 @@ def test_another_config_on_the_same_g3_folder_is_refused_in_one_line(tmp_path, m
         a.quit()
     assert wait_until(lambda: not engine_daemon.alive(a.hello["daemon"]), timeout=60)
     assert wait_until(lambda: _leftovers(engine_daemon.runtime_dir(), instance) == ([], []), timeout=60)
+
+
+def test_a_runtime_folder_too_deep_for_a_unix_socket_puts_only_the_socket_in_a_short_one(tmp_path, monkeypatch):
+    # KVBM_RUNTIME_DIR 120 bytes deep: the socket path would pass sun_path's 107 bytes; the
+    # rendezvous files stay there and the socket goes to /tmp/kvbm-<uid>-sock (private, 0700)
+    deep = tmp_path / ("d" * (130 - len(str(tmp_path))))
+    deep.mkdir()
+    monkeypatch.setenv("KVBM_RUNTIME_DIR", str(deep))
+    instance = f"deep-{uuid.uuid4().hex[:8]}"
+    a = Launch(instance, _config(), tmp_path / "launch-deep.log")
+    try:
+        sock = a.hello["address"].removeprefix("ipc://")
+        assert sock.startswith(f"/tmp/kvbm-{os.getuid()}-sock/") and len(sock.encode()) <= engine_daemon.SUN_PATH_MAX
+        assert os.stat(os.path.dirname(sock)).st_mode & 0o777 == 0o700
+        assert a.ask("store")["stored"] == 4
+        assert a.ask("load") == {"daemon": a.hello["daemon"], "hit": 4, "loaded": 4, "equal": True}
+    finally:
+        a.quit()
+    root = engine_daemon.runtime_dir()
+    assert root.startswith(str(deep))
+    assert wait_until(lambda: not engine_daemon.alive(a.hello["daemon"]), timeout=60)
+    assert wait_until(lambda: _leftovers(root, instance) == ([], []) and not os.path.exists(sock), timeout=60), \
+        (_leftovers(root, instance), os.path.exists(sock))

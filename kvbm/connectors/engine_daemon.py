@@ -73,7 +73,11 @@ _DUMPED: dict[int, float] = {}  # pid -> when report_stall last asked it for its
 def runtime_dir() -> str:
     """This user's private directory for engine daemons' sockets and rendezvous files."""
     base = os.environ.get("KVBM_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = os.path.join(base, f"kvbm-{os.getuid()}")
+    return _private_dir(os.path.join(base, f"kvbm-{os.getuid()}"))
+
+
+def _private_dir(path: str) -> str:
+    """path, made if missing: a directory of this user's with mode 0700 (else ConfigError)."""
     # another local user may have made /tmp/kvbm-<our uid> first, or a symbolic link there they can
     # re-point after our check: refuse both (the daemon's socket and rendezvous files live here)
     why = unsafe_path(path)
@@ -490,9 +494,11 @@ def _write_private(path: str, text: str) -> None:
 def _start(name: str, root: str, config: Mapping[str, Any], fp: str) -> dict[str, Any]:
     token = secrets.token_hex(16)
     # a socket of its own per daemon: one that is leaving removes its own, never its successor's
-    sock = os.path.join(root, hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
-                        + f".{secrets.token_hex(3)}.sock")
-    if len(sock.encode()) > SUN_PATH_MAX:
+    leaf = hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + f".{secrets.token_hex(3)}.sock"
+    sock = os.path.join(root, leaf)
+    if len(sock.encode()) > SUN_PATH_MAX:  # a deep runtime folder: the socket alone in a short private one
+        sock = os.path.join(_private_dir(f"/tmp/kvbm-{os.getuid()}-sock"), leaf)
+    if len(sock.encode()) > SUN_PATH_MAX:  # pragma: no cover - /tmp/kvbm-<uid>-sock/<28 bytes>
         raise ConfigError(f"kvbm: the engine daemon's socket path {sock} is longer than a Unix socket "
                           f"allows ({SUN_PATH_MAX} bytes); set KVBM_RUNTIME_DIR to a shorter folder")
     daemon = {"address": f"ipc://{sock}", "events": "", "metrics": "", "token": token,
