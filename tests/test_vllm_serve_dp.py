@@ -35,6 +35,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from daemonproc import wait_until  # noqa: E402
 from vllm_e2e import CONFIG  # noqa: E402
 from vllm_serve_helpers import (BLOCK, Server, engine_daemon, free_port, group_shm, kv_config, prompt,  # noqa: E402
                                 stored_blocks, wait_stored, write_model)
@@ -316,9 +317,10 @@ def test_external_dp_ranks_launched_one_by_one_hit_each_other(tmp_path):
             assert warm == cold and len(cold) == 8
     finally:
         shm = _stop_all(servers)
-    assert not [p for p in shm if os.path.exists(p)]
-    assert not list(folder.glob("*.json"))  # the daemon stopped with the launch that started it
-    assert not glob.glob(f"/dev/shm/kvbm-{os.getuid()}-dp-127.0.0.1-{rpc}*")
+    # the daemon stops after its last holder (a flock each launch held) and leaves nothing
+    assert wait_until(lambda: not [p for p in shm if os.path.exists(p)], 60)
+    assert wait_until(lambda: not list(folder.glob("*.json")), 60)
+    assert wait_until(lambda: not glob.glob(f"/dev/shm/kvbm-{os.getuid()}-dp-127.0.0.1-{rpc}*"), 60)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two data parallel ranks need two cores to bind")
@@ -349,8 +351,8 @@ def test_a_headless_rank_behind_another_launchs_front_end_hits(tmp_path):
             assert warm == cold and len(cold) == 8
     finally:
         shm = _stop_all(servers)
-    assert not [p for p in shm if os.path.exists(p)]
-    assert not list(folder.glob("*.json"))
+    assert wait_until(lambda: not [p for p in shm if os.path.exists(p)], 60)
+    assert wait_until(lambda: not list(folder.glob("*.json")), 60)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two data parallel ranks need two cores to bind")
@@ -386,5 +388,5 @@ def test_multi_port_supervised_ranks_hit_each_other(tmp_path):
             assert warm == cold and len(cold) == 8
     finally:
         shm = _stop_all([s0])
-    assert not [p for p in shm if os.path.exists(p)]
-    assert not list(folder.glob("*.json"))
+    assert wait_until(lambda: not [p for p in shm if os.path.exists(p)], 60)
+    assert wait_until(lambda: not list(folder.glob("*.json")), 60)
