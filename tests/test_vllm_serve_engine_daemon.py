@@ -261,13 +261,21 @@ def test_a_cache_that_stops_answering_is_a_miss_never_an_error(monkeypatch):
     assert sched.match("r2", keys, 3 * 16 + 1, 0, must_compute_one=False) == 3 * 16 and backend.calls == 4
 
 
-def test_a_runtime_dir_too_long_for_a_socket_is_one_line_error(tmp_path, monkeypatch):
+def test_a_runtime_dir_too_long_for_a_socket_whose_short_folder_is_unsafe_is_one_line_error(tmp_path, monkeypatch):
+    # too deep for sun_path: the socket would go to the short private folder (a deep runtime
+    # folder works: test_engine_daemon_launches.py); that folder a symbolic link another user
+    # could re-point: refused in one line, nothing started
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     monkeypatch.setenv("KVBM_RUNTIME_DIR", str(deep))
-    with pytest.raises(ConfigError, match="set KVBM_RUNTIME_DIR to a shorter folder") as err:
+    short = tmp_path / "s"
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    short.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(engine_daemon, "SHORT_SOCKET_DIR", str(short))
+    with pytest.raises(ConfigError, match="symbolic link|KVBM_RUNTIME_DIR") as err:
         engine_daemon.attach("engine-long", CONFIG)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(short) in str(err.value)
+    assert not list((tmp_path / "elsewhere").iterdir())
 
 
 def test_a_timed_out_request_has_the_daemon_log_its_stacks(tmp_path, monkeypatch, capfd):

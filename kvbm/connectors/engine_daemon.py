@@ -64,6 +64,7 @@ SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, less the term
 READY_TIMEOUT_S = 120.0  # a loaded machine: the daemon imports numpy, zmq and the tiers first
 POLL_S = 0.2  # how often the daemon looks for holders
 LEAVING_S = 30.0  # at most this long a leaving daemon keeps successors waiting (its shutdown)
+SHORT_SOCKET_DIR = "/tmp/kvbm-{uid}-sock"  # a socket's folder when the runtime folder is too deep for one
 _HELD: dict[str, Any] = {}  # name -> the open NAME.held.lock this process holds shared (its reference)
 _STARTED: dict[str, int] = {}  # name -> pid of the daemon this process started
 _PIDS: dict[str, int] = {}  # address -> pid of the engine daemons this process attached to
@@ -497,7 +498,7 @@ def _start(name: str, root: str, config: Mapping[str, Any], fp: str) -> dict[str
     leaf = hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + f".{secrets.token_hex(3)}.sock"
     sock = os.path.join(root, leaf)
     if len(sock.encode()) > SUN_PATH_MAX:  # a deep runtime folder: the socket alone in a short private one
-        sock = os.path.join(_private_dir(f"/tmp/kvbm-{os.getuid()}-sock"), leaf)
+        sock = os.path.join(_private_dir(SHORT_SOCKET_DIR.format(uid=os.getuid())), leaf)
     if len(sock.encode()) > SUN_PATH_MAX:  # pragma: no cover - /tmp/kvbm-<uid>-sock/<28 bytes>
         raise ConfigError(f"kvbm: the engine daemon's socket path {sock} is longer than a Unix socket "
                           f"allows ({SUN_PATH_MAX} bytes); set KVBM_RUNTIME_DIR to a shorter folder")
