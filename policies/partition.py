@@ -22,7 +22,7 @@ that owner's keys go is its own policy's choice.
 Atomic: too few unprotected keys in all is None before any owner is asked; each owner's evict
 is atomic, and one that cannot give its planned count (its keys protected) is asked for what it
 can give while the rest is planned again over the others. Only a policy that keeps unprotected
-keys (prefix: the ancestors of a pinned block) can leave the victims short after that; those
+keys (a third-party one; built-in prefix no longer: 11bea26) can leave the victims short after that; those
 taken are then inserted back (their order lost, never a key) and None is returned.
 
     PartitionPolicy(capacity, policy="lru", options={}, weights={}, other_weight=1.0)
@@ -229,7 +229,7 @@ class PartitionPolicy(EvictionPolicy):
         free = len(part) - sum(1 for key in protected if own.get(key, _ABSENT) == owner)
         free = min(k, free)
         got = part.evict(free, protected) if free > 0 else []
-        if got is None:  # a policy that keeps some unprotected keys (prefix: ancestors of pinned)
+        if got is None:  # a policy that keeps some unprotected keys (a third-party one; not prefix since 11bea26)
             got = []
             while len(got) < free:
                 one = part.evict(1, protected)
